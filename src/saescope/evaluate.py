@@ -1,0 +1,157 @@
+"""Per-layer evaluation: FVU, L0, dead and dense fractions, and the LM loss with the SAE spliced in.
+
+CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), where CE_zero replaces the layer's output
+by zeros. KL is KL(clean || spliced) of the next-token distributions, averaged over tokens.
+Tokens that the training outlier filter would drop (norm above outlier_factor x the batch median
+norm, mostly the attention-sink first token) are passed through unchanged when splicing and left
+out of FVU; their share is reported as `passthrough_frac`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saescope.data import batches, iter_texts
+from saescope.errors import SaescopeError
+from saescope.models import LoadedModel, layer_hooks
+from saescope.sae import TopKSAE
+
+DENSE_THRESHOLD = 0.1  # a latent is "dense" if it fires on more than 10% of tokens
+
+
+@dataclass
+class LayerEval:
+    layer: int
+    fvu: float
+    l0: float
+    dead_frac: float
+    dense_frac: float
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_recovered: float
+    kl: float
+    passthrough_frac: float
+
+
+def _next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+def _check_shapes(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
+    for n, sae in saes.items():
+        if sae.cfg.d_model != lm.d_model:
+            raise SaescopeError(f"the layer {n} SAE has d_model {sae.cfg.d_model}, the model has {lm.d_model}")
+        if not 0 <= n < lm.n_layers:
+            raise SaescopeError(f"SAE for layer {n}, but the model has layers 0..{lm.n_layers - 1}")
+
+
+@torch.no_grad()
+def evaluate(
+    lm: LoadedModel,
+    saes: dict[int, TopKSAE],
+    *,
+    data: str | None = None,
+    text_column: str = "text",
+    n_tokens: int = 4096,
+    ctx_len: int = 256,
+    batch_size: int = 8,
+    outlier_factor: float = 5.0,
+    split: str = "eval",
+) -> list[LayerEval]:
+    _check_shapes(lm, saes)
+    model = lm.model
+    layers = sorted(saes)
+    device = lm.device
+    for sae in saes.values():
+        sae.to(device)
+    acc = {n: {"sse": 0.0, "var_sum": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
+               "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for n in layers}
+    ce_clean = 0.0
+    n_pred = 0
+    n_batches = max(1, math.ceil(n_tokens / (ctx_len * batch_size)))
+    stream = batches(iter_texts(data, text_column=text_column, split=split), lm.tokenizer, ctx_len=ctx_len,
+                     batch_size=batch_size, seed=1234, shuffle_buffer=1)
+    bar = tqdm(total=n_batches * len(layers), desc="eval", unit="layer-batch", dynamic_ncols=True)
+    done = 0
+    for ids in stream:
+        if done >= n_batches:
+            break
+        ids = ids.to(device)
+        acts: dict[int, Tensor] = {}
+        with layer_hooks(model, {n: (lambda n: lambda h: acts.__setitem__(n, h.detach()))(n) for n in layers}):
+            clean_logits = model(input_ids=ids, use_cache=False).logits
+        clean_logp = F.log_softmax(clean_logits[:, :-1].float(), -1)
+        ce_clean += float(_next_token_ce(clean_logits, ids))
+        n_pred += ids[:, 1:].numel()
+        for n in layers:
+            sae, a = saes[n], acc[n]
+            h = acts[n]
+            x = h.reshape(-1, h.shape[-1]).float()
+            norms = x.norm(dim=1)
+            keep = norms <= outlier_factor * norms.median() if outlier_factor > 0 else torch.ones_like(norms, dtype=torch.bool)
+            code = sae.encode(x)
+            x_hat = sae.decode(code)
+            xk = x[keep]
+            a["sse"] += float((xk - x_hat[keep]).pow(2).sum())
+            a["x_sum"] = a["x_sum"] + xk.sum(0)
+            a["x2_sum"] += float(xk.pow(2).sum())
+            a["cnt"] += int(keep.sum())
+            active = code.values[keep] > 0
+            a["l0"] += float(active.sum())
+            fires = torch.zeros(sae.cfg.d_sae, device=x.device)
+            fires.index_add_(0, code.indices[keep].reshape(-1), active.reshape(-1).float())
+            a["fires"] = fires if a["fires"] is None else a["fires"] + fires
+            a["pass"] += int((~keep).sum())
+            a["tok"] += keep.numel()
+            spliced = torch.where(keep[:, None], x_hat, x).reshape(h.shape).to(h.dtype)
+            with layer_hooks(model, {n: lambda _h, s=spliced: s}):
+                logits = model(input_ids=ids, use_cache=False).logits
+            a["ce_sae"] += float(_next_token_ce(logits, ids))
+            logp = F.log_softmax(logits[:, :-1].float(), -1)
+            a["kl"] += float(F.kl_div(logp, clean_logp, log_target=True, reduction="sum"))
+            with layer_hooks(model, {n: torch.zeros_like}):
+                logits = model(input_ids=ids, use_cache=False).logits
+            a["ce_zero"] += float(_next_token_ce(logits, ids))
+            bar.update(1)
+        done += 1
+    bar.close()
+    if done == 0:
+        raise SaescopeError("no evaluation data: the eval split is smaller than one batch")
+    results = []
+    clean = ce_clean / n_pred
+    for n in layers:
+        a = acc[n]
+        var = a["x2_sum"] - float((a["x_sum"] ** 2).sum()) / max(a["cnt"], 1)
+        ce_sae, ce_zero = a["ce_sae"] / n_pred, a["ce_zero"] / n_pred
+        freq = a["fires"] / max(a["cnt"], 1)
+        results.append(LayerEval(
+            layer=n, fvu=a["sse"] / max(var, 1e-12), l0=a["l0"] / max(a["cnt"], 1),
+            dead_frac=float((freq == 0).float().mean()), dense_frac=float((freq > DENSE_THRESHOLD).float().mean()),
+            ce_clean=clean, ce_sae=ce_sae, ce_zero=ce_zero,
+            ce_recovered=(ce_zero - ce_sae) / (ce_zero - clean) if ce_zero != clean else float("nan"),
+            kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1)))
+    return results
+
+
+def format_table(results: list[LayerEval]) -> str:
+    head = (f"{'layer':>5} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6} {'CE clean':>8} {'CE sae':>7} {'CE zero':>7} "
+            f"{'CE rec':>7} {'KL':>7} {'pass':>6}")
+    rows = [head]
+    for r in results:
+        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {r.l0:6.1f} {r.dead_frac:6.3f} {r.dense_frac:6.3f} {r.ce_clean:8.3f} "
+                    f"{r.ce_sae:7.3f} {r.ce_zero:7.3f} {r.ce_recovered:7.3f} {r.kl:7.4f} {r.passthrough_frac:6.3f}")
+    return "\n".join(rows)
+
+
+def write_results(results: list[LayerEval], path: Path, extra: dict | None = None) -> None:
+    from saescope.io import atomic_write_json
+
+    atomic_write_json(path, {"layers": [asdict(r) for r in results], **(extra or {})})

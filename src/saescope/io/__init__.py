@@ -1,0 +1,112 @@
+"""Load SAEs of any origin behind one call, and write them in saescope, Qwen-Scope or SAELens format."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from saescope.errors import SaescopeError
+from saescope.io.formats import (
+    atomic_write_json,
+    from_weights,
+    load_native,
+    load_qwen_scope,
+    load_saelens,
+    load_sparsify,
+    save_native,
+    save_qwen_scope,
+    save_saelens,
+)
+from saescope.sae import TopKSAE
+
+__all__ = ["atomic_write_json", "export_saes", "from_weights", "load_saes", "resolve_run", "save_native"]
+
+
+def resolve_run(path: Path) -> Path:
+    """A training run folder points at its latest complete checkpoint through the file `latest`."""
+    pointer = path / "latest"
+    if pointer.is_file():
+        target = path / pointer.read_text().strip()
+        if not target.is_dir():
+            raise SaescopeError(f"{path}: `latest` points at {target.name}, which is missing")
+        return target
+    return path
+
+
+def _layer_of(name: str) -> int:
+    return int(re.search(r"(\d+)", name).group(1))
+
+
+def load_saes(spec: str | Path, *, layers: list[int] | None = None, k: int | None = None) -> dict[int, TopKSAE]:
+    """All SAEs at SPEC, keyed by layer: a saescope run or checkpoint, a Qwen-Scope folder or hub repo,
+    a SAELens folder (or a folder of them), or a sparsify folder. `layers` restricts what is read."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+            path = _hub_snapshot(str(spec))
+        else:
+            raise SaescopeError(f"SAE path not found: {spec}")
+    if path.is_file():
+        if path.name.endswith(".sae.pt"):
+            sae = load_qwen_scope(path, k)
+            return {sae.meta["layer"]: sae}
+        raise SaescopeError(f"{path}: not an SAE file (give the folder of a saescope, SAELens or sparsify SAE)")
+    path = resolve_run(path)
+    want = (lambda n: layers is None or n in layers)
+    found: dict[int, TopKSAE] = {}
+    native = {_layer_of(p.name) for p in path.glob("layer*.safetensors")}
+    if native:
+        found = {n: load_native(path, n) for n in sorted(native) if want(n)}
+    elif qs := sorted(path.glob("layer*.sae.pt"), key=lambda p: _layer_of(p.name)):
+        found = {_layer_of(p.name): load_qwen_scope(p, k) for p in qs if want(_layer_of(p.name))}
+    elif (path / "sae_weights.safetensors").exists():
+        sae = load_saelens(path)
+        found = {sae.meta.get("layer", 0): sae}
+    elif (path / "sae.safetensors").exists():
+        sae = load_sparsify(path)
+        found = {sae.meta.get("layer", 0): sae}
+    else:
+        subs = sorted(p for p in path.iterdir() if p.is_dir() and re.search(r"\d+$", p.name))
+        for sub in subs:
+            if (sub / "sae_weights.safetensors").exists():
+                sae = load_saelens(sub)
+            elif (sub / "sae.safetensors").exists():
+                sae = load_sparsify(sub)
+            else:
+                continue
+            n = sae.meta.get("layer", _layer_of(sub.name))
+            if want(n):
+                found[n] = sae
+    if not found:
+        raise SaescopeError(f"{path}: no SAEs found" + (f" for layers {layers}" if layers else ""))
+    for n, sae in found.items():
+        sae.meta["layer"] = n
+    return dict(sorted(found.items()))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.sae.pt", "*.json", "*.safetensors"]))
+    except Exception as exc:  # offline, missing repo, auth: all one message to the user
+        raise SaescopeError(f"cannot fetch SAEs from hub repo {repo_id!r} (is the hub reachable?): {type(exc).__name__}") from exc
+
+
+def export_saes(saes: dict[int, TopKSAE], out: Path, fmt: str, *, model_name: str = "") -> list[Path]:
+    """Write SAEs in another format: 'saelens' (one folder per layer), 'qwen-scope' or 'saescope'."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, sae in saes.items():
+        if fmt == "saelens":
+            save_saelens(sae, out / f"layer{n}", hook_name=f"model.layers.{n}", model_name=model_name)
+            written.append(out / f"layer{n}")
+        elif fmt == "qwen-scope":
+            save_qwen_scope(sae, out, n)
+            written.append(out / f"layer{n}.sae.pt")
+        elif fmt == "saescope":
+            save_native(sae, out, n)
+            written.append(out / f"layer{n}.safetensors")
+        else:
+            raise SaescopeError(f"unknown format {fmt!r}; use saelens, qwen-scope or saescope")
+    return written

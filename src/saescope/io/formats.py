@@ -1,0 +1,190 @@
+"""Every SAE file format saescope reads or writes: one reader and one writer per format.
+
+All readers return TopKSAE in saescope's convention (see saescope.sae.topk): W_enc (d_sae, d_model),
+W_dec (d_sae, d_model), no b_dec subtraction before the encoder. Formats that subtract b_dec first
+(sparsify, SAELens with apply_b_dec_to_input) are folded exactly: b_enc' = b_enc - W_enc @ b_dec.
+
+- saescope:   layer{n}.safetensors + layer{n}.json  (format_version 1)
+- qwen-scope: layer{n}.sae.pt, a torch dict W_enc (d_sae, d_model), W_dec (d_model, d_sae), b_enc, b_dec
+- saelens:    cfg.json + sae_weights.safetensors (W_enc (d_in, d_sae), W_dec (d_sae, d_in)), architecture "topk"
+- sparsify:   cfg.json + sae.safetensors (encoder.weight, encoder.bias, W_dec, b_dec), folder layers.{n}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from saescope.errors import SaescopeError
+from saescope.sae import SAEConfig, TopKSAE
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SaescopeError(f"cannot read {path}: corrupt or truncated safetensors file") from exc
+
+
+def from_weights(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, *,
+                 subtract_b_dec: bool = False, origin: str = "") -> TopKSAE:
+    """Build a TopKSAE from weights in saescope layout, checking every shape."""
+    if W_enc.ndim != 2:
+        raise SaescopeError(f"{origin}: W_enc must be a matrix, got shape {tuple(W_enc.shape)}")
+    d_sae, d_model = W_enc.shape
+    expected = {"b_enc": (b_enc, (d_sae,)), "W_dec": (W_dec, (d_sae, d_model)), "b_dec": (b_dec, (d_model,))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise SaescopeError(f"{origin}: {name} has shape {tuple(t.shape)}, expected {shape} for W_enc {tuple(W_enc.shape)}")
+    sae = TopKSAE(SAEConfig(d_model=d_model, d_sae=d_sae, k=int(k)))
+    with torch.no_grad():
+        W_enc, b_enc, W_dec, b_dec = (t.detach().float() for t in (W_enc, b_enc, W_dec, b_dec))
+        if subtract_b_dec:
+            b_enc = b_enc - W_enc @ b_dec
+        sae.W_enc.copy_(W_enc)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_dec.copy_(b_dec)
+    return sae
+
+
+# ---------------------------------------------------------------- saescope (native)
+def save_native(sae: TopKSAE, folder: Path, layer: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: getattr(sae, n).detach().float().contiguous().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tmp = folder / f"layer{layer}.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / f"layer{layer}.safetensors")
+    cfg = {"format": "saescope", "format_version": FORMAT_VERSION, "d_model": sae.cfg.d_model,
+           "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "layer": layer, **{k: v for k, v in sae.meta.items() if k != "layer"}}
+    atomic_write_json(folder / f"layer{layer}.json", cfg)
+
+
+def load_native(folder: Path, layer: int) -> TopKSAE:
+    cfg = _read_json(folder / f"layer{layer}.json")
+    version = cfg.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise SaescopeError(f"{folder}/layer{layer}.json has format_version {version}; this saescope reads up to {FORMAT_VERSION}")
+    t = _read_safetensors(folder / f"layer{layer}.safetensors")
+    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(t)
+    if missing:
+        raise SaescopeError(f"{folder}/layer{layer}.safetensors lacks {', '.join(sorted(missing))}")
+    sae = from_weights(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["k"], origin=f"{folder}/layer{layer}")
+    sae.meta = {k: v for k, v in cfg.items() if k not in ("format", "format_version", "d_model", "d_sae", "k")}
+    sae.meta["origin"] = "saescope"
+    return sae
+
+
+# ---------------------------------------------------------------- Qwen-Scope
+def save_qwen_scope(sae: TopKSAE, folder: Path, layer: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"W_enc": sae.W_enc.detach().float().cpu().clone(), "W_dec": sae.W_dec.detach().float().cpu().T.contiguous(),
+             "b_enc": sae.b_enc.detach().float().cpu().clone(), "b_dec": sae.b_dec.detach().float().cpu().clone()}
+    tmp = folder / f"layer{layer}.sae.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / f"layer{layer}.sae.pt")
+
+
+def qwen_scope_k(folder: Path | str) -> int | None:
+    """k from a Qwen-Scope repo or folder name such as SAE-Res-Qwen3-1.7B-Base-W32K-L0_50."""
+    m = re.search(r"L0_(\d+)", str(folder))
+    return int(m.group(1)) if m else None
+
+
+def load_qwen_scope(path: Path, k: int | None = None) -> TopKSAE:
+    k = k or qwen_scope_k(path.parent.name) or qwen_scope_k(path)
+    if k is None:
+        raise SaescopeError(f"{path}: k is not in the folder name (…-L0_{{k}}); pass k explicitly (--k)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a bad or unsafe pickle
+        raise SaescopeError(f"cannot read {path}: corrupt, truncated or not a plain tensor dict ({type(exc).__name__})") from exc
+    if not isinstance(state, dict) or not {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(state):
+        raise SaescopeError(f"{path}: expected a dict with W_enc, W_dec, b_enc, b_dec")
+    W_dec = state["W_dec"]
+    if W_dec.ndim == 2 and W_dec.shape[0] == state["W_enc"].shape[1] and W_dec.shape[0] != W_dec.shape[1]:
+        W_dec = W_dec.T
+    sae = from_weights(state["W_enc"], state["b_enc"], W_dec, state["b_dec"], k, origin=str(path))
+    sae.meta = {"origin": "qwen-scope", "layer": int(re.search(r"layer(\d+)", path.name).group(1))}
+    return sae
+
+
+# ---------------------------------------------------------------- SAELens
+def save_saelens(sae: TopKSAE, folder: Path, *, hook_name: str, model_name: str = "") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": sae.W_enc.detach().float().cpu().T.contiguous(), "W_dec": sae.W_dec.detach().float().cpu().contiguous(),
+               "b_enc": sae.b_enc.detach().float().cpu().contiguous(), "b_dec": sae.b_dec.detach().float().cpu().contiguous()}
+    tmp = folder / "sae_weights.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / "sae_weights.safetensors")
+    cfg = {"architecture": "topk", "d_in": sae.cfg.d_model, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+           "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
+           "metadata": {"hook_name": hook_name, "model_name": model_name, "exported_by": "saescope"}}
+    atomic_write_json(folder / "cfg.json", cfg)
+
+
+def load_saelens(folder: Path) -> TopKSAE:
+    cfg = _read_json(folder / "cfg.json")
+    arch = cfg.get("architecture", "")
+    if arch not in ("topk", "standard") or (arch == "standard" and cfg.get("activation_fn_str", cfg.get("activation_fn")) != "topk"):
+        raise SaescopeError(f"{folder}: SAELens architecture {arch!r} is not a top-k SAE")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise SaescopeError(f"{folder}: input normalisation {cfg['normalize_activations']!r} is not supported")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise SaescopeError(f"{folder}: rescale_acts_by_decoder_norm SAEs are not supported")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if not k:
+        raise SaescopeError(f"{folder}/cfg.json gives no k")
+    t = _read_safetensors(folder / "sae_weights.safetensors")
+    sae = from_weights(t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"], k,
+                       subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)), origin=str(folder))
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
+    m = re.search(r"(?:layers\.|blocks\.)(\d+)", hook)
+    sae.meta = {"origin": "saelens", "hook_name": hook, **({"layer": int(m.group(1))} if m else {})}
+    return sae
+
+
+# ---------------------------------------------------------------- sparsify
+def load_sparsify(folder: Path) -> TopKSAE:
+    cfg = _read_json(folder / "cfg.json")
+    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
+        raise SaescopeError(f"{folder}: only plain top-k sparsify SAEs are supported (no transcoders or skip connections)")
+    t = _read_safetensors(folder / "sae.safetensors")
+    sae = from_weights(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], cfg["k"],
+                       subtract_b_dec=True, origin=str(folder))
+    m = re.search(r"layers[._](\d+)", folder.name)
+    sae.meta = {"origin": "sparsify", **({"layer": int(m.group(1))} if m else {})}
+    return sae

@@ -1,0 +1,226 @@
+"""Top-k sparse autoencoder (Gao et al. 2024), as Qwen-Scope uses it.
+
+Conventions (those of the released Qwen-Scope checkpoints, so a loaded file needs no folding):
+    encode:  z = TopK_k(ReLU(x @ W_enc.T + b_enc))          W_enc: (d_sae, d_model)
+    decode:  x_hat = sum_i z_i * W_dec[i] + b_dec            W_dec: (d_sae, d_model), one row per latent
+No b_dec is subtracted before encoding; formats that do (sparsify, SAELens) are folded into b_enc on import.
+
+Only the k kept latents of a token ever enter the decoder (embedding_bag over their rows), and the
+encoder backward touches only the selected latents (see `_TopKEncode.backward`), so nothing of size
+tokens x d_sae is built except the pre-activations that top-k itself needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saescope.errors import SaescopeError
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    d_model: int
+    d_sae: int
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.d_model <= 0 or self.d_sae <= 0:
+            raise SaescopeError(f"d_model and d_sae must be positive, got {self.d_model} and {self.d_sae}")
+        if not 0 < self.k <= self.d_sae:
+            raise SaescopeError(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
+
+
+@dataclass
+class SparseCode:
+    """Per-token sparse code: the k kept latents of each token (values are >= 0; 0 means 'not firing')."""
+
+    indices: Tensor  # (..., k) int64
+    values: Tensor  # (..., k)
+
+    def dense(self, d_sae: int) -> Tensor:
+        out = self.values.new_zeros(*self.values.shape[:-1], d_sae)
+        return out.scatter_(-1, self.indices, self.values)
+
+
+def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
+    """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s] * rows[n].
+
+    The gradient of a (d_sae, d_model) weight touched only at the selected latents. Grouping the
+    (token, slot) pairs by latent turns it into one embedding_bag with d_sae bags, which is several
+    times faster than a dense scatter + matmul or index_add on CPU and never builds tokens x d_sae.
+    """
+    n_tokens, k = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat)
+    token_of_pair = torch.div(order, k, rounding_mode="floor")
+    counts = torch.bincount(flat, minlength=d_sae)
+    offsets = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return F.embedding_bag(
+        token_of_pair,
+        rows,
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.reshape(-1)[order].to(rows.dtype),
+        include_last_offset=True,
+    )
+
+
+class _TopKEncode(torch.autograd.Function):
+    """ReLU + top-k with a backward that only touches the selected latents.
+
+    Also returns the AuxK selection: the top k_aux pre-activations among `dead` latents, from the
+    same pre-activation matrix (one encoder matmul for both).
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, compute_dtype, dead, k_aux):  # type: ignore[override]
+        pre = F.linear(x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
+        # top-k before ReLU selects the same latents as ReLU then top-k; ReLU on k values is cheaper.
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.to(W_enc.dtype).clamp_min_(0)
+        if dead is not None and k_aux > 0:
+            pre.masked_fill_(~dead, float("-inf"))
+            aux_values, aux_indices = pre.topk(k_aux, dim=-1, sorted=False)
+            aux_values = aux_values.to(W_enc.dtype).clamp_min_(0)
+        else:
+            aux_values = values.new_zeros(x.shape[0], 0)
+            aux_indices = indices.new_zeros(x.shape[0], 0)
+        ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, grad_aux, _gai):  # type: ignore[override]
+        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        idx = torch.cat([indices, aux_indices], dim=1)
+        grad = torch.cat([grad_values * (values > 0), grad_aux * (aux_values > 0)], dim=1).to(W_enc.dtype)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, W_enc, mode="sum", per_sample_weights=grad).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W = latent_weighted_sum(idx, grad, x.to(W_enc.dtype), W_enc.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
+            grad_b.index_add_(0, idx.reshape(-1), grad.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+@dataclass
+class ForwardOutput:
+    x_hat: Tensor
+    code: SparseCode
+    fvu: Tensor  # fraction of variance unexplained, the main loss
+    auxk_fvu: Tensor  # AuxK loss (0 when no latent is dead)
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_model, dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_model, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_model, dtype=dtype, device=device))
+        # The dtype of the encoder matmul and top-k; bf16 halves their cost, master weights stay fp32.
+        self.compute_dtype = dtype
+        # Where the SAE belongs (model, layer, origin format): carried along, never used by the maths.
+        self.meta: dict = {}
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    # ---- initialisation (Gao et al.): tied, unit-norm decoder rows, b_dec from the data ----
+    @torch.no_grad()
+    def init_tied(self, generator: torch.Generator | None = None) -> None:
+        w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32).to(self.W_dec)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor) -> None:
+        """Set b_dec to the data mean, and b_enc so that encoding is centred on it at step 0."""
+        mean = x.float().mean(0).to(self.b_dec)
+        self.b_dec.copy_(mean)
+        self.b_enc.copy_(-(self.W_enc @ mean))
+
+    # ---- the maths ----
+    def encode(self, x: Tensor) -> SparseCode:
+        values, indices, _, _ = _TopKEncode.apply(x, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, None, 0)
+        return SparseCode(indices, values)
+
+    def pre_activations(self, x: Tensor, latents: Tensor | None = None) -> Tensor:
+        """Dense pre-activations x @ W_enc.T + b_enc of chosen latents, differentiable in x and W_enc."""
+        if latents is None:
+            return F.linear(x, self.W_enc.to(x.dtype), self.b_enc.to(x.dtype))
+        return F.linear(x, self.W_enc[latents].to(x.dtype), self.b_enc[latents].to(x.dtype))
+
+    def decode(self, code: SparseCode) -> Tensor:
+        lead = code.indices.shape[:-1]
+        idx = code.indices.reshape(-1, code.indices.shape[-1])
+        val = code.values.reshape(-1, code.values.shape[-1]).to(self.W_dec.dtype)
+        out = F.embedding_bag(idx, self.W_dec, mode="sum", per_sample_weights=val) + self.b_dec
+        return out.reshape(*lead, self.cfg.d_model)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        return self.decode(self.encode(flat)).reshape(shape).to(x.dtype)
+
+    def forward(self, x: Tensor, dead: Tensor | None = None, variance: Tensor | None = None) -> ForwardOutput:
+        """Training forward on (tokens, d_model): reconstruction, FVU and the AuxK loss on `dead` latents.
+
+        `variance` is FVU's denominator, sum |x - mean(x)|^2; pass it when x is one shard of a larger
+        batch so that the shards' losses add up to the whole batch's.
+        """
+        x = x.to(self.W_enc.dtype)
+        n_dead = int(dead.sum()) if dead is not None else 0
+        k_aux = min(self.cfg.d_model // 2, n_dead)
+        values, indices, aux_values, aux_indices = _TopKEncode.apply(
+            x, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead if k_aux > 0 else None, k_aux
+        )
+        code = SparseCode(indices, values)
+        x_hat = self.decode(code)
+        if variance is None:
+            variance = (x - x.mean(0)).pow(2).sum()
+        error = x - x_hat
+        fvu = error.pow(2).sum() / variance
+        if k_aux > 0:
+            # The dead latents learn to predict the live latents' residual (Gao et al. section A.2).
+            residual = error.detach()
+            aux_hat = F.embedding_bag(aux_indices, self.W_dec, mode="sum", per_sample_weights=aux_values)
+            scale = min(n_dead / k_aux, 1.0)
+            auxk = scale * (aux_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+            auxk = torch.nan_to_num(auxk, nan=0.0)
+        else:
+            auxk = fvu.new_zeros(())
+        return ForwardOutput(x_hat, code, fvu, auxk)
+
+    # ---- the decoder-norm constraint ----
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out of each decoder row's gradient the part that would change its norm."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+
+def default_lr(d_sae: int) -> float:
+    """Gao et al.'s scaling of the Adam learning rate with the dictionary width."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)

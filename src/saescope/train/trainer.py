@@ -1,0 +1,332 @@
+"""Train one top-k SAE per decoder layer from a single forward pass of the language model per batch.
+
+Read top to bottom: set-up, the per-layer step (outlier filter, SAE forward, AuxK, decoder-norm
+constraint, dead-latent counters), the loop, checkpoints. Distributed runs (torchrun) either split
+the data (mode "dp": gradients and counters summed over ranks) or the layers (mode "layers": each
+rank trains its share of the SAEs on the same batches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saescope.data import batches, iter_texts
+from saescope.errors import SaescopeError
+from saescope.io import atomic_write_json, resolve_run, save_native
+from saescope.io.formats import atomic_write_bytes, load_native
+from saescope.models import LoadedModel, capture, load_model
+from saescope.sae import SAEConfig, TopKSAE, default_lr
+from saescope.train.config import TrainConfig, parse_layers
+
+MEDIAN_WINDOW = 256  # batch medians kept for the running median of activation norms
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls are only fast on GPUs and CPUs with native bf16 (AMX / avx512_bf16).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    from saescope.models import parse_dtype
+
+    return parse_dtype(name)
+
+
+@dataclass
+class LayerState:
+    sae: TopKSAE
+    opt: torch.optim.Optimizer
+    since_fired: Tensor  # tokens since each latent last fired
+    medians: list[float] = field(default_factory=list)
+    seen: int = 0  # tokens offered to this layer
+    dropped: int = 0  # tokens removed by the outlier filter
+    nonfinite_batches: int = 0
+    # running sums since the last log line
+    acc: dict[str, float] = field(default_factory=lambda: {"fvu": 0.0, "auxk": 0.0, "l0": 0.0, "n": 0})
+
+
+class Distributed:
+    """Rank and world of a torchrun launch (world 1 without one); sums tensors over ranks."""
+
+    def __init__(self, mode: str | None):
+        self.mode = mode
+        self.on = mode is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.on and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+        if self.on and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+    def sum_(self, t: Tensor) -> Tensor:
+        if self.on and self.mode == "dp":
+            dist.all_reduce(t)
+        return t
+
+    def gather_cat(self, t: Tensor) -> Tensor:
+        if not (self.on and self.mode == "dp"):
+            return t
+        sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([t.numel()], device=t.device))
+        top = int(max(s.item() for s in sizes))
+        padded = torch.cat([t, t.new_zeros(top - t.numel())])
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, lm: LoadedModel | None = None, distributed: str | None = None):
+        self.cfg = cfg
+        self.dist = Distributed(distributed)
+        self.device = resolve_device(cfg.device)
+        if self.dist.on and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.lm = lm or load_model(cfg.model, dtype=resolve_dtype(cfg.model_dtype, self.device), device=str(self.device))
+        self.compute_dtype = resolve_dtype(cfg.sae_dtype, self.device)
+        self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
+        # Layer sharding: rank r owns every world-th layer; in dp mode every rank owns all.
+        shard = self.dist.on and distributed == "layers"
+        self.layers = self.all_layers[self.dist.rank :: self.dist.world] if shard else self.all_layers
+        self.d_sae, self.k = cfg.width_and_k(self.lm.d_model)
+        self.out = Path(cfg.out)
+        self.step = 0
+        self.batches_done = 0
+        self.tokens = 0
+        self.states: dict[int, LayerState] = {}
+        for n in self.layers:
+            sae = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k), device=self.device)
+            sae.init_tied(torch.Generator().manual_seed(cfg.seed * 100_003 + n))
+            self.states[n] = self._layer_state(sae)
+
+    def _layer_state(self, sae: TopKSAE) -> LayerState:
+        sae.compute_dtype = self.compute_dtype
+        sae.meta = {"model": self.cfg.model or "smollm2-135m-instruct", "hook": "decoder layer output",
+                    "trained_by": "saescope"}
+        opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr or default_lr(self.d_sae))
+        since = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
+        return LayerState(sae, opt, since)
+
+    # ------------------------------------------------------------------ one layer, one step
+    def _filter(self, st: LayerState, acts: Tensor) -> Tensor:
+        if self.cfg.skip_first_token:
+            acts = acts[:, 1:]
+        x = acts.reshape(-1, acts.shape[-1]).float()
+        if self.cfg.outlier_factor > 0:
+            norms = x.norm(dim=1)
+            st.medians.append(float(self.dist.gather_cat(norms).median()))
+            del st.medians[:-MEDIAN_WINDOW]
+            limit = self.cfg.outlier_factor * float(torch.tensor(st.medians).median())
+            keep = norms <= limit
+            st.dropped += int(self.dist.sum_(torch.tensor(int((~keep).sum()))).item())
+            x = x[keep]
+        st.seen += int(self.dist.sum_(torch.tensor(acts.shape[0] * acts.shape[1])).item())
+        return x
+
+    def _train_layer(self, n: int, acts: Tensor) -> None:
+        st = self.states[n]
+        finite = torch.tensor(int(torch.isfinite(acts).all()), device=acts.device)
+        if self.dist.on and self.dist.mode == "dp":
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            st.nonfinite_batches += 1
+            warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=2)
+            return
+        x = self._filter(st, acts)
+        sae = st.sae
+        n_tokens = self.dist.sum_(torch.tensor(float(x.shape[0]), device=x.device))
+        if n_tokens.item() < 2:
+            return  # the outlier filter left nothing to learn from
+        if self.step == 0:
+            # b_dec from the data: the mean of the first batch (over all ranks).
+            mean = self.dist.sum_(x.sum(0)) / n_tokens
+            sae.init_b_dec(mean[None])
+        # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
+        s1, s2 = self.dist.sum_(x.sum(0)), self.dist.sum_(x.pow(2).sum())
+        denom = s2 - s1.pow(2).sum() / n_tokens
+        dead = st.since_fired >= self.cfg.dead_tokens
+        out = sae(x, dead if dead.any() else None, variance=denom)
+        loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dist.on and self.dist.mode == "dp":
+            for p in sae.parameters():
+                dist.all_reduce(p.grad)
+        sae.remove_parallel_decoder_grad()
+        st.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            fired = torch.zeros(self.d_sae, dtype=torch.long, device=x.device)
+            fired.index_add_(0, out.code.indices.reshape(-1), (out.code.values > 0).reshape(-1).long())
+            self.dist.sum_(fired)
+            st.since_fired += int(n_tokens.item())
+            st.since_fired[fired > 0] = 0
+            fvu = self.dist.sum_(out.fvu.detach().clone())
+            aux = self.dist.sum_(out.auxk_fvu.detach().clone())
+            l0 = self.dist.sum_((out.code.values > 0).sum().float()) / n_tokens
+            st.acc["fvu"] += float(fvu)
+            st.acc["auxk"] += float(aux)
+            st.acc["l0"] += float(l0)
+            st.acc["n"] += 1
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, *, stop_after_steps: int | None = None) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0:
+            atomic_write_json(self.out / "train.json", cfg.to_dict())
+        tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.mode == "dp" and self.dist.on else 1)
+        total_steps = max(1, cfg.max_tokens // tokens_per_step)
+        stream = batches(iter_texts(cfg.data, text_column=cfg.text_column), self.lm.tokenizer, ctx_len=cfg.ctx_len,
+                         batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                         skip=self.batches_done)
+        bar = tqdm(total=total_steps * tokens_per_step, initial=self.tokens, unit="tok", unit_scale=True,
+                   desc=f"train {len(self.layers)} layers", disable=self.dist.rank != 0, dynamic_ncols=True)
+        log = open(self.out / "train_log.jsonl", "a") if self.dist.rank == 0 else None
+        started, steps_run = time.perf_counter(), 0
+        last_log_t, last_log_tokens = started, self.tokens
+        try:
+            for i, batch in enumerate(stream):
+                if self.step >= total_steps or (stop_after_steps is not None and steps_run >= stop_after_steps):
+                    break
+                self.batches_done += 1
+                if self.dist.mode == "dp" and self.dist.on and i % self.dist.world != self.dist.rank:
+                    continue
+                acts = capture(self.lm.model, batch.to(self.lm.device), self.layers)
+                for n in self.layers:
+                    self._train_layer(n, acts[n].to(self.device))
+                del acts
+                self.step += 1
+                steps_run += 1
+                self.tokens += tokens_per_step
+                bar.update(tokens_per_step)
+                if self.step % cfg.log_every == 0 or self.step == total_steps:
+                    now = time.perf_counter()
+                    rec = self._log_record((self.tokens - last_log_tokens) / max(now - last_log_t, 1e-9), now - started)
+                    last_log_t, last_log_tokens = now, self.tokens
+                    if log:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    mean_fvu = sum(v["fvu"] for v in rec["layers"].values()) / max(len(rec["layers"]), 1)
+                    bar.set_postfix(fvu=f"{mean_fvu:.3f}", step=self.step)
+                if self.step % cfg.checkpoint_every == 0 and self.step < total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        if self.step == 0:
+            raise SaescopeError("the dataset is too small for one batch: lower --ctx-len/--batch-size or add data")
+        self.save_checkpoint()
+        elapsed = time.perf_counter() - started
+        return {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
+                "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
+                "layers": {n: {"dropped": st.dropped, "seen": st.seen, "nonfinite_batches": st.nonfinite_batches}
+                           for n, st in self.states.items()}}
+
+    def _log_record(self, tok_per_s: float, elapsed: float) -> dict:
+        layers = {}
+        for n, st in self.states.items():
+            a = st.acc
+            m = max(a["n"], 1)
+            layers[n] = {"fvu": a["fvu"] / m, "auxk": a["auxk"] / m, "l0": a["l0"] / m,
+                         "dead_frac": float((st.since_fired >= self.cfg.dead_tokens).float().mean()),
+                         "dropped_frac": st.dropped / max(st.seen, 1)}
+            st.acc = {"fvu": 0.0, "auxk": 0.0, "l0": 0.0, "n": 0}
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": round(elapsed, 2),
+                "tok_per_s": round(tok_per_s, 1), "layers": layers}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write every SAE and the training state to a new folder, then point `latest` at it.
+
+        The previous checkpoint stays valid until the pointer moves; a failed write (full disk)
+        leaves it untouched and is reported, and training goes on.
+        """
+        name = f"checkpoints/step-{self.step:08d}"
+        folder = self.out / name
+        staging = self.out / f"checkpoints/.staging-{self.step:08d}-rank{self.dist.rank}"
+        ok = torch.tensor(1)
+        # In dp mode every rank holds the same SAEs and state: rank 0 writes them for all.
+        writer = not (self.dist.on and self.dist.mode == "dp" and self.dist.rank > 0)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for n, st in (self.states.items() if writer else ()):
+                st.sae.meta.update({"layer": n, "tokens": self.tokens, "step": self.step})
+                save_native(st.sae, staging, n)
+            state = {"step": self.step, "batches_done": self.batches_done, "tokens": self.tokens,
+                     "rng": torch.get_rng_state(),
+                     "layers": {n: {"opt": st.opt.state_dict(), "since_fired": st.since_fired.cpu(),
+                                    "medians": torch.tensor(st.medians, dtype=torch.float64), "seen": st.seen,
+                                    "dropped": st.dropped, "nonfinite": st.nonfinite_batches}
+                                for n, st in self.states.items()}}
+            if writer:
+                torch.save(state, staging / f"state-rank{self.dist.rank}.pt")
+        except OSError as exc:
+            ok = torch.tensor(0)
+            warnings.warn(f"checkpoint at step {self.step} not written ({exc.strerror or exc}); the previous one stays valid",
+                          stacklevel=2)
+            shutil.rmtree(staging, ignore_errors=True)
+        if self.dist.on:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in staging.iterdir():
+            os.replace(f, folder / f.name)
+        staging.rmdir()
+        self.dist.barrier()
+        if self.dist.rank == 0:
+            atomic_write_bytes(self.out / "latest", (name + "\n").encode())
+            for old in sorted((self.out / "checkpoints").glob("step-*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return folder
+
+    def load_checkpoint(self) -> bool:
+        """Restore the latest checkpoint of `out`, if any. Returns whether one was found."""
+        if not (self.out / "latest").exists():
+            return False
+        folder = resolve_run(self.out)
+        path = folder / f"state-rank{0 if self.dist.mode == 'dp' else self.dist.rank}.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise SaescopeError(f"cannot resume from {path}: corrupt or truncated ({type(exc).__name__})") from exc
+        if set(state["layers"]) != set(self.states):
+            raise SaescopeError(f"cannot resume: checkpoint has layers {sorted(state['layers'])}, run has {self.layers}")
+        for n, st in self.states.items():
+            sae = load_native(folder, n).to(self.device)
+            if sae.cfg != st.sae.cfg:
+                raise SaescopeError(f"cannot resume: layer {n} SAE is {sae.cfg}, the run asks for {st.sae.cfg}")
+            with torch.no_grad():
+                for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                    getattr(st.sae, name).copy_(getattr(sae, name))
+            s = state["layers"][n]
+            st.opt.load_state_dict(s["opt"])
+            st.since_fired = s["since_fired"].to(self.device)
+            st.medians = s["medians"].tolist()
+            st.seen, st.dropped, st.nonfinite_batches = s["seen"], s["dropped"], s["nonfinite"]
+        self.step, self.batches_done, self.tokens = state["step"], state["batches_done"], state["tokens"]
+        torch.set_rng_state(state["rng"])
+        return True

@@ -1,0 +1,125 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from saescope.errors import SaescopeError
+from saescope.sae import SAEConfig, SparseCode, TopKSAE, default_lr, latent_weighted_sum
+
+
+def _sae(d_model=16, d_sae=64, k=4, seed=0) -> TopKSAE:
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_model, d_sae, k), dtype=torch.float64)
+    sae.init_tied(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
+        sae.b_dec.normal_()
+    return sae
+
+
+def _dense_reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
+    """The recipe written densely, line by line: ReLU, top-k, z @ W_dec + b_dec, FVU, AuxK."""
+    pre = x @ sae.W_enc.T + sae.b_enc
+    v, i = pre.relu().topk(sae.k, -1)
+    z = torch.zeros_like(pre).scatter(-1, i, v)
+    x_hat = z @ sae.W_dec + sae.b_dec
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    aux = x.new_zeros(())
+    if dead is not None:
+        n_dead = int(dead.sum())
+        k_aux = min(sae.cfg.d_model // 2, n_dead)
+        e = (x - x_hat).detach()
+        av, ai = pre.masked_fill(~dead, float("-inf")).topk(k_aux, -1)
+        za = torch.zeros_like(pre).scatter(-1, ai, av.relu())
+        aux = min(n_dead / k_aux, 1.0) * ((za @ sae.W_dec - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    return x_hat, fvu, aux
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_forward_and_gradients_match_dense_reference(with_dead):
+    sae = _sae()
+    x = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:20] = True
+    out = sae(x, dead if with_dead else None)
+    (out.fvu + out.auxk_fvu).backward()
+    got = [p.grad.clone() for p in sae.parameters()] + [x.grad.clone()]
+    sae.zero_grad()
+    x.grad = None
+    x_hat, fvu, aux = _dense_reference(sae, x, dead if with_dead else None)
+    (fvu + aux).backward()
+    want = [p.grad.clone() for p in sae.parameters()] + [x.grad.clone()]
+    assert torch.allclose(out.x_hat, x_hat)
+    assert torch.allclose(out.fvu, fvu) and torch.allclose(out.auxk_fvu, aux)
+    assert with_dead == (float(aux) > 0)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12)
+
+
+def test_encode_by_hand():
+    """Two latents, k=1, numbers worked out on paper."""
+    sae = TopKSAE(SAEConfig(2, 3, 1))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, 0.5, -2.0]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+        sae.b_dec.copy_(torch.tensor([0.1, -0.1]))
+    x = torch.tensor([[2.0, 1.0], [-1.0, -1.0]])
+    code = sae.encode(x)
+    # pre = [[2, 1.5, 1], [-1, -0.5, -4]] -> token 0 keeps latent 0 (2.0); token 1 keeps latent 1 at ReLU 0.
+    assert code.indices[0].tolist() == [0] and code.values[0].tolist() == [2.0]
+    assert code.values[1].tolist() == [0.0]
+    assert torch.allclose(sae.decode(code), torch.tensor([[2.1, -0.1], [0.1, -0.1]]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 6), d_sae=st.integers(6, 50), seed=st.integers(0, 10_000))
+def test_latent_weighted_sum_equals_dense(n, k, d_sae, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(n)])
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    rows = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    dense = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, idx, w)
+    assert torch.allclose(latent_weighted_sum(idx, w, rows, d_sae), dense.T @ rows)
+
+
+def test_decoder_norm_constraint():
+    sae = _sae()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    sae(x).fvu.backward()
+    sae.remove_parallel_decoder_grad()
+    # the remaining gradient is orthogonal to every decoder row: a small step keeps the norms at 1
+    assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(64, dtype=torch.float64), atol=1e-12)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))
+
+
+def test_init_is_tied_and_centred():
+    sae = TopKSAE(SAEConfig(8, 32, 4))
+    sae.init_tied(torch.Generator().manual_seed(1))
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    x = torch.randn(100, 8) + 5
+    sae.init_b_dec(x)
+    assert torch.allclose(sae.b_dec, x.mean(0), atol=1e-6)
+    # encoding the mean gives zero pre-activations: b_enc cancels W_enc @ b_dec
+    assert torch.allclose(sae.pre_activations(x.mean(0, keepdim=True)), torch.zeros(1, 32), atol=1e-5)
+
+
+def test_sparse_code_dense_and_shapes():
+    code = SparseCode(torch.tensor([[2, 0]]), torch.tensor([[1.5, 0.0]]))
+    assert code.dense(4).tolist() == [[0.0, 0.0, 1.5, 0.0]]
+    sae = _sae()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    assert sae.reconstruct(x).shape == x.shape
+
+
+def test_config_errors_and_lr():
+    with pytest.raises(SaescopeError, match="k=70"):
+        SAEConfig(8, 64, 70)
+    with pytest.raises(SaescopeError):
+        SAEConfig(0, 64, 4)
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(4 * 2**14) == pytest.approx(1e-4)
