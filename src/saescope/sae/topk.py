@@ -58,7 +58,8 @@ def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: i
     flat = indices.reshape(-1)
     order = torch.argsort(flat)
     token_of_pair = torch.div(order, k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=d_sae)
+    # index_add of integer ones instead of bincount: bincount syncs with the host on CUDA to size its output.
+    counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device).index_add_(0, flat, torch.ones_like(flat))
     offsets = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return F.embedding_bag(
@@ -103,11 +104,12 @@ class _TopKEncode(torch.autograd.Function):
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, W_enc, mode="sum", per_sample_weights=grad).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_W = latent_weighted_sum(idx, grad, x.to(W_enc.dtype), W_enc.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
-            grad_b.index_add_(0, idx.reshape(-1), grad.reshape(-1))
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # One grouped sum gives both: a column of ones beside x yields the bias gradient, without
+            # the atomics of index_add (so a resumed CUDA run repeats the same sums).
+            rows = torch.cat([x.to(W_enc.dtype), x.new_ones(x.shape[0], 1, dtype=W_enc.dtype)], dim=1)
+            both = latent_weighted_sum(idx, grad, rows, W_enc.shape[0])
+            grad_W, grad_b = both[:, :-1], both[:, -1]
         return grad_x, grad_W, grad_b, None, None, None, None
 
 
@@ -178,30 +180,36 @@ class TopKSAE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         return self.decode(self.encode(flat)).reshape(shape).to(x.dtype)
 
-    def forward(self, x: Tensor, dead: Tensor | None = None, variance: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead: Tensor | None = None, *, n_dead: int | None = None,
+                weights: Tensor | None = None, variance: Tensor | None = None) -> ForwardOutput:
         """Training forward on (tokens, d_model): reconstruction, FVU and the AuxK loss on `dead` latents.
 
-        `variance` is FVU's denominator, sum |x - mean(x)|^2; pass it when x is one shard of a larger
-        batch so that the shards' losses add up to the whole batch's.
+        `weights` (tokens,) of 0/1 leave tokens out of every loss without changing shapes (the outlier
+        filter uses it, so no host sync is needed to know how many tokens remain). `variance` is FVU's
+        denominator, sum w |x - mean(x)|^2; pass it when x is one shard of a larger batch so that the
+        shards' losses add up to the whole batch's. `n_dead` saves a sync when the caller knows it.
         """
         x = x.to(self.W_enc.dtype)
-        n_dead = int(dead.sum()) if dead is not None else 0
-        k_aux = min(self.cfg.d_model // 2, n_dead)
+        if dead is not None and n_dead is None:
+            n_dead = int(dead.sum())
+        k_aux = min(self.cfg.d_model // 2, n_dead or 0)
         values, indices, aux_values, aux_indices = _TopKEncode.apply(
             x, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead if k_aux > 0 else None, k_aux
         )
         code = SparseCode(indices, values)
         x_hat = self.decode(code)
+        w = weights.to(x.dtype)[:, None] if weights is not None else None
         if variance is None:
-            variance = (x - x.mean(0)).pow(2).sum()
+            variance = _centred_sum_sq(x, w)
         error = x - x_hat
-        fvu = error.pow(2).sum() / variance
+        fvu = (error.pow(2) if w is None else error.pow(2) * w).sum() / variance
         if k_aux > 0:
             # The dead latents learn to predict the live latents' residual (Gao et al. section A.2).
             residual = error.detach()
             aux_hat = F.embedding_bag(aux_indices, self.W_dec, mode="sum", per_sample_weights=aux_values)
             scale = min(n_dead / k_aux, 1.0)
-            auxk = scale * (aux_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+            aux_err = (aux_hat - residual).pow(2)
+            auxk = scale * (aux_err if w is None else aux_err * w).sum() / _centred_sum_sq(residual, w)
             auxk = torch.nan_to_num(auxk, nan=0.0)
         else:
             auxk = fvu.new_zeros(())
@@ -219,6 +227,13 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+
+def _centred_sum_sq(x: Tensor, w: Tensor | None) -> Tensor:
+    if w is None:
+        return (x - x.mean(0)).pow(2).sum()
+    mean = (x * w).sum(0) / w.sum().clamp_min(1)
+    return ((x - mean).pow(2) * w).sum().clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def default_lr(d_sae: int) -> float:

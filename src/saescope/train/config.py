@@ -53,6 +53,8 @@ class TrainConfig:
     model_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     sae_dtype: str = "auto"  # dtype of the encoder matmul and top-k; master weights stay fp32
     device: str = "auto"
+    model_device_map: str | None = None  # "auto": shard the LM over the visible GPUs (accelerate)
+    load_in_8bit: bool = False  # LM weights in 8 bits (bitsandbytes); activations stay in model_dtype
     checkpoint_every: int = 50  # steps
     log_every: int = 5  # steps
     seed: int = 0

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,15 +49,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass
 class LayerState:
+    """One layer's SAE, optimizer and counters. Counters live on the SAE's device so that a step
+    needs no host sync; they are read on the host only when logging or checkpointing."""
+
     sae: TopKSAE
     opt: torch.optim.Optimizer
     since_fired: Tensor  # tokens since each latent last fired
-    medians: list[float] = field(default_factory=list)
+    medians: Tensor  # ring buffer of recent batch-median activation norms
+    n_medians: int = 0
     seen: int = 0  # tokens offered to this layer
-    dropped: int = 0  # tokens removed by the outlier filter
+    dropped: Tensor | None = None  # tokens removed by the outlier filter
     nonfinite_batches: int = 0
-    # running sums since the last log line
-    acc: dict[str, float] = field(default_factory=lambda: {"fvu": 0.0, "auxk": 0.0, "l0": 0.0, "n": 0})
+    acc: Tensor | None = None  # running sums since the last log line: fvu, auxk, l0, steps
 
 
 class Distributed:
@@ -79,15 +82,12 @@ class Distributed:
         return t
 
     def gather_cat(self, t: Tensor) -> Tensor:
+        """Concatenate equal-sized tensors of all ranks (every rank's batch has the same shape)."""
         if not (self.on and self.mode == "dp"):
             return t
-        sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(self.world)]
-        dist.all_gather(sizes, torch.tensor([t.numel()], device=t.device))
-        top = int(max(s.item() for s in sizes))
-        padded = torch.cat([t, t.new_zeros(top - t.numel())])
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
 
     def barrier(self) -> None:
         if self.on:
@@ -101,7 +101,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.on and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.lm = lm or load_model(cfg.model, dtype=resolve_dtype(cfg.model_dtype, self.device), device=str(self.device))
+        self.lm = lm or load_model(cfg.model, dtype=resolve_dtype(cfg.model_dtype, self.device), device=str(self.device),
+                                   device_map=cfg.model_device_map, load_in_8bit=cfg.load_in_8bit)
         self.compute_dtype = resolve_dtype(cfg.sae_dtype, self.device)
         self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
         # Layer sharding: rank r owns every world-th layer; in dp mode every rank owns all.
@@ -122,49 +123,62 @@ class Trainer:
         sae.compute_dtype = self.compute_dtype
         sae.meta = {"model": self.cfg.model or "smollm2-135m-instruct", "hook": "decoder layer output",
                     "trained_by": "saescope"}
-        opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr or default_lr(self.d_sae))
-        since = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
-        return LayerState(sae, opt, since)
+        # fused Adam on GPU: one kernel for the four tensors instead of a dozen launches each.
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr or default_lr(self.d_sae), **fused)
+        dev = self.device
+        return LayerState(sae, opt, since_fired=torch.zeros(self.d_sae, dtype=torch.long, device=dev),
+                          medians=torch.zeros(MEDIAN_WINDOW, device=dev),
+                          dropped=torch.zeros((), dtype=torch.long, device=dev), acc=torch.zeros(4, device=dev))
 
-    # ------------------------------------------------------------------ one layer, one step
-    def _filter(self, st: LayerState, acts: Tensor) -> Tensor:
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, acts: dict[int, Tensor]) -> None:
+        """All layers on one batch. The only host syncs: one for the finiteness and dead counts of
+        every layer together (needed to skip a batch and to size AuxK's top-k)."""
+        flags = torch.stack([torch.isfinite(acts[n]).all().long().to(self.device) for n in self.layers]
+                            + [(self.states[n].since_fired >= self.cfg.dead_tokens).sum() for n in self.layers])
+        if self.dist.on and self.dist.mode == "dp":
+            finite = flags[: len(self.layers)].clone()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            flags[: len(self.layers)] = finite
+        host = flags.tolist()
+        for i, n in enumerate(self.layers):
+            if not host[i]:
+                st = self.states[n]
+                st.nonfinite_batches += 1
+                warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=2)
+                continue
+            self._train_layer(n, acts[n], n_dead=host[len(self.layers) + i])
+
+    def _keep_mask(self, st: LayerState, x: Tensor) -> Tensor:
+        """The L2-norm outlier filter: keep tokens whose norm is at most factor x the running median."""
+        if self.cfg.outlier_factor <= 0:
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        norms = x.norm(dim=1)
+        st.medians[st.n_medians % MEDIAN_WINDOW] = self.dist.gather_cat(norms).median()
+        st.n_medians += 1
+        limit = self.cfg.outlier_factor * st.medians[: min(st.n_medians, MEDIAN_WINDOW)].median()
+        return norms <= limit
+
+    def _train_layer(self, n: int, acts: Tensor, n_dead: int) -> None:
+        st, sae = self.states[n], self.states[n].sae
         if self.cfg.skip_first_token:
             acts = acts[:, 1:]
-        x = acts.reshape(-1, acts.shape[-1]).float()
-        if self.cfg.outlier_factor > 0:
-            norms = x.norm(dim=1)
-            st.medians.append(float(self.dist.gather_cat(norms).median()))
-            del st.medians[:-MEDIAN_WINDOW]
-            limit = self.cfg.outlier_factor * float(torch.tensor(st.medians).median())
-            keep = norms <= limit
-            st.dropped += int(self.dist.sum_(torch.tensor(int((~keep).sum()))).item())
-            x = x[keep]
-        st.seen += int(self.dist.sum_(torch.tensor(acts.shape[0] * acts.shape[1])).item())
-        return x
-
-    def _train_layer(self, n: int, acts: Tensor) -> None:
-        st = self.states[n]
-        finite = torch.tensor(int(torch.isfinite(acts).all()), device=acts.device)
-        if self.dist.on and self.dist.mode == "dp":
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            st.nonfinite_batches += 1
-            warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=2)
-            return
-        x = self._filter(st, acts)
-        sae = st.sae
-        n_tokens = self.dist.sum_(torch.tensor(float(x.shape[0]), device=x.device))
-        if n_tokens.item() < 2:
-            return  # the outlier filter left nothing to learn from
+        x = acts.reshape(-1, acts.shape[-1]).to(self.device, torch.float32)
+        keep = self._keep_mask(st, x)
+        w = keep.float()
+        st.seen += x.shape[0] * (self.dist.world if self.dist.on and self.dist.mode == "dp" else 1)
+        st.dropped += self.dist.sum_((~keep).sum())
+        n_tokens = self.dist.sum_(w.sum())
+        s1 = self.dist.sum_((x * w[:, None]).sum(0))
         if self.step == 0:
-            # b_dec from the data: the mean of the first batch (over all ranks).
-            mean = self.dist.sum_(x.sum(0)) / n_tokens
-            sae.init_b_dec(mean[None])
+            # b_dec from the data: the mean of the first batch's kept tokens (over all ranks).
+            sae.init_b_dec((s1 / n_tokens.clamp_min(1))[None])
         # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
-        s1, s2 = self.dist.sum_(x.sum(0)), self.dist.sum_(x.pow(2).sum())
-        denom = s2 - s1.pow(2).sum() / n_tokens
-        dead = st.since_fired >= self.cfg.dead_tokens
-        out = sae(x, dead if dead.any() else None, variance=denom)
+        s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
+        variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
+        dead = st.since_fired >= self.cfg.dead_tokens if n_dead else None
+        out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance)
         loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,18 +189,15 @@ class Trainer:
         st.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
+            active = (out.code.values > 0) & keep[:, None]
             fired = torch.zeros(self.d_sae, dtype=torch.long, device=x.device)
-            fired.index_add_(0, out.code.indices.reshape(-1), (out.code.values > 0).reshape(-1).long())
+            fired.index_add_(0, out.code.indices.reshape(-1), active.reshape(-1).long())
             self.dist.sum_(fired)
-            st.since_fired += int(n_tokens.item())
-            st.since_fired[fired > 0] = 0
-            fvu = self.dist.sum_(out.fvu.detach().clone())
-            aux = self.dist.sum_(out.auxk_fvu.detach().clone())
-            l0 = self.dist.sum_((out.code.values > 0).sum().float()) / n_tokens
-            st.acc["fvu"] += float(fvu)
-            st.acc["auxk"] += float(aux)
-            st.acc["l0"] += float(l0)
-            st.acc["n"] += 1
+            st.since_fired += n_tokens.long()
+            st.since_fired.masked_fill_(fired > 0, 0)
+            l0 = self.dist.sum_(active.sum().float()) / n_tokens.clamp_min(1)
+            st.acc += torch.stack([self.dist.sum_(out.fvu.detach().clone()), self.dist.sum_(out.auxk_fvu.detach().clone()),
+                                   l0, torch.ones((), device=x.device)])
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, stop_after_steps: int | None = None) -> dict:
@@ -212,8 +223,7 @@ class Trainer:
                 if self.dist.mode == "dp" and self.dist.on and i % self.dist.world != self.dist.rank:
                     continue
                 acts = capture(self.lm.model, batch.to(self.lm.device), self.layers)
-                for n in self.layers:
-                    self._train_layer(n, acts[n].to(self.device))
+                self._train_step(acts)
                 del acts
                 self.step += 1
                 steps_run += 1
@@ -240,18 +250,17 @@ class Trainer:
         elapsed = time.perf_counter() - started
         return {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
                 "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
-                "layers": {n: {"dropped": st.dropped, "seen": st.seen, "nonfinite_batches": st.nonfinite_batches}
+                "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches}
                            for n, st in self.states.items()}}
 
     def _log_record(self, tok_per_s: float, elapsed: float) -> dict:
         layers = {}
         for n, st in self.states.items():
-            a = st.acc
-            m = max(a["n"], 1)
-            layers[n] = {"fvu": a["fvu"] / m, "auxk": a["auxk"] / m, "l0": a["l0"] / m,
+            fvu, auxk, l0, steps = (st.acc / st.acc[3].clamp_min(1)).tolist()
+            layers[n] = {"fvu": fvu, "auxk": auxk, "l0": l0,
                          "dead_frac": float((st.since_fired >= self.cfg.dead_tokens).float().mean()),
-                         "dropped_frac": st.dropped / max(st.seen, 1)}
-            st.acc = {"fvu": 0.0, "auxk": 0.0, "l0": 0.0, "n": 0}
+                         "dropped_frac": int(st.dropped) / max(int(st.seen), 1)}
+            st.acc.zero_()
         return {"step": self.step, "tokens": self.tokens, "elapsed_s": round(elapsed, 2),
                 "tok_per_s": round(tok_per_s, 1), "layers": layers}
 
@@ -277,8 +286,8 @@ class Trainer:
             state = {"step": self.step, "batches_done": self.batches_done, "tokens": self.tokens,
                      "rng": torch.get_rng_state(),
                      "layers": {n: {"opt": st.opt.state_dict(), "since_fired": st.since_fired.cpu(),
-                                    "medians": torch.tensor(st.medians, dtype=torch.float64), "seen": st.seen,
-                                    "dropped": st.dropped, "nonfinite": st.nonfinite_batches}
+                                    "medians": st.medians.cpu(), "n_medians": st.n_medians, "seen": int(st.seen),
+                                    "dropped": int(st.dropped), "nonfinite": st.nonfinite_batches}
                                 for n, st in self.states.items()}}
             if writer:
                 torch.save(state, staging / f"state-rank{self.dist.rank}.pt")
@@ -325,8 +334,10 @@ class Trainer:
             s = state["layers"][n]
             st.opt.load_state_dict(s["opt"])
             st.since_fired = s["since_fired"].to(self.device)
-            st.medians = s["medians"].tolist()
-            st.seen, st.dropped, st.nonfinite_batches = s["seen"], s["dropped"], s["nonfinite"]
+            st.medians, st.n_medians = s["medians"].to(self.device), s["n_medians"]
+            st.seen = s["seen"]
+            st.dropped.fill_(s["dropped"])
+            st.nonfinite_batches = s["nonfinite"]
         self.step, self.batches_done, self.tokens = state["step"], state["batches_done"], state["tokens"]
         torch.set_rng_state(state["rng"])
         return True

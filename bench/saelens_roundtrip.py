@@ -1,0 +1,65 @@
+"""Export saescope SAEs to SAELens format and open them with sae-lens itself (in the peers' venv):
+the encodings and reconstructions must equal saescope's.
+
+    python bench/saelens_roundtrip.py --sae runs/x --layers 3,15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from saescope.io import export_saes, load_saes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PEER_SIDE = r"""
+import sys, torch
+from sae_lens import SAE
+folder, inputs, out = sys.argv[1:4]
+sae = SAE.load_from_disk(folder, device="cpu")
+x = torch.load(inputs, weights_only=True)
+with torch.no_grad():
+    z = sae.encode(x)
+    torch.save({"z": z, "x_hat": sae.decode(z), "cls": type(sae).__name__}, out)
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sae", required=True)
+    p.add_argument("--layers", default=None)
+    p.add_argument("--peer-python", default=os.environ.get("SAESCOPE_PEER_PYTHON", str(ROOT.parent / "peers-venv" / "bin" / "python")))
+    a = p.parse_args()
+    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+    saes = load_saes(a.sae, layers=layers)
+    work = Path(tempfile.mkdtemp())
+    export_saes(saes, work, "saelens")
+    report = {}
+    for n, sae in saes.items():
+        x = torch.randn(64, sae.cfg.d_model, generator=torch.Generator().manual_seed(n)) * 20
+        torch.save(x, work / "x.pt")
+        r = subprocess.run([a.peer_python, "-c", PEER_SIDE, str(work / f"layer{n}"), str(work / "x.pt"), str(work / "out.pt")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-2000:])
+        theirs = torch.load(work / "out.pt", weights_only=True)
+        with torch.no_grad():
+            code = sae.encode(x)
+            z, x_hat = code.dense(sae.cfg.d_sae), sae.decode(code)
+        report[n] = {"saelens_class": theirs["cls"], "max_abs_diff_z": float((theirs["z"] - z).abs().max()),
+                     "max_abs_diff_x_hat": float((theirs["x_hat"] - x_hat).abs().max()),
+                     "same_active_set": bool(((theirs["z"] > 0) == (z > 0)).all())}
+        print(f"layer {n}: {report[n]}")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""All-layer SAE training throughput: saescope vs the hardware limit vs eai-sparsify, in one run.
+
+    python bench/throughput.py                       # SmolLM2, 30 layers, 16x-k50, 40 steps of 8 x 128 tokens
+    python bench/throughput.py --peers ''            # saescope and the limit only
+    python bench/throughput.py --sweep               # also: width 4x/16x/64x and 1/10/30 layers
+
+The limit is 1 / (t_LM_forward + sum over layers of t_encoder_matmul) per token, each timed alone
+with the same dtype and threads (the irreducible work of streaming top-k SAE training). The LM
+forward is timed as the trainer runs it: stopped after the last hooked layer. FVU of every trainer's
+final SAEs is measured by the same code on the same held-out tokens (norm-outlier tokens excluded,
+as saescope's filter does; the unfiltered FVU is printed beside it). Peers run in their own venv
+(--peer-python) and never become dependencies. Prints one table; writes JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from saescope.data import batches, iter_texts
+from saescope.io import load_saes
+from saescope.models import capture, load_model
+from saescope.models.builtin import builtin_model_dir
+from saescope.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, reps=5) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def token_batches(tokenizer, ctx_len, batch_size, n, split="train"):
+    out = []
+    for b in batches(iter_texts(None, split=split), tokenizer, ctx_len=ctx_len, batch_size=batch_size, seed=0):
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def measure_limit(lm, layers, d_sae, compute_dtype, batch, device) -> dict:
+    ids = batch.to(device)
+    t_lm = _timed(lambda: capture(lm.model, ids, layers), device)
+    acts = capture(lm.model, ids, layers)
+    x = acts[layers[len(layers) // 2]].reshape(-1, lm.d_model).to(compute_dtype)
+    W = torch.randn(d_sae, lm.d_model, device=device, dtype=compute_dtype) / lm.d_model**0.5
+    b = torch.zeros(d_sae, device=device, dtype=compute_dtype)
+    t_enc = _timed(lambda: F.linear(x, W, b), device)
+    pre = F.linear(x, W, b)
+    t_topk = _timed(lambda: pre.topk(50, dim=-1, sorted=False), device)
+    n_tok = ids.numel()
+    return {"t_lm_s": t_lm, "t_enc_per_layer_s": t_enc, "t_topk_per_layer_s": t_topk,
+            "limit_tok_s": n_tok / (t_lm + len(layers) * t_enc), "lm_only_tok_s": n_tok / t_lm}
+
+
+def fvu_on(saes, eval_acts, factor=5.0) -> tuple[float, float]:
+    """Mean over layers of FVU on held-out tokens: (outlier tokens excluded, all tokens)."""
+    kept, full = [], []
+    for n, sae in saes.items():
+        x = eval_acts[n].reshape(-1, eval_acts[n].shape[-1]).float()
+        sae = sae.to(x.device)
+        with torch.no_grad():
+            x_hat = sae.decode(sae.encode(x))
+        norms = x.norm(dim=1)
+        keep = norms <= factor * norms.median()
+        for store, mask in ((kept, keep), (full, torch.ones_like(keep))):
+            xs, xh = x[mask], x_hat[mask]
+            store.append(float((xs - xh).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()))
+    return statistics.mean(kept), statistics.mean(full)
+
+
+def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
+    cfg = TrainConfig(model=args.model, out=str(out), layers=",".join(map(str, layers)), preset=None, expansion=expansion,
+                      k=k, ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=args.ctx_len * args.batch_size * steps,
+                      checkpoint_every=10**9, log_every=1, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype,
+                      device=args.device, dead_tokens=args.dead_tokens)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(cfg, lm=lm)
+    trainer.fit()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    w = min(args.warmup, len(log) - 1)
+    secs = log[-1]["elapsed_s"] - log[w - 1]["elapsed_s"] if w > 0 else log[-1]["elapsed_s"]
+    tokens = (log[-1]["step"] - (log[w - 1]["step"] if w > 0 else 0)) * cfg.ctx_len * cfg.batch_size
+    return {"tok_s": tokens / secs, "steps": log[-1]["step"], "timed_steps": log[-1]["step"] - (w if w > 0 else 0),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            "saes": {n: st.sae for n, st in trainer.states.items()}}
+
+
+def run_sparsify(args, model_dir, layers, expansion, k, train_batches, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    tokens_file = out / "tokens.pt"
+    torch.save(torch.cat(train_batches), tokens_file)
+    cmd = [args.peer_python, str(ROOT / "bench" / "peer_sparsify.py"), "--model-dir", str(model_dir), "--tokens", str(tokens_file),
+           "--layers", ",".join(map(str, layers)), "--expansion", str(expansion), "--k", str(k),
+           "--batch-size", str(args.batch_size), "--optimizer", args.sparsify_optimizer, "--model-dtype", args.model_dtype_peer,
+           "--threads", str(torch.get_num_threads()), "--device", str(resolve_device(args.device)), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"sparsify failed:\n{r.stderr[-3000:]}")
+    timing = json.loads((out / "timing.json").read_text())
+    ends = timing["step_end_times"]
+    w = min(args.warmup, len(ends) - 1)
+    tok_per_step = args.ctx_len * args.batch_size
+    tok_s = (len(ends) - w) * tok_per_step / (ends[-1] - (ends[w - 1] if w > 0 else 0))
+    saes = load_saes(out / "sparsify")
+    return {"tok_s": tok_s, "steps": len(ends), "peak_rss_mb": timing["peak_rss_mb"], "peak_gpu_mb": timing["peak_gpu_mb"],
+            "saes": saes}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights (GPU hosts without the weights)")
+    p.add_argument("--layers", default="all")
+    p.add_argument("--preset", default="16x-k50", choices=sorted(PRESETS))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dead-tokens", type=int, default=10_000_000)
+    p.add_argument("--model-dtype", default="auto")
+    p.add_argument("--sae-dtype", default="auto")
+    p.add_argument("--model-dtype-peer", default=None, help="default: the same as saescope's")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--peers", default="sparsify")
+    p.add_argument("--peer-python", default=os.environ.get("SAESCOPE_PEER_PYTHON", str(ROOT.parent / "peers-venv" / "bin" / "python")))
+    p.add_argument("--sparsify-optimizer", default="adam")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print the top operators of 4 saescope steps (torch.profiler)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    model_dtype = resolve_dtype(args.model_dtype, device)
+    compute_dtype = resolve_dtype(args.sae_dtype, device)
+    args.model_dtype_peer = args.model_dtype_peer or ("bf16" if model_dtype == torch.bfloat16 else "fp32")
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model_dir = Path(args.model) if Path(args.model).exists() else builtin_model_dir(args.model)
+        torch.manual_seed(0)
+        rnd = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=model_dtype)
+        work = Path(tempfile.mkdtemp())
+        rnd.save_pretrained(work)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(work)
+        args.model, model_dir = str(work), work
+    else:
+        model_dir = Path(args.model) if Path(args.model).exists() else builtin_model_dir(args.model)
+    lm = load_model(args.model, dtype=model_dtype, device=str(device))
+    layers = parse_layers(None if args.layers == "all" else args.layers, lm.n_layers)
+    expansion, k = PRESETS[args.preset]
+    d_sae = expansion * lm.d_model
+    train_batches = token_batches(lm.tokenizer, args.ctx_len, args.batch_size, args.steps)
+    eval_ids = torch.cat(token_batches(lm.tokenizer, args.ctx_len, 8, 2, split="eval")).to(device)
+    eval_acts = capture(lm.model, eval_ids, layers)
+    eval_acts = {n: a.float() for n, a in eval_acts.items()}
+
+    limit = measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)
+    work = Path(tempfile.mkdtemp())
+    ours = run_saescope(lm, args, layers, expansion, k, args.steps, work / "saescope")
+    rows = [{"trainer": "saescope", **{k2: v for k2, v in ours.items() if k2 != "saes"}, "fvu": fvu_on(ours["saes"], eval_acts)}]
+    for peer in filter(None, args.peers.split(",")):
+        if peer != "sparsify":
+            raise SystemExit(f"unknown peer {peer}")
+        res = run_sparsify(args, model_dir, layers, expansion, k, train_batches, work / "sparsify")
+        rows.append({"trainer": f"sparsify ({args.sparsify_optimizer})", **{k2: v for k2, v in res.items() if k2 != "saes"},
+                     "fvu": fvu_on(res["saes"], eval_acts)})
+    if args.profile:
+        cfg = TrainConfig(model=args.model, out=str(work / "profile"), preset=None, expansion=expansion, k=k, ctx_len=args.ctx_len,
+                          batch_size=args.batch_size, max_tokens=10**9, checkpoint_every=10**9, log_every=10**6,
+                          model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
+                          layers=",".join(map(str, layers)))
+        trainer = Trainer(cfg, lm=lm)
+        trainer.fit(stop_after_steps=2)
+        acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts_list) as prof:
+            trainer.fit(stop_after_steps=4)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=40))
+    sweep = []
+    if args.sweep:
+        for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
+            sub = layers[:: max(1, len(layers) // n_layers)][:n_layers]
+            lim = measure_limit(lm, sub, exp * lm.d_model, compute_dtype, train_batches[0], device)
+            res = run_saescope(lm, args, sub, exp, k, min(args.steps, 8), work / f"sweep-{exp}-{n_layers}")
+            sweep.append({"expansion": exp, "layers": n_layers, "tok_s": res["tok_s"], "limit_tok_s": lim["limit_tok_s"],
+                          "ratio": res["tok_s"] / lim["limit_tok_s"]})
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    machine = {"device": gpu or f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+               "torch": torch.__version__, "model_dtype": str(model_dtype), "sae_dtype": str(compute_dtype),
+               "date": time.strftime("%Y-%m-%d")}
+    config = {"model": "random-weights " + str(model_dir) if args.random_weights else args.model, "layers": len(layers),
+              "preset": args.preset, "d_sae": d_sae, "k": k, "batch": f"{args.batch_size} x {args.ctx_len}",
+              "steps": args.steps, "warmup_steps_excluded": args.warmup}
+    print(f"\n{machine['device']}, torch {machine['torch']}, model {model_dtype}, SAE matmul {compute_dtype}")
+    print(f"{config['model']}: {len(layers)} layers, {args.preset} (d_sae {d_sae}), {args.steps} steps of {config['batch']} tokens")
+    print(f"limit: LM forward {limit['t_lm_s'] * 1e3:.1f} ms + {len(layers)} x encoder {limit['t_enc_per_layer_s'] * 1e3:.2f} ms "
+          f"per batch -> {limit['limit_tok_s']:.0f} tok/s (LM alone {limit['lm_only_tok_s']:.0f}; top-k {limit['t_topk_per_layer_s'] * 1e3:.2f} ms/layer)")
+    print(f"{'trainer':<18} {'tok/s':>8} {'of limit':>9} {'vs sparsify':>11} {'FVU':>7} {'FVU all':>8} {'peak MB':>9}")
+    peer = next((r for r in rows if r["trainer"].startswith("sparsify")), None)
+    for r in rows:
+        r["ratio_to_limit"] = r["tok_s"] / limit["limit_tok_s"]
+        r["ratio_to_sparsify"] = r["tok_s"] / peer["tok_s"] if peer else None
+        mem = r["peak_gpu_mb"] if r["peak_gpu_mb"] else r["peak_rss_mb"]
+        vs = f"{r['ratio_to_sparsify']:.2f}x" if peer else "-"
+        print(f"{r['trainer']:<18} {r['tok_s']:8.0f} {r['ratio_to_limit']:8.0%} {vs:>11} {r['fvu'][0]:7.4f} {r['fvu'][1]:8.4f} {mem:9.0f}")
+    for s in sweep:
+        print(f"sweep: {s['expansion']:>2}x, {s['layers']:>2} layers: {s['tok_s']:7.0f} tok/s, limit {s['limit_tok_s']:7.0f} ({s['ratio']:.0%})")
+    result = {"machine": machine, "config": config, "limit": limit, "rows": rows, "sweep": sweep}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{'gpu' if gpu else 'cpu'}-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"json: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
