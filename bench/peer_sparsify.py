@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -61,7 +60,8 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss over exec into this process.
+    rss_mb = next(int(ln.split()[1]) / 1024 for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     Path(a.out, "timing.json").write_text(json.dumps({"wall_s": wall, "step_end_times": [t - start for t in step_times],
                                                       "peak_rss_mb": rss_mb, "peak_gpu_mb": gpu_mb,

@@ -64,6 +64,14 @@ def token_batches(tokenizer, ctx_len, batch_size, n, split="train"):
     return out
 
 
+def peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would carry a parent's peak over exec into a peer's subprocess)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure_limit(lm, layers, d_sae, compute_dtype, batch, device) -> dict:
     ids = batch.to(device)
     t_lm = _timed(lambda: capture(lm.model, ids, layers), device)
@@ -99,7 +107,7 @@ def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
     cfg = TrainConfig(model=args.model, out=str(out), layers=",".join(map(str, layers)), preset=None, expansion=expansion,
                       k=k, ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=args.ctx_len * args.batch_size * steps,
                       checkpoint_every=10**9, log_every=1, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype,
-                      device=args.device, dead_tokens=args.dead_tokens)
+                      device=args.device, dead_tokens=args.dead_tokens, outlier_factor=args.outlier_factor)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -110,7 +118,7 @@ def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
     secs = log[-1]["elapsed_s"] - log[w - 1]["elapsed_s"] if w > 0 else log[-1]["elapsed_s"]
     tokens = (log[-1]["step"] - (log[w - 1]["step"] if w > 0 else 0)) * cfg.ctx_len * cfg.batch_size
     return {"tok_s": tokens / secs, "steps": log[-1]["step"], "timed_steps": log[-1]["step"] - (w if w > 0 else 0),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "saes": {n: st.sae for n, st in trainer.states.items()}}
 
@@ -147,6 +155,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dead-tokens", type=int, default=10_000_000)
+    p.add_argument("--outlier-factor", type=float, default=5.0, help="saescope's norm-outlier filter (0 = off, as sparsify)")
     p.add_argument("--model-dtype", default="auto")
     p.add_argument("--sae-dtype", default="auto")
     p.add_argument("--model-dtype-peer", default=None, help="default: the same as saescope's")

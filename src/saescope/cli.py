@@ -27,6 +27,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--max-tokens", type=int, default=1_000_000)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-decay-frac", type=float, default=0.2, help="linear decay to 0 over this final fraction of steps")
     p.add_argument("--dead-tokens", type=int, default=10_000_000)
     p.add_argument("--outlier-factor", type=float, default=5.0)
     p.add_argument("--skip-first-token", action="store_true")
@@ -56,7 +57,8 @@ def cmd_train(a: argparse.Namespace) -> None:
             raise SaescopeError(f"{a.out} already holds a run; pass --resume to continue it or choose another --out")
         cfg = TrainConfig(model=a.model, data=a.data, out=a.out, text_column=a.text_column, layers=a.layers,
                           preset=a.preset, expansion=a.expansion, k=a.k, ctx_len=a.ctx_len, batch_size=a.batch_size,
-                          max_tokens=a.max_tokens, lr=a.lr, dead_tokens=a.dead_tokens, outlier_factor=a.outlier_factor,
+                          max_tokens=a.max_tokens, lr=a.lr, lr_decay_frac=a.lr_decay_frac, dead_tokens=a.dead_tokens,
+                          outlier_factor=a.outlier_factor,
                           skip_first_token=a.skip_first_token, model_dtype=a.model_dtype, sae_dtype=a.sae_dtype,
                           device=a.device, model_device_map=a.model_device_map, load_in_8bit=a.load_in_8bit,
                           checkpoint_every=a.checkpoint_every, seed=a.seed)

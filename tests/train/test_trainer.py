@@ -23,7 +23,8 @@ def _weights(out) -> dict:
 
 
 def test_training_lowers_fvu_on_every_layer(tiny_qwen3, text_file, tmp_path):
-    summary = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, max_tokens=32 * 4 * 60, log_every=1, lr=2e-3)).fit()
+    summary = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, max_tokens=32 * 4 * 60, log_every=1, lr=2e-3,
+                               lr_decay_frac=0.0)).fit()
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert summary["steps"] == 60 and len(log) == 60
     # A random tiny model's residual stream is close to isotropic, so k=8 of 256 latents cannot get FVU
@@ -105,6 +106,17 @@ def test_auxk_and_outlier_filter(tiny_qwen3, text_file, tmp_path):
     assert any(rec["layers"]["1"]["auxk"] > 0 for rec in log)
     # a threshold at the median drops about half the tokens
     assert 0.3 < summary["layers"][1]["dropped"] / summary["layers"][1]["seen"] < 0.7
+
+
+def test_lr_schedule_is_constant_then_linear_to_zero(tiny_qwen3, text_file, tmp_path):
+    tr = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, max_tokens=32 * 4 * 10, lr_decay_frac=0.2))
+    scales = []
+    for step in range(10):
+        tr.step = step
+        scales.append(tr.lr_scale())
+    assert scales == pytest.approx([1.0] * 9 + [0.5])  # 2 decay steps: 10-8=2 -> 1.0, 10-9=1 -> 0.5
+    tr.cfg.lr_decay_frac = 0.0
+    assert tr.lr_scale() == 1.0
 
 
 def test_config_validation():

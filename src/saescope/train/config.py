@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per step (tokens per step = batch_size * ctx_len)
     max_tokens: int = 1_000_000
     lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14)
+    lr_decay_frac: float = 0.2  # lr falls linearly to 0 over this final fraction of the steps; 0 = constant
     auxk_alpha: float = 1 / 32
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     outlier_factor: float = 5.0  # drop tokens with norm > factor * running median norm; 0 = off
@@ -71,6 +72,8 @@ class TrainConfig:
             raise SaescopeError(f"expansion must be positive, got {self.expansion}")
         if self.k is not None and self.k <= 0:
             raise SaescopeError(f"k must be positive, got {self.k}")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise SaescopeError(f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
         if self.outlier_factor < 0:
             raise SaescopeError(f"outlier_factor must be >= 0, got {self.outlier_factor}")
 

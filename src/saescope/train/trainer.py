@@ -110,6 +110,9 @@ class Trainer:
         self.layers = self.all_layers[self.dist.rank :: self.dist.world] if shard else self.all_layers
         self.d_sae, self.k = cfg.width_and_k(self.lm.d_model)
         self.out = Path(cfg.out)
+        self.base_lr = cfg.lr or default_lr(self.d_sae)
+        self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.on and distributed == "dp" else 1)
+        self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
         self.step = 0
         self.batches_done = 0
         self.tokens = 0
@@ -125,7 +128,7 @@ class Trainer:
                     "trained_by": "saescope"}
         # fused Adam on GPU: one kernel for the four tensors instead of a dozen launches each.
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr or default_lr(self.d_sae), **fused)
+        opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, **fused)
         dev = self.device
         return LayerState(sae, opt, since_fired=torch.zeros(self.d_sae, dtype=torch.long, device=dev),
                           medians=torch.zeros(MEDIAN_WINDOW, device=dev),
@@ -149,6 +152,15 @@ class Trainer:
                 warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=2)
                 continue
             self._train_layer(n, acts[n], n_dead=host[len(self.layers) + i])
+
+    def lr_scale(self) -> float:
+        """Constant, then linear decay to 0 over the last lr_decay_frac of the steps (a function of the
+        step alone, so a resumed run follows the same schedule)."""
+        frac = self.cfg.lr_decay_frac
+        if frac <= 0:
+            return 1.0
+        remaining = (self.total_steps - self.step) / (frac * self.total_steps)
+        return max(0.0, min(1.0, remaining))
 
     def _keep_mask(self, st: LayerState, x: Tensor) -> Tensor:
         """The L2-norm outlier filter: keep tokens whose norm is at most factor x the running median."""
@@ -186,6 +198,8 @@ class Trainer:
             for p in sae.parameters():
                 dist.all_reduce(p.grad)
         sae.remove_parallel_decoder_grad()
+        for group in st.opt.param_groups:
+            group["lr"] = self.base_lr * self.lr_scale()
         st.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
@@ -205,8 +219,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.rank == 0:
             atomic_write_json(self.out / "train.json", cfg.to_dict())
-        tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.mode == "dp" and self.dist.on else 1)
-        total_steps = max(1, cfg.max_tokens // tokens_per_step)
+        tokens_per_step, total_steps = self.tokens_per_step, self.total_steps
         stream = batches(iter_texts(cfg.data, text_column=cfg.text_column), self.lm.tokenizer, ctx_len=cfg.ctx_len,
                          batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                          skip=self.batches_done)
