@@ -211,12 +211,13 @@ def main() -> None:
                           model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
                           layers=",".join(map(str, layers)))
         trainer = Trainer(cfg, lm=lm)
+        trainer.save_checkpoint = lambda: None  # keep checkpoint I/O out of the profiled steps
         trainer.fit(stop_after_steps=2)
         acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts_list) as prof:
             trainer.fit(stop_after_steps=4)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=40))
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     sweep = []
     if args.sweep:
         for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
