@@ -1,6 +1,7 @@
 """Bad input gets one clear line on stderr and exit status 2, never a traceback."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,3 +69,10 @@ def test_eval_refuses_mismatched_sae(tiny_qwen3, tmp_path):
     (tmp_path / "sae" / "layer0.safetensors").write_bytes(b"12345")
     code, _, err = _cli("eval", "--sae", str(tmp_path / "sae"), "--model", str(tiny_qwen3))
     _assert_one_line_error(code, err, "corrupt or truncated")
+
+
+def test_torchrun_without_distributed_mode_is_refused(tiny_qwen3, text_file, tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    r = subprocess.run([sys.executable, "-m", "saescope", "train", "--model", str(tiny_qwen3), "--data", str(text_file),
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=120)
+    _assert_one_line_error(r.returncode, r.stderr, "--distributed dp")

@@ -62,6 +62,8 @@ def cmd_train(a: argparse.Namespace) -> None:
                           skip_first_token=a.skip_first_token, model_dtype=a.model_dtype, sae_dtype=a.sae_dtype,
                           device=a.device, model_device_map=a.model_device_map, load_in_8bit=a.load_in_8bit,
                           checkpoint_every=a.checkpoint_every, seed=a.seed)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not a.distributed:
+        raise SaescopeError("launched by torchrun with several processes: pass --distributed dp or --distributed layers")
     trainer = Trainer(cfg, distributed=a.distributed)
     if a.resume and trainer.load_checkpoint():
         print(f"resuming {a.out} at step {trainer.step} ({trainer.tokens} tokens)", flush=True)

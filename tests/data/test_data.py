@@ -50,3 +50,15 @@ def test_empty_dataset(tmp_path, tokenizer_dir):
 def test_hub_dataset_offline_is_one_clear_error():
     with pytest.raises(SaescopeError, match="Hugging Face dataset"):
         list(iter_texts("someorg/somedataset"))
+
+
+def test_chunks_start_with_bos_when_the_tokenizer_adds_it(tokenizer_dir, real_texts, tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"bos_token": "<unk>"})
+    tok._tokenizer.post_processor = TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", tok.bos_token_id)])
+    assert tok("x").input_ids[0] == tok.bos_token_id
+    chunks = list(token_chunks(real_texts[:20], tok, 16))
+    assert chunks and all(len(c) == 16 and c[0] == tok.bos_token_id for c in chunks)
+    assert all(tok.bos_token_id not in c[1:] for c in chunks)

@@ -20,6 +20,11 @@ def token_chunks(texts: Iterable[str], tokenizer, ctx_len: int, *, tokenize_batc
     if ctx_len < 2:
         raise SaescopeError(f"context length must be at least 2 tokens, got {ctx_len}")
     sep = tokenizer.eos_token_id
+    # Models whose tokenizer prepends BOS (Gemma, Llama-2...) expect it at position 0: every chunk then
+    # starts with BOS followed by ctx_len - 1 text tokens. Others (SmolLM2, Qwen) get plain chunks.
+    bos = tokenizer.bos_token_id
+    prefix = [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+    body = ctx_len - len(prefix)
     buffer: list[int] = []
     pending: list[str] = []
     n_texts = 0
@@ -32,9 +37,9 @@ def token_chunks(texts: Iterable[str], tokenizer, ctx_len: int, *, tokenize_batc
             buffer.extend(ids)
             if sep is not None:
                 buffer.append(sep)
-        while len(buffer) >= ctx_len:
-            yield buffer[:ctx_len]
-            buffer = buffer[ctx_len:]
+        while len(buffer) >= body:
+            yield prefix + buffer[:body]
+            buffer = buffer[body:]
         pending.clear()
 
     for text in texts:
