@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint peers
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+
+# Benchmark peers in their own venv beside the repo (never dependencies of saescope).
+PEERS ?= ../peers-venv
+peers:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0
+	$(PEERS)/bin/pip install -q -c constraints-cpu.txt eai-sparsify==1.3.3 sae-lens==6.54.12 transformers==5.23.0
