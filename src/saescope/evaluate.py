@@ -22,6 +22,7 @@ from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
 from saescope.models import LoadedModel, layer_hooks
 from saescope.sae import TopKSAE
+from saescope.scope import check_fit
 
 DENSE_THRESHOLD = 0.1  # a latent is "dense" if it fires on more than 10% of tokens
 
@@ -45,14 +46,6 @@ def _next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
 
 
-def _check_shapes(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
-    for n, sae in saes.items():
-        if sae.cfg.d_model != lm.d_model:
-            raise SaescopeError(f"the layer {n} SAE has d_model {sae.cfg.d_model}, the model has {lm.d_model}")
-        if not 0 <= n < lm.n_layers:
-            raise SaescopeError(f"SAE for layer {n}, but the model has layers 0..{lm.n_layers - 1}")
-
-
 @torch.no_grad()
 def evaluate(
     lm: LoadedModel,
@@ -66,7 +59,7 @@ def evaluate(
     outlier_factor: float = 5.0,
     split: str = "eval",
 ) -> list[LayerEval]:
-    _check_shapes(lm, saes)
+    check_fit(lm, saes)
     model = lm.model
     layers = sorted(saes)
     device = lm.device

@@ -29,13 +29,19 @@ class TextCodes:
     layers: dict[int, SparseCode]  # per layer: indices, values of shape (seq, k)
 
 
+def check_fit(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
+    """Refuse SAEs that cannot apply to this model: wrong width or a layer it does not have."""
+    for n, sae in saes.items():
+        if sae.cfg.d_model != lm.d_model:
+            raise SaescopeError(f"the layer {n} SAE has d_model {sae.cfg.d_model}, but {lm.name} has d_model {lm.d_model}")
+        if not 0 <= n < lm.n_layers:
+            raise SaescopeError(f"SAE for layer {n}, but {lm.name} has layers 0..{lm.n_layers - 1}")
+
+
 class Scope:
     def __init__(self, lm: LoadedModel, saes: dict[int, TopKSAE]):
-        for n, sae in saes.items():
-            if sae.cfg.d_model != lm.d_model:
-                raise SaescopeError(f"the layer {n} SAE has d_model {sae.cfg.d_model}, but {lm.name} has d_model {lm.d_model}")
-            if not 0 <= n < lm.n_layers:
-                raise SaescopeError(f"SAE for layer {n}, but {lm.name} has layers 0..{lm.n_layers - 1}")
+        check_fit(lm, saes)
+        for sae in saes.values():
             sae.to(lm.device)
         self.lm = lm
         self.saes = saes
