@@ -76,14 +76,19 @@ class Distributed:
         if self.on and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
+    @property
+    def dp(self) -> bool:
+        """Several ranks splitting the data: sums over ranks apply."""
+        return self.on and self.mode == "dp"
+
     def sum_(self, t: Tensor) -> Tensor:
-        if self.on and self.mode == "dp":
+        if self.dp:
             dist.all_reduce(t)
         return t
 
     def gather_cat(self, t: Tensor) -> Tensor:
         """Concatenate equal-sized tensors of all ranks (every rank's batch has the same shape)."""
-        if not (self.on and self.mode == "dp"):
+        if not self.dp:
             return t
         parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t.contiguous())
@@ -111,7 +116,7 @@ class Trainer:
         self.d_sae, self.k = cfg.width_and_k(self.lm.d_model)
         self.out = Path(cfg.out)
         self.base_lr = cfg.lr or default_lr(self.d_sae)
-        self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.on and distributed == "dp" else 1)
+        self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
         self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
         self.step = 0
         self.batches_done = 0
@@ -140,7 +145,7 @@ class Trainer:
         every layer together (needed to skip a batch and to size AuxK's top-k)."""
         flags = torch.stack([torch.isfinite(acts[n]).all().long().to(self.device) for n in self.layers]
                             + [(self.states[n].since_fired >= self.cfg.dead_tokens).sum() for n in self.layers])
-        if self.dist.on and self.dist.mode == "dp":
+        if self.dist.dp:
             finite = flags[: len(self.layers)].clone()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             flags[: len(self.layers)] = finite
@@ -179,7 +184,7 @@ class Trainer:
         x = acts.reshape(-1, acts.shape[-1]).to(self.device, torch.float32)
         keep = self._keep_mask(st, x)
         w = keep.float()
-        st.seen += x.shape[0] * (self.dist.world if self.dist.on and self.dist.mode == "dp" else 1)
+        st.seen += x.shape[0] * (self.dist.world if self.dist.dp else 1)
         st.dropped += self.dist.sum_((~keep).sum())
         n_tokens = self.dist.sum_(w.sum())
         s1 = self.dist.sum_((x * w[:, None]).sum(0))
@@ -194,7 +199,7 @@ class Trainer:
         loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.dist.on and self.dist.mode == "dp":
+        if self.dist.dp:
             for p in sae.parameters():
                 dist.all_reduce(p.grad)
         sae.remove_parallel_decoder_grad()
@@ -233,7 +238,7 @@ class Trainer:
                 if self.step >= total_steps or (stop_after_steps is not None and steps_run >= stop_after_steps):
                     break
                 self.batches_done += 1
-                if self.dist.mode == "dp" and self.dist.on and i % self.dist.world != self.dist.rank:
+                if self.dist.dp and i % self.dist.world != self.dist.rank:
                     continue
                 acts = capture(self.lm.model, batch.to(self.lm.device), self.layers)
                 self._train_step(acts)
@@ -289,7 +294,7 @@ class Trainer:
         staging = self.out / f"checkpoints/.staging-{self.step:08d}-rank{self.dist.rank}"
         ok = torch.tensor(1)
         # In dp mode every rank holds the same SAEs and state: rank 0 writes them for all.
-        writer = not (self.dist.on and self.dist.mode == "dp" and self.dist.rank > 0)
+        writer = not (self.dist.dp and self.dist.rank > 0)
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -330,7 +335,7 @@ class Trainer:
         if not (self.out / "latest").exists():
             return False
         folder = resolve_run(self.out)
-        path = folder / f"state-rank{0 if self.dist.mode == 'dp' else self.dist.rank}.pt"
+        path = folder / f"state-rank{0 if self.dist.dp else self.dist.rank}.pt"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
