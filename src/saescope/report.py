@@ -1,0 +1,218 @@
+"""One self-contained HTML page per SAE run: training curves, the per-layer evaluation (beside the random
+control when one was evaluated) and the trust checks. Everything is read from the JSON files the
+commands write into the run folder; plots are inline PNGs, so the page fetches nothing.
+
+    train.json, train_log.jsonl, train_summary.json   saescope train
+    eval.json (with "control")                         saescope eval [--control R]
+    trust/stability*.json                              saescope stability, saescope train --seeds N
+    trust/transfer.json                                saescope transfer
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from pathlib import Path
+
+from saescope.errors import SaescopeError
+from saescope.io.formats import atomic_write_bytes
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.4em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:.9em}
+.missing{color:#a60;font-style:italic}img{max-width:100%}code{background:#f4f4f4;padding:0 .3em}
+"""
+
+
+def _read(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _figure(ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.3))
+    return fig, (axes if ncols > 1 else [axes])
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "nan" if v != v else f"{v:.4g}"
+        return html.escape(str(v))
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + body + "</table>"
+
+
+def _missing(what: str, command: str) -> str:
+    return f'<p class="missing">No {what} yet: run <code>{html.escape(command)}</code>.</p>'
+
+
+def _training(run: Path) -> str:
+    log, cfg, summary = _read(run / "train_log.jsonl"), _read(run / "train.json"), _read(run / "train_summary.json")
+    if not log:
+        return _missing("training log", "saescope train --out " + str(run))
+    out = []
+    if cfg:
+        keys = ("model", "preset", "expansion", "k", "max_tokens", "batch_size", "ctx_len", "seed", "lr")
+        out.append(_table(["setting", "value"], [[k, cfg.get(k)] for k in keys if cfg.get(k) is not None]))
+    if summary:
+        out.append(f'<p class="note">{summary["tokens"]:,} tokens in {summary["elapsed_s"]:.0f} s '
+                   f'({summary["tokens_per_s"]:.0f} tokens/s).</p>')
+    fig, (ax, ax2) = _figure(2)
+    layers = sorted(log[-1]["layers"], key=int)
+    cmap = __import__("matplotlib").colormaps["viridis"]
+    for i, n in enumerate(layers):
+        color = cmap(i / max(len(layers) - 1, 1))
+        ax.plot([r["tokens"] for r in log], [r["layers"][n]["fvu"] for r in log], color=color, lw=1)
+        ax2.plot([r["tokens"] for r in log], [r["layers"][n]["dead_frac"] for r in log], color=color, lw=1)
+    ax.set(xlabel="tokens", ylabel="training FVU", title="FVU per layer (dark = early layers)")
+    ax2.set(xlabel="tokens", ylabel="dead fraction", title="dead latents per layer")
+    out.append(_png(fig))
+    return "\n".join(out)
+
+
+def _evaluation(run: Path) -> str:
+    ev = _read(run / "eval.json")
+    if not ev:
+        return _missing("evaluation", f"saescope eval --sae {run}")
+    rows, control = ev["layers"], ev.get("control")
+    layers = [r["layer"] for r in rows]
+    fig, axes = _figure(3)
+    for ax, key, label in zip(axes, ("fvu", "ce_recovered", "kl"), ("FVU", "CE recovered", "KL (nats/token)")):
+        ax.plot(layers, [r[key] for r in rows], "o-", ms=3, label="trained SAE")
+        if control:
+            ax.plot(layers, [r[key] for r in control], "s--", ms=3, color="gray", label="random control")
+        ax.set(xlabel="layer", title=label)
+    axes[0].legend()
+    note = (f'<p class="note">{ev.get("n_tokens", "?")} held-out tokens of {html.escape(str(ev.get("data", "?")))}, '
+            f'model {html.escape(str(ev.get("model", "?")))}. CE recovered = (CE zero-ablated - CE spliced) / '
+            f'(CE zero-ablated - CE clean).</p>')
+    if control:
+        head = ["layer", "FVU", "FVU ctrl", "L0", "L0 ctrl", "dead", "dead ctrl", "CE rec", "CE rec ctrl", "KL", "KL ctrl"]
+        table = _table(head, [[r["layer"], r["fvu"], c["fvu"], r["l0"], c["l0"], r["dead_frac"], c["dead_frac"],
+                               r["ce_recovered"], c["ce_recovered"], r["kl"], c["kl"]] for r, c in zip(rows, control)])
+    else:
+        head = ["layer", "FVU", "L0", "dead", "dense", "CE clean", "CE sae", "CE zero", "CE rec", "KL"]
+        table = _table(head, [[r["layer"], r["fvu"], r["l0"], r["dead_frac"], r["dense_frac"], r["ce_clean"], r["ce_sae"],
+                               r["ce_zero"], r["ce_recovered"], r["kl"]] for r in rows])
+    return note + _png(fig) + table
+
+
+def _stability(path: Path) -> str:
+    st = _read(path)
+    layers = sorted(st["layers"], key=int)
+    out = [f'<h3>Seed stability: {html.escape(st["a"])} vs {html.escape(st["b"])}</h3>',
+           '<p class="note">Share of A\'s features with a partner in B above each threshold: best decoder cosine, '
+           'one-to-one (greedy) decoder cosine, and best activation correlation on held-out tokens. '
+           '"control" rows compare A with a random control: what matching gives by chance.</p>']
+    rows = []
+    for n in layers:
+        for label, rep in (("B", st["layers"][n]), ("control", (st.get("control") or {}).get(n))):
+            if rep is None:
+                continue
+            d, a = rep["decoder"], rep.get("activations")
+            rows.append([n, label, *[d["max_cos_a_to_b"][t] for t in ("0.5", "0.7", "0.9")],
+                         *[d["one_to_one"][t] for t in ("0.5", "0.7", "0.9")],
+                         *([a["max_corr"][t] for t in ("0.5", "0.7", "0.9")] if a else ["-"] * 3)])
+    out.append(_table(["layer", "vs", "cos≥.5", "cos≥.7", "cos≥.9", "1:1≥.5", "1:1≥.7", "1:1≥.9", "corr≥.5", "corr≥.7",
+                       "corr≥.9"], rows))
+    if len(layers) > 1:
+        fig, (ax,) = _figure(1)
+        for t in ("0.5", "0.7", "0.9"):
+            ax.plot([int(n) for n in layers], [st["layers"][n]["decoder"]["one_to_one"][t] for n in layers], "o-", ms=3,
+                    label=f"one-to-one cos ≥ {t}")
+        ax.set(xlabel="layer", ylabel="share of features", ylim=(0, 1), title="matched features per layer")
+        ax.legend()
+        out.append(_png(fig))
+    n0 = layers[len(layers) // 2]
+    unstable = st["layers"][n0]["unstable"][:10]
+    if unstable:
+        out.append(f"<p>Least stable live features at layer {n0}:</p>")
+        out.append(_table(list(unstable[0]), [list(u.values()) for u in unstable]))
+    return "\n".join(out)
+
+
+def _transfer(path: Path) -> str:
+    tr = _read(path)
+    rows = tr["layers"]
+    layers = [r["layer"] for r in rows]
+    fig, axes = _figure(2)
+    for ax, key, label in zip(axes, ("fvu", "ce_recovered"), ("FVU", "CE recovered")):
+        ax.plot(layers, [r[f"{key}_source"] for r in rows], "o-", ms=3, label=f"source: {tr['source']}")
+        ax.plot(layers, [r[f"{key}_target"] for r in rows], "s--", ms=3, label=f"target: {tr['target']}")
+        ax.set(xlabel="layer", title=label)
+    axes[0].legend(fontsize=7)
+    table = _table(["layer", "FVU src", "FVU tgt", "L0 src", "L0 tgt", "dead src", "dead tgt", "CE rec src", "CE rec tgt",
+                    "most shifted features (freq src → tgt)"],
+                   [[r["layer"], r["fvu_source"], r["fvu_target"], r["l0_source"], r["l0_target"], r["dead_frac_source"],
+                     r["dead_frac_target"], r["ce_recovered_source"], r["ce_recovered_target"],
+                     ", ".join(f"{s['feature']} ({s['freq_source']:.3f}→{s['freq_target']:.3f})" for s in r["shifted"][:3])]
+                    for r in rows])
+    return (f"<h3>Transfer: {html.escape(tr['source'])} → {html.escape(tr['target'])}</h3>"
+            '<p class="note">The same SAEs and held-out text on the model they were trained on and on another checkpoint.</p>'
+            + _png(fig) + table)
+
+
+def _trust(run: Path) -> str:
+    out = []
+    ev = _read(run / "eval.json")
+    if ev and ev.get("control"):
+        gaps = [(r["layer"], r["fvu"], c["fvu"], r["ce_recovered"], c["ce_recovered"]) for r, c in zip(ev["layers"], ev["control"])]
+        better = sum(1 for _, f, fc, ce, cec in gaps if f < fc and ce > cec)
+        out.append(f"<h3>Random control</h3><p>The trained SAEs beat a random-direction control of the same shape and k "
+                   f"on both FVU and CE recovered at {better} of {len(gaps)} layers (figures in the evaluation above).</p>")
+    else:
+        out.append("<h3>Random control</h3>" + _missing("control evaluation",
+                   f"saescope control random --like {run} --out {run}/control && saescope eval --sae {run} --control {run}/control"))
+    stab = sorted((run / "trust").glob("stability*.json"))
+    out += [_stability(p) for p in stab] or ["<h3>Seed stability</h3>" + _missing("stability check",
+                                             f"saescope stability --sae {run} --sae OTHER_SEED_RUN")]
+    tr = run / "trust" / "transfer.json"
+    out.append(_transfer(tr) if tr.is_file() else "<h3>Transfer</h3>" + _missing("transfer check",
+               f"saescope transfer --sae {run} --model OTHER_CHECKPOINT"))
+    return "\n".join(out)
+
+
+def build_report(run: str | Path, out: str | Path | None = None) -> Path:
+    """Write the HTML report of the run folder RUN (default: RUN/report.html) and return its path."""
+    run = Path(run)
+    if not run.is_dir():
+        raise SaescopeError(f"run folder not found: {run}")
+    out = Path(out) if out else run / "report.html"
+    cfg = _read(run / "train.json") or {}
+    title = f"saescope report: {run.name}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f'<p class="note">Model {html.escape(str(cfg.get("model") or "?"))}; written '
+             f'{dt.datetime.now().strftime("%Y-%m-%d %H:%M")}. Data behind every figure: the JSON files in '
+             f'{html.escape(str(run))}.</p>',
+             "<h2>Training</h2>", _training(run), "<h2>Evaluation</h2>", _evaluation(run), "<h2>Trust</h2>", _trust(run),
+             "</body></html>"]
+    atomic_write_bytes(out, "\n".join(parts).encode())
+    return out
