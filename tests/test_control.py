@@ -39,3 +39,13 @@ def test_load_control_refuses_what_does_not_match(tmp_path):
         load_control(tmp_path / "one", saes)
     with pytest.raises(SaescopeError, match="needs the model"):
         make_controls(saes, subspace="pca")
+
+
+def test_control_directions_are_not_a_trainer_initialisation():
+    # the trainer initialises layer n of seed s from Generator(s * 100_003 + n); a control must not repeat it
+    saes = _saes(layers=(15,))
+    for seed in (0, 1):
+        init = TopKSAE(SAEConfig(16, 64, 4))
+        init.init_tied(torch.Generator().manual_seed(seed * 100_003 + 15))
+        control = make_controls(saes, seed=seed)[15]
+        assert float((init.W_dec * control.W_dec).detach().sum(1).abs().max()) < 0.99

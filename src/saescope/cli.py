@@ -38,6 +38,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-in-8bit", action="store_true", help="LM weights in 8 bits (needs bitsandbytes)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, help="seed of the data order (default: --seed); vary it alone to test data-order stability")
     p.add_argument("--seeds", type=int, default=1,
                    help="train N SAE sets with seeds seed..seed+N-1 on the same data (OUT/seed-i) and compare them")
     p.add_argument("--out", default="runs/default")
@@ -47,26 +48,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from saescope.train import TrainConfig
-
     if a.seeds < 1:
         raise SaescopeError(f"--seeds must be at least 1, got {a.seeds}")
     if a.seeds == 1:
-        _train_one(a, Path(a.out), a.seed, data_seed=None)
+        _train_one(a, Path(a.out), a.seed, data_seed=a.data_seed)
         return
     if a.distributed:
         raise SaescopeError("--seeds trains the runs one after the other in one process; leave out --distributed")
-    trainers = [_train_one(a, Path(a.out) / f"seed-{a.seed + i}", a.seed + i, data_seed=a.seed) for i in range(a.seeds)]
-    cfg: TrainConfig = trainers[0].cfg
-    first = {n: st.sae for n, st in trainers[0].states.items()}
-    for other in trainers[1:]:
-        _stability_and_print(first, {n: st.sae for n, st in other.states.items()}, trainers[0].lm,
-                             Path(cfg.out) / "trust" / f"stability-seed-{other.cfg.seed}.json", data=cfg.data,
-                             text_column=cfg.text_column, n_tokens=16384, control=None,
-                             labels=(cfg.out, other.cfg.out))
+    from saescope.control import make_controls
+
+    runs = []  # (config, SAEs): each trainer (and its optimizer state) is dropped once its run is saved
+    lm = None
+    for i in range(a.seeds):
+        trainer = _train_one(a, Path(a.out) / f"seed-{a.seed + i}", a.seed + i,
+                             data_seed=a.seed if a.data_seed is None else a.data_seed, lm=lm)
+        lm = trainer.lm
+        saes = {n: st.sae for n, st in trainer.states.items()}
+        for sae in saes.values():
+            sae.zero_grad(set_to_none=True)
+        runs.append((trainer.cfg, saes))
+        del trainer
+    (cfg, first), others = runs[0], runs[1:]
+    chance = make_controls(first, seed=a.seed + a.seeds)  # what matching gives by chance, in the same table
+    for other_cfg, other in others:
+        _stability_and_print(first, other, lm, Path(cfg.out) / "trust" / f"stability-seed-{other_cfg.seed}.json",
+                             data=cfg.data, text_column=cfg.text_column, n_tokens=16384, control=chance,
+                             labels=(cfg.out, other_cfg.out))
 
 
-def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | None):
+def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | None, lm=None):
     from saescope.train import TrainConfig, Trainer
 
     cfg_path = out / "train.json"
@@ -86,7 +96,7 @@ def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | 
                           checkpoint_every=a.checkpoint_every, seed=seed, data_seed=data_seed)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not a.distributed:
         raise SaescopeError("launched by torchrun with several processes: pass --distributed dp or --distributed layers")
-    trainer = Trainer(cfg, distributed=a.distributed)
+    trainer = Trainer(cfg, lm=lm, distributed=a.distributed)
     if a.resume and trainer.load_checkpoint():
         print(f"resuming {out} at step {trainer.step} ({trainer.tokens} tokens)", flush=True)
     summary = trainer.fit()
@@ -165,14 +175,30 @@ def _stability_and_print(saes_a, saes_b, lm, out: Path, *, data, text_column, n_
         raise SaescopeError(f"the two SAE sets share no layer (A: {sorted(saes_a)}, B: {sorted(saes_b)})")
     acts = sample_activations(lm, layers, data=data, text_column=text_column, n_tokens=n_tokens) if lm else {}
     per_layer, chance = {}, {}
+    moved = [_cos_to_init(Path(label)) for label in labels]
     for n in layers:
         per_layer[n] = stability_report(saes_a[n], saes_b[n], acts.get(n))
+        per_layer[n]["decoder_cos_to_init"] = [m.get(str(n)) for m in moved]
         if control is not None:
             chance[n] = stability_report(saes_a[n], control[n], acts.get(n))
     print(format_stability(per_layer, chance or None))
+    stuck = {n: c for n in layers for c in per_layer[n]["decoder_cos_to_init"] if c is not None and c > 0.9}
+    if stuck:
+        n, c = next(iter(stuck.items()))
+        print(f"saescope: warning: the decoders barely moved from their random initialisation (median cosine to init {c:.3f} "
+              f"at layer {n}): seeds cannot agree on features that have not been learned yet; train longer", file=sys.stderr)
     atomic_write_json(out, {"a": str(labels[0]), "b": str(labels[1]), "layers": {str(n): r for n, r in per_layer.items()},
                             "control": {str(n): r for n, r in chance.items()} or None})
     print(f"stability results: {out}")
+
+
+def _cos_to_init(run: Path) -> dict[str, float]:
+    """Per layer, the median cosine of the decoder rows to their initialisation, when the run recorded it."""
+    try:
+        layers = json.loads((run / "train_summary.json").read_text())["layers"]
+        return {n: v["decoder_cos_to_init"] for n, v in layers.items() if "decoder_cos_to_init" in v}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def cmd_stability(a: argparse.Namespace) -> None:

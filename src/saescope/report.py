@@ -19,6 +19,7 @@ from pathlib import Path
 
 from saescope.errors import SaescopeError
 from saescope.io.formats import atomic_write_bytes
+from saescope.models.builtin import DEFAULT_MODEL
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -79,6 +80,7 @@ def _training(run: Path) -> str:
         return _missing("training log", "saescope train --out " + str(run))
     out = []
     if cfg:
+        cfg = {**cfg, "model": cfg.get("model") or DEFAULT_MODEL}
         keys = ("model", "preset", "expansion", "k", "max_tokens", "batch_size", "ctx_len", "seed", "lr")
         out.append(_table(["setting", "value"], [[k, cfg.get(k)] for k in keys if cfg.get(k) is not None]))
     if summary:
@@ -142,6 +144,13 @@ def _stability(path: Path) -> str:
                          *([a["max_corr"][t] for t in ("0.5", "0.7", "0.9")] if a else ["-"] * 3)])
     out.append(_table(["layer", "vs", "cos≥.5", "cos≥.7", "cos≥.9", "1:1≥.5", "1:1≥.7", "1:1≥.9", "corr≥.5", "corr≥.7",
                        "corr≥.9"], rows))
+    moved = [(n, st["layers"][n].get("decoder_cos_to_init") or [None, None]) for n in layers]
+    moved = [(n, a, b) for n, (a, b) in moved if a is not None or b is not None]
+    if moved:
+        out.append('<p class="note">Median cosine of decoder rows to their random initialisation (A, B): '
+                   + ", ".join(f"layer {n}: {a if a is None else round(a, 3)}, {b if b is None else round(b, 3)}"
+                               for n, a, b in moved)
+                   + ". Near 1, the features are still mostly their initialisation and seeds cannot agree yet.</p>")
     if len(layers) > 1:
         fig, (ax,) = _figure(1)
         for t in ("0.5", "0.7", "0.9"):
@@ -209,7 +218,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     title = f"saescope report: {run.name}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f'<p class="note">Model {html.escape(str(cfg.get("model") or "?"))}; written '
+             f'<p class="note">Model {html.escape(str(cfg.get("model") or (DEFAULT_MODEL if cfg else "?")))}; written '
              f'{dt.datetime.now().strftime("%Y-%m-%d %H:%M")}. Data behind every figure: the JSON files in '
              f'{html.escape(str(run))}.</p>',
              "<h2>Training</h2>", _training(run), "<h2>Evaluation</h2>", _evaluation(run), "<h2>Trust</h2>", _trust(run),

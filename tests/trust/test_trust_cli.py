@@ -38,12 +38,15 @@ def test_train_seeds_trains_the_pair_on_the_same_data_and_compares_it(seed_runs)
     cfgs = [json.loads((out / f"seed-{s}" / "train.json").read_text()) for s in (3, 4)]
     assert [c["seed"] for c in cfgs] == [3, 4] and [c["data_seed"] for c in cfgs] == [3, 3]
     rep = json.loads((out / "seed-3" / "trust" / "stability-seed-4.json").read_text())
-    assert set(rep["layers"]) == {"1", "2"}
+    assert set(rep["layers"]) == {"1", "2"} and set(rep["control"]) == {"1", "2"}
     for r in rep["layers"].values():
         shares = r["decoder"]["one_to_one"]
         assert 0 <= shares["0.9"] <= shares["0.7"] <= shares["0.5"] <= 1
         assert r["activations"]["tokens"] > 0 and r["unstable"]
     assert "cos>=0.5" in stdout
+    moved = [json.loads((out / f"seed-{s}" / "train_summary.json").read_text())["layers"]["1"]["decoder_cos_to_init"]
+             for s in (3, 4)]
+    assert all(-1 <= c <= 1 for c in moved) and rep["layers"]["1"]["decoder_cos_to_init"] == moved
 
 
 def test_control_eval_stability_report(seed_runs, tmp_path):

@@ -10,11 +10,20 @@ token, so top-k keeps k firing latents: the control's L0 equals k, as a trained 
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
 from saescope.errors import SaescopeError
 from saescope.sae.topk import SAEConfig, TopKSAE
+
+
+def _control_seed(seed: int) -> int:
+    """Control directions get their own random stream. Seeded like a trainer's initialisation (small
+    integers), a control would reproduce the initial decoder of a barely trained SAE and "match" it
+    perfectly. torch's CPU generator keeps 32 bits of a seed, so the stream is a 32-bit hash."""
+    return int.from_bytes(hashlib.sha256(f"saescope-control-{seed}".encode()).digest()[:4], "little")
 
 
 def principal_basis(x: Tensor, variance: float = 0.9) -> Tensor:
@@ -35,7 +44,7 @@ def principal_basis(x: Tensor, variance: float = 0.9) -> Tensor:
 def random_like(sae: TopKSAE, *, seed: int = 0, basis: Tensor | None = None) -> TopKSAE:
     """A control SAE shaped like `sae`: random unit directions, isotropic or inside span(basis)."""
     d_sae, d_model = sae.cfg.d_sae, sae.cfg.d_model
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(_control_seed(seed))
     if basis is None:
         w = torch.randn(d_sae, d_model, generator=gen)
     else:

@@ -26,6 +26,7 @@ from saescope.errors import SaescopeError
 from saescope.io import atomic_write_json, resolve_run, save_native
 from saescope.io.formats import atomic_write_bytes, load_native
 from saescope.models import LoadedModel, capture, load_model
+from saescope.models.builtin import DEFAULT_MODEL
 from saescope.sae import SAEConfig, TopKSAE, default_lr
 from saescope.train.config import TrainConfig, parse_layers
 
@@ -124,12 +125,23 @@ class Trainer:
         self.states: dict[int, LayerState] = {}
         for n in self.layers:
             sae = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k), device=self.device)
-            sae.init_tied(torch.Generator().manual_seed(cfg.seed * 100_003 + n))
+            sae.init_tied(self._init_generator(n))
             self.states[n] = self._layer_state(sae)
+
+    def _init_generator(self, n: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 100_003 + n)
+
+    @torch.no_grad()
+    def decoder_cos_to_init(self, n: int) -> float:
+        """Median cosine between layer n's decoder rows and their initial values: near 1 means the features
+        are still mostly their random initialisation (too little training to compare seeds meaningfully)."""
+        init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
+        init.init_tied(self._init_generator(n))
+        return float((init.W_dec * self.states[n].sae.W_dec.detach().float().cpu()).sum(1).median())
 
     def _layer_state(self, sae: TopKSAE) -> LayerState:
         sae.compute_dtype = self.compute_dtype
-        sae.meta = {"model": self.cfg.model or "smollm2-135m-instruct", "hook": "decoder layer output",
+        sae.meta = {"model": self.cfg.model or DEFAULT_MODEL, "hook": "decoder layer output",
                     "trained_by": "saescope"}
         # fused Adam on GPU: one kernel for the four tensors instead of a dozen launches each.
         fused = {"fused": True} if self.device.type == "cuda" else {}
@@ -269,7 +281,8 @@ class Trainer:
         elapsed = time.perf_counter() - started
         return {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
                 "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
-                "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches}
+                "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches,
+                               "decoder_cos_to_init": self.decoder_cos_to_init(n)}
                            for n, st in self.states.items()}}
 
     def _log_record(self, tok_per_s: float, elapsed: float) -> dict:
