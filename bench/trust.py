@@ -1,5 +1,6 @@
-"""The trust checks on real SmolLM2 SAEs, end to end, with timings. Each step is the CLI command a user
-would run (printed before it runs); this script only sequences them and records wall time.
+"""The two pieces of the trust checks that are not CLI commands: the fine-tuned checkpoint that
+`saescope transfer` is measured on, and the time and memory of feature matching at scale. The rest of
+the trust figures in RESULTS.md come from the CLI commands quoted there.
 
     python bench/trust.py finetune --out runs/smollm2-ft-math       # make the fine-tuned checkpoint
     python bench/trust.py match --sae A --sae B [--layer 15]        # time + peak memory of feature matching

@@ -5,7 +5,7 @@ commands write into the run folder; plots are inline PNGs, so the page fetches n
     train.json, train_log.jsonl, train_summary.json   saescope train
     eval.json (with "control")                         saescope eval [--control R]
     trust/stability*.json                              saescope stability, saescope train --seeds N
-    trust/transfer.json                                saescope transfer
+    trust/transfer*.json                               saescope transfer [--out trust/transfer-NAME.json]
 """
 
 from __future__ import annotations
@@ -183,9 +183,13 @@ def _transfer(path: Path) -> str:
                      r["dead_frac_target"], r["ce_recovered_source"], r["ce_recovered_target"],
                      ", ".join(f"{s['feature']} ({s['freq_source']:.3f}→{s['freq_target']:.3f})" for s in r["shifted"][:3])]
                     for r in rows])
-    return (f"<h3>Transfer: {html.escape(tr['source'])} → {html.escape(tr['target'])}</h3>"
-            '<p class="note">The same SAEs and held-out text on the model they were trained on and on another checkpoint.</p>'
-            + _png(fig) + table)
+    clean = [(e[0]["ce_clean"], f[0]["ce_clean"]) for e, f in [(tr.get("eval_source"), tr.get("eval_target"))] if e and f]
+    moved = (f" Clean CE on this text: {clean[0][0]:.4f} (source), {clean[0][1]:.4f} (target), which says how far the "
+             "target model itself has moved." if clean else "")
+    return (f"<h3>Transfer: {html.escape(tr['source'])} → {html.escape(tr['target'])} ({html.escape(path.name)})</h3>"
+            f'<p class="note">The same SAEs and held-out text ({html.escape(tr.get("data", "?"))}) on the model they were '
+            "trained on and on another checkpoint."
+            f"{moved}</p>" + _png(fig) + table)
 
 
 def _trust(run: Path) -> str:
@@ -194,17 +198,20 @@ def _trust(run: Path) -> str:
     if ev and ev.get("control"):
         gaps = [(r["layer"], r["fvu"], c["fvu"], r["ce_recovered"], c["ce_recovered"]) for r, c in zip(ev["layers"], ev["control"])]
         better = sum(1 for _, f, fc, ce, cec in gaps if f < fc and ce > cec)
+        ce_ctl = sorted(c["ce_recovered"] for c in ev["control"])
         out.append(f"<h3>Random control</h3><p>The trained SAEs beat a random-direction control of the same shape and k "
-                   f"on both FVU and CE recovered at {better} of {len(gaps)} layers (figures in the evaluation above).</p>")
+                   f"on both FVU and CE recovered at {better} of {len(gaps)} layers (figures in the evaluation above). "
+                   f"The control alone recovers {ce_ctl[0]:.2f} to {ce_ctl[-1]:.2f} of the CE: that much of any CE-recovered "
+                   "figure comes from the zero-ablation baseline being far off, not from the SAE; compare KL and FVU "
+                   "with the control's before reading CE recovered.</p>")
     else:
         out.append("<h3>Random control</h3>" + _missing("control evaluation",
                    f"saescope control random --like {run} --out {run}/control && saescope eval --sae {run} --control {run}/control"))
     stab = sorted((run / "trust").glob("stability*.json"))
     out += [_stability(p) for p in stab] or ["<h3>Seed stability</h3>" + _missing("stability check",
                                              f"saescope stability --sae {run} --sae OTHER_SEED_RUN")]
-    tr = run / "trust" / "transfer.json"
-    out.append(_transfer(tr) if tr.is_file() else "<h3>Transfer</h3>" + _missing("transfer check",
-               f"saescope transfer --sae {run} --model OTHER_CHECKPOINT"))
+    out += [_transfer(p) for p in sorted((run / "trust").glob("transfer*.json"))] or [
+        "<h3>Transfer</h3>" + _missing("transfer check", f"saescope transfer --sae {run} --model OTHER_CHECKPOINT")]
     return "\n".join(out)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from saescope.models import load_model
+from saescope.report import build_report
 from saescope.trust import finetune
 
 
@@ -104,14 +105,18 @@ def test_finetune_lowers_the_loss_and_transfer_reports_both_models(seed_runs, ti
     lm.model.save_pretrained(tmp_path / "ft")
     lm.tokenizer.save_pretrained(tmp_path / "ft")
     code, stdout, err = _cli("transfer", "--sae", str(out / "seed-3"), "--model", str(tmp_path / "ft"), "--n-tokens", "512",
-                             "--ctx-len", "32", "--out", str(tmp_path / "transfer.json"))
+                             "--ctx-len", "32", "--out", str(tmp_path / "run" / "trust" / "transfer-ft.json"))
     assert code == 0, err
-    rep = json.loads((tmp_path / "transfer.json").read_text())
+    rep = json.loads((tmp_path / "run" / "trust" / "transfer-ft.json").read_text())
     assert [r["layer"] for r in rep["layers"]] == [1, 2]
     for r in rep["layers"]:
         assert r["fvu_source"] != r["fvu_target"] and r["freq_shift_l1"] > 0 and len(r["shifted"]) == 10
         s = r["shifted"]
         assert abs(s[0]["freq_target"] - s[0]["freq_source"]) >= abs(s[-1]["freq_target"] - s[-1]["freq_source"])
+    page = build_report(tmp_path / "run").read_text()
+    ce = rep["eval_target"][0]["ce_clean"]
+    assert "transfer-ft.json" in page and "held-out text (embedded corpus)" in page
+    assert f"{ce:.4f} (target)" in page and "<code>saescope transfer" not in page
 
 
 def test_transfer_refuses_a_model_of_another_width(seed_runs, tmp_path, tokenizer_dir):

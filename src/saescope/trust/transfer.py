@@ -42,7 +42,9 @@ def transfer_report(saes: dict[int, TopKSAE], source: LoadedModel, target: Loade
             "shifted": [{"feature": int(i), "freq_source": float(s.feature_freq[i]), "freq_target": float(t.feature_freq[i])}
                         for i in top.tolist()],
         })
-    return {"source": source.name, "target": target.name, "layers": layers,
+    data = eval_kw.get("data")
+    data = f"{data} ({eval_kw['text_column']})" if data and eval_kw.get("text_column") else data
+    return {"source": source.name, "target": target.name, "data": str(data or "embedded corpus"), "layers": layers,
             "eval_source": as_records(on_source), "eval_target": as_records(on_target)}
 
 
