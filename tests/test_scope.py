@@ -30,13 +30,15 @@ def test_encode_per_token_codes_match_direct_encoding(scope, real_texts):
 
 
 def test_pooled_max_and_last(scope, real_texts):
-    texts = real_texts[:3]
-    mx = scope.pooled(texts, layer=2, pool="max")
-    last = scope.pooled(texts, layer=2, pool="last")
+    texts = real_texts[:9]  # batches of 4 sorted by length: results must come back in the texts' order
+    mx = scope.pooled(texts, layer=2, pool="max", batch_size=4)
+    mx_skip = scope.pooled(texts, layer=2, pool="max", batch_size=4, skip_first_token=True)
+    last = scope.pooled(texts, layer=2, pool="last", batch_size=4)
     codes = scope.encode(texts, layers=[2])
     for i, tc in enumerate(codes):
         dense = tc.layers[2].dense(128)
-        assert torch.allclose(mx[i], dense.max(0).values) and torch.allclose(last[i], dense[-1])
+        assert torch.allclose(mx[i], dense.max(0).values, atol=1e-5) and torch.allclose(last[i], dense[-1], atol=1e-5)
+        assert torch.allclose(mx_skip[i], dense[1:].max(0).values, atol=1e-5)
     with pytest.raises(SaescopeError, match="pooling"):
         scope.pooled(texts, layer=2, pool="mean")
 

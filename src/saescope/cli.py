@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from saescope.errors import SaescopeError
+from saescope.redundancy import cli as redundancy_cli
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", required=True, help="the run folder")
     p.add_argument("--out", help="HTML file (default: SAE/report.html)")
     sub.add_parser("models", help="built-in models, the default corpus, and where they are cached")
+    redundancy_cli.add_parser(sub)
     from saescope.train import PRESETS
 
     p = sub.add_parser("plan", help="memory and time estimates for training all layers of a model")
@@ -364,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "models": cmd_models, "plan": cmd_plan,
-            "control": cmd_control, "stability": cmd_stability, "transfer": cmd_transfer, "report": cmd_report}
+            "control": cmd_control, "stability": cmd_stability, "transfer": cmd_transfer, "report": cmd_report,
+            "redundancy": redundancy_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ commands write into the run folder; plots are inline PNGs, so the page fetches n
     eval.json (with "control")                         saescope eval [--control R]
     trust/stability*.json                              saescope stability, saescope train --seeds N
     trust/transfer*.json                               saescope transfer [--out trust/transfer-NAME.json]
+    */report-section*.html                             HTML sections applications write into the run folder
+                                                       (saescope redundancy report: redundancy/report-section.html)
 """
 
 from __future__ import annotations
@@ -41,26 +43,29 @@ def _read(path: Path) -> dict | list | None:
         raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
 
 
-def _png(fig) -> str:
+def png(fig, save_to: Path | None = None) -> str:
+    """The figure as an inline <img> (and as a PNG file when save_to is given); closes the figure."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
+    if save_to is not None:
+        atomic_write_bytes(save_to, buf.getvalue())
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _figure(ncols: int = 1):
+def figure(ncols: int = 1, *, width: float = 5.2, height: float = 3.3):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.3))
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height))
     return fig, (axes if ncols > 1 else [axes])
 
 
-def _table(head: list[str], rows: list[list]) -> str:
+def html_table(head: list[str], rows: list[list]) -> str:
     def cell(v) -> str:
         if isinstance(v, float):
             return "nan" if v != v else f"{v:.4g}"
@@ -82,11 +87,11 @@ def _training(run: Path) -> str:
     if cfg:
         cfg = {**cfg, "model": cfg.get("model") or DEFAULT_MODEL}
         keys = ("model", "preset", "expansion", "k", "max_tokens", "batch_size", "ctx_len", "seed", "lr")
-        out.append(_table(["setting", "value"], [[k, cfg.get(k)] for k in keys if cfg.get(k) is not None]))
+        out.append(html_table(["setting", "value"], [[k, cfg.get(k)] for k in keys if cfg.get(k) is not None]))
     if summary:
         out.append(f'<p class="note">{summary["tokens"]:,} tokens in {summary["elapsed_s"]:.0f} s '
                    f'({summary["tokens_per_s"]:.0f} tokens/s).</p>')
-    fig, (ax, ax2) = _figure(2)
+    fig, (ax, ax2) = figure(2)
     layers = sorted(log[-1]["layers"], key=int)
     cmap = __import__("matplotlib").colormaps["viridis"]
     for i, n in enumerate(layers):
@@ -95,7 +100,7 @@ def _training(run: Path) -> str:
         ax2.plot([r["tokens"] for r in log], [r["layers"][n]["dead_frac"] for r in log], color=color, lw=1)
     ax.set(xlabel="tokens", ylabel="training FVU", title="FVU per layer (dark = early layers)")
     ax2.set(xlabel="tokens", ylabel="dead fraction", title="dead latents per layer")
-    out.append(_png(fig))
+    out.append(png(fig))
     return "\n".join(out)
 
 
@@ -105,7 +110,7 @@ def _evaluation(run: Path) -> str:
         return _missing("evaluation", f"saescope eval --sae {run}")
     rows, control = ev["layers"], ev.get("control")
     layers = [r["layer"] for r in rows]
-    fig, axes = _figure(3)
+    fig, axes = figure(3)
     for ax, key, label in zip(axes, ("fvu", "ce_recovered", "kl"), ("FVU", "CE recovered", "KL (nats/token)")):
         ax.plot(layers, [r[key] for r in rows], "o-", ms=3, label="trained SAE")
         if control:
@@ -117,13 +122,13 @@ def _evaluation(run: Path) -> str:
             f'(CE zero-ablated - CE clean).</p>')
     if control:
         head = ["layer", "FVU", "FVU ctrl", "L0", "L0 ctrl", "dead", "dead ctrl", "CE rec", "CE rec ctrl", "KL", "KL ctrl"]
-        table = _table(head, [[r["layer"], r["fvu"], c["fvu"], r["l0"], c["l0"], r["dead_frac"], c["dead_frac"],
+        table = html_table(head, [[r["layer"], r["fvu"], c["fvu"], r["l0"], c["l0"], r["dead_frac"], c["dead_frac"],
                                r["ce_recovered"], c["ce_recovered"], r["kl"], c["kl"]] for r, c in zip(rows, control)])
     else:
         head = ["layer", "FVU", "L0", "dead", "dense", "CE clean", "CE sae", "CE zero", "CE rec", "KL"]
-        table = _table(head, [[r["layer"], r["fvu"], r["l0"], r["dead_frac"], r["dense_frac"], r["ce_clean"], r["ce_sae"],
+        table = html_table(head, [[r["layer"], r["fvu"], r["l0"], r["dead_frac"], r["dense_frac"], r["ce_clean"], r["ce_sae"],
                                r["ce_zero"], r["ce_recovered"], r["kl"]] for r in rows])
-    return note + _png(fig) + table
+    return note + png(fig) + table
 
 
 def _stability(path: Path) -> str:
@@ -142,7 +147,7 @@ def _stability(path: Path) -> str:
             rows.append([n, label, *[d["max_cos_a_to_b"][t] for t in ("0.5", "0.7", "0.9")],
                          *[d["one_to_one"][t] for t in ("0.5", "0.7", "0.9")],
                          *([a["max_corr"][t] for t in ("0.5", "0.7", "0.9")] if a else ["-"] * 3)])
-    out.append(_table(["layer", "vs", "cos≥.5", "cos≥.7", "cos≥.9", "1:1≥.5", "1:1≥.7", "1:1≥.9", "corr≥.5", "corr≥.7",
+    out.append(html_table(["layer", "vs", "cos≥.5", "cos≥.7", "cos≥.9", "1:1≥.5", "1:1≥.7", "1:1≥.9", "corr≥.5", "corr≥.7",
                        "corr≥.9"], rows))
     moved = [(n, st["layers"][n].get("decoder_cos_to_init") or [None, None]) for n in layers]
     moved = [(n, a, b) for n, (a, b) in moved if a is not None or b is not None]
@@ -152,18 +157,18 @@ def _stability(path: Path) -> str:
                                for n, a, b in moved)
                    + ". Near 1, the features are still mostly their initialisation and seeds cannot agree yet.</p>")
     if len(layers) > 1:
-        fig, (ax,) = _figure(1)
+        fig, (ax,) = figure(1)
         for t in ("0.5", "0.7", "0.9"):
             ax.plot([int(n) for n in layers], [st["layers"][n]["decoder"]["one_to_one"][t] for n in layers], "o-", ms=3,
                     label=f"one-to-one cos ≥ {t}")
         ax.set(xlabel="layer", ylabel="share of features", ylim=(0, 1), title="matched features per layer")
         ax.legend()
-        out.append(_png(fig))
+        out.append(png(fig))
     n0 = layers[len(layers) // 2]
     unstable = st["layers"][n0]["unstable"][:10]
     if unstable:
         out.append(f"<p>Least stable live features at layer {n0}:</p>")
-        out.append(_table(list(unstable[0]), [list(u.values()) for u in unstable]))
+        out.append(html_table(list(unstable[0]), [list(u.values()) for u in unstable]))
     return "\n".join(out)
 
 
@@ -171,13 +176,13 @@ def _transfer(path: Path) -> str:
     tr = _read(path)
     rows = tr["layers"]
     layers = [r["layer"] for r in rows]
-    fig, axes = _figure(2)
+    fig, axes = figure(2)
     for ax, key, label in zip(axes, ("fvu", "ce_recovered"), ("FVU", "CE recovered")):
         ax.plot(layers, [r[f"{key}_source"] for r in rows], "o-", ms=3, label=f"source: {tr['source']}")
         ax.plot(layers, [r[f"{key}_target"] for r in rows], "s--", ms=3, label=f"target: {tr['target']}")
         ax.set(xlabel="layer", title=label)
     axes[0].legend(fontsize=7)
-    table = _table(["layer", "FVU src", "FVU tgt", "L0 src", "L0 tgt", "dead src", "dead tgt", "CE rec src", "CE rec tgt",
+    table = html_table(["layer", "FVU src", "FVU tgt", "L0 src", "L0 tgt", "dead src", "dead tgt", "CE rec src", "CE rec tgt",
                     "most shifted features (freq src → tgt)"],
                    [[r["layer"], r["fvu_source"], r["fvu_target"], r["l0_source"], r["l0_target"], r["dead_frac_source"],
                      r["dead_frac_target"], r["ce_recovered_source"], r["ce_recovered_target"],
@@ -189,7 +194,7 @@ def _transfer(path: Path) -> str:
     return (f"<h3>Transfer: {html.escape(tr['source'])} → {html.escape(tr['target'])} ({html.escape(path.name)})</h3>"
             f'<p class="note">The same SAEs and held-out text ({html.escape(tr.get("data", "?"))}) on the model they were '
             "trained on and on another checkpoint."
-            f"{moved}</p>" + _png(fig) + table)
+            f"{moved}</p>" + png(fig) + table)
 
 
 def _trust(run: Path) -> str:
@@ -229,6 +234,6 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
              f'{dt.datetime.now().strftime("%Y-%m-%d %H:%M")}. Data behind every figure: the JSON files in '
              f'{html.escape(str(run))}.</p>',
              "<h2>Training</h2>", _training(run), "<h2>Evaluation</h2>", _evaluation(run), "<h2>Trust</h2>", _trust(run),
-             "</body></html>"]
+             *[p.read_text() for p in sorted(run.glob("*/report-section*.html"))], "</body></html>"]
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,19 +87,68 @@ class Scope:
                 out.append(TextCodes(self.lm.tokenizer.convert_ids_to_tokens(ids.tolist()), ids, per_layer))
         return out
 
+    @torch.no_grad()
+    def iter_pooled(self, texts: Sequence[str], *, layers: list[int] | None = None, pool: str = "last",
+                    batch_size: int = 16, max_length: int = 512, skip_first_token: bool = False, progress: bool = True,
+                    sae_sets: dict[str, dict[int, TopKSAE]] | None = None, desc: str = "encode",
+                    ) -> Iterator[tuple[list[int], dict[str, dict[int, Tensor]]]]:
+        """Per batch of texts: their positions in `texts` and, per SAE set and layer, (batch, d_sae) dense
+        activations pooled over each text's tokens: the last token's code, or the max over tokens.
+
+        sae_sets (default {"sae": self.saes}) lets one LM pass feed several SAE sets, e.g. the trained SAEs and
+        their random control.
+
+        Texts are batched by length (less padding); with pool="last" only the last token is encoded, so the
+        SAE cost does not grow with prompt length. skip_first_token leaves position 0 out of the max (on
+        models without BOS it is the attention sink, whose huge norm gives codes unrelated to the text)."""
+        if pool not in ("max", "last"):
+            raise SaescopeError(f"unknown pooling {pool!r}; use max or last")
+        if isinstance(texts, str):
+            texts = [texts]
+        layers = layers or self.layers
+        sae_sets = sae_sets or {"sae": self.saes}
+        for name, saes in sae_sets.items():
+            check_fit(self.lm, saes)
+            for n in layers:
+                if n not in saes:
+                    raise SaescopeError(f"no SAE for layer {n} in the {name} set (have {sorted(saes)})")
+                saes[n].to(self.lm.device)
+        tok = self.lm.tokenizer
+        lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
+                          disable=not progress or len(texts) <= batch_size):
+            idx = order[start : start + batch_size]
+            enc = self._tokenize([texts[i] for i in idx], max_length)
+            acts = capture(self.lm.model, enc["input_ids"], layers, attention_mask=enc["attention_mask"])
+            n_tok = enc["attention_mask"].sum(1)
+            rows = torch.arange(len(idx), device=n_tok.device)
+            keep = enc["attention_mask"].bool().clone()
+            if skip_first_token:
+                keep[:, 0] &= n_tok <= 1
+            pooled: dict[str, dict[int, Tensor]] = {name: {} for name in sae_sets}
+            for name, saes in sae_sets.items():
+                for n in layers:
+                    sae = saes[n]
+                    if pool == "last":
+                        pooled[name][n] = sae.encode(acts[n][rows, n_tok - 1].float()).dense(sae.cfg.d_sae)
+                        continue
+                    code = sae.encode(acts[n].reshape(-1, acts[n].shape[-1]).float())
+                    dense = code.dense(sae.cfg.d_sae).reshape(len(idx), -1, sae.cfg.d_sae)
+                    pooled[name][n] = dense.masked_fill(~keep[..., None], 0).amax(1)
+            yield idx, pooled
+
     def pooled(self, texts: Sequence[str], *, layer: int, pool: str = "max", skip_first_token: bool = False,
                **kw) -> Tensor:
         """(n_texts, d_sae) feature activations per text: max over tokens, or the last token's."""
-        if pool not in ("max", "last"):
-            raise SaescopeError(f"unknown pooling {pool!r}; use max or last")
-        d_sae = self.saes[layer].cfg.d_sae
-        rows = []
-        for tc in self.encode(texts, layers=[layer], **kw):
-            dense = tc.layers[layer].dense(d_sae)
-            if skip_first_token and dense.shape[0] > 1:
-                dense = dense[1:]
-            rows.append(dense.max(0).values if pool == "max" else dense[-1])
-        return torch.stack(rows)
+        out: Tensor | None = None
+        for idx, per_layer in self.iter_pooled(texts, layers=[layer], pool=pool, skip_first_token=skip_first_token, **kw):
+            rows = per_layer["sae"][layer]
+            if out is None:
+                out = rows.new_zeros(1 if isinstance(texts, str) else len(texts), rows.shape[1])
+            out[torch.as_tensor(idx, device=out.device)] = rows
+        assert out is not None
+        return out
 
     def pre_activations(self, input_ids: Tensor, *, layer: int, latents: Sequence[int] | Tensor,
                         attention_mask: Tensor | None = None) -> Tensor:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from saescope.errors import SaescopeError
 from saescope.io.formats import (
+    atomic_write_bytes,
     atomic_write_json,
     from_weights,
     load_native,
@@ -19,7 +20,7 @@ from saescope.io.formats import (
 )
 from saescope.sae import TopKSAE
 
-__all__ = ["atomic_write_json", "export_saes", "from_weights", "load_saes", "resolve_run", "save_native"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "export_saes", "from_weights", "load_saes", "resolve_run", "save_native"]
 
 
 def resolve_run(path: Path) -> Path:

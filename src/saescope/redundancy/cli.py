@@ -1,0 +1,109 @@
+"""`saescope redundancy footprint | report | compare`: thin wrappers over the redundancy API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from saescope.errors import SaescopeError
+
+DEFAULT_PERF = "m_ifeval:en,m_ifeval:es,m_ifeval:fr,m_ifeval:ja,sloth:mmlu,sloth:bbh,sloth:math"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("redundancy", help="benchmark redundancy from SAE feature footprints (R_hat, overlaps)")
+    rsub = p.add_subparsers(dest="redundancy_command", required=True)
+    f = rsub.add_parser("footprint", help="encode benchmark prompts and store each prompt's active features per layer")
+    f.add_argument("--sae", required=True)
+    f.add_argument("--model", help="default: the SAEs' model")
+    f.add_argument("--bench", required=True, help="comma-separated registry names or files (saescope redundancy list)")
+    f.add_argument("--limit", type=int, help="at most this many prompts per benchmark (a seeded random subset)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--pool", default="last", choices=["last", "max", "all"])
+    f.add_argument("--column", help="for files: the prompt column")
+    f.add_argument("--template", help="for files: a prompt template such as 'Question: {question}\\nAnswer:'")
+    f.add_argument("--layers")
+    f.add_argument("--k", type=int)
+    f.add_argument("--control", help="a random control (saescope control random): footprinted in the same pass")
+    f.add_argument("--out", help="footprint folder (default: SAE/redundancy)")
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--max-length", type=int, default=512)
+    r = rsub.add_parser("report", help="R_hat, coverage curves, overlap matrices, containment statements")
+    r.add_argument("fp", help="the footprint folder")
+    r.add_argument("--layer", type=int, help="the layer for statements and size-matched overlaps (default: middle)")
+    r.add_argument("--repeats", type=int, default=100, help="random orders for the coverage curves")
+    r.add_argument("--matched-repeats", type=int, default=20)
+    r.add_argument("--subsume", type=float, default=0.6, help="size-matched overlap above which A counts as inside B")
+    c = rsub.add_parser("compare", help="R_hat against performance-based R, overlaps against score correlations")
+    c.add_argument("fp")
+    c.add_argument("--perf", default=DEFAULT_PERF, help="correctness sources: m_ifeval:LANG, sloth:BENCH or CSV files")
+    c.add_argument("--scores", help="per-model benchmark scores (default: shared/data/scores/sloth_data_v1.csv)")
+    c.add_argument("--repeats", type=int, default=50)
+    c.add_argument("--n-perm", type=int, default=10_000)
+    rsub.add_parser("list", help="the built-in benchmark prompt sets")
+
+
+def run(a: argparse.Namespace) -> None:
+    {"footprint": _footprint, "report": _report, "compare": _compare, "list": _list}[a.redundancy_command](a)
+
+
+def _list(_a: argparse.Namespace) -> None:
+    from saescope.redundancy.benchmarks import BENCHMARKS
+
+    for name, spec in BENCHMARKS.items():
+        print(f"{name:<20} {spec.description}")
+
+
+def _footprint(a: argparse.Namespace) -> None:
+    from saescope.cli import _layers
+    from saescope.control import load_control
+    from saescope.redundancy.benchmarks import load_benchmarks
+    from saescope.redundancy.footprint import compute_footprints
+    from saescope.scope import Scope
+
+    if a.limit is not None and a.limit < 1:
+        raise SaescopeError(f"--limit must be at least 1, got {a.limit}")
+    benches = load_benchmarks(a.bench, limit=a.limit, seed=a.seed, column=a.column, template=a.template)
+    scope = Scope.load(a.sae, a.model, layers=_layers(a.layers), k=a.k)
+    control = load_control(a.control, scope.saes) if a.control else None
+    out = Path(a.out) if a.out else (Path(a.sae) if Path(a.sae).is_dir() else Path(".")) / "redundancy"
+    print(f"footprinting {len(benches)} benchmarks ({sum(len(b.prompts) for b in benches)} prompts) on "
+          f"{len(scope.layers)} layers{' with the random control' if control else ''} -> {out}")
+    compute_footprints(scope, benches, out, sae_name=str(a.sae), pool=a.pool, control=control,
+                       control_name=str(a.control) if a.control else None, batch_size=a.batch_size, max_length=a.max_length)
+    print(f"footprints: {out}")
+
+
+def _report(a: argparse.Namespace) -> None:
+    from saescope.redundancy.analysis import analyse
+    from saescope.redundancy.footprint import Footprints
+    from saescope.redundancy.render import format_report, write_report
+
+    fp = Footprints.load(a.fp)
+    res = analyse(fp, layer=a.layer, repeats=a.repeats, matched_repeats=a.matched_repeats, subsume=a.subsume)
+    write_report(res, fp.path)
+    print(format_report(res))
+    print(f"redundancy report: {fp.path / 'redundancy.json'}, PNGs and report-section.html in {fp.path}")
+
+
+def _compare(a: argparse.Namespace) -> None:
+    from saescope.redundancy.analysis import compare, perf_redundancy
+    from saescope.redundancy.performance import load_correctness
+    from saescope.redundancy.render import format_compare, write_compare
+
+    path = Path(a.fp) / "redundancy.json"
+    if not path.is_file():
+        raise SaescopeError(f"no {path}: run saescope redundancy report {a.fp} first")
+    res = json.loads(path.read_text())
+    perf = []
+    for spec in [s for s in a.perf.split(",") if s]:
+        c = load_correctness(spec)
+        for note in c.notes:
+            print(f"{spec}: {note}")
+        perf.append(perf_redundancy(c, repeats=a.repeats))
+    cmp = compare(res, perf, scores_path=Path(a.scores) if a.scores else None, n_perm=a.n_perm)
+    cmp["perf"] = perf
+    write_compare(cmp, Path(a.fp))
+    print(format_compare(cmp))
+    print(f"comparison: {Path(a.fp) / 'compare.json'}")

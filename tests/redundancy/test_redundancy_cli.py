@@ -1,0 +1,120 @@
+"""footprint -> report -> compare end to end on a tiny Qwen3 with real benchmark prompts from ../shared/data,
+beside a random control, and the bad inputs the issue lists."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from saescope import SaescopeError
+from saescope.io import save_native
+from saescope.redundancy.benchmarks import load_benchmark, shared_data_dir
+from saescope.redundancy.footprint import Footprints
+from saescope.report import build_report
+from saescope.sae import SAEConfig, TopKSAE
+from saescope.scope import Scope
+
+BENCHES = "gsm8k,math,arc_challenge,winogrande,mmlu,m_ifeval_en,m_ifeval_fr,m_ifeval_es"
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "saescope", *args], capture_output=True, text=True, timeout=600)
+    return r.returncode, r.stdout, r.stderr
+
+
+def _one_line_error(code, err, fragment):
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if "saescope: error:" in ln]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def run(tiny_qwen3, tmp_path_factory):
+    try:
+        shared_data_dir()
+    except SaescopeError as exc:
+        pytest.skip(f"needs ../shared/data (real benchmark prompts): {exc}")
+    out = tmp_path_factory.mktemp("run")
+    for n in (1, 2):
+        sae = TopKSAE(SAEConfig(64, 256, 8))
+        sae.init_tied(torch.Generator().manual_seed(n))
+        sae.meta = {"model": str(tiny_qwen3)}
+        save_native(sae, out, n)
+    code, _, err = _cli("control", "random", "--like", str(out), "--out", str(out / "control"))
+    assert code == 0, err
+    code, stdout, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", BENCHES, "--limit", "12",
+                             "--control", str(out / "control"), "--batch-size", "5")
+    assert code == 0, err
+    return out, stdout
+
+
+def test_footprints_are_the_active_features_at_the_last_token(run, tiny_qwen3):
+    out, stdout = run
+    fp = Footprints.load(out / "redundancy")
+    assert fp.benchmarks == BENCHES.split(",") and fp.layers == [1, 2] and fp.has_control
+    bench = load_benchmark("gsm8k", limit=12)
+    scope = Scope.load(str(out))
+    want = scope.pooled(bench.prompts, layer=2, pool="last")
+    got = fp.sets("gsm8k", 2)
+    assert len(got) == 12
+    for i in range(12):
+        assert sorted(got.indices[got.indptr[i]:got.indptr[i + 1]].tolist()) == want[i].nonzero().flatten().tolist()
+    ctl = fp.sets("gsm8k", 2, "control")
+    assert np.all(np.diff(ctl.indptr) <= 8) and not np.array_equal(ctl.indices, got.indices)
+    # a rerun keeps what is there; other settings in the same folder are refused, naming the difference
+    code, stdout, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12",
+                             "--control", str(out / "control"))
+    assert code == 0 and "gsm8k: already footprinted, kept" in stdout, err
+    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12", "--pool", "max")
+    _one_line_error(code, err, "pool: 'last' there, 'max' now")
+
+
+def test_report_and_compare_write_json_pngs_and_an_html_section(run):
+    out, _ = run
+    fp = out / "redundancy"
+    code, stdout, err = _cli("redundancy", "report", str(fp), "--repeats", "20", "--matched-repeats", "5")
+    assert code == 0, err
+    res = json.loads((fp / "redundancy.json").read_text())
+    assert res["layer"] == 2 and set(res["sets"]) == {"sae", "control"} and set(res["control_agreement"]) == {"1", "2"}
+    e = res["sets"]["sae"]["2"]
+    nb = len(res["benchmarks"])
+    assert np.allclose(np.diag(np.array(e["overlap"])), 1.0) and len(e["matched"]["overlap"]) == nb
+    assert all(0 < e["r_hat"][b]["mean"] <= 1 for b in res["benchmarks"])
+    assert len(res["statements"]) == nb * (nb - 1) and "inside" in stdout
+    for png in ("overlap-matched-L2.png", "overlap-raw-L2.png", "coverage.png"):
+        assert (fp / png).stat().st_size > 1000
+    code, stdout, err = _cli("redundancy", "compare", str(fp), "--perf", "m_ifeval:en,m_ifeval:es,m_ifeval:fr",
+                             "--repeats", "3", "--n-perm", "200")
+    assert code == 0, err
+    cmp = json.loads((fp / "compare.json").read_text())
+    r = cmp["r_vs_rhat"]["sae"]
+    assert r["benchmarks"] == ["m_ifeval_en", "m_ifeval_es", "m_ifeval_fr"] and -1 <= r["spearman"] <= 1
+    # pairs among gsm8k, math, arc_challenge, winogrande, mmlu: 10, of which 6 without MMLU for the partial correlation
+    assert cmp["pairs"]["sae/matched"]["n_pairs"] == 10 and cmp["pairs"]["sae/matched"]["partial_pairs"] == 6
+    assert "control/matched" in cmp["pairs"]
+    page = build_report(out).read_text()
+    assert "Benchmark redundancy" in page and "Checked against performance data" in page
+    assert page.index("Benchmark redundancy") < page.index("Checked against performance data")
+
+
+def test_bad_inputs_get_one_line_errors(run, tmp_path):
+    out, _ = run
+    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k,nosuchbench")
+    _one_line_error(code, err, "nosuchbench")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a"}\n{"q": "b"}\n')
+    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", str(bad), "--template", "Q: {question}")
+    _one_line_error(code, err, "no field 'question'")
+    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "0")
+    _one_line_error(code, err, "--limit must be at least 1")
+    code, _, err = _cli("redundancy", "report", str(tmp_path))
+    _one_line_error(code, err, "no footprints in")
+    code, _, err = _cli("redundancy", "compare", str(tmp_path))
+    _one_line_error(code, err, "run saescope redundancy report")
+    two = tmp_path / "two.csv"
+    two.write_text("model,a,b\nm1,1,0\nm2,0,1\n")
+    code, _, err = _cli("redundancy", "compare", str(out / "redundancy"), "--perf", str(two))
+    _one_line_error(code, err, "needs at least 3")
