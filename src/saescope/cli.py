@@ -168,7 +168,7 @@ def cmd_control(a: argparse.Namespace) -> None:
 
 def _stability_and_print(saes_a, saes_b, lm, out: Path, *, data, text_column, n_tokens, control, labels) -> None:
     from saescope.activations import sample_activations
-    from saescope.io import atomic_write_json
+    from saescope.io import atomic_write_json, decoder_cos_to_init
     from saescope.trust import format_stability, stability_report
 
     layers = sorted(set(saes_a) & set(saes_b))
@@ -176,7 +176,7 @@ def _stability_and_print(saes_a, saes_b, lm, out: Path, *, data, text_column, n_
         raise SaescopeError(f"the two SAE sets share no layer (A: {sorted(saes_a)}, B: {sorted(saes_b)})")
     acts = sample_activations(lm, layers, data=data, text_column=text_column, n_tokens=n_tokens) if lm else {}
     per_layer, chance = {}, {}
-    moved = [_cos_to_init(Path(label)) for label in labels]
+    moved = [decoder_cos_to_init(Path(label)) for label in labels]
     for n in layers:
         per_layer[n] = stability_report(saes_a[n], saes_b[n], acts.get(n))
         per_layer[n]["decoder_cos_to_init"] = [m.get(str(n)) for m in moved]
@@ -191,15 +191,6 @@ def _stability_and_print(saes_a, saes_b, lm, out: Path, *, data, text_column, n_
     atomic_write_json(out, {"a": str(labels[0]), "b": str(labels[1]), "layers": {str(n): r for n, r in per_layer.items()},
                             "control": {str(n): r for n, r in chance.items()} or None})
     print(f"stability results: {out}")
-
-
-def _cos_to_init(run: Path) -> dict[str, float]:
-    """Per layer, the median cosine of the decoder rows to their initialisation, when the run recorded it."""
-    try:
-        layers = json.loads((run / "train_summary.json").read_text())["layers"]
-        return {n: v["decoder_cos_to_init"] for n, v in layers.items() if "decoder_cos_to_init" in v}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 def cmd_stability(a: argparse.Namespace) -> None:

@@ -95,6 +95,8 @@ def test_report_and_compare_write_json_pngs_and_an_html_section(run):
     # pairs among gsm8k, math, arc_challenge, winogrande, mmlu: 10, of which 6 without MMLU for the partial correlation
     assert cmp["pairs"]["sae/matched"]["n_pairs"] == 10 and cmp["pairs"]["sae/matched"]["partial_pairs"] == 6
     assert "control/matched" in cmp["pairs"]
+    # leaderboard v2 columns (IFEval, BBH, MATH) are missing for v1-only models: those are dropped per pair, and said
+    assert cmp["pair_models_dropped_for_nan"]["gsm8k-math"] > 0 and "dropped for a missing score" in stdout
     page = build_report(out).read_text()
     assert "Benchmark redundancy" in page and "Checked against performance data" in page
     assert page.index("Benchmark redundancy") < page.index("Checked against performance data")
@@ -108,6 +110,8 @@ def test_bad_inputs_get_one_line_errors(run, tmp_path):
     bad.write_text('{"question": "a"}\n{"q": "b"}\n')
     code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", str(bad), "--template", "Q: {question}")
     _one_line_error(code, err, "no field 'question'")
+    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "hf:openai/gsm8k", "--column", "question")
+    _one_line_error(code, err, "Hugging Face dataset")  # no hub here: the offline answer, not a traceback
     code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "0")
     _one_line_error(code, err, "--limit must be at least 1")
     code, _, err = _cli("redundancy", "report", str(tmp_path))

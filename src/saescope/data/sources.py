@@ -142,12 +142,17 @@ def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str
 
 
 def _hub_dataset(repo_id: str, column: str) -> Iterator[str]:
+    yield from _rows_text(hub_rows(repo_id, "train"), column, repo_id)
+
+
+def hub_rows(repo_id: str, split: str) -> Iterator[dict]:
+    """Rows of a Hugging Face dataset split, streamed (needs `datasets` and a reachable hub)."""
     try:
         import datasets
     except ImportError as exc:
         raise SaescopeError(f"{repo_id} looks like a Hugging Face dataset id; `pip install datasets` to stream it") from exc
     try:
-        ds = datasets.load_dataset(repo_id, split="train", streaming=True)
+        ds = datasets.load_dataset(repo_id, split=split, streaming=True)
     except Exception as exc:  # the hub raises many types; all mean the same to the user
         raise SaescopeError(f"cannot open Hugging Face dataset {repo_id!r} (is the hub reachable?): {exc}") from exc
-    yield from _rows_text(iter(ds), column, repo_id)
+    yield from iter(ds)

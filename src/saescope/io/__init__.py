@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from saescope.io.formats import (
 )
 from saescope.sae import TopKSAE
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "export_saes", "from_weights", "load_saes", "resolve_run", "save_native"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "decoder_cos_to_init", "export_saes", "from_weights", "load_saes",
+           "resolve_run", "save_native"]
 
 
 def resolve_run(path: Path) -> Path:
@@ -32,6 +34,16 @@ def resolve_run(path: Path) -> Path:
             raise SaescopeError(f"{path}: `latest` points at {target.name}, which is missing")
         return target
     return path
+
+
+def decoder_cos_to_init(run: Path) -> dict[str, float]:
+    """Per layer, the median cosine of a saescope run's decoder rows to their initialisation, when it was recorded
+    (train_summary.json); empty for other formats. Near 1, the SAE is still mostly its random start."""
+    try:
+        layers = json.loads((Path(run) / "train_summary.json").read_text())["layers"]
+        return {n: v["decoder_cos_to_init"] for n, v in layers.items() if "decoder_cos_to_init" in v}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _layer_of(name: str) -> int:

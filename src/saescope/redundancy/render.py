@@ -29,6 +29,10 @@ def format_report(res: dict, *, top: int = 15) -> str:
         ag = res["control_agreement"][layer]
         lines.append(f"random control vs trained SAEs at layer {layer}: overlaps Pearson {ag['overlap_pearson']:+.3f}, "
                      f"R_hat Spearman {ag['r_hat_spearman']:+.3f} (near 1: the SAE is not what these figures measure)")
+    cos = res.get("decoder_cos_to_init", {}).get(layer)
+    if cos is not None and cos > 0.9:
+        lines.append(f"warning: the layer {layer} decoders are still {cos:.3f} cosine to their random initialisation: these "
+                     "SAEs are close to a random control, so their figures cannot show what trained features add")
     lines.append(f"\nmost-contained pairs (size-matched{', control in brackets' if 'control' in sets else ''}):")
     for s in res["statements"][:top]:
         ctl = f" [control {100 * s['control_matched']:.0f}%]" if s["control_matched"] is not None else ""
@@ -89,6 +93,11 @@ def write_report(res: dict, out: Path) -> str:
             row += [sets["control"][layer]["r_hat"][b]["mean"], sets["control"][layer]["footprint"][b]]
         rows.append(row)
     parts.append(html_table(head, rows))
+    cos = res.get("decoder_cos_to_init", {}).get(layer)
+    if cos is not None and cos > 0.9:
+        parts.append(f"<p class='missing'>The layer {layer} decoders are still {cos:.3f} cosine to their random "
+                     "initialisation: these SAEs are close to a random control; train longer before reading these figures "
+                     "as evidence about learned features.</p>")
     if "control_agreement" in res:
         ag = res["control_agreement"]
         fig, (ax,) = figure(1)
@@ -123,6 +132,10 @@ def format_compare(cmp: dict) -> str:
             lines.append(f"  {b:<18} R_hat {x:.3f}  R {y:.3f}  ({g} granularity)")
     if cmp.get("r_vs_rhat_missing"):
         lines.append("no footprint for: " + ", ".join(cmp["r_vs_rhat_missing"]))
+    lost = {k: v for k, v in cmp.get("pair_models_dropped_for_nan", {}).items() if v}
+    if lost:
+        lines.append(f"score pairs: models dropped for a missing score in {len(lost)} of {len(cmp['pair_models_dropped_for_nan'])} "
+                     f"pairs ({min(lost.values())}-{max(lost.values())} models each; per pair in compare.json)")
     for key, p in cmp["pairs"].items():
         part = (f"; MMLU partialled out ({p['partial_pairs']} pairs): Pearson {p['pearson_partial_mmlu']:+.3f}, "
                 f"Spearman {p['spearman_partial_mmlu']:+.3f}") if p["pearson_partial_mmlu"] is not None else ""
