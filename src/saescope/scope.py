@@ -116,9 +116,14 @@ class Scope:
         tok = self.lm.tokenizer
         lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=max_length)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
-                          disable=not progress or len(texts) <= batch_size):
-            idx = order[start : start + batch_size]
+        # Batches hold at most batch_size texts and batch_size * 128 padded tokens: peak memory is set by the
+        # budget, not by the longest prompt in the set (a few 512-token prompts would otherwise triple it).
+        budget, batches = batch_size * 128, [[]]
+        for i in order:
+            if batches[-1] and (len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * lengths[i] > budget):
+                batches.append([])
+            batches[-1].append(i)
+        for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress or len(batches) <= 1):
             enc = self._tokenize([texts[i] for i in idx], max_length)
             acts = capture(self.lm.model, enc["input_ids"], layers, attention_mask=enc["attention_mask"])
             n_tok = enc["attention_mask"].sum(1)
