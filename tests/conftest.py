@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,16 @@ def tiny_qwen3_moe(tmp_path_factory, tokenizer_dir) -> Path:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          num_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
     return _save_tiny(Qwen3MoeForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("qwen3moe"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> tuple[int, str, str]:
+    """The command line as a user runs it: a fresh process, exit code and both streams."""
+    r = subprocess.run([sys.executable, "-m", "saescope", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    """Bad input: exit 2, exactly one 'saescope: error:' line naming the problem, no traceback."""
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if "saescope: error:" in ln]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err

@@ -8,20 +8,9 @@ import sys
 import pytest
 import torch
 
+from conftest import assert_one_line_error, run_cli
 from saescope.io import export_saes
 from saescope.sae import SAEConfig, TopKSAE
-
-
-def _cli(*args, cwd=None):
-    r = subprocess.run([sys.executable, "-m", "saescope", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-    return r.returncode, r.stdout, r.stderr
-
-
-def _assert_one_line_error(code, err, fragment):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if "saescope: error:" in ln]
-    assert len(lines) == 1 and fragment in lines[0], err
-    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("extra,fragment", [
@@ -30,33 +19,33 @@ def _assert_one_line_error(code, err, fragment):
     (["--text-column", "body"], "no column 'body'"),
 ])
 def test_train_bad_input(tiny_qwen3, text_file, tmp_path, extra, fragment):
-    code, _, err = _cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(tmp_path / "r"), *extra)
-    _assert_one_line_error(code, err, fragment)
+    code, _, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(tmp_path / "r"), *extra)
+    assert_one_line_error(code, err, fragment)
 
 
 def test_train_bad_model_and_data(tiny_qwen3, tmp_path):
-    code, _, err = _cli("train", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "cannot load model")
+    code, _, err = run_cli("train", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "cannot load model")
     (tmp_path / "empty.jsonl").write_text("")
-    code, _, err = _cli("train", "--model", str(tiny_qwen3), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "holds no text")
+    code, _, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "holds no text")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
-    code, _, err = _cli("train", "--model", str(tiny_qwen3), "--data", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "r"))
-    _assert_one_line_error(code, err, "not UTF-8")
+    code, _, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "not UTF-8")
 
 
 def test_cli_train_eval_export(tiny_qwen3, text_file, tmp_path):
     out = tmp_path / "run"
-    code, stdout, err = _cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(out),
+    code, stdout, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(out),
                              "--preset", "4x-k32", "--ctx-len", "32", "--batch-size", "4", "--max-tokens", "1024",
                              "--eval-tokens", "256")
     assert code == 0, err
     assert "CE rec" in stdout and (out / "eval.json").exists()
     rows = json.loads((out / "eval.json").read_text())["layers"]
     assert [r["layer"] for r in rows] == [0, 1, 2] and all(0 <= r["fvu"] for r in rows)
-    code, _, err = _cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(out))
-    _assert_one_line_error(code, err, "already holds a run")
-    code, stdout, err = _cli("export", "--sae", str(out), "--to", "saelens", "--out", str(tmp_path / "sl"))
+    code, _, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(out))
+    assert_one_line_error(code, err, "already holds a run")
+    code, stdout, err = run_cli("export", "--sae", str(out), "--to", "saelens", "--out", str(tmp_path / "sl"))
     assert code == 0 and (tmp_path / "sl" / "layer1" / "cfg.json").exists(), err
 
 
@@ -64,15 +53,15 @@ def test_eval_refuses_mismatched_sae(tiny_qwen3, tmp_path):
     sae = TopKSAE(SAEConfig(65, 130, 4))
     torch.nn.init.normal_(sae.W_enc)
     export_saes({0: sae}, tmp_path / "sae", "saescope")
-    code, _, err = _cli("eval", "--sae", str(tmp_path / "sae"), "--model", str(tiny_qwen3))
-    _assert_one_line_error(code, err, "d_model 65")
+    code, _, err = run_cli("eval", "--sae", str(tmp_path / "sae"), "--model", str(tiny_qwen3))
+    assert_one_line_error(code, err, "d_model 65")
     (tmp_path / "sae" / "layer0.safetensors").write_bytes(b"12345")
-    code, _, err = _cli("eval", "--sae", str(tmp_path / "sae"), "--model", str(tiny_qwen3))
-    _assert_one_line_error(code, err, "corrupt or truncated")
+    code, _, err = run_cli("eval", "--sae", str(tmp_path / "sae"), "--model", str(tiny_qwen3))
+    assert_one_line_error(code, err, "corrupt or truncated")
 
 
 def test_torchrun_without_distributed_mode_is_refused(tiny_qwen3, text_file, tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2"}
     r = subprocess.run([sys.executable, "-m", "saescope", "train", "--model", str(tiny_qwen3), "--data", str(text_file),
                         "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=120)
-    _assert_one_line_error(r.returncode, r.stderr, "--distributed dp")
+    assert_one_line_error(r.returncode, r.stderr, "--distributed dp")

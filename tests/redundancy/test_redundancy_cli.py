@@ -2,13 +2,12 @@
 beside a random control, and the bad inputs the issue lists."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import assert_one_line_error, run_cli
 from saescope import SaescopeError
 from saescope.io import save_native
 from saescope.redundancy.benchmarks import load_benchmark, shared_data_dir
@@ -20,15 +19,8 @@ from saescope.scope import Scope
 BENCHES = "gsm8k,math,arc_challenge,winogrande,mmlu,m_ifeval_en,m_ifeval_fr,m_ifeval_es"
 
 
-def _cli(*args):
-    r = subprocess.run([sys.executable, "-m", "saescope", *args], capture_output=True, text=True, timeout=600)
-    return r.returncode, r.stdout, r.stderr
 
 
-def _one_line_error(code, err, fragment):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if "saescope: error:" in ln]
-    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +35,9 @@ def run(tiny_qwen3, tmp_path_factory):
         sae.init_tied(torch.Generator().manual_seed(n))
         sae.meta = {"model": str(tiny_qwen3)}
         save_native(sae, out, n)
-    code, _, err = _cli("control", "random", "--like", str(out), "--out", str(out / "control"))
+    code, _, err = run_cli("control", "random", "--like", str(out), "--out", str(out / "control"))
     assert code == 0, err
-    code, stdout, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", BENCHES, "--limit", "12",
+    code, stdout, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", BENCHES, "--limit", "12",
                              "--control", str(out / "control"), "--batch-size", "5")
     assert code == 0, err
     return out, stdout
@@ -65,17 +57,17 @@ def test_footprints_are_the_active_features_at_the_last_token(run, tiny_qwen3):
     ctl = fp.sets("gsm8k", 2, "control")
     assert np.all(np.diff(ctl.indptr) <= 8) and not np.array_equal(ctl.indices, got.indices)
     # a rerun keeps what is there; other settings in the same folder are refused, naming the difference
-    code, stdout, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12",
+    code, stdout, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12",
                              "--control", str(out / "control"))
     assert code == 0 and "gsm8k: already footprinted, kept" in stdout, err
-    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12", "--pool", "max")
-    _one_line_error(code, err, "pool: 'last' there, 'max' now")
+    code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12", "--pool", "max")
+    assert_one_line_error(code, err, "pool: 'last' there, 'max' now")
 
 
 def test_report_and_compare_write_json_pngs_and_an_html_section(run):
     out, _ = run
     fp = out / "redundancy"
-    code, stdout, err = _cli("redundancy", "report", str(fp), "--repeats", "20", "--matched-repeats", "5")
+    code, stdout, err = run_cli("redundancy", "report", str(fp), "--repeats", "20", "--matched-repeats", "5")
     assert code == 0, err
     res = json.loads((fp / "redundancy.json").read_text())
     assert res["layer"] == 2 and set(res["sets"]) == {"sae", "control"} and set(res["control_agreement"]) == {"1", "2"}
@@ -86,7 +78,7 @@ def test_report_and_compare_write_json_pngs_and_an_html_section(run):
     assert len(res["statements"]) == nb * (nb - 1) and "inside" in stdout
     for png in ("overlap-matched-L2.png", "overlap-raw-L2.png", "coverage.png"):
         assert (fp / png).stat().st_size > 1000
-    code, stdout, err = _cli("redundancy", "compare", str(fp), "--perf", "m_ifeval:en,m_ifeval:es,m_ifeval:fr",
+    code, stdout, err = run_cli("redundancy", "compare", str(fp), "--perf", "m_ifeval:en,m_ifeval:es,m_ifeval:fr",
                              "--repeats", "3", "--n-perm", "200")
     assert code == 0, err
     cmp = json.loads((fp / "compare.json").read_text())
@@ -104,21 +96,21 @@ def test_report_and_compare_write_json_pngs_and_an_html_section(run):
 
 def test_bad_inputs_get_one_line_errors(run, tmp_path):
     out, _ = run
-    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k,nosuchbench")
-    _one_line_error(code, err, "nosuchbench")
+    code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k,nosuchbench")
+    assert_one_line_error(code, err, "nosuchbench")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a"}\n{"q": "b"}\n')
-    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", str(bad), "--template", "Q: {question}")
-    _one_line_error(code, err, "no field 'question'")
-    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "hf:openai/gsm8k", "--column", "question")
-    _one_line_error(code, err, "Hugging Face dataset")  # no hub here: the offline answer, not a traceback
-    code, _, err = _cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "0")
-    _one_line_error(code, err, "--limit must be at least 1")
-    code, _, err = _cli("redundancy", "report", str(tmp_path))
-    _one_line_error(code, err, "no footprints in")
-    code, _, err = _cli("redundancy", "compare", str(tmp_path))
-    _one_line_error(code, err, "run saescope redundancy report")
+    code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", str(bad), "--template", "Q: {question}")
+    assert_one_line_error(code, err, "no field 'question'")
+    code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "hf:openai/gsm8k", "--column", "question")
+    assert_one_line_error(code, err, "Hugging Face dataset")  # no hub here: the offline answer, not a traceback
+    code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "0")
+    assert_one_line_error(code, err, "--limit must be at least 1")
+    code, _, err = run_cli("redundancy", "report", str(tmp_path))
+    assert_one_line_error(code, err, "no footprints in")
+    code, _, err = run_cli("redundancy", "compare", str(tmp_path))
+    assert_one_line_error(code, err, "run saescope redundancy report")
     two = tmp_path / "two.csv"
     two.write_text("model,a,b\nm1,1,0\nm2,0,1\n")
-    code, _, err = _cli("redundancy", "compare", str(out / "redundancy"), "--perf", str(two))
-    _one_line_error(code, err, "needs at least 3")
+    code, _, err = run_cli("redundancy", "compare", str(out / "redundancy"), "--perf", str(two))
+    assert_one_line_error(code, err, "needs at least 3")

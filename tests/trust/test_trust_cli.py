@@ -2,32 +2,20 @@
 and the HTML report that gathers them."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import assert_one_line_error, run_cli
 from saescope.models import load_model
 from saescope.report import build_report
 from saescope.trust import finetune
 
 
-def _cli(*args):
-    r = subprocess.run([sys.executable, "-m", "saescope", *args], capture_output=True, text=True, timeout=600)
-    return r.returncode, r.stdout, r.stderr
-
-
-def _one_line_error(code, err, fragment):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if "saescope: error:" in ln]
-    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
-
-
 @pytest.fixture(scope="module")
 def seed_runs(tiny_qwen3, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("seeds")
-    code, stdout, err = _cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(out), "--layers", "1,2",
+    code, stdout, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(out), "--layers", "1,2",
                              "--preset", "4x-k32", "--ctx-len", "32", "--batch-size", "8", "--max-tokens", "8192",
                              "--seeds", "2", "--seed", "3")
     assert code == 0, err
@@ -53,9 +41,9 @@ def test_train_seeds_trains_the_pair_on_the_same_data_and_compares_it(seed_runs)
 def test_control_eval_stability_report(seed_runs, tmp_path):
     out, _ = seed_runs
     a, b, ctrl = out / "seed-3", out / "seed-4", tmp_path / "ctrl"
-    code, stdout, err = _cli("control", "random", "--like", str(a), "--out", str(ctrl), "--seed", "1")
+    code, stdout, err = run_cli("control", "random", "--like", str(a), "--out", str(ctrl), "--seed", "1")
     assert code == 0, err
-    code, stdout, err = _cli("eval", "--sae", str(a), "--control", str(ctrl), "--n-tokens", "512", "--ctx-len", "32")
+    code, stdout, err = run_cli("eval", "--sae", str(a), "--control", str(ctrl), "--n-tokens", "512", "--ctx-len", "32")
     assert code == 0, err
     ev = json.loads((a / "eval.json").read_text())
     assert [r["layer"] for r in ev["control"]] == [1, 2]
@@ -64,19 +52,19 @@ def test_control_eval_stability_report(seed_runs, tmp_path):
     assert all(c["ce_clean"] == r["ce_clean"] and c["ce_zero"] == r["ce_zero"] for r, c in zip(ev["layers"], ev["control"]))
     assert all(r["fvu"] < c["fvu"] for r, c in zip(ev["layers"], ev["control"])), ev
 
-    code, stdout, err = _cli("control", "random", "--like", str(a), "--out", str(tmp_path / "pca"), "--subspace", "pca",
+    code, stdout, err = run_cli("control", "random", "--like", str(a), "--out", str(tmp_path / "pca"), "--subspace", "pca",
                              "--n-tokens", "1024", "--variance", "0.8")
     assert code == 0, err
     meta = json.loads((tmp_path / "pca" / "layer1.json").read_text())["control"]
     assert meta["kind"] == "random-subspace" and 1 <= meta["subspace_dim"] < 64
 
-    code, stdout, err = _cli("stability", "--sae", str(a), "--sae", str(b), "--control", str(ctrl), "--n-tokens", "512")
+    code, stdout, err = run_cli("stability", "--sae", str(a), "--sae", str(b), "--control", str(ctrl), "--n-tokens", "512")
     assert code == 0, err
     rep = json.loads((a / "trust" / "stability.json").read_text())
     assert set(rep["control"]) == {"1", "2"}
     assert "control" in stdout
 
-    code, _, err = _cli("report", "--sae", str(a))
+    code, _, err = run_cli("report", "--sae", str(a))
     assert code == 0, err
     page = (a / "report.html").read_text()
     for section in ("Training", "Evaluation", "Random control", "Seed stability", "Transfer"):
@@ -87,14 +75,14 @@ def test_control_eval_stability_report(seed_runs, tmp_path):
 def test_control_and_stability_bad_input(seed_runs, tmp_path):
     out, _ = seed_runs
     a = out / "seed-3"
-    code, _, err = _cli("stability", "--sae", str(a))
-    _one_line_error(code, err, "exactly two SAE sets")
-    code, _, err = _cli("control", "random", "--like", str(a), "--out", str(tmp_path / "c"), "--layers", "1")
+    code, _, err = run_cli("stability", "--sae", str(a))
+    assert_one_line_error(code, err, "exactly two SAE sets")
+    code, _, err = run_cli("control", "random", "--like", str(a), "--out", str(tmp_path / "c"), "--layers", "1")
     assert code == 0, err
-    code, _, err = _cli("eval", "--sae", str(a), "--control", str(tmp_path / "c"))
-    _one_line_error(code, err, "no SAE for layer 2")
-    code, _, err = _cli("train", "--out", str(tmp_path / "x"), "--seeds", "0")
-    _one_line_error(code, err, "--seeds must be at least 1")
+    code, _, err = run_cli("eval", "--sae", str(a), "--control", str(tmp_path / "c"))
+    assert_one_line_error(code, err, "no SAE for layer 2")
+    code, _, err = run_cli("train", "--out", str(tmp_path / "x"), "--seeds", "0")
+    assert_one_line_error(code, err, "--seeds must be at least 1")
 
 
 def test_finetune_lowers_the_loss_and_transfer_reports_both_models(seed_runs, tiny_qwen3, real_texts, tmp_path):
@@ -104,7 +92,7 @@ def test_finetune_lowers_the_loss_and_transfer_reports_both_models(seed_runs, ti
     assert losses[-1] < losses[0]
     lm.model.save_pretrained(tmp_path / "ft")
     lm.tokenizer.save_pretrained(tmp_path / "ft")
-    code, stdout, err = _cli("transfer", "--sae", str(out / "seed-3"), "--model", str(tmp_path / "ft"), "--n-tokens", "512",
+    code, stdout, err = run_cli("transfer", "--sae", str(out / "seed-3"), "--model", str(tmp_path / "ft"), "--n-tokens", "512",
                              "--ctx-len", "32", "--out", str(tmp_path / "run" / "trust" / "transfer-ft.json"))
     assert code == 0, err
     rep = json.loads((tmp_path / "run" / "trust" / "transfer-ft.json").read_text())
@@ -128,5 +116,5 @@ def test_transfer_refuses_a_model_of_another_width(seed_runs, tmp_path, tokenize
                       num_key_value_heads=1, head_dim=16, max_position_embeddings=512)
     Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "narrow")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "narrow")
-    code, _, err = _cli("transfer", "--sae", str(out / "seed-3"), "--model", str(tmp_path / "narrow"))
-    _one_line_error(code, err, "d_model 64, but")
+    code, _, err = run_cli("transfer", "--sae", str(out / "seed-3"), "--model", str(tmp_path / "narrow"))
+    assert_one_line_error(code, err, "d_model 64, but")
