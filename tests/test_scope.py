@@ -41,6 +41,8 @@ def test_pooled_max_and_last(scope, real_texts):
         assert torch.allclose(mx_skip[i], dense[1:].max(0).values, atol=1e-5)
     with pytest.raises(SaescopeError, match="pooling"):
         scope.pooled(texts, layer=2, pool="mean")
+    with pytest.raises(SaescopeError, match="text 1 .* is empty"):
+        scope.pooled([texts[0], ""], layer=2, pool="last")
 
 
 def test_pre_activations_carry_gradients_into_the_model(scope):

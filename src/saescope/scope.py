@@ -115,6 +115,9 @@ class Scope:
                 saes[n].to(self.lm.device)
         tok = self.lm.tokenizer
         lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            raise SaescopeError(f"text {empty[0]} (of {len(texts)}) is empty: it has no token to read features from")
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         # Batches hold at most batch_size texts and batch_size * 128 padded tokens: peak memory is set by the
         # budget, not by the longest prompt in the set (a few 512-token prompts would otherwise triple it).

@@ -113,3 +113,6 @@ def test_spearman_partial_correlation_and_permutation_p():
     assert spearman(a, b) > 0.9 and abs(partial_corr(a, b, z)) < 0.15  # all shared variance is z's
     assert permutation_pvalue(x, x, n_perm=2000) < 0.03  # 2/120 orders are as extreme
     assert permutation_pvalue(x, np.array([3.0, 1.0, 5.0, 2.0, 4.0]), n_perm=2000) > 0.3
+    # a correlation that does not exist is NaN, never a confident number
+    flat, holed = np.full(5, 0.5), np.array([1.0, np.nan, 0.0, 2.0, 3.0])
+    assert np.isnan(spearman(flat, x)) and np.isnan(spearman(holed, x)) and np.isnan(permutation_pvalue(flat, x, n_perm=50))

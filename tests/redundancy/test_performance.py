@@ -41,6 +41,9 @@ def test_csv_correctness_and_its_errors(tmp_path):
     good.write_text("model,q1,q2,q3\nm1,1,0,1\nm2,0,0,1\nm3,1,1,1\n")
     c = load_correctness(str(good))
     assert c.models == ["m1", "m2", "m3"] and c.items == ["q1", "q2", "q3"] and c.matrix.sum() == 6
+    saved = tmp_path / "excel.csv"  # a spreadsheet's byte-order mark and a trailing blank line are not errors
+    saved.write_bytes("\ufeffmodel,q1,q2\r\nm1,1,0\r\nm2,0,0\r\nm3,1,1\r\n\r\n".encode())
+    assert load_correctness(str(saved)).matrix.shape == (3, 2)
     cases = {"model,q1,q2\nm1,1,0\nm2,1\nm3,0,0\n": "line 3: 1 values for 2 items",
              "model,q1,q2\nm1,1,0\nm2,1,1\n": "needs at least 3",
              "model,q1,q2\nm1,1,0\nm2,1,nan\nm3,0,0\n": "values must be in",

@@ -124,7 +124,7 @@ def _statements(res: dict, subsume: float, margin: float = 0.05) -> tuple[list[d
     rows = []
     for i, a in enumerate(benches):
         for j, b in enumerate(benches):
-            if i == j:
+            if i == j or sae["matched"]["overlap"][i][j] is None:
                 continue
             rows.append({"a": a, "b": b, "matched": sae["matched"]["overlap"][i][j], "matched_sd": sae["matched"]["overlap_sd"][i][j],
                          "matched_prompts": sae["matched"]["prompts"][i][j], "raw": sae["overlap"][i][j],
@@ -132,6 +132,7 @@ def _statements(res: dict, subsume: float, margin: float = 0.05) -> tuple[list[d
                          "control_matched": ctl["matched"]["overlap"][i][j] if ctl else None,
                          "text": f"{a} is {100 * sae['matched']['overlap'][i][j]:.0f}% inside {b} (size-matched, "
                                  f"{sae['matched']['prompts'][i][j]} prompts each; raw {100 * sae['overlap'][i][j]:.0f}%)"})
+    rows = [r for r in rows if r["matched"] is not None]  # a benchmark with an empty footprint has no overlap to state
     rows.sort(key=lambda r: -r["matched"])
     drop = [r for r in rows if r["matched"] >= subsume and r["matched"] >= r["reverse_matched"] + margin]
     mutual = [r for r in rows if r["a"] < r["b"] and min(r["matched"], r["reverse_matched"]) >= subsume]
@@ -167,6 +168,8 @@ def compare(res: dict, perf: list[dict], *, scores_path=None, n_perm: int = 10_0
     models, cols = read_sloth(scores_path)
     benches = [b for b in res["benchmarks"] if b in SLOTH_HEADLINE]
     out["pairs_benchmarks"] = benches
+    out["notes"] = (["math: the leaderboard column is MATH Level 5; the footprinted prompts are all of MATH"]
+                    if "math" in benches else [])
     if len(benches) >= 3:
         mmlu = cols["MMLU"]
         pairs, dropped = [], {}
@@ -187,7 +190,7 @@ def compare(res: dict, perf: list[dict], *, scores_path=None, n_perm: int = 10_0
             e = per_layer[layer]
             for kind in ("symmetric", "matched"):
                 ov = np.array([(e["symmetric"] if kind == "symmetric" else e["matched"]["symmetric"])[idx[p["a"]]][idx[p["b"]]]
-                               for p in pairs])
+                               for p in pairs], dtype=float)  # None (empty footprint) becomes NaN
                 sc = np.array([p["score_pearson"] for p in pairs])
                 part = [(o, p["score_partial_mmlu"]) for o, p in zip(ov, pairs) if "score_partial_mmlu" in p]
                 po, ps = np.array([o for o, _ in part]), np.array([s for _, s in part])

@@ -70,8 +70,11 @@ def _footprint(a: argparse.Namespace) -> None:
     out = Path(a.out) if a.out else (Path(a.sae) if Path(a.sae).is_dir() else Path(".")) / "redundancy"
     print(f"footprinting {len(benches)} benchmarks ({sum(len(b.prompts) for b in benches)} prompts) on "
           f"{len(scope.layers)} layers{' with the random control' if control else ''} -> {out}")
-    compute_footprints(scope, benches, out, sae_name=str(a.sae), pool=a.pool, control=control,
-                       control_name=str(a.control) if a.control else None, batch_size=a.batch_size, max_length=a.max_length)
+    # absolute paths: the folder can be extended or reported on from another working directory
+    sae_name = str(Path(a.sae).resolve()) if Path(a.sae).exists() else a.sae
+    control_name = str(Path(a.control).resolve()) if a.control else None
+    compute_footprints(scope, benches, out, sae_name=sae_name, pool=a.pool, control=control, control_name=control_name,
+                       batch_size=a.batch_size, max_length=a.max_length)
     print(f"footprints: {out}")
 
 

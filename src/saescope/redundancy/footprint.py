@@ -14,6 +14,7 @@ max-over-tokens activation; "all" = every feature active at any token. Position 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ POOLS = ("last", "max", "all")
 FORMAT = "saescope-footprints"
 # Settings that must agree for a resumed or extended footprint folder to stay one comparable set.
 _SETTINGS = ("sae", "model", "pool", "layers", "d_sae", "k", "max_length", "control")
+
+
+def _release_heap() -> None:
+    """Give freed heap back to the OS. Batches of varying shapes leave glibc holding freed blocks, and RSS grew by
+    0.7 GB over 2,000 prompts without this although the footprints were 8 MB; elsewhere it does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def prompts_hash(prompts: list[str]) -> str:
@@ -80,13 +90,15 @@ def compute_footprints(scope: Scope, benchmarks: list[Benchmark], out: str | Pat
             print(f"{bench.name}: already footprinted, kept")
             continue
         rows: dict[str, dict[int, list[np.ndarray]]] = {s: {n: [None] * len(bench.prompts) for n in layers} for s in sets}
-        for idx, pooled in scope.iter_pooled(bench.prompts, layers=layers, pool="last" if pool == "last" else "max",
+        for batch, (idx, pooled) in enumerate(scope.iter_pooled(bench.prompts, layers=layers, pool="last" if pool == "last" else "max",
                                              batch_size=batch_size, max_length=max_length, skip_first_token=True,
-                                             progress=progress, sae_sets=sets, desc=f"{bench.name} ({i}/{len(benchmarks)})"):
+                                             progress=progress, sae_sets=sets, desc=f"{bench.name} ({i}/{len(benchmarks)})")):
+            if batch % 16 == 15:
+                _release_heap()
             for s, per_layer in pooled.items():
                 for n, dense in per_layer.items():
-                    for i, feats in zip(idx, _to_sets(dense, pool, sets[s][n].cfg.k)):
-                        rows[s][n][i] = feats
+                    for j, feats in zip(idx, _to_sets(dense, pool, sets[s][n].cfg.k)):
+                        rows[s][n][j] = feats
         for s in sets:
             write_sets(out / s / f"{bench.name}.safetensors",
                        {n: FeatureSets.from_lists(rows[s][n], sets[s][n].cfg.d_sae) for n in layers})

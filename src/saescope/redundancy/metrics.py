@@ -161,12 +161,17 @@ def ranks(x: np.ndarray) -> np.ndarray:
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """NaN when either side has a NaN or no spread (a correlation that does not exist is not 0)."""
+    if np.isnan(x).any() or np.isnan(y).any():
+        return float("nan")
     x, y = x - x.mean(), y - y.mean()
     den = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / den) if den > 0 else float("nan")
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if np.isnan(x).any() or np.isnan(y).any():
+        return float("nan")
     return pearson(ranks(x), ranks(y))
 
 
@@ -174,6 +179,8 @@ def permutation_pvalue(x: np.ndarray, y: np.ndarray, stat: Callable[[np.ndarray,
                        n_perm: int = 10_000, seed: int = 0) -> float:
     """Two-sided: the share of random pairings at least as extreme as the observed one (counting itself)."""
     obs = abs(stat(x, y))
+    if not np.isfinite(obs):
+        return float("nan")
     rng = np.random.default_rng(seed)
     hits = sum(abs(stat(x, rng.permutation(y))) >= obs - 1e-12 for _ in range(n_perm))
     return (hits + 1) / (n_perm + 1)

@@ -6,9 +6,12 @@ error, not a zero. Built-in sources:
 
     m_ifeval:{en,es,fr,ja}   17 models' real responses to multilingual IFEval (shared/data/multilingual/
                              m_ifeval/responses), item = prompt, correct = every instruction followed (strict)
-    sloth:{mmlu,bbh,math,gpqa,musr}   197 leaderboard models (shared/data/scores/sloth_data_v1.csv), "items" =
-                             the benchmark's subtasks (MMLU's 57 subjects, BBH's 24 tasks, ...): per-subtask
-                             accuracies, a coarser granularity than items, labelled as such in every output
+    sloth:{mmlu,bbh,math,musr}   197 leaderboard models (shared/data/scores/sloth_data_v1.csv), "items" = the
+                             benchmark's subtasks (MMLU's 57 subjects, BBH's 24 tasks, MATH Level 5's 7 areas, MuSR's
+                             3): per-subtask accuracies, a coarser granularity than items, labelled as such in every
+                             output. GPQA's columns are nested sets of one pool (diamond < main < extended), not
+                             subtasks, so it is not offered. The leaderboard's MATH is Level 5 only, while the
+                             `math` prompt set is all of MATH: each output that pairs them says so.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from saescope.redundancy.benchmarks import shared_data_dir
 # sloth_data_v1.csv headline columns for the benchmarks whose prompts saescope can footprint
 SLOTH_HEADLINE = {"arc_challenge": "ARC", "hellaswag": "HellaSwag", "mmlu": "MMLU", "truthfulqa": "TruthfulQA",
                   "winogrande": "Winogrande", "gsm8k": "GSM8K", "ifeval": "IFEval", "bbh": "BBH", "math": "MATH Lvl 5"}
-_SLOTH_SUBTASKS = {"mmlu": "hendrycksTest-", "bbh": "bbh_", "math": "math_", "gpqa": "gpqa_", "musr": "musr_"}
+_SLOTH_SUBTASKS = {"mmlu": "hendrycksTest-", "bbh": "bbh_", "math": "math_", "musr": "musr_"}
 
 
 @dataclass
@@ -61,8 +64,8 @@ def load_correctness(spec: str) -> Correctness:
 
 
 def _csv_matrix(path: Path) -> Correctness:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets save a byte-order mark
+        rows = [r for r in csv.reader(f) if r]
     if len(rows) < 2 or not rows[0] or rows[0][0] != "model":
         raise SaescopeError(f"{path}: expected a header starting with 'model' and one row per model")
     items, models, values = rows[0][1:], [], []
@@ -133,5 +136,7 @@ def _sloth_subtasks(bench: str) -> Correctness:
     names = [c for c in cols if c.startswith(_SLOTH_SUBTASKS[bench])]
     m = np.column_stack([cols[c] for c in names])
     keep = ~np.isnan(m).any(1)
-    note = f"{int((~keep).sum())} of {len(models)} models dropped: no score on some {bench} subtask"
-    return Correctness(bench, [x for x, k in zip(models, keep) if k], names, m[keep], granularity="subtask", notes=[note])
+    notes = [f"{int((~keep).sum())} of {len(models)} models dropped: no score on some {bench} subtask"]
+    if bench == "math":
+        notes.append("the leaderboard's MATH subtasks are Level 5 problems only; the math prompt set is all of MATH")
+    return Correctness(bench, [x for x, k in zip(models, keep) if k], names, m[keep], granularity="subtask", notes=notes)

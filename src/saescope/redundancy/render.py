@@ -132,6 +132,7 @@ def format_compare(cmp: dict) -> str:
             lines.append(f"  {b:<18} R_hat {x:.3f}  R {y:.3f}  ({g} granularity)")
     if cmp.get("r_vs_rhat_missing"):
         lines.append("no footprint for: " + ", ".join(cmp["r_vs_rhat_missing"]))
+    lines += [f"note: {n}" for n in cmp.get("notes", [])]
     lost = {k: v for k, v in cmp.get("pair_models_dropped_for_nan", {}).items() if v}
     if lost:
         lines.append(f"score pairs: models dropped for a missing score in {len(lost)} of {len(cmp['pair_models_dropped_for_nan'])} "
