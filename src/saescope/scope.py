@@ -114,7 +114,9 @@ class Scope:
                     raise SaescopeError(f"no SAE for layer {n} in the {name} set (have {sorted(saes)})")
                 saes[n].to(self.lm.device)
         tok = self.lm.tokenizer
-        lengths = [len(ids) for ids in tok(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        tok.padding_side = "right"
+        ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]  # once; batches only pad
+        lengths = [len(x) for x in ids]
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
             raise SaescopeError(f"text {empty[0]} (of {len(texts)}) is empty: it has no token to read features from")
@@ -127,7 +129,7 @@ class Scope:
                 batches.append([])
             batches[-1].append(i)
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress or len(batches) <= 1):
-            enc = self._tokenize([texts[i] for i in idx], max_length)
+            enc = {k: v.to(self.lm.device) for k, v in tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").items()}
             acts = capture(self.lm.model, enc["input_ids"], layers, attention_mask=enc["attention_mask"])
             n_tok = enc["attention_mask"].sum(1)
             rows = torch.arange(len(idx), device=n_tok.device)
