@@ -15,6 +15,7 @@ from saescope.io.formats import (
     load_qwen_scope,
     load_saelens,
     load_sparsify,
+    read_json,
     save_native,
     save_qwen_scope,
     save_saelens,
@@ -22,7 +23,7 @@ from saescope.io.formats import (
 from saescope.sae import TopKSAE
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "decoder_cos_to_init", "export_saes", "from_weights", "load_saes",
-           "resolve_run", "save_native"]
+           "read_json", "resolve_run", "save_native"]
 
 
 def resolve_run(path: Path) -> Path:

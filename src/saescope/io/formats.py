@@ -42,7 +42,7 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -93,7 +93,7 @@ def save_native(sae: TopKSAE, folder: Path, layer: int) -> None:
 
 
 def load_native(folder: Path, layer: int) -> TopKSAE:
-    cfg = _read_json(folder / f"layer{layer}.json")
+    cfg = read_json(folder / f"layer{layer}.json")
     version = cfg.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise SaescopeError(f"{folder}/layer{layer}.json has format_version {version}; this saescope reads up to {FORMAT_VERSION}")
@@ -157,7 +157,7 @@ def save_saelens(sae: TopKSAE, folder: Path, *, hook_name: str, model_name: str 
 
 
 def load_saelens(folder: Path) -> TopKSAE:
-    cfg = _read_json(folder / "cfg.json")
+    cfg = read_json(folder / "cfg.json")
     arch = cfg.get("architecture", "")
     if arch not in ("topk", "standard") or (arch == "standard" and cfg.get("activation_fn_str", cfg.get("activation_fn")) != "topk"):
         raise SaescopeError(f"{folder}: SAELens architecture {arch!r} is not a top-k SAE")
@@ -179,7 +179,7 @@ def load_saelens(folder: Path) -> TopKSAE:
 
 # ---------------------------------------------------------------- sparsify
 def load_sparsify(folder: Path) -> TopKSAE:
-    cfg = _read_json(folder / "cfg.json")
+    cfg = read_json(folder / "cfg.json")
     if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
         raise SaescopeError(f"{folder}: only plain top-k sparsify SAEs are supported (no transcoders or skip connections)")
     t = _read_safetensors(folder / "sae.safetensors")

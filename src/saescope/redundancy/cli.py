@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from saescope.errors import SaescopeError
@@ -91,6 +90,7 @@ def _report(a: argparse.Namespace) -> None:
 
 
 def _compare(a: argparse.Namespace) -> None:
+    from saescope.io import read_json
     from saescope.redundancy.analysis import compare, perf_redundancy
     from saescope.redundancy.performance import load_correctness
     from saescope.redundancy.render import format_compare, write_compare
@@ -98,7 +98,7 @@ def _compare(a: argparse.Namespace) -> None:
     path = Path(a.fp) / "redundancy.json"
     if not path.is_file():
         raise SaescopeError(f"no {path}: run saescope redundancy report {a.fp} first")
-    res = json.loads(path.read_text())
+    res = read_json(path)
     perf = []
     for spec in [s for s in a.perf.split(",") if s]:
         c = load_correctness(spec)

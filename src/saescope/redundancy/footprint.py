@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from saescope.errors import SaescopeError
-from saescope.io import atomic_write_bytes, atomic_write_json
+from saescope.io import atomic_write_bytes, atomic_write_json, read_json
 from saescope.redundancy.benchmarks import Benchmark
 from saescope.redundancy.metrics import FeatureSets
 from saescope.sae import TopKSAE
@@ -116,10 +115,7 @@ def write_sets(path: Path, per_layer: dict[int, FeatureSets]) -> None:
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SaescopeError(f"cannot read {path}: not valid JSON") from exc
+    meta = read_json(path)
     if meta.get("format") != FORMAT:
         raise SaescopeError(f"{path} is not a saescope footprint file")
     return meta
