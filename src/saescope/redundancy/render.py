@@ -11,6 +11,28 @@ from saescope.io import atomic_write_bytes, atomic_write_json
 from saescope.report import figure, html_table, png
 
 
+def _rhat_rows(res: dict) -> list[list]:
+    """Per benchmark at the chosen layer: name, prompts, R_hat mean, 5%, 95%, |F(D)| (then the control's R_hat, |F(D)|)."""
+    layer, sets = str(res["layer"]), res["sets"]
+    rows = []
+    for b in res["benchmarks"]:
+        r = sets["sae"][layer]["r_hat"][b]
+        row = [b, res["n_prompts"][b], r["mean"], r["p5"], r["p95"], sets["sae"][layer]["footprint"][b]]
+        if "control" in sets:
+            row += [sets["control"][layer]["r_hat"][b]["mean"], sets["control"][layer]["footprint"][b]]
+        rows.append(row)
+    return rows
+
+
+def _near_init_warning(res: dict) -> str | None:
+    layer = str(res["layer"])
+    cos = res.get("decoder_cos_to_init", {}).get(layer)
+    if cos is None or cos <= 0.9:
+        return None
+    return (f"the layer {layer} decoders are still {cos:.3f} cosine to their random initialisation: these SAEs are close "
+            "to a random control; train longer before reading these figures as evidence about learned features")
+
+
 def format_report(res: dict, *, top: int = 15) -> str:
     layer = str(res["layer"])
     sets = res["sets"]
@@ -19,20 +41,17 @@ def format_report(res: dict, *, top: int = 15) -> str:
     if "control" in sets:
         head += f"   {'ctl R_hat':>9} {'ctl |F|':>7}"
     lines.append(head)
-    for b in res["benchmarks"]:
-        r, f = sets["sae"][layer]["r_hat"][b], sets["sae"][layer]["footprint"][b]
-        row = f"{b:<22} {res['n_prompts'][b]:>7} {r['mean']:>7.3f} {r['p5']:>7.3f}-{r['p95']:<7.3f} {f:>7}"
-        if "control" in sets:
-            row += f"   {sets['control'][layer]['r_hat'][b]['mean']:>9.3f} {sets['control'][layer]['footprint'][b]:>7}"
+    for b, n, mean, p5, p95, f, *ctl in _rhat_rows(res):
+        row = f"{b:<22} {n:>7} {mean:>7.3f} {p5:>7.3f}-{p95:<7.3f} {f:>7}"
+        if ctl:
+            row += f"   {ctl[0]:>9.3f} {ctl[1]:>7}"
         lines.append(row)
     if "control_agreement" in res:
         ag = res["control_agreement"][layer]
         lines.append(f"random control vs trained SAEs at layer {layer}: overlaps Pearson {ag['overlap_pearson']:+.3f}, "
                      f"R_hat Spearman {ag['r_hat_spearman']:+.3f} (near 1: the SAE is not what these figures measure)")
-    cos = res.get("decoder_cos_to_init", {}).get(layer)
-    if cos is not None and cos > 0.9:
-        lines.append(f"warning: the layer {layer} decoders are still {cos:.3f} cosine to their random initialisation: these "
-                     "SAEs are close to a random control, so their figures cannot show what trained features add")
+    if warning := _near_init_warning(res):
+        lines.append(f"warning: {warning}")
     lines.append(f"\nmost-contained pairs (size-matched{', control in brackets' if 'control' in sets else ''}):")
     for s in res["statements"][:top]:
         ctl = f" [control {100 * s['control_matched']:.0f}%]" if s["control_matched"] is not None else ""
@@ -83,21 +102,10 @@ def write_report(res: dict, out: Path) -> str:
     axes[1].set(xlabel="layer", ylabel="R_hat", title="R_hat per layer (trained SAEs)")
     axes[0].legend(fontsize=5, ncol=2)
     parts.append(png(fig, out / "coverage.png"))
-    sets = res["sets"]
-    head = ["benchmark", "prompts", "R_hat", "5%", "95%", "|F(D)|"] + (["control R_hat", "control |F(D)|"] if "control" in sets else [])
-    rows = []
-    for b in res["benchmarks"]:
-        r = sets["sae"][layer]["r_hat"][b]
-        row = [b, res["n_prompts"][b], r["mean"], r["p5"], r["p95"], sets["sae"][layer]["footprint"][b]]
-        if "control" in sets:
-            row += [sets["control"][layer]["r_hat"][b]["mean"], sets["control"][layer]["footprint"][b]]
-        rows.append(row)
-    parts.append(html_table(head, rows))
-    cos = res.get("decoder_cos_to_init", {}).get(layer)
-    if cos is not None and cos > 0.9:
-        parts.append(f"<p class='missing'>The layer {layer} decoders are still {cos:.3f} cosine to their random "
-                     "initialisation: these SAEs are close to a random control; train longer before reading these figures "
-                     "as evidence about learned features.</p>")
+    head = ["benchmark", "prompts", "R_hat", "5%", "95%", "|F(D)|"]
+    parts.append(html_table(head + (["control R_hat", "control |F(D)|"] if "control" in res["sets"] else []), _rhat_rows(res)))
+    if warning := _near_init_warning(res):
+        parts.append(f"<p class='missing'>{html.escape(warning[0].upper() + warning[1:])}.</p>")
     if "control_agreement" in res:
         ag = res["control_agreement"]
         fig, (ax,) = figure(1)
