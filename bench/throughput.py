@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from saescope.data import batches, iter_texts
 from saescope.io import load_saes
 from saescope.models import capture, load_model
 from saescope.models.builtin import builtin_model_dir
+from saescope.system import peak_rss_mb
 from saescope.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +62,6 @@ def token_batches(tokenizer, ctx_len, batch_size, n, split="train"):
         if len(out) == n:
             break
     return out
-
-
-def peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss would carry a parent's peak over exec into a peer's subprocess)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_limit(lm, layers, d_sae, compute_dtype, batch, device) -> dict:

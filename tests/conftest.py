@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from saescope.io import save_native
+from saescope.sae import SAEConfig, TopKSAE
+
 SHARED = Path(os.environ.get("SAESCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GSM8K = SHARED / "benchmarks" / "gsm8k_test.jsonl"
 
@@ -39,11 +42,12 @@ def text_file(tmp_path_factory, real_texts) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, real_texts) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()  # tokens decode to text (' the'), not to 'Ġthe'
     tok.train_from_iterator(real_texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<eos>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
     out = tmp_path_factory.mktemp("tok")
@@ -91,3 +95,68 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     assert code == 2, err
     lines = [ln for ln in err.splitlines() if "saescope: error:" in ln]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+
+
+# ---- random-init SAEs on the tiny models, saved as saescope folders (inspect, steer, serve tests)
+
+def random_saes(d_model: int, layers, *, d_sae: int = 64, k: int = 4, seed: int = 0, model: str = "") -> dict[int, TopKSAE]:
+    saes = {}
+    for n in layers:
+        sae = TopKSAE(SAEConfig(d_model, d_sae, k))
+        sae.init_tied(torch.Generator().manual_seed(seed + n))
+        sae.meta = {"model": model}
+        saes[n] = sae
+    return saes
+
+
+def save_saes(saes: dict[int, TopKSAE], out: Path) -> Path:
+    for n, sae in saes.items():
+        save_native(sae, out, n)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tiny_qwen3, tmp_path_factory) -> Path:
+    return save_saes(random_saes(64, [0, 1, 2], model=str(tiny_qwen3)), tmp_path_factory.mktemp("tiny-saes"))
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, real_texts) -> Path:
+    """Real GSM8K questions as a plain-text corpus (blank-line separated documents)."""
+    path = tmp_path_factory.mktemp("corpus") / "gsm8k.txt"
+    path.write_text("\n\n".join(real_texts[:400]))
+    return path
+
+
+# ---- a real headless browser: Debian's chromium driven by Playwright (no browser download)
+CHROMIUM = os.environ.get("SAESCOPE_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("SAESCOPE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"needs Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install -e '.[dev]')")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    # Nothing may leave the machine: a page that fetches from the network fails the test.
+    outside = []
+    context.route(lambda url: not url.startswith(("file://", "http://127.0.0.1")),
+                  lambda route: (outside.append(route.request.url), route.abort()))
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+    assert not outside, f"the page fetched from the network: {outside}"

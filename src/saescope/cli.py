@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from saescope.errors import SaescopeError
+from saescope.inspect import cli as inspect_cli
 from saescope.redundancy import cli as redundancy_cli
 
 
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="HTML file (default: SAE/report.html)")
     sub.add_parser("models", help="built-in models, the default corpus, and where they are cached")
     redundancy_cli.add_parser(sub)
+    inspect_cli.add_parsers(sub)
     from saescope.train import PRESETS
 
     p = sub.add_parser("plan", help="memory and time estimates for training all layers of a model")
@@ -358,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "models": cmd_models, "plan": cmd_plan,
             "control": cmd_control, "stability": cmd_stability, "transfer": cmd_transfer, "report": cmd_report,
-            "redundancy": redundancy_cli.run}
+            "redundancy": redundancy_cli.run, **inspect_cli.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

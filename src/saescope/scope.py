@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from saescope.errors import SaescopeError
 from saescope.io import load_saes
-from saescope.models import LoadedModel, capture, layer_hooks, load_model
+from saescope.models import LoadedModel, capture, layer_hooks, load_model, token_strings
 from saescope.sae import SparseCode, TopKSAE
 
 
@@ -36,6 +37,10 @@ def check_fit(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
             raise SaescopeError(f"the layer {n} SAE has d_model {sae.cfg.d_model}, but {lm.name} has d_model {lm.d_model}")
         if not 0 <= n < lm.n_layers:
             raise SaescopeError(f"SAE for layer {n}, but {lm.name} has layers 0..{lm.n_layers - 1}")
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ",".join(map(str, layers))
 
 
 class Scope:
@@ -57,20 +62,36 @@ class Scope:
     def layers(self) -> list[int]:
         return sorted(self.saes)
 
+    def check_layers(self, layers: list[int] | None) -> list[int]:
+        for n in layers or []:
+            self.sae(n)
+        return sorted(set(layers)) if layers else self.layers
+
     def _tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
+        """Pad a batch; texts longer than max_length are cut to their first max_length tokens, with a warning."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise SaescopeError("no texts to encode")
         tok = self.lm.tokenizer
+        ids = tok(list(texts))["input_ids"]
+        for i, x in enumerate(ids):
+            if not x:
+                raise SaescopeError(f"text {i} is empty: it has no token to read features from")
+            if len(x) > max_length:
+                warnings.warn(f"a text of {len(x)} tokens was cut to its first {max_length} (raise max_length, up to "
+                              "the model's context, to read more)", stacklevel=3)
+                ids[i] = x[:max_length]
         tok.padding_side = "right"
-        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
         return {k: v.to(self.lm.device) for k, v in enc.items()}
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], *, layers: list[int] | None = None, batch_size: int = 8,
                max_length: int = 512, progress: bool = True) -> list[TextCodes]:
-        layers = layers or self.layers
+        if isinstance(texts, str):
+            texts = [texts]
+        layers = self.check_layers(layers)
         out: list[TextCodes] = []
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not progress or len(texts) <= batch_size):
             enc = self._tokenize(texts[start : start + batch_size], max_length)
@@ -84,7 +105,7 @@ class Scope:
                 for n, c in codes.items():
                     rows = slice(i * seq, i * seq + length)
                     per_layer[n] = SparseCode(c.indices[rows].cpu(), c.values[rows].cpu())
-                out.append(TextCodes(self.lm.tokenizer.convert_ids_to_tokens(ids.tolist()), ids, per_layer))
+                out.append(TextCodes(token_strings(self.lm.tokenizer, ids.tolist()), ids, per_layer))
         return out
 
     @torch.no_grad()
@@ -164,7 +185,7 @@ class Scope:
                         attention_mask: Tensor | None = None) -> Tensor:
         """Pre-activations (batch, seq, len(latents)) of chosen features, with gradients flowing into the model
         (for an auxiliary fine-tuning loss such as SASFT's)."""
-        sae = self.saes[layer]
+        sae = self.sae(layer)
         idx = torch.as_tensor(latents, device=sae.W_enc.device)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= sae.cfg.d_sae):
             raise SaescopeError(f"feature index out of range 0..{sae.cfg.d_sae - 1}")
@@ -173,8 +194,19 @@ class Scope:
             self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return sae.pre_activations(got["h"].float(), idx)
 
+    def sae(self, layer: int) -> TopKSAE:
+        if layer not in self.saes:
+            raise SaescopeError(f"no SAE for layer {layer} (have {_span(self.layers)})")
+        return self.saes[layer]
+
+    def steer(self, layer: int, features: dict[int, float]):
+        """Context manager: every forward or generate call inside adds sum strength x W_dec[f] at `layer`."""
+        from saescope.steer import feature_vector, steering
+
+        return steering(self.lm.model, layer=layer, vector=feature_vector(self.sae(layer), features))
+
     def direction(self, *, layer: int, feature: int) -> Tensor:
-        sae = self.saes[layer]
+        sae = self.sae(layer)
         if not 0 <= feature < sae.cfg.d_sae:
             raise SaescopeError(f"feature {feature} is out of range 0..{sae.cfg.d_sae - 1}")
         return sae.W_dec[feature].detach()

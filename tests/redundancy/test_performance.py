@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from saescope import SaescopeError
+from saescope.data.benchmarks import shared_data_dir
 from saescope.redundancy.analysis import perf_redundancy
-from saescope.redundancy.benchmarks import shared_data_dir
 from saescope.redundancy.performance import load_correctness, read_sloth
 
 

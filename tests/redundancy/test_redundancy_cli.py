@@ -9,8 +9,8 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from saescope import SaescopeError
+from saescope.data.benchmarks import load_benchmark, shared_data_dir
 from saescope.io import save_native
-from saescope.redundancy.benchmarks import load_benchmark, shared_data_dir
 from saescope.redundancy.footprint import Footprints
 from saescope.report import build_report
 from saescope.sae import SAEConfig, TopKSAE

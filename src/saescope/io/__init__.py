@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ from saescope.io.formats import (
 )
 from saescope.sae import TopKSAE
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "decoder_cos_to_init", "export_saes", "from_weights", "load_saes",
+__all__ = ["atomic_write_bytes", "atomic_write_json", "decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
            "read_json", "resolve_run", "save_native"]
 
 
@@ -47,6 +48,15 @@ def decoder_cos_to_init(run: Path) -> dict[str, float]:
         return {}
 
 
+def fingerprint(sae: TopKSAE) -> str:
+    """A short hash of an SAE's decoder and k: files derived from an SAE (feature stores) record it, so that they
+    are never read against another SAE."""
+    h = hashlib.sha1(f"{sae.cfg.d_model}x{sae.cfg.d_sae}k{sae.cfg.k}".encode())
+    h.update(sae.W_dec.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(sae.b_dec.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _layer_of(name: str) -> int:
     return int(re.search(r"(\d+)", name).group(1))
 
@@ -56,7 +66,7 @@ def load_saes(spec: str | Path, *, layers: list[int] | None = None, k: int | Non
     a SAELens folder (or a folder of them), or a sparsify folder. `layers` restricts what is read."""
     path = Path(spec).expanduser()
     if not path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) and not path.parent.is_dir():  # a hub id, not a local path
             path = _hub_snapshot(str(spec))
         else:
             raise SaescopeError(f"SAE path not found: {spec}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from saescope.errors import SaescopeError
 from saescope.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir
@@ -117,3 +117,23 @@ def load_model(
     if device and not device_map:
         model.to(device)
     return LoadedModel(model, tokenizer, spec)
+
+
+def unembed(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits of residual-stream vectors x (..., d_model) through the model's final norm and unembedding: the
+    logit lens. The norm is applied as the model applies it (RMSNorm, Gemma's 1 + weight...)."""
+    cfg = getattr(model, "config", None)
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None) or getattr(base, "ln_f", None)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise SaescopeError(f"{type(model).__name__} has no output embedding to read logits through")
+    h = norm(x.to(head.weight.dtype)) if norm is not None else x.to(head.weight.dtype)
+    logits = head(h)
+    softcap = getattr(getattr(cfg, "text_config", None) or cfg, "final_logit_softcapping", None)
+    return logits if not softcap else softcap * (logits / softcap).tanh()
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token id as the text it stands for (' the', not 'Ġthe'); a piece of a multi-byte character shows as �."""
+    return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -48,7 +48,7 @@ def run(a: argparse.Namespace) -> None:
 
 
 def _list(_a: argparse.Namespace) -> None:
-    from saescope.redundancy.benchmarks import BENCHMARKS
+    from saescope.data.benchmarks import BENCHMARKS
 
     for name, spec in BENCHMARKS.items():
         print(f"{name:<20} {spec.description}")
@@ -57,7 +57,7 @@ def _list(_a: argparse.Namespace) -> None:
 def _footprint(a: argparse.Namespace) -> None:
     from saescope.cli import _layers
     from saescope.control import load_control
-    from saescope.redundancy.benchmarks import load_benchmarks
+    from saescope.data.benchmarks import load_benchmarks
     from saescope.redundancy.footprint import compute_footprints
     from saescope.scope import Scope
 

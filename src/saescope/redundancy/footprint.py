@@ -14,7 +14,6 @@ max-over-tokens activation; "all" = every feature active at any token. Position 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +23,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from saescope.data.benchmarks import Benchmark
 from saescope.errors import SaescopeError
 from saescope.io import atomic_write_bytes, atomic_write_json, read_json
-from saescope.redundancy.benchmarks import Benchmark
 from saescope.redundancy.metrics import FeatureSets
 from saescope.sae import TopKSAE
 from saescope.scope import Scope
+from saescope.system import release_heap
 
 POOLS = ("last", "max", "all")
 FORMAT = "saescope-footprints"
 # Settings that must agree for a resumed or extended footprint folder to stay one comparable set.
 _SETTINGS = ("sae", "model", "pool", "layers", "d_sae", "k", "max_length", "control")
-
-
-def _release_heap() -> None:
-    """Give freed heap back to the OS. Batches of varying shapes leave glibc holding freed blocks, and RSS grew by
-    0.7 GB over 2,000 prompts without this although the footprints were 8 MB; elsewhere it does nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def prompts_hash(prompts: list[str]) -> str:
@@ -93,7 +84,7 @@ def compute_footprints(scope: Scope, benchmarks: list[Benchmark], out: str | Pat
                                              batch_size=batch_size, max_length=max_length, skip_first_token=True,
                                              progress=progress, sae_sets=sets, desc=f"{bench.name} ({i}/{len(benchmarks)})")):
             if batch % 16 == 15:
-                _release_heap()
+                release_heap()
             for s, per_layer in pooled.items():
                 for n, dense in per_layer.items():
                     for j, feats in zip(idx, _to_sets(dense, pool, sets[s][n].cfg.k)):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from saescope.data.benchmarks import shared_data_dir
 from saescope.errors import SaescopeError
-from saescope.redundancy.benchmarks import shared_data_dir
 
 # sloth_data_v1.csv headline columns for the benchmarks whose prompts saescope can footprint
 SLOTH_HEADLINE = {"arc_challenge": "ARC", "hellaswag": "HellaSwag", "mmlu": "MMLU", "truthfulqa": "TruthfulQA",

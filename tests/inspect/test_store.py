@@ -1,0 +1,199 @@
+"""The feature store: every statistic against a brute-force recomputation, resume, lazy reads, refusals,
+and MoE routing checked against the routers' own outputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import random_saes, run_cli
+from saescope.activations import keep_typical
+from saescope.data import batches, iter_texts
+from saescope.errors import SaescopeError
+from saescope.inspect.store import HIST_EDGES, FeatureStore, LayerStats, StoreConfig, build_feature_store, expert_features
+from saescope.models import capture, load_model, record_routing
+from saescope.sae import SparseCode
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 9), st.integers(1, 3), st.integers(0, 10_000), st.integers(1, 3))
+def test_layer_stats_match_brute_force(B, T, k, seed, n_batches):
+    g = torch.Generator().manual_seed(seed)
+    d, cfg = 6, StoreConfig(top_n=3, left=2, right=1)
+    stats = LayerStats(d, cfg, torch.device("cpu"))
+    seq_maxima = []  # (act, feature, window) of every (sequence, feature) with a firing
+    fire = torch.zeros(d, dtype=torch.int64)
+    act = torch.zeros(d, dtype=torch.float64)
+    for b in range(n_batches):
+        ids = torch.randint(0, 50, (B, T), generator=g)
+        idx = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(B * T)])
+        val = torch.rand(B * T, k, generator=g) * 4 - 1  # some values <= 0: not firing
+        keep = torch.rand(B * T, generator=g) > 0.2
+        stats.update(ids, SparseCode(idx, val), keep, b * B)
+        v = torch.where(keep[:, None] & (val > 0), val, torch.zeros(()))
+        for t in range(B * T):
+            for j in range(k):
+                if v[t, j] > 0:
+                    fire[idx[t, j]] += 1
+                    act[idx[t, j]] += float(v[t, j])
+        dense = torch.zeros(B * T, d).scatter_(1, idx, v).reshape(B, T, d)
+        for s in range(B):
+            for f in range(d):
+                m, p = dense[s, :, f].max(0)
+                if m > 0:
+                    window = [int(ids[s, q]) if 0 <= q < T else -1 for q in range(int(p) - 2, int(p) + 2)]
+                    seq_maxima.append((float(m), f, window))
+    assert torch.equal(stats.t["fire_count"], fire)
+    assert torch.allclose(stats.t["act_sum"], act)
+    assert int(stats.t["hist"].sum()) == int(fire.sum()) and torch.equal(stats.t["hist"].sum(1), fire)
+    for f in range(d):
+        want = sorted((m for m, ff, _ in seq_maxima if ff == f), reverse=True)[:3]
+        got = [a for a in stats.t["top_acts"][f].tolist() if a > 0]
+        assert got == pytest.approx(want)
+        for a, w in zip(stats.t["top_acts"][f].tolist(), stats.t["top_tokens"][f].tolist()):
+            if a > 0:  # the window is the one around the max token of that sequence
+                assert any(abs(a - m) < 1e-6 and w == win for m, ff, win in seq_maxima if ff == f)
+
+
+def test_histogram_bins_are_log_spaced_with_open_ends():
+    stats = LayerStats(1, StoreConfig(), torch.device("cpu"))
+    vals = torch.tensor([[1e-5, 0.0015, 1.0, 5e4]])
+    code = SparseCode(torch.zeros(1, 4, dtype=torch.long), vals)
+    stats.update(torch.zeros(1, 1, dtype=torch.long), code, torch.ones(1, dtype=torch.bool), 0)
+    hist = stats.t["hist"][0]
+    assert len(HIST_EDGES) == 49 and HIST_EDGES[0] == 1e-3 and HIST_EDGES[-1] == 1e3
+    assert hist[0] == 1 and hist[1] == 1 and hist[-1] == 1  # below 1e-3 -> first bin, above 1e3 -> last
+    assert hist[24] == 1  # 1.0 sits at the left edge of bin 24 (8 bins per decade from 1e-3)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_qwen3):
+    return load_model(str(tiny_qwen3))
+
+
+@torch.no_grad()
+def test_build_matches_direct_encoding_and_reads_lazily(lm, corpus_file, tmp_path):
+    saes = random_saes(64, [0, 2], model="tiny")
+    cfg = StoreConfig(max_tokens=4 * 4 * 32, ctx_len=32, batch_size=4, top_n=5, data=str(corpus_file))
+    build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="tiny-saes", progress=False)
+    store = FeatureStore(tmp_path / "fs")
+    assert store.layers == [0, 2] and store.meta["tokens"] == 512 and store.meta["moe"] is None
+    fire = {n: torch.zeros(64, dtype=torch.int64) for n in (0, 2)}
+    best = {n: torch.zeros(64) for n in (0, 2)}
+    kept = {n: 0 for n in (0, 2)}
+    stream = batches(iter_texts(str(corpus_file), split="train"), lm.tokenizer, ctx_len=32, batch_size=4, seed=0)
+    for _, ids in zip(range(4), stream):
+        acts = capture(lm.model, ids, [0, 2])
+        for n in (0, 2):
+            x = acts[n].reshape(-1, 64)
+            keep = keep_typical(x, 5.0)
+            dense = saes[n].encode(x).dense(64) * keep[:, None]
+            fire[n] += (dense > 0).sum(0)
+            best[n] = torch.maximum(best[n], dense.amax(0))
+            kept[n] += int(keep.sum())
+    for n in (0, 2):
+        assert torch.equal(store.tensor(n, "fire_count"), fire[n])
+        assert torch.allclose(store.tensor(n, "top_acts")[:, 0], best[n], atol=1e-5)
+        assert store.n_tokens(n) == kept[n]
+        f = int(fire[n].argmax())
+        info = store.feature(n, f)
+        assert info["fire_count"] == int(fire[n][f]) and info["frequency"] == pytest.approx(int(fire[n][f]) / kept[n])
+        assert len(info["contexts"]) == 5 and info["contexts"][0]["activation"] == pytest.approx(float(best[n][f]), abs=1e-5)
+        assert all(len(c["tokens"]) == 17 and c["mark"] == 12 for c in info["contexts"])
+        # logit lens: the promoted tokens are the top logits of the decoder row through norm + unembedding
+        logits = lm.model.lm_head(lm.model.model.norm(saes[n].W_dec[f].detach()))
+        top = logits.topk(10).indices.tolist()
+        assert [t for t, _ in info["promoted"]] == [store.token(i) for i in top]
+        assert store.tensor(n, "top_acts", slice(f, f + 1)).shape == (1, 5)  # a row, not the whole tensor
+    with pytest.raises(SaescopeError, match="feature 64 does not exist: layer 0 has features 0..63"):
+        store.feature(0, 64)
+    with pytest.raises(SaescopeError, match="has no layer 1"):
+        store.feature(1, 0)
+    other = random_saes(64, [0, 2], seed=99)
+    with pytest.raises(SaescopeError, match="built from the SAEs tiny-saes, not from other-saes"):
+        store.check_matches(other, "other-saes")
+    store.check_matches(saes, "tiny-saes")
+    with pytest.raises(SaescopeError, match="already holds a feature store"):
+        build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="tiny-saes", progress=False)
+
+
+def test_interrupted_build_resumes_to_the_same_store(lm, corpus_file, tmp_path, monkeypatch):
+    saes = random_saes(64, [1], model="tiny")
+    cfg = StoreConfig(max_tokens=6 * 2 * 32, ctx_len=32, batch_size=2, top_n=4, checkpoint_every=2, data=str(corpus_file))
+    build_feature_store(lm, saes, tmp_path / "whole", cfg, sae_spec="s", progress=False)
+    calls = {"n": 0}
+    real_update = LayerStats.update
+
+    def dying_update(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # batches 0-3 done, checkpoint at 4 written; killed inside batch 5
+            raise KeyboardInterrupt
+        return real_update(self, *a, **kw)
+
+    monkeypatch.setattr(LayerStats, "update", dying_update)
+    with pytest.raises(KeyboardInterrupt):
+        build_feature_store(lm, saes, tmp_path / "cut", cfg, sae_spec="s", progress=False)
+    monkeypatch.setattr(LayerStats, "update", real_update)
+    assert (tmp_path / "cut" / "partial" / "layer1-b4.safetensors").exists() and not (tmp_path / "cut" / "store.json").exists()
+    build_feature_store(lm, saes, tmp_path / "cut", cfg, sae_spec="s", resume=True, progress=False)
+    a, b = FeatureStore(tmp_path / "whole"), FeatureStore(tmp_path / "cut")
+    for name in ("fire_count", "act_sum", "hist", "top_acts", "top_tokens", "top_source", "logit_top_ids"):
+        assert torch.equal(a.tensor(1, name), b.tensor(1, name)), name
+    assert not (tmp_path / "cut" / "partial").exists()
+
+
+def test_store_errors_are_one_line(tmp_path):
+    with pytest.raises(SaescopeError, match="no feature store at"):
+        FeatureStore(tmp_path)
+    with pytest.raises(SaescopeError, match="max-tokens must be at least 1"):
+        StoreConfig(max_tokens=0)
+
+
+@torch.no_grad()
+def test_moe_routing_counts_equal_the_routers_own_choices(tiny_qwen3_moe, corpus_file, tmp_path):
+    lm = load_model(str(tiny_qwen3_moe))
+    ids = torch.randint(0, 500, (3, 16), generator=torch.Generator().manual_seed(0))
+    with record_routing(lm.model, [0, 1]) as routes:
+        out = lm.model(input_ids=ids, output_router_logits=True)
+    assert set(routes) == {0, 1}
+    for n in (0, 1):
+        want = out.router_logits[n].reshape(-1, 8).topk(2, dim=-1).indices
+        assert torch.equal(routes[n].sort(dim=1).values, want.sort(dim=1).values)
+        assert torch.equal(torch.bincount(routes[n].flatten(), minlength=8), torch.bincount(want.flatten(), minlength=8))
+
+    saes = random_saes(64, [0, 1], model="moe")
+    cfg = StoreConfig(max_tokens=3 * 2 * 32, ctx_len=32, batch_size=2, top_n=3, data=str(corpus_file))
+    build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="moe", progress=False)
+    store = FeatureStore(tmp_path / "fs")
+    assert store.meta["moe"] == {"n_experts": 8, "experts_per_token": 2}
+    counts = torch.zeros(64, 8, dtype=torch.int64)
+    tokens = torch.zeros(8, dtype=torch.int64)
+    stream = batches(iter_texts(str(corpus_file), split="train"), lm.tokenizer, ctx_len=32, batch_size=2, seed=0)
+    for _, ids in zip(range(3), stream):
+        with record_routing(lm.model, [1]) as routes:
+            x = capture(lm.model, ids, [1])[1].reshape(-1, 64)
+        keep = keep_typical(x, 5.0)
+        dense = saes[1].encode(x).dense(64) * keep[:, None]
+        for t in range(x.shape[0]):
+            if keep[t]:
+                tokens[routes[1][t]] += 1
+            for f in (dense[t] > 0).nonzero()[:, 0].tolist():
+                counts[f, routes[1][t]] += 1
+    assert torch.equal(store.tensor(1, "expert_counts"), counts)
+    assert torch.equal(store.tensor(1, "expert_tokens"), tokens)
+    f = int(counts.sum(1).argmax())
+    prof = store.feature(1, f)["experts"]
+    share = counts[f].double() / counts[f].sum()
+    assert prof["distribution"] == pytest.approx(share.tolist())
+    nz = share[share > 0]
+    assert prof["entropy_bits"] == pytest.approx(float(-(nz * nz.log2()).sum())) and prof["max_entropy_bits"] == math.log2(8)
+    per_expert = expert_features(store, 1, top=3, min_count=1)
+    assert len(per_expert) == 8 and abs(sum(e["token_share"] for e in per_expert) - 1) < 1e-9
+    code, out, err = run_cli("features", "experts", "--store", str(tmp_path / "fs"), "--layer", "1", "--top", "3")
+    assert code == 0 and out.count("expert ") == 8, err
+    code, out, err = run_cli("features", "show", "--store", str(tmp_path / "fs"), "--layer", "1", "--feature", str(f))
+    assert code == 0 and f"entropy {prof['entropy_bits']:.2f} of 3.00 bits" in out, err
