@@ -62,6 +62,6 @@ def test_steer_cli(tiny_sae_dir, tmp_path):
     assert code == 0, err
     assert "unsteered:" in out and "steered:" in out and "median token norm" in out and (tmp_path / "s.json").exists()
     code, _, err = run_cli("steer", "--sae", str(tiny_sae_dir), "--layer", "9", "--feature", "2", "--strength", "3", "--prompt", "x")
-    assert_one_line_error(code, err, "no SAEs found for layers [9]")
+    assert_one_line_error(code, err, "no SAE for layer 9 in")
     code, _, err = run_cli("steer", "--sae", str(tiny_sae_dir), "--layer", "1", "--feature", "999", "--strength", "3", "--prompt", "x")
     assert_one_line_error(code, err, "feature 999 is out of range")

@@ -75,12 +75,14 @@ class Scope:
             raise SaescopeError("no texts to encode")
         tok = self.lm.tokenizer
         ids = tok(list(texts))["input_ids"]
+        context = getattr(self.lm.model.config, "max_position_embeddings", None)
+        max_length = min(max_length, context) if context else max_length
         for i, x in enumerate(ids):
             if not x:
                 raise SaescopeError(f"text {i} is empty: it has no token to read features from")
             if len(x) > max_length:
-                warnings.warn(f"a text of {len(x)} tokens was cut to its first {max_length} (raise max_length, up to "
-                              "the model's context, to read more)", stacklevel=3)
+                why = "the model's context" if max_length == context else "raise max_length to read more"
+                warnings.warn(f"a text of {len(x)} tokens was cut to its first {max_length} ({why})", stacklevel=3)
                 ids[i] = x[:max_length]
         tok.padding_side = "right"
         enc = tok.pad({"input_ids": ids}, return_tensors="pt")

@@ -68,9 +68,13 @@ def test_long_texts_are_cut_with_a_warning(scope, real_texts):
     with pytest.warns(UserWarning, match="cut to its first 64"):
         res = inspect_texts(scope, [long], InspectConfig(max_length=64, top=2))
     assert len(res[0]["tokens"]) == 64
+    longer = " ".join(real_texts[:200])  # beyond the tiny model's 512-position context, whatever max_length says
+    with pytest.warns(UserWarning, match="cut to its first 512 \\(the model's context\\)"):
+        res = inspect_texts(scope, [longer], InspectConfig(max_length=100_000, top=2))
+    assert len(res[0]["tokens"]) == 512
 
 
-def test_inspect_cli_with_store_contrast_and_control(tiny_sae_dir, corpus_file, tmp_path):
+def test_inspect_cli_with_store_contrast_and_control(tiny_sae_dir, tiny_qwen3, corpus_file, tmp_path):
     code, out, err = run_cli("features", "build", "--sae", str(tiny_sae_dir), "--data", str(corpus_file), "--max-tokens", "2048",
                              "--ctx-len", "32", "--batch-size", "4", "--overwrite")
     assert code == 0, err
@@ -89,6 +93,13 @@ def test_inspect_cli_with_store_contrast_and_control(tiny_sae_dir, corpus_file, 
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["n_texts"] == 20 and res["n_baseline"] == 20 and set(res["control"]["best_rate_diff"]) == {"2"}
     assert "random control's best rate difference" in out
+    # SAEs in another format with the same weights: the store still applies to them (fingerprints match)
+    code, _, err = run_cli("export", "--sae", str(tiny_sae_dir), "--to", "saelens", "--out", str(tmp_path / "sl"))
+    assert code == 0, err
+    code, out, err = run_cli("inspect", "--sae", str(tmp_path / "sl"), "--model", str(tiny_qwen3), "--texts", "Natalia sold clips",
+                             "--layers", "1", "--store", str(tiny_sae_dir / "features"), "--out", str(tmp_path / "sl.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "sl.json").read_text())["texts"][0]["layers"]["1"][0]["contexts"]
 
 
 def test_inspect_cli_bad_input_is_one_line(tiny_sae_dir, tiny_qwen3, corpus_file, tmp_path):

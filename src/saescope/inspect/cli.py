@@ -129,8 +129,7 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         raise SaescopeError("--control gives the chance level of a contrast: use it with --baseline")
     cfg = InspectConfig(layers=_layers(a.layers), top=a.top, by=a.by, skip_first_token=not a.keep_first_token,
                         max_length=a.max_length)
-    scope = Scope.load(a.sae, a.model, k=a.k)
-    cfg.layers = scope.check_layers(cfg.layers)
+    scope = Scope.load(a.sae, a.model, layers=cfg.layers, k=a.k)  # only the layers asked for: 64K SAEs are large
     store = _store_for(a, scope)
     out = Path(a.out) if a.out else _default_out(a.sae, "inspect", "contrast.json" if baseline else "inspect.json")
     if baseline is None:

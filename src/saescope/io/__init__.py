@@ -101,8 +101,11 @@ def load_saes(spec: str | Path, *, layers: list[int] | None = None, k: int | Non
             n = sae.meta.get("layer", _layer_of(sub.name))
             if want(n):
                 found[n] = sae
-    if not found:
-        raise SaescopeError(f"{path}: no SAEs found" + (f" for layers {layers}" if layers else ""))
+    missing = sorted(set(layers or []) - set(found))
+    if missing or not found:
+        on_disk = sorted({_layer_of(p.name) for p in [*path.glob("layer*.safetensors"), *path.glob("layer*.sae.pt")]})
+        have = f" (it has layers {', '.join(map(str, on_disk))})" if on_disk else ""
+        raise SaescopeError(f"no SAE for layer {missing[0]} in {path}{have}" if missing else f"{path}: no SAEs found")
     for n, sae in found.items():
         sae.meta["layer"] = n
     return dict(sorted(found.items()))
