@@ -2,6 +2,7 @@
 
     python bench/throughput.py                       # SmolLM2, 30 layers, 16x-k50, 40 steps of 8 x 128 tokens
     python bench/throughput.py --peers ''            # saescope and the limit only
+    python bench/throughput.py --peers sparsify,sae-lens   # both peers (sae-lens: one layer per run, counted per layer)
     python bench/throughput.py --sweep               # also: width 4x/16x/64x and 1/10/30 layers
 
 The limit is 1 / (t_LM_forward + sum over layers of t_encoder_matmul) per token, each timed alone
@@ -136,6 +137,35 @@ def run_sparsify(args, model_dir, layers, expansion, k, train_batches, out: Path
             "saes": saes}
 
 
+def run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, out: Path, device) -> dict:
+    """sae-lens trains one hook point per run: train the middle layer, then count an all-layer job as one run per
+    layer: sum over layers of (LM forward stopped after that layer) + layers x the SAE's own step time."""
+    from saescope.sae import default_lr
+
+    layer = layers[len(layers) // 2]
+    out.mkdir(parents=True, exist_ok=True)
+    tokens_file = out / "tokens.pt"
+    torch.save(torch.cat(train_batches), tokens_file)
+    cmd = [args.peer_python, str(ROOT / "bench" / "peer_saelens.py"), "--model-dir", str(model_dir), "--tokens", str(tokens_file),
+           "--layer", str(layer), "--expansion", str(expansion), "--k", str(k), "--batch-size", str(args.batch_size),
+           "--lr", str(default_lr(expansion * lm.d_model)), "--model-dtype", args.model_dtype_peer,
+           "--threads", str(torch.get_num_threads()), "--device", str(device), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"sae-lens failed:\n{r.stderr[-3000:]}")
+    timing = json.loads((out / "timing.json").read_text())
+    ends = timing["step_end_times"]
+    w = min(args.warmup, len(ends) - 1)
+    t_step = statistics.median(b - a for a, b in zip(ends[w:], ends[w + 1 :]))
+    ids = train_batches[0].to(device)
+    t_lm = {n: _timed(lambda n=n: capture(lm.model, ids, [n]), device, reps=1) for n in layers}
+    t_sae = max(t_step - t_lm[layer], 1e-9)
+    per_step = args.batch_size * args.ctx_len
+    return {"tok_s": per_step / (sum(t_lm.values()) + len(layers) * t_sae), "one_layer_tok_s": per_step / t_step,
+            "layer": layer, "t_step_s": t_step, "t_sae_step_s": t_sae, "steps": len(ends), "peak_rss_mb": timing["peak_rss_mb"],
+            "peak_gpu_mb": timing["peak_gpu_mb"], "saes": {layer: next(iter(load_saes(out / "saelens").values()))}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -152,7 +182,7 @@ def main() -> None:
     p.add_argument("--sae-dtype", default="auto")
     p.add_argument("--model-dtype-peer", default=None, help="default: the same as saescope's")
     p.add_argument("--device", default="auto")
-    p.add_argument("--peers", default="sparsify")
+    p.add_argument("--peers", default="sparsify", help="comma list of sparsify, sae-lens ('' = none)")
     p.add_argument("--peer-python", default=os.environ.get("SAESCOPE_PEER_PYTHON", str(ROOT.parent / "peers-venv" / "bin" / "python")))
     p.add_argument("--sparsify-optimizer", default="adam")
     p.add_argument("--sweep", action="store_true")
@@ -192,11 +222,19 @@ def main() -> None:
     ours = run_saescope(lm, args, layers, expansion, k, args.steps, work / "saescope")
     rows = [{"trainer": "saescope", **{k2: v for k2, v in ours.items() if k2 != "saes"}, "fvu": fvu_on(ours["saes"], eval_acts)}]
     for peer in filter(None, args.peers.split(",")):
-        if peer != "sparsify":
-            raise SystemExit(f"unknown peer {peer}")
-        res = run_sparsify(args, model_dir, layers, expansion, k, train_batches, work / "sparsify")
-        rows.append({"trainer": f"sparsify ({args.sparsify_optimizer})", **{k2: v for k2, v in res.items() if k2 != "saes"},
-                     "fvu": fvu_on(res["saes"], eval_acts)})
+        if peer == "sparsify":
+            res = run_sparsify(args, model_dir, layers, expansion, k, train_batches, work / "sparsify")
+            rows.append({"trainer": f"sparsify ({args.sparsify_optimizer})", **{k2: v for k2, v in res.items() if k2 != "saes"},
+                         "fvu": fvu_on(res["saes"], eval_acts)})
+        elif peer == "sae-lens":
+            res = run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, work / "saelens", device)
+            n = res["layer"]
+            # FVU of one layer: sae-lens' and saescope's SAEs of that layer on the same held-out tokens
+            rows.append({"trainer": f"sae-lens (L{n})", **{k2: v for k2, v in res.items() if k2 != "saes"},
+                         "fvu": fvu_on({n: res["saes"][n]}, {n: eval_acts[n]}),
+                         "fvu_saescope_same_layer": fvu_on({n: ours["saes"][n]}, {n: eval_acts[n]})})
+        else:
+            raise SystemExit(f"unknown peer {peer}; use sparsify and/or sae-lens")
     if args.profile:
         cfg = TrainConfig(model=args.model, out=str(work / "profile"), preset=None, expansion=expansion, k=k, ctx_len=args.ctx_len,
                           batch_size=args.batch_size, max_tokens=10**9, checkpoint_every=10**9, log_every=10**6,
@@ -238,6 +276,11 @@ def main() -> None:
         mem = r["peak_gpu_mb"] if r["peak_gpu_mb"] else r["peak_rss_mb"]
         vs = f"{r['ratio_to_sparsify']:.2f}x" if peer else "-"
         print(f"{r['trainer']:<18} {r['tok_s']:8.0f} {r['ratio_to_limit']:8.0%} {vs:>11} {r['fvu'][0]:7.4f} {r['fvu'][1]:8.4f} {mem:9.0f}")
+    for r in rows:
+        if "fvu_saescope_same_layer" in r:
+            print(f"{r['trainer']}: one run trains layer {r['layer']} at {r['one_layer_tok_s']:.0f} tok/s; the row counts one such run "
+                  f"per layer; FVU at layer {r['layer']}: sae-lens {r['fvu'][0]:.4f} / saescope {r['fvu_saescope_same_layer'][0]:.4f} "
+                  f"(all tokens: {r['fvu'][1]:.4f} / {r['fvu_saescope_same_layer'][1]:.4f})")
     for s in sweep:
         print(f"sweep: {s['expansion']:>2}x, {s['layers']:>2} layers: {s['tok_s']:7.0f} tok/s, limit {s['limit_tok_s']:7.0f} ({s['ratio']:.0%})")
     result = {"machine": machine, "config": config, "limit": limit, "rows": rows, "sweep": sweep}

@@ -93,6 +93,26 @@ def test_saelens_with_b_dec_applied_to_input(tmp_path):
     _same(sae, z, xh, x)
 
 
+def test_saelens_rescale_acts_by_decoder_norm_is_folded_exactly(tmp_path):
+    """sae-lens' default top-k training SAE: pre-activations times ||W_dec[i]||, decoding with unit rows."""
+    g = torch.Generator().manual_seed(4)
+    W_enc, W_dec = torch.randn(12, 48, generator=g), torch.randn(48, 12, generator=g) * 3
+    b_enc, b_dec = torch.randn(48, generator=g), torch.randn(12, generator=g)
+    save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 12, "d_sae": 48, "k": 4,
+                                                   "apply_b_dec_to_input": False, "rescale_acts_by_decoder_norm": True}))
+    sae = load_saes(tmp_path)[0]
+    x = torch.randn(9, 12)
+    norm = W_dec.norm(dim=1)
+    pre = torch.relu((x @ W_enc + b_enc) * norm)
+    v, i = pre.topk(4, -1)
+    z = torch.zeros_like(pre).scatter(-1, i, v)
+    x_hat = (z / norm) @ W_dec + b_dec
+    code = sae.encode(x)
+    assert torch.allclose(sae.decode(code), x_hat, atol=1e-4)
+    assert torch.allclose(code.dense(48), z, atol=1e-4)  # the same latents with the same values
+
+
 def test_malformed_files_give_clear_errors(tmp_path):
     sae = _random_sae()
     save_native(sae, tmp_path, 0)

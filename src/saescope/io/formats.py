@@ -163,13 +163,17 @@ def load_saelens(folder: Path) -> TopKSAE:
         raise SaescopeError(f"{folder}: SAELens architecture {arch!r} is not a top-k SAE")
     if cfg.get("normalize_activations", "none") != "none":
         raise SaescopeError(f"{folder}: input normalisation {cfg['normalize_activations']!r} is not supported")
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise SaescopeError(f"{folder}: rescale_acts_by_decoder_norm SAEs are not supported")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if not k:
         raise SaescopeError(f"{folder}/cfg.json gives no k")
     t = _read_safetensors(folder / "sae_weights.safetensors")
-    sae = from_weights(t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"], k,
+    W_enc, b_enc, W_dec = t["W_enc"].T, t["b_enc"], t["W_dec"]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens scales pre-activations by ||W_dec[i]|| and decodes with unit rows; folding the norms into the
+        # encoder gives the same codes and reconstructions exactly.
+        norm = W_dec.norm(dim=1)
+        W_enc, b_enc, W_dec = W_enc * norm[:, None], b_enc * norm, W_dec / norm[:, None]
+    sae = from_weights(W_enc, b_enc, W_dec, t["b_dec"], k,
                        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)), origin=str(folder))
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
     m = re.search(r"(?:layers\.|blocks\.)(\d+)", hook)

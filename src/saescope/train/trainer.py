@@ -143,9 +143,13 @@ class Trainer:
         sae.compute_dtype = self.compute_dtype
         sae.meta = {"model": self.cfg.model or DEFAULT_MODEL, "hook": "decoder layer output",
                     "trained_by": "saescope"}
-        # fused Adam on GPU: one kernel for the four tensors instead of a dozen launches each.
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, **fused)
+        # Fused Adam: one pass over each tensor instead of a dozen. On GPU it saves launches; on CPU it is 4.7x
+        # faster than the foreach default (6.4 vs 29.9 ms per step for a 576 x 9216 SAE, 2 threads), which at
+        # 30 layers was a fifth of the step. Devices without a fused kernel keep the default.
+        try:
+            opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, fused=self.device.type in ("cuda", "cpu"))
+        except (RuntimeError, TypeError):
+            opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
         dev = self.device
         return LayerState(sae, opt, since_fired=torch.zeros(self.d_sae, dtype=torch.long, device=dev),
                           medians=torch.zeros(MEDIAN_WINDOW, device=dev),
