@@ -1,0 +1,61 @@
+"""CPU microbenchmarks behind the trainer's choices (one SAE layer, 576 x 9216, k 50, 1024 tokens, 2 threads):
+Adam step foreach vs fused, encoder matmul fp32 vs bf16, top-k direct vs chunked vs fused in row blocks.
+
+    python bench/micro.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+D_MODEL, D_SAE, K, TOKENS = 576, 9216, 50, 1024
+
+
+def timed(fn, reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def adam(**kw) -> float:
+    params = [torch.nn.Parameter(torch.randn(D_SAE, D_MODEL)), torch.nn.Parameter(torch.randn(D_SAE, D_MODEL)),
+              torch.nn.Parameter(torch.randn(D_SAE)), torch.nn.Parameter(torch.randn(D_MODEL))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=1e-4, **kw)
+    return timed(opt.step)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    for kw in ({}, {"foreach": False}, {"fused": True}):
+        print(f"Adam step {kw or 'default (foreach)'}: {adam(**kw):.1f} ms")
+    x, W, b = torch.randn(TOKENS, D_MODEL), torch.randn(D_SAE, D_MODEL) / D_MODEL**0.5, torch.zeros(D_SAE)
+    for dtype in (torch.float32, torch.bfloat16):
+        xx, WW, bb = x.to(dtype), W.to(dtype), b.to(dtype)
+        pre = F.linear(xx, WW, bb)
+        print(f"{dtype}: encoder matmul {timed(lambda: F.linear(xx, WW, bb)):.1f} ms, "
+              f"top-k {timed(lambda: pre.topk(K, dim=-1, sorted=False)):.1f} ms")
+    pre = F.linear(x, W, b)
+    for chunks in (2, 4, 8, 16, 32):
+        def chunked(c=chunks):
+            v, i = pre.view(TOKENS, c, -1).topk(K, dim=-1, sorted=False)
+            v2, j = v.reshape(TOKENS, -1).topk(K, dim=-1, sorted=False)
+            return v2, (i + torch.arange(c).view(1, c, 1) * (D_SAE // c)).reshape(TOKENS, -1).gather(1, j)
+        print(f"top-k in {chunks} chunks: {timed(chunked):.1f} ms")
+    print(f"matmul + top-k, whole batch: {timed(lambda: F.linear(x, W, b).topk(K, dim=-1, sorted=False)):.1f} ms")
+    for rows in (64, 128, 256, 512):
+        def blocked(r=rows):
+            parts = [F.linear(x[s : s + r], W, b).topk(K, dim=-1, sorted=False) for s in range(0, TOKENS, r)]
+            return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+        print(f"matmul + top-k in blocks of {rows} rows: {timed(blocked):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
