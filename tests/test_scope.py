@@ -63,3 +63,11 @@ def test_direction_is_a_unit_decoder_row(scope):
     assert torch.allclose(d.norm(), torch.tensor(1.0), atol=1e-5)
     with pytest.raises(SaescopeError):
         scope.direction(layer=0, feature=999)
+
+
+def test_load_refuses_to_guess_the_model(tmp_path):
+    from conftest import random_saes, save_saes
+
+    save_saes(random_saes(64, [0], model=""), tmp_path)
+    with pytest.raises(SaescopeError, match="do not name their model: pass --model"):
+        Scope.load(str(tmp_path))

@@ -56,6 +56,8 @@ class Scope:
              device: str | None = None, k: int | None = None) -> Scope:
         saes = load_saes(sae, layers=layers, k=k)
         model = model or next(iter(saes.values())).meta.get("model")
+        if not model:  # Qwen-Scope and SAELens files often do not say; guessing a default model would mislead
+            raise SaescopeError(f"the SAEs at {sae} do not name their model: pass --model (model=...)")
         return cls(load_model(model, dtype=dtype, device=device), saes)
 
     @property

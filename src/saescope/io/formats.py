@@ -177,7 +177,9 @@ def load_saelens(folder: Path) -> TopKSAE:
                        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)), origin=str(folder))
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
     m = re.search(r"(?:layers\.|blocks\.)(\d+)", hook)
-    sae.meta = {"origin": "saelens", "hook_name": hook, **({"layer": int(m.group(1))} if m else {})}
+    model = (cfg.get("metadata") or {}).get("model_name") or cfg.get("model_name")
+    sae.meta = {"origin": "saelens", "hook_name": hook, **({"layer": int(m.group(1))} if m else {}),
+                **({"model": model} if model else {})}
     return sae
 
 
