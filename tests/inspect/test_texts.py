@@ -59,6 +59,11 @@ def test_contrast_rates_are_counted_per_token_and_per_text(scope, real_texts):
         assert r["mean_diff"] == pytest.approx(float(acts["a"][f]) / tokens["a"] - float(acts["b"][f]) / tokens["b"], abs=1e-5)
     diffs = [r["rate_diff"] for r in res["layers"][0]["more_on_texts"]]
     assert diffs == sorted(diffs, reverse=True)
+    by_mean = contrast(scope, a, b, InspectConfig(layers=[0], top=64, rank="mean"))["layers"][0]["more_on_texts"]
+    means = [r["mean_diff"] for r in by_mean]
+    assert means == sorted(means, reverse=True) and {r["feature"] for r in by_mean} == set(rows)
+    with pytest.raises(SaescopeError, match="unknown contrast ranking"):
+        InspectConfig(rank="median")
     same = contrast(scope, a, a, InspectConfig(layers=[0], top=5))
     assert all(r["rate_diff"] == 0 for r in same["layers"][0]["more_on_texts"])
 

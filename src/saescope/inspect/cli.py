@@ -27,6 +27,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--limit", type=int, help="at most this many texts per set (a seeded random subset)")
     p.add_argument("--by", default="max", choices=["max", "sum"], help="rank a text's features by max or summed activation")
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--rank", default="rate", choices=["rate", "mean"],
+                   help="contrast mode: rank by firing-rate difference or by mean-activation difference")
     p.add_argument("--keep-first-token", action="store_true", help="count the first token (the attention sink) too")
     p.add_argument("--max-length", type=int, default=512, help="longer texts are cut, with a warning")
     p.add_argument("--store", help="feature store for frequencies and contexts (default: SAE/features when present)")
@@ -128,7 +130,7 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     if a.control and baseline is None:
         raise SaescopeError("--control gives the chance level of a contrast: use it with --baseline")
     cfg = InspectConfig(layers=_layers(a.layers), top=a.top, by=a.by, skip_first_token=not a.keep_first_token,
-                        max_length=a.max_length)
+                        max_length=a.max_length, rank=a.rank)
     scope = Scope.load(a.sae, a.model, layers=cfg.layers, k=a.k)  # only the layers asked for: 64K SAEs are large
     store = _store_for(a, scope)
     out = Path(a.out) if a.out else _default_out(a.sae, "inspect", "contrast.json" if baseline else "inspect.json")
@@ -144,8 +146,8 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         payload = {"mode": "inspect", "sae": a.sae, "by": a.by, "store": str(store.path) if store else None, "texts": res}
     else:
         res = contrast(scope, texts, baseline, cfg, store)
-        payload = {"mode": "contrast", "sae": a.sae, "texts": a.texts, "baseline": a.baseline, "store": str(store.path) if store else None,
-                   **res}
+        payload = {"mode": "contrast", "sae": a.sae, "texts": a.texts, "baseline": a.baseline, "rank": a.rank,
+                   "store": str(store.path) if store else None, **res}
         if a.control:
             ctl = Scope(scope.lm, load_control(a.control, scope.saes))
             payload["control"] = {"path": a.control, "best_rate_diff": chance_contrast(contrast(ctl, texts, baseline, cfg))}

@@ -176,7 +176,8 @@ def inspect_html(payload: dict) -> str:
     if payload["mode"] == "contrast":
         parts = [f"<h2>Contrast: {html.escape(str(payload['texts']))} vs {html.escape(str(payload['baseline']))}</h2>",
                  f'<p class="note">{payload["n_texts"]} texts against {payload["n_baseline"]}; features ranked by the '
-                 "difference of the share of tokens they fire on. Click a feature for its card in the browser.</p>"]
+                 + ("difference of their mean activation per token" if payload.get("rank") == "mean" else
+                    "difference of the share of tokens they fire on") + ". Click a feature for its card in the browser.</p>"]
         chance = (payload.get("control") or {}).get("best_rate_diff", {})
         for n, v in payload["layers"].items():
             head = f"<h3>Layer {n}</h3>"

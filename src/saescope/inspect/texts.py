@@ -22,6 +22,7 @@ from saescope.scope import Scope, TextCodes
 from saescope.system import release_heap
 
 RANKINGS = ("max", "sum")
+CONTRAST_RANKINGS = ("rate", "mean")
 
 
 @dataclass
@@ -32,10 +33,13 @@ class InspectConfig:
     skip_first_token: bool = True
     max_length: int = 512
     batch_size: int = 8
+    rank: str = "rate"  # contrast: by firing-rate difference or by mean-activation difference
 
     def __post_init__(self) -> None:
         if self.by not in RANKINGS:
             raise SaescopeError(f"unknown ranking {self.by!r}; use max or sum")
+        if self.rank not in CONTRAST_RANKINGS:
+            raise SaescopeError(f"unknown contrast ranking {self.rank!r}; use rate or mean")
         if self.top < 1:
             raise SaescopeError(f"--top must be at least 1, got {self.top}")
 
@@ -113,8 +117,9 @@ def contrast(scope: Scope, texts: Sequence[str], baseline: Sequence[str], cfg: I
     """Features ranked by how much more they fire on `texts` than on `baseline`, per layer.
 
     rate = share of the set's tokens on which the feature fires; mean = activation summed over the set's tokens
-    / tokens; text_rate = share of the set's texts in which it fires at least once. Ranked by rate difference,
-    ties by mean difference; the most negative (fire more on the baseline) are listed too."""
+    / tokens; text_rate = share of the set's texts in which it fires at least once. Ranked by rate difference
+    (ties by mean difference), or with cfg.rank="mean" by mean difference; the other end of the ranking
+    (features that fire more on the baseline) is listed too."""
     texts, baseline = _check_texts(texts, "text"), _check_texts(baseline, "baseline text")
     layers = scope.check_layers(cfg.layers)
     a, b = _set_stats(scope, texts, cfg, layers), _set_stats(scope, baseline, cfg, layers)
@@ -123,8 +128,11 @@ def contrast(scope: Scope, texts: Sequence[str], baseline: Sequence[str], cfg: I
         rate_a, rate_b = a[n]["fires"] / a[n]["tokens"], b[n]["fires"] / b[n]["tokens"]
         mean_a, mean_b = a[n]["act"] / a[n]["tokens"], b[n]["act"] / b[n]["tokens"]
         trate_a, trate_b = a[n]["texts"] / len(texts), b[n]["texts"] / len(baseline)
-        diff = rate_a - rate_b
-        key = diff + 1e-9 * (mean_a - mean_b) / (mean_a - mean_b).abs().max().clamp(min=1e-12)
+        diff, mean_diff = rate_a - rate_b, mean_a - mean_b
+        if cfg.rank == "rate":
+            key = diff + 1e-9 * mean_diff / mean_diff.abs().max().clamp(min=1e-12)
+        else:
+            key = mean_diff + 1e-9 * diff / diff.abs().max().clamp(min=1e-12)
 
         def rows(order: torch.Tensor) -> list[dict]:
             got = []
