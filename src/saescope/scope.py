@@ -69,26 +69,26 @@ class Scope:
             self.sae(n)
         return sorted(set(layers)) if layers else self.layers
 
-    def _tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
-        """Pad a batch; texts longer than max_length are cut to their first max_length tokens, with a warning."""
-        if isinstance(texts, str):
-            texts = [texts]
+    def _token_ids(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Token ids of each text; texts longer than max_length (or the model's context) are cut, with a warning."""
         if not texts:
             raise SaescopeError("no texts to encode")
-        tok = self.lm.tokenizer
-        ids = tok(list(texts))["input_ids"]
+        ids = self.lm.tokenizer(list(texts))["input_ids"]
         context = getattr(self.lm.model.config, "max_position_embeddings", None)
         max_length = min(max_length, context) if context else max_length
         for i, x in enumerate(ids):
             if not x:
-                raise SaescopeError(f"text {i} is empty: it has no token to read features from")
+                raise SaescopeError(f"text {i} (of {len(texts)}) is empty: it has no token to read features from")
             if len(x) > max_length:
                 why = "the model's context" if max_length == context else "raise max_length to read more"
                 warnings.warn(f"a text of {len(x)} tokens was cut to its first {max_length} ({why})", stacklevel=3)
                 ids[i] = x[:max_length]
+        return ids
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, Tensor]:
+        tok = self.lm.tokenizer
         tok.padding_side = "right"
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
-        return {k: v.to(self.lm.device) for k, v in enc.items()}
+        return {k: v.to(self.lm.device) for k, v in tok.pad({"input_ids": ids}, return_tensors="pt").items()}
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], *, layers: list[int] | None = None, batch_size: int = 8,
@@ -98,7 +98,7 @@ class Scope:
         layers = self.check_layers(layers)
         out: list[TextCodes] = []
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not progress or len(texts) <= batch_size):
-            enc = self._tokenize(texts[start : start + batch_size], max_length)
+            enc = self._pad(self._token_ids(texts[start : start + batch_size], max_length))
             acts = capture(self.lm.model, enc["input_ids"], layers, attention_mask=enc["attention_mask"])
             codes = {n: self.saes[n].encode(acts[n].reshape(-1, acts[n].shape[-1]).float()) for n in layers}
             seq = enc["input_ids"].shape[1]
@@ -138,13 +138,8 @@ class Scope:
                 if n not in saes:
                     raise SaescopeError(f"no SAE for layer {n} in the {name} set (have {sorted(saes)})")
                 saes[n].to(self.lm.device)
-        tok = self.lm.tokenizer
-        tok.padding_side = "right"
-        ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]  # once; batches only pad
+        ids = self._token_ids(texts, max_length)  # once; batches only pad
         lengths = [len(x) for x in ids]
-        empty = [i for i, n in enumerate(lengths) if n == 0]
-        if empty:
-            raise SaescopeError(f"text {empty[0]} (of {len(texts)}) is empty: it has no token to read features from")
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         # Batches hold at most batch_size texts and batch_size * 128 padded tokens: peak memory is set by the
         # budget, not by the longest prompt in the set (a few 512-token prompts would otherwise triple it).
@@ -154,7 +149,7 @@ class Scope:
                 batches.append([])
             batches[-1].append(i)
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress or len(batches) <= 1):
-            enc = {k: v.to(self.lm.device) for k, v in tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").items()}
+            enc = self._pad([ids[i] for i in idx])
             acts = capture(self.lm.model, enc["input_ids"], layers, attention_mask=enc["attention_mask"])
             n_tok = enc["attention_mask"].sum(1)
             rows = torch.arange(len(idx), device=n_tok.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import resource
+from pathlib import Path
 
 
 def release_heap() -> None:
@@ -18,7 +19,7 @@ def release_heap() -> None:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB: VmHWM (ru_maxrss would carry a parent's peak over exec)."""
     try:
-        for line in open("/proc/self/status"):
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:

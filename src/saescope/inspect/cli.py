@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from saescope.errors import SaescopeError
@@ -173,9 +172,7 @@ def _build(a: argparse.Namespace) -> None:
     from saescope.cli import _layers
     from saescope.inspect.render import write_browser_section
     from saescope.inspect.store import FeatureStore, StoreConfig, build_feature_store
-    from saescope.io import atomic_write_json
     from saescope.scope import Scope
-    from saescope.system import peak_rss_mb
 
     cfg = StoreConfig(max_tokens=a.max_tokens, ctx_len=a.ctx_len, batch_size=a.batch_size, top_n=a.top_n,
                       checkpoint_every=a.checkpoint_every, data=a.data, text_column=a.text_column)
@@ -184,12 +181,9 @@ def _build(a: argparse.Namespace) -> None:
     sae_name = str(Path(a.sae).resolve()) if Path(a.sae).exists() else a.sae
     print(f"feature store for {len(scope.layers)} layers x {next(iter(scope.saes.values())).cfg.d_sae} features over "
           f"{cfg.n_batches * cfg.batch_size * cfg.ctx_len} tokens -> {out}")
-    started = time.perf_counter()
     build_feature_store(scope.lm, scope.saes, out, cfg, sae_spec=sae_name, resume=a.resume, overwrite=a.overwrite)
-    seconds, rss = time.perf_counter() - started, peak_rss_mb()
     store = FeatureStore(out)
-    store.meta["build"] = {"seconds": round(seconds, 1), "peak_rss_mb": round(rss), "device": str(scope.lm.device)}
-    atomic_write_json(out / "store.json", store.meta)
+    seconds, rss = store.meta["build"]["seconds"], store.meta["build"]["peak_rss_mb"]
     for n in store.layers:
         freq = store.frequencies(n)
         print(f"  layer {n:>3}: {int((freq > 0).sum())} of {len(freq)} features fired; "

@@ -17,7 +17,6 @@ import json
 import threading
 from pathlib import Path
 
-import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -25,10 +24,10 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from saescope.errors import SaescopeError
-from saescope.inspect.store import FeatureStore
-from saescope.models import token_strings, unembed
+from saescope.inspect.store import FeatureStore, logit_lens
+from saescope.models import token_strings
 from saescope.scope import Scope
-from saescope.steer import feature_vector, generate, steering
+from saescope.steer import steered_pair
 
 MAX_CHARS = 8000
 MAX_TOKENS = 512
@@ -115,13 +114,13 @@ class App:
         feature = self._feature(layer, feature)
         if self.store is not None and layer in self.store.layers:
             return {"source": "store", **self.store.feature(layer, feature, contexts=8)}
-        with self.lock, torch.no_grad():
-            logits = unembed(self.scope.lm.model, self.scope.saes[layer].W_dec[feature][None]).float()[0]
+        with self.lock:
+            up_ids, up, down_ids, down = (t[0].tolist() for t in logit_lens(self.scope.lm.model,
+                                                                          self.scope.saes[layer].W_dec[feature][None], 10))
         tok = self.scope.lm.tokenizer
-        hi, lo = logits.topk(10), (-logits).topk(10)
         return {"source": "decoder", "layer": layer, "feature": feature, "contexts": [],
-                "promoted": [[t, float(v)] for t, v in zip(token_strings(tok, hi.indices.tolist()), hi.values)],
-                "suppressed": [[t, -float(v)] for t, v in zip(token_strings(tok, lo.indices.tolist()), lo.values)]}
+                "promoted": [list(p) for p in zip(token_strings(tok, up_ids), up)],
+                "suppressed": [list(p) for p in zip(token_strings(tok, down_ids), down)]}
 
     def steer(self, body: dict) -> dict:
         prompt = _text(body, "prompt")
@@ -135,12 +134,10 @@ class App:
                 raise HTTPError(422, f"the strength of feature {f} must be a number")
             features[self._feature(layer, f)] = float(strength)
         new = _number(body, "max_new_tokens", int, 30, 1, MAX_NEW_TOKENS)
-        lm = self.scope.lm
         with self.lock:
-            plain = generate(lm, prompt, max_new_tokens=new)
-            with steering(lm.model, layer=layer, vector=feature_vector(self.scope.saes[layer], features)):
-                steered = generate(lm, prompt, max_new_tokens=new)
-        return {"prompt": prompt, "layer": layer, "features": features, "unsteered": plain, "steered": steered}
+            pair = steered_pair(self.scope.lm, self.scope.saes[layer], layer=layer, features=features, prompt=prompt,
+                                max_new_tokens=new)
+        return {**pair, "layer": layer, "features": features}
 
 
 def create_app(scope: Scope, store: FeatureStore | None = None) -> Starlette:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from saescope.errors import SaescopeError
 from saescope.io import atomic_write_bytes, atomic_write_json, fingerprint, read_json
 from saescope.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembed
 from saescope.sae import SparseCode, TopKSAE
-from saescope.system import release_heap
+from saescope.system import peak_rss_mb, release_heap
 
 FORMAT = "saescope-features"
 VERSION = 1
@@ -81,6 +82,15 @@ class StoreConfig:
     @property
     def n_batches(self) -> int:
         return math.ceil(self.max_tokens / (self.ctx_len * self.batch_size))
+
+
+@torch.no_grad()
+def logit_lens(model, directions: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per direction (rows of `directions`), the k tokens it promotes most and the k it suppresses most through the
+    model's final norm and unembedding: (top ids int32, their logits, bottom ids int32, their logits)."""
+    logits = unembed(model, directions.detach()).float()
+    hi, lo = logits.topk(k, dim=1), (-logits).topk(k, dim=1)
+    return hi.indices.int(), hi.values, lo.indices.int(), -lo.values
 
 
 class LayerStats:
@@ -142,15 +152,9 @@ class LayerStats:
         t["top_acts"] = new_acts
 
     def logit_lens(self, model, sae: TopKSAE, chunk: int = 256) -> None:
-        L = self.cfg.logit_k
-        top_ids, top_vals, bot_ids, bot_vals = [], [], [], []
-        for start in range(0, self.d, chunk):
-            logits = unembed(model, sae.W_dec.detach()[start : start + chunk]).float()
-            hi, lo = logits.topk(L, dim=1), (-logits).topk(L, dim=1)
-            top_ids.append(hi.indices.int()), top_vals.append(hi.values)
-            bot_ids.append(lo.indices.int()), bot_vals.append(-lo.values)
-        self.t.update(logit_top_ids=torch.cat(top_ids), logit_top_vals=torch.cat(top_vals),
-                      logit_bottom_ids=torch.cat(bot_ids), logit_bottom_vals=torch.cat(bot_vals))
+        parts = [logit_lens(model, sae.W_dec[start : start + chunk], self.cfg.logit_k) for start in range(0, self.d, chunk)]
+        names = ("logit_top_ids", "logit_top_vals", "logit_bottom_ids", "logit_bottom_vals")
+        self.t.update({name: torch.cat(col) for name, col in zip(names, zip(*parts))})
 
     def to_bytes(self) -> bytes:
         return save({name: v.detach().cpu().contiguous() for name, v in self.t.items()})
@@ -172,6 +176,7 @@ def _settings(cfg: StoreConfig, sae_spec: str, lm: LoadedModel, saes: dict[int, 
 def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Path, cfg: StoreConfig, *,
                         sae_spec: str, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """One pass over cfg.data (default: the embedded corpus) that writes the feature store of `saes` to OUT."""
+    started = time.perf_counter()
     out = Path(out)
     partial = out / "partial"
     if (out / "store.json").exists() and not overwrite:
@@ -242,7 +247,9 @@ def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Pa
     ids_sorted = sorted(used)
     atomic_write_json(out / "tokens.json", dict(zip(map(str, ids_sorted), token_strings(lm.tokenizer, ids_sorted))))
     settings.update(batches=done, tokens=done * cfg.batch_size * cfg.ctx_len,
-                    counted_tokens={str(n): int(stats[n].t["kept_tokens"]) for n in layers})
+                    counted_tokens={str(n): int(stats[n].t["kept_tokens"]) for n in layers},
+                    build={"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb()),
+                           "device": str(device)})
     atomic_write_json(out / "store.json", settings)
     shutil.rmtree(partial, ignore_errors=True)
     return out
