@@ -1,5 +1,7 @@
 """CPU microbenchmarks behind the trainer's choices (one SAE layer, 576 x 9216, k 50, 1024 tokens, 2 threads):
-Adam step foreach vs fused, encoder matmul fp32 vs bf16, top-k direct vs chunked vs fused in row blocks.
+Adam step foreach vs fused, encoder matmul fp32 vs bf16 and into a fresh vs a reused buffer, top-k direct vs
+chunked vs fused in row blocks vs saescope's group-maxima top_k (widths 4x/16x/64x), and the decoder backward
+(torch's embedding_bag backward vs saescope's grouped sum).
 
     python bench/micro.py
 """
@@ -10,6 +12,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from saescope.sae.topk import Workspace, sparse_decode, top_k
 
 D_MODEL, D_SAE, K, TOKENS = 576, 9216, 50, 1024
 
@@ -55,6 +59,26 @@ def main() -> None:
             parts = [F.linear(x[s : s + r], W, b).topk(K, dim=-1, sorted=False) for s in range(0, TOKENS, r)]
             return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
         print(f"matmul + top-k in blocks of {rows} rows: {timed(blocked):.1f} ms")
+    ws = Workspace()
+    reused = ws.pre_activations(TOKENS, D_SAE, torch.float32, x.device)
+    print(f"encoder matmul into a fresh tensor {timed(lambda: F.linear(x, W, b)):.1f} ms, "
+          f"into the reused workspace {timed(lambda: torch.addmm(b, x, W.T, out=reused)):.1f} ms")
+    for d_sae in (4 * D_MODEL, D_SAE, 64 * D_MODEL):
+        p = F.linear(x, torch.randn(d_sae, D_MODEL) / D_MODEL**0.5)
+        print(f"d_sae {d_sae}: torch.topk {timed(lambda p=p: p.topk(K, dim=-1, sorted=False)):.1f} ms, "
+              f"saescope top_k {timed(lambda p=p: top_k(p, K)):.1f} ms")
+    values, idx = top_k(pre, K)
+    values = values.relu().requires_grad_()
+    W_dec = torch.nn.Parameter(W.clone())
+    grad_out = torch.randn(TOKENS, D_MODEL)
+
+    def backward(decode):
+        values.grad = W_dec.grad = None
+        decode().backward(grad_out)
+
+    torch_bag = lambda: F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=values)  # noqa: E731
+    print(f"decoder forward + backward: torch embedding_bag {timed(lambda: backward(torch_bag)):.1f} ms, "
+          f"saescope sparse_decode {timed(lambda: backward(lambda: sparse_decode(idx, values, W_dec))):.1f} ms")
 
 
 if __name__ == "__main__":

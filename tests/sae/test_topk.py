@@ -4,10 +4,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from saescope.errors import SaescopeError
-from saescope.sae import SAEConfig, SparseCode, TopKSAE, default_lr, latent_weighted_sum
+from saescope.sae import SAEConfig, SparseCode, TopKSAE, Workspace, default_lr, latent_weighted_sum
+from saescope.sae.topk import LatentGroups, top_k
 
 
-def _sae(d_model=16, d_sae=64, k=4, seed=0) -> TopKSAE:
+def _sae(d_model: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0) -> TopKSAE:
     torch.manual_seed(seed)
     sae = TopKSAE(SAEConfig(d_model, d_sae, k), dtype=torch.float64)
     sae.init_tied(torch.Generator().manual_seed(seed))
@@ -37,12 +38,17 @@ def _dense_reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_forward_and_gradients_match_dense_reference(with_dead):
-    sae = _sae()
+@pytest.mark.parametrize("d_sae", [64, 1024])  # 1024: top-k through two levels of group maxima
+@pytest.mark.parametrize("workspace", [None, Workspace()])
+def test_forward_and_gradients_match_dense_reference(with_dead, d_sae, workspace):
+    sae = _sae(d_sae=d_sae)
     x = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
-    dead = torch.zeros(64, dtype=torch.bool)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[:20] = True
-    out = sae(x, dead if with_dead else None)
+    out = sae(x, dead if with_dead else None, workspace=workspace)
+    if workspace is not None:  # the buffer is reused, not regrown, by a second smaller batch
+        buffer = workspace.pre_activations(32, d_sae, torch.float64, x.device)
+        assert workspace.pre_activations(16, d_sae, torch.float64, x.device).data_ptr() == buffer.data_ptr()
     (out.fvu + out.auxk_fvu).backward()
     got = [p.grad.clone() for p in sae.parameters()] + [x.grad.clone()]
     sae.zero_grad()
@@ -82,6 +88,34 @@ def test_latent_weighted_sum_equals_dense(n, k, d_sae, seed):
     rows = torch.randn(n, 5, generator=g, dtype=torch.float64)
     dense = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, idx, w)
     assert torch.allclose(latent_weighted_sum(idx, w, rows, d_sae), dense.T @ rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), groups=st.integers(1, 40), block=st.sampled_from([2, 4, 8]), k=st.integers(1, 30),
+       levels=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_top_k_selects_what_torch_topk_selects(n, groups, block, k, levels, seed):
+    """Same values as torch.topk, at columns holding them, no column twice; small integers make many ties,
+    and -inf entries (AuxK's masked live latents) must not matter."""
+    d = groups * block
+    k = min(k, d)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-levels, levels + 1, (n, d), generator=g).float()
+    x[torch.rand(n, d, generator=g) < 0.2] = float("-inf")
+    values, cols = top_k(x, k, block=block)
+    want = x.topk(k, dim=-1).values
+    assert torch.equal(values.sort(-1, descending=True).values, want)
+    assert torch.equal(x.gather(1, cols), values)
+    assert all(len(set(row.tolist())) == k for row in cols)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 6), d_sae=st.integers(6, 50), seed=st.integers(0, 10_000))
+def test_latent_groups_sum_equals_dense(n, k, d_sae, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(n)])
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    dense = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, idx, w)
+    assert torch.allclose(LatentGroups(idx, d_sae).sum(w), dense.sum(0))
 
 
 def test_decoder_norm_constraint():

@@ -27,7 +27,7 @@ from saescope.io import atomic_write_json, resolve_run, save_native
 from saescope.io.formats import atomic_write_bytes, load_native
 from saescope.models import LoadedModel, capture, load_model
 from saescope.models.builtin import DEFAULT_MODEL
-from saescope.sae import SAEConfig, TopKSAE, default_lr
+from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.train.config import TrainConfig, parse_layers
 
 MEDIAN_WINDOW = 256  # batch medians kept for the running median of activation norms
@@ -123,6 +123,7 @@ class Trainer:
         self.batches_done = 0
         self.tokens = 0
         self.states: dict[int, LayerState] = {}
+        self.workspace = Workspace()  # one pre-activation buffer for all layers, stepped one after the other
         for n in self.layers:
             sae = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k), device=self.device)
             sae.init_tied(self._init_generator(n))
@@ -211,7 +212,7 @@ class Trainer:
         s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
         variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
         dead = st.since_fired >= self.cfg.dead_tokens if n_dead else None
-        out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance)
+        out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance, workspace=self.workspace)
         loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
