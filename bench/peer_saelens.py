@@ -9,12 +9,11 @@ layer, as sae-lens' activation store does with `stop_at_layer`), so each step's 
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from peer_common import load_peer_model, peer_arguments, write_timing
 
 
 class _Stop(Exception):
@@ -22,30 +21,16 @@ class _Stop(Exception):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--tokens", required=True, help="torch file with a (n_chunks, ctx_len) LongTensor")
+    p = peer_arguments(__doc__)
     p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--expansion", type=int, required=True)
-    p.add_argument("--k", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True, help="sequences per step")
     p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--model-dtype", default="fp32")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    model, tokens = load_peer_model(a)
 
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
-    from transformers import AutoModelForCausalLM
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.model_dtype]
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype).to(a.device).eval()
-    tokens = torch.load(a.tokens, weights_only=True)
     d_model = model.config.hidden_size
     got: dict[str, torch.Tensor] = {}
 
@@ -79,10 +64,7 @@ def main() -> None:
     step_ends.append(time.perf_counter() - start)
     sae.fold_W_dec_norm()  # unit decoder rows, the scale moved into the encoder: the same SAE, loadable by anyone
     sae.save_model(Path(a.out) / "saelens")
-    rss_mb = next(int(ln.split()[1]) / 1024 for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
-    Path(a.out, "timing.json").write_text(json.dumps({"step_end_times": step_ends[1:], "peak_rss_mb": rss_mb,
-                                                      "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
-                                                      if torch.cuda.is_available() else None}))
+    write_timing(a.out, step_ends[1:])
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ as saescope's filter does; the unfiltered FVU is printed beside it). Peers run i
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,13 @@ def _timed(fn, device, reps=5) -> float:
         _sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _scratch() -> Path:
+    """A temporary folder removed at exit: every trainer writes GBs of checkpoints (3.6 GB for 30 layers at 16x)."""
+    path = Path(tempfile.mkdtemp(prefix="saescope-bench-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def token_batches(tokenizer, ctx_len, batch_size, n, split="train"):
@@ -112,6 +121,7 @@ def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
     trainer = Trainer(cfg, lm=lm)
     trainer.fit()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the SAEs stay in memory
     w = min(args.warmup, len(log) - 1)
     secs = log[-1]["elapsed_s"] - log[w - 1]["elapsed_s"] if w > 0 else log[-1]["elapsed_s"]
     tokens = (log[-1]["step"] - (log[w - 1]["step"] if w > 0 else 0)) * cfg.ctx_len * cfg.batch_size
@@ -121,25 +131,30 @@ def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
             "saes": {n: st.sae for n, st in trainer.states.items()}}
 
 
-def run_sparsify(args, model_dir, layers, expansion, k, train_batches, out: Path) -> dict:
+def _run_peer(args, script: str, options: list[str], train_batches, out: Path) -> dict:
+    """Run a peer script in the peers' venv on the benchmark's tokens; its timing.json, with warm-up steps cut."""
     out.mkdir(parents=True, exist_ok=True)
     tokens_file = out / "tokens.pt"
     torch.save(torch.cat(train_batches), tokens_file)
-    cmd = [args.peer_python, str(ROOT / "bench" / "peer_sparsify.py"), "--model-dir", str(model_dir), "--tokens", str(tokens_file),
-           "--layers", ",".join(map(str, layers)), "--expansion", str(expansion), "--k", str(k),
-           "--batch-size", str(args.batch_size), "--optimizer", args.sparsify_optimizer, "--model-dtype", args.model_dtype_peer,
-           "--threads", str(torch.get_num_threads()), "--device", str(resolve_device(args.device)), "--out", str(out)]
+    cmd = [args.peer_python, str(ROOT / "bench" / script), "--tokens", str(tokens_file), "--batch-size", str(args.batch_size),
+           "--model-dtype", args.model_dtype_peer, "--threads", str(torch.get_num_threads()),
+           "--device", str(resolve_device(args.device)), "--out", str(out), *options]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"sparsify failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"{script} failed:\n{r.stderr[-3000:]}")
     timing = json.loads((out / "timing.json").read_text())
-    ends = timing["step_end_times"]
-    w = min(args.warmup, len(ends) - 1)
-    tok_per_step = args.ctx_len * args.batch_size
-    tok_s = (len(ends) - w) * tok_per_step / (ends[-1] - (ends[w - 1] if w > 0 else 0))
-    saes = load_saes(out / "sparsify")
+    timing["warmup"] = min(args.warmup, len(timing["step_end_times"]) - 1)
+    return timing
+
+
+def run_sparsify(args, model_dir, layers, expansion, k, train_batches, out: Path) -> dict:
+    timing = _run_peer(args, "peer_sparsify.py", ["--model-dir", str(model_dir), "--layers", ",".join(map(str, layers)),
+                                                  "--expansion", str(expansion), "--k", str(k),
+                                                  "--optimizer", args.sparsify_optimizer], train_batches, out)
+    ends, w = timing["step_end_times"], timing["warmup"]
+    tok_s = (len(ends) - w) * args.ctx_len * args.batch_size / (ends[-1] - (ends[w - 1] if w > 0 else 0))
     return {"tok_s": tok_s, "steps": len(ends), "peak_rss_mb": timing["peak_rss_mb"], "peak_gpu_mb": timing["peak_gpu_mb"],
-            "saes": saes}
+            "saes": load_saes(out / "sparsify")}
 
 
 def run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, out: Path, device) -> dict:
@@ -148,19 +163,10 @@ def run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, out: P
     from saescope.sae import default_lr
 
     layer = layers[len(layers) // 2]
-    out.mkdir(parents=True, exist_ok=True)
-    tokens_file = out / "tokens.pt"
-    torch.save(torch.cat(train_batches), tokens_file)
-    cmd = [args.peer_python, str(ROOT / "bench" / "peer_saelens.py"), "--model-dir", str(model_dir), "--tokens", str(tokens_file),
-           "--layer", str(layer), "--expansion", str(expansion), "--k", str(k), "--batch-size", str(args.batch_size),
-           "--lr", str(default_lr(expansion * lm.d_model)), "--model-dtype", args.model_dtype_peer,
-           "--threads", str(torch.get_num_threads()), "--device", str(device), "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"sae-lens failed:\n{r.stderr[-3000:]}")
-    timing = json.loads((out / "timing.json").read_text())
-    ends = timing["step_end_times"]
-    w = min(args.warmup, len(ends) - 1)
+    timing = _run_peer(args, "peer_saelens.py", ["--model-dir", str(model_dir), "--layer", str(layer), "--expansion",
+                                                 str(expansion), "--k", str(k), "--lr", str(default_lr(expansion * lm.d_model))],
+                       train_batches, out)
+    ends, w = timing["step_end_times"], timing["warmup"]
     t_step = statistics.median(b - a for a, b in zip(ends[w:], ends[w + 1 :]))
     ids = train_batches[0].to(device)
     t_lm = {n: _timed(lambda n=n: capture(lm.model, ids, [n]), device, reps=1) for n in layers}
@@ -205,7 +211,7 @@ def main() -> None:
         model_dir = Path(args.model) if Path(args.model).exists() else builtin_model_dir(args.model)
         torch.manual_seed(0)
         rnd = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=model_dtype)
-        work = Path(tempfile.mkdtemp())
+        work = _scratch()
         rnd.save_pretrained(work)
         from transformers import AutoTokenizer
 
@@ -223,7 +229,7 @@ def main() -> None:
     eval_acts = {n: a.float() for n, a in eval_acts.items()}
 
     limit = measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)
-    work = Path(tempfile.mkdtemp())
+    work = _scratch()
     ours = run_saescope(lm, args, layers, expansion, k, args.steps, work / "saescope")
     rows = [{"trainer": "saescope", **{k2: v for k2, v in ours.items() if k2 != "saes"}, "fvu": fvu_on(ours["saes"], eval_acts)}]
     for peer in filter(None, args.peers.split(",")):

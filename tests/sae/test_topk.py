@@ -81,13 +81,14 @@ def test_encode_by_hand():
 
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 40), k=st.integers(1, 6), d_sae=st.integers(6, 50), seed=st.integers(0, 10_000))
-def test_latent_weighted_sum_equals_dense(n, k, d_sae, seed):
+def test_latent_sums_equal_dense(n, k, d_sae, seed):
     g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(n)])
     w = torch.randn(n, k, generator=g, dtype=torch.float64)
     rows = torch.randn(n, 5, generator=g, dtype=torch.float64)
     dense = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, idx, w)
     assert torch.allclose(latent_weighted_sum(idx, w, rows, d_sae), dense.T @ rows)
+    assert torch.allclose(LatentGroups(idx, d_sae).sum(w), dense.sum(0))
 
 
 @settings(max_examples=60, deadline=None)
@@ -106,16 +107,6 @@ def test_top_k_selects_what_torch_topk_selects(n, groups, block, k, levels, seed
     assert torch.equal(values.sort(-1, descending=True).values, want)
     assert torch.equal(x.gather(1, cols), values)
     assert all(len(set(row.tolist())) == k for row in cols)
-
-
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 40), k=st.integers(1, 6), d_sae=st.integers(6, 50), seed=st.integers(0, 10_000))
-def test_latent_groups_sum_equals_dense(n, k, d_sae, seed):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(n)])
-    w = torch.randn(n, k, generator=g, dtype=torch.float64)
-    dense = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, idx, w)
-    assert torch.allclose(LatentGroups(idx, d_sae).sum(w), dense.sum(0))
 
 
 def test_decoder_norm_constraint():

@@ -62,18 +62,24 @@ def test_resume_after_crash_equals_uninterrupted(tiny_qwen3, text_file, tmp_path
             assert torch.equal(got[n][p], want[n][p]), (n, p)
 
 
-def test_full_disk_keeps_previous_checkpoint(tiny_qwen3, text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 744534400")])
+def test_full_disk_keeps_previous_checkpoint(tiny_qwen3, text_file, tmp_path, monkeypatch, error):
+    """A failed write (torch.save says RuntimeError on a full disk) warns and keeps the previous checkpoint;
+    at the end of the run it is an error naming the checkpoint to resume from."""
     real_save = trainer_mod.save_native
     calls = {"n": 0}
 
     def failing_save(sae, folder, layer):
         calls["n"] += 1
         if calls["n"] > 3:  # the first checkpoint (3 layers) succeeds, later ones hit a full disk
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         real_save(sae, folder, layer)
 
     monkeypatch.setattr(trainer_mod, "save_native", failing_save)
-    with pytest.warns(UserWarning, match="No space left on device"):
+    reason = "No space left on device" if isinstance(error, OSError) else "unexpected pos"
+    final = "final checkpoint .step 12.* the latest valid one is checkpoints/step-00000004"
+    with pytest.warns(UserWarning, match=reason), pytest.raises(SaescopeError, match=final):
         Trainer(_cfg(tiny_qwen3, text_file, tmp_path)).fit()
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step-00000004"
     assert not list((tmp_path / "checkpoints").glob(".staging*"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -31,6 +32,18 @@ from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.train.config import TrainConfig, parse_layers
 
 MEDIAN_WINDOW = 256  # batch medians kept for the running median of activation norms
+
+
+def _write_error(exc: BaseException, folder: Path) -> str:
+    """One line saying why a checkpoint write failed."""
+    try:
+        if shutil.disk_usage(folder).free < 2**20:
+            return "no space left on device"
+    except OSError:
+        pass
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,6 +133,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
         self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
         self.step = 0
+        self.checkpoint_error = ""
         self.batches_done = 0
         self.tokens = 0
         self.states: dict[int, LayerState] = {}
@@ -282,7 +296,11 @@ class Trainer:
                 log.close()
         if self.step == 0:
             raise SaescopeError("the dataset is too small for one batch: lower --ctx-len/--batch-size or add data")
-        self.save_checkpoint()
+        if self.save_checkpoint() is None:
+            latest = (self.out / "latest").read_text().strip() if (self.out / "latest").exists() else None
+            raise SaescopeError(f"the final checkpoint (step {self.step}) could not be written to {self.out} "
+                                f"({self.checkpoint_error}); " + (f"the latest valid one is {latest}: free space and rerun with "
+                                                                  "--resume to finish from it" if latest else "no checkpoint was kept"))
         elapsed = time.perf_counter() - started
         return {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
                 "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
@@ -328,9 +346,11 @@ class Trainer:
                                 for n, st in self.states.items()}}
             if writer:
                 torch.save(state, staging / f"state-rank{self.dist.rank}.pt")
-        except OSError as exc:
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as its own error
             ok = torch.tensor(0)
-            warnings.warn(f"checkpoint at step {self.step} not written ({exc.strerror or exc}); the previous one stays valid",
+            self.checkpoint_error = _write_error(exc, self.out)
+            warnings.warn(f"checkpoint at step {self.step} not written ({self.checkpoint_error}); the previous one stays valid",
                           stacklevel=2)
             shutil.rmtree(staging, ignore_errors=True)
         if self.dist.on:
