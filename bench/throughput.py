@@ -252,7 +252,7 @@ def main() -> None:
                           model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
                           layers=",".join(map(str, layers)))
         trainer = Trainer(cfg, lm=lm)
-        trainer.save_checkpoint = lambda: None  # keep checkpoint I/O out of the profiled steps
+        trainer.save_checkpoint = lambda: trainer.out  # keep checkpoint I/O out of the profiled steps
         trainer.fit(stop_after_steps=2)
         acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts_list) as prof:

@@ -107,6 +107,8 @@ def test_top_k_selects_what_torch_topk_selects(n, groups, block, k, levels, seed
     assert torch.equal(values.sort(-1, descending=True).values, want)
     assert torch.equal(x.gather(1, cols), values)
     assert all(len(set(row.tolist())) == k for row in cols)
+    batched_values, batched_cols = top_k(x.reshape(1, n, d), k, block=block)  # leading dimensions are kept
+    assert torch.equal(batched_values[0], values) and torch.equal(batched_cols[0], cols)
 
 
 def test_decoder_norm_constraint():

@@ -90,9 +90,13 @@ def top_k(x: Tensor, k: int, *, block: int = 8) -> tuple[Tensor, Tensor]:
     values as torch.topk (indices may differ between equal values); 1.7-2.3x faster for widths 4x-64x
     at k 50 (bench/micro.py). On GPU torch.topk is already fast and is used as is.
     """
+    if x.dim() != 2:
+        values, cols = top_k(x.reshape(-1, x.shape[-1]), k, block=block)
+        return values.reshape(*x.shape[:-1], k), cols.reshape(*x.shape[:-1], k)
     n, d = x.shape
     groups = d // block
-    if x.device.type != "cpu" or d % block or groups < k:
+    # with fewer than 2k groups the candidates are half the row or more: no gain (AuxK at 4x width)
+    if x.device.type != "cpu" or d % block or groups < 2 * k:
         return x.topk(k, dim=-1, sorted=False)
     _, top_groups = top_k(x.reshape(n, block, groups).amax(1), k, block=block)
     offsets = torch.arange(0, d, groups, device=x.device)
@@ -198,7 +202,7 @@ class _SparseDecode(torch.autograd.Function):
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
     """(n, k) latents and their values -> (n, d_model), without the bias."""
     values = values.to(W_dec.dtype)
-    if W_dec.device.type != "cpu":  # the grouped backward is measured faster on CPU only; GPUs keep torch's
+    if W_dec.device.type != "cpu" or indices.shape[-1] == 0:  # the grouped backward is measured faster on CPU only; GPUs keep torch's
         return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
     return _SparseDecode.apply(indices, values, W_dec)
 

@@ -36,13 +36,13 @@ MEDIAN_WINDOW = 256  # batch medians kept for the running median of activation n
 
 def _write_error(exc: BaseException, folder: Path) -> str:
     """One line saying why a checkpoint write failed."""
-    try:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:  # torch.save and safetensors do not say that the disk is full
         if shutil.disk_usage(folder).free < 2**20:
             return "no space left on device"
     except OSError:
         pass
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
@@ -296,7 +296,9 @@ class Trainer:
                 log.close()
         if self.step == 0:
             raise SaescopeError("the dataset is too small for one batch: lower --ctx-len/--batch-size or add data")
-        if self.save_checkpoint() is None:
+        latest_name = f"checkpoints/step-{self.step:08d}"
+        already = (self.out / "latest").exists() and (self.out / "latest").read_text().strip() == latest_name
+        if not already and self.save_checkpoint() is None:
             latest = (self.out / "latest").read_text().strip() if (self.out / "latest").exists() else None
             raise SaescopeError(f"the final checkpoint (step {self.step}) could not be written to {self.out} "
                                 f"({self.checkpoint_error}); " + (f"the latest valid one is {latest}: free space and rerun with "
@@ -329,7 +331,9 @@ class Trainer:
         name = f"checkpoints/step-{self.step:08d}"
         folder = self.out / name
         staging = self.out / f"checkpoints/.staging-{self.step:08d}-rank{self.dist.rank}"
-        ok = torch.tensor(1)
+        # on the training device: NCCL reduces CUDA tensors only
+        ok = torch.tensor(1, device=self.device if self.dist.on else "cpu")
+        self.checkpoint_error = ""
         # In dp mode every rank holds the same SAEs and state: rank 0 writes them for all.
         writer = not (self.dist.dp and self.dist.rank > 0)
         try:
@@ -348,7 +352,7 @@ class Trainer:
                 torch.save(state, staging / f"state-rank{self.dist.rank}.pt")
         except (OSError, RuntimeError, SafetensorError) as exc:
             # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as its own error
-            ok = torch.tensor(0)
+            ok.fill_(0)
             self.checkpoint_error = _write_error(exc, self.out)
             warnings.warn(f"checkpoint at step {self.step} not written ({self.checkpoint_error}); the previous one stays valid",
                           stacklevel=2)
@@ -356,6 +360,8 @@ class Trainer:
         if self.dist.on:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
+            shutil.rmtree(staging, ignore_errors=True)  # every rank: the files of a rank whose own write succeeded too
+            self.checkpoint_error = self.checkpoint_error or "another rank could not write its part"
             return None
         folder.mkdir(parents=True, exist_ok=True)
         for f in staging.iterdir():
