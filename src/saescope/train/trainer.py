@@ -296,10 +296,8 @@ class Trainer:
                 log.close()
         if self.step == 0:
             raise SaescopeError("the dataset is too small for one batch: lower --ctx-len/--batch-size or add data")
-        latest_name = f"checkpoints/step-{self.step:08d}"
-        already = (self.out / "latest").exists() and (self.out / "latest").read_text().strip() == latest_name
-        if not already and self.save_checkpoint() is None:
-            latest = (self.out / "latest").read_text().strip() if (self.out / "latest").exists() else None
+        if self._latest() != self._checkpoint_name() and self.save_checkpoint() is None:
+            latest = self._latest()
             raise SaescopeError(f"the final checkpoint (step {self.step}) could not be written to {self.out} "
                                 f"({self.checkpoint_error}); " + (f"the latest valid one is {latest}: free space and rerun with "
                                                                   "--resume to finish from it" if latest else "no checkpoint was kept"))
@@ -322,13 +320,21 @@ class Trainer:
                 "tok_per_s": round(tok_per_s, 1), "layers": layers}
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_name(self) -> str:
+        return f"checkpoints/step-{self.step:08d}"
+
+    def _latest(self) -> str | None:
+        """The checkpoint that `latest` points at, relative to the run folder."""
+        pointer = self.out / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else None
+
     def save_checkpoint(self) -> Path | None:
         """Write every SAE and the training state to a new folder, then point `latest` at it.
 
         The previous checkpoint stays valid until the pointer moves; a failed write (full disk)
         leaves it untouched and is reported, and training goes on.
         """
-        name = f"checkpoints/step-{self.step:08d}"
+        name = self._checkpoint_name()
         folder = self.out / name
         staging = self.out / f"checkpoints/.staging-{self.step:08d}-rank{self.dist.rank}"
         # on the training device: NCCL reduces CUDA tensors only
@@ -356,7 +362,6 @@ class Trainer:
             self.checkpoint_error = _write_error(exc, self.out)
             warnings.warn(f"checkpoint at step {self.step} not written ({self.checkpoint_error}); the previous one stays valid",
                           stacklevel=2)
-            shutil.rmtree(staging, ignore_errors=True)
         if self.dist.on:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
@@ -377,7 +382,7 @@ class Trainer:
 
     def load_checkpoint(self) -> bool:
         """Restore the latest checkpoint of `out`, if any. Returns whether one was found."""
-        if not (self.out / "latest").exists():
+        if self._latest() is None:
             return False
         folder = resolve_run(self.out)
         path = folder / f"state-rank{0 if self.dist.dp else self.dist.rank}.pt"
