@@ -1,0 +1,178 @@
+// saescope's CPU kernels: the per-row passes that torch runs as several full sweeps over a
+// (tokens x d_sae) or (d_sae x d_model) matrix, done in one sweep each. Compiled once per machine
+// by saescope/sae/cpu_kernels.py (torch.utils.cpp_extension, -march=native); every op has a
+// pure-torch twin there, used when no compiler is at hand, and the tests compare the two.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+constexpr float INF = std::numeric_limits<float>::infinity();
+constexpr int64_t BLOCK = 32;  // measured: 32 beats 16 (fewer maxima to rank, few extra candidates)
+
+inline float nan_as_inf(float x) { return x != x ? INF : x; }
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous(), name,
+              ": a contiguous 2-d float32 CPU tensor is needed");
+}
+
+// The k largest of each row of (pre + bias), in no particular order; NaN ranks above everything,
+// as in torch.topk. Exact: the k block maxima are k elements >= T (the k-th largest block maximum),
+// so the k largest elements are all >= T; only those (usually little more than k) are ranked.
+// The bias is added on the fly, so the pre-activations stay a bare matmul output and AuxK can pass
+// a bias with -inf on the live latents instead of rewriting the matrix.
+std::tuple<at::Tensor, at::Tensor> topk_bias(const at::Tensor& pre, const at::Tensor& bias, int64_t k) {
+  check_rows(pre, "pre");
+  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.is_contiguous() &&
+                  bias.size(0) == pre.size(1), "bias: a contiguous float32 vector as wide as pre");
+  const int64_t n = pre.size(0), d = pre.size(1);
+  TORCH_CHECK(k >= 1 && k <= d, "k must be between 1 and the row width");
+  auto values = at::empty({n, k}, pre.options());
+  auto cols = at::empty({n, k}, pre.options().dtype(at::kLong));
+  const float* P = pre.data_ptr<float>();
+  const float* B = bias.data_ptr<float>();
+  float* V = values.data_ptr<float>();
+  int64_t* C = cols.data_ptr<int64_t>();
+  const int64_t nb = (d + BLOCK - 1) / BLOCK;
+  at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<float> maxima(nb), scratch(nb), cand_v;
+    std::vector<int64_t> cand_c, order;
+    cand_v.reserve(4 * k);
+    cand_c.reserve(4 * k);
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* row = P + r * d;
+      int64_t b = 0;
+#if defined(__AVX512F__)
+      for (; (b + 1) * BLOCK <= d; ++b) {
+        const float* p = row + b * BLOCK;
+        const float* q = B + b * BLOCK;
+        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(q));
+        const __m512 u = _mm512_add_ps(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(q + 16));
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q);
+        maxima[b] = nan ? INF : _mm512_reduce_max_ps(_mm512_max_ps(v, u));
+      }
+#endif
+      for (; b < nb; ++b) {
+        float m = -INF;
+        for (int64_t j = b * BLOCK, e = std::min(j + BLOCK, d); j < e; ++j) m = std::max(m, nan_as_inf(row[j] + B[j]));
+        maxima[b] = m;
+      }
+      float T = -INF;
+      if (nb > k) {
+        std::copy(maxima.begin(), maxima.end(), scratch.begin());
+        std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+        T = scratch[k - 1];
+      }
+      cand_v.clear();
+      cand_c.clear();
+      for (b = 0; b < nb; ++b) {
+        if (!(maxima[b] >= T)) continue;
+        int64_t j = b * BLOCK;
+        const int64_t e = std::min(j + BLOCK, d);
+#if defined(__AVX512F__)
+        for (; j + 16 <= e; j += 16) {
+          const __m512 v = _mm512_add_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(B + j));
+          __mmask16 hit = _mm512_cmp_ps_mask(v, _mm512_set1_ps(T), _CMP_NLT_UQ);  // >= T, or NaN
+          while (hit) {
+            const int t = __builtin_ctz(hit);
+            hit &= hit - 1;
+            cand_v.push_back(nan_as_inf(row[j + t] + B[j + t]));
+            cand_c.push_back(j + t);
+          }
+        }
+#endif
+        for (; j < e; ++j) {
+          const float x = nan_as_inf(row[j] + B[j]);
+          if (x >= T) {
+            cand_v.push_back(x);
+            cand_c.push_back(j);
+          }
+        }
+      }
+      const int64_t m = static_cast<int64_t>(cand_v.size());
+      order.resize(m);
+      std::iota(order.begin(), order.end(), int64_t{0});
+      if (m > k)
+        std::nth_element(order.begin(), order.begin() + (k - 1), order.end(),
+                         [&](int64_t a, int64_t c) { return cand_v[a] > cand_v[c]; });
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t c = cand_c[order[i]];
+        V[r * k + i] = row[c] + B[c];  // recomputed: a NaN stays NaN, as torch.topk returns it
+        C[r * k + i] = c;
+      }
+    }
+  });
+  return {values, cols};
+}
+
+// grad[i] -= (grad[i] . w[i]) w[i] for every row: the part of a unit-norm row's gradient that would
+// change its norm, removed in one pass (torch: a vecdot with a full-size temporary, then addcmul).
+at::Tensor project_rows_(at::Tensor grad, const at::Tensor& w) {
+  check_rows(grad, "grad");
+  check_rows(w, "w");
+  TORCH_CHECK(grad.sizes() == w.sizes(), "grad and w must have the same shape");
+  const int64_t n = w.size(0), d = w.size(1);
+  float* G = grad.data_ptr<float>();
+  const float* Wp = w.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* g = G + r * d;
+      const float* x = Wp + r * d;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < d; ++j) dot += g[j] * x[j];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) g[j] -= dot * x[j];
+    }
+  });
+  return grad;
+}
+
+// w[i] /= max(|w[i]|, eps) for every row, in one pass (torch: a norm pass, then a division pass).
+at::Tensor normalize_rows_(at::Tensor w, double eps) {
+  check_rows(w, "w");
+  const int64_t n = w.size(0), d = w.size(1);
+  float* Wp = w.data_ptr<float>();
+  const float floor = static_cast<float>(eps);
+  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* x = Wp + r * d;
+      float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < d; ++j) sq += x[j] * x[j];
+      const float scale = 1.f / std::max(std::sqrt(sq), floor);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) x[j] *= scale;
+    }
+  });
+  return w;
+}
+
+bool has_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+TORCH_LIBRARY(saescope_cpu, m) {
+  m.def("topk_bias(Tensor pre, Tensor bias, int k) -> (Tensor, Tensor)");
+  m.def("project_rows_(Tensor(a!) grad, Tensor w) -> Tensor(a!)");
+  m.def("normalize_rows_(Tensor(a!) w, float eps) -> Tensor(a!)");
+  m.def("has_avx512() -> bool", &has_avx512);
+  m.impl("topk_bias", c10::DispatchKey::CPU, TORCH_FN(topk_bias));
+  m.impl("project_rows_", c10::DispatchKey::CPU, TORCH_FN(project_rows_));
+  m.impl("normalize_rows_", c10::DispatchKey::CPU, TORCH_FN(normalize_rows_));
+}

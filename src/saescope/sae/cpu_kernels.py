@@ -1,0 +1,109 @@
+"""saescope's CPU kernels (cpu_kernels.cpp), compiled once per machine, with their pure-torch twins.
+
+Three per-row passes of a training step that torch runs as several sweeps over a large matrix:
+bias + top-k over the (tokens x d_sae) pre-activations, the decoder-gradient projection and the
+decoder-row normalisation. Each function here takes the kernel when it is built and applies (a
+float32, contiguous CPU tensor; top-k also needs AVX-512, which its fast path is written for) and
+the torch twin otherwise, so CUDA and machines without a C++ compiler run unchanged. The first use
+compiles the file with torch.utils.cpp_extension into saescope's cache (about 15 s on 2 cores);
+SAESCOPE_CPU_KERNELS=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from saescope.cache import cache_dir
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_loaded: dict[str, object] = {}
+
+
+def _cpu_flags() -> bytes:
+    """The build is -march=native: a cache shared by machines with other CPUs must not reuse it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.encode()
+    except OSError:
+        pass
+    return platform.processor().encode()
+
+
+def kernels():
+    """torch.ops.saescope_cpu, built for this machine on first use; None when off or not buildable."""
+    if "ops" in _loaded:
+        return _loaded["ops"]
+    _loaded["ops"] = None
+    if os.environ.get("SAESCOPE_CPU_KERNELS", "1") == "0":
+        _loaded["why_not"] = "turned off by SAESCOPE_CPU_KERNELS=0"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags() + torch.__version__.encode()).hexdigest()[:12]
+        name = f"saescope_cpu_{key}"
+        build = cache_dir() / "kernels" / name
+        build.mkdir(parents=True, exist_ok=True)
+        if not (build / f"{name}.so").exists():
+            print("saescope: compiling the CPU kernels for this machine (once, ~15 s)", file=sys.stderr, flush=True)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build), is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        _loaded["ops"] = torch.ops.saescope_cpu
+        _loaded["avx512"] = bool(torch.ops.saescope_cpu.has_avx512())
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: the torch twins do the same maths
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        _loaded["why_not"] = f"could not be built: {reason}"
+        warnings.warn(f"saescope: CPU kernels not built ({reason}); using the slower pure-torch path", stacklevel=2)
+    return _loaded["ops"]
+
+
+def why_not_built() -> str:
+    """Why `kernels()` is None (empty when they are built)."""
+    return "" if kernels() is not None else str(_loaded.get("why_not", ""))
+
+
+def _fits(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def fused_top_k_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a contiguous (n, d) matrix of this device and dtype gets the fused top-k."""
+    return device.type == "cpu" and dtype == torch.float32 and kernels() is not None and bool(_loaded.get("avx512"))
+
+
+def fused_top_k_applies(pre: Tensor) -> bool:
+    """Whether `topk_with_bias` takes the kernel for this matrix (else the caller's torch path is faster)."""
+    return pre.dim() == 2 and pre.is_contiguous() and fused_top_k_available(pre.device, pre.dtype)
+
+
+def topk_with_bias(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of each row of pre + bias and their columns, without writing pre + bias anywhere."""
+    return kernels().topk_bias(pre, bias.contiguous(), k)
+
+
+def project_out_row_norm_(grad: Tensor, w: Tensor) -> Tensor:
+    """grad[i] -= (grad[i] . w[i]) w[i] in place: what is left cannot change the norm of unit rows w[i]."""
+    ops = kernels() if _fits(grad, w) else None
+    if ops is not None:
+        return ops.project_rows_(grad, w)
+    # vecdot + addcmul_: no d_sae x d_model temporaries beside vecdot's own
+    parallel = torch.linalg.vecdot(grad, w)
+    return grad.addcmul_(parallel[:, None], w, value=-1)
+
+
+def normalize_rows_(w: Tensor) -> Tensor:
+    """w[i] /= max(|w[i]|, eps) in place."""
+    eps = torch.finfo(w.dtype).eps
+    ops = kernels() if _fits(w) else None
+    if ops is not None:
+        return ops.normalize_rows_(w, eps)
+    return w.div_(w.norm(dim=1, keepdim=True).clamp_min(eps))

@@ -1,0 +1,60 @@
+"""saescope's CPU kernels against their pure-torch twins (the kernels' fast paths are what trains on CPU)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from saescope.sae import cpu_kernels
+from saescope.sae.cpu_kernels import kernels, normalize_rows_, project_out_row_norm_, why_not_built
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason=f"saescope's CPU kernels {why_not_built()}; the torch twins are tested elsewhere")
+
+
+def test_built_with_the_fast_top_k_on_this_machine():
+    # The fused top-k is written for AVX-512; the CI machines have it, and the benchmark figures assume it.
+    with open("/proc/cpuinfo") as f:
+        has = "avx512f" in f.read()
+    assert cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float32) == has
+    assert not cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 200), cols=st.integers(1, 70), seed=st.integers(0, 10_000))
+def test_row_kernels_equal_their_torch_twins(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[0] = 0.0
+    grad = torch.randn(rows, cols, generator=g)
+    twin = grad.clone()
+    project_out_row_norm_(grad, w)
+    parallel = torch.linalg.vecdot(twin, w)
+    twin.addcmul_(parallel[:, None], w, value=-1)
+    torch.testing.assert_close(grad, twin, rtol=1e-5, atol=1e-5)
+    got = normalize_rows_(w.clone())
+    want = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).eps)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_kernels_refuse_what_they_were_not_written_for():
+    ops = kernels()
+    with pytest.raises(RuntimeError, match="contiguous 2-d float32"):
+        ops.topk_bias(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(8), 2)
+    with pytest.raises(RuntimeError, match="as wide as pre"):
+        ops.topk_bias(torch.zeros(4, 8), torch.zeros(7), 2)
+    with pytest.raises(RuntimeError, match="k must be between"):
+        ops.topk_bias(torch.zeros(4, 8), torch.zeros(8), 9)
+    # the public functions send what the kernels refuse to the torch twins instead
+    g = torch.randn(6, 5, dtype=torch.float64)
+    w = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    project_out_row_norm_(g, w)
+    assert torch.allclose((g * w).sum(1), torch.zeros(6, dtype=torch.float64), atol=1e-12)
+    t = torch.randn(5, 6).T  # not contiguous
+    assert torch.allclose(normalize_rows_(t).norm(dim=1), torch.ones(6))
+
+
+def test_the_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "0")
+    assert cpu_kernels.kernels() is None
+    assert not cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float32)
