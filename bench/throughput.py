@@ -91,7 +91,16 @@ def measure_limit(lm, layers, d_sae, compute_dtype, batch, device) -> dict:
     t_top_k = _timed(lambda: top_k(pre, 50), device)
     n_tok = ids.numel()
     return {"t_lm_s": t_lm, "t_enc_per_layer_s": t_enc, "t_topk_per_layer_s": t_topk, "t_top_k_per_layer_s": t_top_k,
-            "limit_tok_s": n_tok / (t_lm + len(layers) * t_enc), "lm_only_tok_s": n_tok / t_lm}
+            "limit_tok_s": n_tok / (t_lm + len(layers) * t_enc), "lm_only_tok_s": n_tok / t_lm, "n_layers": len(layers),
+            "n_tokens": n_tok}
+
+
+def _mean_limit(limits: list[dict]) -> dict:
+    """The limit from the mean of several timings of its parts."""
+    mean = {key: statistics.mean(lim[key] for lim in limits) for key in limits[0] if key.startswith("t_")}
+    n_tok, n_layers = limits[0]["n_tokens"], limits[0]["n_layers"]
+    return {**mean, "n_tokens": n_tok, "n_layers": n_layers, "lm_only_tok_s": n_tok / mean["t_lm_s"],
+            "limit_tok_s": n_tok / (mean["t_lm_s"] + n_layers * mean["t_enc_per_layer_s"])}
 
 
 def fvu_on(saes, eval_acts, factor=5.0) -> tuple[float, float]:
@@ -197,6 +206,7 @@ def main() -> None:
     p.add_argument("--peer-python", default=os.environ.get("SAESCOPE_PEER_PYTHON", str(ROOT.parent / "peers-venv" / "bin" / "python")))
     p.add_argument("--sparsify-optimizer", default="adam")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="run saescope and sparsify this many times each, alternately (median)")
     p.add_argument("--profile", action="store_true", help="print the top operators of 4 saescope steps (torch.profiler)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -228,9 +238,13 @@ def main() -> None:
     eval_acts = capture(lm.model, eval_ids, layers)
     eval_acts = {n: a.float() for n, a in eval_acts.items()}
 
-    limit = measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)
     work = _scratch()
+    # The machine's speed drifts (a shared VM: the same LM forward took 0.9-1.8 s between hours), so the limit
+    # is timed right before and right after saescope's run and averaged, and --rounds repeats saescope and
+    # sparsify back to back, comparing each pair.
+    limits = [measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)]
     ours = run_saescope(lm, args, layers, expansion, k, args.steps, work / "saescope")
+    limits.append(measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device))
     rows = [{"trainer": "saescope", **{k2: v for k2, v in ours.items() if k2 != "saes"}, "fvu": fvu_on(ours["saes"], eval_acts)}]
     for peer in filter(None, args.peers.split(",")):
         if peer == "sparsify":
@@ -259,6 +273,20 @@ def main() -> None:
             trainer.fit(stop_after_steps=4)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    rounds = [{"saescope": ours["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"],
+               **{r["trainer"]: r["tok_s"] for r in rows[1:] if r["trainer"].startswith("sparsify")}}]
+    for i in range(1, args.rounds):
+        before = measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)
+        again = run_saescope(lm, args, layers, expansion, k, args.steps, work / f"saescope-{i}")
+        limits += [before, measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)]
+        rounds.append({"saescope": again["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"]})
+        if "sparsify" in args.peers.split(","):
+            name = f"sparsify ({args.sparsify_optimizer})"
+            rounds[-1][name] = run_sparsify(args, model_dir, layers, expansion, k, train_batches, work / f"sparsify-{i}")["tok_s"]
+    for r in rows:  # several rounds: each trainer's median
+        runs = [rd[r["trainer"]] for rd in rounds if r["trainer"] in rd]
+        r["tok_s_rounds"], r["tok_s"] = runs, statistics.median(runs)
+    limit = _mean_limit(limits)
     sweep = []
     if args.sweep:
         for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
@@ -277,6 +305,7 @@ def main() -> None:
               "steps": args.steps, "warmup_steps_excluded": args.warmup}
     print(f"\n{machine['device']}, torch {machine['torch']}, model {model_dtype}, SAE matmul {compute_dtype}")
     print(f"{config['model']}: {len(layers)} layers, {args.preset} (d_sae {d_sae}), {args.steps} steps of {config['batch']} tokens")
+    print("limit timed " + ", ".join(f"{lim['limit_tok_s']:.0f}" for lim in limits) + " tok/s around saescope's runs; mean:")
     print(f"limit: LM forward {limit['t_lm_s'] * 1e3:.1f} ms + {len(layers)} x encoder {limit['t_enc_per_layer_s'] * 1e3:.2f} ms "
           f"per batch -> {limit['limit_tok_s']:.0f} tok/s (LM alone {limit['lm_only_tok_s']:.0f}; "
           f"top-k per layer {limit['t_topk_per_layer_s'] * 1e3:.2f} ms torch.topk, {limit['t_top_k_per_layer_s'] * 1e3:.2f} ms saescope)")
@@ -293,9 +322,15 @@ def main() -> None:
             print(f"{r['trainer']}: one run trains layer {r['layer']} at {r['one_layer_tok_s']:.0f} tok/s; the row counts one such run "
                   f"per layer; FVU at layer {r['layer']}: sae-lens {r['fvu'][0]:.4f} / saescope {r['fvu_saescope_same_layer'][0]:.4f} "
                   f"(all tokens: {r['fvu'][1]:.4f} / {r['fvu_saescope_same_layer'][1]:.4f})")
+    if len(rounds) > 1:
+        for i, rd in enumerate(rounds):
+            sp = next((v for key, v in rd.items() if key.startswith("sparsify")), None)
+            print(f"round {i + 1}: saescope {rd['saescope']:.0f} tok/s ({rd['saescope'] / rd['limit']:.0%} of the limit timed around it)"
+                  + (f", sparsify {sp:.0f} tok/s, ratio {rd['saescope'] / sp:.2f}x" if sp else ""))
     for s in sweep:
         print(f"sweep: {s['expansion']:>2}x, {s['layers']:>2} layers: {s['tok_s']:7.0f} tok/s, limit {s['limit_tok_s']:7.0f} ({s['ratio']:.0%})")
-    result = {"machine": machine, "config": config, "limit": limit, "rows": rows, "sweep": sweep}
+    result = {"machine": machine, "config": config, "limit": limit, "limits_timed": limits, "rounds": rounds, "rows": rows,
+              "sweep": sweep}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{'gpu' if gpu else 'cpu'}-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
