@@ -1,7 +1,8 @@
 """CPU microbenchmarks behind the trainer's choices (one SAE layer, 576 x 9216, k 50, 1024 tokens, 2 threads):
 Adam step foreach vs fused, encoder matmul fp32 vs bf16 and into a fresh vs a reused buffer, top-k direct vs
-chunked vs fused in row blocks vs saescope's group-maxima top_k (widths 4x/16x/64x), and the decoder backward
-(torch's embedding_bag backward vs saescope's grouped sum).
+chunked vs fused in row blocks vs saescope's group-maxima top_k vs the fused bias + top-k kernel (widths
+4x/16x/64x), the decoder backward (torch's embedding_bag backward vs saescope's grouped sum), and the
+decoder-norm constraint (torch vs saescope's row kernels).
 
     python bench/micro.py
 """
@@ -9,10 +10,12 @@ chunked vs fused in row blocks vs saescope's group-maxima top_k (widths 4x/16x/6
 from __future__ import annotations
 
 import time
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
 
+from saescope.sae.cpu_kernels import fused_top_k_applies, kernels, normalize_rows_, project_out_row_norm_
 from saescope.sae.topk import Workspace, sparse_decode, top_k
 
 D_MODEL, D_SAE, K, TOKENS = 576, 9216, 50, 1024
@@ -65,8 +68,26 @@ def main() -> None:
           f"into the reused workspace {timed(lambda: torch.addmm(b, x, W.T, out=reused)):.1f} ms")
     for d_sae in (4 * D_MODEL, D_SAE, 64 * D_MODEL):
         p = F.linear(x, torch.randn(d_sae, D_MODEL) / D_MODEL**0.5)
-        print(f"d_sae {d_sae}: torch.topk {timed(lambda p=p: p.topk(K, dim=-1, sorted=False)):.1f} ms, "
-              f"saescope top_k {timed(lambda p=p: top_k(p, K)):.1f} ms")
+        bias = torch.randn(d_sae) * 0.1
+        with patch("saescope.sae.topk.fused_top_k_applies", return_value=False):  # the torch path
+            groups = timed(lambda p=p, b=bias: top_k(p, K, bias=b))
+        line = (f"d_sae {d_sae}: torch.topk {timed(lambda p=p: p.topk(K, dim=-1, sorted=False)):.1f} ms, "
+                f"bias pass + group maxima {groups:.1f} ms")
+        if fused_top_k_applies(p):
+            line += f", fused bias + top-k kernel {timed(lambda p=p, b=bias: top_k(p, K, bias=b)):.1f} ms"
+        print(line)
+    # the decoder-norm constraint: projection of the gradient and renormalisation, kernels vs torch twins
+    grad, rows = torch.randn(D_SAE, D_MODEL), F.normalize(torch.randn(D_SAE, D_MODEL), dim=1)
+
+    def twin_project():
+        grad.addcmul_(torch.linalg.vecdot(grad, rows)[:, None], rows, value=-1)
+
+    line = (f"decoder-gradient projection: vecdot + addcmul {timed(twin_project):.1f} ms; "
+            f"row normalisation: norm + div {timed(lambda: rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-7))):.1f} ms")
+    if kernels() is not None:
+        line += (f"; kernels: {timed(lambda: project_out_row_norm_(grad, rows)):.1f} ms and "
+                 f"{timed(lambda: normalize_rows_(rows)):.1f} ms")
+    print(line)
     values, idx = top_k(pre, K)
     values = values.relu().requires_grad_()
     W_dec = torch.nn.Parameter(W.clone())

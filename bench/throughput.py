@@ -283,9 +283,10 @@ def main() -> None:
         if "sparsify" in args.peers.split(","):
             name = f"sparsify ({args.sparsify_optimizer})"
             rounds[-1][name] = run_sparsify(args, model_dir, layers, expansion, k, train_batches, work / f"sparsify-{i}")["tok_s"]
-    for r in rows:  # several rounds: each trainer's median
+    for r in rows:  # several rounds: each trainer's median (sae-lens runs once)
         runs = [rd[r["trainer"]] for rd in rounds if r["trainer"] in rd]
-        r["tok_s_rounds"], r["tok_s"] = runs, statistics.median(runs)
+        if runs:
+            r["tok_s_rounds"], r["tok_s"] = runs, statistics.median(runs)
     limit = _mean_limit(limits)
     sweep = []
     if args.sweep:
