@@ -292,8 +292,9 @@ def main() -> None:
     if args.sweep:
         for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
             sub = layers[:: max(1, len(layers) // n_layers)][:n_layers]
-            lim = measure_limit(lm, sub, exp * lm.d_model, compute_dtype, train_batches[0], device)
-            res = run_saescope(lm, args, sub, exp, k, min(args.steps, 8), work / f"sweep-{exp}-{n_layers}")
+            before = measure_limit(lm, sub, exp * lm.d_model, compute_dtype, train_batches[0], device)
+            res = run_saescope(lm, args, sub, exp, k, min(args.steps, 12), work / f"sweep-{exp}-{n_layers}")
+            lim = _mean_limit([before, measure_limit(lm, sub, exp * lm.d_model, compute_dtype, train_batches[0], device)])
             sweep.append({"expansion": exp, "layers": n_layers, "tok_s": res["tok_s"], "limit_tok_s": lim["limit_tok_s"],
                           "ratio": res["tok_s"] / lim["limit_tok_s"]})
 
