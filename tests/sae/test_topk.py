@@ -187,3 +187,16 @@ def test_zero_weights_equal_dropping_the_tokens():
     assert torch.allclose(out_w.fvu, out_d.fvu) and torch.allclose(out_w.auxk_fvu, out_d.auxk_fvu)
     for g, p in zip(got, sae.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-12)
+
+
+def test_latent_grouping_is_built_once_and_only_for_training():
+    """The training forward hands its grouping of the selected latents to the decoder's backward (one argsort
+    for both weight gradients); an evaluation forward under no_grad builds none."""
+    sae = _sae(dtype=torch.float32)
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        assert sae(x).code.groups is None
+    out = sae(x)
+    groups = out.code.groups
+    assert groups is not None and groups.offsets[-1] == 32 * sae.k
+    assert torch.equal(torch.sort(out.code.indices.reshape(-1)).values, out.code.indices.reshape(-1)[groups.order])

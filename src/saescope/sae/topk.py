@@ -169,9 +169,10 @@ class _TopKEncode(torch.autograd.Function):
             aux_indices = indices.new_zeros(x.shape[0], 0)
         ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
-        # The grouping of the selected latents serves both weight gradients: built once, here, when
-        # one is wanted, and handed to the decoder through `shared` (an argsort of tokens x k).
-        ctx.groups = LatentGroups(indices, W_enc.shape[0]) if ctx.needs_input_grad[1] and indices.dim() == 2 else None
+        # The grouping of the selected latents serves both weight gradients: built once, here, when the
+        # caller will differentiate (it passes `shared`), and handed to the decoder (an argsort of tokens x k).
+        # needs_input_grad cannot tell: it is True under no_grad too, and forward itself runs without grad.
+        ctx.groups = LatentGroups(indices, W_enc.shape[0]) if shared is not None and indices.dim() == 2 else None
         if shared is not None:
             shared["groups"] = ctx.groups
         return values, indices, aux_values, aux_indices
@@ -314,11 +315,11 @@ class TopKSAE(nn.Module):
         if dead is not None and n_dead is None:
             n_dead = int(dead.sum())
         k_aux = min(self.cfg.d_model // 2, n_dead or 0)
-        shared: dict = {}
+        shared: dict | None = {} if torch.is_grad_enabled() and self.W_enc.requires_grad else None
         values, indices, aux_values, aux_indices = _TopKEncode.apply(
             x, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, shared
         )
-        code = SparseCode(indices, values, shared.get("groups"))
+        code = SparseCode(indices, values, shared["groups"] if shared else None)
         x_hat = self.decode(code)
         w = weights.to(x.dtype)[:, None] if weights is not None else None
         if variance is None:

@@ -29,6 +29,7 @@ from saescope.io.formats import atomic_write_bytes, load_native
 from saescope.models import LoadedModel, capture, load_model
 from saescope.models.builtin import DEFAULT_MODEL
 from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
+from saescope.sae.cpu_kernels import kernels
 from saescope.train.config import TrainConfig, parse_layers
 
 MEDIAN_WINDOW = 256  # batch medians kept for the running median of activation norms
@@ -138,6 +139,8 @@ class Trainer:
         self.tokens = 0
         self.states: dict[int, LayerState] = {}
         self.workspace = Workspace()  # one pre-activation buffer for all layers, stepped one after the other
+        if self.device.type == "cpu":
+            kernels()  # a first build (~15 s) says so before the progress bar starts, not inside it
         for n in self.layers:
             sae = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k), device=self.device)
             sae.init_tied(self._init_generator(n))
