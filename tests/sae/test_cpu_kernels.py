@@ -1,24 +1,32 @@
 """saescope's CPU kernels against their pure-torch twins (the kernels' fast paths are what trains on CPU)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils import cpp_extension
 
 from saescope.sae import cpu_kernels
 from saescope.sae.cpu_kernels import kernels, normalize_rows_, project_out_row_norm_, why_not_built
 
-pytestmark = pytest.mark.skipif(kernels() is None, reason=f"saescope's CPU kernels {why_not_built()}; the torch twins are tested elsewhere")
+needs_kernels = pytest.mark.skipif(kernels() is None,
+                                   reason=f"saescope's CPU kernels {why_not_built()}; the torch twins are tested elsewhere")
 
 
+@needs_kernels
 def test_built_with_the_fast_top_k_on_this_machine():
     # The fused top-k is written for AVX-512; the CI machines have it, and the benchmark figures assume it.
-    with open("/proc/cpuinfo") as f:
-        has = "avx512f" in f.read()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to say whether this CPU has AVX-512")
+    has = "avx512f" in cpuinfo.read_text()
     assert cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float32) == has
     assert not cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float64)
 
 
+@needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 200), cols=st.integers(1, 70), seed=st.integers(0, 10_000))
 def test_row_kernels_equal_their_torch_twins(rows, cols, seed):
@@ -36,6 +44,7 @@ def test_row_kernels_equal_their_torch_twins(rows, cols, seed):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@needs_kernels
 def test_kernels_refuse_what_they_were_not_written_for():
     ops = kernels()
     with pytest.raises(RuntimeError, match="contiguous 2-d float32"):
@@ -58,3 +67,32 @@ def test_the_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "0")
     assert cpu_kernels.kernels() is None
     assert not cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float32)
+
+
+def test_a_failed_build_warns_once_and_the_torch_twins_take_over(monkeypatch):
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setenv("SAESCOPE_CPU_KERNELS", "1")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="CPU kernels not built .*Ninja is required"):
+        assert cpu_kernels.kernels() is None
+    assert "Ninja is required" in why_not_built()
+    w = torch.randn(7, 5)
+    assert torch.allclose(normalize_rows_(w).norm(dim=1), torch.ones(7))
+
+
+@needs_kernels
+def test_a_lock_left_by_a_killed_build_is_removed_before_the_next_load(monkeypatch, tmp_path):
+    # torch's build lock is a plain file: a build killed mid-way leaves it, and torch then waits forever.
+    monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: built.append(kw["build_directory"]))
+    cpu_kernels.kernels()
+    (Path(built[0]) / "lock").write_text("")  # what the killed build left
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: built.append((Path(kw["build_directory"]) / "lock").exists()))
+    cpu_kernels.kernels()
+    assert built[1] is False  # removed before torch's loader could wait on it

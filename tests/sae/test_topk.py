@@ -112,12 +112,15 @@ def test_top_k_selects_what_torch_topk_selects(n, groups, block, k, levels, seed
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-levels, levels + 1, (n, d), generator=g).float()
     x[torch.rand(n, d, generator=g) < 0.2] = float("-inf")
+    x[torch.rand(n, d, generator=g) < 0.03] = float("inf")
     x[torch.rand(n, d, generator=g) < 0.02] = float("nan")
     bias = torch.randint(-1, 2, (d,), generator=g).float() if with_bias else None
+    if with_bias:
+        bias[torch.rand(d, generator=g) < 0.1] = float("-inf")  # excluded columns (AuxK's live latents)
     with patch("saescope.sae.topk.fused_top_k_applies", return_value=False) if not fused else nullcontext():
         values, cols = top_k(x, k, bias=bias, block=block)
         batched_values, batched_cols = top_k(x.reshape(1, n, d), k, bias=bias, block=block)  # leading dimensions kept
-    full = x + bias if with_bias else x
+    full = (x + bias).masked_fill(torch.isneginf(bias), float("-inf")) if with_bias else x
     want = full.topk(k, dim=-1).values
     torch.testing.assert_close(values.sort(-1, descending=True).values, want, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(full.gather(1, cols), values, rtol=0, atol=0, equal_nan=True)
@@ -200,3 +203,12 @@ def test_latent_grouping_is_built_once_and_only_for_training():
     groups = out.code.groups
     assert groups is not None and groups.offsets[-1] == 32 * sae.k
     assert torch.equal(torch.sort(out.code.indices.reshape(-1)).values, out.code.indices.reshape(-1)[groups.order])
+
+
+def test_decoder_constraint_counts_as_an_in_place_change():
+    """Renormalising the decoder between a forward and its backward must fail loudly, kernels or not."""
+    sae = _sae(dtype=torch.float32)
+    out = sae(torch.randn(32, 16))
+    sae.normalize_decoder()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.fvu.backward()

@@ -21,14 +21,32 @@ constexpr int64_t BLOCK = 32;  // measured: 32 beats 16 (fewer maxima to rank, f
 
 inline float nan_as_inf(float x) { return x != x ? INF : x; }
 
+// pre + bias, where a bias of -inf excludes the column whatever pre holds (AuxK's mask of live latents:
+// +inf + -inf would be NaN, which ranks first).
+inline float biased(const float* row, const float* B, int64_t j) { return B[j] == -INF ? -INF : row[j] + B[j]; }
+
+// torch.topk's order: NaN above everything, +inf included.
+inline bool ranks_above(float a, float b) {
+  const bool na = a != a, nb = b != b;
+  return na != nb ? na : a > b;
+}
+
+#if defined(__AVX512F__)
+inline __m512 add_bias(__m512 pre, __m512 bias) {
+  const __mmask16 excluded = _mm512_cmp_ps_mask(bias, _mm512_set1_ps(-INF), _CMP_EQ_OQ);
+  return _mm512_mask_mov_ps(_mm512_add_ps(pre, bias), excluded, _mm512_set1_ps(-INF));
+}
+#endif
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous(), name,
               ": a contiguous 2-d float32 CPU tensor is needed");
 }
 
 // The k largest of each row of (pre + bias), in no particular order; NaN ranks above everything,
-// as in torch.topk. Exact: the k block maxima are k elements >= T (the k-th largest block maximum),
-// so the k largest elements are all >= T; only those (usually little more than k) are ranked.
+// as in torch.topk, and a column whose bias is -inf counts as -inf. Exact: the k block maxima are k
+// elements >= T (the k-th largest block maximum, NaN counted as +inf), so the k largest elements are
+// all >= T (or NaN); only those (usually little more than k) are ranked.
 // The bias is added on the fly, so the pre-activations stay a bare matmul output and AuxK can pass
 // a bias with -inf on the live latents instead of rewriting the matrix.
 std::tuple<at::Tensor, at::Tensor> topk_bias(const at::Tensor& pre, const at::Tensor& bias, int64_t k) {
@@ -56,15 +74,15 @@ std::tuple<at::Tensor, at::Tensor> topk_bias(const at::Tensor& pre, const at::Te
       for (; (b + 1) * BLOCK <= d; ++b) {
         const float* p = row + b * BLOCK;
         const float* q = B + b * BLOCK;
-        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(q));
-        const __m512 u = _mm512_add_ps(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(q + 16));
+        const __m512 v = add_bias(_mm512_loadu_ps(p), _mm512_loadu_ps(q));
+        const __m512 u = add_bias(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(q + 16));
         const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q);
         maxima[b] = nan ? INF : _mm512_reduce_max_ps(_mm512_max_ps(v, u));
       }
 #endif
       for (; b < nb; ++b) {
         float m = -INF;
-        for (int64_t j = b * BLOCK, e = std::min(j + BLOCK, d); j < e; ++j) m = std::max(m, nan_as_inf(row[j] + B[j]));
+        for (int64_t j = b * BLOCK, e = std::min(j + BLOCK, d); j < e; ++j) m = std::max(m, nan_as_inf(biased(row, B, j)));
         maxima[b] = m;
       }
       float T = -INF;
@@ -81,19 +99,19 @@ std::tuple<at::Tensor, at::Tensor> topk_bias(const at::Tensor& pre, const at::Te
         const int64_t e = std::min(j + BLOCK, d);
 #if defined(__AVX512F__)
         for (; j + 16 <= e; j += 16) {
-          const __m512 v = _mm512_add_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(B + j));
+          const __m512 v = add_bias(_mm512_loadu_ps(row + j), _mm512_loadu_ps(B + j));
           __mmask16 hit = _mm512_cmp_ps_mask(v, _mm512_set1_ps(T), _CMP_NLT_UQ);  // >= T, or NaN
           while (hit) {
             const int t = __builtin_ctz(hit);
             hit &= hit - 1;
-            cand_v.push_back(nan_as_inf(row[j + t] + B[j + t]));
+            cand_v.push_back(biased(row, B, j + t));
             cand_c.push_back(j + t);
           }
         }
 #endif
         for (; j < e; ++j) {
-          const float x = nan_as_inf(row[j] + B[j]);
-          if (x >= T) {
+          const float x = biased(row, B, j);
+          if (x >= T || x != x) {
             cand_v.push_back(x);
             cand_c.push_back(j);
           }
@@ -104,10 +122,10 @@ std::tuple<at::Tensor, at::Tensor> topk_bias(const at::Tensor& pre, const at::Te
       std::iota(order.begin(), order.end(), int64_t{0});
       if (m > k)
         std::nth_element(order.begin(), order.begin() + (k - 1), order.end(),
-                         [&](int64_t a, int64_t c) { return cand_v[a] > cand_v[c]; });
+                         [&](int64_t a, int64_t c) { return ranks_above(cand_v[a], cand_v[c]); });
       for (int64_t i = 0; i < k; ++i) {
         const int64_t c = cand_c[order[i]];
-        V[r * k + i] = row[c] + B[c];  // recomputed: a NaN stays NaN, as torch.topk returns it
+        V[r * k + i] = cand_v[order[i]];
         C[r * k + i] = c;
       }
     }

@@ -11,6 +11,7 @@ SAESCOPE_CPU_KERNELS=0 turns the kernels off.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
@@ -53,10 +54,16 @@ def kernels():
         name = f"saescope_cpu_{key}"
         build = cache_dir() / "kernels" / name
         build.mkdir(parents=True, exist_ok=True)
-        if not (build / f"{name}.so").exists():
-            print("saescope: compiling the CPU kernels for this machine (once, ~15 s)", file=sys.stderr, flush=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build), is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        # One builder at a time (torchrun ranks start together). torch's own lock is a file that a killed build
+        # leaves behind, after which every later load waits forever; an flock dies with its process, and
+        # whoever holds it knows that a leftover torch lock is stale.
+        with open(build / "saescope.lock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build / "lock").unlink(missing_ok=True)
+            if not (build / f"{name}.so").exists():
+                print("saescope: compiling the CPU kernels for this machine (once, ~15 s)", file=sys.stderr, flush=True)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build), is_python_module=False,
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         _loaded["ops"] = torch.ops.saescope_cpu
         _loaded["avx512"] = bool(torch.ops.saescope_cpu.has_avx512())
     except Exception as exc:  # no compiler, no ninja, a read-only cache: the torch twins do the same maths
@@ -80,9 +87,13 @@ def fused_top_k_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and kernels() is not None and bool(_loaded.get("avx512"))
 
 
-def fused_top_k_applies(pre: Tensor) -> bool:
-    """Whether `topk_with_bias` takes the kernel for this matrix (else the caller's torch path is faster)."""
-    return pre.dim() == 2 and pre.is_contiguous() and fused_top_k_available(pre.device, pre.dtype)
+def fused_top_k_applies(pre: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether `topk_with_bias` takes the kernel for this matrix and bias (else the caller's torch path).
+    Not while autograd records: the kernel has no backward (the training encoder calls it in its forward)."""
+    if bias is not None and not (bias.dtype == pre.dtype and bias.shape == pre.shape[-1:] and bias.device == pre.device):
+        return False
+    return (pre.dim() == 2 and pre.is_contiguous() and not (pre.requires_grad and torch.is_grad_enabled())
+            and fused_top_k_available(pre.device, pre.dtype))
 
 
 def topk_with_bias(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -94,7 +105,9 @@ def project_out_row_norm_(grad: Tensor, w: Tensor) -> Tensor:
     """grad[i] -= (grad[i] . w[i]) w[i] in place: what is left cannot change the norm of unit rows w[i]."""
     ops = kernels() if _fits(grad, w) else None
     if ops is not None:
-        return ops.project_rows_(grad, w)
+        ops.project_rows_(grad, w)
+        torch.autograd.graph.increment_version(grad)  # as an in-place torch op would: autograd checks it
+        return grad
     # vecdot + addcmul_: no d_sae x d_model temporaries beside vecdot's own
     parallel = torch.linalg.vecdot(grad, w)
     return grad.addcmul_(parallel[:, None], w, value=-1)
@@ -105,5 +118,7 @@ def normalize_rows_(w: Tensor) -> Tensor:
     eps = torch.finfo(w.dtype).eps
     ops = kernels() if _fits(w) else None
     if ops is not None:
-        return ops.normalize_rows_(w, eps)
+        ops.normalize_rows_(w, eps)
+        torch.autograd.graph.increment_version(w)
+        return w
     return w.div_(w.norm(dim=1, keepdim=True).clamp_min(eps))

@@ -82,8 +82,8 @@ def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: i
 
 
 def top_k(x: Tensor, k: int, *, bias: Tensor | None = None, block: int = 8) -> tuple[Tensor, Tensor]:
-    """The k largest values of each row of x (n, d) (+ bias (d,) when given) and their columns, in no
-    particular order.
+    """The k largest values of each row of x (n, d) (+ bias (d,) when given; a bias of -inf excludes its
+    column) and their columns, in no particular order.
 
     On a CPU with saescope's kernels built (`cpu_kernels`), one pass adds the bias and selects, so the
     encoder can write a bare matmul and AuxK can pass a bias of -inf on live latents instead of
@@ -101,10 +101,10 @@ def top_k(x: Tensor, k: int, *, bias: Tensor | None = None, block: int = 8) -> t
     if x.dim() != 2:
         values, cols = top_k(x.reshape(-1, x.shape[-1]), k, bias=bias, block=block)
         return values.reshape(*x.shape[:-1], k), cols.reshape(*x.shape[:-1], k)
-    if fused_top_k_applies(x):
+    if fused_top_k_applies(x, bias):
         return topk_with_bias(x, bias if bias is not None else x.new_zeros(x.shape[1]), k)
-    if bias is not None:
-        x = x + bias
+    if bias is not None:  # a bias of -inf excludes its column, whatever x holds there (AuxK's mask)
+        x = (x + bias).masked_fill_(torch.isneginf(bias), float("-inf"))
     n, d = x.shape
     groups = d // block
     # with fewer than 2k groups the candidates are half the row or more: no gain (AuxK at 4x width)
