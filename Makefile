@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint peers
+.PHONY: setup demo test lint peers fuzz
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The fuzz suite at 25x its test-suite budget (~5,000 cases), new random cases each run; counts per family at the end.
+FUZZ_SCALE ?= 25
+fuzz: setup
+	SAESCOPE_FUZZ_SCALE=$(FUZZ_SCALE) SAESCOPE_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -s tests/test_fuzz.py -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check src tests bench

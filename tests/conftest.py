@@ -19,6 +19,9 @@ SHARED = Path(os.environ.get("SAESCOPE_SHARED_DATA", Path(__file__).resolve().pa
 GSM8K = SHARED / "benchmarks" / "gsm8k_test.jsonl"
 
 torch.set_num_threads(2)
+# An unexpected exception shows its traceback in every CLI run of the suite (the user sees one line): a test that
+# expects a clean error fails on a real bug instead of passing on the guard's line.
+os.environ.setdefault("SAESCOPE_DEBUG", "1")
 
 
 def shared_file(path: Path) -> Path:

@@ -25,6 +25,10 @@ def test_train_bad_input(tiny_qwen3, text_file, tmp_path, extra, fragment):
 
 def test_train_bad_model_and_data(tiny_qwen3, tmp_path):
     code, _, err = run_cli("train", "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "model not found")
+    (tmp_path / "badmodel").mkdir()
+    (tmp_path / "badmodel" / "config.json").write_text('{"model_type": "qwen3", "hidden_size": "wide"}')
+    code, _, err = run_cli("train", "--model", str(tmp_path / "badmodel"), "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "cannot load model")
     (tmp_path / "empty.jsonl").write_text("")
     code, _, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "r"))
@@ -51,7 +55,7 @@ def test_cli_train_eval_export(tiny_qwen3, text_file, tmp_path):
 
 def test_eval_refuses_mismatched_sae(tiny_qwen3, tmp_path):
     sae = TopKSAE(SAEConfig(65, 130, 4))
-    torch.nn.init.normal_(sae.W_enc)
+    sae.init_tied(torch.Generator().manual_seed(0))
     export_saes({0: sae}, tmp_path / "sae", "saescope")
     code, _, err = run_cli("eval", "--sae", str(tmp_path / "sae"), "--model", str(tiny_qwen3))
     assert_one_line_error(code, err, "d_model 65")

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from saescope import SaescopeError
@@ -11,9 +13,31 @@ def test_empty_run_says_which_command_fills_each_section(tmp_path):
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
 
 
-def test_corrupt_json_and_missing_folder_are_one_clear_error(tmp_path):
-    (tmp_path / "eval.json").write_text('{"layers": [')
-    with pytest.raises(SaescopeError, match="eval.json: not valid JSON"):
-        build_report(tmp_path)
+def test_missing_folder_is_one_clear_error(tmp_path):
     with pytest.raises(SaescopeError, match="run folder not found"):
         build_report(tmp_path / "nope")
+
+
+def test_a_corrupt_or_ill_typed_optional_file_skips_its_section_with_a_note(tmp_path):
+    """The page is still written; each bad file is named, with its field, on the page and in a warning."""
+    row = {"layer": 0, "fvu": 0.1, "l0": 8.0, "dead_frac": 0.0, "dense_frac": 0.0, "ce_clean": 2.0, "ce_sae": 2.1,
+           "ce_zero": 5.0, "ce_recovered": 0.97, "kl": 0.01}
+    (tmp_path / "eval.json").write_text('{"layers": [')
+    (tmp_path / "train.json").write_text('{"model": 7}')
+    (tmp_path / "train_log.jsonl").write_text('{"tokens": 10, "layers": {"0": {"fvu": 0.5, "dead_frac": 0.1}}}\n')
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "stability.json").write_text(json.dumps({"a": "x", "b": "y", "layers": {"0": {"decoder": {}}}}))
+    (tmp_path / "trust" / "transfer.json").write_text(json.dumps({"source": "s", "target": "t", "layers": [{**row, "shifted": []}]}))
+    (tmp_path / "redundancy").mkdir()
+    (tmp_path / "redundancy" / "report-section.html").write_bytes(b"<h2>\xff\xfe</h2>")
+    with pytest.warns(UserWarning) as caught:
+        page = build_report(tmp_path).read_text()
+    said = " ".join(str(w.message) for w in caught)
+    for fragment in ("eval.json: not valid JSON", "train.json: field 'model' must be a string, got 7",
+                     "stability.json: unexpected content (KeyError: 'max_cos_a_to_b')",
+                     "transfer.json: layers[0]: field 'fvu_source' is missing", "report-section.html: not a UTF-8 HTML section"):
+        assert fragment in said and fragment.replace("'", "&#x27;") in page, fragment
+    assert page.count("Section skipped") == 6 and page.rstrip().endswith("</html>")  # eval.json: evaluation and control
+    (tmp_path / "eval.json").write_text(json.dumps({"layers": [{**row, "kl": "low"}]}))
+    with pytest.warns(UserWarning, match="eval.json: layers\\[0\\]: field 'kl' must be a number, got 'low'"):
+        build_report(tmp_path)

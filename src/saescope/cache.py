@@ -13,7 +13,10 @@ from saescope.errors import SaescopeError
 
 def cache_dir() -> Path:
     root = Path(os.environ.get("SAESCOPE_CACHE", Path.home() / ".cache" / "saescope"))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SaescopeError(f"SAESCOPE_CACHE={root}: cannot make the cache folder there ({exc.strerror})") from exc
     return root
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from saescope.errors import SaescopeError
@@ -50,8 +51,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    if a.seeds < 1:
-        raise SaescopeError(f"--seeds must be at least 1, got {a.seeds}")
     if a.seeds == 1:
         _train_one(a, Path(a.out), a.seed, data_seed=a.data_seed)
         return
@@ -78,24 +77,71 @@ def cmd_train(a: argparse.Namespace) -> None:
                              labels=(cfg.out, other_cfg.out))
 
 
-def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | None, lm=None):
-    from saescope.train import TrainConfig, Trainer
+# Flags a resumed run may change: how long it goes on and how it is run, not what it trains.
+RESUME_MAY_CHANGE = {"max_tokens", "checkpoint_every", "log_every", "device", "model_device_map"}
 
-    cfg_path = out / "train.json"
-    if a.resume and cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        saved["max_tokens"] = a.max_tokens if a.max_tokens != 1_000_000 else saved["max_tokens"]
-        cfg = TrainConfig.from_dict(saved)
+
+def _train_config(a: argparse.Namespace, out: Path, seed: int, data_seed: int | None):
+    from saescope.train import TrainConfig
+
+    return TrainConfig(model=a.model, data=a.data, out=str(out), text_column=a.text_column, layers=a.layers,
+                       preset=a.preset, expansion=a.expansion, k=a.k, ctx_len=a.ctx_len, batch_size=a.batch_size,
+                       max_tokens=a.max_tokens, lr=a.lr, lr_decay_frac=a.lr_decay_frac, dead_tokens=a.dead_tokens,
+                       outlier_factor=a.outlier_factor,
+                       skip_first_token=a.skip_first_token, model_dtype=a.model_dtype, sae_dtype=a.sae_dtype,
+                       device=a.device, model_device_map=a.model_device_map, load_in_8bit=a.load_in_8bit,
+                       checkpoint_every=a.checkpoint_every, seed=seed, data_seed=data_seed)
+
+
+def _resumed_config(a: argparse.Namespace, run, given: set[str], seed: int | None = None, data_seed: int | None = None):
+    """The config of the run in RUN, as saved, with the flags a resumed run may change applied. The folder is the
+    one given: a `out` recorded inside (a moved or copied run) never sends reads or writes elsewhere."""
+    from saescope.train import TrainConfig
+
+    if run.latest_name() is None:
+        if run.train_config.exists():
+            raise SaescopeError(f"--resume: {run.path} holds train.json but no `latest` checkpoint pointer; restore it "
+                                "(checkpoints/step-NNNNNNNN) or choose another --out")
+        raise SaescopeError(f"--resume: {run.path} holds no run (it stopped before its first checkpoint, if it ran); "
+                            "leave out --resume to start it")
+    if not run.train_config.is_file():
+        raise SaescopeError(f"--resume: {run.train_config} is missing, so the run's settings are unknown")
+    from saescope.io import read_json
+
+    saved = TrainConfig.from_dict(read_json(run.train_config), str(run.train_config))
+    recorded = saved.out
+    saved.out = str(run.path)
+    typed = given & set(saved.to_dict()) - {"out", "extra", "seed", "data_seed"}
+    asked = replace(saved, **{f: getattr(a, f) for f in typed})
+    for name, value in (("seed", seed), ("data_seed", data_seed)):  # per run: --seeds N trains seed, seed+1, ...
+        if name in given and value != getattr(saved, name):
+            raise SaescopeError(f"--resume: --{name.replace('_', '-')} {value} differs from the run's {getattr(saved, name)} "
+                                f"({run.train_config}); a resumed run keeps its settings")
+    for name in sorted(typed - RESUME_MAY_CHANGE):
+        if name in ("preset", "expansion", "k"):  # what counts is the SAE's shape, however it was asked for
+            changed, was = asked.shape() != saved.shape(), "expansion {}, k {}".format(*saved.shape())
+        else:
+            changed, was = getattr(asked, name) != getattr(saved, name), getattr(saved, name)
+        if changed:
+            raise SaescopeError(f"--resume: --{name.replace('_', '-')} {getattr(a, name)} differs from the run's {was} "
+                                f"({run.train_config}); a resumed run keeps its settings: leave the flag out or choose a new --out")
+    if Path(recorded).resolve() != run.path.resolve():
+        warnings.warn(f"{run.train_config} names out={recorded}; this run folder is {run.path} (moved or copied): "
+                      "resuming here, the other folder is not touched", stacklevel=2)
+    return replace(saved, **{f: getattr(asked, f) for f in RESUME_MAY_CHANGE})
+
+
+def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | None, lm=None):
+    from saescope.io import RunDir
+    from saescope.train import Trainer
+
+    run = RunDir(out)
+    if a.resume:
+        cfg = _resumed_config(a, run, getattr(a, "given", set()), seed, data_seed)
     else:
-        if not a.resume and (out / "latest").exists():
+        if run.has_run() or run.train_config.exists():
             raise SaescopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        cfg = TrainConfig(model=a.model, data=a.data, out=str(out), text_column=a.text_column, layers=a.layers,
-                          preset=a.preset, expansion=a.expansion, k=a.k, ctx_len=a.ctx_len, batch_size=a.batch_size,
-                          max_tokens=a.max_tokens, lr=a.lr, lr_decay_frac=a.lr_decay_frac, dead_tokens=a.dead_tokens,
-                          outlier_factor=a.outlier_factor,
-                          skip_first_token=a.skip_first_token, model_dtype=a.model_dtype, sae_dtype=a.sae_dtype,
-                          device=a.device, model_device_map=a.model_device_map, load_in_8bit=a.load_in_8bit,
-                          checkpoint_every=a.checkpoint_every, seed=seed, data_seed=data_seed)
+        cfg = _train_config(a, out, seed, data_seed)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not a.distributed:
         raise SaescopeError("launched by torchrun with several processes: pass --distributed dp or --distributed layers")
     trainer = Trainer(cfg, lm=lm, distributed=a.distributed)
@@ -108,9 +154,6 @@ def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | 
           f"in {summary['elapsed_s']:.0f}s ({summary['tokens_per_s']:.0f} tok/s); SAEs in {out}")
     dropped = {n: v["dropped"] for n, v in summary["layers"].items()}
     print("outlier filter dropped tokens per layer: " + ", ".join(f"{n}:{d}" for n, d in dropped.items()))
-    from saescope.io import atomic_write_json
-
-    atomic_write_json(out / "train_summary.json", summary)
     if a.eval_tokens > 0:
         _eval_and_print(trainer.lm, {n: st.sae for n, st in trainer.states.items()}, out,
                         data=cfg.data, text_column=cfg.text_column, n_tokens=a.eval_tokens, ctx_len=cfg.ctx_len,
@@ -119,15 +162,16 @@ def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | 
 
 
 def _eval_and_print(lm, saes, out_dir: Path, control=None, **kw) -> None:
-    from saescope.evaluate import evaluate_sets, format_comparison, format_table, write_results
+    from saescope.evaluate import evaluate_sets, format_comparison, format_table, read_results, write_results
 
+    read_results(out_dir / "eval.json")  # a file the results could not merge into is refused before the work
     sets = {"sae": saes} if control is None else {"sae": saes, "control": control}
     results = evaluate_sets(lm, sets, **kw)
     print(format_table(results["sae"]) if control is None else format_comparison(results["sae"], results["control"]))
-    write_results(results["sae"], out_dir / "eval.json", {"model": lm.name, **{k: v for k, v in kw.items() if k != "data"},
-                                                          "data": kw.get("data") or "default"},
-                  control=results.get("control"))
-    print(f"eval results: {out_dir / 'eval.json'}")
+    path = write_results(results["sae"], out_dir / "eval.json",
+                         {"model": lm.name, **{k: v for k, v in kw.items() if k != "data"}, "data": kw.get("data") or "default"},
+                         control=results.get("control"))
+    print(f"eval results: {path}")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -279,11 +323,19 @@ def _layers(spec: str | None) -> list[int] | None:
         return None
     from saescope.train import parse_layers
 
-    return parse_layers(spec, 10**6)
+    return parse_layers(spec, None)
+
+
+def _int_list(spec: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {spec!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saescope", description="Top-k SAEs on every layer of a language model.")
+    parser = Parser(prog="saescope", description="Top-k SAEs on every layer of a language model. "
+                    "--debug (anywhere on the line) shows the traceback of an unexpected error.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     p = sub.add_parser("eval", help="FVU, L0, dead/dense fractions and CE recovered per layer")
@@ -350,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="16x-k50", choices=sorted(PRESETS))
     p.add_argument("--expansion", type=int)
     p.add_argument("--k", type=int)
-    p.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--gpus", type=_int_list, default=[1, 8], help="GPU counts to plan for, e.g. 1,8")
     p.add_argument("--mode", default="layers", choices=["layers", "dp"])
     p.add_argument("--tokens-per-step", type=int, default=16384)
     p.add_argument("--tflops", type=float, help="achieved TFLOP/s per GPU (default: measured here with an encoder-shaped matmul)")
@@ -362,14 +414,108 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "models"
             "control": cmd_control, "stability": cmd_stability, "transfer": cmd_transfer, "report": cmd_report,
             "redundancy": redundancy_cli.run, **inspect_cli.COMMANDS}
 
+# Every numeric flag's range, in one place, by its name (`COMMAND.name` where one command differs):
+# (type, lowest, highest, lowest excluded). Every float flag must also be finite, whatever its name.
+FLAG_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
+    **{name: (int, 1, None, False) for name in (
+        "k", "expansion", "batch_size", "max_tokens", "checkpoint_every", "dead_tokens", "seeds", "n_tokens", "limit",
+        "top", "max_length", "top_n", "max_new_tokens", "repeats", "matched_repeats", "n_perm", "tokens_per_step")},
+    "ctx_len": (int, 2, None, False),
+    "gpus": (int, 1, None, False),
+    **{name: (int, 0, None, False) for name in ("seed", "data_seed", "eval_tokens", "layer", "feature", "contexts")},
+    "stability.n_tokens": (int, 0, None, False),  # 0 = compare decoders only
+    "port": (int, 0, 65535, False),
+    "lr": (float, 0, None, True),
+    "tflops": (float, 0, None, True),
+    "lr_decay_frac": (float, 0, 1, False),
+    "subsume": (float, 0, 1, False),
+    "variance": (float, 0, 1, True),
+    "outlier_factor": (float, 0, None, False),
+    "temperature": (float, 0, None, False),
+}
+# Flags naming a folder that the command writes into, and flags naming a file it writes.
+OUT_FOLDERS = {"train.out", "eval.out", "export.out", "control.out", "features.build.out", "redundancy.footprint.out"}
+OUT_FILES = {"report.out", "stability.out", "transfer.out", "plan.json", "inspect.out", "steer.out", "features.browser.out"}
+# Names of the files saescope reads back (run folders, SAE formats, footprints, feature stores): never an output file.
+READ_BACK = re.compile(r"train\.json|train_log\.jsonl|train_summary\.json|latest|eval(-\d+)?\.json|layer\d+\.(json|safetensors|sae\.pt)"
+                       r"|state-rank\d+\.pt|cfg\.json|sae(_weights)?\.safetensors|footprints\.json|redundancy\.json"
+                       r"|store\.json|tokens\.json|progress\.json")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, as every other error of the command line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # `--max-tok` would slip past the resume check
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"saescope: error: {self.prog.removeprefix('saescope ') or 'saescope'}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    """The flags typed on the command line (as dest names), to tell a chosen value from a default."""
+    return {tok[2:].split("=", 1)[0].replace("-", "_") for tok in argv if tok.startswith("--")}
+
+
+def _check_flags(a: argparse.Namespace) -> None:
+    """Ranges of numeric flags and output paths, before anything is loaded or written."""
+    from saescope.schema import check_number
+
+    for name, value in vars(a).items():
+        flag = "--" + name.replace("_", "-")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float):
+                check_number(v, flag)
+            rule = FLAG_RANGES.get(f"{a.command}.{name}") or FLAG_RANGES.get(name)
+            if rule is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+                kind, lo, hi, open_lo = rule
+                check_number(v, flag, kind=kind, min=lo, max=hi, min_open=open_lo)
+        if value is None or not isinstance(value, str):
+            continue
+        sub = getattr(a, "features_command", None) or getattr(a, "redundancy_command", None)
+        where = f"{a.command}.{sub}.{name}" if sub else f"{a.command}.{name}"
+        if where in OUT_FOLDERS:
+            _check_writable(Path(value), flag, folder=True)
+        elif where in OUT_FILES:
+            _check_writable(Path(value), flag, folder=False)
+
+
+def _check_writable(path: Path, flag: str, *, folder: bool) -> None:
+    """An output path that cannot be created is refused before any work: a file where a folder must go, or the
+    other way round, here or above."""
+    if path.exists() and path.is_dir() != folder:
+        raise SaescopeError(f"{flag} {path}: {'a file exists there, not a folder' if folder else 'is a folder, not a file'}")
+    if not folder and path.exists() and READ_BACK.fullmatch(path.name):
+        raise SaescopeError(f"{flag} {path}: a file saescope reads back (run, SAE or store data) is never overwritten; write elsewhere")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SaescopeError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+            break
+
+
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("SAESCOPE_DEBUG", "") not in ("", "0")
+
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug(argv)
+    argv = [x for x in argv if x != "--debug"]
     warnings.formatwarning = lambda msg, cat, *rest: f"saescope: warning: {msg}\n"
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("SAESCOPE_THREADS", torch.get_num_threads())))
+    args = build_parser().parse_args(argv)
+    args.given = _given_flags(argv)
     try:
+        _check_flags(args)
+        import torch
+
+        threads = os.environ.get("SAESCOPE_THREADS", "")
+        if threads:
+            if not threads.isdigit() or int(threads) < 1:
+                raise SaescopeError(f"SAESCOPE_THREADS must be a positive integer, got {threads!r}")
+            torch.set_num_threads(int(threads))
         COMMANDS[args.command](args)
     except SaescopeError as exc:
         print(f"saescope: error: {exc}", file=sys.stderr)
@@ -380,6 +526,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("saescope: interrupted; the latest checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A bug or an input no check foresaw: one line naming the command and what broke, unless --debug (or
+        # SAESCOPE_DEBUG, which the test suite sets) asks for the traceback, so that real bugs are never hidden.
+        if debug:
+            raise
+        if isinstance(exc, OSError) and exc.strerror:
+            print(f"saescope: error: {args.command}: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+            return 2
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        print(f"saescope: error: {args.command}: unexpected {type(exc).__name__}: {detail} (rerun with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
     return 0
 
 

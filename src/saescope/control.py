@@ -10,7 +10,7 @@ from pathlib import Path
 
 from saescope.activations import sample_activations
 from saescope.errors import SaescopeError
-from saescope.io import load_saes, save_native
+from saescope.io import load_saes, refuse_overwrite, save_native
 from saescope.models import LoadedModel
 from saescope.sae import TopKSAE, principal_basis, random_like
 
@@ -37,6 +37,7 @@ def make_controls(saes: dict[int, TopKSAE], *, seed: int = 0, subspace: str | No
 
 
 def save_controls(controls: dict[int, TopKSAE], out: Path, *, like: str) -> None:
+    refuse_overwrite(out, [out / f"layer{n}.{ext}" for n in controls for ext in ("safetensors", "json")])
     for n, control in controls.items():
         control.meta["control"]["like"] = str(like)
         save_native(control, out, n)

@@ -10,6 +10,7 @@ out of FVU; their share is reported as `passthrough_frac`.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -176,11 +177,49 @@ def as_records(results: list[LayerEval]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k != "feature_freq"} for r in results]
 
 
+SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_factor")
+
+
+def read_results(path: Path) -> dict | None:
+    """An evaluation file as written by write_results, checked record by record (None if there is none). Called
+    before an evaluation too, so that a file it could not merge into is refused before minutes of work."""
+    from saescope.io import read_json
+    from saescope.schema import Field, check_record
+
+    if not path.exists():
+        return None
+    body = read_json(path, {"layers": Field(list), "control": Field(list, required=False, nullable=True)})
+    for part in ("layers", "control"):
+        for i, rec in enumerate(body.get(part) or []):
+            check_record(rec, {"layer": Field(int, min=0)}, f"{path}: {part}[{i}]")
+    return body
+
+
 def write_results(results: list[LayerEval], path: Path, extra: dict | None = None, *,
-                  control: list[LayerEval] | None = None) -> None:
+                  control: list[LayerEval] | None = None) -> Path:
+    """Write an evaluation without losing one already there: figures made with the same settings merge into it per
+    layer (a partial eval updates its layers, a control missing from this one is kept); figures made with other
+    settings go to the next free eval-N.json beside it. Returns the file written."""
     from saescope.io import atomic_write_json
 
     body = {"layers": as_records(results), **(extra or {})}
     if control is not None:
         body["control"] = as_records(control)
+    old = read_results(path)
+    if old is not None:
+        if all(old.get(key) == body.get(key) for key in SETTINGS):
+            for part in ("layers", "control"):
+                if part in old or part in body:
+                    merged = {r["layer"]: r for r in old.get(part) or [] if isinstance(r, dict) and "layer" in r}
+                    merged.update({r["layer"]: r for r in body.get(part) or []})
+                    body[part] = [merged[n] for n in sorted(merged)]
+        else:
+            i = 2
+            while (path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
+                i += 1
+            differ = ", ".join(f"{key} {old.get(key)!r} -> {body.get(key)!r}" for key in SETTINGS if old.get(key) != body.get(key))
+            path = path.with_name(f"{path.stem}-{i}{path.suffix}")
+            print(f"saescope: {path.with_name('eval.json').name} holds figures made with other settings ({differ}); "
+                  f"these go to {path.name}", file=sys.stderr)
     atomic_write_json(path, body)
+    return path

@@ -17,11 +17,14 @@ import datetime as dt
 import html
 import io
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from saescope.errors import SaescopeError
 from saescope.io.formats import atomic_write_bytes
 from saescope.models.builtin import DEFAULT_MODEL
+from saescope.schema import Field, check_record
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -32,15 +35,50 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.note{color:
 """
 
 
-def _read(path: Path) -> dict | list | None:
+def _read(path: Path, top: dict[str, Field] | None = None, **rows: dict[str, Field]) -> dict | list | None:
+    """An optional JSON (or JSONL) file, None when absent; checked against `top` and each list `rows[key]` against its
+    record spec. What is corrupt or ill-typed raises SaescopeError, which _section turns into a note on the page."""
     if not path.is_file():
         return None
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        obj = json.loads(text)
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
+    if top is not None:
+        check_record(obj, top, str(path))
+        for key, spec in rows.items():
+            for i, row in enumerate(obj.get(key) or []):
+                check_record(row, spec, f"{path}: {key}[{i}]")
+    return obj
+
+
+def _section(what: Path, render: Callable[[], str]) -> str:
+    """One part of the page. The files behind it are optional, so a corrupt or ill-typed one skips this part with a
+    note on the page and a warning, instead of costing the whole report."""
+    try:
+        return render()
+    except SaescopeError as exc:
+        problem = str(exc)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # deeper than the checked fields
+        problem = f"{what}: unexpected content ({type(exc).__name__}: {exc})".replace("\n", " ")
+    warnings.warn(f"report: section skipped: {problem}", stacklevel=2)
+    return f'<p class="missing">Section skipped: {html.escape(problem)}</p>'
+
+
+_NUM = Field(float, nullable=True)  # NaN is a number here; null (no value) is shown as such
+_EVAL_ROW = {"layer": Field(int), **{k: _NUM for k in ("fvu", "l0", "dead_frac", "dense_frac", "ce_clean", "ce_sae", "ce_zero",
+                                                       "ce_recovered", "kl")}}
+_EVAL = {"layers": Field(list), "control": Field(list, required=False, nullable=True)}
+_TRAIN = {"model": Field(str, required=False, nullable=True)}
+_SUMMARY = {"tokens": Field(int), "elapsed_s": Field(float), "tokens_per_s": Field(float)}
+_STABILITY = {"a": Field(str), "b": Field(str), "layers": Field(dict), "control": Field(dict, required=False, nullable=True)}
+_TRANSFER = {"source": Field(str), "target": Field(str), "layers": Field(list), "data": Field(str, required=False, nullable=True),
+             "eval_source": Field(list, required=False, nullable=True), "eval_target": Field(list, required=False, nullable=True)}
+_TRANSFER_ROW = {"layer": Field(int), "shifted": Field(list), **{f"{k}_{side}": _NUM for k in ("fvu", "l0", "dead_frac", "ce_recovered")
+                                                                 for side in ("source", "target")}}
 
 
 def png(fig, save_to: Path | None = None) -> str:
@@ -80,7 +118,12 @@ def _missing(what: str, command: str) -> str:
 
 
 def _training(run: Path) -> str:
-    log, cfg, summary = _read(run / "train_log.jsonl"), _read(run / "train.json"), _read(run / "train_summary.json")
+    log, cfg = _read(run / "train_log.jsonl"), _read(run / "train.json", _TRAIN)
+    summary = _read(run / "train_summary.json", _SUMMARY)
+    for i, row in enumerate(log or [], start=1):
+        check_record(row, {"tokens": Field(float), "layers": Field(dict)}, f"{run / 'train_log.jsonl'} line {i}")
+        for n, v in row["layers"].items():
+            check_record(v, {"fvu": _NUM, "dead_frac": _NUM}, f"{run / 'train_log.jsonl'} line {i}: layers.{n}")
     if not log:
         return _missing("training log", "saescope train --out " + str(run))
     out = []
@@ -105,7 +148,7 @@ def _training(run: Path) -> str:
 
 
 def _evaluation(run: Path) -> str:
-    ev = _read(run / "eval.json")
+    ev = _read(run / "eval.json", _EVAL, layers=_EVAL_ROW, control=_EVAL_ROW)
     if not ev:
         return _missing("evaluation", f"saescope eval --sae {run}")
     rows, control = ev["layers"], ev.get("control")
@@ -132,7 +175,7 @@ def _evaluation(run: Path) -> str:
 
 
 def _stability(path: Path) -> str:
-    st = _read(path)
+    st = _read(path, _STABILITY)
     layers = sorted(st["layers"], key=int)
     out = [f'<h3>Seed stability: {html.escape(st["a"])} vs {html.escape(st["b"])}</h3>',
            '<p class="note">Share of A\'s features with a partner in B above each threshold: best decoder cosine, '
@@ -173,7 +216,7 @@ def _stability(path: Path) -> str:
 
 
 def _transfer(path: Path) -> str:
-    tr = _read(path)
+    tr = _read(path, _TRANSFER, layers=_TRANSFER_ROW)
     rows = tr["layers"]
     layers = [r["layer"] for r in rows]
     fig, axes = figure(2)
@@ -197,27 +240,36 @@ def _transfer(path: Path) -> str:
             f"{moved}</p>" + png(fig) + table)
 
 
-def _trust(run: Path) -> str:
-    out = []
-    ev = _read(run / "eval.json")
+def _control(run: Path) -> str:
+    ev = _read(run / "eval.json", _EVAL, layers=_EVAL_ROW, control=_EVAL_ROW)
     if ev and ev.get("control"):
         gaps = [(r["layer"], r["fvu"], c["fvu"], r["ce_recovered"], c["ce_recovered"]) for r, c in zip(ev["layers"], ev["control"])]
         better = sum(1 for _, f, fc, ce, cec in gaps if f < fc and ce > cec)
         ce_ctl = sorted(c["ce_recovered"] for c in ev["control"])
-        out.append(f"<h3>Random control</h3><p>The trained SAEs beat a random-direction control of the same shape and k "
+        return (f"<h3>Random control</h3><p>The trained SAEs beat a random-direction control of the same shape and k "
                    f"on both FVU and CE recovered at {better} of {len(gaps)} layers (figures in the evaluation above). "
                    f"The control alone recovers {ce_ctl[0]:.2f} to {ce_ctl[-1]:.2f} of the CE: that much of any CE-recovered "
                    "figure comes from the zero-ablation baseline being far off, not from the SAE; compare KL and FVU "
-                   "with the control's before reading CE recovered.</p>")
-    else:
-        out.append("<h3>Random control</h3>" + _missing("control evaluation",
-                   f"saescope control random --like {run} --out {run}/control && saescope eval --sae {run} --control {run}/control"))
+                "with the control's before reading CE recovered.</p>")
+    return "<h3>Random control</h3>" + _missing("control evaluation", f"saescope control random --like {run} --out "
+                                                 f"{run}/control && saescope eval --sae {run} --control {run}/control")
+
+
+def _trust(run: Path) -> str:
+    out = [_section(run / "eval.json", lambda: _control(run))]
     stab = sorted((run / "trust").glob("stability*.json"))
-    out += [_stability(p) for p in stab] or ["<h3>Seed stability</h3>" + _missing("stability check",
-                                             f"saescope stability --sae {run} --sae OTHER_SEED_RUN")]
-    out += [_transfer(p) for p in sorted((run / "trust").glob("transfer*.json"))] or [
+    out += [_section(p, lambda p=p: _stability(p)) for p in stab] or ["<h3>Seed stability</h3>" + _missing(
+        "stability check", f"saescope stability --sae {run} --sae OTHER_SEED_RUN")]
+    out += [_section(p, lambda p=p: _transfer(p)) for p in sorted((run / "trust").glob("transfer*.json"))] or [
         "<h3>Transfer</h3>" + _missing("transfer check", f"saescope transfer --sae {run} --model OTHER_CHECKPOINT")]
     return "\n".join(out)
+
+
+def _html_part(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SaescopeError(f"cannot read {path}: not a UTF-8 HTML section ({exc})") from exc
 
 
 def build_report(run: str | Path, out: str | Path | None = None) -> Path:
@@ -226,14 +278,18 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     if not run.is_dir():
         raise SaescopeError(f"run folder not found: {run}")
     out = Path(out) if out else run / "report.html"
-    cfg = _read(run / "train.json") or {}
+    try:
+        cfg = _read(run / "train.json", _TRAIN) or {}
+    except SaescopeError:
+        cfg = {}  # the training section says what is wrong with it
     title = f"saescope report: {run.name}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f'<p class="note">Model {html.escape(str(cfg.get("model") or (DEFAULT_MODEL if cfg else "?")))}; written '
              f'{dt.datetime.now().strftime("%Y-%m-%d %H:%M")}. Data behind every figure: the JSON files in '
              f'{html.escape(str(run))}.</p>',
-             "<h2>Training</h2>", _training(run), "<h2>Evaluation</h2>", _evaluation(run), "<h2>Trust</h2>", _trust(run),
-             *[p.read_text() for p in sorted(run.glob("*/report-section*.html"))], "</body></html>"]
+             "<h2>Training</h2>", _section(run / "train_log.jsonl", lambda: _training(run)),
+             "<h2>Evaluation</h2>", _section(run / "eval.json", lambda: _evaluation(run)), "<h2>Trust</h2>", _trust(run),
+             *[_section(p, lambda p=p: _html_part(p)) for p in sorted(run.glob("*/report-section*.html"))], "</body></html>"]
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from saescope.errors import SaescopeError
 from saescope.models import LoadedModel, layer_hooks
 from saescope.sae import TopKSAE
+from saescope.schema import check_number
 
 
 def feature_vector(sae: TopKSAE, features: dict[int, float]) -> Tensor:
@@ -47,12 +48,18 @@ def steering(model: nn.Module, *, layer: int, vector: Tensor) -> Iterator[None]:
 def parse_features(spec: str, strengths: str | float) -> dict[int, float]:
     """'3,7' with '8' (one strength for all) or '8,-4' (one each) -> {3: 8.0, 7: -4.0}."""
     try:
-        ids = [int(x) for x in str(spec).split(",") if x.strip()]
-        values = [float(x) for x in str(strengths).split(",") if x.strip()]
+        ids = [int(x) for x in str(spec).split(",")]  # an empty item ('3,,4') is refused, not skipped
+        values = [float(x) for x in str(strengths).split(",")]
     except ValueError:
         raise SaescopeError(f"features must be integers and strengths numbers, got {spec!r} and {strengths!r}") from None
     if not ids:
         raise SaescopeError("no feature given")
+    for f in ids:
+        check_number(f, "--feature", kind=int, min=0)
+    if len(set(ids)) < len(ids):  # a dict would keep the last strength of a repeated id, silently
+        raise SaescopeError(f"--feature {spec}: feature {next(f for f in ids if ids.count(f) > 1)} is given twice")
+    for v in values:
+        check_number(v, "--strength", kind=float)  # float() parses 'nan' and 'inf'
     if len(values) == 1:
         values = values * len(ids)
     if len(values) != len(ids):
@@ -66,8 +73,8 @@ def generate(lm: LoadedModel, prompt: str, *, max_new_tokens: int = 40, chat: bo
     """The model's continuation of `prompt` (greedy unless temperature > 0); steer it by calling inside `steering`."""
     if not prompt.strip():
         raise SaescopeError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise SaescopeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_number(max_new_tokens, "max_new_tokens", kind=int, min=1)
+    check_number(temperature, "temperature", kind=float, min=0)  # NaN would compare as greedy, silently
     tok = lm.tokenizer
     if chat:
         if not getattr(tok, "chat_template", None):
@@ -82,9 +89,16 @@ def generate(lm: LoadedModel, prompt: str, *, max_new_tokens: int = 40, chat: bo
                             f"exceeds the model's context of {limit}")
     torch.manual_seed(seed)
     sample = temperature > 0
-    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                            temperature=temperature if sample else None, top_p=None, top_k=None,
-                            pad_token_id=tok.pad_token_id)
+    try:
+        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                                temperature=temperature if sample else None, top_p=None, top_k=None,
+                                pad_token_id=tok.pad_token_id)
+    except RuntimeError as exc:
+        if "probability tensor" not in str(exc):
+            raise
+        # sampling from logits that overflowed: a steering strength or a temperature far out of scale
+        raise SaescopeError("the next-token probabilities are not finite: the steering strength is far beyond the layer's "
+                            "norm, or the temperature too small; use smaller values") from exc
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

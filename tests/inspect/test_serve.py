@@ -104,7 +104,9 @@ def test_bad_requests_get_4xx_and_the_server_lives_on(server):
         (httpx.get(url + "/api/feature/1/64"), 404, "feature 64 does not exist"),
         (httpx.get(url + "/api/feature/9/1"), 404, "no SAE for layer 9"),
         (httpx.get(url + "/api/feature/x/1"), 422, "layer must be an integer"),
-        (httpx.post(url + "/api/steer", json={"prompt": "hi", "layer": 1, "features": {"2": "big"}}), 422, "must be a number"),
+        (httpx.post(url + "/api/steer", json={"prompt": "hi", "layer": 1, "features": {"2": "big"}}), 422, "must be a finite number"),
+        (httpx.post(url + "/api/steer", content='{"prompt": "hi", "layer": 1, "features": {"2": NaN}}',
+                    headers={"content-type": "application/json"}), 422, "must be a finite number"),
         (httpx.post(url + "/api/steer", json={"prompt": "hi", "layer": 1, "features": {"2": 1}, "max_new_tokens": 10_000}), 422,
          "between 1 and 64"),
     ]

@@ -3,18 +3,32 @@ and MoE routing checked against the routers' own outputs."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import random_saes, run_cli
+from conftest import assert_one_line_error, random_saes, run_cli
 from saescope.activations import keep_typical
+from saescope.cli import main
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
-from saescope.inspect.store import HIST_EDGES, FeatureStore, LayerStats, StoreConfig, build_feature_store, expert_features
+from saescope.inspect.store import (
+    FORMAT,
+    HIST_EDGES,
+    VERSION,
+    FeatureStore,
+    LayerStats,
+    StoreConfig,
+    _settings,
+    build_feature_store,
+    expert_features,
+)
 from saescope.models import capture, load_model, record_routing
 from saescope.sae import SparseCode
 
@@ -197,3 +211,80 @@ def test_moe_routing_counts_equal_the_routers_own_choices(tiny_qwen3_moe, corpus
     assert code == 0 and out.count("expert ") == 8, err
     code, out, err = run_cli("features", "show", "--store", str(tmp_path / "fs"), "--layer", "1", "--feature", str(f))
     assert code == 0 and f"entropy {prof['entropy_bits']:.2f} of 3.00 bits" in out, err
+
+
+def _hand_store(path: Path, d: int = 8) -> Path:
+    """A small valid store written by hand: LayerStats' own tensors and the store.json the builder writes."""
+    cfg = StoreConfig(top_n=3, left=2, right=1, logit_k=2)
+    stats = LayerStats(d, cfg, torch.device("cpu"))
+    stats.t["fire_count"][3] = 5
+    ids, vals = torch.zeros(d, 2, dtype=torch.int32), torch.ones(d, 2)
+    stats.t.update(logit_top_ids=ids, logit_top_vals=vals, logit_bottom_ids=ids.clone(), logit_bottom_vals=-vals)
+    path.mkdir()
+    (path / "layer0.safetensors").write_bytes(stats.to_bytes())
+    (path / "tokens.json").write_text('{"0": "the"}')
+    (path / "store.json").write_text(json.dumps({
+        "format": FORMAT, "version": VERSION, "sae": "s", "model": "m", "layers": [0], "fingerprints": {}, "d_sae": {"0": d},
+        "config": asdict(cfg), "hist_edges": HIST_EDGES, "moe": None, "batches": 1, "tokens": 100, "counted_tokens": {"0": 90}}))
+    return path
+
+
+def test_damaged_stores_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    fs = _hand_store(tmp_path / "fs")
+    info = FeatureStore(fs).feature(0, 3)
+    assert info["fire_count"] == 5 and info["promoted"] == [["the", 1.0], ["the", 1.0]]
+    meta = json.loads((fs / "store.json").read_text())
+    cases = {"{": "store.json: not valid JSON", "[]": "store.json is not a saescope feature store",
+             json.dumps({**meta, "layers": ["0"]}): "field 'layers' must list layer numbers",
+             json.dumps({**meta, "d_sae": {}}): "field 'd_sae' has no integer >= 1 for layer 0",
+             json.dumps({**meta, "counted_tokens": {"0": -1}}): "field 'counted_tokens' has no integer >= 0 for layer 0",
+             json.dumps({**meta, "config": {**meta["config"], "left": "2"}}): "store.json: config: field 'left' must be an integer",
+             json.dumps({k: v for k, v in meta.items() if k != "hist_edges"}): "field 'hist_edges' is missing"}
+    for text, msg in cases.items():
+        (fs / "store.json").write_text(text)
+        with pytest.raises(SaescopeError, match=msg) as exc:
+            FeatureStore(fs)
+        assert str(fs / "store.json") in str(exc.value)
+    (fs / "store.json").write_text(json.dumps({**meta, "d_sae": {"0": 16}}))  # more features than the tensors hold
+    with pytest.raises(SaescopeError, match="layer0.safetensors: fire_count has shape \\[8\\], store.json implies \\[16\\]"):
+        FeatureStore(fs).feature(0, 12)
+    (fs / "store.json").write_text(json.dumps(meta))
+    layer = fs / "layer0.safetensors"
+    good = layer.read_bytes()
+    layer.write_bytes(good[: len(good) // 2])
+    with pytest.raises(SaescopeError, match="cannot read .*layer0.safetensors: missing, corrupt or truncated"):
+        FeatureStore(fs).feature(0, 3)
+    layer.unlink()
+    with pytest.raises(SaescopeError, match="cannot read .*layer0.safetensors: missing, corrupt or truncated"):
+        FeatureStore(fs).frequencies(0)
+    layer.write_bytes(good)
+    (fs / "tokens.json").write_text('["the"]')
+    with pytest.raises(SaescopeError, match="tokens.json: expected an object"):
+        FeatureStore(fs).feature(0, 3)
+    (fs / "tokens.json").write_text('{"0": "the"}')
+    # the command line: a feature out of range is one line, whichever side of the range
+    for feature, msg in (("8", "feature 8 does not exist: layer 0 has features 0..7"), ("-1", "--feature must be >= 0")):
+        code = main(["features", "show", "--store", str(fs), "--layer", "0", "--feature", feature])
+        assert_one_line_error(code, capsys.readouterr().err, msg)
+
+
+def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(lm, tmp_path):
+    saes = random_saes(64, [1], model="tiny")
+    cfg = StoreConfig(max_tokens=4 * 2 * 32, ctx_len=32, batch_size=2, top_n=4, checkpoint_every=2)
+    partial = tmp_path / "fs" / "partial"
+    partial.mkdir(parents=True)
+    settings = {**_settings(cfg, "s", lm, saes), "moe": None}
+    ckpt = partial / "layer1-b2.safetensors"
+    cases = [("{", "progress.json: not valid JSON"),
+             (json.dumps({"batches": "2", "settings": settings}), "field 'batches' must be an integer"),
+             (json.dumps({"batches": 9, "settings": settings}), "field 'batches' must be <= 4"),
+             (json.dumps({"batches": 2, "settings": []}), "field 'settings' must be an object"),
+             (json.dumps({"batches": 2, "settings": settings}), "cannot read .*layer1-b2.safetensors: missing, corrupt or truncated")]
+    for text, msg in cases:
+        (partial / "progress.json").write_text(text)
+        with pytest.raises(SaescopeError, match=f"{msg}.*; start again without --resume"):
+            build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="s", resume=True, progress=False)
+    ckpt.write_bytes(LayerStats(64, StoreConfig(top_n=3), torch.device("cpu")).to_bytes())  # other sizes
+    with pytest.raises(SaescopeError, match="b2.safetensors: top_\\w+ is torch.\\w+ \\[64, 3\\], expected torch.\\w+ \\[64, 4\\]"):
+        build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="s", resume=True, progress=False)
+    assert ckpt.exists() and (partial / "progress.json").exists()  # refused, not cleared: the user decides

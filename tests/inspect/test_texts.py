@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, random_saes, run_cli
+from saescope.cli import _check_flags
 from saescope.errors import SaescopeError
+from saescope.inspect.cli import _texts
 from saescope.inspect.texts import InspectConfig, contrast, inspect_texts
 from saescope.models import load_model
 from saescope.scope import Scope
@@ -116,9 +118,55 @@ def test_inspect_cli_bad_input_is_one_line(tiny_sae_dir, tiny_qwen3, corpus_file
     cases = [(("--texts", "hello", "--store", str(tmp_path / "other")), "was built from the SAEs other-saes, not from"),
              (("--texts", ""), "text 0 is empty"),
              (("--texts", "hello", "--layers", "7"), "no SAE for layer 7"),
-             (("--texts", "missing.jsonl"), "file not found: missing.jsonl"),
+             (("--texts", "missing.jsonl"), "no such file: missing.jsonl"),
+             (("--texts", str(tmp_path)), f"{tmp_path} is a folder"),
              (("--texts", "hello", "--control", str(tmp_path)), "use it with --baseline"),
              (("--texts", "hello", "--store", str(tmp_path)), "no feature store at")]
     for args, fragment in cases:
         code, _, err = run_cli("inspect", "--sae", str(tiny_sae_dir), *args)
         assert_one_line_error(code, err, fragment)
+
+
+def test_a_refused_inspect_leaves_earlier_results_alone(tiny_sae_dir, tmp_path):
+    out = tmp_path / "inspect.json"
+    out.write_text('{"earlier": true}')
+    code, _, err = run_cli("inspect", "--sae", str(tiny_sae_dir), "--texts", "hello", "--max-length", "0", "--out", str(out))
+    assert_one_line_error(code, err, "--max-length must be >= 1, got 0")
+    assert out.read_text() == '{"earlier": true}' and not (tmp_path / "report-section-inspect.html").exists()
+
+
+def test_texts_argument_is_a_file_a_benchmark_or_plain_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("Natalia sold clips.\n\nJanet has ducks.\n")
+    assert _texts("notes.txt", None, None) == ["Natalia sold clips.", "Janet has ducks."]  # as train --data reads it
+    for text in ("Natalia sold 3/4 of her clips", "hello", "x" * 5000, "See the notes below."):
+        assert _texts(text, None, None) == [text]
+    for spec in ("missing.jsonl", "notes.TXT.gz", "data/prompts", "~/nowhere/notes", "my notes.csv"):
+        with pytest.raises(SaescopeError, match=f"no such file: {spec}; to inspect these characters as a text"):
+            _texts(spec, None, None)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SaescopeError, match="folder is a folder: give one prompt file"):
+        _texts("folder", None, None)
+    (tmp_path / "gap.jsonl").write_text('{"text": "a"}\n{"text": " "}\n')
+    with pytest.raises(SaescopeError, match="gap.jsonl: text 1 is empty"):
+        _texts("gap.jsonl", None, None)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ("inspect --sae s --texts x --max-length 0", "--max-length must be >= 1, got 0"),
+    ("inspect --sae s --texts x --max-length -5", "--max-length must be >= 1, got -5"),
+    ("inspect --sae s --texts x --top 0", "--top must be >= 1, got 0"),
+    ("inspect --sae s --texts x --limit 0", "--limit must be >= 1, got 0"),
+    ("inspect --sae s --texts x --limit -1", "--limit must be >= 1, got -1"),
+    ("inspect --sae s --texts x --k 0", "--k must be >= 1, got 0"),
+    ("features build --sae s --ctx-len 1", "--ctx-len must be >= 2, got 1"),
+    ("features show --store s --layer -1 --feature 0", "--layer must be >= 0, got -1"),
+    ("steer --sae s --layer 1 --feature 2 --strength 3 --prompt x --max-new-tokens 0", "--max-new-tokens must be >= 1, got 0"),
+    ("steer --sae s --layer 1 --feature 2 --strength 3 --prompt x --temperature nan", "--temperature must be a finite number, got nan"),
+    ("serve --sae s --port 70000", "--port must be <= 65535, got 70000"),
+])
+def test_numeric_flags_are_range_checked(args, fragment):
+    from saescope.cli import build_parser
+
+    with pytest.raises(SaescopeError, match=fragment):
+        _check_flags(build_parser().parse_args(args.split()))

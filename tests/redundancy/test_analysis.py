@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from saescope import SaescopeError
-from saescope.redundancy.analysis import analyse
+from saescope.redundancy.analysis import analyse, compare, load_result
 from saescope.redundancy.footprint import FORMAT, Footprints, write_sets
 from saescope.redundancy.metrics import FeatureSets
+from saescope.redundancy.performance import bench_scores
+from saescope.redundancy.render import format_compare
 
 
 def _folder(tmp_path, benches: dict[str, list[list[int]]], d_sae=64):
@@ -41,3 +43,86 @@ def test_containment_duplicates_and_statements(tmp_path):
     assert res["statements"][0]["matched"] == pytest.approx(1.0) and "control_agreement" not in res
     with pytest.raises(SaescopeError, match="layer 5 is not in the footprints"):
         analyse(fp, layer=5, progress=False)
+
+
+def _scored_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    benches = {b: [sorted(rng.choice(64, 4, replace=False).tolist()) for _ in range(12)]
+               for b in ("gsm8k", "math", "arc_challenge", "winogrande", "mmlu")}
+    return _folder(tmp_path, benches)
+
+
+def test_compare_drops_benchmark_pairs_no_model_scored_on_both_and_says_so(tmp_path):
+    res = analyse(_scored_folder(tmp_path / "fp"), repeats=5, matched_repeats=3, progress=False)
+    rng = np.random.default_rng(0)
+    rows = ["model,GSM8K,MATH,ARC,Winogrande"]  # no MMLU column: nothing to partial out, no KeyError
+    for m in range(8):  # MATH scored for models 0-3 only, ARC for 4-7 only: that pair has no model in common
+        s = rng.random(4).round(3)
+        rows.append(f"m{m},{s[0]},{s[1] if m < 4 else ''},{s[2] if m >= 4 else ''},{s[3]}")
+    table = tmp_path / "scores.csv"
+    table.write_text("\n".join(rows) + "\n")
+    cmp = compare(res, [], scores=bench_scores(res["benchmarks"], table), n_perm=50)
+    assert cmp["pairs_dropped_unscored"] == ["math-arc_challenge"] and len(cmp["pair_scores"]) == 5
+    assert "1 of 6 benchmark pairs dropped: fewer than 3 models have scores on both (math-arc_challenge)" in format_compare(cmp)
+    p = cmp["pairs"]["sae/symmetric"]
+    assert p["n_pairs"] == 5 and np.isfinite(p["pearson"]) and p["pearson_partial_mmlu"] is None
+    assert all(np.isfinite(r["score_pearson"]) for r in cmp["pair_scores"])
+    assert "no score column for: mmlu" in cmp["notes"][-2]
+
+
+def test_redundancy_json_is_checked_field_by_field(tmp_path):
+    res = analyse(_scored_folder(tmp_path / "fp"), repeats=5, matched_repeats=3, progress=False)
+    path = tmp_path / "redundancy.json"
+    path.write_text(json.dumps(res))
+    assert load_result(path)["benchmarks"] == res["benchmarks"]
+    bad = {"{}": "field 'layer' is missing",
+           '{"layer": "3", "benchmarks": [], "sets": {}}': "field 'layer' must be an integer, got '3'",
+           '{"layer": 3, "benchmarks": ["a", "a"], "sets": {"sae": {}}}': "field 'benchmarks' must list two or more distinct names",
+           '{"layer": 3, "benchmarks": ["a", "b"], "sets": {}}': "field 'sets' has no 'sae' entry",
+           '{"layer": 3, "benchmarks": ["a", "b"], "sets": {"sae": {"1": {}}}}':
+               "field 'sets.sae' must be an object with an entry for layer 3",
+           "[1, 2": "not valid JSON"}
+    e = res["sets"]["sae"]["3"]
+    for broken, msg in [({**e, "r_hat": {}}, "sets.sae.3: field 'r_hat' has no number gsm8k.mean"),
+                        ({**e, "symmetric": e["symmetric"][:2]}, "sets.sae.3: field 'symmetric' must be a 5 x 5 matrix"),
+                        ({k: v for k, v in e.items() if k != "matched"}, "sets.sae.3: field 'matched' is missing")]:
+        bad[json.dumps({**res, "sets": {"sae": {"3": broken}}})] = msg
+    for text, msg in bad.items():
+        path.write_text(text)
+        with pytest.raises(SaescopeError, match=msg) as exc:
+            load_result(path)
+        assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_damaged_footprint_folders_are_one_line_errors(tmp_path):
+    fp = _scored_folder(tmp_path)
+    meta = json.loads((tmp_path / "footprints.json").read_text())
+    cases = {"{}": "is not a saescope footprint file", '{"format": "saescope-footprints"': "not valid JSON",
+             json.dumps({**meta, "layers": "3"}): "field 'layers' must be a list",
+             json.dumps({**meta, "layers": []}): "field 'layers' must list layer numbers",
+             json.dumps({**meta, "d_sae": 0}): "field 'd_sae' must be >= 1",
+             json.dumps({**meta, "benchmarks": {"gsm8k": {"n": "12", "hash": "0"}}}): "entry 'gsm8k' must be an object with a prompt count"}
+    for text, msg in cases.items():
+        (tmp_path / "footprints.json").write_text(text)
+        with pytest.raises(SaescopeError, match=msg) as exc:
+            Footprints.load(tmp_path)
+        assert "footprints.json" in str(exc.value)
+    (tmp_path / "footprints.json").write_text(json.dumps(meta))
+    file = tmp_path / "sae" / "math.safetensors"
+    good = file.read_bytes()
+    file.write_bytes(good[: len(good) // 2])
+    with pytest.raises(SaescopeError, match="cannot read .*math.safetensors: corrupt or truncated"):
+        fp.sets("math", 3)
+    file.unlink()
+    with pytest.raises(SaescopeError, match="missing .*math.safetensors: the footprint folder is incomplete"):
+        analyse(fp, repeats=2, matched_repeats=2, progress=False)
+    file.write_bytes(good)
+    write_sets(file, {4: fp.sets("gsm8k", 3)})  # another layer's tensors only
+    with pytest.raises(SaescopeError, match="math.safetensors has no tensor layer3.indptr"):
+        fp.sets("math", 3)
+    write_sets(file, {3: FeatureSets.from_lists([np.array([1, 2])] * 11, 64)})  # 11 prompts where footprints.json says 12
+    with pytest.raises(SaescopeError, match="math.safetensors: layer3.indptr/indices have shapes \\(12,\\)/\\(22,\\).*for 12 prompts"):
+        fp.sets("math", 3)
+    write_sets(file, {3: FeatureSets.from_lists([np.array([1, 64])] * 12, 64)})  # feature 64 of 0..63
+    with pytest.raises(SaescopeError, match="layer3.indices holds features outside 0..63"):
+        fp.sets("math", 3)

@@ -6,21 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_analysis import _scored_folder
 
 from conftest import assert_one_line_error, run_cli
 from saescope import SaescopeError
+from saescope.cli import main
 from saescope.data.benchmarks import load_benchmark, shared_data_dir
 from saescope.io import save_native
+from saescope.redundancy.analysis import analyse
 from saescope.redundancy.footprint import Footprints
 from saescope.report import build_report
 from saescope.sae import SAEConfig, TopKSAE
 from saescope.scope import Scope
 
 BENCHES = "gsm8k,math,arc_challenge,winogrande,mmlu,m_ifeval_en,m_ifeval_fr,m_ifeval_es"
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_bad_inputs_get_one_line_errors(run, tmp_path):
     code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "hf:openai/gsm8k", "--column", "question")
     assert_one_line_error(code, err, "Hugging Face dataset")  # no hub here: the offline answer, not a traceback
     code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "0")
-    assert_one_line_error(code, err, "--limit must be at least 1")
+    assert_one_line_error(code, err, "--limit must be >= 1, got 0")
     code, _, err = run_cli("redundancy", "report", str(tmp_path))
     assert_one_line_error(code, err, "no footprints in")
     code, _, err = run_cli("redundancy", "compare", str(tmp_path))
@@ -114,3 +113,41 @@ def test_bad_inputs_get_one_line_errors(run, tmp_path):
     two.write_text("model,a,b\nm1,1,0\nm2,0,1\n")
     code, _, err = run_cli("redundancy", "compare", str(out / "redundancy"), "--perf", str(two))
     assert_one_line_error(code, err, "needs at least 3")
+
+
+def test_flags_and_inputs_are_checked_before_any_file_is_written(tmp_path, capsys):
+    """In-process (no model, no shared data): a bad flag, scores table or redundancy.json is one line, exit 2, and the
+    files already in the folder stay as they were."""
+    fp = tmp_path / "fp"
+    (fp / "redundancy.json").parent.mkdir()
+    (fp / "redundancy.json").write_text(json.dumps(analyse(_scored_folder(fp), repeats=5, matched_repeats=3, progress=False)))
+    (fp / "compare.json").write_text('{"kept": true}')
+    before = {p: p.read_bytes() for p in fp.rglob("*") if p.is_file()}
+    scores = tmp_path / "scores.csv"
+    scores.write_text("model,Accuracy,Speed\na,1,2\n")
+    nosae = str(tmp_path / "no-sae")
+    cases = [(["report", str(fp), "--repeats", "0"], "--repeats must be >= 1, got 0"),
+             (["report", str(fp), "--subsume", "1.5"], "--subsume must be <= 1, got 1.5"),
+             (["compare", str(fp), "--n-perm", "-1"], "--n-perm must be >= 1, got -1"),
+             (["compare", str(fp), "--scores", str(scores)], "no column matches a footprinted benchmark (columns: Accuracy, Speed; "
+                                                            "expected: gsm8k (or 'GSM8K'), math (or 'MATH Lvl 5')"),
+             (["compare", str(fp), "--scores", str(scores), "--score-columns", "Accuracy"], "--score-columns: expected COLUMN=BENCHMARK"),
+             (["footprint", "--sae", nosae, "--bench", "gsm8k", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+             (["footprint", "--sae", nosae, "--bench", "gsm8k", "--limit", "-3"], "--limit must be >= 1, got -3"),
+             (["footprint", "--sae", nosae, "--bench", "gsm8k", "--max-length", "1"], "--max-length must be >= 2, got 1")]
+    for argv, msg in cases:
+        code = main(["redundancy", *argv])
+        assert_one_line_error(code, capsys.readouterr().err, msg)
+    assert {p: p.read_bytes() for p in fp.rglob("*") if p.is_file()} == before
+    (fp / "redundancy.json").write_text("{}")
+    assert_one_line_error(main(["redundancy", "compare", str(fp)]), capsys.readouterr().err, "redundancy.json: field 'layer' is missing")
+    assert (fp / "compare.json").read_text() == '{"kept": true}'
+    # any per-model table with a model column and benchmark-named columns is a scores table; the rest is ignored, said once
+    (fp / "redundancy.json").write_bytes(before[fp / "redundancy.json"])
+    scores.write_text("Model,GSM8K,MATH,ARC,Winogrande,mmlu,size\n" + "".join(
+        f"m{i},{(i * 7) % 10},{(i * 3) % 10},{(i * 5) % 11},{i % 4},{(i * i) % 13},{i}\n" for i in range(9)))
+    assert main(["redundancy", "compare", str(fp), "--scores", str(scores), "--perf", "", "--n-perm", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "note: scores.csv: 1 columns match no footprinted benchmark and are ignored (size)" in out
+    cmp = json.loads((fp / "compare.json").read_text())
+    assert cmp["score_columns"]["arc_challenge"] == "ARC" and cmp["pairs"]["sae/matched"]["n_pairs"] == 10

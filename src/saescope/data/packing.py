@@ -13,12 +13,13 @@ import torch
 from torch import Tensor
 
 from saescope.errors import SaescopeError
+from saescope.schema import check_number
 
 
 def token_chunks(texts: Iterable[str], tokenizer, ctx_len: int, *, tokenize_batch: int = 64) -> Iterator[list[int]]:
     """Concatenate the texts' tokens, separated by EOS, and cut them into chunks of ctx_len tokens."""
-    if ctx_len < 2:
-        raise SaescopeError(f"context length must be at least 2 tokens, got {ctx_len}")
+    check_number(ctx_len, "context length", kind=int, min=2)
+    check_number(tokenize_batch, "tokenize_batch", kind=int, min=1)
     sep = tokenizer.eos_token_id
     # Models whose tokenizer prepends BOS (Gemma, Llama-2...) expect it at position 0: every chunk then
     # starts with BOS followed by ctx_len - 1 text tokens. Others (SmolLM2, Qwen) get plain chunks.
@@ -65,6 +66,10 @@ def batches(
     skip: int = 0,
 ) -> Iterator[Tensor]:
     """(batch_size, ctx_len) LongTensors; the first `skip` batches are consumed without yielding."""
+    # A batch size of 0 would never fill a batch: the stream would end at once, silently empty.
+    check_number(batch_size, "batch size", kind=int, min=1)
+    check_number(shuffle_buffer, "shuffle buffer", kind=int, min=1)
+    check_number(skip, "batches to skip", kind=int, min=0)
     rng = random.Random(seed)
     pool: list[list[int]] = []
     batch: list[list[int]] = []

@@ -12,14 +12,17 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import zipfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from saescope.cache import cache_dir, pypi_wheel
 from saescope.errors import SaescopeError
+from saescope.schema import Field, InputError, check_record
 
 DEFAULT_CORPUS = "default"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz")
@@ -37,6 +40,15 @@ def _first(answers: object) -> str:
     if isinstance(answers, list) and answers:
         return str(answers[0])
     return str(answers or "")
+
+
+def is_path(spec: str) -> bool:
+    """Whether `spec` names something on disk. Path.exists raises on a name longer than the file system allows,
+    which a text given in place of a file name can be; and Path("") is the current folder."""
+    try:
+        return bool(spec.strip()) and Path(spec).expanduser().exists()
+    except (OSError, ValueError):
+        return False
 
 
 def is_eval_document(text: str) -> bool:
@@ -63,59 +75,98 @@ def default_corpus_path() -> Path:
     return path
 
 
-def _rows_text(rows: Iterator[dict], column: str, origin: str) -> Iterator[str]:
-    for i, row in enumerate(rows):
-        if column not in row:
-            raise SaescopeError(f"{origin}: no column {column!r} (row {i} has {', '.join(map(str, row)) or 'nothing'})")
-        value = row[column]
-        if value is not None and not isinstance(value, str):
-            raise SaescopeError(f"{origin}: column {column!r} is not text (row {i} holds {type(value).__name__})")
+def _rows_text(rows: Iterable[tuple[str, object]], column: str, origin: str) -> Iterator[str]:
+    """The `column` text of each (where, row): a row must be an object whose column is text (or empty)."""
+    for where, row in rows:
+        if isinstance(row, dict) and column not in row:
+            raise InputError(f"{origin}: no column {column!r} ({where} has {', '.join(map(str, row)) or 'nothing'})")
+        value = check_record(row, {column: Field(str, nullable=True)}, f"{origin} {where}")[column]
         if value:
             yield value
 
 
-def _read_file(path: Path, column: str) -> Iterator[str]:
-    name = path.name.lower()
+def paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Documents of a plain text file, streamed: blank lines separate them."""
+    doc: list[str] = []
+    for line in itertools.chain(lines, [""]):
+        if line.strip():
+            doc.append(line)
+        elif doc:
+            yield "".join(doc).strip()
+            doc.clear()
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, .gz or not, read line by line so that a large corpus is never held whole."""
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}: line {n} is not UTF-8 text (byte {exc.start + 1}: {exc.reason}); is it a binary file?") from exc
+
+
+def _json(path: Path, first_line: int, text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: line {first_line + exc.lineno - 1} is not valid JSON ({exc.msg})") from exc
+
+
+def _parse_file(path: Path, column: str) -> Iterator[str]:
+    name, origin = path.name.lower(), str(path)
     if name.endswith((".txt", ".md")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise SaescopeError(f"{path} is not UTF-8 text") from exc
-        # Blank lines separate documents in plain text files.
-        yield from (p.strip() for p in text.split("\n\n") if p.strip())
+        yield from paragraphs(line for _, line in _lines(path))
     elif name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-
-        def rows() -> Iterator[dict]:
-            with opener(path, "rt", encoding="utf-8") as f:
-                for n, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise SaescopeError(f"{path}: line {n + 1} is not valid JSON") from exc
-
-        yield from _rows_text(rows(), column, str(path))
+        yield from _rows_text(((f"line {n}", _json(path, n, line)) for n, line in _lines(path) if line.strip()), column, origin)
     elif name.endswith(".json"):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SaescopeError(f"{path} is not valid JSON") from exc
+        text = "".join(line for _, line in _lines(path))
+        if not text.strip():
+            return  # an empty file holds no text; iter_texts says so if nothing else does
+        data = _json(path, 1, text)
         if isinstance(data, dict):  # e.g. {"examples": [...]} as BIG-Bench-Hard ships
-            data = next((v for v in data.values() if isinstance(v, list)), [])
-        yield from _rows_text(iter(data), column, str(path))
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a list of objects, or an object holding one")
+        yield from _rows_text(((f"item {i}", row) for i, row in enumerate(data, 1)), column, origin)
     elif name.endswith((".csv", ".tsv")):
-        with open(path, newline="", encoding="utf-8") as f:
-            yield from _rows_text(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","), column, str(path))
+        reader = csv.DictReader((line for _, line in _lines(path)), delimiter="\t" if name.endswith(".tsv") else ",")
+        if reader.fieldnames is not None and column not in reader.fieldnames:
+            raise InputError(f"{path}: no column {column!r} (the header has {', '.join(reader.fieldnames) or 'nothing'})")
+        yield from _rows_text(((f"line {reader.line_num}", row) for row in reader), column, origin)
     elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if column not in table.column_names:
-            raise SaescopeError(f"{path}: no column {column!r} (has {', '.join(table.column_names)})")
-        yield from (v for v in table.column(column).to_pylist() if v)
+        yield from _parquet_texts(path, column)
     else:
-        raise SaescopeError(f"{path}: unsupported file type (use one of {', '.join(TEXT_SUFFIXES)})")
+        raise InputError(f"{path}: unsupported file type (use one of {', '.join(TEXT_SUFFIXES)})")
+
+
+def _parquet_texts(path: Path, column: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        if column not in pf.schema_arrow.names:
+            raise InputError(f"{path}: no column {column!r} (has {', '.join(pf.schema_arrow.names)})")
+        row = 0
+        for batch in pf.iter_batches(columns=[column]):  # a row group at a time, not the whole table
+            values = batch.column(0).to_pylist()
+            yield from _rows_text(((f"row {row + i + 1}", {column: v}) for i, v in enumerate(values)), column, str(path))
+            row += len(values)
+    except pa.ArrowException as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+
+
+def _read_file(path: Path, column: str) -> Iterator[str]:
+    """The texts of one file. Reading errors become one line naming the file: they surface while the trainer
+    iterates, so nothing here may escape as a bare OSError or UnicodeDecodeError."""
+    try:
+        yield from _parse_file(path, column)
+    except SaescopeError:
+        raise
+    except (OSError, EOFError, zlib.error, csv.Error) as exc:  # gzip.BadGzipFile is an OSError; EOFError: truncated .gz
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise InputError(f"{path}: cannot read it: {detail} (corrupt or truncated?)") from exc
 
 
 def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str = "train") -> Iterator[str]:
@@ -125,24 +176,29 @@ def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str
         path = default_corpus_path()
     else:
         path = Path(spec).expanduser()
-    if path.is_dir():
+    on_disk = is_path(str(path))
+    if on_disk and path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(TEXT_SUFFIXES))
         if not files:
             raise SaescopeError(f"{path}: folder holds no text files ({', '.join(TEXT_SUFFIXES)})")
         texts: Iterator[str] = (t for f in files for t in _read_file(f, text_column))
-    elif path.is_file():
+    elif on_disk and path.is_file():
         texts = _read_file(path, text_column)
     elif "/" in spec and not spec.startswith((".", "/")) and not path.suffix:
         texts = _hub_dataset(spec, text_column)
     else:
-        raise SaescopeError(f"data not found: {spec}")
+        raise SaescopeError(f"data not found: {spec[:200]}")
+    empty = True
     for text in texts:
+        empty = False
         if split == "all" or is_eval_document(text) == (split == "eval"):
             yield text
+    if empty:  # said here, naming the data, rather than by the trainer as "the dataset holds no text"
+        raise InputError(f"{spec}: holds no text (empty {'files' if path.is_dir() else 'file'}?)")
 
 
 def _hub_dataset(repo_id: str, column: str) -> Iterator[str]:
-    yield from _rows_text(hub_rows(repo_id, "train"), column, repo_id)
+    yield from _rows_text(((f"row {i}", row) for i, row in enumerate(hub_rows(repo_id, "train"), 1)), column, repo_id)
 
 
 def hub_rows(repo_id: str, split: str) -> Iterator[dict]:

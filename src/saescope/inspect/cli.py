@@ -8,6 +8,10 @@ from pathlib import Path
 
 from saescope.errors import SaescopeError
 
+# The numeric flags of these commands and their ranges (type, min, max), checked before any model is loaded.
+# What a --texts argument that is no benchmark and no existing file may end with and still be taken as text.
+_FILE_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
+
 
 def _sae_args(p: argparse.ArgumentParser, layers: bool = True) -> None:
     p.add_argument("--sae", required=True, help="SAE folder (saescope run, Qwen-Scope, SAELens or sparsify)")
@@ -20,7 +24,8 @@ def _sae_args(p: argparse.ArgumentParser, layers: bool = True) -> None:
 def add_parsers(sub) -> None:
     p = sub.add_parser("inspect", help="top features per text and layer; with --baseline, features that fire more on one set")
     _sae_args(p)
-    p.add_argument("--texts", required=True, help="a text, a file (txt/jsonl/json/csv/tsv) or a benchmark name (gsm8k, mgsm_fr...)")
+    p.add_argument("--texts", required=True, help="a text, a file (jsonl/json/csv/tsv, or txt/md: one text per blank-line "
+                                                  "separated paragraph) or a benchmark name (gsm8k, mgsm_fr...)")
     p.add_argument("--baseline", help="contrast mode: texts to compare against (same forms as --texts)")
     p.add_argument("--column", help="for files: the text column")
     p.add_argument("--limit", type=int, help="at most this many texts per set (a seeded random subset)")
@@ -98,14 +103,17 @@ def _store_for(a: argparse.Namespace, scope):
 
 
 def _texts(spec: str, column: str | None, limit: int | None) -> list[str]:
-    """A benchmark name or prompt file (through the benchmark loader), else the argument itself as one text."""
+    """A benchmark name or prompt file (through the benchmark loader, which refuses a folder), else the argument
+    itself as one text. A mistyped path must not be inspected as if it were the text: what looks like one is refused."""
     from saescope.data.benchmarks import BENCHMARKS, HUB, OLMO, load_benchmark
+    from saescope.data.sources import is_path
+    from saescope.inspect.texts import check_texts
 
-    if spec in BENCHMARKS or spec.startswith((OLMO, HUB)) or Path(spec).expanduser().is_file():
-        return load_benchmark(spec, limit=limit, column=column).prompts
-    if Path(spec).suffix in (".jsonl", ".json", ".csv", ".tsv", ".txt", ".gz") and not Path(spec).exists():
-        raise SaescopeError(f"file not found: {spec}")
-    return [spec]
+    if spec in BENCHMARKS or spec.startswith((OLMO, HUB)) or is_path(spec):
+        return check_texts(load_benchmark(spec, limit=limit, column=column).prompts, f"{spec}: text")
+    if spec.rstrip().lower().endswith(_FILE_SUFFIXES) or ("/" in spec and not any(c.isspace() for c in spec)):
+        raise SaescopeError(f"no such file: {spec[:200]}; to inspect these characters as a text, put them in a .txt file and pass that")
+    return check_texts([spec], "text")
 
 
 def _snippet(ctx: dict, width: int = 60) -> str:
@@ -122,12 +130,12 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     from saescope.io import atomic_write_json
     from saescope.scope import Scope
 
-    if a.limit is not None and a.limit < 1:
-        raise SaescopeError(f"--limit must be at least 1, got {a.limit}")
+    if a.baseline is not None and not a.baseline.strip():
+        raise SaescopeError("--baseline is empty: give the texts to contrast against, or leave it out")
+    if a.control and not a.baseline:
+        raise SaescopeError("--control gives the chance level of a contrast: use it with --baseline")
     texts = _texts(a.texts, a.column, a.limit)
     baseline = _texts(a.baseline, a.column, a.limit) if a.baseline else None
-    if a.control and baseline is None:
-        raise SaescopeError("--control gives the chance level of a contrast: use it with --baseline")
     cfg = InspectConfig(layers=_layers(a.layers), top=a.top, by=a.by, skip_first_token=not a.keep_first_token,
                         max_length=a.max_length, rank=a.rank)
     scope = Scope.load(a.sae, a.model, layers=cfg.layers, k=a.k)  # only the layers asked for: 64K SAEs are large
@@ -177,6 +185,8 @@ def _build(a: argparse.Namespace) -> None:
     cfg = StoreConfig(max_tokens=a.max_tokens, ctx_len=a.ctx_len, batch_size=a.batch_size, top_n=a.top_n,
                       checkpoint_every=a.checkpoint_every, data=a.data, text_column=a.text_column)
     scope = Scope.load(a.sae, a.model, layers=_layers(a.layers), k=a.k)
+    if a.browse_layers and (outside := sorted(set(_layers(a.browse_layers)) - set(scope.layers))):
+        raise SaescopeError(f"--browse-layers {a.browse_layers}: layer {outside[0]} is not among the layers built ({scope.layers})")
     out = Path(a.out) if a.out else _default_out(a.sae, "features")
     sae_name = str(Path(a.sae).resolve()) if Path(a.sae).exists() else a.sae
     print(f"feature store for {len(scope.layers)} layers x {next(iter(scope.saes.values())).cfg.d_sae} features over "
@@ -238,6 +248,9 @@ def cmd_steer(a: argparse.Namespace) -> None:
     from saescope.steer import parse_features, steered_pair, typical_norm
 
     features = parse_features(a.feature, a.strength)
+    for i, prompt in enumerate(a.prompt):
+        if not prompt.strip():
+            raise SaescopeError(f"--prompt {i + 1} is empty")
     scope = Scope.load(a.sae, a.model, layers=[a.layer], k=a.k)
     sae = scope.sae(a.layer)
     results = []

@@ -14,6 +14,7 @@ running meanwhile must not be steered.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -130,8 +131,8 @@ class App:
             raise HTTPError(422, "'features' must be an object {feature id: strength}")
         features = {}
         for f, strength in raw.items():
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-                raise HTTPError(422, f"the strength of feature {f} must be a number")
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+                raise HTTPError(422, f"the strength of feature {f} must be a finite number")  # json.loads reads NaN
             features[self._feature(layer, f)] = float(strength)
         new = _number(body, "max_new_tokens", int, 30, 1, MAX_NEW_TOKENS)
         with self.lock:

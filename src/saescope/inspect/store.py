@@ -29,12 +29,15 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -45,6 +48,7 @@ from saescope.errors import SaescopeError
 from saescope.io import atomic_write_bytes, atomic_write_json, fingerprint, read_json
 from saescope.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembed
 from saescope.sae import SparseCode, TopKSAE
+from saescope.schema import Field, check_record
 from saescope.system import peak_rss_mb, release_heap
 
 FORMAT = "saescope-features"
@@ -160,9 +164,16 @@ class LayerStats:
         return save({name: v.detach().cpu().contiguous() for name, v in self.t.items()})
 
     def load(self, path: Path) -> None:
-        got = load_file(path, device=str(self.t["fire_count"].device))
+        try:
+            got = load_file(path, device=str(self.t["fire_count"].device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise SaescopeError(f"cannot read {path}: missing, corrupt or truncated checkpoint ({exc})") from exc
         if set(got) != set(self.t):
             raise SaescopeError(f"{path} holds {sorted(got)}, expected {sorted(self.t)}")
+        for name, v in got.items():  # a checkpoint of other sizes would fail later, mid-batch, far from the cause
+            if v.shape != self.t[name].shape or v.dtype != self.t[name].dtype:
+                raise SaescopeError(f"{path}: {name} is {v.dtype} {list(v.shape)}, expected {self.t[name].dtype} "
+                                    f"{list(self.t[name].shape)}")
         self.t = got
 
 
@@ -189,13 +200,17 @@ def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Pa
     stats = {n: LayerStats(s.cfg.d_sae, cfg, device, shape.n_experts if shape else 0) for n, s in saes.items()}
     done = 0
     if resume and (partial / "progress.json").exists():
-        prog = read_json(partial / "progress.json")
-        if prog["settings"] != settings:
-            diff = [k for k in settings if prog["settings"].get(k) != settings[k]]
-            raise SaescopeError(f"{partial} was started with other settings ({', '.join(diff)}); start again without --resume")
-        done = prog["batches"]
-        for n in layers:
-            stats[n].load(partial / f"layer{n}-b{done}.safetensors")
+        try:
+            prog = check_record(read_json(partial / "progress.json"), {"batches": Field(int, min=0, max=cfg.n_batches),
+                                                                       "settings": Field(dict)}, str(partial / "progress.json"))
+            if prog["settings"] != settings:
+                diff = [k for k in settings if prog["settings"].get(k) != settings[k]]
+                raise SaescopeError(f"{partial} was started with other settings ({', '.join(diff)})")
+            done = prog["batches"]
+            for n in layers:
+                stats[n].load(partial / f"layer{n}-b{done}.safetensors")
+        except SaescopeError as exc:
+            raise SaescopeError(f"{exc}; start again without --resume") from exc
     elif partial.exists():
         if not resume:
             shutil.rmtree(partial)
@@ -255,6 +270,18 @@ def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Pa
     return out
 
 
+def _per_layer(layers: list[int], kind: type, low: int) -> Callable[[Any], str | None]:
+    """A store.json field {layer: value} that must hold every layer."""
+    def check(d: dict) -> str | None:
+        bad = [n for n in layers if not (type(d.get(str(n))) is kind and d[str(n)] >= low)]
+        return f"has no {'integer' if kind is int else kind.__name__} >= {low} for layer {bad[0]}" if bad else None
+    return check
+
+
+_CONFIG = {"left": Field(int, min=0), "right": Field(int, min=0), "top_n": Field(int, min=1), "logit_k": Field(int, min=1),
+           "data": Field(str, required=False, nullable=True)}
+
+
 class FeatureStore:
     """Read side of a feature store: lazy, by layer and feature rows."""
 
@@ -262,11 +289,25 @@ class FeatureStore:
         self.path = Path(path)
         if not (self.path / "store.json").is_file():
             raise SaescopeError(f"no feature store at {self.path} (build one with: saescope features build --sae SAES)")
+        origin = str(self.path / "store.json")
         self.meta = read_json(self.path / "store.json")
-        if self.meta.get("format") != FORMAT:
-            raise SaescopeError(f"{self.path}/store.json is not a saescope feature store")
-        if self.meta.get("version", 0) > VERSION:
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            raise SaescopeError(f"{origin} is not a saescope feature store")
+        check_record(self.meta, {"version": Field(int), "layers": Field(list, check=lambda x: None if x and all(
+            type(n) is int and n >= 0 for n in x) else "must list layer numbers")}, origin)
+        if self.meta["version"] > VERSION:
             raise SaescopeError(f"{self.path} is feature store version {self.meta['version']}; this saescope reads up to {VERSION}")
+        layers = self.meta["layers"]
+        check_record(self.meta, {"sae": Field(str), "model": Field(str, nullable=True), "tokens": Field(int, min=0),
+                                 "fingerprints": Field(dict), "d_sae": Field(dict, check=_per_layer(layers, int, 1)),
+                                 "counted_tokens": Field(dict, check=_per_layer(layers, int, 0)), "config": Field(dict),
+                                 "hist_edges": Field(list, check=lambda e: None if len(e) >= 2 and all(
+                                     type(v) in (int, float) for v in e) else "must list 2 or more numbers"),
+                                 "moe": Field(dict, required=False, nullable=True),
+                                 "build": Field(dict, required=False, nullable=True)}, origin)
+        check_record(self.meta["config"], _CONFIG, f"{origin}: config")
+        if self.meta.get("moe"):
+            check_record(self.meta["moe"], {"n_experts": Field(int, min=1)}, f"{origin}: moe")
         self._tokens: dict[str, str] | None = None
 
     @property
@@ -295,15 +336,40 @@ class FeatureStore:
     def _file(self, layer: int) -> Path:
         return self.path / f"layer{self.check_layer(layer)}.safetensors"
 
+    @contextmanager
+    def _open(self, layer: int):
+        file = self._file(layer)
+        try:
+            with safe_open(file, "pt") as f:
+                yield f
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise SaescopeError(f"cannot read {file}: missing, corrupt or truncated ({exc})") from exc
+
+    def _shape(self, layer: int, name: str) -> tuple | None:
+        """The shape store.json implies for a tensor (None: not known)."""
+        c, d = self.meta["config"], self.d_sae(layer)
+        n, e = c["top_n"], (self.meta.get("moe") or {}).get("n_experts")
+        return {"fire_count": (d,), "act_sum": (d,), "hist": (d, len(self.meta["hist_edges"]) - 1), "top_acts": (d, n),
+                "top_tokens": (d, n, c["left"] + 1 + c["right"]), "top_source": (d, n), "logit_top_ids": (d, c["logit_k"]),
+                "logit_top_vals": (d, c["logit_k"]), "logit_bottom_ids": (d, c["logit_k"]), "logit_bottom_vals": (d, c["logit_k"]),
+                "expert_counts": (d, e) if e else None, "expert_tokens": (e,) if e else None}.get(name)
+
     def tensor(self, layer: int, name: str, rows: slice | int | None = None) -> Tensor:
-        with safe_open(self._file(layer), "pt") as f:
+        with self._open(layer) as f:
             if name not in f.keys():
-                raise SaescopeError(f"{self._file(layer)} has no {name}")
-            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+                raise SaescopeError(f"{self._file(layer)} has no tensor {name}: the store is incomplete (rebuild it with --overwrite)")
+            part = f.get_slice(name)
+            shape, want = tuple(part.get_shape()), self._shape(layer, name)
+            if want is not None and shape != want:  # rows of another SAE or settings: would index past the end or mislabel
+                raise SaescopeError(f"{self._file(layer)}: {name} has shape {list(shape)}, store.json implies {list(want)}")
+            return f.get_tensor(name) if rows is None else part[rows]
 
     def token(self, token_id: int) -> str:
         if self._tokens is None:
-            self._tokens = read_json(self.path / "tokens.json")
+            tokens = read_json(self.path / "tokens.json")
+            if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+                raise SaescopeError(f"{self.path / 'tokens.json'}: expected an object {{token id: text}}")
+            self._tokens = tokens
         return self._tokens.get(str(token_id), f"<{token_id}>")
 
     def n_tokens(self, layer: int) -> int:
@@ -342,7 +408,7 @@ class FeatureStore:
         return out
 
     def _keys(self, layer: int) -> set[str]:
-        with safe_open(self._file(layer), "pt") as f:
+        with self._open(layer) as f:
             return set(f.keys())
 
 

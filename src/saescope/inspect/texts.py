@@ -18,6 +18,7 @@ import torch
 
 from saescope.errors import SaescopeError
 from saescope.inspect.store import FeatureStore
+from saescope.schema import check_number
 from saescope.scope import Scope, TextCodes
 from saescope.system import release_heap
 
@@ -40,15 +41,16 @@ class InspectConfig:
             raise SaescopeError(f"unknown ranking {self.by!r}; use max or sum")
         if self.rank not in CONTRAST_RANKINGS:
             raise SaescopeError(f"unknown contrast ranking {self.rank!r}; use rate or mean")
-        if self.top < 1:
-            raise SaescopeError(f"--top must be at least 1, got {self.top}")
+        check_number(self.top, "top", kind=int, min=1)
+        check_number(self.max_length, "max_length", kind=int, min=1)
+        check_number(self.batch_size, "batch_size", kind=int, min=1)
 
 
 def _first(codes: TextCodes, skip_first: bool) -> int:
     return 1 if skip_first and len(codes.tokens) > 1 else 0
 
 
-def _check_texts(texts: Sequence[str], what: str) -> list[str]:
+def check_texts(texts: Sequence[str], what: str) -> list[str]:
     if isinstance(texts, str):
         texts = [texts]
     if not texts:
@@ -62,7 +64,7 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
 def inspect_texts(scope: Scope, texts: Sequence[str], cfg: InspectConfig, store: FeatureStore | None = None) -> list[dict]:
     """Per text: its tokens and, per layer, the top features with activation, the tokens they fired on and,
     when a feature store is given, their corpus frequency and best contexts."""
-    texts = _check_texts(texts, "text")
+    texts = check_texts(texts, "text")
     layers = scope.check_layers(cfg.layers)
     out = []
     for text, codes in zip(texts, scope.encode(texts, layers=layers, batch_size=cfg.batch_size, max_length=cfg.max_length)):
@@ -120,7 +122,7 @@ def contrast(scope: Scope, texts: Sequence[str], baseline: Sequence[str], cfg: I
     / tokens; text_rate = share of the set's texts in which it fires at least once. Ranked by rate difference
     (ties by mean difference), or with cfg.rank="mean" by mean difference; the other end of the ranking
     (features that fire more on the baseline) is listed too."""
-    texts, baseline = _check_texts(texts, "text"), _check_texts(baseline, "baseline text")
+    texts, baseline = check_texts(texts, "text"), check_texts(baseline, "baseline text")
     layers = scope.check_layers(cfg.layers)
     a, b = _set_stats(scope, texts, cfg, layers), _set_stats(scope, baseline, cfg, layers)
     out: dict = {"n_texts": len(texts), "n_baseline": len(baseline), "layers": {}}

@@ -21,30 +21,25 @@ from saescope.io.formats import (
     save_qwen_scope,
     save_saelens,
 )
+from saescope.io.run_dir import RunDir
 from saescope.sae import TopKSAE
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
-           "read_json", "resolve_run", "save_native"]
+           "read_json", "refuse_overwrite", "resolve_run", "save_native", "RunDir"]
 
 
 def resolve_run(path: Path) -> Path:
     """A training run folder points at its latest complete checkpoint through the file `latest`."""
-    pointer = path / "latest"
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if not target.is_dir():
-            raise SaescopeError(f"{path}: `latest` points at {target.name}, which is missing")
-        return target
-    return path
+    return RunDir(path).latest() or path
 
 
 def decoder_cos_to_init(run: Path) -> dict[str, float]:
     """Per layer, the median cosine of a saescope run's decoder rows to their initialisation, when it was recorded
     (train_summary.json); empty for other formats. Near 1, the SAE is still mostly its random start."""
     try:
-        layers = json.loads((Path(run) / "train_summary.json").read_text())["layers"]
-        return {n: v["decoder_cos_to_init"] for n, v in layers.items() if "decoder_cos_to_init" in v}
-    except (OSError, ValueError, KeyError, TypeError):
+        layers = json.loads(RunDir(run).train_summary.read_text())["layers"]
+        return {str(n): float(v["decoder_cos_to_init"]) for n, v in layers.items() if "decoder_cos_to_init" in v}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # optional figure: absent or unreadable, no figure
         return {}
 
 
@@ -57,8 +52,13 @@ def fingerprint(sae: TopKSAE) -> str:
     return h.hexdigest()[:16]
 
 
-def _layer_of(name: str) -> int:
-    return int(re.search(r"(\d+)", name).group(1))
+_NATIVE = re.compile(r"layer(\d+)\.safetensors")
+_QWEN_SCOPE = re.compile(r"layer(\d+)\.sae\.pt")
+
+
+def _layers_in(path: Path, pattern: re.Pattern) -> dict[int, Path]:
+    """Files named exactly as a format names its layers; strays such as layer_backup.safetensors are not SAEs."""
+    return {int(m.group(1)): p for p in path.iterdir() if (m := pattern.fullmatch(p.name))}
 
 
 def load_saes(spec: str | Path, *, layers: list[int] | None = None, k: int | None = None) -> dict[int, TopKSAE]:
@@ -78,11 +78,11 @@ def load_saes(spec: str | Path, *, layers: list[int] | None = None, k: int | Non
     path = resolve_run(path)
     want = (lambda n: layers is None or n in layers)
     found: dict[int, TopKSAE] = {}
-    native = {_layer_of(p.name) for p in path.glob("layer*.safetensors")}
+    native, qs = _layers_in(path, _NATIVE), _layers_in(path, _QWEN_SCOPE)
     if native:
         found = {n: load_native(path, n) for n in sorted(native) if want(n)}
-    elif qs := sorted(path.glob("layer*.sae.pt"), key=lambda p: _layer_of(p.name)):
-        found = {_layer_of(p.name): load_qwen_scope(p, k) for p in qs if want(_layer_of(p.name))}
+    elif qs:
+        found = {n: load_qwen_scope(p, k) for n, p in sorted(qs.items()) if want(n)}
     elif (path / "sae_weights.safetensors").exists():
         sae = load_saelens(path)
         found = {sae.meta.get("layer", 0): sae}
@@ -96,17 +96,24 @@ def load_saes(spec: str | Path, *, layers: list[int] | None = None, k: int | Non
                 sae = load_saelens(sub)
             elif (sub / "sae.safetensors").exists():
                 sae = load_sparsify(sub)
+            elif (sub / "cfg.json").exists():  # an SAE folder whose weights are gone: not silently one layer fewer
+                raise SaescopeError(f"{sub} holds cfg.json but no weights (sae_weights.safetensors or sae.safetensors)")
             else:
                 continue
-            n = sae.meta.get("layer", _layer_of(sub.name))
+            n = sae.meta.get("layer", int(re.search(r"(\d+)$", sub.name).group(1)))
+            if n in found:
+                raise SaescopeError(f"{path}: two SAEs for layer {n} ({found[n].meta.get('hook_name') or '?'} and {sub.name})")
             if want(n):
                 found[n] = sae
     missing = sorted(set(layers or []) - set(found))
     if missing or not found:
-        on_disk = sorted({_layer_of(p.name) for p in [*path.glob("layer*.safetensors"), *path.glob("layer*.sae.pt")]})
+        on_disk = sorted({*native, *qs})
         have = f" (it has layers {', '.join(map(str, on_disk))})" if on_disk else ""
         raise SaescopeError(f"no SAE for layer {missing[0]} in {path}{have}" if missing else f"{path}: no SAEs found")
     for n, sae in found.items():
+        if k is not None and sae.meta.get("origin") != "qwen-scope" and sae.cfg.k != k:
+            raise SaescopeError(f"--k {k}: the SAE of layer {n} in {path} records k {sae.cfg.k} (--k is for Qwen-Scope files "
+                                "whose name does not give it)")
         sae.meta["layer"] = n
     return dict(sorted(found.items()))
 
@@ -120,8 +127,22 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise SaescopeError(f"cannot fetch SAEs from hub repo {repo_id!r} (is the hub reachable?): {type(exc).__name__}") from exc
 
 
+_EXPORT_TARGETS = {"saelens": ("layer{n}/sae_weights.safetensors", "layer{n}/cfg.json"), "qwen-scope": ("layer{n}.sae.pt",),
+                   "saescope": ("layer{n}.safetensors", "layer{n}.json")}
+
+
+def refuse_overwrite(out: Path, targets: list[Path]) -> None:
+    """SAE files are never silently replaced: writing where SAEs of the same layers already are is refused up front."""
+    if existing := [p for p in targets if p.exists()]:
+        raise SaescopeError(f"{out} already holds {existing[0].relative_to(out)}"
+                            f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}: choose another --out or remove them first")
+
+
 def export_saes(saes: dict[int, TopKSAE], out: Path, fmt: str, *, model_name: str = "") -> list[Path]:
     """Write SAEs in another format: 'saelens' (one folder per layer), 'qwen-scope' or 'saescope'."""
+    if fmt not in _EXPORT_TARGETS:
+        raise SaescopeError(f"unknown format {fmt!r}; use saelens, qwen-scope or saescope")
+    refuse_overwrite(out, [out / t.format(n=n) for n in saes for t in _EXPORT_TARGETS[fmt]])
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n, sae in saes.items():
@@ -131,9 +152,7 @@ def export_saes(saes: dict[int, TopKSAE], out: Path, fmt: str, *, model_name: st
         elif fmt == "qwen-scope":
             save_qwen_scope(sae, out, n)
             written.append(out / f"layer{n}.sae.pt")
-        elif fmt == "saescope":
+        else:
             save_native(sae, out, n)
             written.append(out / f"layer{n}.safetensors")
-        else:
-            raise SaescopeError(f"unknown format {fmt!r}; use saelens, qwen-scope or saescope")
     return written

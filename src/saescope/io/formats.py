@@ -24,6 +24,7 @@ from torch import Tensor
 
 from saescope.errors import SaescopeError
 from saescope.sae import SAEConfig, TopKSAE
+from saescope.schema import Field, check_record
 
 FORMAT_VERSION = 1
 
@@ -42,23 +43,37 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, spec: dict[str, Field] | None = None) -> dict:
+    """A JSON file, checked against `spec` (field types and ranges) when one is given."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SaescopeError(f"cannot read {path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise SaescopeError(f"cannot read {path}: a folder, not a JSON file") from exc
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
+    return check_record(obj, spec, str(path)) if spec is not None else obj
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
+def _read_safetensors(path: Path, names: tuple[str, ...] = ()) -> dict[str, Tensor]:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+    except FileNotFoundError as exc:
+        raise SaescopeError(f"cannot read {path}: no such file") from exc
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise SaescopeError(f"cannot read {path}: corrupt or truncated safetensors file") from exc
+    if missing := sorted(set(names) - set(tensors)):
+        raise SaescopeError(f"{path} lacks {', '.join(missing)}")
+    return tensors
 
 
 def from_weights(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, *,
                  subtract_b_dec: bool = False, origin: str = "") -> TopKSAE:
-    """Build a TopKSAE from weights in saescope layout, checking every shape."""
+    """Build a TopKSAE from weights in saescope layout, checking every shape, k and that every weight is finite."""
+    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise SaescopeError(f"{origin}: {name} is not a float tensor ({type(t).__name__})")
     if W_enc.ndim != 2:
         raise SaescopeError(f"{origin}: W_enc must be a matrix, got shape {tuple(W_enc.shape)}")
     d_sae, d_model = W_enc.shape
@@ -66,6 +81,11 @@ def from_weights(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: 
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
             raise SaescopeError(f"{origin}: {name} has shape {tuple(t.shape)}, expected {shape} for W_enc {tuple(W_enc.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
+        raise SaescopeError(f"{origin}: k must be an integer in 1..{d_sae} (d_sae), got {k!r}")
+    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        if not torch.isfinite(t).all():
+            raise SaescopeError(f"{origin}: {name} holds NaN or infinite values")
     sae = TopKSAE(SAEConfig(d_model=d_model, d_sae=d_sae, k=int(k)))
     with torch.no_grad():
         W_enc, b_enc, W_dec, b_dec = (t.detach().float() for t in (W_enc, b_enc, W_dec, b_dec))
@@ -92,16 +112,23 @@ def save_native(sae: TopKSAE, folder: Path, layer: int) -> None:
     atomic_write_json(folder / f"layer{layer}.json", cfg)
 
 
+NATIVE_CONFIG = {"format_version": Field(int, required=False, min=0), "k": Field(int, min=1),
+                 "d_model": Field(int, required=False, min=1), "d_sae": Field(int, required=False, min=1),
+                 "layer": Field(int, required=False, min=0), "model": Field(str, required=False, nullable=True)}
+
+
 def load_native(folder: Path, layer: int) -> TopKSAE:
-    cfg = read_json(folder / f"layer{layer}.json")
+    cfg = read_json(folder / f"layer{layer}.json", NATIVE_CONFIG)
     version = cfg.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise SaescopeError(f"{folder}/layer{layer}.json has format_version {version}; this saescope reads up to {FORMAT_VERSION}")
-    t = _read_safetensors(folder / f"layer{layer}.safetensors")
-    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(t)
-    if missing:
-        raise SaescopeError(f"{folder}/layer{layer}.safetensors lacks {', '.join(sorted(missing))}")
+    t = _read_safetensors(folder / f"layer{layer}.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec"))
     sae = from_weights(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["k"], origin=f"{folder}/layer{layer}")
+    for dim in ("d_model", "d_sae"):
+        if dim in cfg and cfg[dim] != getattr(sae.cfg, dim):
+            raise SaescopeError(f"{folder}/layer{layer}.json: {dim} {cfg[dim]} does not match the weights' {getattr(sae.cfg, dim)}")
+    if cfg.get("layer", layer) != layer:
+        raise SaescopeError(f"{folder}/layer{layer}.json: field 'layer' is {cfg['layer']}, but the file is layer{layer}")
     sae.meta = {k: v for k, v in cfg.items() if k not in ("format", "format_version", "d_model", "d_sae", "k")}
     sae.meta["origin"] = "saescope"
     return sae
@@ -133,8 +160,12 @@ def load_qwen_scope(path: Path, k: int | None = None) -> TopKSAE:
         raise SaescopeError(f"cannot read {path}: corrupt, truncated or not a plain tensor dict ({type(exc).__name__})") from exc
     if not isinstance(state, dict) or not {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(state):
         raise SaescopeError(f"{path}: expected a dict with W_enc, W_dec, b_enc, b_dec")
+    if not all(isinstance(state[n], Tensor) for n in ("W_enc", "W_dec", "b_enc", "b_dec")):
+        raise SaescopeError(f"{path}: W_enc, W_dec, b_enc and b_dec must all be tensors")
     W_dec = state["W_dec"]
-    if W_dec.ndim == 2 and W_dec.shape[0] == state["W_enc"].shape[1] and W_dec.shape[0] != W_dec.shape[1]:
+    # The format stores W_dec as (d_model, d_sae); some files hold (d_sae, d_model). Shapes tell them apart unless the
+    # SAE is square, where the format's own layout is the reading (guessing would silently transpose it).
+    if state["W_enc"].ndim == 2 and W_dec.ndim == 2 and W_dec.shape[0] == state["W_enc"].shape[1]:
         W_dec = W_dec.T
     sae = from_weights(state["W_enc"], state["b_enc"], W_dec, state["b_dec"], k, origin=str(path))
     sae.meta = {"origin": "qwen-scope", "layer": int(re.search(r"layer(\d+)", path.name).group(1))}
@@ -156,17 +187,26 @@ def save_saelens(sae: TopKSAE, folder: Path, *, hook_name: str, model_name: str 
     atomic_write_json(folder / "cfg.json", cfg)
 
 
+_OPTIONAL_STR, _OPTIONAL_DICT = Field(str, required=False, nullable=True), Field(dict, required=False, nullable=True)
+SAELENS_CONFIG = {"architecture": Field(str, required=False), "normalize_activations": _OPTIONAL_STR, "metadata": _OPTIONAL_DICT,
+                  "hook_name": _OPTIONAL_STR, "model_name": _OPTIONAL_STR, "activation_fn_kwargs": _OPTIONAL_DICT,
+                  "apply_b_dec_to_input": Field(bool, required=False), "rescale_acts_by_decoder_norm": Field(bool, required=False),
+                  "d_in": Field(int, required=False, min=1), "d_sae": Field(int, required=False, min=1)}
+
+
 def load_saelens(folder: Path) -> TopKSAE:
-    cfg = read_json(folder / "cfg.json")
+    cfg = read_json(folder / "cfg.json", SAELENS_CONFIG)
+    check_record(cfg.get("metadata") or {}, {"hook_name": _OPTIONAL_STR, "model_name": _OPTIONAL_STR}, f"{folder}/cfg.json metadata")
     arch = cfg.get("architecture", "")
     if arch not in ("topk", "standard") or (arch == "standard" and cfg.get("activation_fn_str", cfg.get("activation_fn")) != "topk"):
         raise SaescopeError(f"{folder}: SAELens architecture {arch!r} is not a top-k SAE")
     if cfg.get("normalize_activations", "none") != "none":
         raise SaescopeError(f"{folder}: input normalisation {cfg['normalize_activations']!r} is not supported")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    kwargs = cfg.get("activation_fn_kwargs")
+    k = cfg.get("k") or (kwargs.get("k") if isinstance(kwargs, dict) else None)
     if not k:
         raise SaescopeError(f"{folder}/cfg.json gives no k")
-    t = _read_safetensors(folder / "sae_weights.safetensors")
+    t = _read_safetensors(folder / "sae_weights.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec"))
     W_enc, b_enc, W_dec = t["W_enc"].T, t["b_enc"], t["W_dec"]
     if cfg.get("rescale_acts_by_decoder_norm"):
         # SAELens scales pre-activations by ||W_dec[i]|| and decodes with unit rows; folding the norms into the
@@ -175,6 +215,9 @@ def load_saelens(folder: Path) -> TopKSAE:
         W_enc, b_enc, W_dec = W_enc * norm[:, None], b_enc * norm, W_dec / norm[:, None]
     sae = from_weights(W_enc, b_enc, W_dec, t["b_dec"], k,
                        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)), origin=str(folder))
+    for cfg_dim, dim in (("d_in", "d_model"), ("d_sae", "d_sae")):
+        if cfg_dim in cfg and cfg[cfg_dim] != getattr(sae.cfg, dim):
+            raise SaescopeError(f"{folder}/cfg.json: {cfg_dim} {cfg[cfg_dim]} does not match the weights' {getattr(sae.cfg, dim)}")
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
     m = re.search(r"(?:layers\.|blocks\.)(\d+)", hook)
     model = (cfg.get("metadata") or {}).get("model_name") or cfg.get("model_name")
@@ -185,10 +228,10 @@ def load_saelens(folder: Path) -> TopKSAE:
 
 # ---------------------------------------------------------------- sparsify
 def load_sparsify(folder: Path) -> TopKSAE:
-    cfg = read_json(folder / "cfg.json")
+    cfg = read_json(folder / "cfg.json", {"k": Field(int, min=1), "activation": Field(str, required=False)})
     if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
         raise SaescopeError(f"{folder}: only plain top-k sparsify SAEs are supported (no transcoders or skip connections)")
-    t = _read_safetensors(folder / "sae.safetensors")
+    t = _read_safetensors(folder / "sae.safetensors", ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
     sae = from_weights(t["encoder.weight"], t["encoder.bias"], t["W_dec"], t["b_dec"], cfg["k"],
                        subtract_b_dec=True, origin=str(folder))
     m = re.search(r"layers[._](\d+)", folder.name)

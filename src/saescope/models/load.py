@@ -99,7 +99,13 @@ def load_model(
     elif path.exists():
         if not (path / "config.json").exists():
             raise SaescopeError(f"{path} is not a model folder (no config.json)")
+        from saescope.io import read_json
+        from saescope.schema import check_record
+
+        check_record(read_json(path / "config.json"), {}, str(path / "config.json"))  # an object, before transformers reads it
         source = str(path)
+    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise SaescopeError(f"model not found: {spec} (neither a built-in name, a folder, a .gguf file nor a hub id)")
     else:
         source = spec
     quiet = io.StringIO()
@@ -107,9 +113,9 @@ def load_model(
         with contextlib.redirect_stderr(quiet) if os.environ.get("SAESCOPE_VERBOSE") is None else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers parsing a user's files raises many types; each is a bad model, not a bug here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SaescopeError(f"cannot load model {spec!r}: {first}") from exc
+        raise SaescopeError(f"cannot load model {spec!r}: {first[:300]}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

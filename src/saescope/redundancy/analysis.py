@@ -3,20 +3,22 @@
     analyse(fp)                          R_hat per benchmark and layer (with a band over random orders), the
                                          asymmetric and symmetric overlap matrices per layer, size-matched
                                          overlaps at one layer, "A is X% inside B" statements, what to drop
-    compare(fp, result, perf, scores)    Spearman(R_hat, R) with a permutation p-value; feature overlap of
+    compare(result, perf, scores)        Spearman(R_hat, R) with a permutation p-value; feature overlap of
                                          benchmark pairs against the correlation of their scores across models
+    load_result(path)                    redundancy.json, checked against what compare reads
 Every figure is computed for the trained SAEs and, when the footprints have one, for the random control.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from saescope.errors import SaescopeError
-from saescope.io import decoder_cos_to_init
+from saescope.io import decoder_cos_to_init, read_json
 from saescope.redundancy.footprint import Footprints
 from saescope.redundancy.metrics import (
     coverage_curves,
@@ -31,7 +33,8 @@ from saescope.redundancy.metrics import (
     spearman,
     symmetric_overlap,
 )
-from saescope.redundancy.performance import SLOTH_HEADLINE, Correctness, read_sloth
+from saescope.redundancy.performance import SLOTH_HEADLINE, BenchScores, Correctness, bench_scores
+from saescope.schema import Field, InputError, check_record
 
 
 def default_layer(fp: Footprints) -> int:
@@ -150,8 +153,45 @@ def perf_redundancy(c: Correctness, *, repeats: int = 50, seed: int = 0, max_siz
             "r": _band(r_perf(sizes, tau)), "tau_n": {"n": sizes.tolist(), "tau": tau.mean(0).tolist()}, "notes": c.notes}
 
 
-def compare(res: dict, perf: list[dict], *, scores_path=None, n_perm: int = 10_000) -> dict:
-    """Spearman(R_hat, R) over the benchmarks that have both, and pairwise overlap vs score correlation."""
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_matrix(m: Any, n: int) -> bool:
+    return isinstance(m, list) and len(m) == n and all(
+        isinstance(row, list) and len(row) == n and all(v is None or _is_number(v) for v in row) for row in m)
+
+
+def check_result(res: Any, origin: str) -> dict:
+    """A redundancy.json as compare() reads it: every field it uses, with its type and shape."""
+    names = lambda b: None if all(isinstance(x, str) for x in b) and len(set(b)) == len(b) >= 2 else "must list two or more distinct names"  # noqa: E731
+    check_record(res, {"layer": Field(int), "benchmarks": Field(list, check=names),
+                       "sets": Field(dict, check=lambda s: None if "sae" in s else "has no 'sae' entry")}, origin)
+    benches, layer = res["benchmarks"], str(res["layer"])
+    nb = len(benches)
+    matrix = lambda m: None if _is_matrix(m, nb) else f"must be a {nb} x {nb} matrix of numbers"  # noqa: E731
+    r_hat = lambda r: next((f"has no number {b}.mean" for b in benches if not (isinstance(r.get(b), dict)  # noqa: E731
+                                                                               and _is_number(r[b].get("mean")))), None)
+    for which, per_layer in res["sets"].items():
+        if not isinstance(per_layer, dict) or layer not in per_layer:
+            raise InputError(f"{origin}: field 'sets.{which}' must be an object with an entry for layer {layer}")
+        for n, e in per_layer.items():
+            check_record(e, {"r_hat": Field(dict, check=r_hat), "symmetric": Field(list, check=matrix)}, f"{origin}: sets.{which}.{n}")
+        check_record(per_layer[layer], {"matched": Field(dict)}, f"{origin}: sets.{which}.{layer}")
+        check_record(per_layer[layer]["matched"], {"symmetric": Field(list, check=matrix)}, f"{origin}: sets.{which}.{layer}.matched")
+    return res
+
+
+def load_result(path: Path) -> dict:
+    """redundancy.json, checked: a missing, corrupt or incomplete file is one line naming the field."""
+    if not path.is_file():
+        raise SaescopeError(f"no {path}: run saescope redundancy report {path.parent} first")
+    return check_result(read_json(path), str(path))
+
+
+def compare(res: dict, perf: list[dict], *, scores: BenchScores | None = None, n_perm: int = 10_000) -> dict:
+    """Spearman(R_hat, R) over the benchmarks that have both, and pairwise overlap vs score correlation
+    (`scores`: per-model scores of the footprinted benchmarks, default: the leaderboard table's)."""
     layer = str(res["layer"])
     out: dict = {"layer": res["layer"], "r_vs_rhat": {}, "pairs": {}}
     have = [p for p in perf if p["benchmark"] in res["benchmarks"]]
@@ -165,39 +205,47 @@ def compare(res: dict, perf: list[dict], *, scores_path=None, n_perm: int = 10_0
             out["r_vs_rhat"][which] = {"benchmarks": [p["benchmark"] for p in have], "granularity": [p["granularity"] for p in have],
                                        "R": r.tolist(), "R_hat": rh.tolist(), "spearman": spearman(rh, r),
                                        "p_value": permutation_pvalue(rh, r, n_perm=n_perm), "spearman_by_layer": by_layer}
-    models, cols = read_sloth(scores_path)
-    benches = [b for b in res["benchmarks"] if b in SLOTH_HEADLINE]
-    out["pairs_benchmarks"] = benches
-    out["notes"] = (["math: the leaderboard column is MATH Level 5; the footprinted prompts are all of MATH"]
-                    if "math" in benches else [])
-    if len(benches) >= 3:
-        mmlu = cols["MMLU"]
-        pairs, dropped = [], {}
-        for i, a in enumerate(benches):
-            for b in benches[i + 1:]:
-                x, y = cols[SLOTH_HEADLINE[a]], cols[SLOTH_HEADLINE[b]]
-                ok = ~np.isnan(x) & ~np.isnan(y)
-                dropped[f"{a}-{b}"] = int((~ok).sum())
-                row = {"a": a, "b": b, "models": int(ok.sum()), "score_pearson": pearson(x[ok], y[ok])}
-                ok3 = ok & ~np.isnan(mmlu)
-                if "mmlu" not in (a, b):
-                    row["score_partial_mmlu"] = partial_corr(x[ok3], y[ok3], mmlu[ok3])
-                pairs.append(row)
-        out["pair_scores"] = pairs
-        out["pair_models_dropped_for_nan"] = dropped
-        idx = {b: res["benchmarks"].index(b) for b in benches}
-        for which, per_layer in res["sets"].items():
-            e = per_layer[layer]
-            for kind in ("symmetric", "matched"):
-                ov = np.array([(e["symmetric"] if kind == "symmetric" else e["matched"]["symmetric"])[idx[p["a"]]][idx[p["b"]]]
-                               for p in pairs], dtype=float)  # None (empty footprint) becomes NaN
-                sc = np.array([p["score_pearson"] for p in pairs])
-                part = [(o, p["score_partial_mmlu"]) for o, p in zip(ov, pairs) if "score_partial_mmlu" in p]
-                po, ps = np.array([o for o, _ in part]), np.array([s for _, s in part])
-                out["pairs"][f"{which}/{kind}"] = {
-                    "overlap": ov.tolist(), "pearson": pearson(ov, sc), "spearman": spearman(ov, sc),
-                    "p_value_spearman": permutation_pvalue(ov, sc, n_perm=n_perm),
-                    "n_pairs": len(pairs), "partial_pairs": len(part),
-                    "pearson_partial_mmlu": pearson(po, ps) if len(part) >= 3 else None,
-                    "spearman_partial_mmlu": spearman(po, ps) if len(part) >= 3 else None}
+    scores = scores or bench_scores(res["benchmarks"])
+    cols, benches = scores.values, list(scores.values)
+    out.update(scores=str(scores.path), score_columns=scores.columns, pairs_benchmarks=benches, notes=list(scores.notes))
+    if scores.columns.get("math") == SLOTH_HEADLINE["math"]:
+        out["notes"].append("math: the leaderboard column is MATH Level 5; the footprinted prompts are all of MATH")
+    mmlu = cols.get("mmlu")
+    pairs, dropped, unscored = [], {}, []
+    for i, a in enumerate(benches):
+        for b in benches[i + 1:]:
+            x, y = cols[a], cols[b]
+            ok = ~np.isnan(x) & ~np.isnan(y)
+            if ok.sum() < 3:  # no correlation to speak of: dropped and said, not a NaN that spoils every figure
+                unscored.append(f"{a}-{b}")
+                continue
+            dropped[f"{a}-{b}"] = int((~ok).sum())
+            row = {"a": a, "b": b, "models": int(ok.sum()), "score_pearson": pearson(x[ok], y[ok])}
+            if mmlu is not None and "mmlu" not in (a, b) and (ok3 := ok & ~np.isnan(mmlu)).sum() >= 4:
+                row["score_partial_mmlu"] = partial_corr(x[ok3], y[ok3], mmlu[ok3])
+            pairs.append(row)
+    if unscored:
+        out["notes"].append(f"{len(unscored)} of {len(unscored) + len(pairs)} benchmark pairs dropped: fewer than 3 models "
+                            f"have scores on both ({', '.join(unscored[:6])}{', ...' if len(unscored) > 6 else ''})")
+    out["pairs_dropped_unscored"] = unscored
+    if len(pairs) < 3:
+        out["notes"].append(f"overlap vs score correlation needs 3 or more scored benchmark pairs; {len(pairs)} here")
+        return out
+    out["pair_scores"] = pairs
+    out["pair_models_dropped_for_nan"] = dropped
+    idx = {b: res["benchmarks"].index(b) for b in benches}
+    for which, per_layer in res["sets"].items():
+        e = per_layer[layer]
+        for kind in ("symmetric", "matched"):
+            ov = np.array([(e["symmetric"] if kind == "symmetric" else e["matched"]["symmetric"])[idx[p["a"]]][idx[p["b"]]]
+                           for p in pairs], dtype=float)  # None (empty footprint) becomes NaN
+            sc = np.array([p["score_pearson"] for p in pairs])
+            part = [(o, p["score_partial_mmlu"]) for o, p in zip(ov, pairs) if "score_partial_mmlu" in p]
+            po, ps = np.array([o for o, _ in part]), np.array([s for _, s in part])
+            out["pairs"][f"{which}/{kind}"] = {
+                "overlap": ov.tolist(), "pearson": pearson(ov, sc), "spearman": spearman(ov, sc),
+                "p_value_spearman": permutation_pvalue(ov, sc, n_perm=n_perm),
+                "n_pairs": len(pairs), "partial_pairs": len(part),
+                "pearson_partial_mmlu": pearson(po, ps) if len(part) >= 3 else None,
+                "spearman_partial_mmlu": spearman(po, ps) if len(part) >= 3 else None}
     return out

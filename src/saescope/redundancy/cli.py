@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from saescope.errors import SaescopeError
+from saescope.schema import check_number
 
 DEFAULT_PERF = "m_ifeval:en,m_ifeval:es,m_ifeval:fr,m_ifeval:ja,sloth:mmlu,sloth:bbh,sloth:math"
 
@@ -37,7 +38,10 @@ def add_parser(sub) -> None:
     c = rsub.add_parser("compare", help="R_hat against performance-based R, overlaps against score correlations")
     c.add_argument("fp")
     c.add_argument("--perf", default=DEFAULT_PERF, help="correctness sources: m_ifeval:LANG, sloth:BENCH or CSV files")
-    c.add_argument("--scores", help="per-model benchmark scores (default: shared/data/scores/sloth_data_v1.csv)")
+    c.add_argument("--scores", help="a per-model score table (CSV): a 'model' column and one column per benchmark, named "
+                   "as the footprinted prompt set (default: shared/data/scores/sloth_data_v1.csv)")
+    c.add_argument("--score-columns", help="which column scores which benchmark, when the names differ: "
+                   "'MATH=math,GSM8K=gsm8k' (only these columns are then used)")
     c.add_argument("--repeats", type=int, default=50)
     c.add_argument("--n-perm", type=int, default=10_000)
     rsub.add_parser("list", help="the built-in benchmark prompt sets")
@@ -61,8 +65,9 @@ def _footprint(a: argparse.Namespace) -> None:
     from saescope.redundancy.footprint import compute_footprints
     from saescope.scope import Scope
 
-    if a.limit is not None and a.limit < 1:
-        raise SaescopeError(f"--limit must be at least 1, got {a.limit}")
+    # The ranges of numeric flags are checked for every command in saescope.cli (FLAG_RANGES); footprints need one
+    # more: position 0 is left out of the pooling (the attention sink), so a prompt must keep at least 2 tokens.
+    check_number(a.max_length, "--max-length", kind=int, min=2)
     benches = load_benchmarks(a.bench, limit=a.limit, seed=a.seed, column=a.column, template=a.template)
     scope = Scope.load(a.sae, a.model, layers=_layers(a.layers), k=a.k)
     control = load_control(a.control, scope.saes) if a.control else None
@@ -89,23 +94,31 @@ def _report(a: argparse.Namespace) -> None:
     print(f"redundancy report: {fp.path / 'redundancy.json'}, PNGs and report-section.html in {fp.path}")
 
 
+def _score_columns(spec: str | None) -> dict[str, str] | None:
+    """'COLUMN=BENCHMARK,...' as {column: benchmark}."""
+    if not spec:
+        return None
+    pairs = [p.partition("=") for p in spec.split(",") if p.strip()]
+    if not pairs or any(not col.strip() or not eq or not b.strip() for col, eq, b in pairs):
+        raise SaescopeError(f"--score-columns: expected COLUMN=BENCHMARK[,COLUMN=BENCHMARK...], got {spec!r}")
+    return {col.strip(): b.strip() for col, _, b in pairs}
+
+
 def _compare(a: argparse.Namespace) -> None:
-    from saescope.io import read_json
-    from saescope.redundancy.analysis import compare, perf_redundancy
-    from saescope.redundancy.performance import load_correctness
+    from saescope.redundancy.analysis import compare, load_result, perf_redundancy
+    from saescope.redundancy.performance import bench_scores, load_correctness
     from saescope.redundancy.render import format_compare, write_compare
 
-    path = Path(a.fp) / "redundancy.json"
-    if not path.is_file():
-        raise SaescopeError(f"no {path}: run saescope redundancy report {a.fp} first")
-    res = read_json(path)
+    # every input is read and checked before the slow part and before compare.json is written
+    res = load_result(Path(a.fp) / "redundancy.json")
+    scores = bench_scores(res["benchmarks"], Path(a.scores) if a.scores else None, _score_columns(a.score_columns))
+    sources = {spec: load_correctness(spec) for spec in a.perf.split(",") if spec}
     perf = []
-    for spec in [s for s in a.perf.split(",") if s]:
-        c = load_correctness(spec)
+    for spec, c in sources.items():
         for note in c.notes:
             print(f"{spec}: {note}")
         perf.append(perf_redundancy(c, repeats=a.repeats))
-    cmp = compare(res, perf, scores_path=Path(a.scores) if a.scores else None, n_perm=a.n_perm)
+    cmp = compare(res, perf, scores=scores, n_perm=a.n_perm)
     cmp["perf"] = perf
     write_compare(cmp, Path(a.fp))
     print(format_compare(cmp))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from saescope.data.benchmarks import Benchmark
@@ -28,6 +28,7 @@ from saescope.errors import SaescopeError
 from saescope.io import atomic_write_bytes, atomic_write_json, read_json
 from saescope.redundancy.metrics import FeatureSets
 from saescope.sae import TopKSAE
+from saescope.schema import Field, check_record
 from saescope.scope import Scope
 from saescope.system import release_heap
 
@@ -76,6 +77,9 @@ def compute_footprints(scope: Scope, benchmarks: list[Benchmark], out: str | Pat
     for i, bench in enumerate(benchmarks, start=1):
         digest = prompts_hash(bench.prompts)
         done = meta["benchmarks"].get(bench.name)
+        if done and done["hash"] != digest:
+            raise SaescopeError(f"{out} already holds a footprint of {bench.name} made from other prompts ({done.get('source')}, "
+                                f"{done.get('n')} prompts): use another --out, or remove {bench.name} from it first")
         if done and done["hash"] == digest and all((out / s / f"{bench.name}.safetensors").exists() for s in sets):
             print(f"{bench.name}: already footprinted, kept")
             continue
@@ -105,11 +109,29 @@ def write_sets(path: Path, per_layer: dict[int, FeatureSets]) -> None:
     atomic_write_bytes(path, save(tensors))
 
 
+def _ints(x: list) -> str | None:
+    return None if x and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in x) else "must list layer numbers"
+
+
+def _bench_entries(b: dict) -> str | None:
+    for name, e in b.items():
+        if not (isinstance(e, dict) and isinstance(e.get("n"), int) and not isinstance(e["n"], bool) and e["n"] >= 1
+                and isinstance(e.get("hash"), str)):
+            return f"entry {name!r} must be an object with a prompt count 'n' >= 1 and a 'hash'"
+    return None
+
+
+_META = {"format": Field(str), "sae": Field(str), "model": Field(str, nullable=True), "layers": Field(list, check=_ints),
+         "pool": Field(str, check=lambda p: None if p in POOLS else f"must be one of {', '.join(POOLS)}"),
+         "d_sae": Field(int, min=1), "k": Field(int, min=1), "max_length": Field(int, min=1),
+         "control": Field(str, required=False, nullable=True), "benchmarks": Field(dict, check=_bench_entries)}
+
+
 def _read_meta(path: Path) -> dict:
     meta = read_json(path)
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SaescopeError(f"{path} is not a saescope footprint file")
-    return meta
+    return check_record(meta, _META, str(path))
 
 
 @dataclass
@@ -146,6 +168,21 @@ class Footprints:
         file = self.path / which / f"{bench}.safetensors"
         if not file.is_file():
             raise SaescopeError(f"missing {file}: the footprint folder is incomplete")
-        with safe_open(file, "numpy") as f:
-            return FeatureSets(f.get_tensor(f"layer{layer}.indptr"), f.get_tensor(f"layer{layer}.indices"),
-                               int(self.meta["d_sae"]))
+        try:
+            with safe_open(file, "numpy") as f:
+                names = [f"layer{layer}.indptr", f"layer{layer}.indices"]
+                if lost := [n for n in names if n not in f.keys()]:
+                    raise SaescopeError(f"{file} has no tensor {lost[0]}: the footprint folder is incomplete")
+                indptr, indices = (f.get_tensor(n) for n in names)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise SaescopeError(f"cannot read {file}: corrupt or truncated safetensors file ({exc})") from exc
+        # CSR rows that do not fit the recorded prompt count and d_sae would index out of range or count wrongly
+        n, d = self.meta["benchmarks"][bench]["n"], self.meta["d_sae"]
+        if not (indptr.shape == (n + 1,) and indices.ndim == 1 and indptr.dtype.kind == "i" and indices.dtype.kind == "i"):
+            raise SaescopeError(f"{file}: layer{layer}.indptr/indices have shapes {indptr.shape}/{indices.shape} and types "
+                                f"{indptr.dtype}/{indices.dtype}; expected integer CSR rows for {n} prompts")
+        if indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any():
+            raise SaescopeError(f"{file}: layer{layer}.indptr is not a valid row index for {len(indices)} features")
+        if len(indices) and not 0 <= indices.min() <= indices.max() < d:
+            raise SaescopeError(f"{file}: layer{layer}.indices holds features outside 0..{d - 1} (d_sae in footprints.json)")
+        return FeatureSets(indptr, indices, d)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from saescope.errors import SaescopeError
+from saescope.schema import check_dataclass, check_number
 
 # Qwen-Scope's released widths: 16x with k 50 or 100 (dense models), 64x with k 100 (MoE models).
+DTYPE_NAMES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 PRESETS = {"16x-k50": (16, 50), "16x-k100": (16, 100), "64x-k100": (64, 100), "8x-k32": (8, 32), "4x-k32": (4, 32)}
 
 
-def parse_layers(spec: str | list[int] | None, n_layers: int) -> list[int]:
-    """'0,5,10-20' -> [0, 5, 10, ..., 20]; None or 'all' -> every layer."""
+MAX_LAYERS = 10_000  # a bound for layer lists read before the model is known (no model has this many layers)
+
+
+def parse_layers(spec: str | list[int] | None, n_layers: int | None) -> list[int]:
+    """'0,5,10-20' -> [0, 5, 10, ..., 20]; None or 'all' -> every layer. n_layers None: the model is not known yet,
+    so only the syntax and a generous bound are checked."""
+    known = n_layers is not None
+    n_layers = n_layers if known else MAX_LAYERS
     if spec is None or spec == "all":
         return list(range(n_layers))
     if isinstance(spec, list):
@@ -25,10 +33,15 @@ def parse_layers(spec: str | list[int] | None, n_layers: int) -> list[int]:
             if not m:
                 raise SaescopeError(f"bad layer list {spec!r}: use e.g. 0,5,10-20")
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-            layers.extend(range(lo, hi + 1))
-    bad = [n for n in layers if not 0 <= n < n_layers]
+            if hi < lo:
+                raise SaescopeError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. {hi}-{lo}")
+            layers.extend(range(lo, min(hi, max(lo, n_layers)) + 1))  # one past the end is enough to be refused below
+    if not layers:
+        raise SaescopeError(f"layer list {spec!r} names no layer (a range is written low-high, e.g. 1-3)")
+    bad = [n for n in layers if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < n_layers]
     if bad:
-        raise SaescopeError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}")
+        raise SaescopeError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}" if known
+                            else f"layer {bad[0]} is out of range: layer numbers are 0..{n_layers - 1}")
     return sorted(set(layers))
 
 
@@ -66,22 +79,36 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             raise SaescopeError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        for name in ("ctx_len", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens"):
-            if getattr(self, name) <= 0:
-                raise SaescopeError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.expansion is not None and self.expansion <= 0:
-            raise SaescopeError(f"expansion must be positive, got {self.expansion}")
-        if self.k is not None and self.k <= 0:
-            raise SaescopeError(f"k must be positive, got {self.k}")
-        if not 0 <= self.lr_decay_frac <= 1:
-            raise SaescopeError(f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
-        if self.outlier_factor < 0:
-            raise SaescopeError(f"outlier_factor must be >= 0, got {self.outlier_factor}")
+        for name in ("ctx_len", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens", "shuffle_buffer"):
+            check_number(getattr(self, name), name, kind=int, min=1)
+        check_number(self.ctx_len, "ctx_len", kind=int, min=2)  # one next token at least
+        for name in ("expansion", "k"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, kind=int, min=1)
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, kind=int, min=0)
+        if self.lr is not None:
+            check_number(self.lr, "lr", min=0, min_open=True)
+        check_number(self.lr_decay_frac, "lr_decay_frac", min=0, max=1)
+        check_number(self.outlier_factor, "outlier_factor", min=0)
+        check_number(self.auxk_alpha, "auxk_alpha", min=0)
+        for name in ("model_dtype", "sae_dtype"):
+            if getattr(self, name) not in DTYPE_NAMES:
+                raise SaescopeError(f"{name} must be one of {', '.join(DTYPE_NAMES)}, got {getattr(self, name)!r}")
+        if self.layers is not None and self.layers != "all":
+            parse_layers(self.layers, None)  # the syntax now; the range once the model is known
+        if not self.text_column:
+            raise SaescopeError("text_column must not be empty")
+
+    def shape(self) -> tuple[int, int]:
+        """(expansion, k) as trained: the preset's unless overridden."""
+        expansion, k = PRESETS.get(self.preset or "", (16, 50))
+        return self.expansion or expansion, self.k or k
 
     def width_and_k(self, d_model: int) -> tuple[int, int]:
-        expansion, k = PRESETS.get(self.preset or "", (16, 50))
-        d_sae = d_model * (self.expansion or expansion)
-        k = self.k or k
+        expansion, k = self.shape()
+        d_sae = d_model * expansion
         if k > d_sae:
             raise SaescopeError(f"k={k} is larger than d_sae={d_sae}")
         return d_sae, k
@@ -90,6 +117,10 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: object, origin: str = "train config") -> TrainConfig:
+        """A config read from a file: every field's type checked (naming the file and field), then its range."""
+        try:
+            return cls(**check_dataclass(cls, d, origin))
+        except SaescopeError as exc:
+            msg = str(exc)
+            raise type(exc)(msg if msg.startswith(origin) else f"{origin}: {msg}") from exc

@@ -65,8 +65,9 @@ def _config(model: str):
         from saescope.models.builtin import BUILTIN_MODELS, builtin_model_dir
 
         return AutoConfig.from_pretrained(str(builtin_model_dir(model)) if model in BUILTIN_MODELS else model)
-    except OSError as exc:
-        raise SaescopeError(f"cannot read the config of {model!r} (known offline: {', '.join(KNOWN_CONFIGS)})") from exc
+    except Exception as exc:  # transformers reading a user's config raises many types; each means a bad config
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SaescopeError(f"cannot read the config of {model!r}: {why} (known offline: {', '.join(KNOWN_CONFIGS)})") from exc
 
 
 def _param_counts(cfg) -> tuple[int, int]:

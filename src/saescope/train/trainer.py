@@ -9,6 +9,7 @@ rank trains its share of the SAEs on the same batches).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -24,12 +25,13 @@ from tqdm.auto import tqdm
 
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
-from saescope.io import atomic_write_json, resolve_run, save_native
+from saescope.io import RunDir, atomic_write_json, save_native
 from saescope.io.formats import atomic_write_bytes, load_native
 from saescope.models import LoadedModel, capture, load_model
 from saescope.models.builtin import DEFAULT_MODEL
 from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.sae.cpu_kernels import kernels
+from saescope.schema import Field, check_record
 from saescope.train.config import TrainConfig, parse_layers
 
 MEDIAN_WINDOW = 256  # batch medians kept for the running median of activation norms
@@ -50,7 +52,17 @@ def _write_error(exc: BaseException, folder: Path) -> str:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SaescopeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise SaescopeError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaescopeError(f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SaescopeError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -129,7 +141,8 @@ class Trainer:
         shard = self.dist.on and distributed == "layers"
         self.layers = self.all_layers[self.dist.rank :: self.dist.world] if shard else self.all_layers
         self.d_sae, self.k = cfg.width_and_k(self.lm.d_model)
-        self.out = Path(cfg.out)
+        self.run = RunDir(cfg.out)
+        self.out = self.run.path
         self.base_lr = cfg.lr or default_lr(self.d_sae)
         self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
         self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
@@ -138,6 +151,7 @@ class Trainer:
         self.batches_done = 0
         self.tokens = 0
         self.states: dict[int, LayerState] = {}
+        torch.manual_seed(cfg.seed)  # the global generator too, so that two fresh runs save the same RNG state
         self.workspace = Workspace()  # one pre-activation buffer for all layers, stepped one after the other
         if self.device.type == "cpu":
             kernels()  # a first build (~15 s) says so before the progress bar starts, not inside it
@@ -256,8 +270,8 @@ class Trainer:
     def fit(self, *, stop_after_steps: int | None = None) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.rank == 0:
-            atomic_write_json(self.out / "train.json", cfg.to_dict())
+        if self.dist.rank == 0 and self.step == 0:  # a fresh start (or a restart before the first checkpoint)
+            self.run.train_log.unlink(missing_ok=True)
         tokens_per_step, total_steps = self.tokens_per_step, self.total_steps
         stream = batches(iter_texts(cfg.data, text_column=cfg.text_column), self.lm.tokenizer, ctx_len=cfg.ctx_len,
                          batch_size=cfg.batch_size, seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
@@ -265,7 +279,7 @@ class Trainer:
                          skip=self.batches_done)
         bar = tqdm(total=total_steps * tokens_per_step, initial=self.tokens, unit="tok", unit_scale=True,
                    desc=f"train {len(self.layers)} layers", disable=self.dist.rank != 0, dynamic_ncols=True)
-        log = open(self.out / "train_log.jsonl", "a") if self.dist.rank == 0 else None
+        log = open(self.run.train_log, "a") if self.dist.rank == 0 else None
         started, steps_run = time.perf_counter(), 0
         last_log_t, last_log_tokens = started, self.tokens
         try:
@@ -305,16 +319,23 @@ class Trainer:
                                 f"({self.checkpoint_error}); " + (f"the latest valid one is {latest}: free space and rerun with "
                                                                   "--resume to finish from it" if latest else "no checkpoint was kept"))
         elapsed = time.perf_counter() - started
-        return {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
-                "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
-                "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches,
-                               "decoder_cos_to_init": self.decoder_cos_to_init(n)}
-                           for n, st in self.states.items()}}
+        summary = {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
+                   "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
+                   "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches,
+                                  "decoder_cos_to_init": self.decoder_cos_to_init(n)}
+                              for n, st in self.states.items()}}
+        if self.dist.rank == 0:
+            atomic_write_json(self.run.train_summary, summary)
+        return summary
 
     def _log_record(self, tok_per_s: float, elapsed: float) -> dict:
         layers = {}
         for n, st in self.states.items():
             fvu, auxk, l0, steps = (st.acc / st.acc[3].clamp_min(1)).tolist()
+            if not math.isfinite(fvu):
+                latest = self._latest()
+                raise SaescopeError(f"training diverged at step {self.step}: layer {n}'s FVU is {fvu} (lower --lr); "
+                                    + (f"{latest} is the last checkpoint" if latest else "no checkpoint was written"))
             layers[n] = {"fvu": fvu, "auxk": auxk, "l0": l0,
                          "dead_frac": float((st.since_fired >= self.cfg.dead_tokens).float().mean()),
                          "dropped_frac": int(st.dropped) / max(int(st.seen), 1)}
@@ -324,12 +345,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_name(self) -> str:
-        return f"checkpoints/step-{self.step:08d}"
+        return self.run.checkpoint_name(self.step)
 
     def _latest(self) -> str | None:
         """The checkpoint that `latest` points at, relative to the run folder."""
-        pointer = self.out / "latest"
-        return pointer.read_text().strip() if pointer.is_file() else None
+        return self.run.latest_name()
 
     def save_checkpoint(self) -> Path | None:
         """Write every SAE and the training state to a new folder, then point `latest` at it.
@@ -339,7 +359,7 @@ class Trainer:
         """
         name = self._checkpoint_name()
         folder = self.out / name
-        staging = self.out / f"checkpoints/.staging-{self.step:08d}-rank{self.dist.rank}"
+        staging = self.run.staging(self.step, self.dist.rank)
         # on the training device: NCCL reduces CUDA tensors only
         ok = torch.tensor(1, device=self.device if self.dist.on else "cpu")
         self.checkpoint_error = ""
@@ -349,6 +369,9 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             for n, st in (self.states.items() if writer else ()):
+                if not all(torch.isfinite(p).all() for p in st.sae.parameters()):
+                    raise SaescopeError(f"training diverged before step {self.step}: layer {n}'s SAE holds NaN or inf "
+                                        f"(lower --lr); {self._latest() or 'no checkpoint'} stays the latest")
                 st.sae.meta.update({"layer": n, "tokens": self.tokens, "step": self.step})
                 save_native(st.sae, staging, n)
             state = {"step": self.step, "batches_done": self.batches_done, "tokens": self.tokens,
@@ -377,38 +400,85 @@ class Trainer:
         staging.rmdir()
         self.dist.barrier()
         if self.dist.rank == 0:
-            atomic_write_bytes(self.out / "latest", (name + "\n").encode())
-            for old in sorted((self.out / "checkpoints").glob("step-*"))[:-2]:
+            # The config is written with the checkpoint it describes, so that a run refused or killed before its
+            # first checkpoint leaves no train.json, and a refused resume never rewrites it.
+            atomic_write_json(self.run.train_config, self.cfg.to_dict())
+            atomic_write_bytes(self.run.pointer, (name + "\n").encode())
+            for old in sorted(self.run.checkpoints.glob("step-*"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return folder
 
     def load_checkpoint(self) -> bool:
-        """Restore the latest checkpoint of `out`, if any. Returns whether one was found."""
-        if self._latest() is None:
+        """Restore the latest checkpoint of this run folder, if any. Returns whether one was found."""
+        folder = self.run.latest()
+        if folder is None:
             return False
-        folder = resolve_run(self.out)
         path = folder / f"state-rank{0 if self.dist.dp else self.dist.rank}.pt"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:
+            raise SaescopeError(f"cannot resume from {path}: the file is missing") from exc
         except Exception as exc:
             raise SaescopeError(f"cannot resume from {path}: corrupt or truncated ({type(exc).__name__})") from exc
+        _check_state(state, path, folder.name)
+        if state["tokens"] != state["step"] * self.tokens_per_step:
+            raise SaescopeError(f"{path}: {state['tokens']} tokens in {state['step']} steps does not match the run's "
+                                f"{self.tokens_per_step} tokens per step (train.json's batch_size and ctx_len)")
+        if not state["step"] <= state["batches_done"] <= state["step"] * self.dist.world:
+            raise SaescopeError(f"{path}: batches_done {state['batches_done']} does not fit step {state['step']}")
+        if state["step"] > self.total_steps:
+            raise SaescopeError(f"cannot resume: the run has trained {state['tokens']} tokens, more than --max-tokens "
+                                f"{self.cfg.max_tokens}: give a larger --max-tokens to go on")
         if set(state["layers"]) != set(self.states):
             raise SaescopeError(f"cannot resume: checkpoint has layers {sorted(state['layers'])}, run has {self.layers}")
         for n, st in self.states.items():
             sae = load_native(folder, n).to(self.device)
             if sae.cfg != st.sae.cfg:
                 raise SaescopeError(f"cannot resume: layer {n} SAE is {sae.cfg}, the run asks for {st.sae.cfg}")
+            s = state["layers"][n]
+            if s["since_fired"].shape != st.since_fired.shape or s["medians"].shape != st.medians.shape:
+                raise SaescopeError(f"{path}: layer {n}'s counters do not match its SAE (d_sae {self.d_sae})")
             with torch.no_grad():
                 for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                     getattr(st.sae, name).copy_(getattr(sae, name))
-            s = state["layers"][n]
-            st.opt.load_state_dict(s["opt"])
-            st.since_fired = s["since_fired"].to(self.device)
-            st.medians, st.n_medians = s["medians"].to(self.device), s["n_medians"]
+            try:
+                st.opt.load_state_dict(s["opt"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise SaescopeError(f"{path}: layer {n}'s optimizer state does not fit its SAE ({type(exc).__name__})") from exc
+            st.since_fired = s["since_fired"].to(self.device, torch.long)
+            st.medians, st.n_medians = s["medians"].to(self.device, torch.float32), s["n_medians"]
             st.seen = s["seen"]
             st.dropped.fill_(s["dropped"])
             st.nonfinite_batches = s["nonfinite"]
         self.step, self.batches_done, self.tokens = state["step"], state["batches_done"], state["tokens"]
         torch.set_rng_state(state["rng"])
         return True
+
+
+_STATE = {"step": Field(int, min=0), "batches_done": Field(int, min=0), "tokens": Field(int, min=0),
+          "rng": Field(Tensor), "layers": Field(dict)}
+_LAYER_STATE = {"opt": Field(dict), "since_fired": Field(Tensor), "medians": Field(Tensor), "n_medians": Field(int, min=0),
+                "seen": Field(int, min=0), "dropped": Field(int, min=0), "nonfinite": Field(int, min=0)}
+
+
+def _check_state(state: object, path: Path, checkpoint: str) -> None:
+    """A training state file that loads but lacks keys, holds wrong types or values no run produces is refused
+    before anything is restored."""
+    check_record(state, _STATE, str(path))
+    if checkpoint != f"step-{state['step']:08d}":
+        raise SaescopeError(f"{path}: field 'step' is {state['step']}, but the checkpoint is {checkpoint}")
+    if state["rng"].dtype != torch.uint8:
+        raise SaescopeError(f"{path}: field 'rng' is not a torch RNG state")
+    for n, layer in state["layers"].items():
+        if not isinstance(n, int):
+            raise SaescopeError(f"{path}: layer key {n!r} is not a layer number")
+        where = f"{path}: layer {n}"
+        check_record(layer, _LAYER_STATE, where)
+        if layer["since_fired"].dtype != torch.long or (layer["since_fired"] < 0).any():
+            raise SaescopeError(f"{where}: field 'since_fired' must hold non-negative token counts")
+        if not (torch.isfinite(layer["medians"]).all() and (layer["medians"] >= 0).all()):
+            raise SaescopeError(f"{where}: field 'medians' must hold finite non-negative norms")
+        if layer["n_medians"] > state["step"] or layer["dropped"] > layer["seen"]:
+            raise SaescopeError(f"{where}: n_medians {layer['n_medians']} / dropped {layer['dropped']} do not fit step "
+                                f"{state['step']} / {layer['seen']} tokens seen")

@@ -1,0 +1,81 @@
+"""A training run folder, named in one place. The folder owns itself: every path is relative to where the folder
+is now, so a moved or copied run keeps working, and nothing recorded inside it (train.json's `out`) can send
+reads or writes to another folder."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from saescope.errors import SaescopeError
+
+_CHECKPOINT = re.compile(r"checkpoints/step-(\d{8})")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def train_config(self) -> Path:
+        return self.path / "train.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train_log.jsonl"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.path / "train_summary.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def pointer(self) -> Path:
+        return self.path / "latest"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    def checkpoint_name(self, step: int) -> str:
+        return f"checkpoints/step-{step:08d}"
+
+    def staging(self, step: int, rank: int) -> Path:
+        return self.checkpoints / f".staging-{step:08d}-rank{rank}"
+
+    def latest_name(self) -> str | None:
+        """The checkpoint `latest` names (relative to the folder), or None before the first checkpoint. A pointer
+        that names anything but a checkpoint of this folder is refused: it would read or rotate another folder."""
+        if not self.pointer.is_file():
+            return None
+        try:
+            name = self.pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SaescopeError(f"{self.pointer}: unreadable ({type(exc).__name__})") from exc
+        if not _CHECKPOINT.fullmatch(name):
+            raise SaescopeError(f"{self.pointer}: names {name[:80]!r}, not a checkpoint of this folder (checkpoints/step-NNNNNNNN)")
+        return name
+
+    def latest(self) -> Path | None:
+        """The latest complete checkpoint folder, or None before the first checkpoint."""
+        name = self.latest_name()
+        if name is None:
+            return None
+        folder = self.path / name
+        if not folder.is_dir():
+            raise SaescopeError(f"{self.path}: `latest` points at {name}, which is missing")
+        return folder
+
+    def has_run(self) -> bool:
+        return self.pointer.exists()
