@@ -37,8 +37,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The fuzz suite at 25x its test-suite budget (~5,000 cases), new random cases each run; counts per family at the end.
-FUZZ_SCALE ?= 25
+# The fuzz suite at 10x its test-suite budget (~2,400 cases), new random cases each run; counts per family at the end.
+FUZZ_SCALE ?= 10
 fuzz: setup
 	SAESCOPE_FUZZ_SCALE=$(FUZZ_SCALE) SAESCOPE_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -s tests/test_fuzz.py -p no:cacheprovider
 

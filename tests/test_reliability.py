@@ -256,8 +256,8 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
     monkeypatch.setenv("SAESCOPE_DEBUG", "0")
     assert cli.main(["models"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["saescope: error: models: unexpected ValueError: something no check foresaw (rerun with --debug for the "
-                   "traceback, and please report it)"]
+    assert err == ["saescope: error: models (saescope models): unexpected ValueError: something no check foresaw (rerun with "
+                   "--debug for the traceback, and please report it)"]
     with pytest.raises(ValueError):
         cli.main(["models", "--debug"])
 

@@ -38,6 +38,8 @@ def test_a_corrupt_or_ill_typed_optional_file_skips_its_section_with_a_note(tmp_
                      "transfer.json: layers[0]: field 'fvu_source' is missing", "report-section.html: not a UTF-8 HTML section"):
         assert fragment in said and fragment.replace("'", "&#x27;") in page, fragment
     assert page.count("Section skipped") == 6 and page.rstrip().endswith("</html>")  # eval.json: evaluation and control
+    assert said.count("eval.json: not valid JSON") == 1  # two sections skipped, one warning
+    assert len(caught) == len({str(w.message) for w in caught}) == 5
     (tmp_path / "eval.json").write_text(json.dumps({"layers": [{**row, "kl": "low"}]}))
     with pytest.warns(UserWarning, match="eval.json: layers\\[0\\]: field 'kl' must be a number, got 'low'"):
         build_report(tmp_path)

@@ -535,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saescope: error: {args.command}: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
             return 2
         detail = (str(exc).splitlines() or [""])[0][:200]
-        print(f"saescope: error: {args.command}: unexpected {type(exc).__name__}: {detail} (rerun with --debug for the "
-              "traceback, and please report it)", file=sys.stderr)
+        line = " ".join(argv)
+        print(f"saescope: error: {args.command} (saescope {line[:160]}{'...' if len(line) > 160 else ''}): unexpected "
+              f"{type(exc).__name__}: {detail} (rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
     return 0
 

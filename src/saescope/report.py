@@ -55,6 +55,9 @@ def _read(path: Path, top: dict[str, Field] | None = None, **rows: dict[str, Fie
     return obj
 
 
+_WARNED: set[str] = set()  # the problems already warned about while building the current report
+
+
 def _section(what: Path, render: Callable[[], str]) -> str:
     """One part of the page. The files behind it are optional, so a corrupt or ill-typed one skips this part with a
     note on the page and a warning, instead of costing the whole report."""
@@ -64,7 +67,9 @@ def _section(what: Path, render: Callable[[], str]) -> str:
         problem = str(exc)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # deeper than the checked fields
         problem = f"{what}: unexpected content ({type(exc).__name__}: {exc})".replace("\n", " ")
-    warnings.warn(f"report: section skipped: {problem}", stacklevel=2)
+    if problem not in _WARNED:  # one file behind two sections (eval.json: evaluation and control) is said once
+        _WARNED.add(problem)
+        warnings.warn(f"report: section skipped: {problem}", stacklevel=2)
     return f'<p class="missing">Section skipped: {html.escape(problem)}</p>'
 
 
@@ -278,6 +283,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     if not run.is_dir():
         raise SaescopeError(f"run folder not found: {run}")
     out = Path(out) if out else run / "report.html"
+    _WARNED.clear()
     try:
         cfg = _read(run / "train.json", _TRAIN) or {}
     except SaescopeError:

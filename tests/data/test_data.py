@@ -141,3 +141,19 @@ def test_batches_refuse_sizes_that_would_give_nothing(tokenizer_dir, kw, fragmen
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     with pytest.raises(SaescopeError, match=fragment):
         next(batches(["some text"] * 10, tok, **{"ctx_len": 4, "batch_size": 2, **kw}))
+
+
+def test_documents_all_in_the_other_split_are_said_as_such(tmp_path):
+    from saescope.data.sources import is_eval_document
+
+    held = next(f"doc {i}" for i in range(10_000) if is_eval_document(f"doc {i}"))
+    train = [f"doc {i}" for i in range(10_000) if not is_eval_document(f"doc {i}")][:2]
+    f = tmp_path / "data.jsonl"
+    f.write_text(json.dumps({"text": held}) + "\n")
+    with pytest.raises(SaescopeError, match="data.jsonl: its 1 document falls in the held-out \\(eval\\) split, none in "
+                                            "the train split; add more text"):
+        list(iter_texts(str(f)))
+    assert list(iter_texts(str(f), split="eval")) == [held]
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    with pytest.raises(SaescopeError, match="all its 2 documents fall in the training split, none in the eval split"):
+        list(iter_texts(str(f), split="eval"))

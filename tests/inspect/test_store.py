@@ -288,3 +288,32 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(lm, tmp_path):
     with pytest.raises(SaescopeError, match="b2.safetensors: top_\\w+ is torch.\\w+ \\[64, 3\\], expected torch.\\w+ \\[64, 4\\]"):
         build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="s", resume=True, progress=False)
     assert ckpt.exists() and (partial / "progress.json").exists()  # refused, not cleared: the user decides
+
+
+def test_values_no_build_produces_are_one_line_errors_naming_the_file_and_tensor(tmp_path, capsys):
+    from safetensors.torch import load_file, save
+
+    fs = _hand_store(tmp_path / "fs")
+    layer = fs / "layer0.safetensors"
+    good = {k: v.clone() for k, v in load_file(layer).items()}  # not views of the file rewritten below
+    cases = [("fire_count", lambda t: t.__setitem__(3, -4), "fire_count holds a negative count \\(-4\\)"),
+             ("fire_count", lambda t: t.__setitem__(3, 91), "fire_count holds a count of 91 tokens, above the 90 tokens"),
+             ("act_sum", lambda t: t.__setitem__(3, float("nan")), "act_sum holds a value that is not a finite number"),
+             ("top_tokens", lambda t: t.__setitem__((3, 0, 0), 1_000_000_000), "top_tokens holds token id 1000000000"),
+             ("top_tokens", lambda t: t.__setitem__((3, 0, 0), -7), "top_tokens holds token id -7"),
+             ("logit_top_ids", lambda t: t.__setitem__((3, 0), 5), "logit_top_ids holds token id 5")]
+    for name, damage, msg in cases:
+        tensors = {k: v.clone() for k, v in good.items()}
+        tensors["top_acts"][3, 0] = 1.0  # one context to show
+        damage(tensors[name])
+        layer.write_bytes(save(tensors))
+        with pytest.raises(SaescopeError, match=msg) as exc:
+            FeatureStore(fs).feature(0, 3)
+        assert str(layer) in str(exc.value) and "\n" not in str(exc.value)
+        code = main(["features", "show", "--store", str(fs), "--layer", "0", "--feature", "3"])
+        assert_one_line_error(code, capsys.readouterr().err, f"layer0.safetensors: {name} holds")
+    layer.write_bytes(save(good))
+    meta = json.loads((fs / "store.json").read_text())
+    (fs / "store.json").write_text(json.dumps({**meta, "counted_tokens": {"0": 0}}))  # 5 firings of 0 tokens
+    with pytest.raises(SaescopeError, match="fire_count holds a count of 5 tokens, above the 0 tokens counted for layer 0"):
+        FeatureStore(fs).feature(0, 3)

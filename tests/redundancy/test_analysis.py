@@ -126,3 +126,28 @@ def test_damaged_footprint_folders_are_one_line_errors(tmp_path):
     write_sets(file, {3: FeatureSets.from_lists([np.array([1, 64])] * 12, 64)})  # feature 64 of 0..63
     with pytest.raises(SaescopeError, match="layer3.indices holds features outside 0..63"):
         fp.sets("math", 3)
+
+
+def test_compare_drops_pairs_with_a_constant_score_and_writes_no_nan(tmp_path):
+    from saescope.redundancy.render import write_compare
+
+    res = analyse(_scored_folder(tmp_path / "fp"), repeats=5, matched_repeats=3, progress=False)
+    rng = np.random.default_rng(0)
+    rows = ["model,GSM8K,MATH,ARC,Winogrande,MMLU"]
+    for m in range(8):  # Winogrande is 0.5 for every model: it correlates with nothing
+        s = rng.random(4).round(3)
+        rows.append(f"m{m},{s[0]},{s[1]},{s[2]},0.5,{s[3]}")
+    table = tmp_path / "scores.csv"
+    table.write_text("\n".join(rows) + "\n")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cmp = compare(res, [], scores=bench_scores(res["benchmarks"], table), n_perm=50)
+    assert sorted(cmp["pairs_dropped_constant"]) == sorted(
+        ["gsm8k-winogrande", "math-winogrande", "arc_challenge-winogrande", "winogrande-mmlu"])
+    assert "4 of 10 benchmark pairs dropped: a score is the same for every model" in format_compare(cmp)
+    assert all(np.isfinite(r["score_pearson"]) for r in cmp["pair_scores"])
+    write_compare(cmp, tmp_path)
+    text = (tmp_path / "compare.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in compare.json"))

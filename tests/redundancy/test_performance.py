@@ -76,14 +76,15 @@ BENCHES = ["gsm8k", "math", "arc_challenge", "mmlu", "m_ifeval_en"]
 
 def test_any_score_table_matches_its_columns_to_the_benchmarks(tmp_path):
     table = tmp_path / "mine.csv"
-    table.write_text("family,Model,GSM8K,Math,arc_challenge,notes\nqwen,a,0.5,0.2,,x\nllama,b,0.6,0.3,0.7,y\n")
+    table.write_text("family,Model,GSM8K,Math,arc_challenge,notes\nqwen,a,0.5,0.2,,x\nllama,b,0.6,0.3,0.7,y\n"
+                     "qwen,c,0.7,0.4,0.8,z\n")
     s = bench_scores(BENCHES, table)
     assert s.columns == {"gsm8k": "GSM8K", "math": "Math", "arc_challenge": "arc_challenge"}
-    assert np.isnan(s.values["arc_challenge"][0]) and s.values["gsm8k"].tolist() == [0.5, 0.6]  # an empty cell: no score
+    assert np.isnan(s.values["arc_challenge"][0]) and s.values["gsm8k"].tolist() == [0.5, 0.6, 0.7]  # an empty cell: no score
     assert any("2 columns match no footprinted benchmark and are ignored (family, notes)" in n for n in s.notes)
     assert any("no score column for: mmlu, m_ifeval_en" in n for n in s.notes)
     # the leaderboard's headline names ('MATH Lvl 5') match too; an explicit mapping replaces the matching
-    table.write_text("model,MATH Lvl 5,Grade school,ARC\na,1,2,3\nb,2,3,4\n")
+    table.write_text("model,MATH Lvl 5,Grade school,ARC\na,1,2,3\nb,2,3,4\nc,3,4,5\n")
     assert bench_scores(BENCHES, table).columns == {"math": "MATH Lvl 5", "arc_challenge": "ARC"}
     assert bench_scores(BENCHES, table, {"Grade school": "gsm8k"}).columns == {"gsm8k": "Grade school"}
 
@@ -93,10 +94,13 @@ def test_score_table_errors_name_the_file_and_the_field(tmp_path):
              "name,GSM8K\na,1\n": "one column named 'model' \\(columns found: 'name', 'GSM8K'\\)",
              "model,MATH Lvl 4,Accuracy\na,1,2\n": "no column matches a footprinted benchmark \\(columns: MATH Lvl 4, Accuracy; "
                                                      "expected: gsm8k \\(or 'GSM8K'\\), math \\(or 'MATH Lvl 5'\\)",
-             "model,gsm8k,math\na,1,2\nb,0.5,n/a\n": "line 3, column 'math': 'n/a' is not a number",
+             "model,gsm8k,math\na,1,2\nb,0.5,n/a\nc,1,1\n": "line 3, column 'math': 'n/a' is not a number",
              "model,gsm8k,math\na,1,2\nb,0.5\n": "line 3: 2 cells for 3 columns",
              "model,gsm8k,GSM8K\na,1,2\n": "columns 'gsm8k' and 'GSM8K' both match benchmark gsm8k",
-             "model,gsm8k,math\na,inf,2\n": "'inf' is not a finite number"}
+             "model,gsm8k,math\na,inf,2\nb,1,1\nc,2,2\n": "'inf' is not a finite number",
+             "model,gsm8k,math\na,1,2\nb,1e308,1\nc,2,2\n": "line 3, column 'gsm8k': '1e308' is not a score",
+             "model,gsm8k,math\na,1,2\nb,2,1\na,2,2\n": "line 4: model 'a' appears twice \\(first on line 2\\)",
+             "model,gsm8k,math\na,1,2\nb,2,1\n": "2 models; correlating scores across models needs at least 3"}
     for i, (text, msg) in enumerate(cases.items()):
         bad = tmp_path / f"bad{i}.csv"
         bad.write_text(text)
@@ -104,7 +108,7 @@ def test_score_table_errors_name_the_file_and_the_field(tmp_path):
             bench_scores(BENCHES, bad)
         assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
     good = tmp_path / "good.csv"
-    good.write_text("model,gsm8k,Score\na,1,2\n")
+    good.write_text("model,gsm8k,Score\na,1,2\nb,2,3\nc,3,4\n")
     with pytest.raises(SaescopeError, match="has no column 'nope' \\(columns: gsm8k, Score\\)"):
         bench_scores(BENCHES, good, {"nope": "math"})
     with pytest.raises(SaescopeError, match="'humaneval' is not a footprinted benchmark"):

@@ -188,13 +188,18 @@ def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str
         texts = _hub_dataset(spec, text_column)
     else:
         raise SaescopeError(f"data not found: {spec[:200]}")
-    empty = True
+    seen = given = 0
     for text in texts:
-        empty = False
+        seen += 1
         if split == "all" or is_eval_document(text) == (split == "eval"):
+            given += 1
             yield text
-    if empty:  # said here, naming the data, rather than by the trainer as "the dataset holds no text"
+    if not seen:  # said here, naming the data, rather than by the trainer as "the dataset holds no text"
         raise InputError(f"{spec}: holds no text (empty {'files' if path.is_dir() else 'file'}?)")
+    if not given:  # every document fell into the other side of the 1-in-50 held-out split
+        docs = f"its {seen} document falls" if seen == 1 else f"all its {seen} documents fall"
+        other = "held-out (eval)" if split == "train" else "training"
+        raise InputError(f"{spec}: {docs} in the {other} split, none in the {split} split; add more text")
 
 
 def _hub_dataset(repo_id: str, column: str) -> Iterator[str]:

@@ -362,15 +362,46 @@ class FeatureStore:
             shape, want = tuple(part.get_shape()), self._shape(layer, name)
             if want is not None and shape != want:  # rows of another SAE or settings: would index past the end or mislabel
                 raise SaescopeError(f"{self._file(layer)}: {name} has shape {list(shape)}, store.json implies {list(want)}")
-            return f.get_tensor(name) if rows is None else part[rows]
+            t = f.get_tensor(name) if rows is None else part[rows]
+        self._check_values(layer, name, t)
+        return t
 
-    def token(self, token_id: int) -> str:
+    def _check_values(self, layer: int, name: str, t: Tensor) -> None:
+        """Values no build produces (negative or impossible counts, NaN sums, token ids the store does not know)
+        are one line naming the file and tensor, not a figure printed as if it were measured."""
+        bad = None
+        if name in ("fire_count", "hist", "expert_counts", "expert_tokens"):
+            if t.numel() and int(t.min()) < 0:
+                bad = f"a negative count ({int(t.min())})"
+            elif name == "fire_count" and t.numel() and int(t.max()) > self.n_tokens(layer):
+                bad = f"a count of {int(t.max())} tokens, above the {self.n_tokens(layer)} tokens counted for layer {layer}"
+        elif name in ("act_sum", "top_acts", "logit_top_vals", "logit_bottom_vals"):
+            if not bool(torch.isfinite(t).all()):
+                bad = "a value that is not a finite number"
+            elif name in ("act_sum", "top_acts") and t.numel() and float(t.min()) < 0:
+                bad = f"a negative activation ({float(t.min()):g})"
+        elif name in ("top_tokens", "logit_top_ids", "logit_bottom_ids"):
+            known = torch.tensor(sorted(int(k) for k in self._token_map()), dtype=torch.int64)
+            ids = t.to(torch.int64).flatten()
+            ids = ids[ids != -1] if name == "top_tokens" else ids
+            unknown = ids[~torch.isin(ids, known)]
+            if unknown.numel():
+                bad = f"token id {int(unknown[0])}, which {self.path / 'tokens.json'} does not hold"
+        if bad:
+            raise SaescopeError(f"{self._file(layer)}: {name} holds {bad}; the store is damaged (rebuild it with --overwrite)")
+
+    def _token_map(self) -> dict[str, str]:
         if self._tokens is None:
             tokens = read_json(self.path / "tokens.json")
             if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
                 raise SaescopeError(f"{self.path / 'tokens.json'}: expected an object {{token id: text}}")
+            if not all(k.isdigit() for k in tokens):
+                raise SaescopeError(f"{self.path / 'tokens.json'}: expected an object {{token id: text}} with integer ids")
             self._tokens = tokens
-        return self._tokens.get(str(token_id), f"<{token_id}>")
+        return self._tokens
+
+    def token(self, token_id: int) -> str:
+        return self._token_map().get(str(token_id), f"<{token_id}>")
 
     def n_tokens(self, layer: int) -> int:
         """Tokens the layer's statistics count (the outlier filter leaves out attention-sink tokens)."""

@@ -211,7 +211,7 @@ def compare(res: dict, perf: list[dict], *, scores: BenchScores | None = None, n
     if scores.columns.get("math") == SLOTH_HEADLINE["math"]:
         out["notes"].append("math: the leaderboard column is MATH Level 5; the footprinted prompts are all of MATH")
     mmlu = cols.get("mmlu")
-    pairs, dropped, unscored = [], {}, []
+    pairs, dropped, unscored, constant = [], {}, [], []
     for i, a in enumerate(benches):
         for b in benches[i + 1:]:
             x, y = cols[a], cols[b]
@@ -219,18 +219,32 @@ def compare(res: dict, perf: list[dict], *, scores: BenchScores | None = None, n
             if ok.sum() < 3:  # no correlation to speak of: dropped and said, not a NaN that spoils every figure
                 unscored.append(f"{a}-{b}")
                 continue
+            with np.errstate(all="ignore"):
+                rp = pearson(x[ok], y[ok])
+            if not np.isfinite(rp):  # a score that does not vary over these models correlates with nothing
+                constant.append(f"{a}-{b}")
+                continue
             dropped[f"{a}-{b}"] = int((~ok).sum())
-            row = {"a": a, "b": b, "models": int(ok.sum()), "score_pearson": pearson(x[ok], y[ok])}
+            row = {"a": a, "b": b, "models": int(ok.sum()), "score_pearson": rp}
             if mmlu is not None and "mmlu" not in (a, b) and (ok3 := ok & ~np.isnan(mmlu)).sum() >= 4:
-                row["score_partial_mmlu"] = partial_corr(x[ok3], y[ok3], mmlu[ok3])
+                with np.errstate(all="ignore"):
+                    part = partial_corr(x[ok3], y[ok3], mmlu[ok3])
+                if np.isfinite(part):
+                    row["score_partial_mmlu"] = part
             pairs.append(row)
+    total = len(unscored) + len(constant) + len(pairs)
     if unscored:
-        out["notes"].append(f"{len(unscored)} of {len(unscored) + len(pairs)} benchmark pairs dropped: fewer than 3 models "
+        out["notes"].append(f"{len(unscored)} of {total} benchmark pairs dropped: fewer than 3 models "
                             f"have scores on both ({', '.join(unscored[:6])}{', ...' if len(unscored) > 6 else ''})")
+    if constant:
+        out["notes"].append(f"{len(constant)} of {total} benchmark pairs dropped: a score is the same for every model "
+                            f"scored on both, so it has no correlation ({', '.join(constant[:6])}"
+                            f"{', ...' if len(constant) > 6 else ''})")
     out["pairs_dropped_unscored"] = unscored
+    out["pairs_dropped_constant"] = constant
     if len(pairs) < 3:
         out["notes"].append(f"overlap vs score correlation needs 3 or more scored benchmark pairs; {len(pairs)} here")
-        return out
+        return _no_nan(out)
     out["pair_scores"] = pairs
     out["pair_models_dropped_for_nan"] = dropped
     idx = {b: res["benchmarks"].index(b) for b in benches}
@@ -248,4 +262,15 @@ def compare(res: dict, perf: list[dict], *, scores: BenchScores | None = None, n
                 "n_pairs": len(pairs), "partial_pairs": len(part),
                 "pearson_partial_mmlu": pearson(po, ps) if len(part) >= 3 else None,
                 "spearman_partial_mmlu": spearman(po, ps) if len(part) >= 3 else None}
-    return out
+    return _no_nan(out)
+
+
+def _no_nan(x: Any) -> Any:
+    """NaN and infinities (a correlation that does not exist) become None: compare.json stays valid JSON."""
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x

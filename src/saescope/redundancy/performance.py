@@ -32,6 +32,7 @@ from saescope.errors import SaescopeError
 # sloth_data_v1.csv headline columns for the benchmarks whose prompts saescope can footprint
 SLOTH_HEADLINE = {"arc_challenge": "ARC", "hellaswag": "HellaSwag", "mmlu": "MMLU", "truthfulqa": "TruthfulQA",
                   "winogrande": "Winogrande", "gsm8k": "GSM8K", "ifeval": "IFEval", "bbh": "BBH", "math": "MATH Lvl 5"}
+MAX_SCORE = 1e6  # a benchmark score beyond this in magnitude is a mistake (and overflows correlations), not a score
 _SLOTH_SUBTASKS = {"mmlu": "hendrycksTest-", "bbh": "bbh_", "math": "math_", "musr": "musr_"}
 
 
@@ -165,6 +166,9 @@ class ScoreTable:
                 raise SaescopeError(f"{self.path} line {self.lines[r]}, column {column!r}: {cell!r} is not a number") from None
             if not math.isfinite(out[r]):
                 raise SaescopeError(f"{self.path} line {self.lines[r]}, column {column!r}: {cell!r} is not a finite number")
+            if abs(out[r]) > MAX_SCORE:
+                raise SaescopeError(f"{self.path} line {self.lines[r]}, column {column!r}: {cell!r} is not a score "
+                                    f"(magnitude above {MAX_SCORE:g})")
         return out
 
 
@@ -233,6 +237,15 @@ def bench_scores(benches: list[str], path: Path | None = None, mapping: dict[str
             raise SaescopeError(f"{table.path}: no column matches a footprinted benchmark (columns: "
                                 f"{_names(table.columns, 12)}; expected: {expected}); map them with --score-columns COLUMN=BENCHMARK")
         notes.append(f"{table.path.name}: no score column for any footprinted benchmark (expected: {expected})")
+    if path is not None:  # the user's table: one row per model, enough models to correlate
+        seen: dict[str, int] = {}
+        for m, line in zip(table.models, table.lines):
+            if m.strip() in seen:
+                raise SaescopeError(f"{table.path} line {line}: model {m.strip()!r} appears twice "
+                                    f"(first on line {seen[m.strip()]}); give each model one row")
+            seen[m.strip()] = line
+        if len(table.models) < 3:
+            raise SaescopeError(f"{table.path}: {len(table.models)} models; correlating scores across models needs at least 3")
     ignored = [c for c in table.columns if c not in columns.values()]
     if ignored and columns:
         notes.append(f"{table.path.name}: {len(ignored)} columns match no footprinted benchmark and are ignored ({_names(ignored)})")

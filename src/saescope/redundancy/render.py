@@ -131,10 +131,15 @@ def write_report(res: dict, out: Path) -> str:
     return section
 
 
+def _num(v: float | None, spec: str) -> str:
+    """A figure, or 'n/a' where it does not exist (None in compare.json: no spread to correlate)."""
+    return "n/a" if v is None else format(v, spec)
+
+
 def format_compare(cmp: dict) -> str:
     lines = [f"layer {cmp['layer']}"]
     for which, r in cmp["r_vs_rhat"].items():
-        lines.append(f"R_hat vs R ({which}): Spearman {r['spearman']:+.3f} (permutation p = {r['p_value']:.3f}) over "
+        lines.append(f"R_hat vs R ({which}): Spearman {_num(r['spearman'], '+.3f')} (permutation p = {_num(r['p_value'], '.3f')}) over "
                      f"{len(r['benchmarks'])} benchmarks")
         for b, g, x, y in zip(r["benchmarks"], r["granularity"], r["R_hat"], r["R"]):
             lines.append(f"  {b:<18} R_hat {x:.3f}  R {y:.3f}  ({g} granularity)")
@@ -146,10 +151,10 @@ def format_compare(cmp: dict) -> str:
         lines.append(f"score pairs: models dropped for a missing score in {len(lost)} of {len(cmp['pair_models_dropped_for_nan'])} "
                      f"pairs ({min(lost.values())}-{max(lost.values())} models each; per pair in compare.json)")
     for key, p in cmp["pairs"].items():
-        part = (f"; MMLU partialled out ({p['partial_pairs']} pairs): Pearson {p['pearson_partial_mmlu']:+.3f}, "
-                f"Spearman {p['spearman_partial_mmlu']:+.3f}") if p["pearson_partial_mmlu"] is not None else ""
-        lines.append(f"feature overlap vs score correlation ({key}, {p['n_pairs']} pairs): Pearson {p['pearson']:+.3f}, "
-                     f"Spearman {p['spearman']:+.3f} (p = {p['p_value_spearman']:.3f}){part}")
+        part = (f"; MMLU partialled out ({p['partial_pairs']} pairs): Pearson {_num(p['pearson_partial_mmlu'], '+.3f')}, "
+                f"Spearman {_num(p['spearman_partial_mmlu'], '+.3f')}") if p["pearson_partial_mmlu"] is not None else ""
+        lines.append(f"feature overlap vs score correlation ({key}, {p['n_pairs']} pairs): Pearson {_num(p['pearson'], '+.3f')}, "
+                     f"Spearman {_num(p['spearman'], '+.3f')} (p = {_num(p['p_value_spearman'], '.3f')}){part}")
     return "\n".join(lines)
 
 
@@ -163,7 +168,7 @@ def write_compare(cmp: dict, out: Path) -> None:
             for b, x, y in zip(r["benchmarks"], r["R_hat"], r["R"]):
                 ax.annotate(b, (x, y), fontsize=6)
             ax.set(xlabel="R_hat (features)", ylabel="R (performance)",
-                   title=f"{which}: Spearman {r['spearman']:+.2f}, p={r['p_value']:.2f}")
+                   title=f"{which}: Spearman {_num(r['spearman'], '+.2f')}, p={_num(r['p_value'], '.2f')}")
         parts.append(png(fig, out / "compare-r.png"))
     if cmp["pairs"]:
         sc = [p["score_pearson"] for p in cmp["pair_scores"]]
@@ -171,9 +176,9 @@ def write_compare(cmp: dict, out: Path) -> None:
         fig, axes = figure(len(keys))
         for ax, key in zip(axes, keys):
             p = cmp["pairs"][key]
-            ax.scatter(p["overlap"], sc, s=10)
+            ax.scatter([np.nan if v is None else v for v in p["overlap"]], sc, s=10)
             ax.set(xlabel="symmetric feature overlap (size-matched)", ylabel="score correlation across models",
-                   title=f"{key.split('/')[0]}: Pearson {p['pearson']:+.2f}")
+                   title=f"{key.split('/')[0]}: Pearson {_num(p['pearson'], '+.2f')}")
         parts.append(png(fig, out / "compare-pairs.png"))
     parts.append("<pre>" + html.escape(format_compare(cmp)) + "</pre>")
     atomic_write_bytes(out / "report-section_compare.html", "\n".join(parts).encode())
