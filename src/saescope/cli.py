@@ -139,7 +139,7 @@ def _train_one(a: argparse.Namespace, out: Path, seed: int, *, data_seed: int | 
     if a.resume:
         cfg = _resumed_config(a, run, getattr(a, "given", set()), seed, data_seed)
     else:
-        if run.has_run() or run.train_config.exists():
+        if run.has_run():
             raise SaescopeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         cfg = _train_config(a, out, seed, data_seed)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not a.distributed:

@@ -78,4 +78,6 @@ class RunDir:
         return folder
 
     def has_run(self) -> bool:
-        return self.pointer.exists()
+        """A run was made here: a checkpoint pointer, or the config written with every checkpoint (even if the pointer
+        was lost). Such a folder is continued with --resume, never started over."""
+        return self.pointer.exists() or self.train_config.exists()
