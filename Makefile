@@ -3,6 +3,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# The shared reference data (benchmarks, scores, multilingual sets) beside the repo; saescope reads it from here.
+export SAESCOPE_SHARED_DATA ?= $(abspath ../shared/data)
 
 .PHONY: setup demo test lint peers fuzz
 setup: $(VENV)/.installed

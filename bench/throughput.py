@@ -35,7 +35,7 @@ from saescope.data import batches, iter_texts
 from saescope.io import load_saes
 from saescope.models import capture, load_model
 from saescope.models.builtin import builtin_model_dir
-from saescope.sae.topk import top_k
+from saescope.sae.fast import top_k
 from saescope.system import peak_rss_mb
 from saescope.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
 

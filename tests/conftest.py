@@ -18,6 +18,9 @@ from saescope.sae import SAEConfig, TopKSAE
 SHARED = Path(os.environ.get("SAESCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GSM8K = SHARED / "benchmarks" / "gsm8k_test.jsonl"
 
+if SHARED.is_dir():  # saescope finds the shared data only where it is told (an installed library guesses nothing)
+    os.environ.setdefault("SAESCOPE_SHARED_DATA", str(SHARED))
+
 torch.set_num_threads(2)
 # An unexpected exception shows its traceback in every CLI run of the suite (the user sees one line): a test that
 # expects a clean error fails on a real bug instead of passing on the guard's line.

@@ -45,8 +45,20 @@ def test_cli_train_eval_export(tiny_qwen3, text_file, tmp_path):
                              "--eval-tokens", "256")
     assert code == 0, err
     assert "CE rec" in stdout and (out / "eval.json").exists()
-    rows = json.loads((out / "eval.json").read_text())["layers"]
-    assert [r["layer"] for r in rows] == [0, 1, 2] and all(0 <= r["fvu"] for r in rows)
+    body = json.loads((out / "eval.json").read_text())
+    rows = body["layers"]
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    assert (body["n_tokens"], body["ctx_len"], body["outlier_factor"]) == (256, 32, 5.0)
+    table = {int(line.split()[0]): line.split() for line in stdout.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])}
+    for r in rows:
+        assert r["fvu"] < 1.0, r  # trained: better than reconstructing every token as the mean
+        assert 0 < r["l0"] <= 32, r  # k = 32 latents at most per token
+        assert (r["dead_frac"] * 256).is_integer() and (r["dense_frac"] * 256).is_integer(), r  # d_sae = 4 x 64
+        assert r["ce_clean"] == rows[0]["ce_clean"]  # the same held-out tokens for every layer
+        rec = (r["ce_zero"] - r["ce_sae"]) / (r["ce_zero"] - r["ce_clean"])
+        assert r["ce_recovered"] == pytest.approx(rec, rel=1e-9), r
+        # the printed table shows the figures written to eval.json
+        assert table[r["layer"]][1] == f"{r['fvu']:.4f}" and table[r["layer"]][2] == f"{r['l0']:.1f}", (table, r)
     code, _, err = run_cli("train", "--model", str(tiny_qwen3), "--data", str(text_file), "--out", str(out))
     assert_one_line_error(code, err, "already holds a run")
     code, stdout, err = run_cli("export", "--sae", str(out), "--to", "saelens", "--out", str(tmp_path / "sl"))

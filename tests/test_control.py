@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from saescope import SaescopeError
-from saescope.control import load_control, make_controls, save_controls
+from saescope.control_sets import load_control, make_controls, save_controls
 from saescope.io import save_native
 from saescope.sae import SAEConfig, TopKSAE
 

@@ -424,7 +424,7 @@ BENCHES = ("gsm8k", "math", "arc_challenge", "mmlu")
 def footprint_folder(tmp_path_factory) -> Path:
     import numpy as np
 
-    from saescope.io import atomic_write_json
+    from saescope.files import atomic_write_json
     from saescope.redundancy.analysis import analyse
     from saescope.redundancy.footprint import FORMAT, Footprints, write_sets
     from saescope.redundancy.metrics import FeatureSets

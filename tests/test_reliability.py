@@ -12,6 +12,8 @@ import torch
 
 from conftest import assert_one_line_error, run_cli, save_saes
 from saescope import cli
+from saescope.cli import train as cli_train
+from saescope.cli.flags import check_flags
 from saescope.errors import SaescopeError
 from saescope.evaluate import LayerEval, write_results
 from saescope.io import RunDir, export_saes, load_saes
@@ -86,7 +88,7 @@ def test_ill_typed_train_json_is_refused_naming_the_field(trained_run, tmp_path,
     (run / "train.json").write_text(json.dumps(edit(json.loads((run / "train.json").read_text()))))
     before = tree_hashes(run)
     with pytest.raises(SaescopeError, match="train.json") as exc:
-        cli._resumed_config(cli.build_parser().parse_args(["train", "--out", str(run), "--resume"]), RunDir(run), set())
+        cli_train._resumed_config(cli.build_parser().parse_args(["train", "--out", str(run), "--resume"]), RunDir(run), set(), 0, None)
     assert fragment in str(exc.value)
     assert tree_hashes(run) == before
 
@@ -170,7 +172,7 @@ def test_eval_refuses_invalid_values_before_writing(tiny_sae_dir, tmp_path):
                             (["--outlier-factor", "-1"], "--outlier-factor must be >= 0"),
                             (["--outlier-factor", "nan"], "finite"), (["--ctx-len", "0"], "--ctx-len must be >= 2")):
         with pytest.raises(SaescopeError) as exc:
-            cli._check_flags(cli.build_parser().parse_args(["eval", "--sae", str(run), *flags]))
+            check_flags(cli.build_parser().parse_args(["eval", "--sae", str(run), *flags]))
         assert fragment in str(exc.value)
     assert tree_hashes(run) == before
     sae = load_saes(run)[0]
@@ -186,14 +188,14 @@ def test_output_paths_that_cannot_be_written_are_refused(tiny_sae_dir, tmp_path)
     (tmp_path / "file").write_text("x")
     for out, fragment in ((tmp_path / "file", "a file exists there"), (tmp_path / "file" / "sub", "is a file")):
         with pytest.raises(SaescopeError, match=fragment):
-            cli._check_flags(cli.build_parser().parse_args(["export", "--sae", str(tiny_sae_dir), "--to", "saelens", "--out", str(out)]))
+            check_flags(cli.build_parser().parse_args(["export", "--sae", str(tiny_sae_dir), "--to", "saelens", "--out", str(out)]))
     for argv in (["report", "--sae", str(tiny_sae_dir), "--out", str(tiny_sae_dir / "layer0.json")],
                  ["plan", "--model", "Qwen/Qwen3-8B", "--json", str(tiny_sae_dir / "layer1.json")]):
         with pytest.raises(SaescopeError, match="is never overwritten"):
-            cli._check_flags(cli.build_parser().parse_args(argv))
+            check_flags(cli.build_parser().parse_args(argv))
     html = tmp_path / "browser.html"
     html.write_text("old")  # rewriting one's own earlier output is fine; a browser page is a file, not a folder
-    cli._check_flags(cli.build_parser().parse_args(["features", "browser", "--store", "s", "--out", str(html)]))
+    check_flags(cli.build_parser().parse_args(["features", "browser", "--store", "s", "--out", str(html)]))
     assert (tmp_path / "file").read_text() == "x"
 
 

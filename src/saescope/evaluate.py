@@ -1,10 +1,13 @@
 """Per-layer evaluation: FVU, L0, dead and dense fractions, and the LM loss with the SAE spliced in.
 
 CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), where CE_zero replaces the layer's output
-by zeros. KL is KL(clean || spliced) of the next-token distributions, averaged over tokens.
-Tokens that the training outlier filter would drop (norm above outlier_factor x the batch median
-norm, mostly the attention-sink first token) are passed through unchanged when splicing and left
-out of FVU; their share is reported as `passthrough_frac`.
+by zeros at every token (on a model without biases after the last norm, CE_zero is ln(vocab size)).
+KL is KL(clean || spliced) of the next-token distributions, averaged over tokens. FVU is pooled over the
+kept tokens: sum |x - x_hat|^2 / sum |x - mean x|^2. Tokens that the outlier filter drops (the same filter
+as training, saescope.activations.OutlierFilter: norm above outlier_factor x the running median norm, mostly
+the attention-sink first token) are passed through unchanged when splicing and left out of FVU and L0;
+their share is reported as `passthrough_frac`. Zero-ablation zeroes them too, so CE recovered credits the
+SAE with them: compare KL and FVU with a random control's before reading CE recovered.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saescope.activations import keep_typical
+from saescope.activations import OutlierFilter
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
 from saescope.models import LoadedModel, layer_hooks
@@ -89,6 +92,7 @@ def evaluate_sets(
                      batch_size=batch_size, seed=1234, shuffle_buffer=1)
     bar = tqdm(total=n_batches * len(layers), desc="eval", unit="layer-batch", dynamic_ncols=True)
     done = 0
+    filters = {n: OutlierFilter(outlier_factor) for n in layers}
     for ids in stream:
         if done >= n_batches:
             break
@@ -102,7 +106,7 @@ def evaluate_sets(
         for n in layers:
             h = acts[n]
             x = h.reshape(-1, h.shape[-1]).float()
-            keep = keep_typical(x, outlier_factor)
+            keep = filters[n].keep(x)
             xk = x[keep]
             for s, saes in sets.items():
                 sae, a = saes[n], acc[s, n]
@@ -183,7 +187,7 @@ SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_fact
 def read_results(path: Path) -> dict | None:
     """An evaluation file as written by write_results, checked record by record (None if there is none). Called
     before an evaluation too, so that a file it could not merge into is refused before minutes of work."""
-    from saescope.io import read_json
+    from saescope.files import read_json
     from saescope.schema import Field, check_record
 
     if not path.exists():
@@ -200,7 +204,7 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
     """Write an evaluation without losing one already there: figures made with the same settings merge into it per
     layer (a partial eval updates its layers, a control missing from this one is kept); figures made with other
     settings go to the next free eval-N.json beside it. Returns the file written."""
-    from saescope.io import atomic_write_json
+    from saescope.files import atomic_write_json
 
     body = {"layers": as_records(results), **(extra or {})}
     if control is not None:

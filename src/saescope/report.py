@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from saescope.errors import SaescopeError
-from saescope.io.formats import atomic_write_bytes
+from saescope.files import atomic_write_bytes
+from saescope.io.run_dir import RunDir
 from saescope.models.builtin import DEFAULT_MODEL
 from saescope.schema import Field, check_record
 
@@ -122,15 +123,15 @@ def _missing(what: str, command: str) -> str:
     return f'<p class="missing">No {what} yet: run <code>{html.escape(command)}</code>.</p>'
 
 
-def _training(run: Path) -> str:
-    log, cfg = _read(run / "train_log.jsonl"), _read(run / "train.json", _TRAIN)
-    summary = _read(run / "train_summary.json", _SUMMARY)
+def _training(run: RunDir) -> str:
+    log, cfg = _read(run.train_log), _read(run.train_config, _TRAIN)
+    summary = _read(run.train_summary, _SUMMARY)
     for i, row in enumerate(log or [], start=1):
-        check_record(row, {"tokens": Field(float), "layers": Field(dict)}, f"{run / 'train_log.jsonl'} line {i}")
+        check_record(row, {"tokens": Field(float), "layers": Field(dict)}, f"{run.train_log} line {i}")
         for n, v in row["layers"].items():
-            check_record(v, {"fvu": _NUM, "dead_frac": _NUM}, f"{run / 'train_log.jsonl'} line {i}: layers.{n}")
+            check_record(v, {"fvu": _NUM, "dead_frac": _NUM}, f"{run.train_log} line {i}: layers.{n}")
     if not log:
-        return _missing("training log", "saescope train --out " + str(run))
+        return _missing("training log", "saescope train --out " + str(run.path))
     out = []
     if cfg:
         cfg = {**cfg, "model": cfg.get("model") or DEFAULT_MODEL}
@@ -152,10 +153,10 @@ def _training(run: Path) -> str:
     return "\n".join(out)
 
 
-def _evaluation(run: Path) -> str:
-    ev = _read(run / "eval.json", _EVAL, layers=_EVAL_ROW, control=_EVAL_ROW)
+def _evaluation(run: RunDir) -> str:
+    ev = _read(run.eval, _EVAL, layers=_EVAL_ROW, control=_EVAL_ROW)
     if not ev:
-        return _missing("evaluation", f"saescope eval --sae {run}")
+        return _missing("evaluation", f"saescope eval --sae {run.path}")
     rows, control = ev["layers"], ev.get("control")
     layers = [r["layer"] for r in rows]
     fig, axes = figure(3)
@@ -245,8 +246,8 @@ def _transfer(path: Path) -> str:
             f"{moved}</p>" + png(fig) + table)
 
 
-def _control(run: Path) -> str:
-    ev = _read(run / "eval.json", _EVAL, layers=_EVAL_ROW, control=_EVAL_ROW)
+def _control(run: RunDir) -> str:
+    ev = _read(run.eval, _EVAL, layers=_EVAL_ROW, control=_EVAL_ROW)
     if ev and ev.get("control"):
         gaps = [(r["layer"], r["fvu"], c["fvu"], r["ce_recovered"], c["ce_recovered"]) for r, c in zip(ev["layers"], ev["control"])]
         better = sum(1 for _, f, fc, ce, cec in gaps if f < fc and ce > cec)
@@ -256,17 +257,17 @@ def _control(run: Path) -> str:
                    f"The control alone recovers {ce_ctl[0]:.2f} to {ce_ctl[-1]:.2f} of the CE: that much of any CE-recovered "
                    "figure comes from the zero-ablation baseline being far off, not from the SAE; compare KL and FVU "
                 "with the control's before reading CE recovered.</p>")
-    return "<h3>Random control</h3>" + _missing("control evaluation", f"saescope control random --like {run} --out "
-                                                 f"{run}/control && saescope eval --sae {run} --control {run}/control")
+    return "<h3>Random control</h3>" + _missing("control evaluation", f"saescope control random --like {run.path} --out "
+                                                 f"{run.control} && saescope eval --sae {run.path} --control {run.control}")
 
 
-def _trust(run: Path) -> str:
-    out = [_section(run / "eval.json", lambda: _control(run))]
-    stab = sorted((run / "trust").glob("stability*.json"))
+def _trust(run: RunDir) -> str:
+    out = [_section(run.eval, lambda: _control(run))]
+    stab = sorted(run.trust.glob("stability*.json"))
     out += [_section(p, lambda p=p: _stability(p)) for p in stab] or ["<h3>Seed stability</h3>" + _missing(
-        "stability check", f"saescope stability --sae {run} --sae OTHER_SEED_RUN")]
-    out += [_section(p, lambda p=p: _transfer(p)) for p in sorted((run / "trust").glob("transfer*.json"))] or [
-        "<h3>Transfer</h3>" + _missing("transfer check", f"saescope transfer --sae {run} --model OTHER_CHECKPOINT")]
+        "stability check", f"saescope stability --sae {run.path} --sae OTHER_SEED_RUN")]
+    out += [_section(p, lambda p=p: _transfer(p)) for p in sorted(run.trust.glob("transfer*.json"))] or [
+        "<h3>Transfer</h3>" + _missing("transfer check", f"saescope transfer --sae {run.path} --model OTHER_CHECKPOINT")]
     return "\n".join(out)
 
 
@@ -279,23 +280,23 @@ def _html_part(path: Path) -> str:
 
 def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Write the HTML report of the run folder RUN (default: RUN/report.html) and return its path."""
-    run = Path(run)
-    if not run.is_dir():
-        raise SaescopeError(f"run folder not found: {run}")
-    out = Path(out) if out else run / "report.html"
+    run = RunDir(run)
+    if not run.path.is_dir():
+        raise SaescopeError(f"run folder not found: {run.path}")
+    out = Path(out) if out else run.report
     _WARNED.clear()
     try:
-        cfg = _read(run / "train.json", _TRAIN) or {}
+        cfg = _read(run.train_config, _TRAIN) or {}
     except SaescopeError:
         cfg = {}  # the training section says what is wrong with it
-    title = f"saescope report: {run.name}"
+    title = f"saescope report: {run.path.name}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f'<p class="note">Model {html.escape(str(cfg.get("model") or (DEFAULT_MODEL if cfg else "?")))}; written '
              f'{dt.datetime.now().strftime("%Y-%m-%d %H:%M")}. Data behind every figure: the JSON files in '
-             f'{html.escape(str(run))}.</p>',
-             "<h2>Training</h2>", _section(run / "train_log.jsonl", lambda: _training(run)),
-             "<h2>Evaluation</h2>", _section(run / "eval.json", lambda: _evaluation(run)), "<h2>Trust</h2>", _trust(run),
-             *[_section(p, lambda p=p: _html_part(p)) for p in sorted(run.glob("*/report-section*.html"))], "</body></html>"]
+             f'{html.escape(str(run.path))}.</p>',
+             "<h2>Training</h2>", _section(run.train_log, lambda: _training(run)),
+             "<h2>Evaluation</h2>", _section(run.eval, lambda: _evaluation(run)), "<h2>Trust</h2>", _trust(run),
+             *[_section(p, lambda p=p: _html_part(p)) for p in sorted(run.path.glob("*/report-section*.html"))], "</body></html>"]
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out

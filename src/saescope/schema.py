@@ -4,6 +4,8 @@ so that what parses but is wrong becomes one line naming the file (or flag) and 
 - `check_record(obj, spec, origin)`: a JSON object against field specs (type, required, range).
 - `check_dataclass(cls, obj, origin)`: the same, with the fields, types and defaults of a config dataclass.
 - `check_number(value, name, ...)`: one numeric value's range, for flags and config fields alike.
+- `config_field(default, help)`: a config dataclass field that carries its command-line help, so that a command's
+  flags are built from the config (saescope.cli.flags.add_config_flags) and its defaults live in one place.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from saescope.errors import SaescopeError
@@ -89,7 +91,12 @@ def check_record(obj: Any, spec: dict[str, Field], origin: str) -> dict:
     return obj
 
 
-def _field_kind(tp: Any) -> tuple[tuple[type, ...], bool]:
+def config_field(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its help text (and e.g. `choices`) for the command line."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def field_kind(tp: Any) -> tuple[tuple[type, ...], bool]:
     """(accepted JSON types, nullable) of a dataclass annotation such as `int | None` or `dict`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -97,7 +104,7 @@ def _field_kind(tp: Any) -> tuple[tuple[type, ...], bool]:
         kinds: list[type] = []
         for arg in args:
             if arg is not type(None):
-                kinds.extend(_field_kind(arg)[0])
+                kinds.extend(field_kind(arg)[0])
         return tuple(kinds), type(None) in args
     base = origin or tp
     return ((float,) if base is float else (base,)), False
@@ -110,7 +117,7 @@ def check_dataclass(cls: type, obj: Any, origin: str) -> dict:
     hints = typing.get_type_hints(cls)
     spec = {}
     for f in fields(cls):
-        kinds, nullable = _field_kind(hints[f.name])
+        kinds, nullable = field_kind(hints[f.name])
         has_default = f.default is not MISSING or f.default_factory is not MISSING
         spec[f.name] = Field(kinds, required=not has_default, nullable=nullable)
     check_record(obj, spec, origin)

@@ -232,21 +232,27 @@ def test_unknown_names_and_missing_files(tmp_path, monkeypatch):
     with pytest.raises(SaescopeError, match="SAESCOPE_SHARED_DATA=.*absent is not a folder"):
         shared_data_dir()
 
+    # Unset, nothing is guessed (not even a shared/data under the working folder): the error names both ways to give it.
     monkeypatch.delenv(bm.SHARED_ENV)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bm, "__file__", str(tmp_path / "a/b/c/d/benchmarks.py"))
-    with pytest.raises(SaescopeError, match="shared reference data folder was not found: set SAESCOPE_SHARED_DATA"):
-        shared_data_dir()
     (tmp_path / "shared/data").mkdir(parents=True)
-    assert shared_data_dir() == (tmp_path / "shared/data").resolve()
+    with pytest.raises(SaescopeError, match="shared reference data folder is not set: set SAESCOPE_SHARED_DATA .*shared_data="):
+        shared_data_dir()
+    with pytest.raises(SaescopeError, match="shared reference data folder is not set"):
+        load_benchmark("gsm8k")
+    assert shared_data_dir(tmp_path / "shared/data") == tmp_path / "shared/data"
+    with pytest.raises(SaescopeError, match="benchmark gsm8k needs .*shared/data/benchmarks/gsm8k_test.jsonl"):
+        load_benchmark("gsm8k", shared_data=tmp_path / "shared/data")
+    with pytest.raises(SaescopeError, match="shared_data=.*nowhere is not a folder"):
+        load_benchmark("gsm8k", shared_data=tmp_path / "nowhere")
 
 
 def test_bad_rows_templates_and_files(tmp_path):
     rows = [{"question": "a", "answer": "1"}] * 11 + [{"prompt_x": "b", "answer": "2"}]
     path = write_jsonl(tmp_path / "gap.jsonl", rows)
-    with pytest.raises(SaescopeError, match=r"gap.jsonl row 12: no field 'question' \(fields: prompt_x, answer\)"):
+    with pytest.raises(SaescopeError, match=r"gap.jsonl line 12: no field 'question' \(fields: prompt_x, answer\)"):
         load_prompts(path, template="Question: {question}")
-    with pytest.raises(SaescopeError, match=r"gap.jsonl row 12: no field 'question'"):
+    with pytest.raises(SaescopeError, match=r"gap.jsonl line 12: no field 'question'"):
         load_prompts(path, column="question")
     with pytest.raises(SaescopeError, match="no column named prompt/question/query/text/input .*pass column= or template="):
         load_prompts(write_jsonl(tmp_path / "odd.jsonl", [{"body": "x"}]))
@@ -262,7 +268,7 @@ def test_bad_rows_templates_and_files(tmp_path):
     ]:
         with pytest.raises(SaescopeError, match=why):
             load_benchmark(str(path), template=template)
-    with pytest.raises(SaescopeError, match=r"row 1: cannot build the prompt"):
+    with pytest.raises(SaescopeError, match=r"c.jsonl line 1: cannot build the prompt"):
         load_prompts(write_jsonl(tmp_path / "c.jsonl", [{"choices": ["x"]}]), template="{choices[3]}")
 
     (tmp_path / "empty.jsonl").write_text("\n\n")
@@ -276,19 +282,19 @@ def test_bad_rows_templates_and_files(tmp_path):
         load_prompts(tmp_path / "head.csv")
 
     (tmp_path / "notes.pdf").write_text("hello\n")
-    with pytest.raises(SaescopeError, match="notes.pdf: unsupported file type '.pdf': use jsonl, json, csv, tsv or txt"):
+    with pytest.raises(SaescopeError, match="notes.pdf: unsupported file type '.pdf': use jsonl, json, csv, tsv, txt, md, parquet, arrow"):
         load_benchmark(str(tmp_path / "notes.pdf"))
     (tmp_path / "broken.jsonl").write_text('{"question": "ok"}\n{"question": oops}\n')
-    with pytest.raises(SaescopeError, match=r"broken.jsonl line 2: malformed JSON"):
+    with pytest.raises(SaescopeError, match=r"broken.jsonl line 2: not valid JSON"):
         load_benchmark(str(tmp_path / "broken.jsonl"))
     (tmp_path / "broken.json").write_text('[{"question": "ok"},\n {"question": }]')
-    with pytest.raises(SaescopeError, match=r"broken.json: malformed JSON at line 2"):
+    with pytest.raises(SaescopeError, match=r"broken.json line 2: not valid JSON"):
         load_prompts(tmp_path / "broken.json")
-    (tmp_path / "shape.json").write_text(json.dumps({"rows": [{"question": "x"}]}))
-    with pytest.raises(SaescopeError, match="a list of objects, or an object with a list under 'examples' or 'data'"):
+    (tmp_path / "shape.json").write_text(json.dumps({"rows": [{"question": "x"}], "other": [1], "n": 2}))
+    with pytest.raises(SaescopeError, match="shape.json: the object holds several lists \\(rows, other\\); put the rows under 'examples'"):
         load_prompts(tmp_path / "shape.json")
     (tmp_path / "nums.json").write_text("[1, 2]")
-    with pytest.raises(SaescopeError, match="nums.json row 1: expected an object, got int"):
+    with pytest.raises(SaescopeError, match="nums.json item 1: expected an object, got int"):
         load_prompts(tmp_path / "nums.json", column="x")
 
 
@@ -313,17 +319,17 @@ def test_text_files_give_one_prompt_per_document(tmp_path):
 
 # Prompt files broken in one way each: one line naming the file and the problem, never a bare library exception.
 BAD_PROMPT_FILES = [
-    ("bin.jsonl", b"\xff\xfe\x00\x01binary\n", "bin.jsonl: not UTF-8 text"),
-    ("bin.csv", b"question\n\x89PNG\xff\n", "bin.csv: not UTF-8 text"),
-    ("bad.jsonl.gz", b"plain text, not gzip", "bad.jsonl.gz: not a readable gzip file"),
-    ("cut.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n' * 100)[:40], "cut.jsonl.gz: not a readable gzip file"),
-    ("number.jsonl", b"5\n", "number.jsonl row 1: expected an object, got int"),
-    ("list.jsonl", b'["a", "b"]\n', "list.jsonl row 1: expected an object, got list"),
-    ("later.jsonl", b'{"prompt": "a"}\n[1]\n', "later.jsonl row 2: expected an object, got list"),
-    ("number.json", b"5", "number.json: a JSON file must hold a list of objects"),
-    ("string.json", b'"text"', "string.json: a JSON file must hold a list of objects"),
-    ("numbers.json", b"[1, 2]", "numbers.json row 1: expected an object, got int"),
-    ("null.jsonl", b'{"prompt": null}\n', "null.jsonl row 1: field 'prompt' is null"),
+    ("bin.jsonl", b"\xff\xfe\x00\x01binary\n", "bin.jsonl line 1: not UTF-8 text"),
+    ("bin.csv", b"question\n\x89PNG\xff\n", "bin.csv line 2: not UTF-8 text"),
+    ("bad.jsonl.gz", b"plain text, not gzip", "bad.jsonl.gz: cannot read it: Not a gzipped file"),
+    ("cut.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n' * 100)[:40], "cut.jsonl.gz: cannot read it"),
+    ("number.jsonl", b"5\n", "number.jsonl line 1: expected an object, got int"),
+    ("list.jsonl", b'["a", "b"]\n', "list.jsonl line 1: expected an object, got list"),
+    ("later.jsonl", b'{"prompt": "a"}\n[1]\n', "later.jsonl line 2: expected an object, got list"),
+    ("number.json", b"5", "number.json: a JSON file must hold a list of rows"),
+    ("string.json", b'"text"', "string.json: a JSON file must hold a list of rows"),
+    ("numbers.json", b"[1, 2]", "numbers.json item 1: expected an object, got int"),
+    ("null.jsonl", b'{"prompt": null}\n', "null.jsonl line 1: field 'prompt' is null"),
     ("huge.csv", b'question\n"' + b"x" * 200_000 + b'"\n', "huge.csv line 2: not a readable table"),
     ("empty.txt", b"\n\n", "empty.txt: no prompts"),
 ]

@@ -39,7 +39,7 @@ def test_file_formats_and_errors(tmp_path, real_texts):
     with pytest.raises(SaescopeError, match="data not found"):
         list(iter_texts(str(tmp_path / "missing.jsonl")))
     (tmp_path / "e.jsonl").write_text("{broken\n")
-    with pytest.raises(SaescopeError, match="line 1 is not valid JSON"):
+    with pytest.raises(SaescopeError, match="e.jsonl line 1: not valid JSON"):
         list(iter_texts(str(tmp_path / "e.jsonl"), split="all"))
 
 
@@ -70,20 +70,20 @@ def test_chunks_start_with_bos_when_the_tokenizer_adds_it(tokenizer_dir, real_te
 # Each a file `train --data` may be given that is broken in one way: the reader must say which file and what,
 # as a SaescopeError (the CLI prints it as one line), never a UnicodeDecodeError, BadGzipFile, ArrowInvalid...
 BAD_FILES = [
-    ("bin.jsonl", b'{"text": "ok"}\n\xff\xfe\x00\x01binary\n', "bin.jsonl: line 2 is not UTF-8 text"),
-    ("bin.csv", b"text\nfine\n\x89PNG\xff\n", "bin.csv: line 3 is not UTF-8 text"),
-    ("bin.tsv", b"\xff\xfe\x00t\x00e\x00x\x00t\x00", "bin.tsv: line 1 is not UTF-8 text"),
-    ("bin.txt", b"\xff\xfe\x00binary", "bin.txt: line 1 is not UTF-8 text"),
+    ("bin.jsonl", b'{"text": "ok"}\n\xff\xfe\x00\x01binary\n', "bin.jsonl line 2: not UTF-8 text"),
+    ("bin.csv", b"text\nfine\n\x89PNG\xff\n", "bin.csv line 3: not UTF-8 text"),
+    ("bin.tsv", b"\xff\xfe\x00t\x00e\x00x\x00t\x00", "bin.tsv line 1: not UTF-8 text"),
+    ("bin.txt", b"\xff\xfe\x00binary", "bin.txt line 1: not UTF-8 text"),
     ("bad.parquet", b"PAR1 not really parquet", "bad.parquet: not a readable Parquet file"),
     ("bad.jsonl.gz", b"plain text, not gzip", "bad.jsonl.gz: cannot read it: Not a gzipped file"),
     ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:40], "cut.jsonl.gz: cannot read it"),
     ("number.jsonl", b'{"text": "ok"}\n5\n', "number.jsonl line 2: expected a JSON object, got int"),
     ("list.jsonl", b'["a", "b"]\n', "list.jsonl line 1: expected a JSON object, got list"),
-    ("number.json", b"5", "number.json: expected a list of objects"),
-    ("string.json", b'"some text"', "string.json: expected a list of objects"),
-    ("noneed.json", b'{"canary": "x"}', "noneed.json: expected a list of objects"),
+    ("number.json", b"5", "number.json: a JSON file must hold a list of rows"),
+    ("string.json", b'"some text"', "string.json: a JSON file must hold a list of rows"),
+    ("noneed.json", b'{"canary": "x"}', "noneed.json: a JSON file must hold a list of rows"),
     ("numbers.json", b'[{"text": "a"}, 2]', "numbers.json item 2: expected a JSON object, got int"),
-    ("broken.json", b'[{"text": "a"},\n {"text": }]', "broken.json: line 2 is not valid JSON"),
+    ("broken.json", b'[{"text": "a"},\n {"text": }]', "broken.json line 2: not valid JSON"),
     ("nocol.csv", b"body,label\nhello,1\n", "nocol.csv: no column 'text' (the header has body, label)"),
     ("header.csv", b"body,label\n", "header.csv: no column 'text'"),
     ("empty.jsonl", b"", "empty.jsonl: holds no text"),
@@ -106,7 +106,7 @@ def test_broken_files_are_one_clear_error(tmp_path, name, content, fragment):
 def test_a_broken_file_in_a_folder_is_named(tmp_path):
     (tmp_path / "a.txt").write_text("fine text")
     (tmp_path / "b.jsonl").write_bytes(b"\xff\xfe")
-    with pytest.raises(SaescopeError, match="b.jsonl: line 1 is not UTF-8"):
+    with pytest.raises(SaescopeError, match="b.jsonl line 1: not UTF-8"):
         list(iter_texts(str(tmp_path), split="all"))
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_one_line_error, random_saes, run_cli
-from saescope.activations import keep_typical
+from saescope.activations import OutlierFilter
 from saescope.cli import main
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
@@ -99,12 +99,13 @@ def test_build_matches_direct_encoding_and_reads_lazily(lm, corpus_file, tmp_pat
     fire = {n: torch.zeros(64, dtype=torch.int64) for n in (0, 2)}
     best = {n: torch.zeros(64) for n in (0, 2)}
     kept = {n: 0 for n in (0, 2)}
+    filters = {n: OutlierFilter(5.0) for n in (0, 2)}
     stream = batches(iter_texts(str(corpus_file), split="train"), lm.tokenizer, ctx_len=32, batch_size=4, seed=0)
     for _, ids in zip(range(4), stream):
         acts = capture(lm.model, ids, [0, 2])
         for n in (0, 2):
             x = acts[n].reshape(-1, 64)
-            keep = keep_typical(x, 5.0)
+            keep = filters[n].keep(x)
             dense = saes[n].encode(x).dense(64) * keep[:, None]
             fire[n] += (dense > 0).sum(0)
             best[n] = torch.maximum(best[n], dense.amax(0))
@@ -186,11 +187,12 @@ def test_moe_routing_counts_equal_the_routers_own_choices(tiny_qwen3_moe, corpus
     assert store.meta["moe"] == {"n_experts": 8, "experts_per_token": 2}
     counts = torch.zeros(64, 8, dtype=torch.int64)
     tokens = torch.zeros(8, dtype=torch.int64)
+    norm_filter = OutlierFilter(5.0)
     stream = batches(iter_texts(str(corpus_file), split="train"), lm.tokenizer, ctx_len=32, batch_size=2, seed=0)
     for _, ids in zip(range(3), stream):
         with record_routing(lm.model, [1]) as routes:
             x = capture(lm.model, ids, [1])[1].reshape(-1, 64)
-        keep = keep_typical(x, 5.0)
+        keep = norm_filter.keep(x)
         dense = saes[1].encode(x).dense(64) * keep[:, None]
         for t in range(x.shape[0]):
             if keep[t]:
@@ -284,8 +286,11 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(lm, tmp_path):
         (partial / "progress.json").write_text(text)
         with pytest.raises(SaescopeError, match=f"{msg}.*; start again without --resume"):
             build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="s", resume=True, progress=False)
-    ckpt.write_bytes(LayerStats(64, StoreConfig(top_n=3), torch.device("cpu")).to_bytes())  # other sizes
+    ckpt.write_bytes(LayerStats(64, StoreConfig(top_n=3), torch.device("cpu")).checkpoint_bytes())  # other sizes
     with pytest.raises(SaescopeError, match="b2.safetensors: top_\\w+ is torch.\\w+ \\[64, 3\\], expected torch.\\w+ \\[64, 4\\]"):
+        build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="s", resume=True, progress=False)
+    ckpt.write_bytes(LayerStats(64, cfg, torch.device("cpu")).to_bytes())  # a store file, not a checkpoint: no filter state
+    with pytest.raises(SaescopeError, match="b2.safetensors holds .*expected .*'outlier_count', 'outlier_medians'"):
         build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="s", resume=True, progress=False)
     assert ckpt.exists() and (partial / "progress.json").exists()  # refused, not cleared: the user decides
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, random_saes, run_cli
-from saescope.cli import _check_flags
+from saescope.cli.flags import check_flags
+from saescope.cli.inspect import _texts
 from saescope.errors import SaescopeError
-from saescope.inspect.cli import _texts
 from saescope.inspect.texts import InspectConfig, contrast, inspect_texts
 from saescope.models import load_model
 from saescope.scope import Scope
@@ -169,4 +169,4 @@ def test_numeric_flags_are_range_checked(args, fragment):
     from saescope.cli import build_parser
 
     with pytest.raises(SaescopeError, match=fragment):
-        _check_flags(build_parser().parse_args(args.split()))
+        check_flags(build_parser().parse_args(args.split()))

@@ -1,15 +1,10 @@
-from contextlib import nullcontext
-from unittest.mock import patch
+"""The SAE maths (sae/topk.py) against the recipe written densely and numbers worked out by hand."""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from saescope.errors import SaescopeError
-from saescope.sae import SAEConfig, SparseCode, TopKSAE, Workspace, default_lr, latent_weighted_sum
-from saescope.sae.cpu_kernels import kernels
-from saescope.sae.topk import LatentGroups, top_k
+from saescope.sae import SAEConfig, SparseCode, TopKSAE, Workspace, default_lr
 
 
 def _sae(d_model: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64) -> TopKSAE:
@@ -64,7 +59,7 @@ def test_forward_and_gradients_match_dense_reference(with_dead, d_sae, workspace
     tol = {"atol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
     assert torch.allclose(out.x_hat, x_hat, **tol)
     assert torch.allclose(out.fvu, fvu, **tol) and torch.allclose(out.auxk_fvu, aux, **tol)
-    assert with_dead == (float(aux) > 0)
+    assert with_dead == (float(aux.detach()) > 0)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, **tol)
 
@@ -83,50 +78,6 @@ def test_encode_by_hand():
     assert code.indices[0].tolist() == [0] and code.values[0].tolist() == [2.0]
     assert code.values[1].tolist() == [0.0]
     assert torch.allclose(sae.decode(code), torch.tensor([[2.1, -0.1], [0.1, -0.1]]))
-
-
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 40), k=st.integers(1, 6), d_sae=st.integers(6, 50), seed=st.integers(0, 10_000))
-def test_latent_sums_equal_dense(n, k, d_sae, seed):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(n)])
-    w = torch.randn(n, k, generator=g, dtype=torch.float64)
-    rows = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    dense = torch.zeros(n, d_sae, dtype=torch.float64).scatter(1, idx, w)
-    assert torch.allclose(latent_weighted_sum(idx, w, rows, d_sae), dense.T @ rows)
-    assert torch.allclose(LatentGroups(idx, d_sae).sum(w), dense.sum(0))
-
-
-@settings(max_examples=120, deadline=None)
-@given(n=st.integers(1, 12), groups=st.integers(1, 40), block=st.sampled_from([2, 4, 8]), k=st.integers(1, 30),
-       levels=st.integers(1, 4), seed=st.integers(0, 10_000), with_bias=st.booleans(), fused=st.booleans(),
-       odd=st.integers(0, 37))
-def test_top_k_selects_what_torch_topk_selects(n, groups, block, k, levels, seed, with_bias, fused, odd):
-    """Same values as torch.topk, at columns holding them, no column twice; small integers make many ties,
-    -inf entries (AuxK's masked live latents) must not matter and NaN ranks first, as in torch.topk. Both
-    paths: the fused CPU kernel (when built; any width) and the group maxima (widths a multiple of block)."""
-    if fused and kernels() is None:
-        return  # the kernel's own test says why it is missing
-    d = groups * block + (odd if fused else 0)
-    k = min(k, d)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-levels, levels + 1, (n, d), generator=g).float()
-    x[torch.rand(n, d, generator=g) < 0.2] = float("-inf")
-    x[torch.rand(n, d, generator=g) < 0.03] = float("inf")
-    x[torch.rand(n, d, generator=g) < 0.02] = float("nan")
-    bias = torch.randint(-1, 2, (d,), generator=g).float() if with_bias else None
-    if with_bias:
-        bias[torch.rand(d, generator=g) < 0.1] = float("-inf")  # excluded columns (AuxK's live latents)
-    with patch("saescope.sae.topk.fused_top_k_applies", return_value=False) if not fused else nullcontext():
-        values, cols = top_k(x, k, bias=bias, block=block)
-        batched_values, batched_cols = top_k(x.reshape(1, n, d), k, bias=bias, block=block)  # leading dimensions kept
-    full = (x + bias).masked_fill(torch.isneginf(bias), float("-inf")) if with_bias else x
-    want = full.topk(k, dim=-1).values
-    torch.testing.assert_close(values.sort(-1, descending=True).values, want, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(full.gather(1, cols), values, rtol=0, atol=0, equal_nan=True)
-    assert all(len(set(row.tolist())) == k for row in cols)
-    torch.testing.assert_close(batched_values[0], values, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(batched_cols[0], cols)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on CPU: the kernels when built

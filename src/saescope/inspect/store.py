@@ -42,10 +42,11 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saescope.activations import keep_typical
+from saescope.activations import OutlierFilter
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
-from saescope.io import atomic_write_bytes, atomic_write_json, fingerprint, read_json
+from saescope.files import atomic_write_bytes, atomic_write_json, read_json
+from saescope.io import fingerprint
 from saescope.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembed
 from saescope.sae import SparseCode, TopKSAE
 from saescope.schema import Field, check_record
@@ -102,6 +103,7 @@ class LayerStats:
 
     def __init__(self, d_sae: int, cfg: StoreConfig, device: torch.device, n_experts: int = 0):
         self.d, self.cfg, self.n_experts = d_sae, cfg, n_experts
+        self.norm_filter = OutlierFilter(cfg.outlier_factor, device)
         self.edges = torch.tensor(HIST_EDGES[1:-1], device=device)
         z = dict(device=device)
         self.t: dict[str, Tensor] = {
@@ -163,13 +165,25 @@ class LayerStats:
     def to_bytes(self) -> bytes:
         return save({name: v.detach().cpu().contiguous() for name, v in self.t.items()})
 
+    def checkpoint_bytes(self) -> bytes:
+        """The statistics and the outlier filter's running median, so that a resumed build filters as before."""
+        f = self.norm_filter
+        return save({**{name: v.detach().cpu().contiguous() for name, v in self.t.items()},
+                     "outlier_medians": f.medians.cpu(), "outlier_count": torch.tensor(f.count)})
+
     def load(self, path: Path) -> None:
+        """A checkpoint written by `checkpoint_bytes`."""
         try:
             got = load_file(path, device=str(self.t["fire_count"].device))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise SaescopeError(f"cannot read {path}: missing, corrupt or truncated checkpoint ({exc})") from exc
-        if set(got) != set(self.t):
-            raise SaescopeError(f"{path} holds {sorted(got)}, expected {sorted(self.t)}")
+        expected = {*self.t, "outlier_medians", "outlier_count"}
+        if set(got) != expected:
+            raise SaescopeError(f"{path} holds {sorted(got)}, expected {sorted(expected)}")
+        medians, count = got.pop("outlier_medians"), got.pop("outlier_count")
+        if medians.shape != self.norm_filter.medians.shape or count.numel() != 1 or not 0 <= int(count):
+            raise SaescopeError(f"{path}: the outlier filter's state is malformed")
+        self.norm_filter.medians, self.norm_filter.count = medians.float(), int(count)
         for name, v in got.items():  # a checkpoint of other sizes would fail later, mid-batch, far from the cause
             if v.shape != self.t[name].shape or v.dtype != self.t[name].dtype:
                 raise SaescopeError(f"{path}: {name} is {v.dtype} {list(v.shape)}, expected {self.t[name].dtype} "
@@ -220,7 +234,7 @@ def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Pa
 
     def checkpoint() -> None:
         for n in layers:
-            atomic_write_bytes(partial / f"layer{n}-b{done}.safetensors", stats[n].to_bytes())
+            atomic_write_bytes(partial / f"layer{n}-b{done}.safetensors", stats[n].checkpoint_bytes())
         atomic_write_json(partial / "progress.json", {"batches": done, "settings": settings})
         for old in partial.glob("layer*-b*.safetensors"):
             if not old.name.endswith(f"-b{done}.safetensors"):
@@ -241,7 +255,7 @@ def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Pa
             routes, acts = {}, capture(lm.model, ids, layers)
         for n in layers:
             x = acts[n].reshape(-1, acts[n].shape[-1]).float()
-            keep = keep_typical(x, cfg.outlier_factor)
+            keep = stats[n].norm_filter.keep(x)
             stats[n].update(ids, saes[n].encode(x), keep, done * cfg.batch_size, routes.get(n))
         done += 1
         bar.update(ids.numel())

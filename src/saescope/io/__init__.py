@@ -9,14 +9,11 @@ from pathlib import Path
 
 from saescope.errors import SaescopeError
 from saescope.io.formats import (
-    atomic_write_bytes,
-    atomic_write_json,
     from_weights,
     load_native,
     load_qwen_scope,
     load_saelens,
     load_sparsify,
-    read_json,
     save_native,
     save_qwen_scope,
     save_saelens,
@@ -24,8 +21,8 @@ from saescope.io.formats import (
 from saescope.io.run_dir import RunDir
 from saescope.sae import TopKSAE
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
-           "read_json", "refuse_overwrite", "resolve_run", "save_native", "RunDir"]
+__all__ = ["decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
+           "refuse_overwrite", "resolve_run", "save_native", "RunDir"]
 
 
 def resolve_run(path: Path) -> Path:

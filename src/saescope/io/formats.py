@@ -12,7 +12,6 @@ W_dec (d_sae, d_model), no b_dec subtraction before the encoder. Formats that su
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -23,37 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saescope.errors import SaescopeError
+from saescope.files import atomic_write_json, read_json
 from saescope.sae import SAEConfig, TopKSAE
 from saescope.schema import Field, check_record
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def read_json(path: Path, spec: dict[str, Field] | None = None) -> dict:
-    """A JSON file, checked against `spec` (field types and ranges) when one is given."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise SaescopeError(f"cannot read {path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise SaescopeError(f"cannot read {path}: a folder, not a JSON file") from exc
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
-    return check_record(obj, spec, str(path)) if spec is not None else obj
 
 
 def _read_safetensors(path: Path, names: tuple[str, ...] = ()) -> dict[str, Tensor]:

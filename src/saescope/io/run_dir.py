@@ -1,6 +1,13 @@
-"""A training run folder, named in one place. The folder owns itself: every path is relative to where the folder
-is now, so a moved or copied run keeps working, and nothing recorded inside it (train.json's `out`) can send
-reads or writes to another folder."""
+"""A run folder, named in one place: every file and subfolder that saescope writes into a run, and where each
+command writes by default. The folder owns itself: every path is relative to where the folder is now, so a moved
+or copied run keeps working, and nothing recorded inside it (train.json's `out`) can send reads or writes to
+another folder.
+
+    train.json  train_log.jsonl  train_summary.json  latest  checkpoints/step-NNNNNNNN/   saescope train
+    eval.json                                                                            saescope eval
+    control/  trust/  redundancy/  features/  inspect/  report.html                      the applications
+    toxicity/  sasft/  rl/                                                               round 2's applications
+"""
 
 from __future__ import annotations
 
@@ -47,6 +54,46 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / "report.html"
+
+    # Application outputs: one subfolder each, so that a run folder holds everything made from its SAEs.
+    @property
+    def control(self) -> Path:
+        return self.path / "control"
+
+    @property
+    def trust(self) -> Path:
+        return self.path / "trust"
+
+    @property
+    def redundancy(self) -> Path:
+        return self.path / "redundancy"
+
+    @property
+    def features(self) -> Path:
+        return self.path / "features"
+
+    @property
+    def inspect(self) -> Path:
+        return self.path / "inspect"
+
+    @property
+    def toxicity(self) -> Path:
+        return self.path / "toxicity"
+
+    @property
+    def sasft(self) -> Path:
+        return self.path / "sasft"
+
+    @property
+    def rl(self) -> Path:
+        return self.path / "rl"
+
+    @classmethod
+    def of_sae(cls, spec: str | Path) -> RunDir:
+        """Where outputs made from the SAEs at SPEC go by default: their folder when SPEC is one (a run, a checkpoint,
+        any SAE folder), else the working folder (a hub id or a single SAE file)."""
+        path = Path(spec).expanduser()
+        return cls(path if path.is_dir() else Path("."))
 
     def checkpoint_name(self, step: int) -> str:
         return f"checkpoints/step-{step:08d}"

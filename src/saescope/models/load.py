@@ -99,7 +99,7 @@ def load_model(
     elif path.exists():
         if not (path / "config.json").exists():
             raise SaescopeError(f"{path} is not a model folder (no config.json)")
-        from saescope.io import read_json
+        from saescope.files import read_json
         from saescope.schema import check_record
 
         check_record(read_json(path / "config.json"), {}, str(path / "config.json"))  # an object, before transformers reads it

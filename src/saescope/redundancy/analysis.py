@@ -18,7 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saescope.errors import SaescopeError
-from saescope.io import decoder_cos_to_init, read_json
+from saescope.files import read_json
+from saescope.io import decoder_cos_to_init
 from saescope.redundancy.footprint import Footprints
 from saescope.redundancy.metrics import (
     coverage_curves,

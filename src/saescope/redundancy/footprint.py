@@ -25,7 +25,7 @@ from safetensors.torch import save
 
 from saescope.data.benchmarks import Benchmark
 from saescope.errors import SaescopeError
-from saescope.io import atomic_write_bytes, atomic_write_json, read_json
+from saescope.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.redundancy.metrics import FeatureSets
 from saescope.sae import TopKSAE
 from saescope.schema import Field, check_record

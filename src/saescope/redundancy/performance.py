@@ -53,13 +53,14 @@ class Correctness:
             raise SaescopeError(f"{self.benchmark}: {len(self.models)} models; R(D) ranks models and needs at least 3")
 
 
-def load_correctness(spec: str) -> Correctness:
-    """A correctness source: "m_ifeval:LANG", "sloth:BENCH" (subtask granularity) or a CSV path."""
+def load_correctness(spec: str, shared_data: str | Path | None = None) -> Correctness:
+    """A correctness source: "m_ifeval:LANG", "sloth:BENCH" (subtask granularity), both read from the shared reference
+    data (`shared_data`, default $SAESCOPE_SHARED_DATA), or a CSV path."""
     kind, _, arg = spec.partition(":")
     if kind == "m_ifeval" and arg:
-        return _m_ifeval(arg)
+        return _m_ifeval(arg, shared_data)
     if kind == "sloth" and arg:
-        return _sloth_subtasks(arg)
+        return _sloth_subtasks(arg, shared_data)
     path = Path(spec)
     if not path.is_file():
         raise SaescopeError(f"correctness source {spec!r}: not m_ifeval:LANG, sloth:BENCH or an existing CSV file")
@@ -118,8 +119,8 @@ def _csv_matrix(path: Path) -> Correctness:
     return Correctness(path.stem, models, items, np.array(values))
 
 
-def _m_ifeval(lang: str) -> Correctness:
-    folder = shared_data_dir() / "multilingual" / "m_ifeval" / "responses"
+def _m_ifeval(lang: str, shared_data: str | Path | None) -> Correctness:
+    folder = shared_data_dir(shared_data) / "multilingual" / "m_ifeval" / "responses"
     files = sorted(folder.glob(f"{lang}__*.jsonl"))
     if not files:
         raise SaescopeError(f"no m_ifeval responses for language {lang!r} in {folder}")
@@ -172,9 +173,9 @@ class ScoreTable:
         return out
 
 
-def read_scores(path: Path | None = None) -> ScoreTable:
-    """A score table; default: the leaderboard's sloth_data_v1.csv."""
-    path = path or shared_data_dir() / "scores" / "sloth_data_v1.csv"
+def read_scores(path: Path | None = None, shared_data: str | Path | None = None) -> ScoreTable:
+    """A score table; default: the leaderboard's sloth_data_v1.csv in the shared reference data."""
+    path = path or shared_data_dir(shared_data) / "scores" / "sloth_data_v1.csv"
     if not path.is_file():
         raise SaescopeError(f"scores file not found: {path}")
     rows = _read_csv(path)
@@ -207,11 +208,12 @@ def _names(xs: list[str], at_most: int = 8) -> str:
     return ", ".join(xs[:at_most]) + (f" and {len(xs) - at_most} more" if len(xs) > at_most else "")
 
 
-def bench_scores(benches: list[str], path: Path | None = None, mapping: dict[str, str] | None = None) -> BenchScores:
+def bench_scores(benches: list[str], path: Path | None = None, mapping: dict[str, str] | None = None,
+                 shared_data: str | Path | None = None) -> BenchScores:
     """Match the score columns to the benchmarks: `mapping` (column -> benchmark) when given, else a column named as
     the benchmark (any case) or as its leaderboard headline (SLOTH_HEADLINE: 'MATH Lvl 5' for math). A table the
     user named (`path`) that matches nothing is an error; the default table then only gets a note."""
-    table = read_scores(path)
+    table = read_scores(path, shared_data)
     expected = _names([f"{b} (or {SLOTH_HEADLINE[b]!r})" if b in SLOTH_HEADLINE else b for b in benches], 12)
     if mapping:
         for col, b in mapping.items():
@@ -257,10 +259,10 @@ def bench_scores(benches: list[str], path: Path | None = None, mapping: dict[str
     return BenchScores(table.path, ordered, {b: table.numbers(c) for b, c in ordered.items()}, notes)
 
 
-def _sloth_subtasks(bench: str) -> Correctness:
+def _sloth_subtasks(bench: str, shared_data: str | Path | None) -> Correctness:
     if bench not in _SLOTH_SUBTASKS:
         raise SaescopeError(f"sloth:{bench}: subtask scores exist for {', '.join(_SLOTH_SUBTASKS)}")
-    table = read_scores()
+    table = read_scores(shared_data=shared_data)
     names = [c for c in table.columns if c.startswith(_SLOTH_SUBTASKS[bench])]
     if not names:
         raise SaescopeError(f"{table.path}: no {_SLOTH_SUBTASKS[bench]}* subtask columns")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saescope.io import atomic_write_bytes, atomic_write_json
+from saescope.files import atomic_write_bytes, atomic_write_json
 from saescope.report import figure, html_table, png
 
 

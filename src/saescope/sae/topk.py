@@ -1,14 +1,20 @@
-"""Top-k sparse autoencoder (Gao et al. 2024), as Qwen-Scope uses it.
+"""Top-k sparse autoencoder: Gao et al. (2024), "Scaling and evaluating sparse autoencoders" (arXiv:2406.04093).
 
-Conventions (those of the released Qwen-Scope checkpoints, so a loaded file needs no folding):
-    encode:  z = TopK_k(ReLU(x @ W_enc.T + b_enc))          W_enc: (d_sae, d_model)
-    decode:  x_hat = sum_i z_i * W_dec[i] + b_dec            W_dec: (d_sae, d_model), one row per latent
-No b_dec is subtracted before encoding; formats that do (sparsify, SAELens) are folded into b_enc on import.
+    encode:  z = TopK_k(ReLU(W_enc x + b_enc))                      W_enc: (d_sae, d_model)
+    decode:  x_hat = sum_i z_i W_dec[i] + b_dec                      W_dec: (d_sae, d_model), one row per latent
+    loss:    FVU = sum |x - x_hat|^2 / sum |x - mean(x)|^2           (the MSE normalised by the data's variance)
+    AuxK:    e = x - x_hat (a constant), z_aux = TopK_{k_aux} of the pre-activations of the dead latents only,
+             auxk = min(n_dead / k_aux, 1) sum |W_dec z_aux - e|^2 / sum |e - mean(e)|^2, k_aux = min(d_model / 2, n_dead)
+    init:    W_dec rows random unit vectors, W_enc = W_dec (tied), b_dec = data mean, b_enc = -W_enc b_dec
+    constraint: unit-norm decoder rows: the gradient along each row is projected out before the optimiser
+             step, and the rows are renormalised after it.
+These are the conventions of the released Qwen-Scope checkpoints, so a loaded file needs no folding: no b_dec
+is subtracted before encoding (formats that do, sparsify and SAELens, are folded into b_enc on import).
 
-Only the k kept latents of a token ever enter the decoder (embedding_bag over their rows), and both
-backwards touch only the selected latents (`_TopKEncode.backward`, `_SparseDecode.backward`), so
-nothing of size tokens x d_sae is built except the pre-activations that top-k itself needs (kept in
-a reusable `Workspace` when training).
+`reference_encode` and `reference_decode` below are this maths written plainly with torch ops. TopKSAE runs
+the same maths through the fast path of `saescope.sae.fast` (sparse backwards, blockwise or fused-kernel top-k,
+a reused pre-activation buffer); `TopKSAE.fused = False` switches to the reference, and tests/sae/test_fast.py
+checks that both give the same codes, losses and gradients.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saescope.errors import SaescopeError
-from saescope.sae.cpu_kernels import fused_top_k_applies, fused_top_k_available, normalize_rows_, project_out_row_norm_, topk_with_bias
+from saescope.sae.cpu_kernels import normalize_rows_, project_out_row_norm_
+from saescope.sae.fast import LatentGroups, Workspace, fused_topk_encode, sparse_decode
 
 
 @dataclass(frozen=True)
@@ -50,194 +57,38 @@ class SparseCode:
         return out.scatter_(-1, self.indices, self.values)
 
 
-class LatentGroups:
-    """The (token, slot) pairs of a sparse code grouped by latent: argsort of the latent indices plus
-    offsets, so that sums over "every token where latent j was selected" are one embedding_bag with
-    d_sae bags. Several times faster than a dense scatter + matmul or index_add on CPU, never builds
-    tokens x d_sae, and free of atomics (a resumed CUDA run repeats the same sums)."""
-
-    def __init__(self, indices: Tensor, d_sae: int):
-        n_tokens, k = indices.shape
-        flat = indices.reshape(-1)
-        self.order = torch.argsort(flat)
-        self.token_of_pair = torch.div(self.order, k, rounding_mode="floor")
-        # index_add of integer ones, not bincount: bincount syncs with the host on CUDA to size its output.
-        counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device).index_add_(0, flat, torch.ones_like(flat))
-        self.offsets = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
-        torch.cumsum(counts, 0, out=self.offsets[1:])
-
-    def weighted_sum(self, weights: Tensor, rows: Tensor) -> Tensor:
-        """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s] * rows[n]; (d_sae, d_model)."""
-        return F.embedding_bag(self.token_of_pair, rows, self.offsets, mode="sum",
-                               per_sample_weights=weights.reshape(-1)[self.order].to(rows.dtype), include_last_offset=True)
-
-    def sum(self, weights: Tensor) -> Tensor:
-        """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s]; (d_sae,)."""
-        return torch.segment_reduce(weights.reshape(-1)[self.order], "sum", offsets=self.offsets)
-
-
-def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
-    """The gradient of a (d_sae, d_model) weight touched only at the selected latents (see LatentGroups)."""
-    return LatentGroups(indices, d_sae).weighted_sum(weights, rows)
-
-
-def top_k(x: Tensor, k: int, *, bias: Tensor | None = None, block: int = 8) -> tuple[Tensor, Tensor]:
-    """The k largest values of each row of x (n, d) (+ bias (d,) when given; a bias of -inf excludes its
-    column) and their columns, in no particular order.
-
-    On a CPU with saescope's kernels built (`cpu_kernels`), one pass adds the bias and selects, so the
-    encoder can write a bare matmul and AuxK can pass a bias of -inf on live latents instead of
-    rewriting the matrix: 1,024 x 9,216 at k 50 in ~5 ms against ~10 ms below plus a 2.5 ms bias pass.
-    Otherwise:
-
-    On CPU, torch.topk scans every element through a comparator (2.3 ns each on 2 cores: 15.5 ms for
-    1,024 x 9,216, a third of the encoder matmul). Splitting a row into d/block strided groups, the
-    k largest elements all lie in the k groups with the largest maxima (any element outside them has
-    k group maxima at least as large above it), so: take the group maxima (one vectorised pass),
-    find their top k (recursively), and run torch.topk on the k x block candidates only. Exact, same
-    values as torch.topk (indices may differ between equal values); 1.7-2.3x faster for widths 4x-64x
-    at k 50 (bench/micro.py). On GPU torch.topk is already fast and is used as is.
-    """
-    if x.dim() != 2:
-        values, cols = top_k(x.reshape(-1, x.shape[-1]), k, bias=bias, block=block)
-        return values.reshape(*x.shape[:-1], k), cols.reshape(*x.shape[:-1], k)
-    if fused_top_k_applies(x, bias):
-        return topk_with_bias(x, bias if bias is not None else x.new_zeros(x.shape[1]), k)
-    if bias is not None:  # a bias of -inf excludes its column, whatever x holds there (AuxK's mask)
-        x = (x + bias).masked_fill_(torch.isneginf(bias), float("-inf"))
-    n, d = x.shape
-    groups = d // block
-    # with fewer than 2k groups the candidates are half the row or more: no gain (AuxK at 4x width)
-    if x.device.type != "cpu" or d % block or groups < 2 * k:
-        return x.topk(k, dim=-1, sorted=False)
-    _, top_groups = top_k(x.reshape(n, block, groups).amax(1), k, block=block)
-    offsets = torch.arange(0, d, groups, device=x.device)
-    candidates = (top_groups[:, None, :] + offsets[None, :, None]).reshape(n, block * k)
-    values, pick = x.gather(1, candidates).topk(k, dim=-1, sorted=False)
-    return values, candidates.gather(1, pick)
-
-
-class Workspace:
-    """Memory reused across training steps and layers for the (tokens x d_sae) pre-activations.
-
-    On CPU a fresh tensor of that size (38 MB for 1,024 tokens x 9,216 latents) comes from mmap and is
-    returned to the OS when freed (glibc serves blocks over 32 MB that way), so every layer of every
-    step page-faults it in again: 11 ms of a 62 ms encoder matmul on 2 cores, 28 of 185 ms at 4,096
-    tokens (bench/micro.py). One buffer, shared by the layers that a trainer steps one after the other,
-    removes that cost. Not for concurrent use (a server encoding in several threads uses none).
-    """
-
-    def __init__(self) -> None:
-        self._buffer: Tensor | None = None
-
-    def pre_activations(self, n_tokens: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        need = n_tokens * d_sae
-        buf = self._buffer
-        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
-            buf = self._buffer = torch.empty(need, dtype=dtype, device=device)
-        return buf[:need].view(n_tokens, d_sae)
-
-
-class _TopKEncode(torch.autograd.Function):
-    """ReLU + top-k with a backward that only touches the selected latents.
-
-    Also returns the AuxK selection: the top k_aux pre-activations among `dead` latents, from the
-    same pre-activation matrix (one encoder matmul for both).
-    """
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, compute_dtype, dead, k_aux, workspace, shared):  # type: ignore[override]
-        xc, Wc, bc = x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype)
-        # With the fused CPU top-k the bias is added while selecting (one pass less over tokens x d_sae).
-        fused = fused_top_k_available(x.device, compute_dtype)
-        if workspace is None:
-            pre = xc @ Wc.T if fused else F.linear(xc, Wc, bc)
-        else:
-            out = workspace.pre_activations(x.shape[0], W_enc.shape[0], compute_dtype, x.device)
-            pre = torch.mm(xc, Wc.T, out=out) if fused else torch.addmm(bc, xc, Wc.T, out=out)
-        # top-k before ReLU selects the same latents as ReLU then top-k; ReLU on k values is cheaper.
-        values, indices = top_k(pre, k, bias=bc if fused else None)
-        values = values.to(W_enc.dtype).clamp_min_(0)
-        if dead is not None and k_aux > 0:
-            if fused:
-                aux_values, aux_indices = top_k(pre, k_aux, bias=bc.masked_fill(~dead, float("-inf")))
-            else:
-                aux_values, aux_indices = top_k(pre.masked_fill_(~dead, float("-inf")), k_aux)
-            aux_values = aux_values.to(W_enc.dtype).clamp_min_(0)
-        else:
-            aux_values = values.new_zeros(x.shape[0], 0)
-            aux_indices = indices.new_zeros(x.shape[0], 0)
-        ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        # The grouping of the selected latents serves both weight gradients: built once, here, when the
-        # caller will differentiate (it passes `shared`), and handed to the decoder (an argsort of tokens x k).
-        # needs_input_grad cannot tell: it is True under no_grad too, and forward itself runs without grad.
-        ctx.groups = LatentGroups(indices, W_enc.shape[0]) if shared is not None and indices.dim() == 2 else None
-        if shared is not None:
-            shared["groups"] = ctx.groups
-        return values, indices, aux_values, aux_indices
-
-    @staticmethod
-    def backward(ctx, grad_values, _gi, grad_aux, _gai):  # type: ignore[override]
-        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
-        idx = torch.cat([indices, aux_indices], dim=1)
-        grad = torch.cat([grad_values * (values > 0), grad_aux * (aux_values > 0)], dim=1).to(W_enc.dtype)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc, mode="sum", per_sample_weights=grad).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            groups = ctx.groups if aux_indices.shape[1] == 0 and ctx.groups is not None else LatentGroups(idx, W_enc.shape[0])
-            grad_W = groups.weighted_sum(grad, x.to(W_enc.dtype))
-            grad_b = groups.sum(grad)
-        return grad_x, grad_W, grad_b, None, None, None, None, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """sum_s values[n, s] * W_dec[indices[n, s]], with the decoder gradient as one grouped sum.
-
-    torch's own embedding_bag backward builds the (d_sae, d_model) gradient by a dense, index_add-like
-    pass; grouping by latent (LatentGroups) does the same sums faster on CPU: forward + backward
-    19 -> 15 ms for 1,024 tokens x k 50 x 9,216 latents, bit-identical gradients (bench/micro.py).
-    The gradient of the values is torch's own kernel.
-    """
-
-    @staticmethod
-    def forward(ctx, indices, values, W_dec, groups):  # type: ignore[override]
-        ctx.save_for_backward(indices, values, W_dec)
-        ctx.groups = groups
-        return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        indices, values, W_dec = ctx.saved_tensors
-        grad_values = grad_W = None
-        if ctx.needs_input_grad[1]:
-            n, k = indices.shape
-            pairs = torch.arange(n * k, device=indices.device)
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_out, W_dec, indices.reshape(-1), pairs[::k], torch.div(pairs, k, rounding_mode="floor"), 0
-            ).view(n, k)
-        if ctx.needs_input_grad[2]:
-            groups = ctx.groups or LatentGroups(indices, W_dec.shape[0])
-            grad_W = groups.weighted_sum(values, grad_out)
-        return None, grad_values, grad_W, None
-
-
-def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: LatentGroups | None = None) -> Tensor:
-    """(n, k) latents and their values -> (n, d_model), without the bias; `groups` of these indices, when
-    already built, save the backward an argsort."""
-    values = values.to(W_dec.dtype)
-    if W_dec.device.type != "cpu" or indices.shape[-1] == 0:  # the grouped backward is measured faster on CPU only; GPUs keep torch's
-        return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
-    return _SparseDecode.apply(indices, values, W_dec, groups)
-
-
 @dataclass
 class ForwardOutput:
     x_hat: Tensor
     code: SparseCode
     fvu: Tensor  # fraction of variance unexplained, the main loss
     auxk_fvu: Tensor  # AuxK loss (0 when no latent is dead)
+
+
+# ---- the maths, plainly: the reference that saescope.sae.fast is tested against ----
+def reference_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, compute_dtype: torch.dtype | None = None,
+                     dead: Tensor | None = None, k_aux: int = 0) -> tuple[SparseCode, SparseCode | None]:
+    """z = TopK_k(ReLU(W_enc x + b_enc)) of each token; with `dead` (d_sae,) bool and k_aux > 0 also the AuxK
+    code, the top k_aux among the dead latents only (else None). The matmul and top-k run in compute_dtype
+    (W_enc's by default), the values come back in W_enc's dtype."""
+    cd = compute_dtype or W_enc.dtype
+    pre = F.linear(x.to(cd), W_enc.to(cd), b_enc.to(cd))  # W_enc x + b_enc: (..., d_sae)
+    code = _top_k_relu(pre, k, W_enc.dtype)
+    if dead is None or k_aux == 0:
+        return code, None
+    return code, _top_k_relu(pre.masked_fill(~dead, float("-inf")), k_aux, W_enc.dtype)
+
+
+def _top_k_relu(pre: Tensor, k: int, dtype: torch.dtype) -> SparseCode:
+    # ReLU after top-k gives the same z as ReLU before it (it only changes which of several zeros are kept)
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return SparseCode(indices, values.to(dtype).relu())
+
+
+def reference_decode(code: SparseCode, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """x_hat = z @ W_dec (+ b_dec) = sum_i z_i W_dec[i] (+ b_dec), z the dense (..., d_sae) code."""
+    out = code.dense(W_dec.shape[0]).to(W_dec.dtype) @ W_dec
+    return out if b_dec is None else out + b_dec
 
 
 class TopKSAE(nn.Module):
@@ -252,6 +103,8 @@ class TopKSAE(nn.Module):
         self.compute_dtype = dtype
         # Where the SAE belongs (model, layer, origin format): carried along, never used by the maths.
         self.meta: dict = {}
+        # Encode and decode through saescope.sae.fast; False runs reference_encode / reference_decode instead.
+        self.fused = True
 
     @property
     def d_sae(self) -> int:
@@ -276,10 +129,25 @@ class TopKSAE(nn.Module):
         self.b_dec.copy_(mean)
         self.b_enc.copy_(-(self.W_enc @ mean))
 
-    # ---- the maths ----
+    # ---- the maths (each step: the fast path, or the reference above when self.fused is False) ----
     def encode(self, x: Tensor) -> SparseCode:
-        values, indices, _, _ = _TopKEncode.apply(x, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, None, 0, None, None)
-        return SparseCode(indices, values)
+        """z = TopK_k(ReLU(W_enc x + b_enc)) of each token (..., d_model): its k kept latents and their values."""
+        if not self.fused:
+            return reference_encode(x, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=self.compute_dtype)[0]
+        fast = fused_topk_encode(x, self.W_enc, self.b_enc, k=self.cfg.k, compute_dtype=self.compute_dtype)
+        return SparseCode(fast.indices, fast.values)
+
+    def _encode_with_aux(self, x: Tensor, dead: Tensor | None, k_aux: int,
+                         workspace: Workspace | None) -> tuple[SparseCode, SparseCode | None]:
+        """The code of x (tokens, d_model) and, when k_aux > 0, the AuxK code among the `dead` latents."""
+        if not self.fused:
+            return reference_encode(x, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=self.compute_dtype,
+                                    dead=dead, k_aux=k_aux)
+        fast = fused_topk_encode(x, self.W_enc, self.b_enc, k=self.cfg.k, compute_dtype=self.compute_dtype,
+                                 dead=dead, k_aux=k_aux, workspace=workspace,
+                                 with_groups=torch.is_grad_enabled() and self.W_enc.requires_grad)
+        aux = SparseCode(fast.aux_indices, fast.aux_values) if k_aux > 0 else None
+        return SparseCode(fast.indices, fast.values, fast.groups), aux
 
     def pre_activations(self, x: Tensor, latents: Tensor | None = None) -> Tensor:
         """Dense pre-activations x @ W_enc.T + b_enc of chosen latents, differentiable in x and W_enc."""
@@ -288,6 +156,9 @@ class TopKSAE(nn.Module):
         return F.linear(x, self.W_enc[latents].to(x.dtype), self.b_enc[latents].to(x.dtype))
 
     def decode(self, code: SparseCode) -> Tensor:
+        """x_hat = sum_i z_i W_dec[i] + b_dec."""
+        if not self.fused:
+            return reference_decode(code, self.W_dec, self.b_dec)
         lead = code.indices.shape[:-1]
         idx = code.indices.reshape(-1, code.indices.shape[-1])
         val = code.values.reshape(-1, code.values.shape[-1])
@@ -309,17 +180,13 @@ class TopKSAE(nn.Module):
         filter uses it, so no host sync is needed to know how many tokens remain). `variance` is FVU's
         denominator, sum w |x - mean(x)|^2; pass it when x is one shard of a larger batch so that the
         shards' losses add up to the whole batch's. `n_dead` saves a sync when the caller knows it.
-        `workspace` holds the pre-activations between steps (see `Workspace`).
+        `workspace` holds the pre-activations between steps (see `fast.Workspace`; the reference ignores it).
         """
         x = x.to(self.W_enc.dtype)
         if dead is not None and n_dead is None:
             n_dead = int(dead.sum())
         k_aux = min(self.cfg.d_model // 2, n_dead or 0)
-        shared: dict | None = {} if torch.is_grad_enabled() and self.W_enc.requires_grad else None
-        values, indices, aux_values, aux_indices = _TopKEncode.apply(
-            x, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, shared
-        )
-        code = SparseCode(indices, values, shared["groups"] if shared else None)
+        code, aux = self._encode_with_aux(x, dead, k_aux, workspace)
         x_hat = self.decode(code)
         w = weights.to(x.dtype)[:, None] if weights is not None else None
         if variance is None:
@@ -329,7 +196,7 @@ class TopKSAE(nn.Module):
         if k_aux > 0:
             # The dead latents learn to predict the live latents' residual (Gao et al. section A.2).
             residual = error.detach()
-            aux_hat = sparse_decode(aux_indices, aux_values, self.W_dec)
+            aux_hat = sparse_decode(aux.indices, aux.values, self.W_dec) if self.fused else reference_decode(aux, self.W_dec)
             scale = min(n_dead / k_aux, 1.0)
             aux_err = (aux_hat - residual).pow(2)
             auxk = scale * (aux_err if w is None else aux_err * w).sum() / _centred_sum_sq(residual, w)

@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from saescope.errors import SaescopeError
-from saescope.schema import check_dataclass, check_number
+from saescope.schema import check_dataclass, check_number, config_field
 
 # Qwen-Scope's released widths: 16x with k 50 or 100 (dense models), 64x with k 100 (MoE models).
 DTYPE_NAMES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
@@ -47,33 +47,37 @@ def parse_layers(spec: str | list[int] | None, n_layers: int | None) -> list[int
 
 @dataclass
 class TrainConfig:
-    model: str | None = None  # built-in name, folder, .gguf or hub id; None = SmolLM2-135M-Instruct
-    data: str | None = None  # file, folder or hub dataset; None = the embedded corpus
-    out: str = "runs/default"
-    text_column: str = "text"
-    layers: str | None = None  # e.g. "0,5,10-20"; None = every decoder layer
-    preset: str | None = "16x-k50"
-    expansion: int | None = None  # overrides the preset's width multiple
-    k: int | None = None  # overrides the preset's k
-    ctx_len: int = 256
-    batch_size: int = 16  # sequences per step (tokens per step = batch_size * ctx_len)
-    max_tokens: int = 1_000_000
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14)
-    lr_decay_frac: float = 0.2  # lr falls linearly to 0 over this final fraction of the steps; 0 = constant
-    auxk_alpha: float = 1 / 32
-    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    outlier_factor: float = 5.0  # drop tokens with norm > factor * running median norm; 0 = off
-    skip_first_token: bool = False
-    model_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    sae_dtype: str = "auto"  # dtype of the encoder matmul and top-k; master weights stay fp32
-    device: str = "auto"
-    model_device_map: str | None = None  # "auto": shard the LM over the visible GPUs (accelerate)
-    load_in_8bit: bool = False  # LM weights in 8 bits (bitsandbytes); activations stay in model_dtype
-    checkpoint_every: int = 50  # steps
-    log_every: int = 5  # steps
-    seed: int = 0  # initialisation; also the data order unless data_seed is set
-    data_seed: int | None = None  # fixes the data order across seeds (stability checks train on the same data)
-    shuffle_buffer: int = 512
+    """Everything a training run depends on. `saescope train`'s flags are these fields (saescope.cli.flags), so a
+    default or a help text is changed here and nowhere else."""
+
+    model: str | None = config_field(None, "built-in name, model folder, .gguf file or hub id (default: smollm2-135m-instruct)")
+    data: str | None = config_field(None, "text file, folder or hub dataset id (default: the embedded corpus)")
+    out: str = config_field("runs/default", "the run folder")
+    text_column: str = config_field("text", "for tables and JSON: the text column")
+    layers: str | None = config_field(None, "e.g. 0,5,10-20 (default: every decoder layer)")
+    preset: str | None = config_field("16x-k50", "width multiple and k (Qwen-Scope's released widths and two CPU-sized ones)",
+                                      choices=sorted(PRESETS))
+    expansion: int | None = config_field(None, "d_sae / d_model, overriding the preset's")
+    k: int | None = config_field(None, "latents kept per token, overriding the preset's")
+    ctx_len: int = config_field(256, "tokens per sequence")
+    batch_size: int = config_field(16, "sequences per step (tokens per step = batch_size x ctx_len)")
+    max_tokens: int = config_field(1_000_000, "training tokens")
+    lr: float | None = config_field(None, "learning rate (default: 2e-4 / sqrt(d_sae / 2^14))")
+    lr_decay_frac: float = config_field(0.2, "the lr falls linearly to 0 over this final fraction of the steps; 0 = constant")
+    auxk_alpha: float = config_field(1 / 32, "weight of the AuxK loss that revives dead latents")
+    dead_tokens: int = config_field(10_000_000, "a latent is dead after this many tokens without firing")
+    outlier_factor: float = config_field(5.0, "drop tokens with norm > factor x the running median norm; 0 = off")
+    skip_first_token: bool = config_field(False, "leave out every sequence's first token (the attention sink)")
+    model_dtype: str = config_field("auto", "LM dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPE_NAMES)
+    sae_dtype: str = config_field("auto", "dtype of the encoder matmul and top-k; master weights stay fp32", choices=DTYPE_NAMES)
+    device: str = config_field("auto", "cpu, cuda or cuda:N (auto: cuda when there is one)")
+    model_device_map: str | None = config_field(None, "'auto' shards a model too large for one GPU over all GPUs (accelerate)")
+    load_in_8bit: bool = config_field(False, "LM weights in 8 bits (bitsandbytes); activations stay in model_dtype")
+    checkpoint_every: int = config_field(50, "steps between checkpoints")
+    log_every: int = config_field(5, "steps between lines of train_log.jsonl")
+    seed: int = config_field(0, "initialisation; also the data order unless --data-seed is set")
+    data_seed: int | None = config_field(None, "seed of the data order (default: --seed); vary it alone to test data-order stability")
+    shuffle_buffer: int = config_field(512, "sequences in the shuffle buffer of the data stream")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

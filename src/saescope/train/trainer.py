@@ -23,18 +23,18 @@ from safetensors import SafetensorError
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saescope.activations import OutlierFilter
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
-from saescope.io import RunDir, atomic_write_json, save_native
-from saescope.io.formats import atomic_write_bytes, load_native
+from saescope.files import atomic_write_bytes, atomic_write_json
+from saescope.io import RunDir, save_native
+from saescope.io.formats import load_native
 from saescope.models import LoadedModel, capture, load_model
 from saescope.models.builtin import DEFAULT_MODEL
 from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.sae.cpu_kernels import kernels
 from saescope.schema import Field, check_record
 from saescope.train.config import TrainConfig, parse_layers
-
-MEDIAN_WINDOW = 256  # batch medians kept for the running median of activation norms
 
 
 def _write_error(exc: BaseException, folder: Path) -> str:
@@ -82,8 +82,7 @@ class LayerState:
     sae: TopKSAE
     opt: torch.optim.Optimizer
     since_fired: Tensor  # tokens since each latent last fired
-    medians: Tensor  # ring buffer of recent batch-median activation norms
-    n_medians: int = 0
+    norm_filter: OutlierFilter  # the L2-norm outlier filter, with its running median
     seen: int = 0  # tokens offered to this layer
     dropped: Tensor | None = None  # tokens removed by the outlier filter
     nonfinite_batches: int = 0
@@ -184,7 +183,7 @@ class Trainer:
             opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
         dev = self.device
         return LayerState(sae, opt, since_fired=torch.zeros(self.d_sae, dtype=torch.long, device=dev),
-                          medians=torch.zeros(MEDIAN_WINDOW, device=dev),
+                          norm_filter=OutlierFilter(self.cfg.outlier_factor, dev),
                           dropped=torch.zeros((), dtype=torch.long, device=dev), acc=torch.zeros(4, device=dev))
 
     # ------------------------------------------------------------------ one step
@@ -215,22 +214,12 @@ class Trainer:
         remaining = (self.total_steps - self.step) / (frac * self.total_steps)
         return max(0.0, min(1.0, remaining))
 
-    def _keep_mask(self, st: LayerState, x: Tensor) -> Tensor:
-        """The L2-norm outlier filter: keep tokens whose norm is at most factor x the running median."""
-        if self.cfg.outlier_factor <= 0:
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        norms = x.norm(dim=1)
-        st.medians[st.n_medians % MEDIAN_WINDOW] = self.dist.gather_cat(norms).median()
-        st.n_medians += 1
-        limit = self.cfg.outlier_factor * st.medians[: min(st.n_medians, MEDIAN_WINDOW)].median()
-        return norms <= limit
-
     def _train_layer(self, n: int, acts: Tensor, n_dead: int) -> None:
         st, sae = self.states[n], self.states[n].sae
         if self.cfg.skip_first_token:
             acts = acts[:, 1:]
         x = acts.reshape(-1, acts.shape[-1]).to(self.device, torch.float32)
-        keep = self._keep_mask(st, x)
+        keep = st.norm_filter.keep(x, gather=self.dist.gather_cat)
         w = keep.float()
         st.seen += x.shape[0] * (self.dist.world if self.dist.dp else 1)
         st.dropped += self.dist.sum_((~keep).sum())
@@ -377,7 +366,7 @@ class Trainer:
             state = {"step": self.step, "batches_done": self.batches_done, "tokens": self.tokens,
                      "rng": torch.get_rng_state(),
                      "layers": {n: {"opt": st.opt.state_dict(), "since_fired": st.since_fired.cpu(),
-                                    "medians": st.medians.cpu(), "n_medians": st.n_medians, "seen": int(st.seen),
+                                    "medians": st.norm_filter.medians.cpu(), "n_medians": st.norm_filter.count, "seen": int(st.seen),
                                     "dropped": int(st.dropped), "nonfinite": st.nonfinite_batches}
                                 for n, st in self.states.items()}}
             if writer:
@@ -437,7 +426,7 @@ class Trainer:
             if sae.cfg != st.sae.cfg:
                 raise SaescopeError(f"cannot resume: layer {n} SAE is {sae.cfg}, the run asks for {st.sae.cfg}")
             s = state["layers"][n]
-            if s["since_fired"].shape != st.since_fired.shape or s["medians"].shape != st.medians.shape:
+            if s["since_fired"].shape != st.since_fired.shape or s["medians"].shape != st.norm_filter.medians.shape:
                 raise SaescopeError(f"{path}: layer {n}'s counters do not match its SAE (d_sae {self.d_sae})")
             with torch.no_grad():
                 for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -447,7 +436,7 @@ class Trainer:
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
                 raise SaescopeError(f"{path}: layer {n}'s optimizer state does not fit its SAE ({type(exc).__name__})") from exc
             st.since_fired = s["since_fired"].to(self.device, torch.long)
-            st.medians, st.n_medians = s["medians"].to(self.device, torch.float32), s["n_medians"]
+            st.norm_filter.medians, st.norm_filter.count = s["medians"].to(self.device, torch.float32), s["n_medians"]
             st.seen = s["seen"]
             st.dropped.fill_(s["dropped"])
             st.nonfinite_batches = s["nonfinite"]

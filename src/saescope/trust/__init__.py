@@ -1,4 +1,4 @@
-"""Trust checks: seed stability, base-to-fine-tuned transfer. Random controls are core (saescope.control),
+"""Trust checks: seed stability, base-to-fine-tuned transfer. Random controls are core (saescope.control_sets),
 since every application uses them."""
 
 from saescope.trust.stability import THRESHOLDS, activation_match, decoder_match, format_stability, stability_report

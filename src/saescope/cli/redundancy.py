@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from saescope.cli.flags import layer_list, writes
 from saescope.errors import SaescopeError
+from saescope.io import RunDir
 from saescope.schema import check_number
 
 DEFAULT_PERF = "m_ifeval:en,m_ifeval:es,m_ifeval:fr,m_ifeval:ja,sloth:mmlu,sloth:bbh,sloth:math"
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("redundancy", help="benchmark redundancy from SAE feature footprints (R_hat, overlaps)")
     rsub = p.add_subparsers(dest="redundancy_command", required=True)
     f = rsub.add_parser("footprint", help="encode benchmark prompts and store each prompt's active features per layer")
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
     f.add_argument("--layers")
     f.add_argument("--k", type=int)
     f.add_argument("--control", help="a random control (saescope control random): footprinted in the same pass")
-    f.add_argument("--out", help="footprint folder (default: SAE/redundancy)")
+    writes(f, "--out", folder=True, help="footprint folder (default: SAE/redundancy)")
     f.add_argument("--batch-size", type=int, default=16)
     f.add_argument("--max-length", type=int, default=512)
     r = rsub.add_parser("report", help="R_hat, coverage curves, overlap matrices, containment statements")
@@ -47,7 +49,7 @@ def add_parser(sub) -> None:
     rsub.add_parser("list", help="the built-in benchmark prompt sets")
 
 
-def run(a: argparse.Namespace) -> None:
+def cmd_redundancy(a: argparse.Namespace) -> None:
     {"footprint": _footprint, "report": _report, "compare": _compare, "list": _list}[a.redundancy_command](a)
 
 
@@ -59,8 +61,7 @@ def _list(_a: argparse.Namespace) -> None:
 
 
 def _footprint(a: argparse.Namespace) -> None:
-    from saescope.cli import _layers
-    from saescope.control import load_control
+    from saescope.control_sets import load_control
     from saescope.data.benchmarks import load_benchmarks
     from saescope.redundancy.footprint import compute_footprints
     from saescope.scope import Scope
@@ -69,9 +70,9 @@ def _footprint(a: argparse.Namespace) -> None:
     # more: position 0 is left out of the pooling (the attention sink), so a prompt must keep at least 2 tokens.
     check_number(a.max_length, "--max-length", kind=int, min=2)
     benches = load_benchmarks(a.bench, limit=a.limit, seed=a.seed, column=a.column, template=a.template)
-    scope = Scope.load(a.sae, a.model, layers=_layers(a.layers), k=a.k)
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
     control = load_control(a.control, scope.saes) if a.control else None
-    out = Path(a.out) if a.out else (Path(a.sae) if Path(a.sae).is_dir() else Path(".")) / "redundancy"
+    out = Path(a.out) if a.out else RunDir.of_sae(a.sae).redundancy
     print(f"footprinting {len(benches)} benchmarks ({sum(len(b.prompts) for b in benches)} prompts) on "
           f"{len(scope.layers)} layers{' with the random control' if control else ''} -> {out}")
     # absolute paths: the folder can be extended or reported on from another working directory
@@ -123,3 +124,6 @@ def _compare(a: argparse.Namespace) -> None:
     write_compare(cmp, Path(a.fp))
     print(format_compare(cmp))
     print(f"comparison: {Path(a.fp) / 'compare.json'}")
+
+
+COMMANDS = {"redundancy": cmd_redundancy}

@@ -6,24 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from saescope.cli.flags import add_sae_flags, layer_list, writes
 from saescope.errors import SaescopeError
-
-# The numeric flags of these commands and their ranges (type, min, max), checked before any model is loaded.
-# What a --texts argument that is no benchmark and no existing file may end with and still be taken as text.
-_FILE_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
+from saescope.io import RunDir
 
 
-def _sae_args(p: argparse.ArgumentParser, layers: bool = True) -> None:
-    p.add_argument("--sae", required=True, help="SAE folder (saescope run, Qwen-Scope, SAELens or sparsify)")
-    p.add_argument("--model", help="default: the SAEs' model")
-    if layers:
-        p.add_argument("--layers", help="e.g. 0,5,10-20 (default: all the SAEs' layers)")
-    p.add_argument("--k", type=int, help="k, for Qwen-Scope folders whose name does not give it")
-
-
-def add_parsers(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="top features per text and layer; with --baseline, features that fire more on one set")
-    _sae_args(p)
+    add_sae_flags(p)
     p.add_argument("--texts", required=True, help="a text, a file (jsonl/json/csv/tsv, or txt/md: one text per blank-line "
                                                   "separated paragraph) or a benchmark name (gsm8k, mgsm_fr...)")
     p.add_argument("--baseline", help="contrast mode: texts to compare against (same forms as --texts)")
@@ -37,12 +27,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-length", type=int, default=512, help="longer texts are cut, with a warning")
     p.add_argument("--store", help="feature store for frequencies and contexts (default: SAE/features when present)")
     p.add_argument("--control", help="contrast mode: a random control (saescope control random), the chance level")
-    p.add_argument("--out", help="JSON results (default: SAE/inspect/inspect.json or contrast.json)")
+    writes(p, "--out", folder=False, help="JSON results (default: SAE/inspect/inspect.json or contrast.json)")
 
     p = sub.add_parser("features", help="the feature store: per-feature statistics, top contexts, logit lens")
     fsub = p.add_subparsers(dest="features_command", required=True)
     b = fsub.add_parser("build", help="one pass over a corpus recording every feature's statistics and top contexts")
-    _sae_args(b)
+    add_sae_flags(b)
     b.add_argument("--data", help="corpus (default: the embedded corpus)")
     b.add_argument("--text-column", default="text")
     b.add_argument("--max-tokens", type=int, default=200_000)
@@ -51,7 +41,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--top-n", type=int, default=16, help="top contexts kept per feature")
     b.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints (--resume continues)")
     b.add_argument("--browse-layers", help="layers in the report's feature browser (default: up to 3 spread over the store)")
-    b.add_argument("--out", help="store folder (default: SAE/features)")
+    writes(b, "--out", folder=True, help="store folder (default: SAE/features)")
     b.add_argument("--resume", action="store_true")
     b.add_argument("--overwrite", action="store_true")
     s = fsub.add_parser("show", help="one feature: frequency, activation histogram, top contexts, logit lens, experts")
@@ -67,10 +57,10 @@ def add_parsers(sub) -> None:
     r = fsub.add_parser("browser", help="(re)write the report's feature browser section from a store")
     r.add_argument("--store", required=True)
     r.add_argument("--layers", help="layers to include (default: up to 3)")
-    r.add_argument("--out", help="HTML fragment (default: STORE/report-section.html)")
+    writes(r, "--out", folder=False, help="HTML fragment (default: STORE/report-section.html)")
 
     p = sub.add_parser("steer", help="generate with strength x decoder direction added at a layer, beside the unsteered output")
-    _sae_args(p, layers=False)
+    add_sae_flags(p, layers=False)
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--feature", required=True, help="feature id(s): 3 or 3,7")
     p.add_argument("--strength", required=True, help="one strength for all, or one per feature: 8 or 8,-4")
@@ -78,23 +68,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--out", help="JSON results file")
+    writes(p, "--out", folder=False, help="JSON results file")
 
     p = sub.add_parser("serve", help="local web app: per-token features, feature cards, steering")
-    _sae_args(p)
+    add_sae_flags(p)
     p.add_argument("--store", help="feature store (default: SAE/features when present)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
 
 
-def _default_out(sae: str, *parts: str) -> Path:
-    return (Path(sae) if Path(sae).is_dir() else Path(".")).joinpath(*parts)
-
-
 def _store_for(a: argparse.Namespace, scope):
     from saescope.inspect.store import FeatureStore
 
-    path = a.store or (_default_out(a.sae, "features") if (_default_out(a.sae, "features") / "store.json").exists() else None)
+    default = RunDir.of_sae(a.sae).features
+    path = a.store or (default if (default / "store.json").exists() else None)
     if not path:
         return None
     store = FeatureStore(path)
@@ -106,12 +93,13 @@ def _texts(spec: str, column: str | None, limit: int | None) -> list[str]:
     """A benchmark name or prompt file (through the benchmark loader, which refuses a folder), else the argument
     itself as one text. A mistyped path must not be inspected as if it were the text: what looks like one is refused."""
     from saescope.data.benchmarks import BENCHMARKS, HUB, OLMO, load_benchmark
+    from saescope.data.rows import row_format
     from saescope.data.sources import is_path
     from saescope.inspect.texts import check_texts
 
     if spec in BENCHMARKS or spec.startswith((OLMO, HUB)) or is_path(spec):
         return check_texts(load_benchmark(spec, limit=limit, column=column).prompts, f"{spec}: text")
-    if spec.rstrip().lower().endswith(_FILE_SUFFIXES) or ("/" in spec and not any(c.isspace() for c in spec)):
+    if row_format(spec.rstrip()) or spec.rstrip().lower().endswith(".gz") or ("/" in spec and not any(c.isspace() for c in spec)):
         raise SaescopeError(f"no such file: {spec[:200]}; to inspect these characters as a text, put them in a .txt file and pass that")
     return check_texts([spec], "text")
 
@@ -123,11 +111,10 @@ def _snippet(ctx: dict, width: int = 60) -> str:
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
-    from saescope.cli import _layers
-    from saescope.control import load_control
+    from saescope.control_sets import load_control
+    from saescope.files import atomic_write_json
     from saescope.inspect.render import write_inspect_section
     from saescope.inspect.texts import InspectConfig, chance_contrast, contrast, inspect_texts
-    from saescope.io import atomic_write_json
     from saescope.scope import Scope
 
     if a.baseline is not None and not a.baseline.strip():
@@ -136,11 +123,11 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         raise SaescopeError("--control gives the chance level of a contrast: use it with --baseline")
     texts = _texts(a.texts, a.column, a.limit)
     baseline = _texts(a.baseline, a.column, a.limit) if a.baseline else None
-    cfg = InspectConfig(layers=_layers(a.layers), top=a.top, by=a.by, skip_first_token=not a.keep_first_token,
+    cfg = InspectConfig(layers=layer_list(a.layers), top=a.top, by=a.by, skip_first_token=not a.keep_first_token,
                         max_length=a.max_length, rank=a.rank)
     scope = Scope.load(a.sae, a.model, layers=cfg.layers, k=a.k)  # only the layers asked for: 64K SAEs are large
     store = _store_for(a, scope)
-    out = Path(a.out) if a.out else _default_out(a.sae, "inspect", "contrast.json" if baseline else "inspect.json")
+    out = Path(a.out) if a.out else RunDir.of_sae(a.sae).inspect / ("contrast.json" if baseline else "inspect.json")
     if baseline is None:
         res = inspect_texts(scope, texts, cfg, store)
         for entry in res:
@@ -177,17 +164,16 @@ def cmd_features(a: argparse.Namespace) -> None:
 
 
 def _build(a: argparse.Namespace) -> None:
-    from saescope.cli import _layers
     from saescope.inspect.render import write_browser_section
     from saescope.inspect.store import FeatureStore, StoreConfig, build_feature_store
     from saescope.scope import Scope
 
     cfg = StoreConfig(max_tokens=a.max_tokens, ctx_len=a.ctx_len, batch_size=a.batch_size, top_n=a.top_n,
                       checkpoint_every=a.checkpoint_every, data=a.data, text_column=a.text_column)
-    scope = Scope.load(a.sae, a.model, layers=_layers(a.layers), k=a.k)
-    if a.browse_layers and (outside := sorted(set(_layers(a.browse_layers)) - set(scope.layers))):
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
+    if a.browse_layers and (outside := sorted(set(layer_list(a.browse_layers)) - set(scope.layers))):
         raise SaescopeError(f"--browse-layers {a.browse_layers}: layer {outside[0]} is not among the layers built ({scope.layers})")
-    out = Path(a.out) if a.out else _default_out(a.sae, "features")
+    out = Path(a.out) if a.out else RunDir.of_sae(a.sae).features
     sae_name = str(Path(a.sae).resolve()) if Path(a.sae).exists() else a.sae
     print(f"feature store for {len(scope.layers)} layers x {next(iter(scope.saes.values())).cfg.d_sae} features over "
           f"{cfg.n_batches * cfg.batch_size * cfg.ctx_len} tokens -> {out}")
@@ -198,7 +184,7 @@ def _build(a: argparse.Namespace) -> None:
         freq = store.frequencies(n)
         print(f"  layer {n:>3}: {int((freq > 0).sum())} of {len(freq)} features fired; "
               f"median frequency of those {float(freq[freq > 0].median()) if (freq > 0).any() else 0:.5f}")
-    section = write_browser_section(store, _layers(a.browse_layers))
+    section = write_browser_section(store, layer_list(a.browse_layers))
     print(f"{store.meta['tokens']} tokens in {seconds:.0f} s ({store.meta['tokens'] / seconds:.0f} tok/s), peak RSS {rss:.0f} MB")
     print(f"feature store: {out}; report section: {section}")
 
@@ -235,15 +221,14 @@ def _experts(a: argparse.Namespace) -> None:
 
 
 def _browser(a: argparse.Namespace) -> None:
-    from saescope.cli import _layers
     from saescope.inspect.render import write_browser_section
     from saescope.inspect.store import FeatureStore
 
-    print(f"feature browser: {write_browser_section(FeatureStore(a.store), _layers(a.layers), Path(a.out) if a.out else None)}")
+    print(f"feature browser: {write_browser_section(FeatureStore(a.store), layer_list(a.layers), Path(a.out) if a.out else None)}")
 
 
 def cmd_steer(a: argparse.Namespace) -> None:
-    from saescope.io import atomic_write_json
+    from saescope.files import atomic_write_json
     from saescope.scope import Scope
     from saescope.steer import parse_features, steered_pair, typical_norm
 
@@ -269,11 +254,10 @@ def cmd_steer(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    from saescope.cli import _layers
     from saescope.inspect.serve import serve
     from saescope.scope import Scope
 
-    scope = Scope.load(a.sae, a.model, layers=_layers(a.layers), k=a.k)
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
     serve(scope, store=_store_for(a, scope), host=a.host, port=a.port)
 
 

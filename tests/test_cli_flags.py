@@ -1,0 +1,51 @@
+"""`train`'s flags are TrainConfig's fields: one source of truth for names, types, defaults and help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import pytest
+
+from saescope.cli import build_parser
+from saescope.cli.flags import Parser, add_config_flags, config_from_flags
+from saescope.schema import config_field
+from saescope.train import TrainConfig
+
+
+def test_train_without_flags_is_the_default_config():
+    a = build_parser().parse_args(["train"])
+    assert config_from_flags(TrainConfig, a) == TrainConfig()
+
+
+def test_every_config_field_is_a_train_flag_with_its_help():
+    actions = {act.dest: act for act in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        assert f.name in actions, f"TrainConfig.{f.name} has no --{f.name.replace('_', '-')} flag"
+        assert actions[f.name].help and f.metadata["help"] in actions[f.name].help
+
+
+def test_flags_follow_the_dataclass():
+    @dataclass
+    class Demo:
+        width: int = config_field(8, "how wide")
+        rate: float | None = config_field(None, "how fast")
+        name: str = config_field("x", "what", choices=("x", "y"))
+        loud: bool = config_field(False, "a switch")
+
+    p = Parser(prog="demo")
+    add_config_flags(p, Demo)
+    assert config_from_flags(Demo, p.parse_args([])) == Demo()
+    got = config_from_flags(Demo, p.parse_args(["--width", "3", "--rate", "0.5", "--name", "y", "--loud"]))
+    assert got == Demo(width=3, rate=0.5, name="y", loud=True)
+    assert config_from_flags(Demo, p.parse_args(["--width", "3"]), width=4).width == 4  # explicit values win
+    with pytest.raises(SystemExit):
+        p.parse_args(["--name", "z"])  # choices come from the field
+    assert "how wide (default: 8)" in p.format_help()
+
+
+def test_train_flag_values_reach_the_config():
+    a = build_parser().parse_args(["train", "--k", "7", "--ctx-len", "64", "--skip-first-token", "--auxk-alpha", "0.1"])
+    cfg = config_from_flags(TrainConfig, a)
+    assert (cfg.k, cfg.ctx_len, cfg.skip_first_token, cfg.auxk_alpha) == (7, 64, True, 0.1)
