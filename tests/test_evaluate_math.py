@@ -118,7 +118,7 @@ def _ce_sum(logits, ids) -> float:
 
 
 def _by_hand(model, batches, layer: int, saes: dict[str, TopKSAE], factor: float) -> dict[str, dict]:
-    ce_clean = ce_zero = 0.0
+    ce_clean = ce_zero = ce_mean = 0.0
     n_pred = 0
     typical = _Typical(factor)
     acc = {s: {"ce": 0.0, "kl": 0.0, "x": [], "x_hat": [], "z": [], "pass": 0, "tok": 0} for s in saes}
@@ -131,6 +131,9 @@ def _by_hand(model, batches, layer: int, saes: dict[str, TopKSAE], factor: float
         p_clean = F.log_softmax(clean[:, :-1].double(), -1)
         x = h.reshape(-1, D).float()
         keep = typical(x)
+        mean = x[keep].mean(0) if keep.any() else x.mean(0)  # the batch's mean kept activation, at every token
+        ablated, _ = _forward(model, ids, layer, lambda _h, m=mean: m.expand(_h.shape).to(_h.dtype).clone())
+        ce_mean += _ce_sum(ablated, ids)
         for s, sae in saes.items():
             a = acc[s]
             x_hat, z = _sae_by_hand(sae, x)
@@ -148,7 +151,7 @@ def _by_hand(model, batches, layer: int, saes: dict[str, TopKSAE], factor: float
     for s, a in acc.items():
         x, x_hat, z = torch.cat(a["x"]), torch.cat(a["x_hat"]), torch.cat(a["z"])
         freq = (z > 0).double().mean(0)
-        clean, sae_ce, zero = ce_clean / n_pred, a["ce"] / n_pred, ce_zero / n_pred
+        clean, sae_ce, zero, mean = ce_clean / n_pred, a["ce"] / n_pred, ce_zero / n_pred, ce_mean / n_pred
         out[s] = {
             "fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
             "l0": float((z > 0).sum(1).double().mean()),
@@ -156,6 +159,7 @@ def _by_hand(model, batches, layer: int, saes: dict[str, TopKSAE], factor: float
             "dense_frac": float((freq > DENSE_THRESHOLD).double().mean()),
             "ce_clean": clean, "ce_sae": sae_ce, "ce_zero": zero,
             "ce_recovered": (zero - sae_ce) / (zero - clean),
+            "ce_mean": mean, "ce_recovered_mean": (mean - sae_ce) / (mean - clean),
             "kl": a["kl"] / n_pred,
             "passthrough_frac": a["pass"] / a["tok"],
             "feature_freq": freq,
@@ -185,7 +189,8 @@ def _constant_sae(bias: torch.Tensor, seed: int = 0) -> TopKSAE:
     return sae
 
 
-FIELDS = ("fvu", "l0", "dead_frac", "dense_frac", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl", "passthrough_frac")
+FIELDS = ("fvu", "l0", "dead_frac", "dense_frac", "ce_clean", "ce_sae", "ce_zero", "ce_mean", "ce_recovered", "kl",
+          "passthrough_frac")
 
 
 @pytest.mark.parametrize("factor", [0.0, 1.0])  # 0: every token kept; 1: about half the tokens passed through
@@ -207,8 +212,10 @@ def test_every_figure_matches_the_hand_computation(lm, data, factor):
                 if f != "ce_recovered":
                     assert getattr(got, f) == pytest.approx(want[f], rel=1e-4, abs=1e-7), (s, n, f)
             # a ratio of differences: its tolerance is the CE tolerance carried through the formula
-            tol = 1e-4 * (want["ce_zero"] + want["ce_sae"]) / abs(want["ce_zero"] - want["ce_clean"])
-            assert got.ce_recovered == pytest.approx(want["ce_recovered"], abs=min(tol, 1e-2)), (s, n)
+            for base in ("zero", "mean"):
+                tol = 1e-4 * (want[f"ce_{base}"] + want["ce_sae"]) / abs(want[f"ce_{base}"] - want["ce_clean"])
+                rec = "ce_recovered" if base == "zero" else "ce_recovered_mean"
+                assert getattr(got, rec) == pytest.approx(want[rec], abs=min(tol, 1e-2)), (s, n, base)
             assert torch.allclose(got.feature_freq.double(), want["feature_freq"], atol=1e-7)
         if factor == 0.0:
             assert hand["k4"]["passthrough_frac"] == 0.0
@@ -227,6 +234,7 @@ def test_known_values_exact_zero_and_mean_reconstructions(lm, data):
         assert r.fvu == pytest.approx(0.0, abs=1e-9)
         assert r.ce_sae == pytest.approx(r.ce_clean, rel=1e-7)
         assert r.ce_recovered == pytest.approx(1.0, abs=1e-6)
+        assert r.ce_recovered_mean == pytest.approx(1.0, abs=1e-6)
         assert r.kl == pytest.approx(0.0, abs=1e-9)
         assert r.l0 == D  # one of +e_i, -e_i fires for every non-zero coordinate
         assert r.passthrough_frac == 0.0

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from saescope import SaescopeError, Scope
-from saescope.models import load_model
+from saescope.models import capture, load_model
 from saescope.sae import SAEConfig, TopKSAE
 
 
@@ -29,18 +29,26 @@ def test_encode_per_token_codes_match_direct_encoding(scope, real_texts):
         assert torch.allclose(tc.layers[0].dense(128), want, atol=1e-5)  # padding in the batch changes nothing
 
 
-def test_pooled_max_and_last(scope, real_texts):
+def test_pooled_max_mean_and_last(scope, real_texts):
     texts = real_texts[:9]  # batches of 4 sorted by length: results must come back in the texts' order
     mx = scope.pooled(texts, layer=2, pool="max", batch_size=4)
     mx_skip = scope.pooled(texts, layer=2, pool="max", batch_size=4, skip_first_token=True)
+    mean_skip = scope.pooled(texts, layer=2, pool="mean", batch_size=4, skip_first_token=True)
     last = scope.pooled(texts, layer=2, pool="last", batch_size=4)
+    residual = {}
+    for idx, got in scope.iter_pooled(texts, layers=[2], pool="mean", batch_size=4, with_residual=True, progress=False):
+        residual.update(zip(idx, got["residual"][2]))
     codes = scope.encode(texts, layers=[2])
     for i, tc in enumerate(codes):
         dense = tc.layers[2].dense(128)
         assert torch.allclose(mx[i], dense.max(0).values, atol=1e-5) and torch.allclose(last[i], dense[-1], atol=1e-5)
         assert torch.allclose(mx_skip[i], dense[1:].max(0).values, atol=1e-5)
+        assert torch.allclose(mean_skip[i], dense[1:].mean(0), atol=1e-5)
+        ids = scope.lm.tokenizer(texts[i], return_tensors="pt").input_ids
+        hidden = capture(scope.lm.model, ids, [2])[2][0]  # layer 2's output (the last layer: hidden_states is normed)
+        assert torch.allclose(residual[i], hidden.mean(0), atol=1e-4)  # padding changes nothing
     with pytest.raises(SaescopeError, match="pooling"):
-        scope.pooled(texts, layer=2, pool="mean")
+        scope.pooled(texts, layer=2, pool="median")
     with pytest.raises(SaescopeError, match="text 1 .* is empty"):
         scope.pooled([texts[0], ""], layer=2, pool="last")
 

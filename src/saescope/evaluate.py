@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from saescope.activations import OutlierFilter
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
-from saescope.models import LoadedModel, layer_hooks
+from saescope.models import LoadedModel, capture, layer_hooks
 from saescope.sae import TopKSAE
 from saescope.scope import check_fit
 
@@ -45,6 +46,8 @@ class LayerEval:
     ce_recovered: float
     kl: float
     passthrough_frac: float
+    ce_mean: float = math.nan  # the layer's output replaced by the batch's mean activation at every token
+    ce_recovered_mean: float = math.nan  # (CE_mean - CE_sae) / (CE_mean - CE_clean): zero ablation flatters
     feature_freq: Tensor | None = field(default=None, repr=False, compare=False)  # (d_sae,), not written to JSON
 
 
@@ -85,6 +88,7 @@ def evaluate_sets(
     acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
                     "ce_sae": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for s in sets for n in layers}
     ce_zero = dict.fromkeys(layers, 0.0)
+    ce_mean = dict.fromkeys(layers, 0.0)
     ce_clean = 0.0
     n_pred = 0
     n_batches = max(1, math.ceil(n_tokens / (ctx_len * batch_size)))
@@ -132,6 +136,10 @@ def evaluate_sets(
             with layer_hooks(model, {n: torch.zeros_like}):
                 logits = model(input_ids=ids, use_cache=False).logits
             ce_zero[n] += float(_next_token_ce(logits, ids))
+            mean_ablated = (xk if len(xk) else x).mean(0).to(h.dtype).expand(h.shape).contiguous()
+            with layer_hooks(model, {n: lambda _h, rep=mean_ablated: rep}):
+                logits = model(input_ids=ids, use_cache=False).logits
+            ce_mean[n] += float(_next_token_ce(logits, ids))
             bar.update(1)
         done += 1
     bar.close()
@@ -144,36 +152,75 @@ def evaluate_sets(
         for n in layers:
             a = acc[s, n]
             var = a["x2_sum"] - float((a["x_sum"] ** 2).sum()) / max(a["cnt"], 1)
-            ce_sae, zero = a["ce_sae"] / n_pred, ce_zero[n] / n_pred
+            ce_sae, zero, mean = a["ce_sae"] / n_pred, ce_zero[n] / n_pred, ce_mean[n] / n_pred
             freq = a["fires"] / max(a["cnt"], 1)
             results.append(LayerEval(
                 layer=n, fvu=a["sse"] / max(var, 1e-12), l0=a["l0"] / max(a["cnt"], 1),
                 dead_frac=float((freq == 0).float().mean()), dense_frac=float((freq > DENSE_THRESHOLD).float().mean()),
                 ce_clean=clean, ce_sae=ce_sae, ce_zero=zero,
                 ce_recovered=(zero - ce_sae) / (zero - clean) if zero != clean else float("nan"),
-                kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1), feature_freq=freq.cpu()))
+                kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1), ce_mean=mean,
+                ce_recovered_mean=(mean - ce_sae) / (mean - clean) if mean != clean else float("nan"), feature_freq=freq.cpu()))
         out[s] = results
     return out
 
 
+@torch.no_grad()
+def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]], texts: Iterable[str], *, n_tokens: int = 4096,
+                 ctx_len: int = 128, batch_size: int = 8, outlier_factor: float = 5.0) -> dict[str, dict[int, float]]:
+    """FVU of each SAE set per layer on about n_tokens tokens of `texts` (packed into ctx_len chunks, the outlier
+    filter as in training): reconstruction on text of another domain than the training corpus costs one LM pass
+    for every layer, no spliced passes."""
+    layers = sorted(next(iter(sets.values())))
+    for saes in sets.values():
+        check_fit(lm, saes)
+        for sae in saes.values():
+            sae.to(lm.device)
+    filters = {n: OutlierFilter(outlier_factor) for n in layers}
+    sse = dict.fromkeys([(s, n) for s in sets for n in layers], 0.0)  # squared error, pooled over kept tokens
+    x_sum = {n: 0.0 for n in layers}
+    x2_sum = dict.fromkeys(layers, 0.0)
+    count = dict.fromkeys(layers, 0)
+    done = 0
+    for ids in batches(texts, lm.tokenizer, ctx_len=ctx_len, batch_size=batch_size, seed=1234, shuffle_buffer=1):
+        acts = capture(lm.model, ids.to(lm.device), layers)
+        for n in layers:
+            x = acts[n].reshape(-1, acts[n].shape[-1]).float()
+            xk = x[filters[n].keep(x)]
+            x_sum[n] = x_sum[n] + xk.sum(0)
+            x2_sum[n] += float(xk.pow(2).sum())
+            count[n] += len(xk)
+            for s, saes in sets.items():
+                sse[s, n] += float((xk - saes[n].reconstruct(xk)).pow(2).sum())
+        done += ids.numel()
+        if done >= n_tokens:
+            break
+    if done == 0:
+        raise SaescopeError("no tokens to measure FVU on: the texts are shorter than one chunk")
+    var = {n: x2_sum[n] - float((x_sum[n] ** 2).sum()) / max(count[n], 1) for n in layers}
+    return {s: {n: sse[s, n] / max(var[n], 1e-12) for n in layers} for s in sets}
+
+
 def format_table(results: list[LayerEval]) -> str:
     head = (f"{'layer':>5} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6} {'CE clean':>8} {'CE sae':>7} {'CE zero':>7} "
-            f"{'CE rec':>7} {'KL':>7} {'pass':>6}")
+            f"{'CE mean':>7} {'CE rec':>7} {'rec/mean':>8} {'KL':>7} {'pass':>6}")
     rows = [head]
     for r in results:
         rows.append(f"{r.layer:>5} {r.fvu:7.4f} {r.l0:6.1f} {r.dead_frac:6.3f} {r.dense_frac:6.3f} {r.ce_clean:8.3f} "
-                    f"{r.ce_sae:7.3f} {r.ce_zero:7.3f} {r.ce_recovered:7.3f} {r.kl:7.4f} {r.passthrough_frac:6.3f}")
+                    f"{r.ce_sae:7.3f} {r.ce_zero:7.3f} {r.ce_mean:7.3f} {r.ce_recovered:7.3f} {r.ce_recovered_mean:8.3f} "
+                    f"{r.kl:7.4f} {r.passthrough_frac:6.3f}")
     return "\n".join(rows)
 
 
 def format_comparison(results: list[LayerEval], control: list[LayerEval]) -> str:
     """The trained SAEs beside their random-direction control, layer by layer."""
     head = (f"{'layer':>5} {'FVU':>7} {'ctrl':>7} {'L0':>6} {'ctrl':>6} {'dead':>6} {'ctrl':>6} "
-            f"{'CE rec':>7} {'ctrl':>7} {'KL':>7} {'ctrl':>7}")
+            f"{'CE rec':>7} {'ctrl':>7} {'rec/mean':>8} {'ctrl':>7} {'KL':>7} {'ctrl':>7}")
     rows = [head]
     for r, c in zip(results, control):
         rows.append(f"{r.layer:>5} {r.fvu:7.4f} {c.fvu:7.4f} {r.l0:6.1f} {c.l0:6.1f} {r.dead_frac:6.3f} {c.dead_frac:6.3f} "
-                    f"{r.ce_recovered:7.3f} {c.ce_recovered:7.3f} {r.kl:7.4f} {c.kl:7.4f}")
+                    f"{r.ce_recovered:7.3f} {c.ce_recovered:7.3f} {r.ce_recovered_mean:8.3f} {c.ce_recovered_mean:7.3f} "
+                    f"{r.kl:7.4f} {c.kl:7.4f}")
     return "\n".join(rows)
 
 

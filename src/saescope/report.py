@@ -4,6 +4,7 @@ commands write into the run folder; plots are inline PNGs, so the page fetches n
 
     train.json, train_log.jsonl, train_summary.json   saescope train
     eval.json (with "control")                         saescope eval [--control R]
+    quality.json                                       saescope quality [--control R]
     trust/stability*.json                              saescope stability, saescope train --seeds N
     trust/transfer*.json                               saescope transfer [--out trust/transfer-NAME.json]
     */report-section*.html                             HTML sections applications write into the run folder
@@ -261,6 +262,34 @@ def _control(run: RunDir) -> str:
                                                  f"{run.control} && saescope eval --sae {run.path} --control {run.control}")
 
 
+_QUALITY = {"layers": Field(dict), "probing": Field(dict)}
+
+
+def _quality(run: RunDir) -> str:
+    q = _read(run.quality, _QUALITY)
+    if not q:
+        return _missing("quality measurement", f"saescope quality --sae {run.path} --control {run.control}")
+    rows = q["layers"]
+    for n, r in rows.items():
+        check_record(r, {"sae_top1": _NUM, "sae_top5": _NUM, "dense": _NUM, "sae_fvu_in_domain": _NUM}, f"{run.quality}: layers.{n}")
+    ctl = all("control_top1" in r for r in rows.values())
+    head = ["layer", "top-1", *(["control top-1"] if ctl else []), "top-5", *(["control top-5"] if ctl else []), "dense probe",
+            "FVU in domain", "FVU maths", "FVU code", "FVU non-English", "decoder cos to init"]
+    table = html_table(head, [[n, r["sae_top1"], *([r["control_top1"]] if ctl else []), r["sae_top5"],
+                               *([r["control_top5"]] if ctl else []), r["dense"], r["sae_fvu_in_domain"],
+                               r.get("sae_fvu_math", "-"), r.get("sae_fvu_code", "-"), r.get("sae_fvu_multilingual", "-"),
+                               r.get("decoder_cos_to_init") if r.get("decoder_cos_to_init") is not None else "-"]
+                              for n, r in rows.items()])
+    tasks = q["probing"].get("tasks", {})
+    beat = sum(1 for r in rows.values() if ctl and r["sae_top1"] > r["control_top1"])
+    verdict = (f" The trained SAEs' best single latent beats the control's at {beat} of {len(rows)} layers." if ctl else
+               " No control was measured: without it these figures say nothing about learned features.")
+    return (f'<p class="note">Sparse probing (SAEBench): mean accuracy over {len(tasks)} real labelled tasks '
+            f"({html.escape(', '.join(tasks))}; chance 0.5) of the best single latent (top-1) and of a logistic regression "
+            "on the best 5, beside the random control and a dense probe on the residual stream; FVU on held-out corpus "
+            f"text and on maths, code and non-English prompts.{verdict}</p>" + table)
+
+
 def _trust(run: RunDir) -> str:
     out = [_section(run.eval, lambda: _control(run))]
     stab = sorted(run.trust.glob("stability*.json"))
@@ -296,7 +325,8 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
              f'{dt.datetime.now().strftime("%Y-%m-%d %H:%M")}. Data behind every figure: the JSON files in '
              f'{html.escape(str(run.path))}.</p>',
              "<h2>Training</h2>", _section(run.train_log, lambda: _training(run)),
-             "<h2>Evaluation</h2>", _section(run.eval, lambda: _evaluation(run)), "<h2>Trust</h2>", _trust(run),
+             "<h2>Evaluation</h2>", _section(run.eval, lambda: _evaluation(run)),
+             "<h2>Quality</h2>", _section(run.quality, lambda: _quality(run)), "<h2>Trust</h2>", _trust(run),
              *[_section(p, lambda p=p: _html_part(p)) for p in sorted(run.path.glob("*/report-section*.html"))], "</body></html>"]
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out

@@ -30,6 +30,14 @@ class TextCodes:
     layers: dict[int, SparseCode]  # per layer: indices, values of shape (seq, k)
 
 
+def _pool(x: Tensor, keep: Tensor, pool: str) -> Tensor:
+    """(batch, seq, d) pooled over the kept positions of each row: max or mean."""
+    masked = x.masked_fill(~keep[..., None], 0)
+    if pool == "max":
+        return masked.amax(1)
+    return masked.sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+
+
 def check_fit(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
     """Refuse SAEs that cannot apply to this model: wrong width or a layer it does not have."""
     for n, sae in saes.items():
@@ -76,13 +84,18 @@ class Scope:
         ids = self.lm.tokenizer(list(texts))["input_ids"]
         context = getattr(self.lm.model.config, "max_position_embeddings", None)
         max_length = min(max_length, context) if context else max_length
+        cut = []
         for i, x in enumerate(ids):
             if not x:
                 raise SaescopeError(f"text {i} (of {len(texts)}) is empty: it has no token to read features from")
             if len(x) > max_length:
-                why = "the model's context" if max_length == context else "raise max_length to read more"
-                warnings.warn(f"a text of {len(x)} tokens was cut to its first {max_length} ({why})", stacklevel=3)
+                cut.append(len(x))
                 ids[i] = x[:max_length]
+        if cut:  # one warning for the set, not one per text
+            why = "the model's context" if max_length == context else "raise max_length to read more"
+            what = (f"a text of {cut[0]} tokens was cut to its" if len(cut) == 1 else
+                    f"{len(cut)} of {len(texts)} texts (up to {max(cut)} tokens) were cut to their")
+            warnings.warn(f"{what} first {max_length} tokens ({why})", stacklevel=3)
         return ids
 
     def _pad(self, ids: list[list[int]]) -> dict[str, Tensor]:
@@ -116,18 +129,19 @@ class Scope:
     def iter_pooled(self, texts: Sequence[str], *, layers: list[int] | None = None, pool: str = "last",
                     batch_size: int = 16, max_length: int = 512, skip_first_token: bool = False, progress: bool = True,
                     sae_sets: dict[str, dict[int, TopKSAE]] | None = None, desc: str = "encode",
-                    ) -> Iterator[tuple[list[int], dict[str, dict[int, Tensor]]]]:
+                    with_residual: bool = False) -> Iterator[tuple[list[int], dict[str, dict[int, Tensor]]]]:
         """Per batch of texts: their positions in `texts` and, per SAE set and layer, (batch, d_sae) dense
-        activations pooled over each text's tokens: the last token's code, or the max over tokens.
+        activations pooled over each text's tokens: the last token's code, the max or the mean over tokens.
 
         sae_sets (default {"sae": self.saes}) lets one LM pass feed several SAE sets, e.g. the trained SAEs and
-        their random control.
+        their random control. with_residual adds the residual stream itself, pooled the same way, as the set
+        "residual" ((batch, d_model): what a dense probe reads).
 
         Texts are batched by length (less padding); with pool="last" only the last token is encoded, so the
         SAE cost does not grow with prompt length. skip_first_token leaves position 0 out of the max (on
         models without BOS it is the attention sink, whose huge norm gives codes unrelated to the text)."""
-        if pool not in ("max", "last"):
-            raise SaescopeError(f"unknown pooling {pool!r}; use max or last")
+        if pool not in ("max", "last", "mean"):
+            raise SaescopeError(f"unknown pooling {pool!r}; use max, mean or last")
         if isinstance(texts, str):
             texts = [texts]
         layers = layers or self.layers
@@ -164,8 +178,10 @@ class Scope:
                         pooled[name][n] = sae.encode(acts[n][rows, n_tok - 1].float()).dense(sae.cfg.d_sae)
                         continue
                     code = sae.encode(acts[n].reshape(-1, acts[n].shape[-1]).float())
-                    dense = code.dense(sae.cfg.d_sae).reshape(len(idx), -1, sae.cfg.d_sae)
-                    pooled[name][n] = dense.masked_fill(~keep[..., None], 0).amax(1)
+                    pooled[name][n] = _pool(code.dense(sae.cfg.d_sae).reshape(len(idx), -1, sae.cfg.d_sae), keep, pool)
+            if with_residual:
+                pooled["residual"] = {n: acts[n][rows, n_tok - 1].float() if pool == "last" else _pool(acts[n].float(), keep, pool)
+                                      for n in layers}
             yield idx, pooled
 
     def pooled(self, texts: Sequence[str], *, layer: int, pool: str = "max", skip_first_token: bool = False,

@@ -76,9 +76,12 @@ def test_long_texts_are_cut_with_a_warning(scope, real_texts):
         res = inspect_texts(scope, [long], InspectConfig(max_length=64, top=2))
     assert len(res[0]["tokens"]) == 64
     longer = " ".join(real_texts[:200])  # beyond the tiny model's 512-position context, whatever max_length says
-    with pytest.warns(UserWarning, match="cut to its first 512 \\(the model's context\\)"):
+    with pytest.warns(UserWarning, match="cut to its first 512 tokens \\(the model's context\\)"):
         res = inspect_texts(scope, [longer], InspectConfig(max_length=100_000, top=2))
     assert len(res[0]["tokens"]) == 512
+    with pytest.warns(UserWarning, match="^2 of 3 texts \\(up to \\d+ tokens\\) were cut to their first 64 tokens") as got:
+        inspect_texts(scope, [long, "short", long], InspectConfig(max_length=64, top=2))
+    assert len([w for w in got if "cut to" in str(w.message)]) == 1  # one warning for the set
 
 
 def test_inspect_cli_with_store_contrast_and_control(tiny_sae_dir, tiny_qwen3, corpus_file, tmp_path):

@@ -20,6 +20,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     writes(p, "--out", folder=True, help="folder for eval.json (default: the SAE folder)")
     p.add_argument("--control", help="a random control (saescope control random): its figures beside the SAEs'")
 
+    p = sub.add_parser("quality", help="SAE quality beside the control: sparse probing on real labelled text (SAEBench), "
+                       "FVU on maths, code and non-English text, decoder movement")
+    add_sae_flags(p)
+    p.add_argument("--control", help="a random control (saescope control random): its figures beside the SAEs'")
+    p.add_argument("--tasks", help="comma-separated probe tasks (default: all; see saescope.probing.TASKS)")
+    p.add_argument("--per-class", type=int, default=100, help="texts per class and task (a seeded sample)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per probed text")
+    p.add_argument("--fvu-tokens", type=int, default=4096, help="tokens per domain for FVU")
+    p.add_argument("--seed", type=int, default=0)
+    writes(p, "--out", folder=False, help="JSON results (default: SAE/quality.json)")
+
     p = sub.add_parser("report", help="a self-contained HTML page: training, evaluation, trust checks")
     p.add_argument("--sae", required=True, help="the run folder")
     writes(p, "--out", folder=False, help="HTML file (default: SAE/report.html)")
@@ -50,10 +61,29 @@ def cmd_eval(a: argparse.Namespace) -> None:
                        n_tokens=a.n_tokens, ctx_len=a.ctx_len, outlier_factor=a.outlier_factor)
 
 
+def cmd_quality(a: argparse.Namespace) -> None:
+    from saescope.control_sets import load_control
+    from saescope.files import atomic_write_json
+    from saescope.probing import format_probing, probe_sets
+    from saescope.quality import format_quality, quality_report
+    from saescope.scope import Scope
+
+    probes = probe_sets(a.tasks.split(",") if a.tasks else None, per_class=a.per_class, seed=a.seed)  # data first: fail fast
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
+    control = load_control(a.control, scope.saes) if a.control else None
+    report = quality_report(scope, probes, control=control, run=a.sae, fvu_tokens=a.fvu_tokens, max_length=a.max_length)
+    report.update(sae=a.sae, control_path=a.control, per_class=a.per_class, seed=a.seed)
+    print(format_probing(report["probing"]))
+    print(format_quality(report))
+    out = Path(a.out) if a.out else RunDir.of_sae(a.sae).quality
+    atomic_write_json(out, report)
+    print(f"quality results: {out}")
+
+
 def cmd_report(a: argparse.Namespace) -> None:
     from saescope.report import build_report
 
     print(f"report: {build_report(a.sae, a.out)}")
 
 
-COMMANDS = {"eval": cmd_eval, "report": cmd_report}
+COMMANDS = {"eval": cmd_eval, "quality": cmd_quality, "report": cmd_report}

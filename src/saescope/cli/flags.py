@@ -98,7 +98,7 @@ FLAG_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
     **{name: (int, 1, None, False) for name in (
         "k", "expansion", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens", "seeds", "n_tokens",
         "limit", "top", "max_length", "top_n", "max_new_tokens", "repeats", "matched_repeats", "n_perm",
-        "tokens_per_step", "shuffle_buffer")},
+        "tokens_per_step", "shuffle_buffer", "per_class", "fvu_tokens")},
     "ctx_len": (int, 2, None, False),
     "gpus": (int, 1, None, False),
     **{name: (int, 0, None, False) for name in ("seed", "data_seed", "eval_tokens", "layer", "feature", "contexts")},

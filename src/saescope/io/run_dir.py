@@ -4,7 +4,7 @@ or copied run keeps working, and nothing recorded inside it (train.json's `out`)
 another folder.
 
     train.json  train_log.jsonl  train_summary.json  latest  checkpoints/step-NNNNNNNN/   saescope train
-    eval.json                                                                            saescope eval
+    eval.json  quality.json                                                              saescope eval | quality
     control/  trust/  redundancy/  features/  inspect/  report.html                      the applications
     toxicity/  sasft/  rl/                                                               round 2's applications
 """
@@ -42,6 +42,10 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.path / "eval.json"
+
+    @property
+    def quality(self) -> Path:
+        return self.path / "quality.json"
 
     @property
     def pointer(self) -> Path:

@@ -1,0 +1,117 @@
+"""Sparse probing: the classifiers against hand-computed answers, the real tasks' splits, and the whole pass on a
+tiny model (SAE, control and dense probe from the same LM passes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import SHARED, random_saes
+
+from saescope.errors import SaescopeError
+from saescope.models import load_model
+from saescope.probing import (
+    ProbeSet,
+    best_threshold_accuracy,
+    format_probing,
+    logistic_accuracy,
+    probe_sets,
+    sparse_probing,
+    top_latents,
+)
+from saescope.scope import Scope
+
+
+def _t(*v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def test_best_threshold_by_hand():
+    # train: class 1 above 2.5; the rule x > 2 classifies it perfectly
+    assert best_threshold_accuracy(_t(1, 2, 3, 4), _t(0, 0, 1, 1), _t(2.5, 1.5, 10, 2), _t(1, 0, 1, 0)) == 1.0
+    # the other side: class 1 below, so x <= 2; test 2.5 -> 0 (wrong), 1.5 -> 1, 10 -> 0, 2 -> 1
+    assert best_threshold_accuracy(_t(1, 2, 3, 4), _t(1, 1, 0, 0), _t(2.5, 1.5, 10, 2), _t(1, 1, 0, 1)) == 0.75
+    # no threshold splits equal values: with train (0,0,0,1) labelled (0,1,1,1), x > 0 gets 2 of 4 and calling
+    # everything class 1 gets 3 of 4, so that is the rule; the test pair (0 -> 0, 5 -> 1) then scores 0.5
+    assert best_threshold_accuracy(_t(0, 0, 0, 1), _t(0, 1, 1, 1), _t(0, 5), _t(0, 1)) == 0.5
+
+
+def test_logistic_regression_separates_and_does_not_invent():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=g, dtype=torch.float64)
+    y = (x[:, 2] > 0).double()
+    assert logistic_accuracy(x[:300], y[:300], x[300:], y[300:]) >= 0.95
+    noise = (torch.rand(400, generator=g) > 0.5).double()  # labels independent of x
+    assert 0.35 <= logistic_accuracy(x[:300], noise[:300], x[300:], noise[300:]) <= 0.65
+
+
+def test_top_latents_rank_by_absolute_mean_difference():
+    x = _t(0, 5, 1, 0, 5, 1, 9, 5, 0, 9, 5, 0).reshape(4, 3)  # column 2 falls by 1, column 0 rises by 9
+    y = _t(0, 0, 1, 1)
+    assert top_latents(x, y, 2).tolist() == [0, 2]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs the shared reference data (../shared/data)")
+def test_real_tasks_are_balanced_and_split_by_group():
+    sets = {s.name: s for s in probe_sets(per_class=60, seed=3)}
+    assert set(sets) == {"hatecheck_en", "mgsm_en_fr", "mgsm_de_es", "math_vs_mmlu", "mmlu_stem_vs_humanities"}
+    for s in sets.values():
+        assert len(s.texts) == 120 and s.labels.sum() == 60 and all(s.texts)
+        for side in (s.test, ~s.test):
+            assert 0 < s.labels[side].sum() < side.sum()  # both classes on both sides
+        side_of = {}
+        for g, t in zip(s.groups, s.test):
+            assert side_of.setdefault(g, t) == t, f"{s.name}: group {g} on both sides"
+        assert 0.15 < s.test.mean() < 0.45
+    hate = sets["hatecheck_en"]
+    import csv
+
+    gold = {r["test_case"].strip(): r["label_gold"] for r in csv.DictReader(open(SHARED / "toxicity" / "hatecheck_en.csv"))}
+    assert [gold[t] == "hateful" for t in hate.texts] == [bool(y) for y in hate.labels]
+    assert probe_sets(["mgsm_en_fr"], per_class=60, seed=3)[0].texts == sets["mgsm_en_fr"].texts  # seeded
+    with pytest.raises(SaescopeError, match="unknown probe task 'nope'"):
+        probe_sets(["nope"])
+    with pytest.raises(SaescopeError, match="fewer than per_class"):
+        probe_sets(["mgsm_en_fr"], per_class=300)
+
+
+def test_the_whole_pass_on_a_tiny_model(tiny_qwen3):
+    scope = Scope(load_model(str(tiny_qwen3)), random_saes(64, [0, 2]))
+    control = random_saes(64, [0, 2], seed=7)
+    words_a = ["apple banana cherry", "banana cherry apple", "cherry apple banana grape"]
+    words_b = ["seven eight nine", "nine eight seven", "eight seven nine ten"]
+    texts = [words_a[i % 3] + f" {i}" for i in range(30)] + [words_b[i % 3] + f" {i}" for i in range(30)]
+    labels = np.array([0] * 30 + [1] * 30)
+    test = np.array([i % 4 == 0 for i in range(60)])  # every template on both sides
+    ps = ProbeSet("fruit_vs_numbers", "toy", texts, labels, [str(i) for i in range(60)], test)
+    result = sparse_probing(scope, [ps], control=control, progress=False)
+    layer = result["tasks"]["fruit_vs_numbers"]["layers"]["2"]
+    assert layer["dense"] == 1.0  # the residual stream separates two disjoint vocabularies
+    for name in ("sae", "control"):
+        assert 0.0 <= layer[name]["top1"] <= 1.0 and 0 <= layer[name]["top1_latent"] < 64
+    assert result["mean_over_tasks"]["0"]["sae_top1"] == result["tasks"]["fruit_vs_numbers"]["layers"]["0"]["sae"]["top1"]
+    assert "ctl top1" in format_probing(result)
+    with pytest.raises(SaescopeError, match="holds one class only"):
+        ProbeSet("bad", "", texts, labels, [str(i) for i in range(60)], labels == 1)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs the shared reference data (../shared/data)")
+def test_quality_command_end_to_end(tiny_sae_dir, tmp_path):
+    import json
+
+    from saescope.cli import main
+
+    assert main(["control", "random", "--like", str(tiny_sae_dir), "--out", str(tmp_path / "ctl")]) == 0
+    out = tmp_path / "q.json"
+    assert main(["quality", "--sae", str(tiny_sae_dir), "--control", str(tmp_path / "ctl"), "--tasks", "mgsm_en_fr,hatecheck_en",
+                 "--per-class", "20", "--fvu-tokens", "256", "--layers", "0,2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["layers"]) == {"0", "2"} and set(report["probing"]["tasks"]) == {"mgsm_en_fr", "hatecheck_en"}
+    row = report["layers"]["2"]
+    for key in ("sae_top1", "control_top1", "sae_top5", "dense", "sae_fvu_in_domain", "sae_fvu_math", "sae_fvu_code",
+                "sae_fvu_multilingual", "control_fvu_in_domain"):
+        assert isinstance(row[key], float), key
+    # the row is the mean over the tasks of the per-task figures
+    per_task = [t["layers"]["2"]["sae"]["top1"] for t in report["probing"]["tasks"].values()]
+    assert row["sae_top1"] == pytest.approx(sum(per_task) / 2)
+    assert row["decoder_cos_to_init"] is None  # not a training run: nothing recorded
