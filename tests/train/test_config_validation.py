@@ -167,7 +167,7 @@ def test_property_json_round_trip(cfg):
 # each field's JSON type, written out here (not read from the dataclass) so that a changed annotation shows
 KINDS = {
     **dict.fromkeys(("model", "data", "out", "text_column", "layers", "preset", "model_dtype", "sae_dtype", "device",
-                     "model_device_map"), str),
+                     "model_device_map", "decoder_init"), str),
     **dict.fromkeys(("expansion", "k", "ctx_len", "batch_size", "max_tokens", "dead_tokens", "checkpoint_every",
                      "log_every", "seed", "data_seed", "shuffle_buffer"), int),
     **dict.fromkeys(("lr", "lr_decay_frac", "auxk_alpha", "outlier_factor"), float),

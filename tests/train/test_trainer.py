@@ -136,3 +136,25 @@ def test_config_validation():
         TrainConfig(preset="3x")
     with pytest.raises(SaescopeError, match="larger than d_sae"):
         TrainConfig(preset=None, expansion=1, k=100).width_and_k(64)
+
+
+def test_data_driven_decoder_init(tiny_qwen3, text_file, tmp_path):
+    from saescope.activations import sample_activations
+
+    trainer = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, decoder_init="data", layers="1"))
+    sae = trainer.states[1].sae
+    rows = sae.W_dec.detach().clone()
+    assert torch.allclose(rows.norm(dim=1), torch.ones(len(rows)), atol=1e-5)
+    assert torch.allclose(sae.W_enc, sae.W_dec / 8)  # tied, scaled by 1/k: k aligned rows decode a token once
+    # each row is a centred training-token activation: the same sample, centred, matches it to the last digit
+    x = sample_activations(trainer.lm, [1], data=str(text_file), n_tokens=trainer.d_sae, ctx_len=32, split="train")[1]
+    x = x - x.mean(0)
+    cos = (rows @ (x / x.norm(dim=1, keepdim=True)).T).amax(1)
+    assert (cos > 0.9999).float().mean() > 0.9  # all but the few random rows that fill a short sample
+    random_init = Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "r", layers="1")).states[1].sae.W_dec
+    assert not torch.allclose(rows, random_init)
+    summary = trainer.fit()
+    assert 0 < summary["layers"][1]["decoder_cos_to_init"] < 1  # measured against the data rows, not a random init
+    assert trainer._data_rows()[1].equal(rows)  # the init is reproducible (cos to init after a resume)
+    with pytest.raises(SaescopeError, match="decoder_init must be one of random, data"):
+        _cfg(tiny_qwen3, text_file, tmp_path, decoder_init="pca")

@@ -10,6 +10,7 @@ from saescope.schema import check_dataclass, check_number, config_field
 
 # Qwen-Scope's released widths: 16x with k 50 or 100 (dense models), 64x with k 100 (MoE models).
 DTYPE_NAMES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+DECODER_INITS = ("random", "data")
 PRESETS = {"16x-k50": (16, 50), "16x-k100": (16, 100), "64x-k100": (64, 100), "8x-k32": (8, 32), "4x-k32": (4, 32)}
 
 
@@ -65,6 +66,9 @@ class TrainConfig:
     lr: float | None = config_field(None, "learning rate (default: 2e-4 / sqrt(d_sae / 2^14))")
     lr_decay_frac: float = config_field(0.2, "the lr falls linearly to 0 over this final fraction of the steps; 0 = constant")
     auxk_alpha: float = config_field(1 / 32, "weight of the AuxK loss that revives dead latents")
+    decoder_init: str = config_field("random", "decoder rows at step 0: random unit vectors (Gao et al.), or 'data': "
+                                     "centred activations of d_sae training tokens (the encoder tied to them)",
+                                     choices=DECODER_INITS)
     dead_tokens: int = config_field(10_000_000, "a latent is dead after this many tokens without firing")
     outlier_factor: float = config_field(5.0, "drop tokens with norm > factor x the running median norm; 0 = off")
     skip_first_token: bool = config_field(False, "leave out every sequence's first token (the attention sink)")
@@ -102,6 +106,8 @@ class TrainConfig:
                 raise SaescopeError(f"{name} must be one of {', '.join(DTYPE_NAMES)}, got {getattr(self, name)!r}")
         if self.layers is not None and self.layers != "all":
             parse_layers(self.layers, None)  # the syntax now; the range once the model is known
+        if self.decoder_init not in DECODER_INITS:
+            raise SaescopeError(f"decoder_init must be one of {', '.join(DECODER_INITS)}, got {self.decoder_init!r}")
         if not self.text_column:
             raise SaescopeError("text_column must not be empty")
 

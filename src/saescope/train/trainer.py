@@ -150,6 +150,7 @@ class Trainer:
         self.batches_done = 0
         self.tokens = 0
         self.states: dict[int, LayerState] = {}
+        self._init_rows: dict[int, Tensor] | None = None  # the data-driven initial decoders, when asked for again
         torch.manual_seed(cfg.seed)  # the global generator too, so that two fresh runs save the same RNG state
         self.workspace = Workspace()  # one pre-activation buffer for all layers, stepped one after the other
         if self.device.type == "cpu":
@@ -158,17 +159,50 @@ class Trainer:
             sae = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k), device=self.device)
             sae.init_tied(self._init_generator(n))
             self.states[n] = self._layer_state(sae)
+        if cfg.decoder_init == "data":  # a resumed run overwrites these weights from its checkpoint
+            for n, rows in self._data_rows().items():
+                with torch.no_grad():
+                    self.states[n].sae.W_dec.copy_(rows.to(self.device))
+                    # Data rows are far from orthogonal: a token's k nearest rows all point its way, and a tied
+                    # encoder would decode it k times over (FVU ~70 at step 0). 1/k keeps the ranking and the scale.
+                    self.states[n].sae.W_enc.copy_(rows.to(self.device) / self.k)
 
     def _init_generator(self, n: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 100_003 + n)
 
     @torch.no_grad()
+    def _data_rows(self) -> dict[int, Tensor]:
+        """Per layer, d_sae unit rows: centred activations of distinct training tokens (the outlier filter applied),
+        in a seeded order; random rows fill in if the sample is short. The same rows every time they are asked for."""
+        from saescope.activations import sample_activations
+
+        acts = sample_activations(self.lm, self.layers, data=self.cfg.data, text_column=self.cfg.text_column,
+                                  n_tokens=self.d_sae, ctx_len=self.cfg.ctx_len, outlier_factor=self.cfg.outlier_factor,
+                                  split="train", desc="activations for the decoder init")
+        rows = {}
+        for n, x in acts.items():
+            x = x - x.mean(0)
+            x = x[torch.randperm(len(x), generator=self._init_generator(n))]
+            init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
+            init.init_tied(self._init_generator(n))
+            w = init.W_dec.detach().clone()
+            w[: len(x)] = x[: self.d_sae] / x[: self.d_sae].norm(dim=1, keepdim=True).clamp_min(1e-12)
+            rows[n] = w
+        return rows
+
+    @torch.no_grad()
     def decoder_cos_to_init(self, n: int) -> float:
         """Median cosine between layer n's decoder rows and their initial values: near 1 means the features
-        are still mostly their random initialisation (too little training to compare seeds meaningfully)."""
-        init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
-        init.init_tied(self._init_generator(n))
-        return float((init.W_dec * self.states[n].sae.W_dec.detach().float().cpu()).sum(1).median())
+        are still mostly their initialisation (too little training to compare seeds meaningfully)."""
+        if self.cfg.decoder_init == "data":
+            if self._init_rows is None:
+                self._init_rows = self._data_rows()
+            init_rows = self._init_rows[n]
+        else:
+            init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
+            init.init_tied(self._init_generator(n))
+            init_rows = init.W_dec
+        return float((init_rows * self.states[n].sae.W_dec.detach().float().cpu()).sum(1).median())
 
     def _layer_state(self, sae: TopKSAE) -> LayerState:
         sae.compute_dtype = self.compute_dtype
