@@ -49,3 +49,21 @@ def test_train_flag_values_reach_the_config():
     a = build_parser().parse_args(["train", "--k", "7", "--ctx-len", "64", "--skip-first-token", "--auxk-alpha", "0.1"])
     cfg = config_from_flags(TrainConfig, a)
     assert (cfg.k, cfg.ctx_len, cfg.skip_first_token, cfg.auxk_alpha) == (7, 64, True, 0.1)
+
+
+def test_shared_data_flag_wins_over_an_unset_environment(tiny_sae_dir, tmp_path, monkeypatch, capsys):
+    from tests.conftest import SHARED, assert_one_line_error
+
+    from saescope.cli import main
+
+    if not SHARED.is_dir():
+        pytest.skip("needs the shared reference data (../shared/data)")
+    monkeypatch.delenv("SAESCOPE_SHARED_DATA", raising=False)
+    out = tmp_path / "c.json"
+    argv = ["inspect", "--sae", str(tiny_sae_dir), "--texts", "mgsm_fr", "--baseline", "mgsm_en", "--limit", "4", "--layers", "1",
+            "--out", str(out)]
+    assert_one_line_error(main(argv), capsys.readouterr().err, "shared reference data folder is not set")
+    assert main([*argv, "--shared-data", str(SHARED)]) == 0 and out.exists()
+    monkeypatch.delenv("SAESCOPE_SHARED_DATA", raising=False)
+    assert_one_line_error(main([*argv, "--shared-data", str(tmp_path / "nowhere")]), capsys.readouterr().err,
+                          "--shared-data")

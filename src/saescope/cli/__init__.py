@@ -12,7 +12,7 @@ import warnings
 
 from saescope.cli import eval as eval_commands
 from saescope.cli import formats, inspect, redundancy, train, trust
-from saescope.cli.flags import Parser, check_flags, given_flags
+from saescope.cli.flags import Parser, apply_shared_data, check_flags, given_flags
 from saescope.errors import SaescopeError
 
 GROUPS = (train, eval_commands, formats, trust, redundancy, inspect)
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args.given = given_flags(argv)
     try:
         check_flags(args)
+        apply_shared_data(args)
         import torch
 
         threads = os.environ.get("SAESCOPE_THREADS", "")

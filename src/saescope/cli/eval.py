@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saescope.cli.flags import add_sae_flags, layer_list, writes
+from saescope.cli.flags import add_sae_flags, add_shared_data_flag, layer_list, writes
 from saescope.io import RunDir
 
 
@@ -28,6 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", type=int, default=100, help="texts per class and task (a seeded sample)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per probed text")
     p.add_argument("--fvu-tokens", type=int, default=4096, help="tokens per domain for FVU")
+    add_shared_data_flag(p)
     p.add_argument("--seed", type=int, default=0)
     writes(p, "--out", folder=False, help="JSON results (default: SAE/quality.json)")
 

@@ -4,6 +4,7 @@ numeric flags, and the checks of output paths made before any model is loaded or
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import typing
@@ -58,6 +59,22 @@ def add_sae_flags(p: argparse.ArgumentParser, *, layers: bool = True) -> None:
     if layers:
         p.add_argument("--layers", help="e.g. 0,5,10-20 (default: all the SAEs' layers)")
     p.add_argument("--k", type=int, help="k, for Qwen-Scope folders whose name does not give it")
+
+
+def add_shared_data_flag(p: argparse.ArgumentParser) -> None:
+    """--shared-data: the shared reference data folder (benchmarks, scores, labelled sets), for this command."""
+    p.add_argument("--shared-data", help="the shared reference data folder (default: $SAESCOPE_SHARED_DATA)")
+
+
+def apply_shared_data(a: argparse.Namespace) -> None:
+    """A --shared-data given on the line wins over the environment for this process (the loaders read the variable)."""
+    from saescope.data.benchmarks import SHARED_ENV, shared_data_dir
+
+    if getattr(a, "shared_data", None):
+        if not Path(a.shared_data).expanduser().is_dir():
+            raise SaescopeError(f"--shared-data {a.shared_data}: not a folder (point it at the shared reference data, "
+                                "holding benchmarks/)")
+        os.environ[SHARED_ENV] = str(shared_data_dir(a.shared_data))
 
 
 def writes(p: argparse.ArgumentParser, flag: str, *, folder: bool, **kwargs) -> None:

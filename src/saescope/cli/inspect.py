@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from saescope.cli.flags import add_sae_flags, layer_list, writes
+from saescope.cli.flags import add_sae_flags, add_shared_data_flag, layer_list, writes
 from saescope.errors import SaescopeError
 from saescope.io import RunDir
 
@@ -27,6 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=512, help="longer texts are cut, with a warning")
     p.add_argument("--store", help="feature store for frequencies and contexts (default: SAE/features when present)")
     p.add_argument("--control", help="contrast mode: a random control (saescope control random), the chance level")
+    add_shared_data_flag(p)
     writes(p, "--out", folder=False, help="JSON results (default: SAE/inspect/inspect.json or contrast.json)")
 
     p = sub.add_parser("features", help="the feature store: per-feature statistics, top contexts, logit lens")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saescope.cli.flags import layer_list, writes
+from saescope.cli.flags import add_shared_data_flag, layer_list, writes
 from saescope.errors import SaescopeError
 from saescope.io import RunDir
 from saescope.schema import check_number
@@ -31,6 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     writes(f, "--out", folder=True, help="footprint folder (default: SAE/redundancy)")
     f.add_argument("--batch-size", type=int, default=16)
     f.add_argument("--max-length", type=int, default=512)
+    add_shared_data_flag(f)
     r = rsub.add_parser("report", help="R_hat, coverage curves, overlap matrices, containment statements")
     r.add_argument("fp", help="the footprint folder")
     r.add_argument("--layer", type=int, help="the layer for statements and size-matched overlaps (default: middle)")
@@ -46,6 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "'MATH=math,GSM8K=gsm8k' (only these columns are then used)")
     c.add_argument("--repeats", type=int, default=50)
     c.add_argument("--n-perm", type=int, default=10_000)
+    add_shared_data_flag(c)
     rsub.add_parser("list", help="the built-in benchmark prompt sets")
 
 
