@@ -51,6 +51,25 @@ class LayerEval:
     feature_freq: Tensor | None = field(default=None, repr=False, compare=False)  # (d_sae,), not written to JSON
 
 
+def _ready(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]]) -> list[int]:
+    """The layers that every SAE set covers alike, each set checked against the model and moved to its device."""
+    layers = sorted(next(iter(sets.values())))
+    for name, saes in sets.items():
+        check_fit(lm, saes)
+        if sorted(saes) != layers:
+            raise SaescopeError(f"SAE set {name!r} covers layers {sorted(saes)}, expected {layers}")
+        for sae in saes.values():
+            sae.to(lm.device)
+    return layers
+
+
+def _pooled_fvu(sse: float, x_sum: Tensor | float, x2_sum: float, count: int) -> float:
+    """FVU pooled over tokens from running sums: sum |x - x_hat|^2 / sum |x - mean x|^2, the denominator being
+    sum |x|^2 - |sum x|^2 / n."""
+    variance = x2_sum - float((x_sum ** 2).sum()) / max(count, 1) if count else 0.0
+    return sse / max(variance, 1e-12)
+
+
 def _next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
 
@@ -76,14 +95,7 @@ def evaluate_sets(
 ) -> dict[str, list[LayerEval]]:
     """Several SAE sets for the same layers (e.g. trained and control) on the same tokens: the clean and
     zero-ablated forward passes are shared, only the spliced one is run per set."""
-    first = next(iter(sets.values()))
-    layers = sorted(first)
-    for name, saes in sets.items():
-        check_fit(lm, saes)
-        if sorted(saes) != layers:
-            raise SaescopeError(f"SAE set {name!r} covers layers {sorted(saes)}, expected {layers}")
-        for sae in saes.values():
-            sae.to(lm.device)
+    layers = _ready(lm, sets)
     model, device = lm.model, lm.device
     acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
                     "ce_sae": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for s in sets for n in layers}
@@ -151,11 +163,10 @@ def evaluate_sets(
         results = []
         for n in layers:
             a = acc[s, n]
-            var = a["x2_sum"] - float((a["x_sum"] ** 2).sum()) / max(a["cnt"], 1)
             ce_sae, zero, mean = a["ce_sae"] / n_pred, ce_zero[n] / n_pred, ce_mean[n] / n_pred
             freq = a["fires"] / max(a["cnt"], 1)
             results.append(LayerEval(
-                layer=n, fvu=a["sse"] / max(var, 1e-12), l0=a["l0"] / max(a["cnt"], 1),
+                layer=n, fvu=_pooled_fvu(a["sse"], a["x_sum"], a["x2_sum"], a["cnt"]), l0=a["l0"] / max(a["cnt"], 1),
                 dead_frac=float((freq == 0).float().mean()), dense_frac=float((freq > DENSE_THRESHOLD).float().mean()),
                 ce_clean=clean, ce_sae=ce_sae, ce_zero=zero,
                 ce_recovered=(zero - ce_sae) / (zero - clean) if zero != clean else float("nan"),
@@ -171,14 +182,10 @@ def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]], texts: It
     """FVU of each SAE set per layer on about n_tokens tokens of `texts` (packed into ctx_len chunks, the outlier
     filter as in training): reconstruction on text of another domain than the training corpus costs one LM pass
     for every layer, no spliced passes."""
-    layers = sorted(next(iter(sets.values())))
-    for saes in sets.values():
-        check_fit(lm, saes)
-        for sae in saes.values():
-            sae.to(lm.device)
+    layers = _ready(lm, sets)
     filters = {n: OutlierFilter(outlier_factor) for n in layers}
     sse = dict.fromkeys([(s, n) for s in sets for n in layers], 0.0)  # squared error, pooled over kept tokens
-    x_sum = {n: 0.0 for n in layers}
+    x_sum: dict[int, Tensor | float] = dict.fromkeys(layers, 0.0)
     x2_sum = dict.fromkeys(layers, 0.0)
     count = dict.fromkeys(layers, 0)
     done = 0
@@ -197,8 +204,7 @@ def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]], texts: It
             break
     if done == 0:
         raise SaescopeError("no tokens to measure FVU on: the texts are shorter than one chunk")
-    var = {n: x2_sum[n] - float((x_sum[n] ** 2).sum()) / max(count[n], 1) for n in layers}
-    return {s: {n: sse[s, n] / max(var[n], 1e-12) for n in layers} for s in sets}
+    return {s: {n: _pooled_fvu(sse[s, n], x_sum[n], x2_sum[n], count[n]) for n in layers} for s in sets}
 
 
 def format_table(results: list[LayerEval]) -> str:

@@ -170,6 +170,12 @@ class Trainer:
     def _init_generator(self, n: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 100_003 + n)
 
+    def _random_rows(self, n: int) -> Tensor:
+        """Layer n's random initial decoder rows (the tied init of Gao et al.), regenerated from the seed."""
+        init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
+        init.init_tied(self._init_generator(n))
+        return init.W_dec.detach()
+
     @torch.no_grad()
     def _data_rows(self) -> dict[int, Tensor]:
         """Per layer, d_sae unit rows: centred activations of distinct training tokens (the outlier filter applied),
@@ -183,9 +189,7 @@ class Trainer:
         for n, x in acts.items():
             x = x - x.mean(0)
             x = x[torch.randperm(len(x), generator=self._init_generator(n))]
-            init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
-            init.init_tied(self._init_generator(n))
-            w = init.W_dec.detach().clone()
+            w = self._random_rows(n).clone()
             w[: len(x)] = x[: self.d_sae] / x[: self.d_sae].norm(dim=1, keepdim=True).clamp_min(1e-12)
             rows[n] = w
         return rows
@@ -199,9 +203,7 @@ class Trainer:
                 self._init_rows = self._data_rows()
             init_rows = self._init_rows[n]
         else:
-            init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
-            init.init_tied(self._init_generator(n))
-            init_rows = init.W_dec
+            init_rows = self._random_rows(n)
         return float((init_rows * self.states[n].sae.W_dec.detach().float().cpu()).sum(1).median())
 
     def _layer_state(self, sae: TopKSAE) -> LayerState:
