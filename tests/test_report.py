@@ -43,3 +43,18 @@ def test_a_corrupt_or_ill_typed_optional_file_skips_its_section_with_a_note(tmp_
     (tmp_path / "eval.json").write_text(json.dumps({"layers": [{**row, "kl": "low"}]}))
     with pytest.warns(UserWarning, match="eval.json: layers\\[0\\]: field 'kl' must be a number, got 'low'"):
         build_report(tmp_path)
+
+
+def test_the_probing_verdict_counts_only_differences_beyond_two_standard_errors():
+    from saescope.report import _probing_verdict
+
+    se = 0.02  # each side: the difference's se is 0.02 * sqrt(2) = 0.0283, two of them 0.0566
+    rows = {"0": {"sae_top1": 0.90, "control_top1": 0.80, "sae_top1_se": se, "control_top1_se": se},  # +0.10: a win
+            "1": {"sae_top1": 0.85, "control_top1": 0.80, "sae_top1_se": se, "control_top1_se": se},  # +0.05: ahead, noise
+            "2": {"sae_top1": 0.70, "control_top1": 0.80, "sae_top1_se": se, "control_top1_se": se}}  # -0.10: a loss
+    got = _probing_verdict(rows)
+    assert "trained 0.817, control 0.800" in got
+    assert "ahead at 2 of 3 layers, by more than two standard errors at 1, behind by more than two at 1" in got
+    assert "not yet distinguishable from random directions" in got
+    rows["2"]["sae_top1"] = 0.95
+    assert "carry these concepts better than random directions" in _probing_verdict(rows)

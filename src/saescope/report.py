@@ -18,6 +18,7 @@ import datetime as dt
 import html
 import io
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -281,13 +282,27 @@ def _quality(run: RunDir) -> str:
                                r.get("decoder_cos_to_init") if r.get("decoder_cos_to_init") is not None else "-"]
                               for n, r in rows.items()])
     tasks = q["probing"].get("tasks", {})
-    beat = sum(1 for r in rows.values() if ctl and r["sae_top1"] > r["control_top1"])
-    verdict = (f" The trained SAEs' best single latent beats the control's at {beat} of {len(rows)} layers." if ctl else
-               " No control was measured: without it these figures say nothing about learned features.")
+    verdict = _probing_verdict(rows) if ctl else " No control was measured: without it these figures say nothing about learned features."
     return (f'<p class="note">Sparse probing (SAEBench): mean accuracy over {len(tasks)} real labelled tasks '
             f"({html.escape(', '.join(tasks))}; chance 0.5) of the best single latent (top-1) and of a logistic regression "
             "on the best 5, beside the random control and a dense probe on the residual stream; FVU on held-out corpus "
             f"text and on maths, code and non-English prompts.{verdict}</p>" + table)
+
+
+def _probing_verdict(rows: dict) -> str:
+    """How the trained SAEs' top-1 compares with the control's, counting a layer as a win or a loss only beyond two
+    standard errors of the difference (each side's binomial se; the test sets are small)."""
+    diffs = [(r["sae_top1"] - r["control_top1"], math.hypot(r.get("sae_top1_se", 0.0), r.get("control_top1_se", 0.0)))
+             for r in rows.values()]
+    ahead = sum(d > 0 for d, _ in diffs)
+    win = sum(d > 2 * se for d, se in diffs if se > 0)
+    loss = sum(d < -2 * se for d, se in diffs if se > 0)
+    mean_sae = sum(r["sae_top1"] for r in rows.values()) / len(rows)
+    mean_ctl = sum(r["control_top1"] for r in rows.values()) / len(rows)
+    plain = ("on sparse probing these SAEs are not yet distinguishable from random directions" if win < len(rows) / 2
+             else "the trained latents carry these concepts better than random directions")
+    return (f" Top-1, mean over layers: trained {mean_sae:.3f}, control {mean_ctl:.3f}; the trained SAEs are ahead at {ahead} "
+            f"of {len(rows)} layers, by more than two standard errors at {win}, behind by more than two at {loss}: {plain}.")
 
 
 def _trust(run: RunDir) -> str:

