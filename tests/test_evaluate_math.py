@@ -260,3 +260,9 @@ def test_known_values_exact_zero_and_mean_reconstructions(lm, data):
         assert r.fvu == pytest.approx(1.0, rel=1e-5)
         assert r.ce_clean == z.ce_clean and r.ce_zero == z.ce_zero
 
+
+
+def test_n_tokens_below_one_batch_runs_only_the_sequences_it_asks_for(lm, data):
+    saes = {n: TopKSAE(SAEConfig(d_model=D, d_sae=4 * D, k=8)) for n in LAYERS}
+    _, seen = _evaluate_recording(lm, {"sae": saes}, data=data, n_tokens=64, ctx_len=32, batch_size=4)
+    assert [tuple(ids.shape) for ids in seen] == [(2, 32)]  # 64 tokens: two sequences of 32, not a batch of 4

@@ -103,6 +103,8 @@ def evaluate_sets(
     ce_mean = dict.fromkeys(layers, 0.0)
     ce_clean = 0.0
     n_pred = 0
+    # Never more sequences than n_tokens asks for: a batch of 8 would make --n-tokens 1024 run (and cost) 2048.
+    batch_size = max(1, min(batch_size, math.ceil(n_tokens / ctx_len)))
     n_batches = max(1, math.ceil(n_tokens / (ctx_len * batch_size)))
     stream = batches(iter_texts(data, text_column=text_column, split=split), lm.tokenizer, ctx_len=ctx_len,
                      batch_size=batch_size, seed=1234, shuffle_buffer=1)

