@@ -158,3 +158,19 @@ def test_data_driven_decoder_init(tiny_qwen3, text_file, tmp_path):
     assert trainer._data_rows()[1].equal(rows)  # the init is reproducible (cos to init after a resume)
     with pytest.raises(SaescopeError, match="decoder_init must be one of random, data"):
         _cfg(tiny_qwen3, text_file, tmp_path, decoder_init="pca")
+
+
+def test_the_learning_rate_is_recorded_and_a_run_saved_without_one_resumes_at_gao_et_al_s(tiny_qwen3, text_file, tmp_path):
+    from saescope.sae import default_lr
+    from saescope.train.config import budget_lr
+
+    asked = _cfg(tiny_qwen3, text_file, tmp_path)  # 12 steps: the budget rule's 4x boost
+    trainer = Trainer(asked)
+    trainer.fit(stop_after_steps=4)
+    assert asked.lr is None  # the caller's config is not written into
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert saved["lr"] == pytest.approx(budget_lr(trainer.d_sae, 12)) == pytest.approx(4 * default_lr(trainer.d_sae))
+    # A run written before the budget rule recorded lr null and trained at Gao et al.'s rate: it goes on at that rate.
+    (tmp_path / "train.json").write_text(json.dumps(saved | {"lr": None}))
+    resumed = Trainer(TrainConfig.from_dict(json.loads((tmp_path / "train.json").read_text())))
+    assert resumed.load_checkpoint() and resumed.base_lr == pytest.approx(default_lr(resumed.d_sae))

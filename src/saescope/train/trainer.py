@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from saescope.activations import OutlierFilter
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
-from saescope.files import atomic_write_bytes, atomic_write_json
+from saescope.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.io import RunDir, save_native
 from saescope.io.formats import load_native
 from saescope.models import LoadedModel, capture, load_model
 from saescope.models.builtin import DEFAULT_MODEL
-from saescope.sae import SAEConfig, TopKSAE, Workspace
+from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.sae.cpu_kernels import kernels
 from saescope.schema import Field, check_record
 from saescope.train.config import TrainConfig, budget_lr, parse_layers
@@ -127,7 +127,7 @@ class Distributed:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, lm: LoadedModel | None = None, distributed: str | None = None):
-        self.cfg = cfg
+        self.cfg = cfg = replace(cfg)  # a copy: the resolved learning rate is written into it, not into the caller's
         self.dist = Distributed(distributed)
         self.device = resolve_device(cfg.device)
         if self.dist.on and self.device.type == "cuda":
@@ -145,6 +145,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
         self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
         self.base_lr = cfg.lr or budget_lr(self.d_sae, self.total_steps)
+        cfg.lr = self.base_lr  # recorded in train.json, so a resumed run keeps it whatever the defaults become
         self.step = 0
         self.checkpoint_error = ""
         self.batches_done = 0
@@ -447,6 +448,10 @@ class Trainer:
         except Exception as exc:
             raise SaescopeError(f"cannot resume from {path}: corrupt or truncated ({type(exc).__name__})") from exc
         _check_state(state, path, folder.name)
+        saved = read_json(self.run.train_config) if self.run.train_config.is_file() else {}
+        if isinstance(saved, dict) and "lr" in saved and saved["lr"] is None:
+            # Runs saved before the budget rule recorded no lr: they trained at Gao et al.'s rate, so go on at it.
+            self.base_lr = self.cfg.lr = default_lr(self.d_sae)
         if state["tokens"] != state["step"] * self.tokens_per_step:
             raise SaescopeError(f"{path}: {state['tokens']} tokens in {state['step']} steps does not match the run's "
                                 f"{self.tokens_per_step} tokens per step (train.json's batch_size and ctx_len)")
