@@ -155,9 +155,9 @@ def cmd_models(_a: argparse.Namespace) -> None:
         folder = cache_dir() / "models" / name
         state = str(folder) if (folder / "config.json").exists() else "not fetched yet"
         print(f"  {name:24} {state}\n  {'':24} {spec.description}")
-    from saescope.data.corpus import MIX_SHARES, MIX_VERSION
+    from saescope.data.corpus import MIX_SHARES, mix_file
 
-    corpus = cache_dir() / "corpus" / f"{MIX_VERSION}.jsonl"
+    corpus = mix_file()
     mix = ", ".join(f"{name} {share:.0%}" for name, share in MIX_SHARES.items())
     print(f"default corpus: {corpus if corpus.exists() else 'not built yet'} ({mix}; saescope.data.corpus)")
 

@@ -211,8 +211,14 @@ def passages_path() -> Path:
     return path
 
 
+def mix_file() -> Path:
+    """Where the mix is cached (built or not)."""
+    return cache_dir() / "corpus" / f"{MIX_VERSION}.jsonl"
+
+
 def mix_path() -> Path:
-    path = cache_dir() / "corpus" / f"{MIX_VERSION}.jsonl"
+    """The cached mix, built on first use."""
+    path = mix_file()
     if path.exists():
         return path
     sources = {}
