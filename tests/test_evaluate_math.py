@@ -47,11 +47,14 @@ def data(text_file) -> str:
 
 
 def _evaluate_recording(lm, sets, **kw):
-    """evaluate_sets, plus the distinct token batches the model was run on, in order."""
+    """evaluate_sets, plus the distinct token batches the model was run on, in order (the passes resumed from a
+    layer are given hidden states, not tokens)."""
     seen: list[torch.Tensor] = []
 
     def pre(_module, args, kwargs):
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
         if not any(torch.equal(ids, s) for s in seen):
             seen.append(ids.detach().clone())
 

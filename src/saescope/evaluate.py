@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from saescope.activations import OutlierFilter
 from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
-from saescope.models import LoadedModel, capture, layer_hooks
+from saescope.models import LoadedModel, capture, forward_from, layer_hooks
 from saescope.sae import TopKSAE
 from saescope.scope import check_fit
 
@@ -94,7 +94,8 @@ def evaluate_sets(
     split: str = "eval",
 ) -> dict[str, list[LayerEval]]:
     """Several SAE sets for the same layers (e.g. trained and control) on the same tokens: the clean and
-    zero-ablated forward passes are shared, only the spliced one is run per set."""
+    ablated forward passes are shared, only the spliced one is run per set. One clean pass per batch keeps every
+    layer's output; each spliced or ablated pass resumes from its layer (saescope.models.forward_from)."""
     layers = _ready(lm, sets)
     model, device = lm.model, lm.device
     acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
@@ -142,18 +143,13 @@ def evaluate_sets(
                 a["pass"] += int((~keep).sum())
                 a["tok"] += keep.numel()
                 spliced = torch.where(keep[:, None], x_hat, x).reshape(h.shape).to(h.dtype)
-                with layer_hooks(model, {n: lambda _h, rep=spliced: rep}):
-                    logits = model(input_ids=ids, use_cache=False).logits
+                logits = forward_from(model, n, spliced)
                 a["ce_sae"] += float(_next_token_ce(logits, ids))
                 logp = F.log_softmax(logits[:, :-1].float(), -1)
                 a["kl"] += float(F.kl_div(logp, clean_logp, log_target=True, reduction="sum"))
-            with layer_hooks(model, {n: torch.zeros_like}):
-                logits = model(input_ids=ids, use_cache=False).logits
-            ce_zero[n] += float(_next_token_ce(logits, ids))
+            ce_zero[n] += float(_next_token_ce(forward_from(model, n, torch.zeros_like(h)), ids))
             mean_ablated = (xk if len(xk) else x).mean(0).to(h.dtype).expand(h.shape).contiguous()
-            with layer_hooks(model, {n: lambda _h, rep=mean_ablated: rep}):
-                logits = model(input_ids=ids, use_cache=False).logits
-            ce_mean[n] += float(_next_token_ce(logits, ids))
+            ce_mean[n] += float(_next_token_ce(forward_from(model, n, mean_ablated), ids))
             bar.update(1)
         done += 1
     bar.close()

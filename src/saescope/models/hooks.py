@@ -7,6 +7,7 @@ and can stop the forward pass right after the last layer it needs.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -87,3 +88,53 @@ def capture(
         except _StopForward:
             pass
     return out
+
+
+class _Given(nn.Module):
+    """Stands in for decoder blocks 0..n while the rest of the network runs: blocks before n pass their input on,
+    block n outputs the given hidden state (in the block's own output type)."""
+
+    def __init__(self, hidden: Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        out = hidden_states if self.hidden is None else self.hidden
+        return (out,) if self.as_tuple else out
+
+
+# whether a model's decoder blocks return tuples (transformers before 4.54, GPT-2) or the hidden state alone
+_TUPLE_OUTPUT: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _blocks_return_tuples(model: nn.Module, device: torch.device) -> bool:
+    key = model
+    if key not in _TUPLE_OUTPUT:
+        seen: list[bool] = []
+        handle = decoder_layers(model)[0].register_forward_hook(lambda _m, _a, out: seen.append(isinstance(out, tuple)))
+        try:  # one token through the base model (no head): hooks a caller put on the model itself do not see it
+            with torch.no_grad():
+                getattr(model, "base_model", model)(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+        finally:
+            handle.remove()
+        _TUPLE_OUTPUT[key] = seen[0]
+    return _TUPLE_OUTPUT[key]
+
+
+@torch.no_grad()
+def forward_from(model: nn.Module, layer: int, hidden: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
+    """The logits of the model when decoder block `layer` outputs `hidden` (batch, seq, d_model): the same as a full
+    forward with that output spliced in (layer_hooks), but blocks 0..layer are not run. The model itself runs the
+    rest (its masks, position embeddings, final norm, head and any soft-capping), so every architecture it supports
+    is resumed alike; the embedding is fed `hidden` only for its shape and dtype."""
+    check_layers(model, [layer])
+    blocks = decoder_layers(model)
+    as_tuple = _blocks_return_tuples(model, hidden.device)
+    kept = [blocks[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer + 1):
+            blocks[i] = _Given(hidden if i == layer else None, as_tuple)
+        return model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        for i, block in enumerate(kept):
+            blocks[i] = block
