@@ -29,6 +29,7 @@ PRESET_SHAPES = {"16x-k50": (16, 50), "16x-k100": (16, 100), "64x-k100": (64, 10
     ("max_tokens", -5, r"max_tokens must be >= 1"),
     ("checkpoint_every", 0, r"checkpoint_every must be >= 1"),
     ("shuffle_buffer", 0, r"shuffle_buffer must be >= 1"),
+    ("activation_buffer", -1, r"activation_buffer must be >= 0, got -1"),
     ("k", 0, r"^k must be >= 1, got 0"),
     ("k", 2.5, r"^k must be an integer"),
     ("expansion", 0, r"expansion must be >= 1"),
@@ -151,6 +152,7 @@ valid_configs = st.builds(
     seed=st.integers(0, 2**63),
     data_seed=st.none() | st.integers(0, 2**31),
     skip_first_token=st.booleans(),
+    activation_buffer=st.integers(0, 2**20),
     extra=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
 )
 
@@ -169,7 +171,7 @@ KINDS = {
     **dict.fromkeys(("model", "data", "out", "text_column", "layers", "preset", "model_dtype", "sae_dtype", "device",
                      "model_device_map", "decoder_init"), str),
     **dict.fromkeys(("expansion", "k", "ctx_len", "batch_size", "max_tokens", "dead_tokens", "checkpoint_every",
-                     "log_every", "seed", "data_seed", "shuffle_buffer"), int),
+                     "log_every", "seed", "data_seed", "shuffle_buffer", "activation_buffer"), int),
     **dict.fromkeys(("lr", "lr_decay_frac", "auxk_alpha", "outlier_factor"), float),
     **dict.fromkeys(("skip_first_token", "load_in_8bit"), bool),
     "extra": dict,
@@ -224,3 +226,9 @@ def test_the_default_learning_rate_follows_the_number_of_steps():
     assert budget_lr(4608, 1024) == pytest.approx(2 * gao)  # sqrt(4096 / 1024)
     assert budget_lr(4608, 256) == pytest.approx(4 * gao)  # sqrt(16) = 4, the cap
     assert budget_lr(4608, 1) == pytest.approx(4 * gao)
+
+
+def test_a_config_saved_before_the_activation_buffer_reads_as_without_one():
+    d = _through_json(TrainConfig())
+    assert d.pop("activation_buffer") == 8192
+    assert TrainConfig.from_dict(d).activation_buffer == 0  # those runs trained each step on its own sequences

@@ -15,7 +15,8 @@ from saescope.train import TrainConfig, Trainer
 
 def _cfg(model, data, out, batch_size, steps) -> TrainConfig:
     return TrainConfig(model=str(model), data=str(data), out=str(out), preset=None, expansion=4, k=8, ctx_len=32,
-                       batch_size=batch_size, max_tokens=32 * 4 * steps, checkpoint_every=3, log_every=1, dead_tokens=256)
+                       batch_size=batch_size, max_tokens=32 * 4 * steps, checkpoint_every=3, log_every=1, dead_tokens=256,
+                       activation_buffer=0)  # one process shuffling 4 sequences is not two shuffling 2 each
 
 
 def _worker(rank: int, world: int, port: int, model, data, out, batch_size: int, steps: int, mode: str) -> None:

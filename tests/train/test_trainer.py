@@ -37,8 +37,10 @@ def test_training_lowers_fvu_on_every_layer(tiny_qwen3, text_file, tmp_path):
     assert all(torch.allclose(s.W_dec.norm(dim=1), torch.ones(s.d_sae), atol=1e-5) for s in saes.values())
 
 
-def test_resume_after_crash_equals_uninterrupted(tiny_qwen3, text_file, tmp_path, monkeypatch):
-    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "straight")).fit()
+# 384 tokens = 3 steps of 128 shuffled together: the crash at step 6 falls inside the window of steps 4-6
+@pytest.mark.parametrize("buffer", [0, 384])
+def test_resume_after_crash_equals_uninterrupted(tiny_qwen3, text_file, tmp_path, monkeypatch, buffer):
+    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "straight", activation_buffer=buffer)).fit()
     want = _weights(tmp_path / "straight")
 
     original = Trainer._train_layer
@@ -50,16 +52,42 @@ def test_resume_after_crash_equals_uninterrupted(tiny_qwen3, text_file, tmp_path
 
     monkeypatch.setattr(Trainer, "_train_layer", crash_at_step_6)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "crashed")).fit()
+        Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "crashed", activation_buffer=buffer)).fit()
     monkeypatch.setattr(Trainer, "_train_layer", original)
     assert (tmp_path / "crashed" / "latest").read_text().strip() == "checkpoints/step-00000004"
-    resumed = Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "crashed"))
+    resumed = Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "crashed", activation_buffer=buffer))
     assert resumed.load_checkpoint() and resumed.step == 4
     resumed.fit()
     got = _weights(tmp_path / "crashed")
     for n in want:
         for p in want[n]:
             assert torch.equal(got[n][p], want[n][p]), (n, p)
+
+
+def test_the_activation_buffer_shuffles_tokens_across_a_window(tiny_qwen3, text_file, tmp_path):
+    tr = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, layers="0,2", activation_buffer=512))
+    # 4 batches of 4 sequences x 32 tokens; each token's value says which batch it came from
+    captured = [{n: torch.full((4, 32, tr.lm.d_model), float(b)) + torch.arange(128.0).reshape(4, 32, 1) / 1000
+                 for n in (0, 2)} for b in range(4)]
+    steps = list(tr._window(captured))
+    assert len(steps) == 4
+    for n in (0, 2):
+        rows = torch.cat([s[n] for s in steps])
+        assert rows.shape == (512, tr.lm.d_model)
+        # every captured token once: the window is a permutation of its batches' tokens
+        want = torch.cat([tr._tokens(c[n]) for c in captured])
+        assert torch.equal(rows[:, 0].sort().values, want[:, 0].sort().values)
+        for s in steps:  # and each step draws from every batch of the window
+            assert set(s[n][:, 0].floor().tolist()) == {0.0, 1.0, 2.0, 3.0}
+    again = list(tr._window(captured))  # seeded by the data seed and the step: a resumed run draws the same
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(steps, again))
+
+
+def test_a_buffer_smaller_than_a_step_changes_nothing(tiny_qwen3, text_file, tmp_path):
+    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "off", activation_buffer=0, max_tokens=32 * 4 * 4)).fit()
+    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "small", activation_buffer=127, max_tokens=32 * 4 * 4)).fit()
+    off, small = _weights(tmp_path / "off"), _weights(tmp_path / "small")
+    assert all(torch.equal(off[n][p], small[n][p]) for n in off for p in off[n])
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),

@@ -36,6 +36,17 @@ def budget_lr(d_sae: int, total_steps: int) -> float:
     return default_lr(d_sae) * boost
 
 
+# Tokens whose activations are shuffled together (bench/RESULTS.md, issue 15): a step of 2 sequences trains on 2
+# documents; drawn from a window of 32, its tokens are close to independent. The default costs a 30-layer run of a
+# 576-wide model 0.57 GB and leaves runs whose steps already hold this many tokens (GPU batches) as they were.
+ACTIVATION_BUFFER = 8192
+
+
+def buffer_steps(activation_buffer: int, step_tokens: int) -> int:
+    """Steps whose activations are shuffled together (1 = each step on its own sequences)."""
+    return max(1, activation_buffer // step_tokens)
+
+
 MAX_LAYERS = 10_000  # a bound for layer lists read before the model is known (no model has this many layers)
 
 
@@ -107,6 +118,9 @@ class TrainConfig:
     seed: int = config_field(0, "initialisation; also the data order unless --data-seed is set")
     data_seed: int | None = config_field(None, "seed of the data order (default: --seed); vary it alone to test data-order stability")
     shuffle_buffer: int = config_field(512, "sequences in the shuffle buffer of the data stream")
+    activation_buffer: int = config_field(ACTIVATION_BUFFER, "tokens of activations shuffled together: when a step holds "
+                                          "fewer, the LM runs several steps' sequences first and each step trains on "
+                                          "tokens drawn from all of them; 0 = each step trains on its own sequences")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +135,7 @@ class TrainConfig:
         for name in ("expansion", "k"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name, kind=int, min=1)
+        check_number(self.activation_buffer, "activation_buffer", kind=int, min=0)
         for name in ("seed", "data_seed"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name, kind=int, min=0)
@@ -157,6 +172,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: object, origin: str = "train config") -> TrainConfig:
         """A config read from a file: every field's type checked (naming the file and field), then its range."""
+        if isinstance(d, dict) and "activation_buffer" not in d:
+            d = {**d, "activation_buffer": 0}  # saved before the field existed: those runs trained step by step
         try:
             return cls(**check_dataclass(cls, d, origin))
         except SaescopeError as exc:

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from saescope.models.builtin import DEFAULT_MODEL
 from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.sae.cpu_kernels import kernels
 from saescope.schema import Field, check_record
-from saescope.train.config import TrainConfig, budget_lr, parse_layers
+from saescope.train.config import TrainConfig, budget_lr, buffer_steps, parse_layers
 
 
 def _write_error(exc: BaseException, folder: Path) -> str:
@@ -224,23 +225,51 @@ class Trainer:
                           dropped=torch.zeros((), dtype=torch.long, device=dev), acc=torch.zeros(4, device=dev))
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self, acts: dict[int, Tensor]) -> None:
-        """All layers on one batch. The only host syncs: one for the finiteness and dead counts of
-        every layer together (needed to skip a batch and to size AuxK's top-k)."""
-        flags = torch.stack([torch.isfinite(acts[n]).all().long().to(self.device) for n in self.layers]
-                            + [(self.states[n].since_fired >= self.cfg.dead_tokens).sum() for n in self.layers])
+    def _tokens(self, acts: Tensor) -> Tensor:
+        """One layer's captured (batch, seq, d_model) activations as the (tokens, d_model) rows a step trains on."""
+        if self.cfg.skip_first_token:
+            acts = acts[:, 1:]
+        return acts.reshape(-1, acts.shape[-1])
+
+    def _window(self, captured: list[dict[int, Tensor]]) -> Iterator[dict[int, Tensor]]:
+        """The steps of one window of captured batches: per step, per layer, the (tokens, d_model) rows to train on.
+
+        A layer's batch holding NaN/inf is left out of that layer's window (warned, counted; in dp mode on every
+        rank alike), so the layer sits out a step. With more than one batch, each layer's tokens are shuffled across
+        the window (seeded by the run's data seed and the window's first step, so a resumed run draws the same)."""
+        finite = torch.stack([torch.isfinite(acts[n]).all() for acts in captured for n in self.layers]).long()
         if self.dist.dp:
-            finite = flags[: len(self.layers)].clone()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            flags[: len(self.layers)] = finite
-        host = flags.tolist()
+        ok = torch.tensor(finite.tolist()).reshape(len(captured), len(self.layers)).bool()
+        seed = self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + self.step)
+        pools: dict[int, tuple[Tensor, Tensor, int]] = {}
         for i, n in enumerate(self.layers):
-            if not host[i]:
-                st = self.states[n]
+            st = self.states[n]
+            for _ in range(int((~ok[:, i]).sum())):
                 st.nonfinite_batches += 1
-                warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=2)
-                continue
-            self._train_layer(n, acts[n], n_dead=host[len(self.layers) + i])
+                warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=3)
+            rows = [self._tokens(acts[n]) for acts, good in zip(captured, ok[:, i].tolist()) if good]
+            if rows:
+                x = torch.cat(rows) if len(rows) > 1 else rows[0]
+                order = torch.randperm(len(x), generator=gen).to(x.device) if len(captured) > 1 else None
+                pools[n] = (x, order, len(rows[0]))
+        for j in range(len(captured)):
+            step: dict[int, Tensor] = {}
+            for n, (x, order, size) in pools.items():
+                if (j + 1) * size <= len(x):
+                    step[n] = x if order is None else x[order[j * size:(j + 1) * size]]
+            yield step
+
+    def _train_step(self, xs: dict[int, Tensor]) -> None:
+        """All layers on one step's (tokens, d_model) rows; a layer not in xs sits the step out. The only host sync:
+        the dead counts of every layer together (they size AuxK's top-k)."""
+        layers = [n for n in self.layers if n in xs]
+        if not layers:
+            return
+        dead = torch.stack([(self.states[n].since_fired >= self.cfg.dead_tokens).sum() for n in layers]).tolist()
+        for n, n_dead in zip(layers, dead):
+            self._train_layer(n, xs[n], n_dead=n_dead)
 
     def lr_scale(self) -> float:
         """Constant, then linear decay to 0 over the last lr_decay_frac of the steps (a function of the
@@ -251,11 +280,9 @@ class Trainer:
         remaining = (self.total_steps - self.step) / (frac * self.total_steps)
         return max(0.0, min(1.0, remaining))
 
-    def _train_layer(self, n: int, acts: Tensor, n_dead: int) -> None:
+    def _train_layer(self, n: int, x: Tensor, n_dead: int) -> None:
         st, sae = self.states[n], self.states[n].sae
-        if self.cfg.skip_first_token:
-            acts = acts[:, 1:]
-        x = acts.reshape(-1, acts.shape[-1]).to(self.device, torch.float32)
+        x = x.to(self.device, torch.float32)
         keep = st.norm_filter.keep(x, gather=self.dist.gather_cat)
         w = keep.float()
         st.seen += x.shape[0] * (self.dist.world if self.dist.dp else 1)
@@ -308,29 +335,41 @@ class Trainer:
         log = open(self.run.train_log, "a") if self.dist.rank == 0 else None
         started, steps_run = time.perf_counter(), 0
         last_log_t, last_log_tokens = started, self.tokens
+        window = buffer_steps(cfg.activation_buffer, cfg.batch_size * cfg.ctx_len)
+        data = iter(stream)
         try:
-            for i, batch in enumerate(stream):
-                if self.step >= total_steps or (stop_after_steps is not None and steps_run >= stop_after_steps):
+            while self.step < total_steps and (stop_after_steps is None or steps_run < stop_after_steps):
+                # A window ends at the next checkpoint, so a run resumed from one draws the windows it would have.
+                size = min(window, total_steps - self.step, cfg.checkpoint_every - self.step % cfg.checkpoint_every)
+                if stop_after_steps is not None:
+                    size = min(size, stop_after_steps - steps_run)
+                captured = []
+                while len(captured) < size:
+                    batch = next(data, None)
+                    if batch is None:
+                        break
+                    self.batches_done += 1
+                    if self.dist.dp and (self.batches_done - 1) % self.dist.world != self.dist.rank:
+                        continue
+                    captured.append(capture(self.lm.model, batch.to(self.lm.device), self.layers))
+                if not captured:
                     break
-                self.batches_done += 1
-                if self.dist.dp and i % self.dist.world != self.dist.rank:
-                    continue
-                acts = capture(self.lm.model, batch.to(self.lm.device), self.layers)
-                self._train_step(acts)
-                del acts
-                self.step += 1
-                steps_run += 1
-                self.tokens += tokens_per_step
-                bar.update(tokens_per_step)
-                if self.step % cfg.log_every == 0 or self.step == total_steps:
-                    now = time.perf_counter()
-                    rec = self._log_record((self.tokens - last_log_tokens) / max(now - last_log_t, 1e-9), now - started)
-                    last_log_t, last_log_tokens = now, self.tokens
-                    if log:
-                        log.write(json.dumps(rec) + "\n")
-                        log.flush()
-                    mean_fvu = sum(v["fvu"] for v in rec["layers"].values()) / max(len(rec["layers"]), 1)
-                    bar.set_postfix(fvu=f"{mean_fvu:.3f}", step=self.step)
+                for xs in self._window(captured):
+                    self._train_step(xs)
+                    self.step += 1
+                    steps_run += 1
+                    self.tokens += tokens_per_step
+                    bar.update(tokens_per_step)
+                    if self.step % cfg.log_every == 0 or self.step == total_steps:
+                        now = time.perf_counter()
+                        rec = self._log_record((self.tokens - last_log_tokens) / max(now - last_log_t, 1e-9), now - started)
+                        last_log_t, last_log_tokens = now, self.tokens
+                        if log:
+                            log.write(json.dumps(rec) + "\n")
+                            log.flush()
+                        mean_fvu = sum(v["fvu"] for v in rec["layers"].values()) / max(len(rec["layers"]), 1)
+                        bar.set_postfix(fvu=f"{mean_fvu:.3f}", step=self.step)
+                del captured
                 if self.step % cfg.checkpoint_every == 0 and self.step < total_steps:
                     self.save_checkpoint()
         finally:
