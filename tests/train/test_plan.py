@@ -21,3 +21,13 @@ def test_plan_moe_active_parameters_and_dp():
     assert p.tokens_per_s == pytest.approx(8 * one.tokens_per_s)
     with pytest.raises(SaescopeError, match="mode"):
         make_plan("Qwen/Qwen3-8B", expansion=16, k=50, mode="zero3", tflops=1)
+
+
+def test_plan_counts_the_shuffled_window_when_steps_are_smaller_than_the_buffer():
+    def acts(tokens_per_step, buffer):  # Qwen3-1.7B: 28 layers of d_model 2048, 16x: d_sae 32768
+        return make_plan("Qwen/Qwen3-1.7B", expansion=16, k=50, tokens_per_step=tokens_per_step, tflops=400,
+                         activation_buffer=buffer).activations_gb_per_gpu
+    pre = 2048 * 32768 * 2 * 2 / 1e9  # one step's dense pre-activations, bf16, and their gradient
+    assert acts(2048, 0) == pytest.approx(2048 * 28 * 2048 * 4 / 1e9 + pre)
+    assert acts(2048, 8192) == pytest.approx(4 * 2048 * 28 * 2048 * 4 / 1e9 + pre)  # a window of 4 steps
+    assert acts(16384, 8192) == acts(16384, 0)  # steps as large as the buffer: no window

@@ -118,7 +118,8 @@ FLAG_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
         "tokens_per_step", "shuffle_buffer", "per_class", "fvu_tokens")},
     "ctx_len": (int, 2, None, False),
     "gpus": (int, 1, None, False),
-    **{name: (int, 0, None, False) for name in ("seed", "data_seed", "eval_tokens", "layer", "feature", "contexts")},
+    **{name: (int, 0, None, False) for name in ("seed", "data_seed", "eval_tokens", "layer", "feature", "contexts",
+                                                "activation_buffer")},
     "stability.n_tokens": (int, 0, None, False),  # 0 = compare decoders only
     "port": (int, 0, 65535, False),
     "lr": (float, 0, None, True),

@@ -2,8 +2,9 @@
 
 Memory is counted exactly from the model's config (parameters counted on the meta device) and the
 SAE shapes: fp32 master weights, their gradients and Adam's two moments = 16 bytes per SAE
-parameter, plus the LM weights, the captured activations of one step and one layer's dense
-pre-activations (the only tokens x d_sae tensor the trainer builds). Time comes from a matmul of
+parameter, plus the LM weights, the captured activations of one step (of the shuffled window when steps are
+smaller than the activation buffer) and one layer's dense pre-activations (the only tokens x d_sae tensor the
+trainer builds). Time comes from a matmul of
 the SAE's encoder shape timed on this machine (its achieved FLOP rate also prices the LM forward at
 2 FLOPs per active parameter per token), or from a FLOP rate given with --tflops for another machine.
 """
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from saescope.errors import SaescopeError
+from saescope.train.config import ACTIVATION_BUFFER, buffer_steps
 
 # Configs of the Qwen-Scope backbones, so a plan needs no hub access (values from their config.json).
 KNOWN_CONFIGS = {
@@ -100,7 +102,7 @@ def measured_tflops(d_model: int, d_sae: int, device: torch.device, dtype: torch
 
 
 def make_plan(model: str, *, expansion: int, k: int, gpus: int = 1, mode: str = "layers", tokens_per_step: int = 16384,
-              tflops: float | None = None, lm_bytes: int = 2) -> Plan:
+              tflops: float | None = None, lm_bytes: int = 2, activation_buffer: int = ACTIVATION_BUFFER) -> Plan:
     if mode not in ("layers", "dp"):
         raise SaescopeError(f"mode must be layers or dp, got {mode!r}")
     cfg = _config(model)
@@ -112,7 +114,8 @@ def make_plan(model: str, *, expansion: int, k: int, gpus: int = 1, mode: str = 
     layers_per_gpu = -(-n_layers // gpus) if mode == "layers" else n_layers
     step_tokens = tokens_per_step if mode == "layers" else tokens_per_step // gpus
     sae_gb = layers_per_gpu * sae_params * 16 / 1e9
-    acts_gb = (step_tokens * layers_per_gpu * d_model * 4 + step_tokens * d_sae * 2 * 2) / 1e9
+    held = buffer_steps(activation_buffer, step_tokens) * step_tokens  # a step's tokens, or the shuffled window's
+    acts_gb = (held * layers_per_gpu * d_model * 4 + step_tokens * d_sae * 2 * 2) / 1e9
     lm_gb = total * lm_bytes / 1e9
     if tflops is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
