@@ -24,7 +24,7 @@ DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifev
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/saescope models
-	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --dead-tokens 50000 --checkpoint-every 64 --out runs/demo
+	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --dead-tokens 50000 --checkpoint-every 128 --out runs/demo
 	$(BIN)/saescope control random --like runs/demo --out runs/demo/control
 	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 1024
 	$(BIN)/saescope quality --sae runs/demo --control runs/demo/control

@@ -20,6 +20,7 @@ from saescope.control_sets import make_controls
 from saescope.evaluate import evaluate_sets
 from saescope.files import atomic_write_json
 from saescope.io import decoder_cos_to_init, load_saes
+from saescope.models import load_model
 from saescope.probing import probe_sets, sparse_probing
 from saescope.quality import quality_report
 from saescope.scope import Scope
@@ -51,15 +52,16 @@ def main() -> None:
     p.add_argument("--json", default=None, help="results file (default: OUT/ablation.json)")
     a = p.parse_args()
     probes = probe_sets(per_class=a.per_class)
-    results, lm = {}, None
+    results, lm, train_lm = {}, None, None
     for spec in a.variant or ["base:"]:
         name, values = _variant(spec)
         out = Path(a.out) / name
         cfg = TrainConfig(layers=a.layers, max_tokens=a.max_tokens, preset=a.preset, out=str(out), **values)
         start = time.perf_counter()
-        trainer = Trainer(cfg, lm=lm)
+        trainer = Trainer(cfg, lm=train_lm)
         summary = trainer.fit()
-        lm = trainer.lm
+        train_lm = trainer.lm  # in bf16 on a CPU with native bf16 (the trainer's auto); measured in fp32 below
+        lm = lm or load_model(cfg.model, dtype="fp32")
         seconds = time.perf_counter() - start
         saes = load_saes(out)
         control = make_controls(saes, seed=1)

@@ -22,6 +22,9 @@ if SHARED.is_dir():  # saescope finds the shared data only where it is told (an 
     os.environ.setdefault("SAESCOPE_SHARED_DATA", str(SHARED))
 
 torch.set_num_threads(2)
+# The suite's numbers must not depend on which CPU runs it: `auto` would put the LM in bf16 on CPUs with native bf16.
+# tests/test_system.py tests that choice itself.
+os.environ.setdefault("SAESCOPE_CPU_DTYPE", "fp32")
 # An unexpected exception shows its traceback in every CLI run of the suite (the user sees one line): a test that
 # expects a clean error fails on a real bug instead of passing on the guard's line.
 os.environ.setdefault("SAESCOPE_DEBUG", "1")

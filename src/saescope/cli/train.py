@@ -122,7 +122,7 @@ def _after_training(a: argparse.Namespace, trainer, summary: dict) -> None:
     """What the command prints after a run, and the evaluation --eval-tokens asks for."""
     cfg = trainer.cfg
     print(f"trained {len(trainer.layers)} SAEs (d_sae {trainer.d_sae}, k {trainer.k}) on {summary['tokens']} tokens "
-          f"in {summary['elapsed_s']:.0f}s ({summary['tokens_per_s']:.0f} tok/s); SAEs in {cfg.out}")
+          f"in {summary['elapsed_s']:.0f}s ({summary['tokens_per_s']:.0f} tok/s, LM in {summary['model_dtype']}); SAEs in {cfg.out}")
     dropped = {n: v["dropped"] for n, v in summary["layers"].items()}
     print("outlier filter dropped tokens per layer: " + ", ".join(f"{n}:{d}" for n, d in dropped.items()))
     if a.eval_tokens > 0:

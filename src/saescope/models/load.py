@@ -46,6 +46,10 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks whose outputs are the hook points (`layer{n}` = output of block n)."""

@@ -35,6 +35,7 @@ from saescope.models.builtin import DEFAULT_MODEL
 from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.sae.cpu_kernels import kernels
 from saescope.schema import Field, check_record
+from saescope.system import cpu_lm_dtype
 from saescope.train.config import TrainConfig, budget_lr, buffer_steps, parse_layers
 
 
@@ -66,10 +67,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, *, lm: bool = False) -> torch.dtype:
+    """A dtype name; `auto` is bf16 on GPU. On CPU it is fp32 for the SAE's encoder product (bf16 pre-activations
+    would change which latents top-k keeps) and, for the language model (lm=True), bf16 where this CPU multiplies
+    bf16 much faster than fp32 (measured once per machine: saescope.system.cpu_lm_dtype)."""
     if name == "auto":
-        # bf16 matmuls are only fast on GPUs and CPUs with native bf16 (AMX / avx512_bf16).
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return cpu_lm_dtype() if lm else torch.float32
     from saescope.models import parse_dtype
 
     return parse_dtype(name)
@@ -133,7 +138,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.on and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.lm = lm or load_model(cfg.model, dtype=resolve_dtype(cfg.model_dtype, self.device), device=str(self.device),
+        self.lm = lm or load_model(cfg.model, dtype=resolve_dtype(cfg.model_dtype, self.device, lm=True), device=str(self.device),
                                    device_map=cfg.model_device_map, load_in_8bit=cfg.load_in_8bit)
         self.compute_dtype = resolve_dtype(cfg.sae_dtype, self.device)
         self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
@@ -385,6 +390,7 @@ class Trainer:
                                                                   "--resume to finish from it" if latest else "no checkpoint was kept"))
         elapsed = time.perf_counter() - started
         summary = {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
+                   "model_dtype": str(self.lm.dtype).removeprefix("torch."),
                    "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
                    "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches,
                                   "decoder_cos_to_init": self.decoder_cos_to_init(n)}
