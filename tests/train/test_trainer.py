@@ -66,28 +66,34 @@ def test_resume_after_crash_equals_uninterrupted(tiny_qwen3, text_file, tmp_path
 
 def test_the_activation_buffer_shuffles_tokens_across_a_window(tiny_qwen3, text_file, tmp_path):
     tr = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, layers="0,2", activation_buffer=512))
-    # 4 batches of 4 sequences x 32 tokens; each token's value says which batch it came from
-    captured = [{n: torch.full((4, 32, tr.lm.d_model), float(b)) + torch.arange(128.0).reshape(4, 32, 1) / 1000
+
+    def captured():  # 4 batches of 4 sequences x 32 tokens; each token's value says which batch it came from
+        return [{n: torch.full((4, 32, tr.lm.d_model), float(b)) + torch.arange(128.0).reshape(4, 32, 1) / 1000
                  for n in (0, 2)} for b in range(4)]
-    steps = list(tr._window(captured))
-    assert len(steps) == 4
+
+    window = captured()
+    want = {n: torch.cat([tr._tokens(c[n]) for c in window]) for n in (0, 2)}
+    steps = list(tr._window(window))
+    assert len(steps) == 4 and all(not c for c in window)  # the captured batches are handed over, not kept twice
     for n in (0, 2):
         rows = torch.cat([s[n] for s in steps])
         assert rows.shape == (512, tr.lm.d_model)
         # every captured token once: the window is a permutation of its batches' tokens
-        want = torch.cat([tr._tokens(c[n]) for c in captured])
-        assert torch.equal(rows[:, 0].sort().values, want[:, 0].sort().values)
+        assert torch.equal(rows[:, 0].sort().values, want[n][:, 0].sort().values)
         for s in steps:  # and each step draws from every batch of the window
             assert set(s[n][:, 0].floor().tolist()) == {0.0, 1.0, 2.0, 3.0}
-    again = list(tr._window(captured))  # seeded by the data seed and the step: a resumed run draws the same
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(steps, again))
+    again = list(tr._window(captured()))  # seeded by the data seed, the step and the layer: a resume draws the same
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(steps, again) for n in (0, 2))
+    assert not torch.equal(steps[0][0], steps[0][2])  # each layer its own draw
 
 
-def test_a_buffer_smaller_than_a_step_changes_nothing(tiny_qwen3, text_file, tmp_path):
-    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "off", activation_buffer=0, max_tokens=32 * 4 * 4)).fit()
-    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "small", activation_buffer=127, max_tokens=32 * 4 * 4)).fit()
-    off, small = _weights(tmp_path / "off"), _weights(tmp_path / "small")
-    assert all(torch.equal(off[n][p], small[n][p]) for n in off for p in off[n])
+def test_with_a_buffer_a_layer_trains_the_same_whichever_layers_train_beside_it(tiny_qwen3, text_file, tmp_path):
+    """What layer sharding (--distributed layers) relies on: layer 2 alone equals layer 2 among 0, 1, 2."""
+    kw = dict(activation_buffer=512, max_tokens=32 * 4 * 8)
+    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "all", **kw)).fit()
+    Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "one", layers="2", **kw)).fit()
+    every, alone = _weights(tmp_path / "all"), _weights(tmp_path / "one")
+    assert all(torch.equal(every[2][p], alone[2][p]) for p in alone[2])
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),

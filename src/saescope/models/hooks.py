@@ -94,8 +94,13 @@ class _Given(nn.Module):
     """Stands in for decoder blocks 0..n while the rest of the network runs: blocks before n pass their input on,
     block n outputs the given hidden state (in the block's own output type)."""
 
-    def __init__(self, hidden: Tensor | None, as_tuple: bool):
+    def __init__(self, block: nn.Module, hidden: Tensor | None, as_tuple: bool):
         super().__init__()
+        # The model's loop may read plain attributes of its blocks (transformers 4.5x picks each block's mask by
+        # `attention_type`): the stand-in carries the block's own.
+        for name, value in vars(block).items():
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, name, value)
         self.hidden, self.as_tuple = hidden, as_tuple
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
@@ -133,7 +138,7 @@ def forward_from(model: nn.Module, layer: int, hidden: Tensor, *, attention_mask
     kept = [blocks[i] for i in range(layer + 1)]
     try:
         for i in range(layer + 1):
-            blocks[i] = _Given(hidden if i == layer else None, as_tuple)
+            blocks[i] = _Given(kept[i], hidden if i == layer else None, as_tuple)
         return model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
     finally:
         for i, block in enumerate(kept):

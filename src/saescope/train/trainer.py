@@ -8,6 +8,7 @@ rank trains its share of the SAEs on the same batches).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -78,6 +79,12 @@ def resolve_dtype(name: str, device: torch.device, *, lm: bool = False) -> torch
     from saescope.models import parse_dtype
 
     return parse_dtype(name)
+
+
+def _window_seed(seed: int, step: int, layer: int) -> int:
+    """A 63-bit seed for one layer's shuffle of the window starting at `step` (any data seed fits)."""
+    digest = hashlib.sha256(f"saescope-window:{seed}:{step}:{layer}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass
@@ -241,23 +248,28 @@ class Trainer:
 
         A layer's batch holding NaN/inf is left out of that layer's window (warned, counted; in dp mode on every
         rank alike), so the layer sits out a step. With more than one batch, each layer's tokens are shuffled across
-        the window (seeded by the run's data seed and the window's first step, so a resumed run draws the same)."""
-        finite = torch.stack([torch.isfinite(acts[n]).all() for acts in captured for n in self.layers]).long()
+        the window (seeded by the run's data seed, the window's first step and the layer, so a resumed run draws the
+        same, and a layer draws the same whichever other layers train). The captured batches are emptied."""
+        finite = torch.stack([torch.isfinite(acts[n]).all().to(self.device) for acts in captured for n in self.layers]).long()
         if self.dist.dp:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         ok = torch.tensor(finite.tolist()).reshape(len(captured), len(self.layers)).bool()
         seed = self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + self.step)
-        pools: dict[int, tuple[Tensor, Tensor, int]] = {}
+        pools: dict[int, tuple[Tensor, Tensor | None, int]] = {}
         for i, n in enumerate(self.layers):
             st = self.states[n]
             for _ in range(int((~ok[:, i]).sum())):
                 st.nonfinite_batches += 1
                 warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=3)
-            rows = [self._tokens(acts[n]) for acts, good in zip(captured, ok[:, i].tolist()) if good]
+            # popped: the window is held once, as the layers' pools, not also as the captured batches
+            rows = [self._tokens(acts.pop(n)) for acts in captured]
+            rows = [r for r, good in zip(rows, ok[:, i].tolist()) if good]
             if rows:
                 x = torch.cat(rows) if len(rows) > 1 else rows[0]
-                order = torch.randperm(len(x), generator=gen).to(x.device) if len(captured) > 1 else None
+                order = None
+                if len(captured) > 1:  # each layer its own draw: a layer's SAE does not depend on which others train
+                    gen = torch.Generator().manual_seed(_window_seed(seed, self.step, n))
+                    order = torch.randperm(len(x), generator=gen).to(x.device)
                 pools[n] = (x, order, len(rows[0]))
         for j in range(len(captured)):
             step: dict[int, Tensor] = {}
@@ -344,7 +356,8 @@ class Trainer:
         data = iter(stream)
         try:
             while self.step < total_steps and (stop_after_steps is None or steps_run < stop_after_steps):
-                # A window ends at the next checkpoint, so a run resumed from one draws the windows it would have.
+                # A window ends at the next checkpoint, so a run resumed from one draws the windows it would have
+                # (stop_after_steps and a resume with another --checkpoint-every move the windows: same data, other draws).
                 size = min(window, total_steps - self.step, cfg.checkpoint_every - self.step % cfg.checkpoint_every)
                 if stop_after_steps is not None:
                     size = min(size, stop_after_steps - steps_run)
