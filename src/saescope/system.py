@@ -43,13 +43,19 @@ BF16_MIN_SPEEDUP = 1.5  # the LM forward goes bf16 on a CPU only when bf16 matmu
 _SPEEDUP: dict[str, float] = {}
 
 
-def _cpu_key() -> str:
-    flags = platform.processor()
+def cpu_flags() -> str:
+    """This CPU's feature flags (/proc/cpuinfo), for caches that must not outlive a change of CPU."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
         pass
-    return hashlib.sha256((flags + torch.__version__).encode()).hexdigest()[:12]
+    return platform.processor()
+
+
+def _cpu_key() -> str:
+    return hashlib.sha256((cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
 
 
 def _time_matmuls(rounds: int = 7) -> tuple[float, float]:

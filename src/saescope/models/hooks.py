@@ -113,8 +113,7 @@ _TUPLE_OUTPUT: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDicti
 
 
 def _blocks_return_tuples(model: nn.Module, device: torch.device) -> bool:
-    key = model
-    if key not in _TUPLE_OUTPUT:
+    if model not in _TUPLE_OUTPUT:
         seen: list[bool] = []
         handle = decoder_layers(model)[0].register_forward_hook(lambda _m, _a, out: seen.append(isinstance(out, tuple)))
         try:  # one token through the base model (no head): hooks a caller put on the model itself do not see it
@@ -122,8 +121,8 @@ def _blocks_return_tuples(model: nn.Module, device: torch.device) -> bool:
                 getattr(model, "base_model", model)(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
         finally:
             handle.remove()
-        _TUPLE_OUTPUT[key] = seen[0]
-    return _TUPLE_OUTPUT[key]
+        _TUPLE_OUTPUT[model] = seen[0]
+    return _TUPLE_OUTPUT[model]
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import platform
 import sys
 import warnings
 from pathlib import Path
@@ -23,20 +22,10 @@ import torch
 from torch import Tensor
 
 from saescope.cache import cache_dir
+from saescope.system import cpu_flags  # the build is -march=native: a cache shared by other CPUs must not reuse it
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _loaded: dict[str, object] = {}
-
-
-def _cpu_flags() -> bytes:
-    """The build is -march=native: a cache shared by machines with other CPUs must not reuse it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.encode()
-    except OSError:
-        pass
-    return platform.processor().encode()
 
 
 def kernels():
@@ -50,7 +39,7 @@ def kernels():
     try:
         from torch.utils import cpp_extension
 
-        key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags() + torch.__version__.encode()).hexdigest()[:12]
+        key = hashlib.sha256(SOURCE.read_bytes() + cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
         name = f"saescope_cpu_{key}"
         build = cache_dir() / "kernels" / name
         build.mkdir(parents=True, exist_ok=True)
