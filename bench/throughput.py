@@ -35,8 +35,8 @@ from saescope.data import batches, iter_texts
 from saescope.io import load_saes
 from saescope.models import capture, load_model
 from saescope.models.builtin import builtin_model_dir
-from saescope.sae.fast import top_k
-from saescope.system import peak_rss_mb
+from saescope.sae.fast import screens, top_k
+from saescope.system import cpu_flags, peak_rss_mb
 from saescope.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,29 +75,35 @@ def token_batches(tokenizer, ctx_len, batch_size, n, split="train"):
     return out
 
 
-def measure_limit(lm, layers, d_sae, compute_dtype, batch, device) -> dict:
+def measure_limit(lms: dict, layers, d_sae, batch, device) -> dict:
+    """The limit in the fastest dtype the hardware offers, not the trainer's own choice: the LM forward
+    and the encoder product are each timed in every dtype of `lms` (fp32 and bf16), and the faster counts."""
     ids = batch.to(device)
-    t_lm = _timed(lambda: capture(lm.model, ids, layers), device)
-    acts = capture(lm.model, ids, layers)
-    x = acts[layers[len(layers) // 2]].reshape(-1, lm.d_model).to(compute_dtype)
-    W = torch.randn(d_sae, lm.d_model, device=device, dtype=compute_dtype) / lm.d_model**0.5
-    b = torch.zeros(d_sae, device=device, dtype=compute_dtype)
-    # The bare product into a buffer already in memory: no bias, no fresh (tokens x d_sae) allocation
-    # (on CPU a fresh one page-faults ~10 ms per layer at 1,024 tokens), so the strictest limit.
-    pre = torch.empty(x.shape[0], d_sae, device=device, dtype=compute_dtype)
-    t_enc = _timed(lambda: torch.mm(x, W.T, out=pre), device)
-    pre = F.linear(x, W, b)
+    t_lm = {dt: _timed(lambda lm=lm: capture(lm.model, ids, layers), device) for dt, lm in lms.items()}
+    acts = capture(next(iter(lms.values())).model, ids, layers)
+    x32 = acts[layers[len(layers) // 2]].reshape(-1, next(iter(lms.values())).d_model).float()
+    t_enc = {}
+    for dt in lms:
+        x = x32.to(dt)
+        W = torch.randn(d_sae, x.shape[1], device=device, dtype=dt) / x.shape[1] ** 0.5
+        # The bare product into a buffer already in memory: no bias, no fresh (tokens x d_sae) allocation
+        # (on CPU a fresh one page-faults ~10 ms per layer at 1,024 tokens), so the strictest limit.
+        pre = torch.empty(x.shape[0], d_sae, device=device, dtype=dt)
+        t_enc[dt] = _timed(lambda x=x, W=W, pre=pre: torch.mm(x, W.T, out=pre), device)
+    pre = F.linear(x32, torch.randn(d_sae, x32.shape[1], device=device) / x32.shape[1] ** 0.5)
     t_topk = _timed(lambda: pre.topk(50, dim=-1, sorted=False), device)
     t_top_k = _timed(lambda: top_k(pre, 50), device)
     n_tok = ids.numel()
-    return {"t_lm_s": t_lm, "t_enc_per_layer_s": t_enc, "t_topk_per_layer_s": t_topk, "t_top_k_per_layer_s": t_top_k,
-            "limit_tok_s": n_tok / (t_lm + len(layers) * t_enc), "lm_only_tok_s": n_tok / t_lm, "n_layers": len(layers),
-            "n_tokens": n_tok}
+    lm_dt, enc_dt = min(t_lm, key=t_lm.get), min(t_enc, key=t_enc.get)
+    return {"t_lm_s": t_lm[lm_dt], "t_enc_per_layer_s": t_enc[enc_dt], "t_topk_per_layer_s": t_topk, "t_top_k_per_layer_s": t_top_k,
+            "limit_tok_s": n_tok / (t_lm[lm_dt] + len(layers) * t_enc[enc_dt]), "lm_only_tok_s": n_tok / t_lm[lm_dt],
+            "n_layers": len(layers), "n_tokens": n_tok, "lm_dtype": str(lm_dt), "enc_dtype": str(enc_dt),
+            "t_lm_by_dtype_s": {str(d): t for d, t in t_lm.items()}, "t_enc_by_dtype_s": {str(d): t for d, t in t_enc.items()}}
 
 
 def _mean_limit(limits: list[dict]) -> dict:
     """The limit from the mean of several timings of its parts."""
-    mean = {key: statistics.mean(lim[key] for lim in limits) for key in limits[0] if key.startswith("t_")}
+    mean = {key: statistics.mean(lim[key] for lim in limits) for key in limits[0] if key.startswith("t_") and isinstance(limits[0][key], float)}
     n_tok, n_layers = limits[0]["n_tokens"], limits[0]["n_layers"]
     return {**mean, "n_tokens": n_tok, "n_layers": n_layers, "lm_only_tok_s": n_tok / mean["t_lm_s"],
             "limit_tok_s": n_tok / (mean["t_lm_s"] + n_layers * mean["t_enc_per_layer_s"])}
@@ -212,7 +218,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    model_dtype = resolve_dtype(args.model_dtype, device)
+    model_dtype = resolve_dtype(args.model_dtype, device, lm=True)
     compute_dtype = resolve_dtype(args.sae_dtype, device)
     args.model_dtype_peer = args.model_dtype_peer or ("bf16" if model_dtype == torch.bfloat16 else "fp32")
     if args.random_weights:
@@ -230,6 +236,9 @@ def main() -> None:
     else:
         model_dir = Path(args.model) if Path(args.model).exists() else builtin_model_dir(args.model)
     lm = load_model(args.model, dtype=model_dtype, device=str(device))
+    # the limit's own copies of the LM, one per dtype (the trainer's is one of them)
+    limit_lms = {dt: lm if dt == model_dtype else load_model(args.model, dtype=dt, device=str(device))
+                 for dt in (torch.float32, torch.bfloat16)}
     layers = parse_layers(None if args.layers == "all" else args.layers, lm.n_layers)
     expansion, k = PRESETS[args.preset]
     d_sae = expansion * lm.d_model
@@ -242,9 +251,9 @@ def main() -> None:
     # The machine's speed drifts (a shared VM: the same LM forward took 0.9-1.8 s between hours), so the limit
     # is timed right before and right after saescope's run and averaged, and --rounds repeats saescope and
     # sparsify back to back, comparing each pair.
-    limits = [measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)]
+    limits = [measure_limit(limit_lms, layers, d_sae, train_batches[0], device)]
     ours = run_saescope(lm, args, layers, expansion, k, args.steps, work / "saescope")
-    limits.append(measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device))
+    limits.append(measure_limit(limit_lms, layers, d_sae, train_batches[0], device))
     rows = [{"trainer": "saescope", **{k2: v for k2, v in ours.items() if k2 != "saes"}, "fvu": fvu_on(ours["saes"], eval_acts)}]
     for peer in filter(None, args.peers.split(",")):
         if peer == "sparsify":
@@ -276,9 +285,9 @@ def main() -> None:
     rounds = [{"saescope": ours["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"],
                **{r["trainer"]: r["tok_s"] for r in rows[1:] if r["trainer"].startswith("sparsify")}}]
     for i in range(1, args.rounds):
-        before = measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)
+        before = measure_limit(limit_lms, layers, d_sae, train_batches[0], device)
         again = run_saescope(lm, args, layers, expansion, k, args.steps, work / f"saescope-{i}")
-        limits += [before, measure_limit(lm, layers, d_sae, compute_dtype, train_batches[0], device)]
+        limits += [before, measure_limit(limit_lms, layers, d_sae, train_batches[0], device)]
         rounds.append({"saescope": again["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"]})
         if "sparsify" in args.peers.split(","):
             name = f"sparsify ({args.sparsify_optimizer})"
@@ -292,25 +301,29 @@ def main() -> None:
     if args.sweep:
         for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
             sub = layers[:: max(1, len(layers) // n_layers)][:n_layers]
-            before = measure_limit(lm, sub, exp * lm.d_model, compute_dtype, train_batches[0], device)
+            before = measure_limit(limit_lms, sub, exp * lm.d_model, train_batches[0], device)
             res = run_saescope(lm, args, sub, exp, k, min(args.steps, 12), work / f"sweep-{exp}-{n_layers}")
-            lim = _mean_limit([before, measure_limit(lm, sub, exp * lm.d_model, compute_dtype, train_batches[0], device)])
+            lim = _mean_limit([before, measure_limit(limit_lms, sub, exp * lm.d_model, train_batches[0], device)])
             sweep.append({"expansion": exp, "layers": n_layers, "tok_s": res["tok_s"], "limit_tok_s": lim["limit_tok_s"],
                           "ratio": res["tok_s"] / lim["limit_tok_s"]})
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     machine = {"device": gpu or f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                "torch": torch.__version__, "model_dtype": str(model_dtype), "sae_dtype": str(compute_dtype),
+               "sae_encoder": "bf16 screen + fp32 ranking" if screens(device, compute_dtype) else f"{compute_dtype} matmul",
+               "cpu_flags": " ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags().split()),
                "date": time.strftime("%Y-%m-%d")}
     config = {"model": "random-weights " + str(model_dir) if args.random_weights else args.model, "layers": len(layers),
               "preset": args.preset, "d_sae": d_sae, "k": k, "batch": f"{args.batch_size} x {args.ctx_len}",
               "steps": args.steps, "warmup_steps_excluded": args.warmup}
-    print(f"\n{machine['device']}, torch {machine['torch']}, model {model_dtype}, SAE matmul {compute_dtype}")
+    print(f"\n{machine['device']} [{machine['cpu_flags']}], torch {machine['torch']}, model {model_dtype}, "
+          f"SAE encoder {machine['sae_encoder']}")
     print(f"{config['model']}: {len(layers)} layers, {args.preset} (d_sae {d_sae}), {args.steps} steps of {config['batch']} tokens")
     print("limit timed " + ", ".join(f"{lim['limit_tok_s']:.0f}" for lim in limits) + " tok/s around saescope's runs; mean:")
     print(f"limit: LM forward {limit['t_lm_s'] * 1e3:.1f} ms + {len(layers)} x encoder {limit['t_enc_per_layer_s'] * 1e3:.2f} ms "
           f"per batch -> {limit['limit_tok_s']:.0f} tok/s (LM alone {limit['lm_only_tok_s']:.0f}; "
           f"top-k per layer {limit['t_topk_per_layer_s'] * 1e3:.2f} ms torch.topk, {limit['t_top_k_per_layer_s'] * 1e3:.2f} ms saescope)")
+    print(f"the limit's dtypes, the faster of fp32 and bf16 timed: LM {limits[0]['lm_dtype']}, encoder {limits[0]['enc_dtype']}")
     print(f"{'trainer':<18} {'tok/s':>8} {'of limit':>9} {'vs sparsify':>11} {'FVU':>7} {'FVU all':>8} {'peak MB':>9}")
     peer = next((r for r in rows if r["trainer"].startswith("sparsify")), None)
     for r in rows:

@@ -104,14 +104,41 @@ def test_quality_command_end_to_end(tiny_sae_dir, tmp_path):
     assert main(["control", "random", "--like", str(tiny_sae_dir), "--out", str(tmp_path / "ctl")]) == 0
     out = tmp_path / "q.json"
     assert main(["quality", "--sae", str(tiny_sae_dir), "--control", str(tmp_path / "ctl"), "--tasks", "mgsm_en_fr,hatecheck_en",
-                 "--per-class", "20", "--fvu-tokens", "256", "--layers", "0,2", "--out", str(out)]) == 0
+                 "--per-class", "20", "--fvu-tokens", "256", "--layers", "0,2", "--absorption-words", "150", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["layers"]) == {"0", "2"} and set(report["probing"]["tasks"]) == {"mgsm_en_fr", "hatecheck_en"}
     row = report["layers"]["2"]
     for key in ("sae_top1", "control_top1", "sae_top5", "dense", "sae_fvu_in_domain", "sae_fvu_math", "sae_fvu_code",
-                "sae_fvu_multilingual", "control_fvu_in_domain"):
+                "sae_fvu_multilingual", "control_fvu_in_domain", "top1_margin", "top1_margin_se", "letter_probe_f1",
+                "sae_absorption", "control_absorption", "sae_letter_main_f1"):
         assert isinstance(row[key], float), key
+    assert row["top1_margin"] == pytest.approx(row["sae_top1"] - row["control_top1"])  # paired: the same test texts
     # the row is the mean over the tasks of the per-task figures
     per_task = [t["layers"]["2"]["sae"]["top1"] for t in report["probing"]["tasks"].values()]
     assert row["sae_top1"] == pytest.approx(sum(per_task) / 2)
     assert row["decoder_cos_to_init"] is None  # not a training run: nothing recorded
+
+
+def test_paired_margin_by_hand():
+    from saescope.probing import paired_margin
+
+    a = [torch.tensor([True, True, False, True]), torch.tensor([True, False])]
+    b = [torch.tensor([False, True, False, False]), torch.tensor([True, True])]
+    margin, se = paired_margin(a, b)
+    # task 1: differences 1,0,0,1 (mean .5, unbiased variance 1/3); task 2: 0,-1 (mean -.5, variance 1/2)
+    assert margin == pytest.approx((0.5 - 0.5) / 2)
+    assert se == pytest.approx(((1 / 3) / 4 + 0.5 / 2) ** 0.5 / 2)
+
+
+def test_one_vs_rest_logistic_columns_fit_as_if_alone():
+    from saescope.probing import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 6, generator=g) * torch.tensor([1.0, 5, 0.2, 1, 1, 3])
+    y = torch.stack([(x[:, 0] + 0.3 * torch.randn(80, generator=g)) > 0, x[:, 1] > 2], 1).long()
+    joint = fit_logistic(x, y, balanced=True)
+    for c in range(2):
+        alone = fit_logistic(x, y[:, c], balanced=True)
+        torch.testing.assert_close(joint.scores(x)[:, c], alone.scores(x)[:, 0], atol=1e-3, rtol=1e-3)  # L-BFGS tolerance
+    # raw-space weights: the scores of x are those of the standardised fit, so the weight row is a direction of x's space
+    assert joint.weight.shape == (2, 6) and ((joint.scores(x)[:, 0] > 0).long() == y[:, 0]).double().mean() > 0.85

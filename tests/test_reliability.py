@@ -161,6 +161,9 @@ def test_partial_eval_merges_per_layer_and_other_settings_go_beside(tmp_path):
     before = path.read_bytes()
     other = write_results(_evals([0], 0.1), path, {**settings, "n_tokens": 64})
     assert other == tmp_path / "eval-2.json" and path.read_bytes() == before
+    # files written before the LM's dtype was recorded were fp32: an fp32 eval merges, a bf16 one goes beside
+    assert write_results(_evals([1], 0.2), path, {**settings, "model_dtype": "fp32"}) == path
+    assert write_results(_evals([1], 0.3), path, {**settings, "model_dtype": "bf16"}) == tmp_path / "eval-3.json"
 
 
 def test_eval_refuses_invalid_values_before_writing(tiny_sae_dir, tmp_path):

@@ -70,8 +70,40 @@ def _pooled_fvu(sse: float, x_sum: Tensor | float, x2_sum: float, count: int) ->
     return sse / max(variance, 1e-12)
 
 
-def _next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+_CHUNK = 64  # positions per slice of (positions x vocab) work: a few MB, cache-sized, never a fresh 200 MB tensor
+
+
+class CleanTarget:
+    """The clean pass's next-token distribution, for the CE and KL of every spliced or ablated pass of a batch:
+    p = softmax(clean logits) and sum p log p are computed once, so KL(clean || other) = sum p log p - sum p log q
+    costs each pass one log-softmax of its own, in slices (`ce_and_kl`)."""
+
+    def __init__(self, logits: Tensor, ids: Tensor):
+        self.targets = ids[:, 1:].reshape(-1)
+        self.p = torch.empty(self.targets.numel(), logits.shape[-1], dtype=torch.float32, device=logits.device)
+        self.neg_entropy = 0.0
+        self.ce = 0.0
+        for rows, chunk in self._slices(logits):
+            logp = F.log_softmax(chunk.float(), -1)
+            self.ce -= float(logp.gather(1, self.targets[rows, None]).sum())
+            torch.exp(logp, out=self.p[rows])
+            self.neg_entropy += float((self.p[rows] * logp).sum())
+
+    def _slices(self, logits: Tensor):
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        for start in range(0, flat.shape[0], _CHUNK):
+            rows = slice(start, start + _CHUNK)
+            yield rows, flat[rows]
+
+    def ce_and_kl(self, logits: Tensor, *, with_kl: bool = True) -> tuple[float, float]:
+        """Summed next-token CE of `logits` (same ids) and, with_kl, the summed KL(clean || logits)."""
+        ce, cross = 0.0, 0.0
+        for rows, chunk in self._slices(logits):
+            logq = F.log_softmax(chunk.float(), -1)
+            ce -= float(logq.gather(1, self.targets[rows, None]).sum())
+            if with_kl:
+                cross += float((self.p[rows] * logq).sum())
+        return ce, (self.neg_entropy - cross) if with_kl else 0.0
 
 
 @torch.no_grad()
@@ -119,8 +151,9 @@ def evaluate_sets(
         acts: dict[int, Tensor] = {}
         with layer_hooks(model, {n: (lambda n: lambda h: acts.__setitem__(n, h.detach()))(n) for n in layers}):
             clean_logits = model(input_ids=ids, use_cache=False).logits
-        clean_logp = F.log_softmax(clean_logits[:, :-1].float(), -1)
-        ce_clean += float(_next_token_ce(clean_logits, ids))
+        clean = CleanTarget(clean_logits, ids)
+        del clean_logits
+        ce_clean += clean.ce
         n_pred += ids[:, 1:].numel()
         for n in layers:
             h = acts[n]
@@ -143,13 +176,12 @@ def evaluate_sets(
                 a["pass"] += int((~keep).sum())
                 a["tok"] += keep.numel()
                 spliced = torch.where(keep[:, None], x_hat, x).reshape(h.shape).to(h.dtype)
-                logits = forward_from(model, n, spliced)
-                a["ce_sae"] += float(_next_token_ce(logits, ids))
-                logp = F.log_softmax(logits[:, :-1].float(), -1)
-                a["kl"] += float(F.kl_div(logp, clean_logp, log_target=True, reduction="sum"))
-            ce_zero[n] += float(_next_token_ce(forward_from(model, n, torch.zeros_like(h)), ids))
+                ce, kl = clean.ce_and_kl(forward_from(model, n, spliced))
+                a["ce_sae"] += ce
+                a["kl"] += kl
+            ce_zero[n] += clean.ce_and_kl(forward_from(model, n, torch.zeros_like(h)), with_kl=False)[0]
             mean_ablated = (xk if len(xk) else x).mean(0).to(h.dtype).expand(h.shape).contiguous()
-            ce_mean[n] += float(_next_token_ce(forward_from(model, n, mean_ablated), ids))
+            ce_mean[n] += clean.ce_and_kl(forward_from(model, n, mean_ablated), with_kl=False)[0]
             bar.update(1)
         done += 1
     bar.close()
@@ -232,7 +264,8 @@ def as_records(results: list[LayerEval]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k != "feature_freq"} for r in results]
 
 
-SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_factor")
+SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_factor", "model_dtype")
+SETTING_DEFAULTS = {"model_dtype": "fp32"}  # what files written before the setting was recorded used
 
 
 def read_results(path: Path) -> dict | None:
@@ -262,7 +295,7 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
         body["control"] = as_records(control)
     old = read_results(path)
     if old is not None:
-        if all(old.get(key) == body.get(key) for key in SETTINGS):
+        if all(old.get(key, SETTING_DEFAULTS.get(key)) == body.get(key, SETTING_DEFAULTS.get(key)) for key in SETTINGS):
             for part in ("layers", "control"):
                 if part in old or part in body:
                     merged = {r["layer"]: r for r in old.get(part) or [] if isinstance(r, dict) and "layer" in r}
@@ -272,7 +305,9 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
             i = 2
             while (path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
                 i += 1
-            differ = ", ".join(f"{key} {old.get(key)!r} -> {body.get(key)!r}" for key in SETTINGS if old.get(key) != body.get(key))
+            differ = ", ".join(f"{key} {old.get(key, SETTING_DEFAULTS.get(key))!r} -> {body.get(key, SETTING_DEFAULTS.get(key))!r}"
+                               for key in SETTINGS
+                               if old.get(key, SETTING_DEFAULTS.get(key)) != body.get(key, SETTING_DEFAULTS.get(key)))
             path = path.with_name(f"{path.stem}-{i}{path.suffix}")
             print(f"saescope: {path.with_name('eval.json').name} holds figures made with other settings ({differ}); "
                   f"these go to {path.name}", file=sys.stderr)

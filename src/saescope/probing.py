@@ -139,9 +139,9 @@ def probe_sets(names: list[str] | None = None, *, per_class: int = 100, seed: in
 # ---------------------------------------------------------------- the classifiers
 
 
-def best_threshold_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
-    """Test accuracy of the single-feature rule `x > t` (or `x <= t`) whose threshold and side classify the train
-    split best (ties: the lowest threshold)."""
+def best_threshold_correct(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> Tensor:
+    """Per test text, whether the single-feature rule `x > t` (or `x <= t`) whose threshold and side classify the
+    train split best (ties: the lowest threshold) gets it right (bool)."""
     order = torch.argsort(train_x, stable=True)
     xs, ys = train_x[order], train_y[order].double()
     n = len(xs)
@@ -157,29 +157,61 @@ def best_threshold_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, te
     side, split = divmod(int(torch.argmax(correct.flatten())), n + 1)
     t = xs[split - 1] if split > 0 else xs[0] - 1
     pred = test_x > t if side == 0 else test_x <= t
-    return float((pred.double() == test_y.double()).double().mean())
+    return pred.double() == test_y.double()
 
 
-def logistic_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, l2: float | None = None) -> float:
-    """Test accuracy of an L2-regularised logistic regression fit on the standardised train split (L-BFGS; the
-    penalty l2 defaults to 1/n_train, sklearn's C=1)."""
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    xtr, xte = ((train_x - mean) / std).double(), ((test_x - mean) / std).double()
-    ytr = train_y.double()
-    l2 = 1.0 / len(ytr) if l2 is None else l2
-    w = torch.zeros(xtr.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+def best_threshold_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
+    """Test accuracy of the best single-threshold rule on the train split (`best_threshold_correct`)."""
+    return float(best_threshold_correct(train_x, train_y, test_x, test_y).double().mean())
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """Linear scores x @ weight.T + bias in the input's own space: weight (c, d), bias (c,)."""
+
+    weight: Tensor
+    bias: Tensor
+
+    def scores(self, x: Tensor) -> Tensor:
+        return x.double() @ self.weight.T + self.bias
+
+
+def fit_logistic(train_x: Tensor, train_y: Tensor, *, l2: float | None = None, balanced: bool = False) -> LinearProbe:
+    """L2-regularised logistic regressions, one per column of train_y ((n,) or (n, c) of 0/1: one-vs-rest), fit by
+    L-BFGS on the standardised train split and returned in the raw input space (so that a weight row is a direction
+    of that space). l2 defaults to 1/n_train (sklearn's C=1); `balanced` weighs each column's positives and
+    negatives equally (sklearn's class_weight="balanced")."""
+    y = train_y.double()
+    y = y[:, None] if y.dim() == 1 else y
+    mean, std = train_x.double().mean(0), train_x.double().std(0).clamp_min(1e-6)
+    x = (train_x.double() - mean) / std
+    l2 = 1.0 / len(y) if l2 is None else l2
+    if balanced:
+        pos = y.mean(0).clamp(1e-6, 1 - 1e-6)
+        weights = torch.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
+    else:
+        weights = torch.ones_like(y)
+    w = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xtr @ w + b, ytr) + 0.5 * l2 * (w @ w)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(x @ w.T + b, y, reduction="none")
+        loss = (weights * bce).mean(0).sum() + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():
+        opt.step(closure)
     with torch.no_grad():
-        return float((((xte @ w + b) > 0).double() == test_y.double()).double().mean())
+        return LinearProbe(w / std, b - (w / std) @ mean)
+
+
+def logistic_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, l2: float | None = None) -> float:
+    """Test accuracy of an L2-regularised logistic regression fit on the standardised train split (`fit_logistic`)."""
+    scores = fit_logistic(train_x, train_y, l2=l2).scores(test_x)[:, 0]
+    return float(((scores > 0).double() == test_y.double()).double().mean())
 
 
 def top_latents(train_x: Tensor, train_y: Tensor, k: int) -> Tensor:
@@ -188,15 +220,26 @@ def top_latents(train_x: Tensor, train_y: Tensor, k: int) -> Tensor:
     return torch.topk(diff, min(k, diff.numel())).indices
 
 
-def probe_layer(pooled: Tensor, labels: np.ndarray, test: np.ndarray) -> dict[str, float]:
-    """top-1 and top-5 accuracy of one layer's pooled SAE activations (n_texts, d_sae)."""
+def probe_layer(pooled: Tensor, labels: np.ndarray, test: np.ndarray) -> dict:
+    """top-1 and top-5 accuracy of one layer's pooled SAE activations (n_texts, d_sae); `top1_correct`, the top-1
+    rule's per-test-text outcome, lets two SAE sets be compared text by text (paired)."""
     y, te = torch.as_tensor(labels), torch.as_tensor(test)
     x = pooled.double().cpu()
     xtr, ytr, xte, yte = x[~te], y[~te], x[te], y[te]
     best = top_latents(xtr, ytr, 5)
-    return {"top1": best_threshold_accuracy(xtr[:, best[0]], ytr, xte[:, best[0]], yte),
+    correct = best_threshold_correct(xtr[:, best[0]], ytr, xte[:, best[0]], yte)
+    return {"top1": float(correct.double().mean()),
             "top5": logistic_accuracy(xtr[:, best], ytr, xte[:, best], yte),
-            "top1_latent": int(best[0])}
+            "top1_latent": int(best[0]), "top1_correct": correct}
+
+
+def paired_margin(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
+    """Mean over tasks of accuracy(a) - accuracy(b) on the same test texts, and its standard error from the
+    per-text differences (paired: both sets classify the same texts, so text difficulty cancels)."""
+    diffs = [x.double() - y.double() for x, y in zip(a, b, strict=True)]
+    margin = sum(float(d.mean()) for d in diffs) / len(diffs)
+    var = sum(float(d.var(unbiased=True)) / len(d) if len(d) > 1 else 0.0 for d in diffs)
+    return margin, math.sqrt(var) / len(diffs)
 
 
 def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, TopKSAE] | None = None,
@@ -209,6 +252,7 @@ def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, Top
     if control is not None:
         sae_sets["control"] = {n: control[n] for n in layers}
     tasks = {}
+    outcomes: dict[tuple[str, int], list[Tensor]] = {}  # per set and layer: each task's top-1 outcome per test text
     for ps in sets:
         n_texts = len(ps.texts)
         pooled: dict[str, dict[int, Tensor]] = {}
@@ -226,6 +270,7 @@ def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, Top
             entry = {"dense": logistic_accuracy(res[~te], y[~te], res[te], y[te])}
             for name in sae_sets:
                 entry[name] = probe_layer(pooled[name][n], ps.labels, ps.test)
+                outcomes.setdefault((name, n), []).append(entry[name].pop("top1_correct"))
             per_layer_result[str(n)] = entry
         tasks[ps.name] = {"description": ps.description, "n_train": int((~ps.test).sum()), "n_test": int(ps.test.sum()),
                           "layers": per_layer_result}
@@ -238,6 +283,8 @@ def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, Top
             # the binomial standard error of that mean (test texts are few: differences below ~2 of these are noise)
             row[f"{name}_top1_se"] = math.sqrt(sum(t["layers"][str(n)][name]["top1"] * (1 - t["layers"][str(n)][name]["top1"])
                                                    / t["n_test"] for t in tasks.values())) / len(tasks)
+        if control is not None:
+            row["top1_margin"], row["top1_margin_se"] = paired_margin(outcomes[("sae", n)], outcomes[("control", n)])
         summary[str(n)] = row
     return {"tasks": tasks, "mean_over_tasks": summary, "max_length": max_length,
             "definition": "SAEBench sparse probing: mean-pooled latents (position 0 left out), ranked by |class-mean "
@@ -253,10 +300,12 @@ def format_probing(result: dict) -> str:
     """Per layer: the mean over tasks of top-1 and top-5 accuracy (SAE, control) and the dense ceiling."""
     rows = result["mean_over_tasks"]
     has_control = any("control_top1" in r for r in rows.values())
-    ctl_head = f" {'ctl top1':>9} {'ctl top5':>9}" if has_control else ""
+    ctl_head = f" {'ctl top1':>9} {'ctl top5':>9} {'margin':>7} {'± se':>6}" if has_control else ""
     head = f"{'layer':>5} {'top1':>7} {'± se':>6} {'top5':>7}{ctl_head} {'dense':>7}"
-    lines = [f"sparse probing, mean accuracy over {len(result['tasks'])} tasks ({', '.join(result['tasks'])}); chance 0.5", head]
+    lines = [f"sparse probing, mean accuracy over {len(result['tasks'])} tasks ({', '.join(result['tasks'])}); chance 0.5"
+             + ("; margin = top-1 minus the control's, paired over the same test texts" if has_control else ""), head]
     for n, r in rows.items():
-        ctl = f" {r['control_top1']:9.3f} {r['control_top5']:9.3f}" if has_control else ""
+        ctl = (f" {r['control_top1']:9.3f} {r['control_top5']:9.3f} {r['top1_margin']:+7.3f} {r['top1_margin_se']:6.3f}"
+               if has_control else "")
         lines.append(f"{n:>5} {r['sae_top1']:7.3f} {r['sae_top1_se']:6.3f} {r['sae_top5']:7.3f}{ctl} {r['dense']:7.3f}")
     return "\n".join(lines)

@@ -274,25 +274,38 @@ def _quality(run: RunDir) -> str:
     for n, r in rows.items():
         check_record(r, {"sae_top1": _NUM, "sae_top5": _NUM, "dense": _NUM, "sae_fvu_in_domain": _NUM}, f"{run.quality}: layers.{n}")
     ctl = all("control_top1" in r for r in rows.values())
-    head = ["layer", "top-1", *(["control top-1"] if ctl else []), "top-5", *(["control top-5"] if ctl else []), "dense probe",
-            "FVU in domain", "FVU maths", "FVU code", "FVU non-English", "decoder cos to init"]
-    table = html_table(head, [[n, r["sae_top1"], *([r["control_top1"]] if ctl else []), r["sae_top5"],
-                               *([r["control_top5"]] if ctl else []), r["dense"], r["sae_fvu_in_domain"],
-                               r.get("sae_fvu_math", "-"), r.get("sae_fvu_code", "-"), r.get("sae_fvu_multilingual", "-"),
-                               r.get("decoder_cos_to_init") if r.get("decoder_cos_to_init") is not None else "-"]
+    head = ["layer", "top-1", *(["control top-1", "margin ± se"] if ctl else []), "top-5", *(["control top-5"] if ctl else []),
+            "dense probe", "letter latents F1", *(["control"] if ctl else []), "absorption", "FVU in domain", "FVU maths",
+            "FVU code", "FVU non-English", "decoder cos to init"]
+
+    def value(r: dict, key: str):
+        return r[key] if isinstance(r.get(key), float) else "-"
+
+    def margin(r: dict) -> str:
+        return f"{r['top1_margin']:+.3f} ± {r['top1_margin_se']:.3f}" if isinstance(r.get("top1_margin_se"), float) else "-"
+
+    table = html_table(head, [[n, r["sae_top1"], *([r["control_top1"], margin(r)] if ctl else []), r["sae_top5"],
+                               *([r["control_top5"]] if ctl else []), r["dense"], value(r, "sae_letter_main_f1"),
+                               *([value(r, "control_letter_main_f1")] if ctl else []), value(r, "sae_absorption"),
+                               r["sae_fvu_in_domain"], value(r, "sae_fvu_math"), value(r, "sae_fvu_code"),
+                               value(r, "sae_fvu_multilingual"), value(r, "decoder_cos_to_init")]
                               for n, r in rows.items()])
     tasks = q["probing"].get("tasks", {})
     verdict = _probing_verdict(rows) if ctl else " No control was measured: without it these figures say nothing about learned features."
     return (f'<p class="note">Sparse probing (SAEBench): mean accuracy over {len(tasks)} real labelled tasks '
             f"({html.escape(', '.join(tasks))}; chance 0.5) of the best single latent (top-1) and of a logistic regression "
-            "on the best 5, beside the random control and a dense probe on the residual stream; FVU on held-out corpus "
-            f"text and on maths, code and non-English prompts.{verdict}</p>" + table)
+            "on the best 5, beside the random control and a dense probe on the residual stream (margin: top-1 minus the "
+            "control's, paired over the same test texts); first-letter feature absorption (SAEBench): the test F1 of each "
+            "letter's main latents used as a probe, and the mean absorption fraction (lower is better); FVU on held-out "
+            f"corpus text and on maths, code and non-English prompts.{verdict}</p>" + table)
 
 
 def _probing_verdict(rows: dict) -> str:
     """How the trained SAEs' top-1 compares with the control's, counting a layer as a win or a loss only beyond two
-    standard errors of the difference (each side's binomial se; the test sets are small)."""
-    diffs = [(r["sae_top1"] - r["control_top1"], math.hypot(r.get("sae_top1_se", 0.0), r.get("control_top1_se", 0.0)))
+    standard errors of the difference: the paired se of the text-by-text differences where measured, else (files
+    written before it) the two sides' binomial se combined."""
+    diffs = [(r["top1_margin"], r["top1_margin_se"]) if isinstance(r.get("top1_margin_se"), float) else
+             (r["sae_top1"] - r["control_top1"], math.hypot(r.get("sae_top1_se", 0.0), r.get("control_top1_se", 0.0)))
              for r in rows.values()]
     ahead = sum(d > 0 for d, _ in diffs)
     win = sum(d > 2 * se for d, se in diffs if se > 0)

@@ -38,6 +38,19 @@ def _pool(x: Tensor, keep: Tensor, pool: str) -> Tensor:
     return masked.sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
 
 
+def _pool_code(code: SparseCode, row_of_token: Tensor, n_rows: int, d_sae: int, pool: str, n_kept: Tensor) -> Tensor:
+    """(n_rows, d_sae) max or mean over each row's tokens of their sparse codes (tokens, k), `row_of_token` saying
+    whose each token is: what _pool gives on the dense codes, without building (rows, seq, d_sae)."""
+    flat = (row_of_token[:, None] * d_sae + code.indices).reshape(-1)
+    out = code.values.new_zeros(n_rows * d_sae)
+    if pool == "max":  # codes are >= 0, so a zero start is what a max over the row's tokens (or none) gives
+        out.scatter_reduce_(0, flat, code.values.reshape(-1), "amax")
+    else:
+        weight = (1 / n_kept.clamp_min(1).to(code.values.dtype))[row_of_token]
+        out.index_add_(0, flat, (code.values * weight[:, None]).reshape(-1))
+    return out.view(n_rows, d_sae)
+
+
 def check_fit(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
     """Refuse SAEs that cannot apply to this model: wrong width or a layer it does not have."""
     for n, sae in saes.items():
@@ -170,6 +183,7 @@ class Scope:
             keep = enc["attention_mask"].bool().clone()
             if skip_first_token:
                 keep[:, 0] &= n_tok <= 1
+            row_of_token, n_kept = keep.nonzero()[:, 0], keep.sum(1)  # only kept tokens are encoded, never padding
             pooled: dict[str, dict[int, Tensor]] = {name: {} for name in sae_sets}
             for name, saes in sae_sets.items():
                 for n in layers:
@@ -177,8 +191,8 @@ class Scope:
                     if pool == "last":
                         pooled[name][n] = sae.encode(acts[n][rows, n_tok - 1].float()).dense(sae.cfg.d_sae)
                         continue
-                    code = sae.encode(acts[n].reshape(-1, acts[n].shape[-1]).float())
-                    pooled[name][n] = _pool(code.dense(sae.cfg.d_sae).reshape(len(idx), -1, sae.cfg.d_sae), keep, pool)
+                    pooled[name][n] = _pool_code(sae.encode(acts[n][keep].float()), row_of_token, len(idx), sae.cfg.d_sae,
+                                                 pool, n_kept)
             if with_residual:
                 pooled["residual"] = {n: acts[n][rows, n_tok - 1].float() if pool == "last" else _pool(acts[n].float(), keep, pool)
                                       for n in layers}

@@ -322,3 +322,25 @@ def test_values_no_build_produces_are_one_line_errors_naming_the_file_and_tensor
     (fs / "store.json").write_text(json.dumps({**meta, "counted_tokens": {"0": 0}}))  # 5 firings of 0 tokens
     with pytest.raises(SaescopeError, match="fire_count holds a count of 5 tokens, above the 0 tokens counted for layer 0"):
         FeatureStore(fs).feature(0, 3)
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_logit_lens_ranks_tokens_as_the_full_unembedding_does(tiny_qwen3, screen):
+    """The k tokens each direction promotes and suppresses, in order, with their logits: the plain path and the bf16
+    screen + fp32 ranking (forced here; on by itself on CPUs with fast bf16) against unembed + torch.topk."""
+    from unittest.mock import patch
+
+    from saescope.inspect.store import logit_lens
+    from saescope.models import unembed
+
+    lm = load_model(str(tiny_qwen3))
+    directions = torch.randn(40, lm.d_model, generator=torch.Generator().manual_seed(0))
+    with patch("saescope.inspect.store.screens", return_value=screen):
+        top_ids, top_vals, bottom_ids, bottom_vals = logit_lens(lm.model, directions, 7)
+    with torch.no_grad():
+        logits = unembed(lm.model, directions).float()
+    want_top, want_bottom = logits.topk(7, dim=1), (-logits).topk(7, dim=1)
+    torch.testing.assert_close(top_vals, want_top.values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bottom_vals, -want_bottom.values, atol=1e-5, rtol=1e-5)
+    assert top_ids.dtype == torch.int32 and torch.equal(top_ids.long(), want_top.indices)
+    assert torch.equal(bottom_ids.long(), want_bottom.indices)

@@ -50,3 +50,37 @@ def test_smollm2_two_layers_and_kill_resume(tmp_path):
     for n in (3, 9):
         for p in ("W_enc", "b_enc", "W_dec", "b_dec"):
             assert torch.equal(getattr(want[n], p), getattr(got[n], p)), (n, p)
+
+
+def test_the_bf16_screen_keeps_the_fp32_latents_on_real_activations():
+    """SmolLM2's residual stream (layers 3 and 24, ~4k held-out corpus tokens) through an 8x-k32 SAE initialised
+    as the trainer initialises it: every latent the bf16 screen + fp32 ranking keeps is a true top-32 latent
+    (float64 reference; a swap across a gap below fp32 resolution is a tie, which the fp32 matmul itself breaks
+    either way), its values are fp32, and a plain bf16 encoder is not that accurate (why the screen exists)."""
+    from saescope.activations import sample_activations
+    from saescope.models import load_model
+    from saescope.sae import SAEConfig, TopKSAE
+    from saescope.sae.fast import _EncodeOptions, _plain_encode, _screened_encode
+
+    def wrong_picks(x: torch.Tensor, sae: TopKSAE, picked: torch.Tensor) -> int:
+        exact = x.double() @ sae.W_enc.double().T + sae.b_enc.double()
+        kept = exact.gather(1, picked).amin(1)
+        left = exact.scatter(1, picked, float("-inf")).amax(1)
+        return int((left - kept > 1e-6 * exact.abs().amax(1)).sum())  # a better latent left out, beyond a tie
+
+    lm = load_model()
+    acts = sample_activations(lm, [3, 24], n_tokens=4096, ctx_len=128)
+    options = _EncodeOptions(32, torch.float32, None, 0, None, False)
+    wrong_bf16 = 0
+    for n, x in acts.items():
+        sae = TopKSAE(SAEConfig(576, 4608, 32))
+        sae.init_tied(torch.Generator().manual_seed(n))
+        sae.init_b_dec(x)
+        with torch.no_grad():
+            got_v, got_i = _screened_encode(x, sae.W_enc, sae.b_enc, options)[:2]
+            bf16_i = _plain_encode(x, sae.W_enc, sae.b_enc, _EncodeOptions(32, torch.bfloat16, None, 0, None, False))[1]
+            assert wrong_picks(x, sae, got_i) == 0, f"layer {n}"
+            exact = (x.double() @ sae.W_enc.double().T + sae.b_enc.double()).gather(1, got_i).clamp_min(0)
+            torch.testing.assert_close(got_v.double(), exact, rtol=1e-5, atol=1e-4)
+            wrong_bf16 += wrong_picks(x, sae, bf16_i)
+    assert wrong_bf16 > 0  # else this data could not tell the screen from a plain bf16 encoder

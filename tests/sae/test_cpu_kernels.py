@@ -45,6 +45,29 @@ def test_row_kernels_equal_their_torch_twins(rows, cols, seed):
 
 
 @needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), d=st.integers(1, 150), d_sae=st.integers(2, 60), seed=st.integers(0, 10_000), data=st.data())
+def test_rerank_kernel_equals_its_torch_twin(n, d, d_sae, seed, data):
+    """The exact fp32 re-ranking of a screen's shortlist: the k largest x . w[c] + b[c] over the candidates,
+    a bias of -inf excluding its latent; dot products of any width (the AVX-512 body and its tail)."""
+    m = data.draw(st.integers(1, d_sae))
+    k = data.draw(st.integers(1, m))
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = torch.randn(n, d, generator=g), torch.randn(d_sae, d, generator=g), torch.randn(d_sae, generator=g)
+    b[torch.rand(d_sae, generator=g) < 0.1] = float("-inf")
+    cand = torch.stack([torch.randperm(d_sae, generator=g)[:m] for _ in range(n)])
+    got_v, got_c = kernels().rerank_exact(x, w, b, cand, k)
+    with torch.no_grad():
+        exact = (x @ w.T + b).gather(1, cand)
+    want = exact.topk(k, dim=-1).values
+    torch.testing.assert_close(got_v.sort(-1, descending=True).values, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((x @ w.T + b).gather(1, got_c), got_v, rtol=1e-5, atol=1e-5)
+    assert all(set(c.tolist()) <= set(r.tolist()) and len(set(c.tolist())) == k for c, r in zip(got_c, cand))
+    twin_v, _ = cpu_kernels.rerank_exact(x.double(), w.double(), b.double(), cand, k)  # float64: the twin
+    torch.testing.assert_close(twin_v.sort(-1, descending=True).values.float(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
 def test_kernels_refuse_what_they_were_not_written_for():
     ops = kernels()
     with pytest.raises(RuntimeError, match="contiguous 2-d float32"):
@@ -53,6 +76,8 @@ def test_kernels_refuse_what_they_were_not_written_for():
         ops.topk_bias(torch.zeros(4, 8), torch.zeros(7), 2)
     with pytest.raises(RuntimeError, match="k must be between"):
         ops.topk_bias(torch.zeros(4, 8), torch.zeros(8), 9)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.rerank_exact(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(4), torch.tensor([[0, 4], [1, 2]]), 1)
     # the public functions send what the kernels refuse to the torch twins instead
     g = torch.randn(6, 5, dtype=torch.float64)
     w = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64), dim=1)

@@ -184,3 +184,52 @@ def test_top_k_selects_what_torch_topk_selects(n, groups, block, k, levels, seed
     assert all(len(set(row.tolist())) == k for row in cols)
     torch.testing.assert_close(batched_values[0], values, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(batched_cols[0], cols)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_screened_encode_equals_the_fp32_encode(kernel, with_dead):
+    """The bf16 screen + fp32 ranking (what an fp32 encoder runs on CPUs with fast bf16): the same latents as the
+    fp32 matmul, fp32 values, the same gradients; AuxK picks dead latents, with values within bf16 rounding of
+    their exact pre-activations. Well-separated pre-activations here (the real-activation test is in
+    tests/integration/test_smollm2.py); kernel=False runs the torch twins."""
+    if kernel and kernels() is None:
+        pytest.skip("saescope's CPU kernels are not built here")
+    sae = _sae(1024, torch.float32, k=8)
+    g = torch.Generator().manual_seed(3)
+    x = _tokens(64, torch.float32, g)
+    dead = torch.zeros(1024, dtype=torch.bool)
+    dead[torch.randperm(1024, generator=g)[:40]] = True
+    k_aux = 8 if with_dead else 0
+    r = torch.randn(64, sae.k, generator=g)
+    codes, grads = {}, {}
+    for screen in (True, False):
+        xg = x.clone().requires_grad_()
+        with _torch_top_k_only(kernel), patch("saescope.sae.fast.screens", return_value=screen):
+            got = fused_topk_encode(xg, sae.W_enc, sae.b_enc, k=sae.k, compute_dtype=torch.float32,
+                                    dead=dead if with_dead else None, k_aux=k_aux, workspace=Workspace(), with_groups=True)
+        (_by_latent(got.indices, got.values)[1] * r).sum().backward()
+        codes[screen], grads[screen] = got, [xg.grad, sae.W_enc.grad, sae.b_enc.grad]
+        sae.zero_grad()
+    (si, sv), (fi, fv) = _by_latent(codes[True].indices, codes[True].values), _by_latent(codes[False].indices, codes[False].values)
+    assert torch.equal(si, fi) and (fv > 0).any()
+    torch.testing.assert_close(sv, fv, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if with_dead:
+        aux_i, aux_v = codes[True].aux_indices, codes[True].aux_values
+        assert aux_i.shape == (64, k_aux) and dead[aux_i].all()
+        exact = (x @ sae.W_enc.T + sae.b_enc).gather(1, aux_i).clamp_min(0)
+        torch.testing.assert_close(aux_v, exact, atol=0.05, rtol=2e-2)
+
+
+def test_an_encoder_screens_only_in_fp32_on_a_cpu_where_bf16_is_fast(monkeypatch):
+    from saescope.sae import fast
+
+    monkeypatch.setattr(fast, "_SCREEN_PAYS", {})
+    monkeypatch.setenv("SAESCOPE_CPU_DTYPE", "fp32")
+    assert not fast.screens(torch.device("cpu"), torch.float32)  # measured or forced fp32: no screen
+    monkeypatch.setenv("SAESCOPE_CPU_DTYPE", "bf16")
+    assert fast.screens(torch.device("cpu"), torch.float32) == fast.fused_top_k_available(torch.device("cpu"), torch.float32)
+    assert not fast.screens(torch.device("cpu"), torch.bfloat16)  # asked for bf16: the plain bf16 path
+    assert not fast.screens(torch.device("meta"), torch.float32)

@@ -208,3 +208,17 @@ def test_the_learning_rate_is_recorded_and_a_run_saved_without_one_resumes_at_ga
     (tmp_path / "train.json").write_text(json.dumps(saved | {"lr": None}))
     resumed = Trainer(TrainConfig.from_dict(json.loads((tmp_path / "train.json").read_text())))
     assert resumed.load_checkpoint() and resumed.base_lr == pytest.approx(default_lr(resumed.d_sae))
+
+
+def test_an_auto_lm_dtype_is_recorded_and_a_resume_on_another_cpu_keeps_it(tiny_qwen3, text_file, tmp_path, monkeypatch):
+    """`auto` on CPU is a timing of this machine; train.json records its answer, so a run resumed on a CPU that would
+    answer differently reads the activations in the dtype it started with."""
+    monkeypatch.setenv("SAESCOPE_CPU_DTYPE", "fp32")
+    Trainer(_cfg(tiny_qwen3, text_file, tmp_path)).fit(stop_after_steps=4)
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert saved["model_dtype"] == "fp32"
+    monkeypatch.setenv("SAESCOPE_CPU_DTYPE", "bf16")  # this CPU now times bf16 as faster
+    resumed = Trainer(TrainConfig.from_dict(saved))
+    assert resumed.load_checkpoint() and resumed.lm.dtype == torch.float32
+    fresh = Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "fresh"))  # a new run here would take bf16
+    assert fresh.lm.dtype == torch.bfloat16 and fresh.cfg.model_dtype == "bf16"

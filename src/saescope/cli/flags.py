@@ -119,7 +119,7 @@ FLAG_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
     "ctx_len": (int, 2, None, False),
     "gpus": (int, 1, None, False),
     **{name: (int, 0, None, False) for name in ("seed", "data_seed", "eval_tokens", "layer", "feature", "contexts",
-                                                "activation_buffer")},
+                                                "activation_buffer", "absorption_words")},
     "stability.n_tokens": (int, 0, None, False),  # 0 = compare decoders only
     "port": (int, 0, 65535, False),
     "lr": (float, 0, None, True),

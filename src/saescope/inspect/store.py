@@ -47,8 +47,10 @@ from saescope.data import batches, iter_texts
 from saescope.errors import SaescopeError
 from saescope.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.io import fingerprint
-from saescope.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembed
+from saescope.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembedding
 from saescope.sae import SparseCode, TopKSAE
+from saescope.sae.cpu_kernels import rerank_exact
+from saescope.sae.fast import screens, top_k
 from saescope.schema import Field, check_record
 from saescope.system import peak_rss_mb, release_heap
 
@@ -89,13 +91,42 @@ class StoreConfig:
         return math.ceil(self.max_tokens / (self.ctx_len * self.batch_size))
 
 
+LENS_SHORTLIST = 16  # extra candidates per side the bf16 screen hands to the fp32 ranking
+
+
 @torch.no_grad()
 def logit_lens(model, directions: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per direction (rows of `directions`), the k tokens it promotes most and the k it suppresses most through the
-    model's final norm and unembedding: (top ids int32, their logits, bottom ids int32, their logits)."""
-    logits = unembed(model, directions.detach()).float()
-    hi, lo = logits.topk(k, dim=1), (-logits).topk(k, dim=1)
-    return hi.indices.int(), hi.values, lo.indices.int(), -lo.values
+    model's final norm and unembedding: (top ids int32, their logits, bottom ids int32, their logits).
+
+    On a CPU where the SAE encoder screens in bf16 (saescope.sae.fast.screens), so does this: the bf16 product
+    shortlists k + 16 tokens per side, whose logits are recomputed in fp32 (the vocabulary-wide product is most
+    of a feature store's build otherwise). Soft-capping is monotone, so it applies after the ranking."""
+    norm, head, softcap = unembedding(model)
+    h = norm(directions.detach().to(head.weight.dtype)).float()
+    W = head.weight.detach()
+    bias = getattr(head, "bias", None)
+    k = min(k, W.shape[0])
+    if screens(h.device, torch.float32) and bias is None and W.dtype == torch.float32:
+        logits = (h.bfloat16() @ W.bfloat16().T).float()
+        m = min(W.shape[0], k + LENS_SHORTLIST)
+        zeros = h.new_zeros(W.shape[0])
+        hi_cand = top_k(logits, m)[1]
+        lo_cand = top_k(logits.neg_(), m)[1]
+        hi_vals, hi_ids = rerank_exact(h.contiguous(), W.contiguous(), zeros, hi_cand.contiguous(), k)
+        lo_vals, lo_ids = rerank_exact((-h).contiguous(), W.contiguous(), zeros, lo_cand.contiguous(), k)
+        lo_vals = -lo_vals
+    else:
+        logits = (h.to(W.dtype) @ W.T if bias is None else head(h.to(W.dtype))).float()
+        hi_vals, hi_ids = top_k(logits, k)
+        lo_vals, lo_ids = top_k(logits.neg_(), k)
+        lo_vals = -lo_vals
+    hi_order, lo_order = hi_vals.argsort(1, descending=True), lo_vals.argsort(1)
+    hi_vals, hi_ids = hi_vals.gather(1, hi_order), hi_ids.gather(1, hi_order)
+    lo_vals, lo_ids = lo_vals.gather(1, lo_order), lo_ids.gather(1, lo_order)
+    if softcap:
+        hi_vals, lo_vals = (softcap * (v / softcap).tanh() for v in (hi_vals, lo_vals))
+    return hi_ids.int(), hi_vals, lo_ids.int(), lo_vals
 
 
 class LayerStats:

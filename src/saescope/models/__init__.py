@@ -2,11 +2,11 @@
 
 from saescope.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir
 from saescope.models.hooks import capture, check_layers, forward_from, layer_hooks
-from saescope.models.load import LoadedModel, decoder_layers, load_model, parse_dtype, token_strings, unembed
+from saescope.models.load import LoadedModel, decoder_layers, load_model, parse_dtype, token_strings, unembed, unembedding
 from saescope.models.routing import MoEShape, moe_shape, record_routing, router
 
 __all__ = [
     "BUILTIN_MODELS", "DEFAULT_MODEL", "LoadedModel", "builtin_model_dir", "capture", "check_layers",
     "decoder_layers", "forward_from", "layer_hooks", "load_model", "moe_shape", "MoEShape", "parse_dtype", "record_routing", "router",
-    "token_strings", "unembed",
+    "token_strings", "unembed", "unembedding",
 ]

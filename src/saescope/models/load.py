@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from saescope.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -129,18 +131,24 @@ def load_model(
     return LoadedModel(model, tokenizer, spec)
 
 
-def unembed(model: nn.Module, x: Tensor) -> Tensor:
-    """Logits of residual-stream vectors x (..., d_model) through the model's final norm and unembedding: the
-    logit lens. The norm is applied as the model applies it (RMSNorm, Gemma's 1 + weight...)."""
+def unembedding(model: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Module, float | None]:
+    """The logit lens's parts: the model's final norm (applied as the model applies it: RMSNorm, Gemma's
+    1 + weight...; identity when it has none), its output embedding, and its final logit soft-capping (or None)."""
     cfg = getattr(model, "config", None)
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None) or getattr(base, "ln_f", None)
     head = model.get_output_embeddings()
     if head is None:
         raise SaescopeError(f"{type(model).__name__} has no output embedding to read logits through")
-    h = norm(x.to(head.weight.dtype)) if norm is not None else x.to(head.weight.dtype)
-    logits = head(h)
     softcap = getattr(getattr(cfg, "text_config", None) or cfg, "final_logit_softcapping", None)
+    return (norm if norm is not None else (lambda h: h)), head, softcap
+
+
+def unembed(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits of residual-stream vectors x (..., d_model) through the model's final norm and unembedding: the
+    logit lens."""
+    norm, head, softcap = unembedding(model)
+    logits = head(norm(x.to(head.weight.dtype)))
     return logits if not softcap else softcap * (logits / softcap).tanh()
 
 

@@ -176,6 +176,72 @@ at::Tensor normalize_rows_(at::Tensor w, double eps) {
   return w;
 }
 
+// x . y over n floats; four independent accumulators hide the FMA latency (one chain is latency-bound).
+inline float dot_product(const float* x, const float* y, int64_t n) {
+  int64_t j = 0;
+  float tail = 0.f;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; j + 64 <= n; j += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(y + j + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 32), _mm512_loadu_ps(y + j + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 48), _mm512_loadu_ps(y + j + 48), a3);
+  }
+  for (; j + 16 <= n; j += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j), a0);
+  tail = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+  for (; j < n; ++j) tail += x[j] * y[j];
+  return tail;
+}
+
+// The k largest exact pre-activations x[r] . W[c] + bias[c] among each row's candidate latents cand[r]
+// (a bf16 screen's top k + margin), in no particular order: the bf16 matmul decides which few latents
+// are worth an fp32 dot product, and the kept values and their ranking are fp32.
+std::tuple<at::Tensor, at::Tensor> rerank_exact(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                                                const at::Tensor& cand, int64_t k) {
+  check_rows(x, "x");
+  check_rows(w, "w");
+  TORCH_CHECK(x.size(1) == w.size(1), "x and w must have the same width");
+  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.is_contiguous() &&
+                  bias.size(0) == w.size(0), "bias: a contiguous float32 vector with one entry per row of w");
+  TORCH_CHECK(cand.device().is_cpu() && cand.scalar_type() == at::kLong && cand.dim() == 2 && cand.is_contiguous() &&
+                  cand.size(0) == x.size(0), "cand: a contiguous int64 (rows of x, m) tensor");
+  const int64_t n = x.size(0), d = x.size(1), m = cand.size(1), D = w.size(0);
+  TORCH_CHECK(k >= 1 && k <= m, "k must be between 1 and the number of candidates");
+  TORCH_CHECK(n == 0 || (cand.min().item<int64_t>() >= 0 && cand.max().item<int64_t>() < D), "candidate latent out of range");
+  auto values = at::empty({n, k}, x.options());
+  auto cols = at::empty({n, k}, cand.options());
+  const float* X = x.data_ptr<float>();
+  const float* Wp = w.data_ptr<float>();
+  const float* B = bias.data_ptr<float>();
+  const int64_t* Cd = cand.data_ptr<int64_t>();
+  float* V = values.data_ptr<float>();
+  int64_t* C = cols.data_ptr<int64_t>();
+  at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> exact(m);
+    std::vector<int64_t> order(m);
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* xr = X + r * d;
+      const int64_t* cr = Cd + r * m;
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t c = cr[i];
+        const float dot = dot_product(xr, Wp + c * d, d);
+        exact[i] = B[c] == -INF ? -INF : dot + B[c];
+      }
+      std::iota(order.begin(), order.end(), int64_t{0});
+      if (m > k)
+        std::nth_element(order.begin(), order.begin() + (k - 1), order.end(),
+                         [&](int64_t a, int64_t c) { return ranks_above(exact[a], exact[c]); });
+      for (int64_t i = 0; i < k; ++i) {
+        V[r * k + i] = exact[order[i]];
+        C[r * k + i] = cr[order[i]];
+      }
+    }
+  });
+  return {values, cols};
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -189,8 +255,10 @@ TORCH_LIBRARY(saescope_cpu, m) {
   m.def("topk_bias(Tensor pre, Tensor bias, int k) -> (Tensor, Tensor)");
   m.def("project_rows_(Tensor(a!) grad, Tensor w) -> Tensor(a!)");
   m.def("normalize_rows_(Tensor(a!) w, float eps) -> Tensor(a!)");
+  m.def("rerank_exact(Tensor x, Tensor w, Tensor bias, Tensor cand, int k) -> (Tensor, Tensor)");
   m.def("has_avx512() -> bool", &has_avx512);
   m.impl("topk_bias", c10::DispatchKey::CPU, TORCH_FN(topk_bias));
+  m.impl("rerank_exact", c10::DispatchKey::CPU, TORCH_FN(rerank_exact));
   m.impl("project_rows_", c10::DispatchKey::CPU, TORCH_FN(project_rows_));
   m.impl("normalize_rows_", c10::DispatchKey::CPU, TORCH_FN(normalize_rows_));
 }

@@ -111,3 +111,15 @@ def normalize_rows_(w: Tensor) -> Tensor:
         torch.autograd.graph.increment_version(w)
         return w
     return w.div_(w.norm(dim=1, keepdim=True).clamp_min(eps))
+
+
+def rerank_exact(x: Tensor, w: Tensor, bias: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest exact x[r] . w[c] + bias[c] over each row's candidates cand[r] (n, m), and their latents,
+    in no particular order; a bias of -inf excludes its latent. The fp32 half of the bf16-screened encoder."""
+    ops = kernels() if _fits(x, w, bias) and cand.dtype == torch.long and cand.is_contiguous() else None
+    if ops is not None:
+        return ops.rerank_exact(x, w, bias, cand, k)
+    exact = torch.einsum("nd,nmd->nm", x, w[cand]) + bias[cand]
+    exact = exact.masked_fill_(torch.isneginf(bias)[cand], float("-inf"))
+    values, pick = exact.topk(k, dim=-1, sorted=False)
+    return values, cand.gather(1, pick)

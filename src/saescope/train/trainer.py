@@ -33,6 +33,7 @@ from saescope.io import RunDir, save_native
 from saescope.io.formats import load_native
 from saescope.models import LoadedModel, capture, load_model
 from saescope.models.builtin import DEFAULT_MODEL
+from saescope.models.load import DTYPE_NAMES
 from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.sae.cpu_kernels import kernels
 from saescope.schema import Field, check_record
@@ -70,8 +71,9 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device, *, lm: bool = False) -> torch.dtype:
     """A dtype name; `auto` is bf16 on GPU. On CPU it is fp32 for the SAE's encoder product (bf16 pre-activations
-    would change which latents top-k keeps) and, for the language model (lm=True), bf16 where this CPU multiplies
-    bf16 much faster than fp32 (measured once per machine: saescope.system.cpu_lm_dtype)."""
+    would change which latents top-k keeps; where bf16 is fast, the fp32 encoder runs as a bf16 screen with an
+    fp32 ranking: saescope.sae.fast.screens) and, for the language model (lm=True), bf16 where this CPU
+    multiplies bf16 much faster than fp32 (measured once per machine: saescope.system.cpu_lm_dtype)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
@@ -145,8 +147,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.on and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.lm = lm or load_model(cfg.model, dtype=resolve_dtype(cfg.model_dtype, self.device, lm=True), device=str(self.device),
+        self.lm = lm or load_model(cfg.model, dtype=self._lm_dtype(), device=str(self.device),
                                    device_map=cfg.model_device_map, load_in_8bit=cfg.load_in_8bit)
+        if cfg.model_dtype == "auto":  # recorded in train.json: a resume (on any machine) reads what this run read
+            cfg.model_dtype = DTYPE_NAMES.get(self.lm.dtype, cfg.model_dtype)
         self.compute_dtype = resolve_dtype(cfg.sae_dtype, self.device)
         self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
         # Layer sharding: rank r owns every world-th layer; in dp mode every rank owns all.
@@ -180,6 +184,16 @@ class Trainer:
                     # Data rows are far from orthogonal: a token's k nearest rows all point its way, and a tied
                     # encoder would decode it k times over (FVU ~70 at step 0). 1/k keeps the ranking and the scale.
                     self.states[n].sae.W_enc.copy_(rows.to(self.device) / self.k)
+
+    def _lm_dtype(self) -> torch.dtype:
+        """The LM's dtype; `auto` on CPU is a timing, so under torchrun rank 0's choice is every rank's (ranks
+        timing the same CPU near the threshold could disagree, and their activations would differ)."""
+        dtype = resolve_dtype(self.cfg.model_dtype, self.device, lm=True)
+        if self.dist.on and self.cfg.model_dtype == "auto":
+            code = torch.tensor([int(dtype == torch.bfloat16)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(code, src=0)
+            dtype = torch.bfloat16 if int(code) else torch.float32
+        return dtype
 
     def _init_generator(self, n: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 100_003 + n)
