@@ -336,7 +336,7 @@ def test_logit_lens_ranks_tokens_as_the_full_unembedding_does(tiny_qwen3, screen
     lm = load_model(str(tiny_qwen3))
     directions = torch.randn(40, lm.d_model, generator=torch.Generator().manual_seed(0))
     with patch("saescope.inspect.store.screens", return_value=screen):
-        top_ids, top_vals, bottom_ids, bottom_vals = logit_lens(lm.model, directions, 7)
+        top_ids, top_vals, bottom_ids, bottom_vals = logit_lens(lm.model, directions, 7, chunk=16)  # several chunks
     with torch.no_grad():
         logits = unembed(lm.model, directions).float()
     want_top, want_bottom = logits.topk(7, dim=1), (-logits).topk(7, dim=1)

@@ -95,38 +95,43 @@ LENS_SHORTLIST = 16  # extra candidates per side the bf16 screen hands to the fp
 
 
 @torch.no_grad()
-def logit_lens(model, directions: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def logit_lens(model, directions: Tensor, k: int, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per direction (rows of `directions`), the k tokens it promotes most and the k it suppresses most through the
     model's final norm and unembedding: (top ids int32, their logits, bottom ids int32, their logits).
 
     On a CPU where the SAE encoder screens in bf16 (saescope.sae.fast.screens), so does this: the bf16 product
     shortlists k + 16 tokens per side, whose logits are recomputed in fp32 (the vocabulary-wide product is most
-    of a feature store's build otherwise). Soft-capping is monotone, so it applies after the ranking."""
+    of a feature store's build otherwise). Soft-capping is monotone, so it applies after the ranking. Rows go
+    `chunk` at a time: (chunk x vocab) logits, never (directions x vocab)."""
     norm, head, softcap = unembedding(model)
-    h = norm(directions.detach().to(head.weight.dtype)).float()
     W = head.weight.detach()
     bias = getattr(head, "bias", None)
     k = min(k, W.shape[0])
-    if screens(h.device, torch.float32) and bias is None and W.dtype == torch.float32:
-        logits = (h.bfloat16() @ W.bfloat16().T).float()
-        m = min(W.shape[0], k + LENS_SHORTLIST)
-        zeros = h.new_zeros(W.shape[0])
-        hi_cand = top_k(logits, m)[1]
-        lo_cand = top_k(logits.neg_(), m)[1]
-        hi_vals, hi_ids = rerank_exact(h.contiguous(), W.contiguous(), zeros, hi_cand.contiguous(), k)
-        lo_vals, lo_ids = rerank_exact((-h).contiguous(), W.contiguous(), zeros, lo_cand.contiguous(), k)
+    screen = screens(directions.device, torch.float32) and bias is None and W.dtype == torch.float32
+    W16, W32 = (W.bfloat16(), W.contiguous()) if screen else (None, None)
+    zeros = directions.new_zeros(W.shape[0], dtype=torch.float32)
+    parts = []
+    for start in range(0, directions.shape[0], chunk):
+        h = norm(directions[start : start + chunk].detach().to(W.dtype)).float()
+        if screen:
+            logits = (h.bfloat16() @ W16.T).float()
+            m = min(W.shape[0], k + LENS_SHORTLIST)
+            hi_cand = top_k(logits, m)[1]
+            lo_cand = top_k(logits.neg_(), m)[1]
+            hi_vals, hi_ids = rerank_exact(h.contiguous(), W32, zeros, hi_cand.contiguous(), k)
+            lo_vals, lo_ids = rerank_exact((-h).contiguous(), W32, zeros, lo_cand.contiguous(), k)
+        else:
+            logits = (h.to(W.dtype) @ W.T if bias is None else head(h.to(W.dtype))).float()
+            hi_vals, hi_ids = top_k(logits, k)
+            lo_vals, lo_ids = top_k(logits.neg_(), k)
         lo_vals = -lo_vals
-    else:
-        logits = (h.to(W.dtype) @ W.T if bias is None else head(h.to(W.dtype))).float()
-        hi_vals, hi_ids = top_k(logits, k)
-        lo_vals, lo_ids = top_k(logits.neg_(), k)
-        lo_vals = -lo_vals
-    hi_order, lo_order = hi_vals.argsort(1, descending=True), lo_vals.argsort(1)
-    hi_vals, hi_ids = hi_vals.gather(1, hi_order), hi_ids.gather(1, hi_order)
-    lo_vals, lo_ids = lo_vals.gather(1, lo_order), lo_ids.gather(1, lo_order)
-    if softcap:
-        hi_vals, lo_vals = (softcap * (v / softcap).tanh() for v in (hi_vals, lo_vals))
-    return hi_ids.int(), hi_vals, lo_ids.int(), lo_vals
+        hi_order, lo_order = hi_vals.argsort(1, descending=True), lo_vals.argsort(1)
+        hi_vals, hi_ids = hi_vals.gather(1, hi_order), hi_ids.gather(1, hi_order)
+        lo_vals, lo_ids = lo_vals.gather(1, lo_order), lo_ids.gather(1, lo_order)
+        if softcap:
+            hi_vals, lo_vals = (softcap * (v / softcap).tanh() for v in (hi_vals, lo_vals))
+        parts.append((hi_ids.int(), hi_vals, lo_ids.int(), lo_vals))
+    return tuple(torch.cat(col) for col in zip(*parts))  # type: ignore[return-value]
 
 
 class LayerStats:
@@ -188,10 +193,9 @@ class LayerStats:
         t["top_source"] = torch.where(from_batch, (first_chunk + b) * T + p, t["top_source"].gather(1, old))
         t["top_acts"] = new_acts
 
-    def logit_lens(self, model, sae: TopKSAE, chunk: int = 256) -> None:
-        parts = [logit_lens(model, sae.W_dec[start : start + chunk], self.cfg.logit_k) for start in range(0, self.d, chunk)]
+    def logit_lens(self, model, sae: TopKSAE) -> None:
         names = ("logit_top_ids", "logit_top_vals", "logit_bottom_ids", "logit_bottom_vals")
-        self.t.update({name: torch.cat(col) for name, col in zip(names, zip(*parts))})
+        self.t.update(dict(zip(names, logit_lens(model, sae.W_dec, self.cfg.logit_k), strict=True)))
 
     def to_bytes(self) -> bytes:
         return save({name: v.detach().cpu().contiguous() for name, v in self.t.items()})
