@@ -75,9 +75,12 @@ def token_batches(tokenizer, ctx_len, batch_size, n, split="train"):
     return out
 
 
-def measure_limit(lms: dict, layers, d_sae, batch, device) -> dict:
-    """The limit in the fastest dtype the hardware offers, not the trainer's own choice: the LM forward
-    and the encoder product are each timed in every dtype of `lms` (fp32 and bf16), and the faster counts."""
+def measure_limit(lm, layers, d_sae, batch, device) -> dict:
+    """The limit in the fastest dtype the hardware offers, not the trainer's own choice: the LM forward and the
+    encoder product are each timed in fp32 and in bf16, and the faster counts. The LM in the dtype the trainer does
+    not use is loaded for the timing only (held through a run, it would count in the trainer's peak memory)."""
+    other = torch.bfloat16 if lm.dtype == torch.float32 else torch.float32
+    lms = {lm.dtype: lm, other: load_model(lm.name, dtype=other, device=str(device))}
     ids = batch.to(device)
     t_lm = {dt: _timed(lambda lm=lm: capture(lm.model, ids, layers), device) for dt, lm in lms.items()}
     acts = capture(next(iter(lms.values())).model, ids, layers)
@@ -236,9 +239,6 @@ def main() -> None:
     else:
         model_dir = Path(args.model) if Path(args.model).exists() else builtin_model_dir(args.model)
     lm = load_model(args.model, dtype=model_dtype, device=str(device))
-    # the limit's own copies of the LM, one per dtype (the trainer's is one of them)
-    limit_lms = {dt: lm if dt == model_dtype else load_model(args.model, dtype=dt, device=str(device))
-                 for dt in (torch.float32, torch.bfloat16)}
     layers = parse_layers(None if args.layers == "all" else args.layers, lm.n_layers)
     expansion, k = PRESETS[args.preset]
     d_sae = expansion * lm.d_model
@@ -251,9 +251,9 @@ def main() -> None:
     # The machine's speed drifts (a shared VM: the same LM forward took 0.9-1.8 s between hours), so the limit
     # is timed right before and right after saescope's run and averaged, and --rounds repeats saescope and
     # sparsify back to back, comparing each pair.
-    limits = [measure_limit(limit_lms, layers, d_sae, train_batches[0], device)]
+    limits = [measure_limit(lm, layers, d_sae, train_batches[0], device)]
     ours = run_saescope(lm, args, layers, expansion, k, args.steps, work / "saescope")
-    limits.append(measure_limit(limit_lms, layers, d_sae, train_batches[0], device))
+    limits.append(measure_limit(lm, layers, d_sae, train_batches[0], device))
     rows = [{"trainer": "saescope", **{k2: v for k2, v in ours.items() if k2 != "saes"}, "fvu": fvu_on(ours["saes"], eval_acts)}]
     for peer in filter(None, args.peers.split(",")):
         if peer == "sparsify":
@@ -285,9 +285,9 @@ def main() -> None:
     rounds = [{"saescope": ours["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"],
                **{r["trainer"]: r["tok_s"] for r in rows[1:] if r["trainer"].startswith("sparsify")}}]
     for i in range(1, args.rounds):
-        before = measure_limit(limit_lms, layers, d_sae, train_batches[0], device)
+        before = measure_limit(lm, layers, d_sae, train_batches[0], device)
         again = run_saescope(lm, args, layers, expansion, k, args.steps, work / f"saescope-{i}")
-        limits += [before, measure_limit(limit_lms, layers, d_sae, train_batches[0], device)]
+        limits += [before, measure_limit(lm, layers, d_sae, train_batches[0], device)]
         rounds.append({"saescope": again["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"]})
         if "sparsify" in args.peers.split(","):
             name = f"sparsify ({args.sparsify_optimizer})"
@@ -301,9 +301,9 @@ def main() -> None:
     if args.sweep:
         for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
             sub = layers[:: max(1, len(layers) // n_layers)][:n_layers]
-            before = measure_limit(limit_lms, sub, exp * lm.d_model, train_batches[0], device)
+            before = measure_limit(lm, sub, exp * lm.d_model, train_batches[0], device)
             res = run_saescope(lm, args, sub, exp, k, min(args.steps, 12), work / f"sweep-{exp}-{n_layers}")
-            lim = _mean_limit([before, measure_limit(limit_lms, sub, exp * lm.d_model, train_batches[0], device)])
+            lim = _mean_limit([before, measure_limit(lm, sub, exp * lm.d_model, train_batches[0], device)])
             sweep.append({"expansion": exp, "layers": n_layers, "tok_s": res["tok_s"], "limit_tok_s": lim["limit_tok_s"],
                           "ratio": res["tok_s"] / lim["limit_tok_s"]})
 

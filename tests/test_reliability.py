@@ -73,6 +73,12 @@ def test_resume_keeps_the_runs_settings(trained_run, tmp_path):
     code, _, err = run_cli("train", "--out", str(run), "--resume", "--seed", "5")
     assert_one_line_error(code, err, "--seed 5 differs from the run's 0")
     assert tree_hashes(run) == before
+    # train.json records what `auto` resolved to: the same command line with --resume goes on in that dtype
+    assert json.loads((run / "train.json").read_text())["model_dtype"] == "fp32"
+    code, _, err = run_cli("train", "--out", str(run), "--resume", "--model-dtype", "auto", "--max-tokens", str(32 * 4 * 8))
+    assert code == 0, err
+    code, _, err = run_cli("train", "--out", str(run), "--resume", "--model-dtype", "bf16")
+    assert_one_line_error(code, err, "--model-dtype bf16 differs from the run's fp32")
 
 
 @pytest.mark.parametrize("edit,fragment", [
@@ -161,9 +167,11 @@ def test_partial_eval_merges_per_layer_and_other_settings_go_beside(tmp_path):
     before = path.read_bytes()
     other = write_results(_evals([0], 0.1), path, {**settings, "n_tokens": 64})
     assert other == tmp_path / "eval-2.json" and path.read_bytes() == before
-    # files written before the LM's dtype was recorded were fp32: an fp32 eval merges, a bf16 one goes beside
-    assert write_results(_evals([1], 0.2), path, {**settings, "model_dtype": "fp32"}) == path
-    assert write_results(_evals([1], 0.3), path, {**settings, "model_dtype": "bf16"}) == tmp_path / "eval-3.json"
+    # a file written before the LM's dtype was recorded could hold fp32 or bf16 figures: nothing merges into it
+    fp32 = write_results(_evals([1], 0.2), path, {**settings, "model_dtype": "fp32"})
+    assert fp32 == tmp_path / "eval-3.json" and path.read_bytes() == before
+    assert write_results(_evals([2], 0.2), fp32, {**settings, "model_dtype": "fp32"}) == fp32  # same dtype: merges
+    assert write_results(_evals([1], 0.3), path, {**settings, "model_dtype": "bf16"}) == tmp_path / "eval-4.json"
 
 
 def test_eval_refuses_invalid_values_before_writing(tiny_sae_dir, tmp_path):

@@ -99,10 +99,14 @@ def spelling_set(tokenizer, cfg: AbsorptionConfig) -> SpellingSet:
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     answers = [tokenizer(" " + c.upper(), add_special_tokens=False)["input_ids"] for c in LETTERS]
     train_idx = np.flatnonzero(~test)
+    # The BOS the tokenizer puts before text, if any (Gemma, Llama): without it the first example word would be the
+    # attention sink. Prompts are built from ids, so it is added here as the tokenizer would add it.
+    bos = tokenizer.bos_token_id
+    start = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
     prompts, positions = [], []
     for i, word_id in enumerate(word_ids):
         examples = rng.choice(train_idx[train_idx != i], cfg.icl_examples, replace=False)
-        ids: list[int] = []
+        ids: list[int] = list(start)
         for e in examples:
             ids += [word_ids[e], *suffix, *answers[letters[e]], *newline]
         positions.append(len(ids))
@@ -155,10 +159,9 @@ def absorption_of(acts: Tensor, codes: Tensor, sae: TopKSAE, direction: Tensor, 
     """Per word (rows of acts / codes): SAEBench's absorption fraction and whether it is full absorption, for the
     probe `direction` (unit) and the letter's `main` latents."""
     W = sae.W_dec.detach().float().cpu()
-    along = W @ direction  # each latent's decoder component along the probe
-    cos = along / W.norm(dim=1).clamp_min(EPS)
+    cos = (W @ direction) / W.norm(dim=1).clamp_min(EPS)
     total = acts @ direction  # (words,): the probe projection of the activation itself
-    latent_proj = codes * along  # (words, d_sae): what each firing latent adds along the probe
+    latent_proj = codes * cos  # (words, d_sae): SAEBench's activation x cosine (the projection for unit decoder rows)
     is_main = torch.zeros(W.shape[0], dtype=torch.bool)
     is_main[main] = True
     main_proj = latent_proj[:, is_main].sum(1)

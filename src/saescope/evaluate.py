@@ -265,7 +265,6 @@ def as_records(results: list[LayerEval]) -> list[dict]:
 
 
 SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_factor", "model_dtype")
-SETTING_DEFAULTS = {"model_dtype": "fp32"}  # what files written before the setting was recorded used
 
 
 def read_results(path: Path) -> dict | None:
@@ -295,7 +294,9 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
         body["control"] = as_records(control)
     old = read_results(path)
     if old is not None:
-        if all(old.get(key, SETTING_DEFAULTS.get(key)) == body.get(key, SETTING_DEFAULTS.get(key)) for key in SETTINGS):
+        # a file written before the LM's dtype was recorded could be fp32 or bf16 (train --eval-tokens used the
+        # trainer's LM): unknown, so nothing merges into it
+        if all(old.get(key) == body.get(key) for key in SETTINGS):
             for part in ("layers", "control"):
                 if part in old or part in body:
                     merged = {r["layer"]: r for r in old.get(part) or [] if isinstance(r, dict) and "layer" in r}
@@ -305,9 +306,7 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
             i = 2
             while (path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
                 i += 1
-            differ = ", ".join(f"{key} {old.get(key, SETTING_DEFAULTS.get(key))!r} -> {body.get(key, SETTING_DEFAULTS.get(key))!r}"
-                               for key in SETTINGS
-                               if old.get(key, SETTING_DEFAULTS.get(key)) != body.get(key, SETTING_DEFAULTS.get(key)))
+            differ = ", ".join(f"{key} {old.get(key)!r} -> {body.get(key)!r}" for key in SETTINGS if old.get(key) != body.get(key))
             path = path.with_name(f"{path.stem}-{i}{path.suffix}")
             print(f"saescope: {path.with_name('eval.json').name} holds figures made with other settings ({differ}); "
                   f"these go to {path.name}", file=sys.stderr)

@@ -94,6 +94,9 @@ def _resumed_config(a: argparse.Namespace, run: RunDir, given: set[str], seed: i
             raise SaescopeError(f"--resume: --{name.replace('_', '-')} {value} differs from the run's {getattr(saved, name)} "
                                 f"({run.train_config}); a resumed run keeps its settings")
     for name in sorted(typed - RESUME_MAY_CHANGE):
+        if name == "model_dtype" and asked.model_dtype == "auto":  # the run recorded what its `auto` resolved to
+            asked.model_dtype = saved.model_dtype
+            continue
         if name in ("preset", "expansion", "k"):  # what counts is the SAE's shape, however it was asked for
             changed, was = asked.shape() != saved.shape(), "expansion {}, k {}".format(*saved.shape())
         else:

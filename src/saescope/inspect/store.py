@@ -107,7 +107,9 @@ def logit_lens(model, directions: Tensor, k: int, chunk: int = 256) -> tuple[Ten
     W = head.weight.detach()
     bias = getattr(head, "bias", None)
     k = min(k, W.shape[0])
-    screen = screens(directions.device, torch.float32) and bias is None and W.dtype == torch.float32
+    # a few rows (the web app's one feature) would spend more on the bf16 copy of the unembedding than they save
+    screen = (directions.shape[0] >= 64 and screens(directions.device, torch.float32) and bias is None
+              and W.dtype == torch.float32)
     W16, W32 = (W.bfloat16(), W.contiguous()) if screen else (None, None)
     zeros = directions.new_zeros(W.shape[0], dtype=torch.float32)
     parts = []

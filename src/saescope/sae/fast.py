@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saescope.sae.cpu_kernels import fused_top_k_applies, fused_top_k_available, rerank_exact, topk_with_bias
-from saescope.system import cpu_lm_dtype
+from saescope.system import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
 
 class LatentGroups:
@@ -104,13 +104,13 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self._buffer: Tensor | None = None
+        self._buffers: dict[torch.dtype, Tensor] = {}  # one per dtype: the screen holds bf16 and fp32 at once
 
     def pre_activations(self, n_tokens: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         need = n_tokens * d_sae
-        buf = self._buffer
-        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
-            buf = self._buffer = torch.empty(need, dtype=dtype, device=device)
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < need or buf.device != device:
+            buf = self._buffers[dtype] = torch.empty(need, dtype=dtype, device=device)
         return buf[:need].view(n_tokens, d_sae)
 
 
@@ -212,13 +212,15 @@ _SCREEN_PAYS: dict[str, bool] = {}
 def screens(device: torch.device, compute_dtype: torch.dtype) -> bool:
     """Whether an fp32 encoder on this device runs as a bf16 screen + fp32 ranking (`_screened_encode`): on a
     CPU with saescope's AVX-512 kernels whose bf16 matmuls are measured much faster than fp32 (the same
-    measurement that puts the LM in bf16 there: saescope.system.cpu_lm_dtype; SAESCOPE_CPU_DTYPE=fp32 turns
-    both off). An explicitly bf16 encoder, and every GPU, keep the plain path."""
+    measurement that puts the LM in bf16 there: saescope.system.cpu_bf16_speedup; SAESCOPE_CPU_DTYPE=fp32 turns
+    both off). An explicitly bf16 encoder, and every GPU, keep the plain path. The choice changes no figure beyond
+    ties (see `_screened_encode`), so ranks or a resumed run that decide differently still train the same."""
     if device.type != "cpu" or compute_dtype != torch.float32:
         return False
-    forced = os.environ.get("SAESCOPE_CPU_DTYPE", "")
-    if forced not in _SCREEN_PAYS:
-        _SCREEN_PAYS[forced] = fused_top_k_available(device, torch.float32) and cpu_lm_dtype() == torch.bfloat16
+    forced = os.environ.get("SAESCOPE_CPU_DTYPE", "").lower()
+    if forced not in _SCREEN_PAYS:  # a forced bf16 is not a measurement: a CPU without native bf16 would emulate it
+        _SCREEN_PAYS[forced] = (forced not in ("fp32", "float32") and fused_top_k_available(device, torch.float32)
+                                and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
     return _SCREEN_PAYS[forced]
 
 
@@ -236,10 +238,12 @@ def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions)
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in got)  # type: ignore[return-value]
     n, d_sae = x.shape[0], W_enc.shape[0]
     xf, Wf, bf = x.float().contiguous(), W_enc.float().contiguous(), b_enc.float().contiguous()
-    pre16 = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T)
-    pre = (o.workspace.pre_activations(n, d_sae, torch.float32, x.device).copy_(pre16) if o.workspace is not None
-           else pre16.float())
-    del pre16
+    if o.workspace is not None:  # both buffers reused across steps and layers (no page faults per step)
+        pre16 = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T,
+                         out=o.workspace.pre_activations(n, d_sae, torch.bfloat16, x.device))
+        pre = o.workspace.pre_activations(n, d_sae, torch.float32, x.device).copy_(pre16)
+    else:
+        pre = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T).float()
     _, shortlist = top_k(pre, min(d_sae, o.k + max(1, round(o.k * SCREEN_MARGIN))), bias=bf)
     values, indices = rerank_exact(xf, Wf, bf, shortlist, o.k)
     values = values.to(W_enc.dtype).clamp_min_(0)

@@ -190,7 +190,8 @@ class Trainer:
         timing the same CPU near the threshold could disagree, and their activations would differ)."""
         dtype = resolve_dtype(self.cfg.model_dtype, self.device, lm=True)
         if self.dist.on and self.cfg.model_dtype == "auto":
-            code = torch.tensor([int(dtype == torch.bfloat16)], device=self.device if self.device.type == "cuda" else "cpu")
+            on_gpu = dist.get_backend() == "nccl"  # nccl moves CUDA tensors only, even for a run on CPU
+            code = torch.tensor([int(dtype == torch.bfloat16)], device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
             dist.broadcast(code, src=0)
             dtype = torch.bfloat16 if int(code) else torch.float32
         return dtype
