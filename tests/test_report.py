@@ -58,3 +58,21 @@ def test_the_probing_verdict_counts_only_differences_beyond_two_standard_errors(
     assert "not yet distinguishable from random directions" in got
     rows["2"]["sae_top1"] = 0.95
     assert "carry these concepts better than random directions" in _probing_verdict(rows)
+
+
+def test_the_quality_section_uses_the_paired_margin_and_reports_the_letter_latents(tmp_path):
+    from saescope.report import _probing_verdict
+
+    def row(sae, ctl, margin, se, letter, ctl_letter):
+        return {"sae_top1": sae, "control_top1": ctl, "sae_top5": 0.8, "control_top5": 0.8, "dense": 0.9,
+                "sae_fvu_in_domain": 0.2, "sae_top1_se": 0.05, "control_top1_se": 0.05, "top1_margin": margin,
+                "top1_margin_se": se, "sae_letter_main_f1": letter, "control_letter_main_f1": ctl_letter,
+                "sae_absorption": 0.02}
+
+    # +0.05 with a paired se of 0.01 is a win, though the two binomial se (0.05 each) would call it noise
+    rows = {"0": row(0.85, 0.80, 0.05, 0.01, 0.40, 0.20), "1": row(0.80, 0.80, 0.0, 0.01, 0.10, 0.20)}
+    assert "by more than two standard errors at 1, behind by more than two at 0" in _probing_verdict(rows)
+    (tmp_path / "quality.json").write_text(json.dumps({"layers": rows, "probing": {"tasks": {"t": {}}}}))
+    page = build_report(tmp_path).read_text()
+    assert "+0.050 ± 0.010" in page
+    assert "better probe than the control's at 1 of 2 layers (test F1 0.250 vs 0.200 on average)" in page

@@ -292,6 +292,13 @@ def _quality(run: RunDir) -> str:
                               for n, r in rows.items()])
     tasks = q["probing"].get("tasks", {})
     verdict = _probing_verdict(rows) if ctl else " No control was measured: without it these figures say nothing about learned features."
+    letters = [(r["sae_letter_main_f1"], r["control_letter_main_f1"]) for r in rows.values()
+               if isinstance(r.get("sae_letter_main_f1"), float) and isinstance(r.get("control_letter_main_f1"), float)]
+    if ctl and letters:
+        ahead = sum(a > b for a, b in letters)
+        verdict += (f" On first letters (a token-level concept), each letter's main latents are a better probe than the "
+                    f"control's at {ahead} of {len(letters)} layers (test F1 {sum(a for a, _ in letters) / len(letters):.3f} "
+                    f"vs {sum(b for _, b in letters) / len(letters):.3f} on average).")
     return (f'<p class="note">Sparse probing (SAEBench): mean accuracy over {len(tasks)} real labelled tasks '
             f"({html.escape(', '.join(tasks))}; chance 0.5) of the best single latent (top-1) and of a logistic regression "
             "on the best 5, beside the random control and a dense probe on the residual stream (margin: top-1 minus the "
