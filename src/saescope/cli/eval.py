@@ -46,12 +46,14 @@ def evaluate_and_print(lm, saes: dict, path: Path, control: dict | None = None, 
     """Evaluate `saes` (and `control`) with `settings` (saescope.evaluate.evaluate_sets), print the table and merge
     the figures into the eval file at PATH."""
     from saescope.evaluate import evaluate_sets, format_comparison, format_table, read_results, write_results
+    from saescope.models.load import DTYPE_NAMES
 
     read_results(path)  # a file the results could not merge into is refused before the work
     sets = {"sae": saes} if control is None else {"sae": saes, "control": control}
-    results = evaluate_sets(lm, sets, **{k: v for k, v in settings.items() if k != "model_dtype"})
+    results = evaluate_sets(lm, sets, **settings)
     print(format_table(results["sae"]) if control is None else format_comparison(results["sae"], results["control"]))
-    recorded = {"model": lm.name, **{k: v for k, v in settings.items() if k != "data"}, "data": settings.get("data") or "default"}
+    recorded = {"model": lm.name, **{k: v for k, v in settings.items() if k != "data"}, "data": settings.get("data") or "default",
+                "model_dtype": DTYPE_NAMES.get(lm.dtype, str(lm.dtype))}
     written = write_results(results["sae"], path, recorded, control=results.get("control"))
     print(f"eval results: {written}")
 
@@ -70,7 +72,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     control = load_control(a.control, scope.saes) if a.control else None
     path = (RunDir(a.out) if a.out else RunDir.of_sae(a.sae)).eval
     evaluate_and_print(scope.lm, scope.saes, path, control=control, data=a.data, text_column=a.text_column,
-                       n_tokens=a.n_tokens, ctx_len=a.ctx_len, outlier_factor=a.outlier_factor, model_dtype=dtype)
+                       n_tokens=a.n_tokens, ctx_len=a.ctx_len, outlier_factor=a.outlier_factor)
 
 
 def cmd_quality(a: argparse.Namespace) -> None:

@@ -130,11 +130,10 @@ def _after_training(a: argparse.Namespace, trainer, summary: dict) -> None:
     print("outlier filter dropped tokens per layer: " + ", ".join(f"{n}:{d}" for n, d in dropped.items()))
     if a.eval_tokens > 0:
         from saescope.cli.eval import evaluate_and_print
-        from saescope.models.load import DTYPE_NAMES
 
         evaluate_and_print(trainer.lm, {n: st.sae for n, st in trainer.states.items()}, RunDir(cfg.out).eval,
                            data=cfg.data, text_column=cfg.text_column, n_tokens=a.eval_tokens, ctx_len=cfg.ctx_len,
-                           outlier_factor=cfg.outlier_factor, model_dtype=DTYPE_NAMES.get(trainer.lm.dtype, str(trainer.lm.dtype)))
+                           outlier_factor=cfg.outlier_factor)
 
 
 def cmd_plan(a: argparse.Namespace) -> None:

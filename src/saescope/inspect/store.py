@@ -49,8 +49,7 @@ from saescope.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.io import fingerprint
 from saescope.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembedding
 from saescope.sae import SparseCode, TopKSAE
-from saescope.sae.cpu_kernels import rerank_exact
-from saescope.sae.fast import screens, top_k
+from saescope.sae.fast import screens, shortlist_rerank, top_k
 from saescope.schema import Field, check_record
 from saescope.system import peak_rss_mb, release_heap
 
@@ -110,18 +109,15 @@ def logit_lens(model, directions: Tensor, k: int, chunk: int = 256) -> tuple[Ten
     # a few rows (the web app's one feature) would spend more on the bf16 copy of the unembedding than they save
     screen = (directions.shape[0] >= 64 and screens(directions.device, torch.float32) and bias is None
               and W.dtype == torch.float32)
-    W16, W32 = (W.bfloat16(), W.contiguous()) if screen else (None, None)
-    zeros = directions.new_zeros(W.shape[0], dtype=torch.float32)
+    if screen:
+        W16, W32, zeros = W.bfloat16(), W.contiguous(), directions.new_zeros(W.shape[0], dtype=torch.float32)
     parts = []
     for start in range(0, directions.shape[0], chunk):
         h = norm(directions[start : start + chunk].detach().to(W.dtype)).float()
         if screen:
             logits = (h.bfloat16() @ W16.T).float()
-            m = min(W.shape[0], k + LENS_SHORTLIST)
-            hi_cand = top_k(logits, m)[1]
-            lo_cand = top_k(logits.neg_(), m)[1]
-            hi_vals, hi_ids = rerank_exact(h.contiguous(), W32, zeros, hi_cand.contiguous(), k)
-            lo_vals, lo_ids = rerank_exact((-h).contiguous(), W32, zeros, lo_cand.contiguous(), k)
+            hi_vals, hi_ids = shortlist_rerank(logits, h.contiguous(), W32, zeros, k, k + LENS_SHORTLIST)
+            lo_vals, lo_ids = shortlist_rerank(logits.neg_(), (-h).contiguous(), W32, zeros, k, k + LENS_SHORTLIST)
         else:
             logits = (h.to(W.dtype) @ W.T if bias is None else head(h.to(W.dtype))).float()
             hi_vals, hi_ids = top_k(logits, k)
