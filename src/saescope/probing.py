@@ -18,7 +18,6 @@ Tasks (real labels from the shared reference data; none of this text is in the t
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zlib
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from saescope.data.benchmarks import shared_data_dir
+from saescope.data.labelled import in_test_split
 from saescope.data.rows import iter_rows
 from saescope.errors import SaescopeError
 from saescope.sae import TopKSAE
@@ -106,11 +106,6 @@ TASKS: dict[str, tuple[str, Callable[[Path], Examples]]] = {
 }
 
 
-def _in_test(group: str, seed: int) -> bool:
-    h = int(hashlib.sha1(f"{seed}:{group}".encode()).hexdigest()[:8], 16)
-    return h / 0xFFFFFFFF < TEST_SHARE
-
-
 def probe_sets(names: list[str] | None = None, *, per_class: int = 100, seed: int = 0,
                shared_data: str | Path | None = None) -> list[ProbeSet]:
     """The probe tasks, each with `per_class` texts per class (a seeded sample, balanced) and its group split."""
@@ -132,7 +127,7 @@ def probe_sets(names: list[str] | None = None, *, per_class: int = 100, seed: in
             chosen += [pool[i] for i in sorted(rng.choice(len(pool), per_class, replace=False))]
         groups = [g for _, _, g in chosen]
         sets.append(ProbeSet(name, description, [t for t, _, _ in chosen], np.array([y for _, y, _ in chosen]), groups,
-                             np.array([_in_test(g, seed) for g in groups])))
+                             np.array([in_test_split(g, seed, TEST_SHARE) for g in groups])))
     return sets
 
 

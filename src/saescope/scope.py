@@ -142,19 +142,22 @@ class Scope:
     def iter_pooled(self, texts: Sequence[str], *, layers: list[int] | None = None, pool: str = "last",
                     batch_size: int = 16, max_length: int = 512, skip_first_token: bool = False, progress: bool = True,
                     sae_sets: dict[str, dict[int, TopKSAE]] | None = None, desc: str = "encode",
-                    with_residual: bool = False) -> Iterator[tuple[list[int], dict[str, dict[int, Tensor]]]]:
+                    with_residual: bool = False, residual_pool: str | None = None
+                    ) -> Iterator[tuple[list[int], dict[str, dict[int, Tensor]]]]:
         """Per batch of texts: their positions in `texts` and, per SAE set and layer, (batch, d_sae) dense
         activations pooled over each text's tokens: the last token's code, the max or the mean over tokens.
 
         sae_sets (default {"sae": self.saes}) lets one LM pass feed several SAE sets, e.g. the trained SAEs and
-        their random control. with_residual adds the residual stream itself, pooled the same way, as the set
-        "residual" ((batch, d_model): what a dense probe reads).
+        their random control. with_residual adds the residual stream itself, pooled the same way (or as
+        residual_pool says), as the set "residual" ((batch, d_model): what a dense probe reads).
 
         Texts are batched by length (less padding); with pool="last" only the last token is encoded, so the
         SAE cost does not grow with prompt length. skip_first_token leaves position 0 out of the max (on
         models without BOS it is the attention sink, whose huge norm gives codes unrelated to the text)."""
-        if pool not in ("max", "last", "mean"):
-            raise SaescopeError(f"unknown pooling {pool!r}; use max, mean or last")
+        residual_pool = residual_pool or pool
+        for how in (pool, residual_pool):
+            if how not in ("max", "last", "mean"):
+                raise SaescopeError(f"unknown pooling {how!r}; use max, mean or last")
         if isinstance(texts, str):
             texts = [texts]
         layers = layers or self.layers
@@ -194,7 +197,8 @@ class Scope:
                     pooled[name][n] = _pool_code(sae.encode(acts[n][keep].float()), row_of_token, len(idx), sae.cfg.d_sae,
                                                  pool, n_kept)
             if with_residual:
-                pooled["residual"] = {n: acts[n][rows, n_tok - 1].float() if pool == "last" else _pool(acts[n].float(), keep, pool)
+                pooled["residual"] = {n: acts[n][rows, n_tok - 1].float() if residual_pool == "last"
+                                      else _pool(acts[n].float(), keep, residual_pool)
                                       for n in layers}
             yield idx, pooled
 

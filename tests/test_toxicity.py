@@ -1,0 +1,263 @@
+"""Toxicity rules: mining and the OR rule against hand-computed tables, the labelled-data boundary, the fast
+classifier against the full encoder on a tiny real architecture, the rules file's refusals, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
+
+from saescope.data.labelled import group_split, load_labelled
+from saescope.errors import SaescopeError
+from saescope.models import load_model, token_strings
+from saescope.scope import Scope
+from saescope.toxicity import (
+    FeatureHits,
+    RuleClassifier,
+    RuleSet,
+    encode_labelled,
+    lexical_baseline,
+    make_ruleset,
+    mine_rules,
+    scores,
+)
+from saescope.toxicity.evaluate import BenchConfig, benchmark, group_subset, transfer_matrix
+
+
+def hits_of(tables: dict[int, np.ndarray]) -> FeatureHits:
+    return FeatureHits({n: np.packbits(t.astype(bool), axis=1) for n, t in tables.items()},
+                       {n: t.shape[1] for n, t in tables.items()}, next(iter(tables.values())).shape[0])
+
+
+LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+# layer 3: feature 0 fires on 3 of 4 positives and 0 negatives (delta 0.75); feature 2 on 4/4 and 2/4 (0.5);
+# feature 9 on 2/4 and 0/4 (0.5, ranked after 2 by index). layer 7: feature 5 on 4/4 and 1/4 (0.75: ties layer 3,
+# whose lower number wins); feature 1 on 1/4 and 1/4 (0).
+L3 = np.zeros((8, 11), dtype=bool)
+L3[[0, 1, 2], 0] = True
+L3[[0, 1, 2, 3, 4, 5], 2] = True
+L3[[2, 3], 9] = True
+L7 = np.zeros((8, 6), dtype=bool)
+L7[[0, 1, 2, 3, 7], 5] = True
+L7[[0, 4], 1] = True
+
+
+def test_hits_pack_and_unpack_round_trip():
+    h = hits_of({3: L3, 7: L7})
+    assert np.array_equal(h.layer(3), L3) and np.array_equal(h.layer(7), L7)
+    for f in range(11):
+        assert np.array_equal(h.column(3, f), L3[:, f])
+    sub = h.rows(np.array([True, False] * 4))
+    assert sub.n == 4 and np.array_equal(sub.layer(3), L3[::2])
+
+
+def test_mining_by_hand():
+    rules, choice = mine_rules(hits_of({3: L3, 7: L7}), LABELS, (1, 2, 3))
+    assert choice["chosen_layer"] == 3 and choice["layer_best_delta"] == {"3": 0.75, "7": 0.75}
+    by = {r.name: r for r in rules}
+    assert [f.feature for f in by["layer3-k1"].features] == [0]
+    assert [f.feature for f in by["layer3-k3"].features] == [0, 2, 9]
+    f = by["layer3-k2"].features[1]
+    assert (f.feature, f.delta, f.p_positive, f.p_negative) == (2, 0.5, 1.0, 0.5)
+    assert [(f.layer, f.feature) for f in by["multi-k2"].features] == [(3, 0), (7, 5)]
+    assert "multi-k1" not in by
+    # the OR rule: layer3-k2 fires on texts 0-5 (feature 2), so 4 true positives, 2 false positives
+    pred = by["layer3-k2"].predict(hits_of({3: L3, 7: L7}))
+    assert pred.tolist() == [True] * 6 + [False] * 2
+    assert choice["mining_f1"]["layer3-k2"] == pytest.approx(2 * 4 / (6 + 4))
+    # multi-k2: feature 0 of layer 3 or feature 5 of layer 7 -> texts 0-3 and 7
+    assert by["multi-k2"].predict(hits_of({3: L3, 7: L7})).tolist() == [True] * 4 + [False] * 3 + [True]
+
+
+def test_mining_refuses_what_it_cannot_do():
+    with pytest.raises(SaescopeError, match="fewer than K=10"):
+        mine_rules(hits_of({3: L3}), LABELS, (1, 10))
+    with pytest.raises(SaescopeError, match="no feature of any layer fires more often"):
+        mine_rules(hits_of({3: L3}), 1 - LABELS, (1,))
+    # features with no positive delta are left out of a rule rather than padding it to K
+    rules, _ = mine_rules(hits_of({7: L7}), LABELS, (2,))
+    assert [f.feature for f in rules[0].features] == [5]
+
+
+def test_scores_by_hand():
+    s = scores(np.array([True, True, False, False, True]), np.array([1, 0, 1, 0, 1]))
+    assert (s["precision"], s["recall"], s["accuracy"]) == (2 / 3, 2 / 3, 3 / 5)
+    assert s["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert s["f1"] == pytest.approx(2 / 3)
+    assert scores(np.zeros(3, dtype=bool), np.array([1, 1, 0]))["f1"] == 0.0
+
+
+def test_lexical_baseline_reads_words():
+    from saescope.data.labelled import LabelledSet
+
+    texts = ["you are vile scum", "they are vile", "vile people", "scum everywhere", "nice day", "a nice cat",
+             "the day is long", "cat and dog"] * 2
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0] * 2)
+    ds = LabelledSet("t", texts, labels, [f"g{i}" for i in range(16)], [""] * 16)
+    target = LabelledSet("u", ["vile scum", "a long day"], np.array([1, 0]), ["a", "b"], ["", ""])
+    assert lexical_baseline(ds, [target])[0].tolist() == [True, False]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_labels_aliases_and_refusals(tmp_path):
+    ok = _write_csv(tmp_path / "ok.csv", [{"text": "a", "label": "Hateful "}, {"text": "b", "label": "clean"},
+                                           {"text": "c", "label": "1"}, {"text": "d", "label": "FALSE"}])
+    ds = load_labelled(ok)
+    assert ds.labels.tolist() == [1, 0, 1, 0] and ds.groups == ["row1", "row2", "row3", "row4"]
+    bad = _write_csv(tmp_path / "bad.csv", [{"text": "a", "label": "maybe"}, {"text": "b", "label": "clean"}])
+    with pytest.raises(SaescopeError, match="'maybe'"):
+        load_labelled(bad)
+    empty = _write_csv(tmp_path / "empty.csv", [{"text": " ", "label": "toxic"}, {"text": "b", "label": "clean"}])
+    with pytest.raises(SaescopeError, match="empty text"):
+        load_labelled(empty)
+    one = _write_csv(tmp_path / "one.csv", [{"text": "a", "label": "toxic"}, {"text": "b", "label": "toxic"}])
+    with pytest.raises(SaescopeError, match="all of one class"):
+        load_labelled(one)
+    with pytest.raises(SaescopeError, match="no label column 'y'"):
+        load_labelled(ok, label_column="y")
+
+
+def test_hatecheck_splits_by_template():
+    shared_file(SHARED / "toxicity" / "hatecheck_en.csv")
+    ds = load_labelled("hatecheck_en")
+    assert len(ds) == 3728 and ds.counts() == (1165, 2563) and ds.language == "english"
+    mine, held = group_split(ds)
+    assert not set(mine.groups) & set(held.groups)
+    assert 0.2 < len(held) / len(ds) < 0.4
+    fr = load_labelled("french")
+    assert fr.name == "mhc_french" and fr.texts[0] == "Je déteste les femmes."
+    # a subset of templates keeps whole templates
+    mask = group_subset(mine, 0.1, np.random.default_rng(0))
+    kept = {g for g, m in zip(mine.groups, mask, strict=True) if m}
+    assert all(m == (g in kept) for g, m in zip(mine.groups, mask, strict=True))
+
+
+@pytest.fixture(scope="module")
+def hate_sample() -> object:
+    shared_file(SHARED / "toxicity" / "hatecheck_en.csv")
+    ds = load_labelled("hatecheck_en")
+    rng = np.random.default_rng(0)
+    return ds.subset(np.isin(np.arange(len(ds)), rng.choice(len(ds), 160, replace=False)), "hatecheck_sample")
+
+
+def test_fast_classifier_equals_full_encoder(tiny_qwen3, hate_sample):
+    scope = Scope(load_model(str(tiny_qwen3)), random_saes(64, [0, 2], model=str(tiny_qwen3)))
+    enc = encode_labelled(scope, hate_sample, progress=False)
+    rules = make_ruleset(enc.hits["sae"], hate_sample, scope.saes, model=scope.lm.name, sae="mem", ks=(1, 2, 5))
+    for rule in rules.rules:
+        clf = RuleClassifier(scope, rules, rule.name)
+        decisions = list(clf.decisions(hate_sample.texts, batch_size=7, progress=False))
+        assert [d.positive for d in decisions] == rule.predict(enc.hits["sae"]).tolist(), rule.name
+        assert [d.index for d in decisions] == list(range(len(hate_sample)))
+        assert clf.candidate_tokens < clf.tokens  # the full encoder ran on candidates only
+    # an audit names tokens whose activation is the full code's value there
+    d = next(d for d in decisions if d.positive)
+    f = d.fired[0]
+    ids = scope._token_ids([d.text], 256)[0]
+    acts = scope.encode([d.text], layers=[f["layer"]], progress=False)[0].layers[f["layer"]]
+    for tok in f["tokens"]:
+        row = acts.indices[tok["position"]].tolist()
+        assert f["feature"] in row and tok["position"] > 0
+        assert tok["activation"] == pytest.approx(float(acts.values[tok["position"]][row.index(f["feature"])]), abs=1e-4)
+        assert tok["token"] == token_strings(scope.lm.tokenizer, ids)[tok["position"]]
+
+
+def test_rules_file_round_trip_and_refusals(tiny_qwen3, hate_sample, tmp_path):
+    scope = Scope(load_model(str(tiny_qwen3)), random_saes(64, [0, 2], model=str(tiny_qwen3)))
+    enc = encode_labelled(scope, hate_sample, progress=False)
+    rules = make_ruleset(enc.hits["sae"], hate_sample, scope.saes, model=scope.lm.name, sae="mem")
+    rules.save(tmp_path / "rules.json")
+    back = RuleSet.load(tmp_path / "rules.json")
+    assert back.to_json() == rules.to_json()
+    other = Scope(scope.lm, random_saes(64, [0, 2], seed=5))
+    with pytest.raises(SaescopeError, match="not on other"):
+        RuleClassifier(other, back, sae_spec="other")
+    with pytest.raises(SaescopeError, match="were mined on model"):
+        back.check_saes(scope.saes, "mem", "some-other-model")
+    obj = json.loads((tmp_path / "rules.json").read_text())
+    obj["rules"][0]["features"][0]["layer"] = 9
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    with pytest.raises(SaescopeError, match="layer 9 has no SAE fingerprint"):
+        RuleSet.load(tmp_path / "bad.json")
+
+
+def test_benchmark_and_transfer_on_a_tiny_model(tiny_qwen3, hate_sample):
+    scope = Scope(load_model(str(tiny_qwen3)), random_saes(64, [0, 2], model=str(tiny_qwen3)))
+    control = random_saes(64, [0, 2], seed=11)
+    mine, held = group_split(hate_sample)
+    m, h = (encode_labelled(scope, s, control=control, progress=False) for s in (mine, held))
+    cfg = BenchConfig(ks=(1, 2), fractions=(0.5, 1.0), draws=2)
+    out = benchmark(m, h, cfg)
+    assert set(out["sets"]) == {"sae", "control"} and set(out["baselines"]) == {"lexical", "probe", "always positive"}
+    rule = next(iter(out["sets"]["sae"]["rules"].values()))
+    assert 0 <= rule["f1"] <= 1 and sum(v["n"] for v in rule["functionality"].values()) == len(held)
+    # the 100% point of the curve is the rules mined on all the mining texts
+    full = out["curve"]["sae"]["1.0"]["f1"]["layer-k1"]["mean"]
+    assert full == pytest.approx(out["sets"]["sae"]["rules"][f"layer{out['sets']['sae']['choice']['chosen_layer']}-k1"]["f1"])
+    matrix = transfer_matrix({"a": (m, h), "b": (h, m)}, cfg)
+    assert matrix["sae"]["a"]["a"]["f1"]["layer-k1"] == pytest.approx(full)
+    assert matrix["always positive"]["a"]["balanced_accuracy"] == 0.5
+    assert set(matrix) == {"sae", "control", "probe", "lexical", "always positive"}
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def tox_env(tiny_qwen3, hate_sample, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tox")
+    sae_dir = save_saes(random_saes(64, [0, 1, 2], model=str(tiny_qwen3)), root / "saes")
+    rows = [{"text": t, "label": "toxic" if y else "clean", "templ_id": g[1:]}
+            for t, y, g in zip(hate_sample.texts, hate_sample.labels, hate_sample.groups, strict=True)]
+    return root, sae_dir, _write_csv(root / "labelled.csv", rows)
+
+
+def test_cli_mine_classify_eval(tox_env):
+    root, sae_dir, data = tox_env
+    code, out, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(data), "--k", "1,2",
+                             "--out", str(root / "rules.json"))
+    assert code == 0, err
+    assert "layer chosen by top1-diff" in out and (root / "rules.json").is_file()
+    code, out, err = run_cli("toxicity", "classify", "--rules", str(root / "rules.json"), "--texts", str(data),
+                             "--label-column", "label", "--audit", str(root / "audit.jsonl"))
+    assert code == 0, err
+    lines = [json.loads(x) for x in (root / "audit.jsonl").read_text().splitlines()]
+    assert len(lines) == 160 and {r["decision"] for r in lines} <= {"positive", "negative"}
+    assert all(r["fired"] for r in lines if r["decision"] == "positive") and "texts/s" in out and "F1" in out
+    code, out, err = run_cli("toxicity", "eval", "--rules", str(root / "rules.json"), "--fractions", "0.5,1",
+                             "--draws", "2", "--json", str(root / "eval.json"))
+    assert code == 0, err
+    got = json.loads((root / "eval.json").read_text())
+    assert "template" in got["split"] and "lexical" in got["baselines"] and "0.5" in got["curve"]["sae"]
+
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(tox_env, tmp_path):
+    root, sae_dir, data = tox_env
+    bad = _write_csv(tmp_path / "bad.csv", [{"text": "a", "label": "hateful"}, {"text": "b", "label": "perhaps"}])
+    code, _, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(bad), "--out", str(tmp_path / "r.json"))
+    assert_one_line_error(code, err, "'perhaps'")
+    small = _write_csv(tmp_path / "small.csv", [{"text": f"t{i}", "label": i % 2} for i in range(12)])
+    code, _, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(small), "--split", "all",
+                           "--k", "1,10", "--out", str(tmp_path / "r.json"))
+    assert_one_line_error(code, err, "fewer than K=10")
+    empty = _write_csv(tmp_path / "empty.csv", [{"text": "", "label": 1}, {"text": "b", "label": 0}])
+    code, _, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(empty), "--out", str(tmp_path / "r.json"))
+    assert_one_line_error(code, err, "empty text")
+    assert not (tmp_path / "r.json").exists()
+    other = save_saes(random_saes(64, [0, 1, 2], seed=3, model=str(json.loads((root / "rules.json").read_text())["model"])),
+                      tmp_path / "other")
+    code, _, err = run_cli("toxicity", "classify", "--rules", str(root / "rules.json"), "--sae", str(other),
+                           "--texts", "hello there", "--audit", str(tmp_path / "a.jsonl"))
+    assert_one_line_error(code, err, "were mined on the SAEs")
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "a.jsonl.partial").exists()
