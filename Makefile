@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 # control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
 # checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
 # English contrast and one inspected text; toxicity rules mined on English HateCheck (template split) and scored beside
-# the control and the baselines, then applied to French HateCheck with an audit log; and the HTML report with its
+# the control and the baselines, then applied to all of French HateCheck with an audit log; and the HTML report with its
 # feature browser and the audit's decisions (runs/demo/report.html).
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
 demo: setup
@@ -39,7 +39,7 @@ demo: setup
 	$(BIN)/saescope inspect --sae runs/demo --texts "She said, “I will be there tomorrow.”" --layers 15 --top 5
 	$(BIN)/saescope toxicity mine --sae runs/demo --data hatecheck_en
 	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3
-	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts french --limit 400
+	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts french
 	$(BIN)/saescope report --sae runs/demo
 
 # The reference SAEs round 2's applications use: all 30 layers, 8x-k32, 1M tokens of the embedded corpus with the

@@ -235,6 +235,12 @@ def test_cli_mine_classify_eval(tox_env):
     lines = [json.loads(x) for x in (root / "audit.jsonl").read_text().splitlines()]
     assert len(lines) == 160 and {r["decision"] for r in lines} <= {"positive", "negative"}
     assert all(r["fired"] for r in lines if r["decision"] == "positive") and "texts/s" in out and "F1" in out
+    # --limit on a labelled set: a seeded sample, not the first rows (which are often all of one class)
+    code, out, err = run_cli("toxicity", "classify", "--rules", str(root / "rules.json"), "--texts", str(data),
+                             "--label-column", "label", "--limit", "20", "--audit", str(root / "a20.jsonl"))
+    assert code == 0, err
+    sampled = [json.loads(x)["text"] for x in (root / "a20.jsonl").read_text().splitlines()]
+    assert len(sampled) == 20 and sampled != [r["text"] for r in lines[:20]] and set(sampled) <= {r["text"] for r in lines}
     code, out, err = run_cli("toxicity", "eval", "--rules", str(root / "rules.json"), "--fractions", "0.5,1",
                              "--draws", "2", "--json", str(root / "eval.json"))
     assert code == 0, err

@@ -45,7 +45,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--rule", help="which rule of the file (default: the file's default)")
     c.add_argument("--sae", help="the SAEs (default: the path the rules file records)")
     c.add_argument("--store", help="feature store for the audit's evidence (default: SAE/features when present)")
-    c.add_argument("--limit", type=int, help="at most this many texts")
+    c.add_argument("--limit", type=int, help="at most this many texts (the first ones of a file; a seeded random sample of "
+                   "a labelled set)")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--max-length", type=int, default=256)
     add_shared_data_flag(c)
@@ -126,19 +127,24 @@ Texts = tuple[Iterator[str], int | None, list[int] | None]
 
 def _stream_texts(spec: str, column: str | None, label_column: str | None, limit: int | None) -> Texts:
     """Texts from a built-in labelled set, a file (streamed), or the argument itself; and labels when known."""
+    import numpy as np
+
     from saescope.data.labelled import builtin_name, load_labelled
     from saescope.data.rows import iter_rows, row_format
 
+    def sample(data) -> Texts:
+        # a labelled set is in memory: --limit draws a seeded random sample, since such sets are often sorted by
+        # class or category (HateCheck's first 400 cases are all hateful)
+        if limit is not None and limit < len(data):
+            data = data.subset(np.isin(np.arange(len(data)), np.random.default_rng(0).choice(len(data), limit, replace=False)))
+        return iter(data.texts), len(data), data.labels.tolist()
+
     if builtin_name(spec):
-        data = load_labelled(spec)
-        n = min(len(data), limit or len(data))
-        return iter(data.texts[:n]), n, data.labels[:n].tolist()
+        return sample(load_labelled(spec))
     path = Path(spec)
     if path.is_file():
         if label_column:
-            data = load_labelled(spec, text_column=column, label_column=label_column)
-            n = min(len(data), limit or len(data))
-            return iter(data.texts[:n]), n, data.labels[:n].tolist()
+            return sample(load_labelled(spec, text_column=column, label_column=label_column))
         col = column or "text"
 
         def rows() -> Iterator[str]:
