@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from saescope.cli.flags import add_shared_data_flag, layer_list, writes
 from saescope.errors import SaescopeError
 from saescope.io import RunDir
@@ -126,7 +124,7 @@ def _as_set(texts: list[str], ds, name: str):
 
 
 def cmd_coverage(a: argparse.Namespace) -> None:
-    from saescope.data.labelled import group_split
+    from saescope.data.labelled import group_split, test_mask
     from saescope.files import atomic_write_json
     from saescope.scope import Scope
     from saescope.synthesis.coverage import coverage, format_selection, selection_study, target_matrix
@@ -153,10 +151,9 @@ def cmd_coverage(a: argparse.Namespace) -> None:
     print(f"coverage of {len(targets.targets)} targets by {a.data} ({len(texts)} texts): {cov['coverage']:.1%} "
           f"({cov['covered']} covered, {len(result['uncovered'])} not)")
     if a.select:
-        mine, held = group_split(ds)
-        m = enc.subset(np.isin(np.arange(len(ds)), [i for i, g in enumerate(ds.groups) if g in set(mine.groups)]))
-        h = enc.subset(np.isin(np.arange(len(ds)), [i for i, g in enumerate(ds.groups) if g in set(held.groups)]))
-        result["selection"] = selection_study(m, h, targets.targets, goals=goals)
+        group_split(ds)  # refuses a split that leaves one class on a side
+        held = test_mask(ds)
+        result["selection"] = selection_study(enc.subset(~held), enc.subset(held), targets.targets, goals=goals)
         print(format_selection(result["selection"]))
     out = Path(a.json) if a.json else out_dir / "coverage.json"
     atomic_write_json(out, result)

@@ -151,9 +151,14 @@ def in_test_split(group: str, seed: int, share: float) -> bool:
     return h / 0xFFFFFFFF < share
 
 
+def test_mask(ds: LabelledSet, *, seed: int = 0, test_share: float = 0.3) -> np.ndarray:
+    """Per text, whether its group is on the evaluation side of `group_split`."""
+    return np.array([in_test_split(g, seed, test_share) for g in ds.groups], dtype=bool)
+
+
 def group_split(ds: LabelledSet, *, seed: int = 0, test_share: float = 0.3) -> tuple[LabelledSet, LabelledSet]:
     """(mining/train side, evaluation/test side), whole groups on one side only; each side must hold both classes."""
-    test = np.array([in_test_split(g, seed, test_share) for g in ds.groups], dtype=bool)
+    test = test_mask(ds, seed=seed, test_share=test_share)
     sides = (ds.subset(~test, f"{ds.name}[mine]"), ds.subset(test, f"{ds.name}[eval]"))
     for side in sides:
         neg, pos = side.counts()

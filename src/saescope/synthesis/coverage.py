@@ -21,9 +21,8 @@ from saescope.files import atomic_write_json, read_json
 from saescope.io import fingerprint
 from saescope.sae import TopKSAE
 from saescope.schema import Field, InputError, check_record
-from saescope.toxicity.evaluate import scores
 from saescope.toxicity.rules import FORMAT as RULES_FORMAT
-from saescope.toxicity.rules import EncodedSet, FeatureHits, RuleSet, feature_deltas, mine_rules
+from saescope.toxicity.rules import EncodedSet, FeatureHits, RuleSet, feature_deltas, mine_rules, scores
 
 FORMAT = "saescope-feature-targets"
 CLASSES = ("positive", "negative")

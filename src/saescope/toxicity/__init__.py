@@ -3,7 +3,7 @@ features fire more often on toxic than on clean text, applied as an OR over a fe
 positive naming the features and tokens that decided it."""
 
 from saescope.toxicity.classify import AuditLog, Decision, RuleClassifier
-from saescope.toxicity.evaluate import BenchConfig, benchmark, lexical_baseline, residual_probe, scores, transfer_matrix
+from saescope.toxicity.evaluate import BenchConfig, benchmark, lexical_baseline, residual_probe, transfer_matrix
 from saescope.toxicity.rules import (
            DEFAULT_KS,
            EncodedSet,
@@ -14,6 +14,7 @@ from saescope.toxicity.rules import (
            encode_labelled,
            make_ruleset,
            mine_rules,
+           scores,
 )
 
 __all__ = ["DEFAULT_KS", "AuditLog", "BenchConfig", "Decision", "EncodedSet", "FeatureHits", "Rule", "RuleClassifier",

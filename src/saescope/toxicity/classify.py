@@ -9,6 +9,7 @@ decisions are exactly those of the full SAE (the test checks this against `encod
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -136,8 +137,6 @@ class RuleClassifier:
 
 
 def rules_fingerprint(rules: RuleSet) -> str:
-    import hashlib
-
     return hashlib.sha1(json.dumps(rules.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -28,7 +28,7 @@ import torch
 from saescope.data.labelled import LabelledSet
 from saescope.errors import SaescopeError
 from saescope.probing import fit_logistic
-from saescope.toxicity.rules import DEFAULT_KS, EncodedSet, Rule, mine_rules
+from saescope.toxicity.rules import DEFAULT_KS, EncodedSet, Rule, generic_name, mine_rules, scores
 
 SPLIT_NOTE = "mining and evaluation split by template: no template has sentences on both sides"
 
@@ -45,23 +45,6 @@ class BenchConfig:
             raise SaescopeError(f"mining fractions must be in (0, 1], got {list(self.fractions)}")
         if self.draws < 1:
             raise SaescopeError(f"draws must be >= 1, got {self.draws}")
-
-
-def scores(pred: np.ndarray, labels: np.ndarray) -> dict:
-    """Precision, recall, F1 and accuracy of boolean predictions (positive = 1)."""
-    pos = labels == 1
-    tp, fp = int(np.count_nonzero(pred & pos)), int(np.count_nonzero(pred & ~pos))
-    fn = int(np.count_nonzero(~pred & pos))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    n_neg = int(np.count_nonzero(~pos))
-    specificity = (n_neg - fp) / n_neg if n_neg else 0.0
-    # balanced accuracy: 0.5 for any constant answer, whatever the class balance (F1 is not: on a set 70% positive,
-    # calling everything positive has F1 0.82)
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float(np.mean(pred == pos)),
-            "balanced_accuracy": (recall + specificity) / 2,
-            "n": int(len(labels)), "n_positive": int(np.count_nonzero(pos)), "predicted_positive": int(np.count_nonzero(pred))}
 
 
 def by_functionality(pred: np.ndarray, data: LabelledSet) -> dict:
@@ -146,19 +129,13 @@ def mining_curve(mine: EncodedSet, target: EncodedSet, cfg: BenchConfig, name: s
                 continue
             for r in rules:
                 got = scores(r.predict(target.hits[name]), target.data.labels)
-                f1s.setdefault(_generic(r), []).append(got["f1"])
-                baccs.setdefault(_generic(r), []).append(got["balanced_accuracy"])
+                f1s.setdefault(generic_name(r.name), []).append(got["f1"])
+                baccs.setdefault(generic_name(r.name), []).append(got["balanced_accuracy"])
         summary = lambda per: {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),  # noqa: E731
                                    "draws": len(v)} for k, v in per.items()}
         out[str(fraction)] = {"n_texts": int(round(fraction * len(mine.data))), "skipped_draws": skipped,
                               "f1": summary(f1s), "balanced_accuracy": summary(baccs)}
     return out
-
-
-def _generic(rule: Rule) -> str:
-    """A rule's name without its layer (layer15-k5 -> layer-k5): rules mined on different data choose different
-    layers, and curves and transfer compare them by kind and K."""
-    return f"{rule.kind}-k{rule.k}"
 
 
 def benchmark(mine: EncodedSet, target: EncodedSet, cfg: BenchConfig, *, rules: list[Rule] | None = None) -> dict:
@@ -196,16 +173,18 @@ def transfer_matrix(sides: dict[str, tuple[EncodedSet, EncodedSet]], cfg: BenchC
     for source in langs:
         mine = sides[source][0]
         targets = [sides[t][1] for t in langs]
+        layer = None
         for name in mine.hits:
             rules, choice = mine_rules(mine.hits[name], mine.data.labels, cfg.ks, origin=mine.data.name)
+            if name == "sae":
+                layer = choice["chosen_layer"]  # the probe reads the SAE rule's layer
             row = out.setdefault(name, {}).setdefault(source, {})
             for t, enc in zip(langs, targets, strict=True):
-                got = {_generic(r): scores(r.predict(enc.hits[name]), enc.data.labels) for r in rules}
+                got = {generic_name(r.name): scores(r.predict(enc.hits[name]), enc.data.labels) for r in rules}
                 row[t] = {"f1": {k: v["f1"] for k, v in got.items()},
                           "balanced_accuracy": {k: v["balanced_accuracy"] for k, v in got.items()},
                           "chosen_layer": choice["chosen_layer"]}
-        layer = mine_rules(mine.hits["sae"], mine.data.labels, cfg.ks, origin=mine.data.name)[1]["chosen_layer"]
-        if mine.residual:
+        if mine.residual and layer is not None:
             for t, pred in zip(langs, residual_probe(mine, targets, layer), strict=True):
                 out.setdefault("probe", {}).setdefault(source, {})[t] = _two(scores(pred, sides[t][1].data.labels))
         for t, pred in zip(langs, lexical_baseline(mine.data, [e.data for e in targets]), strict=True):
@@ -245,10 +224,6 @@ def format_benchmark(result: dict) -> str:
                      f"{'/'.join(kinds)}): " + "  ".join(f"{float(frac):.0%}: " + "/".join(
                          f"{c[metric][k]['mean']:.3f}" for k in kinds if k in c[metric]) for frac, c in curve.items()))
     return "\n".join(lines)
-
-
-def generic_name(name: str) -> str:
-    return re.sub(r"^layer\d+-", "layer-", name)
 
 
 def format_transfer(matrix: dict, rule: str = "layer-k5") -> str:

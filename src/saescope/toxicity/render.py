@@ -10,7 +10,7 @@ from pathlib import Path
 
 from saescope.files import atomic_write_bytes
 from saescope.report import html_table
-from saescope.toxicity.evaluate import generic_name
+from saescope.toxicity.rules import generic_name
 
 MAX_DECISIONS = 5000  # every decision of a HateCheck-sized log; a larger log shows its first 5,000, positives first
 

@@ -16,7 +16,7 @@ the mining-fraction curve and the transfer matrix re-use one LM pass per text.
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,10 +145,27 @@ def feature_deltas(hits: FeatureHits, labels: np.ndarray) -> dict[int, tuple[np.
     return out
 
 
-def f1_score(pred: np.ndarray, labels: np.ndarray) -> float:
-    tp = int(np.count_nonzero(pred & (labels == 1)))
-    predicted, actual = int(np.count_nonzero(pred)), int(np.count_nonzero(labels == 1))
-    return 2 * tp / (predicted + actual) if predicted + actual else 0.0
+def scores(pred: np.ndarray, labels: np.ndarray) -> dict:
+    """Precision, recall, F1, accuracy and balanced accuracy of boolean predictions (positive = 1)."""
+    pos = labels == 1
+    tp, fp = int(np.count_nonzero(pred & pos)), int(np.count_nonzero(pred & ~pos))
+    fn = int(np.count_nonzero(~pred & pos))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    n_neg = int(np.count_nonzero(~pos))
+    specificity = (n_neg - fp) / n_neg if n_neg else 0.0
+    # balanced accuracy: 0.5 for any constant answer, whatever the class balance (F1 is not: on a set 70% positive,
+    # calling everything positive has F1 0.82)
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float(np.mean(pred == pos)),
+            "balanced_accuracy": (recall + specificity) / 2,
+            "n": int(len(labels)), "n_positive": int(np.count_nonzero(pos)), "predicted_positive": int(np.count_nonzero(pred))}
+
+
+def generic_name(name: str) -> str:
+    """A rule's name without its layer (layer15-k5 -> layer-k5; multi-k5 stays): rules mined on different data
+    choose different layers, and curves and transfer compare them by kind and K."""
+    return re.sub(r"^layer\d+-", "layer-", name)
 
 
 def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *, multi_layer: bool = True,
@@ -183,7 +200,7 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
         for k in ks:
             if k > 1:  # K=1 multi-layer is the single-layer rule
                 rules.append(Rule(f"multi-k{k}", "multi", k, tuple(feature(n, int(ranked[n][0])) for n in by_layer[:k])))
-    in_sample = {r.name: f1_score(r.predict(hits), labels) for r in rules}
+    in_sample = {r.name: scores(r.predict(hits), labels)["f1"] for r in rules}
     return rules, {"layer_best_delta": {str(n): best[n] for n in sorted(best)}, "chosen_layer": chosen,
                    "mining_f1": in_sample}
 
@@ -300,6 +317,3 @@ def check_ks(text: str) -> list[int]:
         raise SaescopeError(f"--k must list integers in 1..1000, got {text!r}")
     return ks
 
-
-def safe_ratio(a: float, b: float) -> float:
-    return a / b if b else math.nan
