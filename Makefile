@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 # control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
 # checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
 # English contrast and one inspected text; toxicity rules mined on English HateCheck (template split) and scored beside
-# the control and the baselines, then applied to all of French HateCheck with an audit log; and the HTML report with its
-# feature browser and the audit's decisions (runs/demo/report.html).
+# the control and the baselines, then applied to all of French HateCheck with an audit log; the repetition features of
+# layer 15 (real looping answers), 4 LoRA steps of SASFT against them and 2 steps of GRPO with a steered negative (the
+# training-time path end to end; bench/sasft_rl.py measures it); and the HTML report with its feature browser and the
+# audit's decisions (runs/demo/report.html).
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
 demo: setup
 	rm -rf runs/demo
@@ -40,6 +42,11 @@ demo: setup
 	$(BIN)/saescope toxicity mine --sae runs/demo --data hatecheck_en
 	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3
 	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts french
+	$(BIN)/saescope discover --sae runs/demo --layer 15 --behaviour repetition --verify 0
+	$(BIN)/saescope sasft --sae runs/demo --features runs/demo/behaviour/repetition-layer15.json --lambda 1 --lora \
+		--max-steps 4 --eval-prompts 0 --out runs/demo/sasft
+	$(BIN)/saescope rl --sae runs/demo --feature runs/demo/behaviour/repetition-layer15.json --alpha 170 --lora \
+		--max-steps 2 --eval-problems 0 --out runs/demo/rl
 	$(BIN)/saescope report --sae runs/demo
 
 # The reference SAEs round 2's applications use: all 30 layers, 8x-k32, 1M tokens of the embedded corpus with the

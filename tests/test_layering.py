@@ -10,7 +10,7 @@ import saescope
 
 ROOT = Path(saescope.__file__).parent
 CORE = {"sae", "models", "data", "train", "io", "files", "schema", "errors", "cache", "system", "activations"}
-APPLICATIONS = {"inspect", "redundancy", "trust", "toxicity", "synthesis", "sasft", "rl", "report", "steer", "scope",
+APPLICATIONS = {"inspect", "redundancy", "trust", "toxicity", "synthesis", "sasft", "rl", "behaviour", "report", "steer", "scope",
                 "evaluate", "control_sets", "probing", "absorption", "quality", "cli"}
 
 

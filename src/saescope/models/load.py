@@ -58,7 +58,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "text_config", None) or cfg
     n = getattr(cfg, "num_hidden_layers", None)
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                 "base_model.model.model.layers"):  # the last: a peft (LoRA) wrapper
         obj: object = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
