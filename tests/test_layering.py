@@ -9,7 +9,7 @@ from pathlib import Path
 import saescope
 
 ROOT = Path(saescope.__file__).parent
-CORE = {"sae", "models", "data", "train", "io", "files", "schema", "errors", "cache", "system", "activations"}
+CORE = {"sae", "models", "data", "train", "io", "files", "schema", "errors", "cache", "system", "activations", "finetune"}
 APPLICATIONS = {"inspect", "redundancy", "trust", "toxicity", "synthesis", "sasft", "rl", "behaviour", "report", "steer", "scope",
                 "evaluate", "control_sets", "probing", "absorption", "quality", "cli"}
 

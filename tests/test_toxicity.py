@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
-from saescope.data.labelled import group_split, load_labelled
+from saescope.data.labelled import group_split, load_labelled, text_source
 from saescope.errors import SaescopeError
 from saescope.models import load_model, token_strings
 from saescope.scope import Scope
@@ -126,6 +126,32 @@ def test_labels_aliases_and_refusals(tmp_path):
         load_labelled(one)
     with pytest.raises(SaescopeError, match="no label column 'y'"):
         load_labelled(ok, label_column="y")
+
+
+def test_text_source_reads_files_sets_and_literals(tmp_path):
+    """The one reader behind `toxicity classify --texts` and `coverage/synthesize --data`."""
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"body": t}) + "\n" for t in ("one", "two", "three")))
+    src = text_source(str(plain), text_column="body", limit=2)
+    assert src.n is None and src.labelled is None and list(src.texts) == ["one", "two"]  # streamed, first rows
+    ok = _write_csv(tmp_path / "ok.csv", [{"text": t, "label": lab} for t, lab in
+                                           [("a", "toxic"), ("b", "clean"), ("c", "toxic"), ("d", "clean")]])
+    src = text_source(str(ok), label_column="label", limit=3)  # labelled: a seeded sample, not the first rows
+    texts = list(src.texts)
+    assert src.n == 3 and len(set(texts)) == 3 and src.labelled.labels.tolist() == [{"a": 1, "b": 0, "c": 1, "d": 0}[t] for t in texts]
+    assert list(text_source("Je déteste les lundis.", literal=True).texts) == ["Je déteste les lundis."]
+    with pytest.raises(SaescopeError, match="not a file nor a built-in labelled set"):
+        text_source("Je déteste les lundis.")  # a literal only where the command takes one
+    with pytest.raises(SaescopeError, match="no such file"):
+        text_source(str(tmp_path / "missing.csv"), literal=True)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"body": " "}) + "\n")
+    with pytest.raises(SaescopeError, match="no text in column 'body'"):
+        list(text_source(str(blank), text_column="body").texts)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SaescopeError, match="no texts"):
+        list(text_source(str(empty)).texts)
 
 
 def test_hatecheck_splits_by_template():

@@ -244,6 +244,20 @@ def generate_batch(lm, prompts: Sequence[str], *, max_new_tokens: int = 96, chat
     return out
 
 
+def answer_and_measure(lm, prompts: Sequence[str], *, max_new_tokens: int,
+                       language: str | None = None) -> tuple[list[str], BehaviourStats]:
+    """Greedy answers to `prompts` (through the chat template when the tokenizer has one), in eval mode whatever mode
+    the model was in, and their behaviour figures: what SASFT and RL measure before and after training."""
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        answers = generate_batch(lm, prompts, max_new_tokens=max_new_tokens,
+                                 chat=bool(getattr(lm.tokenizer, "chat_template", None)))
+    finally:
+        lm.model.train(was_training)
+    return answers, behaviour_stats(answers, language=language)
+
+
 @dataclass
 class SteerCheck:
     strength: float

@@ -59,25 +59,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _texts(spec: str, text_column: str | None, label_column: str | None = None):
     """(texts, labelled set or None)."""
-    from saescope.data.labelled import builtin_name, load_labelled
-    from saescope.data.rows import iter_rows
+    from saescope.data.labelled import text_source
 
-    if builtin_name(spec) or label_column:
-        ds = load_labelled(spec, text_column=text_column, label_column=label_column)
-        return ds.texts, ds
-    path = Path(spec)
-    if not path.is_file():
-        raise SaescopeError(f"--data {spec}: not a file nor a built-in labelled set")
-    col = text_column or "text"
-    texts = []
-    for where, row in iter_rows(path):
-        text = row if isinstance(row, str) else row.get(col) if isinstance(row, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise SaescopeError(f"{where}: no text in column {col!r} (empty or missing)")
-        texts.append(text)
-    if not texts:
-        raise SaescopeError(f"{spec}: no texts")
-    return texts, None
+    source = text_source(spec, text_column=text_column, label_column=label_column)
+    return list(source.texts), source.labelled
 
 
 def _targets(a: argparse.Namespace, scope, out_dir: Path):

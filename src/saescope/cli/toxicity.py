@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from saescope.cli.flags import add_shared_data_flag, layer_list, writes
@@ -122,57 +121,19 @@ def cmd_mine(a: argparse.Namespace) -> None:
     print(f"rules: {out}")
 
 
-Texts = tuple[Iterator[str], int | None, list[int] | None]
-
-
-def _stream_texts(spec: str, column: str | None, label_column: str | None, limit: int | None) -> Texts:
-    """Texts from a built-in labelled set, a file (streamed), or the argument itself; and labels when known."""
-    import numpy as np
-
-    from saescope.data.labelled import builtin_name, load_labelled
-    from saescope.data.rows import iter_rows, row_format
-
-    def sample(data) -> Texts:
-        # a labelled set is in memory: --limit draws a seeded random sample, since such sets are often sorted by
-        # class or category (HateCheck's first 400 cases are all hateful)
-        if limit is not None and limit < len(data):
-            data = data.subset(np.isin(np.arange(len(data)), np.random.default_rng(0).choice(len(data), limit, replace=False)))
-        return iter(data.texts), len(data), data.labels.tolist()
-
-    if builtin_name(spec):
-        return sample(load_labelled(spec))
-    path = Path(spec)
-    if path.is_file():
-        if label_column:
-            return sample(load_labelled(spec, text_column=column, label_column=label_column))
-        col = column or "text"
-
-        def rows() -> Iterator[str]:
-            for i, (where, row) in enumerate(iter_rows(path, require=col if row_format(str(path)) in ("csv", "tsv") else None)):
-                if limit is not None and i >= limit:
-                    return
-                text = row if isinstance(row, str) else row.get(col) if isinstance(row, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    raise SaescopeError(f"{where}: no text in column {col!r} (empty or missing)")
-                yield text
-        return rows(), None, None
-    if row_format(spec) or "/" in spec and " " not in spec:
-        raise SaescopeError(f"no such file: {spec[:200]}")
-    if not spec.strip():
-        raise SaescopeError("--texts is empty")
-    return iter([spec]), 1, None
-
-
 def cmd_classify(a: argparse.Namespace) -> None:
     import numpy as np
 
+    from saescope.data.labelled import text_source
     from saescope.inspect.store import FeatureStore
     from saescope.scope import Scope
     from saescope.toxicity import AuditLog, RuleClassifier, RuleSet, scores
 
     rules = RuleSet.load(a.rules)
     rule = rules.rule(a.rule)
-    texts, total, labels = _stream_texts(a.texts, a.text_column, a.label_column, a.limit)
+    source = text_source(a.texts, text_column=a.text_column, label_column=a.label_column, limit=a.limit, literal=True)
+    texts, total = source.texts, source.n
+    labels = source.labelled.labels.tolist() if source.labelled is not None else None
     sae = a.sae or rules.sae
     scope = Scope.load(sae, rules.model, layers=rule.layers)
     store_path = Path(a.store) if a.store else RunDir.of_sae(sae).features

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +167,54 @@ def group_split(ds: LabelledSet, *, seed: int = 0, test_share: float = 0.3) -> t
             raise SaescopeError(f"{side.name}: the group split left one class only ({pos} positive, {neg} negative); "
                                 "the set needs more groups")
     return sides
+
+
+@dataclass
+class TextSource:
+    """Texts to read once, in order: `n` is their number when known before reading (None for a streamed file), and
+    `labelled` the labelled set they come from (None for unlabelled text)."""
+
+    texts: Iterator[str]
+    n: int | None
+    labelled: LabelledSet | None
+
+
+def text_source(spec: str, *, text_column: str | None = None, label_column: str | None = None,
+                limit: int | None = None, literal: bool = False) -> TextSource:
+    """A built-in labelled set, a file (csv/tsv/jsonl/json/parquet/txt; with `label_column`, read as a labelled set),
+    or, with `literal`, the argument itself as one text. An unlabelled file is streamed; `limit` keeps its first rows,
+    and of a labelled set a seeded random sample (such sets are often sorted by class: HateCheck's first 400 cases are
+    all hateful)."""
+    from saescope.data.rows import row_format
+
+    def labelled(data: LabelledSet) -> TextSource:
+        if limit is not None and limit < len(data):
+            data = data.subset(np.isin(np.arange(len(data)), np.random.default_rng(0).choice(len(data), limit, replace=False)))
+        return TextSource(iter(data.texts), len(data), data)
+
+    if builtin_name(spec):
+        return labelled(load_labelled(spec, text_column=text_column, label_column=label_column))
+    path = Path(spec)
+    if path.is_file():
+        if label_column:
+            return labelled(load_labelled(spec, text_column=text_column, label_column=label_column))
+        col = text_column or "text"
+
+        def rows() -> Iterator[str]:
+            given = 0
+            for where, row in iter_rows(path, require=col if row_format(str(path)) in ("csv", "tsv") else None):
+                if limit is not None and given >= limit:
+                    return
+                text = row if isinstance(row, str) else row.get(col) if isinstance(row, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    raise SaescopeError(f"{where}: no text in column {col!r} (empty or missing)")
+                given += 1
+                yield text
+            if not given:
+                raise SaescopeError(f"{spec}: no texts")
+        return TextSource(rows(), None, None)
+    if not literal or row_format(spec) or "/" in spec and " " not in spec:
+        raise SaescopeError(f"no such file: {spec[:200]}" if literal else f"{spec[:200]}: not a file nor a built-in labelled set")
+    if not spec.strip():
+        raise SaescopeError("the text is empty")
+    return TextSource(iter([spec]), 1, None)

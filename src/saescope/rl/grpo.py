@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from saescope.behaviour import behaviour_stats, generate_batch
+from saescope.behaviour import answer_and_measure
 from saescope.errors import SaescopeError
 from saescope.rl.rollouts import SteeredNegativeReward, SteeredRollouts
 from saescope.rl.tasks import REWARDS, exact_match_reward, load_problems
@@ -63,10 +63,8 @@ class RLConfig:
 
 def heldout_eval(lm, problems, *, max_new_tokens: int) -> dict:
     """Greedy answers to held-out problems: exact-match accuracy, loop rate, distinct-2, mean length in words."""
-    texts = generate_batch(lm, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
-                           chat=bool(getattr(lm.tokenizer, "chat_template", None)))
+    texts, stats = answer_and_measure(lm, [p.prompt for p in problems], max_new_tokens=max_new_tokens)
     acc = exact_match_reward(None, texts, [p.answer for p in problems])
-    stats = behaviour_stats(texts)
     return {"n": len(problems), "accuracy": sum(acc) / len(acc), "loop_rate": stats.loop_rate,
             "distinct_2": stats.distinct_2, "mean_units": stats.mean_units, "examples": texts[:3]}
 
@@ -101,18 +99,18 @@ class _RolloutLog:
 
 
 def run_rl(cfg: RLConfig, *, progress: bool = True) -> dict:
-    from saescope.sasft.train import (
+    from saescope.finetune import (
         JsonlLog,
-        _require_trl,
         lora_setup,
         mixed_bf16,
         partial_folder,
         publish,
         refuse_nonempty,
+        require_trl,
         train_and_save,
     )
 
-    trl = _require_trl()
+    trl = require_trl()
     import os
 
     from datasets import Dataset

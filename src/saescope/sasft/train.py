@@ -20,17 +20,12 @@ OUT.partial and renamed to OUT only when complete.
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from saescope.errors import SaescopeError
+from saescope.finetune import JsonlLog, lora_setup, mixed_bf16, partial_folder, publish, refuse_nonempty, require_trl, train_and_save
 from saescope.sasft.loss import FeatureSuppression, estimate_alpha
 from saescope.sasft.measure import measure
 from saescope.schema import check_number, config_field
@@ -67,29 +62,6 @@ class _SASFTMixin:
 def sasft_trainer(base: type) -> type:
     """`base` (transformers.Trainer, trl.SFTTrainer or a subclass) with SASFT's loss; it takes `suppression=`."""
     return type(f"SASFT{base.__name__}", (_SASFTMixin, base), {})
-
-
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class JsonlLog(_callback_base()):
-    """Every log of the trainer as one JSON line (step, elapsed seconds, the logged values, and whatever `extra()`
-    returns at that moment)."""
-
-    def __init__(self, path: Path, extra: Callable[[], dict] | None = None):
-        self.path, self.start, self.extra = Path(path), time.perf_counter(), extra
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        row = {"step": state.global_step, "seconds": round(time.perf_counter() - self.start, 2), **(logs or {})}
-        if self.extra is not None:
-            row.update(self.extra())
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 @dataclass
@@ -136,28 +108,6 @@ class SASFTConfig:
         return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
 
 
-def mixed_bf16(device: torch.device) -> bool:
-    """Train in bf16 autocast (fp32 master weights) where bf16 is fast: CUDA with bf16, or a CPU with native bf16
-    (saescope.system.cpu_lm_dtype, measured once per machine; SAESCOPE_CPU_DTYPE=fp32 turns it off). On a 2-core
-    AMX CPU a LoRA step of SmolLM2 on 1k tokens takes 4.9 s in bf16 autocast against 7.9 s in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        from saescope.system import cpu_lm_dtype
-
-        return cpu_lm_dtype() == torch.bfloat16
-    return False
-
-
-def _require_trl():
-    try:
-        import peft  # noqa: F401
-        import trl
-    except ImportError as exc:
-        raise SaescopeError(f"SASFT and RL need TRL and peft ({exc.name} is missing): pip install 'saescope[train]'") from None
-    return trl
-
-
 def _dataset(pairs, chat: bool):
     from datasets import Dataset
 
@@ -187,54 +137,6 @@ def _alpha_batches(tok, pairs, chat: bool, batch_size: int, max_length: int, dev
         tok.padding_side = side
 
 
-def refuse_nonempty(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise SaescopeError(f"--out {out} already holds files; choose a new folder")
-
-
-def partial_folder(out: Path) -> Path:
-    """OUT.partial, fresh: everything is written there and renamed to OUT by `publish` once complete."""
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def lora_setup(model, lora: bool, rank: int):
-    """The peft LoraConfig for the trainer (None for full fine-tuning), with the model's weights unfrozen or not:
-    load_model freezes a model for inference, and peft unfreezes only its adapters."""
-    model.requires_grad_(not lora)
-    if not lora:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules="all-linear")
-
-
-def train_and_save(trainer, partial: Path, tok, lora: bool):
-    """Train, then save a plain Hugging Face folder (LoRA merged in, the adapter itself in adapter/). Returns the
-    trained model (merged) and the training seconds."""
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    model = trainer.model
-    if lora:
-        model.save_pretrained(partial / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(partial)
-    tok.save_pretrained(partial)
-    shutil.rmtree(partial / "trainer", ignore_errors=True)
-    return model, seconds
-
-
-def publish(partial: Path, out: Path, name: str, summary: dict) -> None:
-    (partial / name).write_text(json.dumps(summary, indent=1))
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
-
-
 def _heldout(cfg: SASFTConfig) -> tuple[list[str], list, str]:
     """Held-out prompts (M-IFEval, test side, in the data's language) and, for a built-in responses set, its held-out
     pairs for the LM loss."""
@@ -254,7 +156,7 @@ def _heldout(cfg: SASFTConfig) -> tuple[list[str], list, str]:
 def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> dict:
     """Fine-tune with SASFT's loss (lam=0: plain SFT with the same logging, the control) and write the model to cfg.out.
     Returns the summary written to OUT/sasft.json."""
-    trl = _require_trl()
+    trl = require_trl()
     from saescope.io import load_saes
     from saescope.models import load_model
     from saescope.sasft.data import load_pairs
@@ -299,7 +201,7 @@ def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> dict:
                                             callbacks=[JsonlLog(partial / "train_log.jsonl")])
     lm.model, seconds = train_and_save(trainer, partial, tok, cfg.lora)
     after = measure(lm, target, prompts, test_pairs, arc=cfg.arc, language=lang) if prompts else None
-    summary = {"config": {k: v for k, v in asdict(cfg).items()}, "model": lm.name, "suppression": suppression.describe(),
+    summary = {"config": asdict(cfg), "model": lm.name, "suppression": suppression.describe(),
                "pairs": len(pairs), "seconds": round(seconds, 1), "steps": cfg.max_steps,
                "seconds_per_step": round(seconds / cfg.max_steps, 3), "device": str(lm.device),
                "autocast": "bf16" if args.bf16 else "fp32",
