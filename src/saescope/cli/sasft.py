@@ -126,7 +126,8 @@ def cmd_discover(a: argparse.Namespace) -> None:
     if a.verify:
         strength = a.strength or typical_norm(scope.lm, a.layer, prompts[:8])
         selected = [r.feature for r in ranked[: a.select]]
-        print(f"steering check: {len(prompts)} prompts, strength +-{strength:.1f} (default: the layer's median token norm), "
+        how = "as given" if a.strength else "the layer's median token norm, the default"
+        print(f"steering check: {len(prompts)} prompts, strength +-{strength:.1f} ({how}), "
               f"features {selected} beside 2 random directions")
 
         def show(c) -> None:
