@@ -140,8 +140,10 @@ def test_text_source_reads_files_sets_and_literals(tmp_path):
     texts = list(src.texts)
     assert src.n == 3 and len(set(texts)) == 3 and src.labelled.labels.tolist() == [{"a": 1, "b": 0, "c": 1, "d": 0}[t] for t in texts]
     assert list(text_source("Je déteste les lundis.", literal=True).texts) == ["Je déteste les lundis."]
-    with pytest.raises(SaescopeError, match="not a file nor a built-in labelled set"):
+    with pytest.raises(SaescopeError, match="^--data Je déteste les lundis.: not a file nor a built-in labelled set"):
         text_source("Je déteste les lundis.")  # a literal only where the command takes one
+    with pytest.raises(SaescopeError, match="^--texts is empty"):
+        text_source("  ", literal=True, flag="--texts")
     with pytest.raises(SaescopeError, match="no such file"):
         text_source(str(tmp_path / "missing.csv"), literal=True)
     blank = tmp_path / "blank.jsonl"

@@ -131,7 +131,8 @@ def cmd_classify(a: argparse.Namespace) -> None:
 
     rules = RuleSet.load(a.rules)
     rule = rules.rule(a.rule)
-    source = text_source(a.texts, text_column=a.text_column, label_column=a.label_column, limit=a.limit, literal=True)
+    source = text_source(a.texts, text_column=a.text_column, label_column=a.label_column, limit=a.limit, literal=True,
+                         flag="--texts")
     texts, total = source.texts, source.n
     labels = source.labelled.labels.tolist() if source.labelled is not None else None
     sae = a.sae or rules.sae

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from saescope.data.benchmarks import shared_data_dir
-from saescope.data.rows import iter_rows
+from saescope.data.rows import iter_rows, row_format
 from saescope.errors import SaescopeError
 
 POSITIVE = ("hateful", "toxic", "1", "true", "yes", "positive")
@@ -180,12 +180,11 @@ class TextSource:
 
 
 def text_source(spec: str, *, text_column: str | None = None, label_column: str | None = None,
-                limit: int | None = None, literal: bool = False) -> TextSource:
+                limit: int | None = None, literal: bool = False, flag: str = "--data") -> TextSource:
     """A built-in labelled set, a file (csv/tsv/jsonl/json/parquet/txt; with `label_column`, read as a labelled set),
     or, with `literal`, the argument itself as one text. An unlabelled file is streamed; `limit` keeps its first rows,
     and of a labelled set a seeded random sample (such sets are often sorted by class: HateCheck's first 400 cases are
-    all hateful)."""
-    from saescope.data.rows import row_format
+    all hateful). `flag` names the argument in error messages."""
 
     def labelled(data: LabelledSet) -> TextSource:
         if limit is not None and limit < len(data):
@@ -214,7 +213,8 @@ def text_source(spec: str, *, text_column: str | None = None, label_column: str 
                 raise SaescopeError(f"{spec}: no texts")
         return TextSource(rows(), None, None)
     if not literal or row_format(spec) or "/" in spec and " " not in spec:
-        raise SaescopeError(f"no such file: {spec[:200]}" if literal else f"{spec[:200]}: not a file nor a built-in labelled set")
+        raise SaescopeError(f"{flag}: no such file: {spec[:200]}" if literal
+                            else f"{flag} {spec[:200]}: not a file nor a built-in labelled set")
     if not spec.strip():
-        raise SaescopeError("the text is empty")
+        raise SaescopeError(f"{flag} is empty")
     return TextSource(iter([spec]), 1, None)

@@ -96,10 +96,10 @@ def measure(lm, suppression: FeatureSuppression, prompts: Sequence[str], pairs: 
             max_new_tokens: int = 128, arc: int = 200, language: str | None = None) -> dict:
     """Every figure above for one model (with `language`, also the share of answers in that language, the prompts'
     own); `answers` keeps three of its greedy answers for the reader."""
-    answers, stats = answer_and_measure(lm, prompts, max_new_tokens=max_new_tokens, language=language)
     was_training = lm.model.training
     lm.model.eval()
     try:
+        answers, stats = answer_and_measure(lm, prompts, max_new_tokens=max_new_tokens, language=language)
         return {"prompts": len(prompts), "loop_rate": stats.loop_rate, "distinct_2": stats.distinct_2,
                 "language": language, "language_rate": stats.language_rate,
                 "mean_units": stats.mean_units, "feature_fire_rate": feature_fire_rate(lm, suppression, prompts, answers),
