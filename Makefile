@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The shared reference data (benchmarks, scores, multilingual sets) beside the repo; saescope reads it from here.
 export SAESCOPE_SHARED_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo reference test lint peers fuzz
+.PHONY: setup demo demo-training reference test lint peers fuzz
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,30 +19,37 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 # rate (256 steps of 2 x 256 tokens); then the per-layer eval on 1k held-out tokens beside a random-direction
 # control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
 # checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
-# English contrast and one inspected text; toxicity rules mined on English HateCheck (template split) and scored beside
-# the control and the baselines, then applied to all of French HateCheck with an audit log; the repetition features of
-# layer 15 (real looping answers), 4 LoRA steps of SASFT against them and 2 steps of GRPO with a steered negative (the
-# training-time path end to end; bench/sasft_rl.py measures it); and the HTML report with its feature browser and the
-# audit's decisions (runs/demo/report.html).
+# English contrast and one inspected text; toxicity rules mined on English HateCheck (template split) at layers 5,
+# 15 and 25 and scored beside the control and the baselines, then applied to 500 French HateCheck texts with an audit
+# log; the repetition features of layer 15 (real looping answers); and the HTML report with its feature browser and
+# the audit's decisions (runs/demo/report.html). The LM runs in bf16 where this CPU is fast at it (DEMO_DTYPE), as
+# training does. `make demo-training` then runs the training-time path on the demo's SAEs.
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
+DEMO_DTYPE ?= --model-dtype auto
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/saescope models
 	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --dead-tokens 50000 --checkpoint-every 128 --out runs/demo
 	$(BIN)/saescope control random --like runs/demo --out runs/demo/control
-	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 1024
-	$(BIN)/saescope quality --sae runs/demo --control runs/demo/control
-	$(BIN)/saescope redundancy footprint --sae runs/demo --control runs/demo/control --limit 40 --bench $(DEMO_BENCH)
+	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 1024 $(DEMO_DTYPE)
+	$(BIN)/saescope quality --sae runs/demo --control runs/demo/control $(DEMO_DTYPE)
+	$(BIN)/saescope redundancy footprint --sae runs/demo --control runs/demo/control --limit 40 --bench $(DEMO_BENCH) $(DEMO_DTYPE)
 	$(BIN)/saescope redundancy report runs/demo/redundancy
 	$(BIN)/saescope redundancy compare runs/demo/redundancy
-	$(BIN)/saescope features build --sae runs/demo --max-tokens 16384
+	$(BIN)/saescope features build --sae runs/demo --max-tokens 16384 $(DEMO_DTYPE)
 	$(BIN)/saescope inspect --sae runs/demo --texts mgsm_fr --baseline mgsm_en --limit 60 --layers 5,15,25 --top 5 \
-		--control runs/demo/control
-	$(BIN)/saescope inspect --sae runs/demo --texts "She said, “I will be there tomorrow.”" --layers 15 --top 5
-	$(BIN)/saescope toxicity mine --sae runs/demo --data hatecheck_en
-	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3
-	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts french
-	$(BIN)/saescope discover --sae runs/demo --layer 15 --behaviour repetition --verify 0
+		--control runs/demo/control $(DEMO_DTYPE)
+	$(BIN)/saescope inspect --sae runs/demo --texts "She said, “I will be there tomorrow.”" --layers 15 --top 5 $(DEMO_DTYPE)
+	$(BIN)/saescope toxicity mine --sae runs/demo --data hatecheck_en --layers 5,15,25 $(DEMO_DTYPE)
+	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3 $(DEMO_DTYPE)
+	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts french --limit 500 $(DEMO_DTYPE)
+	$(BIN)/saescope discover --sae runs/demo --layer 15 --behaviour repetition --verify 0 $(DEMO_DTYPE)
+	$(BIN)/saescope report --sae runs/demo
+
+# The training-time path end to end on the demo's SAEs (after `make demo`): 4 LoRA steps of SASFT against layer 15's
+# repetition features and 2 GRPO steps with a steered negative, then the report again. A smoke run of the path, not a
+# measurement (bench/sasft_rl.py measures it); ~3 min on 2 cores.
+demo-training: setup
 	$(BIN)/saescope sasft --sae runs/demo --features runs/demo/behaviour/repetition-layer15.json --lambda 1 --lora \
 		--max-steps 4 --eval-prompts 0 --out runs/demo/sasft
 	$(BIN)/saescope rl --sae runs/demo --feature runs/demo/behaviour/repetition-layer15.json --alpha 170 --lora \

@@ -39,6 +39,18 @@ def test_auto_follows_the_measured_speedup_for_the_lm_only(fresh, monkeypatch, s
     assert resolve_dtype("fp32", cpu, lm=True) == torch.float32  # a named dtype is never second-guessed
 
 
+def test_a_reading_commands_auto_is_trainings_auto(fresh, monkeypatch):
+    from saescope.models import parse_dtype
+
+    monkeypatch.setattr(system, "cpu_bf16_speedup", lambda: 2.3)
+    assert parse_dtype("auto", "cpu") == resolve_dtype("auto", torch.device("cpu"), lm=True) == torch.bfloat16
+    assert parse_dtype("auto", "cuda:0") == torch.bfloat16  # every GPU: bf16, nothing measured
+    monkeypatch.setattr(system, "cpu_bf16_speedup", lambda: 1.1)
+    assert parse_dtype("auto", "cpu") == torch.float32
+    with pytest.raises(SaescopeError, match="unknown dtype 'int4'; use one of .* or auto"):
+        parse_dtype("int4")
+
+
 def test_the_environment_decides_when_set(fresh, monkeypatch):
     monkeypatch.setattr(system, "cpu_bf16_speedup", lambda: pytest.fail("measured although forced"))
     monkeypatch.setenv("SAESCOPE_CPU_DTYPE", "bf16")

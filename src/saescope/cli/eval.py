@@ -19,9 +19,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outlier-factor", type=float, default=5.0)
     writes(p, "--out", folder=True, help="folder for eval.json (default: the SAE folder)")
     p.add_argument("--control", help="a random control (saescope control random): its figures beside the SAEs'")
-    p.add_argument("--model-dtype", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="the LM's dtype: fp32 (default: figures comparable across machines) or bf16, ~3x faster on CPUs "
-                        "with native bf16 (auto: bf16 where this CPU is measured fast at it, as training chooses)")
 
     p = sub.add_parser("quality", help="SAE quality beside the control: sparse probing on real labelled text (SAEBench), "
                        "FVU on maths, code and non-English text, decoder movement")
@@ -62,13 +59,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from saescope.control_sets import load_control
     from saescope.scope import Scope
 
-    dtype = a.model_dtype
-    if dtype == "auto":
-        from saescope.models.load import DTYPE_NAMES
-        from saescope.train import resolve_device, resolve_dtype
-
-        dtype = DTYPE_NAMES[resolve_dtype("auto", resolve_device("auto"), lm=True)]
-    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=dtype)
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=a.model_dtype)
     control = load_control(a.control, scope.saes) if a.control else None
     path = (RunDir(a.out) if a.out else RunDir.of_sae(a.sae)).eval
     evaluate_and_print(scope.lm, scope.saes, path, control=control, data=a.data, text_column=a.text_column,
@@ -79,17 +70,19 @@ def cmd_quality(a: argparse.Namespace) -> None:
     from saescope.absorption import AbsorptionConfig, format_absorption
     from saescope.control_sets import load_control
     from saescope.files import atomic_write_json
+    from saescope.models.load import DTYPE_NAMES
     from saescope.probing import format_probing, probe_sets
     from saescope.quality import format_quality, quality_report
     from saescope.scope import Scope
 
     probes = probe_sets(a.tasks.split(",") if a.tasks else None, per_class=a.per_class, seed=a.seed)  # data first: fail fast
     absorption = AbsorptionConfig(n_words=a.absorption_words, seed=a.seed) if a.absorption_words else None
-    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=a.model_dtype)
     control = load_control(a.control, scope.saes) if a.control else None
     report = quality_report(scope, probes, control=control, run=a.sae, fvu_tokens=a.fvu_tokens, max_length=a.max_length,
                             absorption=absorption)
-    report.update(sae=a.sae, control_path=a.control, per_class=a.per_class, seed=a.seed)
+    report.update(sae=a.sae, control_path=a.control, per_class=a.per_class, seed=a.seed,
+                  model_dtype=DTYPE_NAMES[scope.lm.dtype])
     print(format_probing(report["probing"]))
     if report["absorption"]:
         print(format_absorption(report["absorption"]))

@@ -53,12 +53,20 @@ def config_from_flags(cls: type, a: argparse.Namespace, **values: object):
 
 
 def add_sae_flags(p: argparse.ArgumentParser, *, layers: bool = True) -> None:
-    """--sae, --model, --layers and --k, as every command that reads SAEs takes them."""
+    """--sae, --model, --layers, --k and --model-dtype, as every command that reads SAEs takes them."""
     p.add_argument("--sae", required=True, help="SAE folder (saescope run, Qwen-Scope, SAELens or sparsify)")
     p.add_argument("--model", help="default: the SAEs' model")
     if layers:
         p.add_argument("--layers", help="e.g. 0,5,10-20 (default: all the SAEs' layers)")
     p.add_argument("--k", type=int, help="k, for Qwen-Scope folders whose name does not give it")
+    add_model_dtype_flag(p)
+
+
+def add_model_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """--model-dtype: the dtype of the LM whose activations a command reads."""
+    p.add_argument("--model-dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="the LM's dtype: fp32 (default: figures comparable across machines), bf16, or auto (bf16 on GPU "
+                        "and on CPUs measured fast at it, ~2-3x faster there; what training's default uses)")
 
 
 def add_shared_data_flag(p: argparse.ArgumentParser) -> None:

@@ -126,7 +126,7 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     baseline = _texts(a.baseline, a.column, a.limit) if a.baseline else None
     cfg = InspectConfig(layers=layer_list(a.layers), top=a.top, by=a.by, skip_first_token=not a.keep_first_token,
                         max_length=a.max_length, rank=a.rank)
-    scope = Scope.load(a.sae, a.model, layers=cfg.layers, k=a.k)  # only the layers asked for: 64K SAEs are large
+    scope = Scope.load(a.sae, a.model, layers=cfg.layers, k=a.k, dtype=a.model_dtype)  # only the layers asked for: 64K SAEs are large
     store = _store_for(a, scope)
     out = Path(a.out) if a.out else RunDir.of_sae(a.sae).inspect / ("contrast.json" if baseline else "inspect.json")
     if baseline is None:
@@ -171,7 +171,7 @@ def _build(a: argparse.Namespace) -> None:
 
     cfg = StoreConfig(max_tokens=a.max_tokens, ctx_len=a.ctx_len, batch_size=a.batch_size, top_n=a.top_n,
                       checkpoint_every=a.checkpoint_every, data=a.data, text_column=a.text_column)
-    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=a.model_dtype)
     if a.browse_layers and (outside := sorted(set(layer_list(a.browse_layers)) - set(scope.layers))):
         raise SaescopeError(f"--browse-layers {a.browse_layers}: layer {outside[0]} is not among the layers built ({scope.layers})")
     out = Path(a.out) if a.out else RunDir.of_sae(a.sae).features
@@ -237,7 +237,7 @@ def cmd_steer(a: argparse.Namespace) -> None:
     for i, prompt in enumerate(a.prompt):
         if not prompt.strip():
             raise SaescopeError(f"--prompt {i + 1} is empty")
-    scope = Scope.load(a.sae, a.model, layers=[a.layer], k=a.k)
+    scope = Scope.load(a.sae, a.model, layers=[a.layer], k=a.k, dtype=a.model_dtype)
     sae = scope.sae(a.layer)
     results = []
     norm = typical_norm(scope.lm, a.layer, a.prompt)
@@ -258,7 +258,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from saescope.inspect.serve import serve
     from saescope.scope import Scope
 
-    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=a.model_dtype)
     serve(scope, store=_store_for(a, scope), host=a.host, port=a.port)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saescope.cli.flags import add_shared_data_flag, layer_list, writes
+from saescope.cli.flags import add_model_dtype_flag, add_shared_data_flag, layer_list, writes
 from saescope.errors import SaescopeError
 from saescope.io import RunDir
 from saescope.schema import check_number
@@ -18,6 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="redundancy_command", required=True)
     f = rsub.add_parser("footprint", help="encode benchmark prompts and store each prompt's active features per layer")
     f.add_argument("--sae", required=True)
+    add_model_dtype_flag(f)
     f.add_argument("--model", help="default: the SAEs' model")
     f.add_argument("--bench", required=True, help="comma-separated registry names or files (saescope redundancy list)")
     f.add_argument("--limit", type=int, help="at most this many prompts per benchmark (a seeded random subset)")
@@ -72,7 +73,7 @@ def _footprint(a: argparse.Namespace) -> None:
     # more: position 0 is left out of the pooling (the attention sink), so a prompt must keep at least 2 tokens.
     check_number(a.max_length, "--max-length", kind=int, min=2)
     benches = load_benchmarks(a.bench, limit=a.limit, seed=a.seed, column=a.column, template=a.template)
-    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k)
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=a.model_dtype)
     control = load_control(a.control, scope.saes) if a.control else None
     out = Path(a.out) if a.out else RunDir.of_sae(a.sae).redundancy
     print(f"footprinting {len(benches)} benchmarks ({sum(len(b.prompts) for b in benches)} prompts) on "

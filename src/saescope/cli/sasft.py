@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saescope.cli.flags import add_config_flags, add_shared_data_flag, config_from_flags, writes
+from saescope.cli.flags import add_config_flags, add_model_dtype_flag, add_shared_data_flag, config_from_flags, writes
 from saescope.errors import SaescopeError
 
 
@@ -16,6 +16,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("discover", help="rank the SAE features of a behaviour (repetition, or a language) and check them "
                        "by steering both ways beside random directions")
     d.add_argument("--sae", required=True)
+    add_model_dtype_flag(d)
     d.add_argument("--model", help="default: the SAEs' model")
     d.add_argument("--layer", type=int, required=True)
     d.add_argument("--behaviour", required=True, help="repetition, or language:LANG (an MGSM language: en fr es de ja ...)")
@@ -105,7 +106,7 @@ def cmd_discover(a: argparse.Namespace) -> None:
         raise SaescopeError(f"--behaviour {behaviour!r}: use repetition or language:LANG")
     if a.select > a.top:
         raise SaescopeError(f"--select {a.select} exceeds --top {a.top}")
-    scope = Scope.load(a.sae, a.model, layers=[a.layer])
+    scope = Scope.load(a.sae, a.model, layers=[a.layer], dtype=a.model_dtype)
     if language:
         qs = mgsm_questions()
         if language not in qs:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saescope.cli.flags import add_shared_data_flag, layer_list, writes
+from saescope.cli.flags import add_model_dtype_flag, add_shared_data_flag, layer_list, writes
 from saescope.errors import SaescopeError
 from saescope.io import RunDir
 
@@ -17,6 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("coverage", help="the fraction of target features a dataset fires; --select: the smallest subset "
                        "of a labelled pool that keeps it, beside random subsets")
     p.add_argument("--sae", required=True)
+    add_model_dtype_flag(p)
     p.add_argument("--model", help="default: the SAEs' model")
     p.add_argument("--targets", help="a targets file, a rules file (its features), or ids such as 15:3,15:40")
     p.add_argument("--derive-from", help="derive targets from this labelled set instead: features its positive (and "
@@ -40,6 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synthesize", help="generate examples aimed at the target features --data does not fire; keep "
                        "each only if it fires its target; the same budget unguided as the control")
     s.add_argument("--sae", required=True)
+    add_model_dtype_flag(s)
     s.add_argument("--model", help="default: the SAEs' model")
     s.add_argument("--targets", required=True, help="a targets file, a rules file, or ids such as 15:3,15:40")
     s.add_argument("--data", required=True, help="the seed dataset: " + DATA_HELP)
@@ -124,7 +126,7 @@ def cmd_coverage(a: argparse.Namespace) -> None:
     if a.select and ds is None:
         raise SaescopeError("--select needs labelled --data (a built-in set, or a file with --label-column)")
     out_dir = RunDir.of_sae(a.sae).toxicity
-    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers))
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), dtype=a.model_dtype)
     targets = _targets(a, scope, out_dir)
     data = _as_set(texts, ds, Path(a.data).name)
     enc = encode_labelled(scope, data, layers=targets.layers, residual=False, batch_size=a.batch_size)
@@ -160,7 +162,7 @@ def cmd_synthesize(a: argparse.Namespace) -> None:
     from saescope.synthesis.coverage import load_targets
 
     targets = load_targets(a.targets)
-    scope = Scope.load(a.sae, a.model, layers=targets.layers)
+    scope = Scope.load(a.sae, a.model, layers=targets.layers, dtype=a.model_dtype)
     targets.check_saes(scope.saes, a.sae)
     if a.generator:
         try:

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from saescope.cli.flags import add_shared_data_flag, layer_list, writes
+from saescope.cli.flags import add_model_dtype_flag, add_shared_data_flag, layer_list, writes
 from saescope.errors import SaescopeError
 from saescope.io import RunDir
 
@@ -21,6 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     m = tsub.add_parser("mine", help="rank features by P(fire | toxic) - P(fire | clean) and write the top-K rules")
     m.add_argument("--sae", required=True)
+    add_model_dtype_flag(m)
     m.add_argument("--model", help="default: the SAEs' model")
     m.add_argument("--data", required=True, help=LABEL_HELP)
     _data_columns(m)
@@ -43,6 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--label-column", help="for files with labels: print precision/recall/F1 too")
     c.add_argument("--rule", help="which rule of the file (default: the file's default)")
     c.add_argument("--sae", help="the SAEs (default: the path the rules file records)")
+    add_model_dtype_flag(c)
     c.add_argument("--store", help="feature store for the audit's evidence (default: SAE/features when present)")
     c.add_argument("--limit", type=int, help="at most this many texts (the first ones of a file; a seeded random sample of "
                    "a labelled set)")
@@ -57,6 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", help="labelled texts to evaluate on (default: the rules' mining data); " + LABEL_HELP)
     _data_columns(e)
     e.add_argument("--sae", help="the SAEs (default: the path the rules file records)")
+    add_model_dtype_flag(e)
     e.add_argument("--control", help="a random control (saescope control random), mined and scored the same way")
     e.add_argument("--fractions", default="0.1,0.25,0.5,1", help="shares of the mining templates for the curve")
     e.add_argument("--draws", type=int, default=5, help="random subsets per share below 1")
@@ -104,7 +107,7 @@ def cmd_mine(a: argparse.Namespace) -> None:
     data = _labelled(a.data, a)  # data first: a bad label fails before the model loads
     side = _mining_side(data, a.split, a.fraction, a.seed)
     out = Path(a.out) if a.out else RunDir.of_sae(a.sae).toxicity / "rules.json"
-    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers))
+    scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), dtype=a.model_dtype)
     enc = encode_labelled(scope, side, threshold=a.threshold, residual=False, batch_size=a.batch_size)
     source = {"data": a.data if side.language or not Path(a.data).is_file() else str(Path(a.data).resolve()),
               "columns": {"text": a.text_column, "label": a.label_column, "group": a.group_column},
@@ -136,7 +139,7 @@ def cmd_classify(a: argparse.Namespace) -> None:
     texts, total = source.texts, source.n
     labels = source.labelled.labels.tolist() if source.labelled is not None else None
     sae = a.sae or rules.sae
-    scope = Scope.load(sae, rules.model, layers=rule.layers)
+    scope = Scope.load(sae, rules.model, layers=rule.layers, dtype=a.model_dtype)
     store_path = Path(a.store) if a.store else RunDir.of_sae(sae).features
     store = FeatureStore(store_path) if (a.store or (store_path / "store.json").is_file()) else None
     if store is not None:
@@ -198,7 +201,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         raise SaescopeError(f"{a.rules} was mined on all of {source}: mine with --split mine for an evaluation on held-out templates")
     layers = sorted(int(n) for n in rules.choice["layer_best_delta"])
     sae = a.sae or rules.sae
-    scope = Scope.load(sae, rules.model, layers=layers)
+    scope = Scope.load(sae, rules.model, layers=layers, dtype=a.model_dtype)
     rules.check_saes(scope.saes, sae, scope.lm.name, origin=str(a.rules))
     control = load_control(a.control, scope.saes) if a.control else None
     encode = lambda ds: encode_labelled(scope, ds, control=control, threshold=rules.threshold,  # noqa: E731

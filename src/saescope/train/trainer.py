@@ -37,7 +37,6 @@ from saescope.models.load import DTYPE_NAMES
 from saescope.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.sae.cpu_kernels import kernels
 from saescope.schema import Field, check_record
-from saescope.system import cpu_lm_dtype
 from saescope.train.config import TrainConfig, budget_lr, buffer_steps, parse_layers
 
 
@@ -74,13 +73,11 @@ def resolve_dtype(name: str, device: torch.device, *, lm: bool = False) -> torch
     would change which latents top-k keeps; where bf16 is fast, the fp32 encoder runs as a bf16 screen with an
     fp32 ranking: saescope.sae.fast.screens) and, for the language model (lm=True), bf16 where this CPU
     multiplies bf16 much faster than fp32 (measured once per machine: saescope.system.cpu_lm_dtype)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return cpu_lm_dtype() if lm else torch.float32
     from saescope.models import parse_dtype
 
-    return parse_dtype(name)
+    if name == "auto" and not lm:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(name, str(device))
 
 
 def _window_seed(seed: int, step: int, layer: int) -> int:
