@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 # checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
 # English contrast and one inspected text; toxicity rules mined on English HateCheck (template split) at layers 5,
 # 15 and 25 and scored beside the control and the baselines, then applied to 500 French HateCheck texts with an audit
-# log; the repetition features of layer 15 (real looping answers); and the HTML report with its feature browser and
-# the audit's decisions (runs/demo/report.html). The LM runs in bf16 where this CPU is fast at it (DEMO_DTYPE), as
-# training does. `make demo-training` then runs the training-time path on the demo's SAEs.
+# log; and the HTML report with its feature browser and the audit's decisions (runs/demo/report.html). The LM runs in
+# bf16 where this CPU is fast at it (DEMO_DTYPE), as training does. `make demo-training` then runs the training-time
+# path on the demo's SAEs.
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
 DEMO_DTYPE ?= --model-dtype auto
 demo: setup
@@ -43,13 +43,13 @@ demo: setup
 	$(BIN)/saescope toxicity mine --sae runs/demo --data hatecheck_en --layers 5,15,25 $(DEMO_DTYPE)
 	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3 $(DEMO_DTYPE)
 	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts french --limit 500 $(DEMO_DTYPE)
-	$(BIN)/saescope discover --sae runs/demo --layer 15 --behaviour repetition --verify 0 $(DEMO_DTYPE)
 	$(BIN)/saescope report --sae runs/demo
 
-# The training-time path end to end on the demo's SAEs (after `make demo`): 4 LoRA steps of SASFT against layer 15's
-# repetition features and 2 GRPO steps with a steered negative, then the report again. A smoke run of the path, not a
-# measurement (bench/sasft_rl.py measures it); ~3 min on 2 cores.
+# The training-time path end to end on the demo's SAEs (after `make demo`): layer 15's repetition features found in
+# real looping answers, 4 LoRA steps of SASFT against them and 2 GRPO steps with a steered negative, then the report
+# again. A smoke run of the path, not a measurement (bench/sasft_rl.py measures it); ~4 min on 2 cores.
 demo-training: setup
+	$(BIN)/saescope discover --sae runs/demo --layer 15 --behaviour repetition --verify 0 $(DEMO_DTYPE)
 	$(BIN)/saescope sasft --sae runs/demo --features runs/demo/behaviour/repetition-layer15.json --lambda 1 --lora \
 		--max-steps 4 --eval-prompts 0 --out runs/demo/sasft
 	$(BIN)/saescope rl --sae runs/demo --feature runs/demo/behaviour/repetition-layer15.json --alpha 170 --lora \

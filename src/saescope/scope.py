@@ -122,9 +122,10 @@ class Scope:
         if isinstance(texts, str):
             texts = [texts]
         layers = self.check_layers(layers)
+        all_ids = self._token_ids(texts, max_length)  # once: one warning for the set when texts are cut
         out: list[TextCodes] = []
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not progress or len(texts) <= batch_size):
-            enc = self._pad(self._token_ids(texts[start : start + batch_size], max_length))
+            enc = self._pad(all_ids[start : start + batch_size])
             acts = capture(self.lm.model, enc["input_ids"], layers, attention_mask=enc["attention_mask"])
             codes = {n: self.saes[n].encode(acts[n].reshape(-1, acts[n].shape[-1]).float()) for n in layers}
             seq = enc["input_ids"].shape[1]

@@ -82,6 +82,9 @@ def test_long_texts_are_cut_with_a_warning(scope, real_texts):
     with pytest.warns(UserWarning, match="^2 of 3 texts \\(up to \\d+ tokens\\) were cut to their first 64 tokens") as got:
         inspect_texts(scope, [long, "short", long], InspectConfig(max_length=64, top=2))
     assert len([w for w in got if "cut to" in str(w.message)]) == 1  # one warning for the set
+    with pytest.warns(UserWarning, match="^2 of 3 texts") as got:  # also when the set spans several batches
+        codes = scope.encode([long, "short", long], max_length=64, batch_size=1, progress=False)
+    assert len([w for w in got if "cut to" in str(w.message)]) == 1 and [len(c.input_ids) for c in codes][::2] == [64, 64]
 
 
 def test_inspect_cli_with_store_contrast_and_control(tiny_sae_dir, tiny_qwen3, corpus_file, tmp_path):
