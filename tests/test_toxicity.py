@@ -69,8 +69,35 @@ def test_mining_by_hand():
     pred = by["layer3-k2"].predict(hits_of({3: L3, 7: L7}))
     assert pred.tolist() == [True] * 6 + [False] * 2
     assert choice["mining_f1"]["layer3-k2"] == pytest.approx(2 * 4 / (6 + 4))
+    assert choice["mining_balanced_accuracy"]["layer3-k2"] == pytest.approx((4 / 4 + 2 / 4) / 2)
     # multi-k2: feature 0 of layer 3 or feature 5 of layer 7 -> texts 0-3 and 7
     assert by["multi-k2"].predict(hits_of({3: L3, 7: L7})).tolist() == [True] * 4 + [False] * 3 + [True]
+
+
+def test_the_default_rule_is_the_best_balanced_accuracy_on_the_mining_texts():
+    from tests.conftest import random_saes
+
+    from saescope.data.labelled import LabelledSet
+
+    # By hand: layer3-k1 flags texts 0-2 (F1 6/7, balanced accuracy (3/4 + 4/4) / 2 = 0.875); multi-k2 flags 0-3 and 7
+    # (F1 8/9, balanced accuracy 0.875). F1 would pick multi-k2; the tie in balanced accuracy goes to fewer features.
+    data = LabelledSet("hand", [f"text {i}" for i in range(8)], LABELS, [f"g{i}" for i in range(8)], [""] * 8)
+    rules = make_ruleset(hits_of({3: L3, 7: L7}), data, random_saes(8, [3, 7], d_sae=11), model="m", sae="mem", ks=(1, 2))
+    assert rules.choice["mining_f1"]["multi-k2"] == pytest.approx(8 / 9)
+    assert rules.choice["mining_f1"]["layer3-k1"] == pytest.approx(6 / 7)
+    assert rules.default == "layer3-k1"
+    # On a 6:2 set, k2 flags 7 of 8 texts (F1 12/13, balanced accuracy 0.75): F1 prefers it to k1, which flags the
+    # first 4 positives only (F1 0.8, balanced accuracy (4/6 + 2/2) / 2 = 0.833)
+    skewed = np.array([1, 1, 1, 1, 1, 1, 0, 0])
+    table = np.zeros((8, 3), dtype=bool)
+    table[[0, 1, 2, 3], 1] = True  # delta 4/6
+    table[[0, 1, 2, 3, 4, 5, 6], 2] = True  # delta 1 - 1/2
+    data = LabelledSet("skewed", data.texts, skewed, data.groups, data.functionality)
+    rules = make_ruleset(hits_of({3: table}), data, random_saes(8, [3], d_sae=3, k=1), model="m", sae="mem", ks=(1, 2),
+                         multi_layer=False)
+    assert rules.choice["mining_f1"]["layer3-k2"] == pytest.approx(12 / 13)
+    assert rules.choice["mining_f1"]["layer3-k1"] == pytest.approx(0.8)
+    assert rules.choice["mining_balanced_accuracy"]["layer3-k1"] == pytest.approx(5 / 6) and rules.default == "layer3-k1"
 
 
 def test_mining_refuses_what_it_cannot_do():

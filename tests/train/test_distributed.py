@@ -48,3 +48,41 @@ def test_two_processes_match_one(mode, steps, tiny_qwen3, text_file, tmp_path):
                 assert torch.equal(a, b), (n, p)
             else:  # same maths, different float summation order
                 assert torch.allclose(a, b, atol=1e-5), (n, p, (a - b).abs().max())
+
+
+def test_dp_ends_together_when_the_data_runs_out_on_an_odd_batch(tiny_qwen3, real_texts, tmp_path):
+    """Two dp ranks take alternate batches; with an odd number of batches the last one is rank 0's alone. Each
+    step's reductions need both ranks, so both must stop at the same step (before the fix rank 0 trained one step
+    more, its reductions without a partner: a wait, or on gloo "Connection closed by peer" once rank 1 had exited)."""
+    import json
+    import time
+
+    from transformers import AutoTokenizer
+
+    from saescope.data import iter_texts
+    from saescope.data.packing import batches
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen3))
+    data = tmp_path / "odd.jsonl"
+    for n_texts in range(4, len(real_texts)):  # the shortest prefix of the texts that packs into an odd count >= 5
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in real_texts[:n_texts]))
+        n_batches = sum(1 for _ in batches(iter_texts(str(data)), tok, ctx_len=32, batch_size=2, seed=0))
+        if n_batches % 2 == 1 and n_batches >= 5:
+            break
+    else:
+        pytest.skip("no prefix of the test texts packs into an odd number of batches")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dp"
+    steps_asked = n_batches * 4  # more than the data holds
+    ctx = mp.start_processes(_worker, args=(2, port, tiny_qwen3, data, out, 2, steps_asked, "dp"), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the dp ranks did not finish within 120 s on {n_batches} batches (a rank waits on the other)")
+    summary = json.loads((out / "train_summary.json").read_text()) if (out / "train_summary.json").exists() else None
+    assert summary is not None and summary["steps"] == n_batches // 2  # the rank with fewer batches sets the end

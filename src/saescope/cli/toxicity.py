@@ -120,7 +120,8 @@ def cmd_mine(a: argparse.Namespace) -> None:
     for r in rules.rules:
         feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in r.features)
         mark = "  <- default" if r.name == rules.default else ""
-        print(f"  {r.name:<12} F1 on the mining texts {rules.choice['mining_f1'][r.name]:.3f}: {feats}{mark}")
+        print(f"  {r.name:<12} on the mining texts F1 {rules.choice['mining_f1'][r.name]:.3f}, balanced accuracy "
+              f"{rules.choice['mining_balanced_accuracy'][r.name]:.3f}: {feats}{mark}")
     print(f"rules: {out}")
 
 

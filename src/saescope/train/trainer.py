@@ -136,6 +136,15 @@ class Distributed:
         if self.on:
             dist.barrier()
 
+    def fewest(self, n: int, device: torch.device) -> int:
+        """The smallest n over the data-parallel ranks (n itself otherwise); `device` is one the backend reduces
+        on (NCCL: CUDA only)."""
+        if not self.dp:
+            return n
+        t = torch.tensor(n, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t)
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, lm: LoadedModel | None = None, distributed: str | None = None):
@@ -382,6 +391,9 @@ class Trainer:
                     if self.dist.dp and (self.batches_done - 1) % self.dist.world != self.dist.rank:
                         continue
                     captured.append(capture(self.lm.model, batch.to(self.lm.device), self.layers))
+                # Where the data ends, a rank may hold one batch more than another: every step's reductions need all
+                # ranks, so each trains on as many batches as the rank with fewest (one without any ends them all).
+                captured = captured[: self.dist.fewest(len(captured), self.device)]
                 if not captured:
                     break
                 for xs in self._window(captured):
