@@ -81,3 +81,13 @@ def test_torchrun_without_distributed_mode_is_refused(tiny_qwen3, text_file, tmp
     r = subprocess.run([sys.executable, "-m", "saescope", "train", "--model", str(tiny_qwen3), "--data", str(text_file),
                         "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=120)
     assert_one_line_error(r.returncode, r.stderr, "--distributed dp")
+
+
+def test_the_command_line_starts_without_the_trainer_stack():
+    """Building the parser (what every command does first) must not import transformers' Trainer or peft: they cost
+    ~3 s per command, which SASFT's and RL's flags once made every `saescope` call pay."""
+    probe = ("import sys; from saescope.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('peft', 'trl', 'transformers.trainer_callback', 'datasets') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from tests.conftest import assert_one_line_error, random_saes, run_cli, save_saes
 
+from saescope.cli.synthesis import parse_steer
 from saescope.errors import SaescopeError
 from saescope.models import load_model
 from saescope.scope import Scope
 from saescope.synthesis import SynthConfig, Target, TargetSet, coverage, derive_targets, greedy_cover, load_targets
 from saescope.synthesis.coverage import random_curve, target_matrix
-from saescope.synthesis.generate import evidence_prompt, fires, synthesize
+from saescope.synthesis.generate import at_equal_data, evidence_prompt, fires, synthesize
 from saescope.toxicity import FeatureHits
 
 
@@ -93,8 +94,36 @@ def test_synthesis_keeps_only_what_fires_its_target(tiny_qwen3):
     with pytest.raises(SaescopeError, match="steering needs"):
         synthesize(scope, load_model(str(tiny_qwen3)), targets, np.zeros(len(targets), dtype=bool),
                    SynthConfig(budget=2, steer=4.0), progress=False)
+    # the control's kept examples follow the guided rule (each fires a target), and its curve rises with them
+    u = result["unguided"]
+    assert u["kept"] == len(u["curve"]) <= u["generated"] and u["curve"] == sorted(u["curve"])
+    assert result["curve"] == sorted(result["curve"]) and len(result["curve"]) == result["kept"]
+    # steering by a multiple of each target's top activation: the strengths are those multiples
+    evidence = {(1, f): {"contexts": [], "promoted": [], "max_activation": 0.5 + f} for f in range(0, 64, 8)}
+    covered = np.zeros(len(targets), dtype=bool)
+    covered[0] = True
+    steered = synthesize(scope, lm, targets, covered, SynthConfig(budget=2, per_target=1, max_new_tokens=4,
+                                                                  steer=3.0, steer_relative=True),
+                         evidence=evidence, progress=False)
+    assert steered["steer"]["per_target"] == {f"1:{f}": 3.0 * (0.5 + f) for f in range(8, 64, 8)}  # not the covered 1:0
+    with pytest.raises(SaescopeError, match="L1/8 has none"):
+        synthesize(scope, lm, targets, covered, SynthConfig(budget=2, steer=3.0, steer_relative=True),
+                   evidence={(1, 16): {"max_activation": 1.0}}, progress=False)
     prompt = evidence_prompt(Target(1, 2, "negative"), {"contexts": ["a b c"], "promoted": [" cat", " "]})
     assert "harmless" in prompt and "- a b c" in prompt and "cat" in prompt
+
+
+def test_equal_data_comparison_and_steer_parsing_by_hand():
+    # 3 targets, one covered by the seed; guided adds 1 example (-> 2/3), unguided adds 3 (-> 2/3, 2/3, 1)
+    got = at_equal_data(1 / 3, [2 / 3], [2 / 3, 2 / 3, 1.0])
+    assert got == {"examples": 1, "guided": 2 / 3, "unguided": 2 / 3}
+    assert at_equal_data(0.25, [], [0.5]) == {"examples": 0, "guided": 0.25, "unguided": 0.25}
+    assert at_equal_data(0.0, [0.1, 0.2, 0.3], [0.2, 0.2]) == {"examples": 2, "guided": 0.2, "unguided": 0.2}
+    assert parse_steer("8") == (8.0, False) and parse_steer("2x") == (2.0, True) and parse_steer(" 1.5X") == (1.5, True)
+    assert parse_steer("0x") == (0.0, False)  # off is off, whatever the unit
+    for bad in ("x", "2y", "nan", "infx", ""):
+        with pytest.raises(SaescopeError, match="--steer"):
+            parse_steer(bad)
 
 
 def test_cli_coverage_and_synthesize(tiny_qwen3, tmp_path):
@@ -109,7 +138,11 @@ def test_cli_coverage_and_synthesize(tiny_qwen3, tmp_path):
     code, out, err = run_cli("synthesize", "--sae", str(sae_dir), "--targets", "0:1,0:2,1:3", "--data", str(texts),
                              "--budget", "6", "--per-target", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "syn.jsonl"))
     assert code == 0, err
-    assert (tmp_path / "syn.json").is_file() and "unguided, same budget" in out
+    assert (tmp_path / "syn.json").is_file() and "unguided, same budget" in out and "at equal data" in out
+    code, _, err = run_cli("synthesize", "--sae", str(sae_dir), "--targets", "0:1", "--data", str(texts),
+                           "--steer", "2x", "--out", str(tmp_path / "y.jsonl"))
+    assert_one_line_error(code, err, "needs a feature store")
+    assert not (tmp_path / "y.jsonl").exists()
     code, _, err = run_cli("coverage", "--sae", str(sae_dir), "--targets", "0:99", "--data", str(texts))
     assert_one_line_error(code, err, "out of range 0..63")
     code, _, err = run_cli("synthesize", "--sae", str(sae_dir), "--targets", "0:1", "--data", str(texts),

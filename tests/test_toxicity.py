@@ -72,6 +72,9 @@ def test_mining_by_hand():
     assert choice["mining_balanced_accuracy"]["layer3-k2"] == pytest.approx((4 / 4 + 2 / 4) / 2)
     # multi-k2: feature 0 of layer 3 or feature 5 of layer 7 -> texts 0-3 and 7
     assert by["multi-k2"].predict(hits_of({3: L3, 7: L7})).tolist() == [True] * 4 + [False] * 3 + [True]
+    # mined on one layer, there are no multi-layer rules (each would be layer3-k1 under another name)
+    one, _ = mine_rules(hits_of({3: L3}), LABELS, (1, 2, 3))
+    assert [r.name for r in one] == ["layer3-k1", "layer3-k2", "layer3-k3"]
 
 
 def test_the_default_rule_is_the_best_balanced_accuracy_on_the_mining_texts():

@@ -36,27 +36,36 @@ def require_trl():
     return trl
 
 
-def _callback_base():
+def _jsonl_log_class() -> type:
     from transformers import TrainerCallback
 
-    return TrainerCallback
+    class JsonlLog(TrainerCallback):
+        """Every log of the trainer as one JSON line (step, elapsed seconds, the logged values, and whatever `extra()`
+        returns at that moment)."""
+
+        def __init__(self, path: Path, extra: Callable[[], dict] | None = None):
+            self.path, self.start, self.extra = Path(path), time.perf_counter(), extra
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            row = {"step": state.global_step, "seconds": round(time.perf_counter() - self.start, 2), **(logs or {})}
+            if self.extra is not None:
+                row.update(self.extra())
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    JsonlLog.__module__, JsonlLog.__qualname__ = __name__, "JsonlLog"
+    return JsonlLog
 
 
-class JsonlLog(_callback_base()):
-    """Every log of the trainer as one JSON line (step, elapsed seconds, the logged values, and whatever `extra()`
-    returns at that moment)."""
-
-    def __init__(self, path: Path, extra: Callable[[], dict] | None = None):
-        self.path, self.start, self.extra = Path(path), time.perf_counter(), extra
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        row = {"step": state.global_step, "seconds": round(time.perf_counter() - self.start, 2), **(logs or {})}
-        if self.extra is not None:
-            row.update(self.extra())
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+def __getattr__(name: str):
+    # JsonlLog subclasses transformers' TrainerCallback, whose import pulls in peft (2.5 s): built on first use, so
+    # that every `saescope` command (the CLI imports this module for SASFT's and RL's flags) does not pay for it.
+    if name == "JsonlLog":
+        cls = globals()["JsonlLog"] = _jsonl_log_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def refuse_nonempty(out: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from saescope.cli.flags import add_model_dtype_flag, add_shared_data_flag, layer_list, writes
 from saescope.errors import SaescopeError
 from saescope.io import RunDir
+from saescope.schema import check_number
 
 DATA_HELP = "a built-in labelled set (hatecheck_en, french, ...) or a file of texts (labels optional)"
 
@@ -49,8 +50,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--generator", help="the model that writes candidates (default: the SAEs' own model)")
     s.add_argument("--budget", type=int, default=400, help="candidates generated in all")
     s.add_argument("--per-target", type=int, default=4, help="candidates per target per round")
-    s.add_argument("--steer", type=float, default=0.0, help="steer toward the target feature while generating "
-                   "(strength; only with the SAEs' own model)")
+    s.add_argument("--steer", default="0", help="steer toward the target feature while generating (only with the SAEs' "
+                   "own model): a strength in the residual stream's units (8), or a multiple of each target's top "
+                   "activation in the feature store (2x; the layer's median top activation for a target the store "
+                   "never saw fire)")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--store", help="feature store for the evidence (default: SAE/features when present)")
     s.add_argument("--seed", type=int, default=0)
@@ -157,7 +160,9 @@ def cmd_synthesize(a: argparse.Namespace) -> None:
     from saescope.toxicity import encode_labelled
     from saescope.toxicity.classify import write_jsonl
 
-    cfg = SynthConfig(budget=a.budget, per_target=a.per_target, max_new_tokens=a.max_new_tokens, steer=a.steer, seed=a.seed)
+    steer, relative = parse_steer(a.steer)
+    cfg = SynthConfig(budget=a.budget, per_target=a.per_target, max_new_tokens=a.max_new_tokens, steer=steer,
+                      steer_relative=relative, seed=a.seed)
     texts, ds = _texts(a.data, a.text_column)
     from saescope.synthesis.coverage import load_targets
 
@@ -169,7 +174,7 @@ def cmd_synthesize(a: argparse.Namespace) -> None:
             generator = load_model(a.generator)
         except Exception as exc:  # any failure to load is the user's input here, named in one line
             raise SaescopeError(f"--generator {a.generator}: cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
-        if a.steer:
+        if steer:
             raise SaescopeError("--steer needs the SAEs' own model as the generator (leave out --generator)")
     else:
         generator = scope.lm
@@ -178,11 +183,16 @@ def cmd_synthesize(a: argparse.Namespace) -> None:
     if a.store or (store_path / "store.json").is_file():
         store = FeatureStore(store_path)
         store.check_matches(scope.saes, a.sae)
+        scale = {n: _median_top_activation(store, n) for n in targets.layers if n in store.layers}
         for t in targets.targets:
             if t.layer in store.layers:
                 got = store.feature(t.layer, t.feature, contexts=cfg.contexts)
                 evidence[(t.layer, t.feature)] = {"contexts": ["".join(c["tokens"]) for c in got["contexts"]],
-                                                  "promoted": [w for w, _ in got["promoted"]]}
+                                                  "promoted": [w for w, _ in got["promoted"]],
+                                                  "max_activation": got["max_activation"] or scale[t.layer]}
+    elif relative:
+        raise SaescopeError(f"--steer {a.steer}: a multiple of the top activation needs a feature store ({store_path} has "
+                            "none; build one with saescope features build, or pass --store)")
     else:
         print("no feature store: prompts carry the target's class only (build one with saescope features build)")
     enc = encode_labelled(scope, _as_set(texts, ds, Path(a.data).name), layers=targets.layers, residual=False)
@@ -190,14 +200,35 @@ def cmd_synthesize(a: argparse.Namespace) -> None:
     result = synthesize(scope, generator, targets.targets, covered, cfg, evidence=evidence)
     out = Path(a.out) if a.out else RunDir.of_sae(a.sae).toxicity / "synthesized.jsonl"
     write_jsonl(out, result["examples"])
-    result.update(data=a.data, generator=generator.name, targets=a.targets, steer=a.steer, evidence=bool(evidence))
+    result.update(data=a.data, generator=generator.name, targets=a.targets, evidence=bool(evidence))
     atomic_write_json(out.with_suffix(".json"), result)
     u = result["unguided"]
     print(f"coverage of {result['n_targets']} targets: {result['coverage_before']:.1%} with {a.data} -> "
           f"{result['coverage_after']:.1%} after synthesis ({result['kept']} kept of {result['generated']} generated, "
           f"{result['seconds']:.0f} s); unguided, same budget: {u['coverage_after']:.1%} ({u['generated']} generated, "
           f"{u['seconds']:.0f} s)")
+    eq = result["at_equal_data"]
+    print(f"at equal data ({eq['examples']} examples added to each): guided {eq['guided']:.1%}, unguided {eq['unguided']:.1%} "
+          f"(unguided kept {u['kept']} of its {u['generated']} candidates)")
     print(f"examples: {out}")
+
+
+def parse_steer(spec: str) -> tuple[float, bool]:
+    """'8' -> (8.0, False): absolute; '2x' -> (2.0, True): times each target's top activation."""
+    text = str(spec).strip().lower()
+    relative = text.endswith("x")
+    try:
+        value = float(text[:-1] if relative else text)
+    except ValueError:
+        raise SaescopeError(f"--steer {spec!r}: give a number (8) or a multiple of the top activation (2x)") from None
+    return check_number(value, "--steer", kind=float), relative and value != 0
+
+
+def _median_top_activation(store, layer: int) -> float:
+    """The layer's median top activation over the features the store saw fire: the scale for one it never saw."""
+    top = store.tensor(layer, "top_acts")[:, 0]
+    fired = top[top > 0]
+    return float(fired.median()) if len(fired) else 0.0
 
 
 COMMANDS = {"coverage": cmd_coverage, "synthesize": cmd_synthesize}

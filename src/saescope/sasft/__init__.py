@@ -2,7 +2,15 @@
 
 from saescope.sasft.data import Pair, heldout_prompts, load_pairs
 from saescope.sasft.loss import FeatureSuppression, StepStats, estimate_alpha
-from saescope.sasft.train import JsonlLog, SASFTConfig, run_sasft, sasft_trainer
+from saescope.sasft.train import SASFTConfig, run_sasft, sasft_trainer
 
 __all__ = ["FeatureSuppression", "JsonlLog", "Pair", "SASFTConfig", "StepStats", "estimate_alpha", "heldout_prompts",
            "load_pairs", "run_sasft", "sasft_trainer"]
+
+
+def __getattr__(name: str):
+    if name == "JsonlLog":  # built on first use (saescope.finetune): its base class imports transformers' trainer
+        from saescope import finetune
+
+        return finetune.JsonlLog
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,8 +24,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import saescope.finetune as finetune
 from saescope.errors import SaescopeError
-from saescope.finetune import JsonlLog, lora_setup, mixed_bf16, partial_folder, publish, refuse_nonempty, require_trl, train_and_save
+from saescope.finetune import lora_setup, mixed_bf16, partial_folder, publish, refuse_nonempty, require_trl, train_and_save
 from saescope.sasft.loss import FeatureSuppression, estimate_alpha
 from saescope.sasft.measure import measure
 from saescope.schema import check_number, config_field
@@ -198,7 +199,7 @@ def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> dict:
                          gradient_checkpointing=False)
     trainer = sasft_trainer(trl.SFTTrainer)(model=lm.model, args=args, train_dataset=_dataset(pairs, chat), processing_class=tok,
                                             peft_config=peft_config, suppression=suppression,
-                                            callbacks=[JsonlLog(partial / "train_log.jsonl")])
+                                            callbacks=[finetune.JsonlLog(partial / "train_log.jsonl")])
     lm.model, seconds = train_and_save(trainer, partial, tok, cfg.lora)
     after = measure(lm, target, prompts, test_pairs, arc=cfg.arc, language=lang) if prompts else None
     summary = {"config": asdict(cfg), "model": lm.name, "suppression": suppression.describe(),

@@ -6,7 +6,14 @@ promotes, from a feature store) and the class the target stands for; the generat
 steered toward the feature when the generator is the SAEs' own model); each candidate is encoded and kept when the
 target fires on it (max activation over its tokens, the first left out, > 0), labelled with the target's class.
 Rounds go over the still-uncovered targets until the budget is spent or a round adds no coverage `patience`
-times. The control spends the same budget on unguided generation (one plain prompt) and is scored the same way.
+times. The control spends the same budget on unguided generation (one plain prompt) and is scored the same way:
+its kept examples are the candidates that fire at least one target the seed misses. Both arms record coverage
+after each kept example, so they compare at equal budget (candidates generated) and at equal data (examples
+added, the report's "15x less data" reading).
+
+A steering strength is absolute (residual-stream units: decoder rows are unit-norm) or, with `steer_relative`, a
+multiple of each target's own top activation in the feature store: features differ in scale by orders of
+magnitude, so one absolute strength is too weak for some targets and wrecks the text for others.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class SynthConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     steer: float = 0.0  # strength added along the target's decoder direction while generating (0 = off)
+    steer_relative: bool = False  # steer x the target's top activation (from the feature store), not steer itself
     patience: int = 1
     contexts: int = 3
     seed: int = 0
@@ -102,10 +110,12 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
     steerable = cfg.steer != 0 and generator is scope.lm
     if cfg.steer != 0 and not steerable:
         raise SaescopeError("steering needs the generator to be the SAEs' own model (pass no --generator)")
+    strengths = _strengths(targets, covered, cfg, evidence) if steerable else {}
     torch.manual_seed(cfg.seed)
     guided = covered.copy()
     per_target = {i: {"generated": 0, "kept": 0} for i in range(len(targets))}
     kept: list[dict] = []
+    guided_curve: list[float] = []  # coverage after each kept example
     spent, idle_rounds, rounds = 0, 0, 0
     start = time.perf_counter()
     bar = tqdm(total=cfg.budget, desc="synthesize", unit="cand", disable=not progress)
@@ -119,7 +129,7 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
             n = min(cfg.per_target, cfg.budget - spent)
             prompt = evidence_prompt(t, (evidence or {}).get((t.layer, t.feature)))
             if steerable:
-                with scope.steer(t.layer, {t.feature: cfg.steer}):
+                with scope.steer(t.layer, {t.feature: strengths[i]}):
                     cands = generate(generator, prompt, n, cfg)
             else:
                 cands = generate(generator, prompt, n, cfg)
@@ -132,6 +142,7 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
                     kept.append({"text": c, "label": t.label, "target": [t.layer, t.feature]})
                     per_target[i]["kept"] += 1
                     guided |= row
+                    guided_curve.append(float(guided.mean()))
         idle_rounds = idle_rounds + 1 if int(guided.sum()) == before else 0
         if idle_rounds >= cfg.patience:
             break
@@ -140,22 +151,54 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
 
     start = time.perf_counter()
     unguided = covered.copy()
-    plain: list[str] = []
+    plain_generated, plain_kept = 0, 0
+    unguided_curve: list[float] = []
     for _ in tqdm(range(0, spent, cfg.per_target * 4), desc="unguided control", disable=not progress):
-        n = min(cfg.per_target * 4, spent - len(plain))
+        n = min(cfg.per_target * 4, spent - plain_generated)
         if n <= 0:
             break
         cands = generate(generator, UNGUIDED, n, cfg)
-        plain += cands
-        hit = fires(scope, cands, targets)
-        if len(hit):
-            unguided |= hit.any(0)
+        plain_generated += n  # as the guided arm counts: candidates asked for, empty lines included
+        for row in fires(scope, cands, targets):
+            if (row & ~covered).any():  # the guided arm's rule: kept when it fires a target the seed misses
+                plain_kept += 1
+                unguided |= row
+                unguided_curve.append(float(unguided.mean()))
     unguided_seconds = time.perf_counter() - start
     return {"n_targets": len(targets), "coverage_before": float(covered.mean()), "coverage_after": float(guided.mean()),
             "generated": spent, "kept": len(kept), "rounds": rounds, "seconds": guided_seconds,
             "per_target": [{"layer": targets[i].layer, "feature": targets[i].feature, "label": targets[i].label,
                             "covered_before": bool(covered[i]), "covered_after": bool(guided[i]), **per_target[i]}
                            for i in range(len(targets))],
-            "examples": kept,
-            "unguided": {"generated": len(plain), "coverage_after": float(unguided.mean()), "seconds": unguided_seconds,
-                         "prompt": UNGUIDED}}
+            "examples": kept, "curve": guided_curve,
+            "steer": {"strength": cfg.steer, "relative": cfg.steer_relative,
+                      "per_target": {f"{targets[i].layer}:{targets[i].feature}": v for i, v in strengths.items()}},
+            "unguided": {"generated": plain_generated, "kept": plain_kept, "coverage_after": float(unguided.mean()),
+                         "curve": unguided_curve, "seconds": unguided_seconds, "prompt": UNGUIDED},
+            "at_equal_data": at_equal_data(float(covered.mean()), guided_curve, unguided_curve)}
+
+
+def _strengths(targets: list[Target], covered: np.ndarray, cfg: SynthConfig,
+               evidence: dict[tuple[int, int], dict] | None) -> dict[int, float]:
+    """The steering strength of each uncovered target."""
+    todo = np.flatnonzero(~covered)
+    if not cfg.steer_relative:
+        return {int(i): cfg.steer for i in todo}
+    out = {}
+    for i in todo:
+        t = targets[i]
+        top = (evidence or {}).get((t.layer, t.feature), {}).get("max_activation")
+        if not top:  # absent, or 0: the store never saw it fire, so it has no scale to steer by
+            raise SaescopeError(f"--steer {cfg.steer:g}x needs each target's top activation from a feature store; "
+                                f"L{t.layer}/{t.feature} has none (build the store over more tokens, or give an absolute strength)")
+        out[int(i)] = cfg.steer * float(top)
+    return out
+
+
+def at_equal_data(before: float, guided: list[float], unguided: list[float]) -> dict:
+    """Coverage of each arm after the same number of added examples (the smaller arm's count)."""
+    def at(curve: list[float], n: int) -> float:
+        return curve[min(n, len(curve)) - 1] if n and curve else before
+
+    n = min(len(guided), len(unguided))
+    return {"examples": n, "guided": at(guided, n), "unguided": at(unguided, n)}

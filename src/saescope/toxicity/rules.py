@@ -195,7 +195,7 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
     for k in ks:
         top = [int(f) for f in ranked[chosen][:k] if deltas[chosen][0][f] > 0]
         rules.append(Rule(f"layer{chosen}-k{k}", "layer", k, tuple(feature(chosen, f) for f in top)))
-    if multi_layer:
+    if multi_layer and len(deltas) > 1:  # on one layer a multi-layer rule is the one-feature rule again, under a K it lacks
         by_layer = sorted((n for n in best if best[n] > 0), key=lambda n: (-best[n], n))
         for k in ks:
             if k > 1:  # K=1 multi-layer is the single-layer rule
