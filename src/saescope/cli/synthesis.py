@@ -226,7 +226,7 @@ def parse_steer(spec: str) -> tuple[float, bool]:
 
 def _median_top_activation(store, layer: int) -> float:
     """The layer's median top activation over the features the store saw fire: the scale for one it never saw."""
-    top = store.tensor(layer, "top_acts")[:, 0]
+    top = store.top_activations(layer)
     fired = top[top > 0]
     return float(fired.median()) if len(fired) else 0.0
 

@@ -457,6 +457,10 @@ class FeatureStore:
     def frequencies(self, layer: int) -> Tensor:
         return self.tensor(layer, "fire_count").double() / max(self.n_tokens(layer), 1)
 
+    def top_activations(self, layer: int) -> Tensor:
+        """Each feature's largest activation seen (0 for a feature never seen firing)."""
+        return self.tensor(layer, "top_acts")[:, 0]
+
     def check_feature(self, layer: int, feature: int) -> None:
         d = self.d_sae(layer)
         if not 0 <= feature < d:

@@ -151,8 +151,8 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
 
     start = time.perf_counter()
     unguided = covered.copy()
-    plain_generated, plain_kept = 0, 0
-    unguided_curve: list[float] = []
+    plain_generated = 0
+    unguided_curve: list[float] = []  # coverage after each kept example: its length is the kept count
     for _ in tqdm(range(0, spent, cfg.per_target * 4), desc="unguided control", disable=not progress):
         n = min(cfg.per_target * 4, spent - plain_generated)
         if n <= 0:
@@ -161,7 +161,6 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
         plain_generated += n  # as the guided arm counts: candidates asked for, empty lines included
         for row in fires(scope, cands, targets):
             if (row & ~covered).any():  # the guided arm's rule: kept when it fires a target the seed misses
-                plain_kept += 1
                 unguided |= row
                 unguided_curve.append(float(unguided.mean()))
     unguided_seconds = time.perf_counter() - start
@@ -173,7 +172,7 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
             "examples": kept, "curve": guided_curve,
             "steer": {"strength": cfg.steer, "relative": cfg.steer_relative,
                       "per_target": {f"{targets[i].layer}:{targets[i].feature}": v for i, v in strengths.items()}},
-            "unguided": {"generated": plain_generated, "kept": plain_kept, "coverage_after": float(unguided.mean()),
+            "unguided": {"generated": plain_generated, "kept": len(unguided_curve), "coverage_after": float(unguided.mean()),
                          "curve": unguided_curve, "seconds": unguided_seconds, "prompt": UNGUIDED},
             "at_equal_data": at_equal_data(float(covered.mean()), guided_curve, unguided_curve)}
 
@@ -197,8 +196,5 @@ def _strengths(targets: list[Target], covered: np.ndarray, cfg: SynthConfig,
 
 def at_equal_data(before: float, guided: list[float], unguided: list[float]) -> dict:
     """Coverage of each arm after the same number of added examples (the smaller arm's count)."""
-    def at(curve: list[float], n: int) -> float:
-        return curve[min(n, len(curve)) - 1] if n and curve else before
-
     n = min(len(guided), len(unguided))
-    return {"examples": n, "guided": at(guided, n), "unguided": at(unguided, n)}
+    return {"examples": n, "guided": guided[n - 1] if n else before, "unguided": unguided[n - 1] if n else before}
