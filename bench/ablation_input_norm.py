@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 if os.environ.get("SAESCOPE_INPUT_LAYERNORM") == "1":
-    from saescope.sae.topk import TopKSAE
-    from saescope.train.trainer import Trainer
+    from saescope.core.sae.topk import TopKSAE
+    from saescope.core.train.trainer import Trainer
 
     def layernorm(x, eps=1e-5):
         mu = x.mean(-1, keepdim=True)

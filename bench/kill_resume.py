@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from saescope.io import load_saes, resolve_run
+from saescope.core.io import load_saes, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")

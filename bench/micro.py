@@ -15,8 +15,8 @@ from unittest.mock import patch
 import torch
 import torch.nn.functional as F
 
-from saescope.sae.cpu_kernels import fused_top_k_applies, kernels, normalize_rows_, project_out_row_norm_
-from saescope.sae.fast import Workspace, sparse_decode, top_k
+from saescope.core.sae.cpu_kernels import fused_top_k_applies, kernels, normalize_rows_, project_out_row_norm_
+from saescope.core.sae.fast import Workspace, sparse_decode, top_k
 
 D_MODEL, D_SAE, K, TOKENS = 576, 9216, 50, 1024
 
@@ -69,7 +69,7 @@ def main() -> None:
     for d_sae in (4 * D_MODEL, D_SAE, 64 * D_MODEL):
         p = F.linear(x, torch.randn(d_sae, D_MODEL) / D_MODEL**0.5)
         bias = torch.randn(d_sae) * 0.1
-        with patch("saescope.sae.fast.fused_top_k_applies", return_value=False):  # the torch path
+        with patch("saescope.core.sae.fast.fused_top_k_applies", return_value=False):  # the torch path
             groups = timed(lambda p=p, b=bias: top_k(p, K, bias=b))
         line = (f"d_sae {d_sae}: torch.topk {timed(lambda p=p: p.topk(K, dim=-1, sorted=False)):.1f} ms, "
                 f"bias pass + group maxima {groups:.1f} ms")

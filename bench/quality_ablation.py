@@ -16,15 +16,15 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from saescope.control_sets import make_controls
-from saescope.evaluate import evaluate_sets
-from saescope.files import atomic_write_json
-from saescope.io import decoder_cos_to_init, load_saes
-from saescope.models import load_model
-from saescope.probing import probe_sets, sparse_probing
-from saescope.quality import quality_report
-from saescope.scope import Scope
-from saescope.train import TrainConfig, Trainer
+from saescope.api.controls import make_controls
+from saescope.api.evaluate import evaluate_sets
+from saescope.core.files import atomic_write_json
+from saescope.core.io import decoder_cos_to_init, load_saes
+from saescope.core.models import load_model
+from saescope.api.probing import probe_sets, sparse_probing
+from saescope.api.quality import quality_report
+from saescope.api.scope import Scope
+from saescope.core.train import TrainConfig, Trainer
 
 
 def _variant(spec: str) -> tuple[str, dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from saescope.io import export_saes, load_saes
+from saescope.core.io import export_saes, load_saes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from saescope.data import batches, iter_texts
-from saescope.io import load_saes
-from saescope.models import capture, load_model
-from saescope.models.builtin import builtin_model_dir
-from saescope.sae.fast import screens, top_k
-from saescope.system import cpu_flags, peak_rss_mb
-from saescope.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
+from saescope.core.data import batches, iter_texts
+from saescope.core.io import load_saes
+from saescope.core.models import capture, load_model
+from saescope.core.models.builtin import builtin_model_dir
+from saescope.core.sae.fast import screens, top_k
+from saescope.core.system import cpu_flags, peak_rss_mb
+from saescope.core.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +178,7 @@ def run_sparsify(args, model_dir, layers, expansion, k, train_batches, out: Path
 def run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, out: Path, device) -> dict:
     """sae-lens trains one hook point per run: train the middle layer, then count an all-layer job as one run per
     layer: sum over layers of (LM forward stopped after that layer) + layers x the SAE's own step time."""
-    from saescope.sae import default_lr
+    from saescope.core.sae import default_lr
 
     layer = layers[len(layers) // 2]
     timing = _run_peer(args, "peer_saelens.py", ["--model-dir", str(model_dir), "--layer", str(layer), "--expansion",

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saescope.data.labelled import load_labelled
-from saescope.files import atomic_write_json
-from saescope.scope import Scope
-from saescope.toxicity import RuleClassifier, RuleSet, encode_labelled
+from saescope.core.data.labelled import load_labelled
+from saescope.core.files import atomic_write_json
+from saescope.api.scope import Scope
+from saescope.apps.toxicity import RuleClassifier, RuleSet, encode_labelled
 
 
 def main() -> None:

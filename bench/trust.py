@@ -28,8 +28,8 @@ SHARED = Path(os.environ.get("SAESCOPE_SHARED_DATA", ROOT.parent / "shared" / "d
 
 
 def finetune_main(a: argparse.Namespace) -> None:
-    from saescope.models import load_model
-    from saescope.trust import finetune
+    from saescope.core.models import load_model
+    from saescope.apps.trust import finetune
 
     rows = [json.loads(line) for line in (SHARED / "benchmarks" / "math.jsonl").read_text().splitlines()]
     texts = [f"Problem: {r['context']}\nSolution: {r['chain_of_thought']}\nAnswer: {r['answer']}" for r in rows]
@@ -48,15 +48,15 @@ def finetune_main(a: argparse.Namespace) -> None:
 
 
 def match_main(a: argparse.Namespace) -> None:
-    from saescope.trust import decoder_match
-    from saescope.trust.stability import shares
+    from saescope.apps.trust import decoder_match
+    from saescope.apps.trust.stability import shares
 
     if a.random:
         g = torch.Generator().manual_seed(0)
         W_a, W_b = torch.randn(a.random, a.d_model, generator=g), torch.randn(a.random, a.d_model, generator=g)
         label = f"random {a.random} x {a.d_model}"
     else:
-        from saescope.io import load_saes
+        from saescope.core.io import load_saes
 
         A = load_saes(a.sae[0], layers=[a.layer])[a.layer]
         B = load_saes(a.sae[1], layers=[a.layer])[a.layer]

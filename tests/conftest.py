@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saescope.io import save_native
-from saescope.sae import SAEConfig, TopKSAE
+from saescope.core.io import save_native
+from saescope.core.sae import SAEConfig, TopKSAE
 
 SHARED = Path(os.environ.get("SAESCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 GSM8K = SHARED / "benchmarks" / "gsm8k_test.jsonl"

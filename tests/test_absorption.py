@@ -1,12 +1,12 @@
-"""Feature absorption (saescope.absorption): SAEBench's two rules on hand-built cases, the spelling prompts on the real
+"""Feature absorption (saescope.api.absorption): SAEBench's two rules on hand-built cases, the spelling prompts on the real
 SmolLM2 tokenizer, and the whole measurement on the real model."""
 
 import pytest
 import torch
 
-from saescope.absorption import AbsorptionConfig, absorption_of, feature_absorption, spelling_set
-from saescope.errors import SaescopeError
-from saescope.sae import SAEConfig, TopKSAE
+from saescope.api.absorption import AbsorptionConfig, absorption_of, feature_absorption, spelling_set
+from saescope.core.errors import SaescopeError
+from saescope.core.sae import SAEConfig, TopKSAE
 
 
 def _sae() -> TopKSAE:
@@ -50,7 +50,7 @@ def test_config_refuses_what_cannot_be_measured():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from saescope.models import load_model
+    from saescope.core.models import load_model
 
     return load_model()
 
@@ -76,7 +76,7 @@ def test_spelling_prompts_put_the_word_where_it_is_read_and_never_show_a_test_wo
 def test_feature_absorption_on_the_real_model_reads_first_letters(smollm2):
     """SmolLM2 at layer 3: the first-letter probe is far above chance (F1 ~0.07 for 26 letters) on held-out words (0.45
     measured), and every figure is in range for an SAE and its random control."""
-    from saescope.sae.random_control import random_like
+    from saescope.core.sae.random_control import random_like
 
     sae = TopKSAE(SAEConfig(576, 2304, 16))
     sae.init_tied(torch.Generator().manual_seed(0))

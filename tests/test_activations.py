@@ -2,7 +2,7 @@
 
 import torch
 
-from saescope.activations import OutlierFilter
+from saescope.core.activations import OutlierFilter
 
 
 def _rows(norms: list[float]) -> torch.Tensor:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tests.conftest import SHARED, shared_file
 
-from saescope.behaviour import (
+from saescope.api.behaviour import (
     LanguageID,
     behaviour_stats,
     distinct_n,
@@ -20,8 +20,8 @@ from saescope.behaviour import (
     repeat_pairs,
     repetition_features,
 )
-from saescope.errors import SaescopeError
-from saescope.scope import Scope
+from saescope.core.errors import SaescopeError
+from saescope.api.scope import Scope
 
 RESPONSES = SHARED / "multilingual" / "m_ifeval" / "responses"
 

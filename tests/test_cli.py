@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from saescope.io import export_saes
-from saescope.sae import SAEConfig, TopKSAE
+from saescope.core.io import export_saes
+from saescope.core.sae import SAEConfig, TopKSAE
 
 
 @pytest.mark.parametrize("extra,fragment", [

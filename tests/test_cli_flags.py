@@ -8,8 +8,8 @@ import pytest
 
 from saescope.cli import build_parser
 from saescope.cli.flags import Parser, add_config_flags, config_from_flags
-from saescope.schema import config_field
-from saescope.train import TrainConfig
+from saescope.core.schema import config_field
+from saescope.core.train import TrainConfig
 
 
 def test_train_without_flags_is_the_default_config():

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from saescope import SaescopeError
-from saescope.control_sets import load_control, make_controls, save_controls
-from saescope.io import save_native
-from saescope.sae import SAEConfig, TopKSAE
+from saescope.api.controls import load_control, make_controls, save_controls
+from saescope.core.io import save_native
+from saescope.core.sae import SAEConfig, TopKSAE
 
 
 def _saes(k=4, layers=(0, 2)) -> dict[int, TopKSAE]:

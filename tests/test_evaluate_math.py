@@ -3,7 +3,7 @@
 The hand computation shares nothing with saescope but the token batches, which it reads off the model's
 own input (a forward pre-hook), so it does not depend on how the evaluation draws its data: its own
 decoder-layer hooks, its own top-k SAE maths, and cross-entropy / KL straight from torch.nn.functional,
-summed in float64. Definitions (module docstring of saescope.evaluate and docs/qwen-scope-method.md):
+summed in float64. Definitions (module docstring of saescope.api.evaluate and docs/qwen-scope-method.md):
 
     FVU          = sum |x - x_hat|^2 / sum |x - mean(x)|^2   over the kept tokens of all batches
     CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), CE_zero with the layer's output set to 0
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_saes
-from saescope.evaluate import DENSE_THRESHOLD, evaluate_sets
-from saescope.models import load_model
-from saescope.sae import SAEConfig, TopKSAE
+from saescope.api.evaluate import DENSE_THRESHOLD, evaluate_sets
+from saescope.core.models import load_model
+from saescope.core.sae import SAEConfig, TopKSAE
 
 LAYERS = [0, 2]
 D = 64  # the tiny Qwen3's d_model
@@ -100,7 +100,7 @@ def _lower_median(v):
 
 
 class _Typical:
-    """The outlier rule of saescope.activations.OutlierFilter, written out: keep a token whose norm is at most
+    """The outlier rule of saescope.core.activations.OutlierFilter, written out: keep a token whose norm is at most
     factor x the median of the batch-median norms seen so far (of the last 256 batches; torch's median, the lower
     middle value); factor 0 keeps every token."""
 

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from conftest import random_saes, run_cli
 from saescope import cli
-from saescope.io import export_saes
-from saescope.train import TrainConfig
+from saescope.core.io import export_saes
+from saescope.core.train import TrainConfig
 
 SCALE = float(os.environ.get("SAESCOPE_FUZZ_SCALE", "1"))
 COUNTS: dict[str, int] = {}
@@ -396,8 +396,8 @@ def _flag_cases() -> st.SearchStrategy:
 
 
 def _bad_layer_spec(spec: str) -> bool:
-    from saescope.errors import SaescopeError
-    from saescope.train import parse_layers
+    from saescope.core.errors import SaescopeError
+    from saescope.core.train import parse_layers
 
     try:
         parse_layers(spec, None)
@@ -424,10 +424,10 @@ BENCHES = ("gsm8k", "math", "arc_challenge", "mmlu")
 def footprint_folder(tmp_path_factory) -> Path:
     import numpy as np
 
-    from saescope.files import atomic_write_json
-    from saescope.redundancy.analysis import analyse
-    from saescope.redundancy.footprint import FORMAT, Footprints, write_sets
-    from saescope.redundancy.metrics import FeatureSets
+    from saescope.core.files import atomic_write_json
+    from saescope.apps.redundancy.analysis import analyse
+    from saescope.apps.redundancy.footprint import FORMAT, Footprints, write_sets
+    from saescope.apps.redundancy.metrics import FeatureSets
 
     path = tmp_path_factory.mktemp("fp") / "fp"
     rng = np.random.default_rng(0)
@@ -502,7 +502,7 @@ def test_fuzz_footprints_and_scores(footprint_folder, case):
 def feature_store(tmp_path_factory) -> Path:
     from dataclasses import asdict
 
-    from saescope.inspect.store import FORMAT, HIST_EDGES, VERSION, LayerStats, StoreConfig
+    from saescope.api.store import FORMAT, HIST_EDGES, VERSION, LayerStats, StoreConfig
 
     path = tmp_path_factory.mktemp("store") / "fs"
     cfg = StoreConfig(top_n=3, left=2, right=1, logit_k=2)

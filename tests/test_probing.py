@@ -8,9 +8,9 @@ import pytest
 import torch
 from tests.conftest import SHARED, random_saes
 
-from saescope.errors import SaescopeError
-from saescope.models import load_model
-from saescope.probing import (
+from saescope.core.errors import SaescopeError
+from saescope.core.models import load_model
+from saescope.api.probing import (
     ProbeSet,
     best_threshold_accuracy,
     format_probing,
@@ -19,7 +19,7 @@ from saescope.probing import (
     sparse_probing,
     top_latents,
 )
-from saescope.scope import Scope
+from saescope.api.scope import Scope
 
 
 def _t(*v):
@@ -122,7 +122,7 @@ def test_quality_command_end_to_end(tiny_sae_dir, tmp_path):
 
 
 def test_paired_margin_by_hand():
-    from saescope.probing import paired_margin
+    from saescope.api.probing import paired_margin
 
     a = [torch.tensor([True, True, False, True]), torch.tensor([True, False])]
     b = [torch.tensor([False, True, False, False]), torch.tensor([True, True])]
@@ -133,7 +133,7 @@ def test_paired_margin_by_hand():
 
 
 def test_one_vs_rest_logistic_columns_fit_as_if_alone():
-    from saescope.probing import fit_logistic
+    from saescope.api.probing import fit_logistic
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(80, 6, generator=g) * torch.tensor([1.0, 5, 0.2, 1, 1, 3])

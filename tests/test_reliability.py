@@ -14,11 +14,11 @@ from conftest import assert_one_line_error, run_cli, save_saes
 from saescope import cli
 from saescope.cli import train as cli_train
 from saescope.cli.flags import check_flags
-from saescope.errors import SaescopeError
-from saescope.evaluate import LayerEval, write_results
-from saescope.io import RunDir, export_saes, load_saes
-from saescope.sae import SAEConfig, TopKSAE
-from saescope.train import TrainConfig
+from saescope.core.errors import SaescopeError
+from saescope.api.evaluate import LayerEval, write_results
+from saescope.core.io import RunDir, export_saes, load_saes
+from saescope.core.sae import SAEConfig, TopKSAE
+from saescope.core.train import TrainConfig
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -252,7 +252,7 @@ def test_a_square_qwen_scope_sae_round_trips(tmp_path):
 
 
 def test_layer_lists_are_bounded_before_the_model_is_known():
-    from saescope.train import parse_layers
+    from saescope.core.train import parse_layers
 
     with pytest.raises(SaescopeError, match="layer 10000 is out of range: layer numbers are 0..9999"):
         parse_layers("0-100000000000", None)
@@ -289,7 +289,7 @@ def test_train_config_ranges():
                          ({"ctx_len": 1}, "ctx_len must be >= 2"), ({"seed": -1}, "seed must be >= 0"),
                          ({"device": "meta"}, None)):
         if fragment is None:  # the device is checked where it is resolved
-            from saescope.train import resolve_device
+            from saescope.core.train import resolve_device
 
             with pytest.raises(SaescopeError, match="device 'meta' is not supported"):
                 resolve_device(kw["device"])
@@ -299,8 +299,8 @@ def test_train_config_ranges():
 
 
 def test_small_refusals_from_the_audit(monkeypatch, tmp_path, capsys):
-    from saescope.data.benchmarks import _format
-    from saescope.steer import parse_features
+    from saescope.core.data.benchmarks import _format
+    from saescope.api.steer import parse_features
 
     with pytest.raises(SaescopeError, match="features must be integers"):
         parse_features("3,,4", "1")

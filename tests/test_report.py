@@ -3,7 +3,7 @@ import json
 import pytest
 
 from saescope import SaescopeError
-from saescope.report import build_report
+from saescope.apps.report.page import build_report
 
 
 def test_empty_run_says_which_command_fills_each_section(tmp_path):
@@ -46,7 +46,7 @@ def test_a_corrupt_or_ill_typed_optional_file_skips_its_section_with_a_note(tmp_
 
 
 def test_the_probing_verdict_counts_only_differences_beyond_two_standard_errors():
-    from saescope.report import _probing_verdict
+    from saescope.apps.report.page import _probing_verdict
 
     se = 0.02  # each side: the difference's se is 0.02 * sqrt(2) = 0.0283, two of them 0.0566
     rows = {"0": {"sae_top1": 0.90, "control_top1": 0.80, "sae_top1_se": se, "control_top1_se": se},  # +0.10: a win
@@ -61,7 +61,7 @@ def test_the_probing_verdict_counts_only_differences_beyond_two_standard_errors(
 
 
 def test_the_quality_section_uses_the_paired_margin_and_reports_the_letter_latents(tmp_path):
-    from saescope.report import _probing_verdict
+    from saescope.apps.report.page import _probing_verdict
 
     def row(sae, ctl, margin, se, letter, ctl_letter):
         return {"sae_top1": sae, "control_top1": ctl, "sae_top5": 0.8, "control_top5": 0.8, "dense": 0.9,

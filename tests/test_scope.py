@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from saescope import SaescopeError, Scope
-from saescope.models import capture, load_model
-from saescope.sae import SAEConfig, TopKSAE
+from saescope.core.models import capture, load_model
+from saescope.core.sae import SAEConfig, TopKSAE
 
 
 @pytest.fixture()

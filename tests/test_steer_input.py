@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from saescope.errors import SaescopeError
-from saescope.steer import generate, parse_features
+from saescope.core.errors import SaescopeError
+from saescope.api.steer import generate, parse_features
 
 
 @pytest.mark.parametrize("features,strengths,fragment", [

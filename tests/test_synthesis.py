@@ -10,13 +10,13 @@ import pytest
 from tests.conftest import assert_one_line_error, random_saes, run_cli, save_saes
 
 from saescope.cli.synthesis import parse_steer
-from saescope.errors import SaescopeError
-from saescope.models import load_model
-from saescope.scope import Scope
-from saescope.synthesis import SynthConfig, Target, TargetSet, coverage, derive_targets, greedy_cover, load_targets
-from saescope.synthesis.coverage import random_curve, target_matrix
-from saescope.synthesis.generate import at_equal_data, evidence_prompt, fires, synthesize
-from saescope.toxicity import FeatureHits
+from saescope.core.errors import SaescopeError
+from saescope.core.models import load_model
+from saescope.api.scope import Scope
+from saescope.apps.synthesis import SynthConfig, Target, TargetSet, coverage, derive_targets, greedy_cover, load_targets
+from saescope.apps.synthesis.coverage import random_curve, target_matrix
+from saescope.apps.synthesis.generate import at_equal_data, evidence_prompt, fires, synthesize
+from saescope.apps.toxicity import FeatureHits
 
 
 def test_coverage_and_greedy_cover_by_hand():

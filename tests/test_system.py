@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-import saescope.system as system
-from saescope.errors import SaescopeError
-from saescope.train import resolve_dtype
+import saescope.core.system as system
+from saescope.core.errors import SaescopeError
+from saescope.core.train import resolve_dtype
 
 
 @pytest.fixture()
@@ -40,7 +40,7 @@ def test_auto_follows_the_measured_speedup_for_the_lm_only(fresh, monkeypatch, s
 
 
 def test_a_reading_commands_auto_is_trainings_auto(fresh, monkeypatch):
-    from saescope.models import parse_dtype
+    from saescope.core.models import parse_dtype
 
     monkeypatch.setattr(system, "cpu_bf16_speedup", lambda: 2.3)
     assert parse_dtype("auto", "cpu") == resolve_dtype("auto", torch.device("cpu"), lm=True) == torch.bfloat16

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
-from saescope.data.labelled import group_split, load_labelled, text_source
-from saescope.errors import SaescopeError
-from saescope.models import load_model, token_strings
-from saescope.scope import Scope
-from saescope.toxicity import (
+from saescope.core.data.labelled import group_split, load_labelled, text_source
+from saescope.core.errors import SaescopeError
+from saescope.core.models import load_model, token_strings
+from saescope.api.scope import Scope
+from saescope.apps.toxicity import (
     FeatureHits,
     RuleClassifier,
     RuleSet,
@@ -25,7 +25,7 @@ from saescope.toxicity import (
     mine_rules,
     scores,
 )
-from saescope.toxicity.evaluate import BenchConfig, benchmark, group_subset, transfer_matrix
+from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, group_subset, transfer_matrix
 
 
 def hits_of(tables: dict[int, np.ndarray]) -> FeatureHits:
@@ -80,7 +80,7 @@ def test_mining_by_hand():
 def test_the_default_rule_is_the_best_balanced_accuracy_on_the_mining_texts():
     from tests.conftest import random_saes
 
-    from saescope.data.labelled import LabelledSet
+    from saescope.core.data.labelled import LabelledSet
 
     # By hand: layer3-k1 flags texts 0-2 (F1 6/7, balanced accuracy (3/4 + 4/4) / 2 = 0.875); multi-k2 flags 0-3 and 7
     # (F1 8/9, balanced accuracy 0.875). F1 would pick multi-k2; the tie in balanced accuracy goes to fewer features.
@@ -122,7 +122,7 @@ def test_scores_by_hand():
 
 
 def test_lexical_baseline_reads_words():
-    from saescope.data.labelled import LabelledSet
+    from saescope.core.data.labelled import LabelledSet
 
     texts = ["you are vile scum", "they are vile", "vile people", "scum everywhere", "nice day", "a nice cat",
              "the day is long", "cat and dog"] * 2

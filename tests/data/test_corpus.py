@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saescope.data.corpus import MIX_SHARES, interleave, po_translations
-from saescope.errors import SaescopeError
+from saescope.core.data.corpus import MIX_SHARES, interleave, po_translations
+from saescope.core.errors import SaescopeError
 
 CATALOGUE = r'''# French translation
 msgid ""
@@ -78,7 +78,7 @@ def test_interleave_keeps_every_prefix_at_its_shares(sources, data):
 
 
 def _mix_or_skip():
-    from saescope.data.sources import default_corpus_path
+    from saescope.core.data.sources import default_corpus_path
 
     try:
         return default_corpus_path("default")
@@ -102,7 +102,7 @@ def test_the_default_mix_holds_its_shares_within_a_short_runs_prefix():
 def test_the_default_mix_holds_no_probe_or_evaluation_text():
     from tests.conftest import SHARED
 
-    from saescope.probing import probe_sets
+    from saescope.api.probing import probe_sets
 
     if not SHARED.exists():
         pytest.skip(f"needs ../shared/data ({SHARED})")

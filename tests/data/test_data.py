@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from saescope.data import batches, iter_texts, token_chunks
-from saescope.errors import SaescopeError
+from saescope.core.data import batches, iter_texts, token_chunks
+from saescope.core.errors import SaescopeError
 
 
 def test_chunks_are_full_and_cover_the_text(tokenizer_dir, real_texts):
@@ -144,7 +144,7 @@ def test_batches_refuse_sizes_that_would_give_nothing(tokenizer_dir, kw, fragmen
 
 
 def test_documents_all_in_the_other_split_are_said_as_such(tmp_path):
-    from saescope.data.sources import is_eval_document
+    from saescope.core.data.sources import is_eval_document
 
     held = next(f"doc {i}" for i in range(10_000) if is_eval_document(f"doc {i}"))
     train = [f"doc {i}" for i in range(10_000) if not is_eval_document(f"doc {i}")][:2]

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from tests.conftest import SHARED, shared_file
 
 from saescope.cli.inspect import _texts
-from saescope.data import iter_texts
-from saescope.data.benchmarks import load_benchmark
-from saescope.data.rows import iter_rows, row_format
-from saescope.errors import SaescopeError
+from saescope.core.data import iter_texts
+from saescope.core.data.benchmarks import load_benchmark
+from saescope.core.data.rows import iter_rows, row_format
+from saescope.core.errors import SaescopeError
 
 
 def test_inspect_texts_reads_a_txt_file_one_text_per_paragraph(tmp_path):

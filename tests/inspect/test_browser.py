@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import ARTIFACTS, run_cli
-from saescope.inspect.store import FeatureStore
-from saescope.report import build_report
+from saescope.api.store import FeatureStore
+from saescope.apps.report.page import build_report
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,18 @@ import httpx
 import pytest
 
 from conftest import ARTIFACTS
-from saescope.inspect.serve import MAX_CHARS, create_app
-from saescope.inspect.store import FeatureStore
-from saescope.io import load_saes
-from saescope.models import load_model
-from saescope.scope import Scope
+from saescope.apps.inspect.serve import MAX_CHARS, create_app
+from saescope.api.store import FeatureStore
+from saescope.core.io import load_saes
+from saescope.core.models import load_model
+from saescope.api.scope import Scope
 
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, tiny_sae_dir, corpus_file):
     import uvicorn
 
-    from saescope.inspect.store import StoreConfig, build_feature_store
+    from saescope.api.store import StoreConfig, build_feature_store
 
     scope = Scope(load_model(str(tiny_qwen3)), load_saes(tiny_sae_dir))
     store_dir = tiny_sae_dir / "serve-store"

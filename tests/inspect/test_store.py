@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_one_line_error, random_saes, run_cli
-from saescope.activations import OutlierFilter
+from saescope.core.activations import OutlierFilter
 from saescope.cli import main
-from saescope.data import batches, iter_texts
-from saescope.errors import SaescopeError
-from saescope.inspect.store import (
+from saescope.core.data import batches, iter_texts
+from saescope.core.errors import SaescopeError
+from saescope.api.store import (
     FORMAT,
     HIST_EDGES,
     VERSION,
@@ -29,8 +29,8 @@ from saescope.inspect.store import (
     build_feature_store,
     expert_features,
 )
-from saescope.models import capture, load_model, record_routing
-from saescope.sae import SparseCode
+from saescope.core.models import capture, load_model, record_routing
+from saescope.core.sae import SparseCode
 
 
 @settings(max_examples=25, deadline=None)
@@ -330,12 +330,12 @@ def test_logit_lens_ranks_tokens_as_the_full_unembedding_does(tiny_qwen3, screen
     screen + fp32 ranking (forced here; on by itself on CPUs with fast bf16) against unembed + torch.topk."""
     from unittest.mock import patch
 
-    from saescope.inspect.store import logit_lens
-    from saescope.models import unembed
+    from saescope.api.store import logit_lens
+    from saescope.core.models import unembed
 
     lm = load_model(str(tiny_qwen3))
     directions = torch.randn(40, lm.d_model, generator=torch.Generator().manual_seed(0))
-    with patch("saescope.inspect.store.screens", return_value=screen):
+    with patch("saescope.api.store.screens", return_value=screen):
         top_ids, top_vals, bottom_ids, bottom_vals = logit_lens(lm.model, directions, 7, chunk=16)  # several chunks
     with torch.no_grad():
         logits = unembed(lm.model, directions).float()

@@ -10,10 +10,10 @@ import torch
 from conftest import assert_one_line_error, random_saes, run_cli
 from saescope.cli.flags import check_flags
 from saescope.cli.inspect import _texts
-from saescope.errors import SaescopeError
-from saescope.inspect.texts import InspectConfig, contrast, inspect_texts
-from saescope.models import load_model
-from saescope.scope import Scope
+from saescope.core.errors import SaescopeError
+from saescope.apps.inspect.texts import InspectConfig, contrast, inspect_texts
+from saescope.core.models import load_model
+from saescope.api.scope import Scope
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_inspect_cli_with_store_contrast_and_control(tiny_sae_dir, tiny_qwen3, c
 
 
 def test_inspect_cli_bad_input_is_one_line(tiny_sae_dir, tiny_qwen3, corpus_file, tmp_path):
-    from saescope.inspect.store import StoreConfig, build_feature_store
+    from saescope.api.store import StoreConfig, build_feature_store
 
     other = random_saes(64, [0, 1, 2], seed=99)
     cfg = StoreConfig(max_tokens=64, ctx_len=32, batch_size=2, data=str(corpus_file))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saescope.io import load_saes
+from saescope.core.io import load_saes
 
 ARGS = ["--layers", "3,9", "--preset", "4x-k32", "--ctx-len", "64", "--batch-size", "4", "--max-tokens", str(64 * 4 * 200),
         "--checkpoint-every", "50", "--dead-tokens", "20000"]
@@ -57,10 +57,10 @@ def test_the_bf16_screen_keeps_the_fp32_latents_on_real_activations():
     as the trainer initialises it: every latent the bf16 screen + fp32 ranking keeps is a true top-32 latent
     (float64 reference; a swap across a gap below fp32 resolution is a tie, which the fp32 matmul itself breaks
     either way), its values are fp32, and a plain bf16 encoder is not that accurate (why the screen exists)."""
-    from saescope.activations import sample_activations
-    from saescope.models import load_model
-    from saescope.sae import SAEConfig, TopKSAE
-    from saescope.sae.fast import _EncodeOptions, _plain_encode, _screened_encode
+    from saescope.core.activations import sample_activations
+    from saescope.core.models import load_model
+    from saescope.core.sae import SAEConfig, TopKSAE
+    from saescope.core.sae.fast import _EncodeOptions, _plain_encode, _screened_encode
 
     def wrong_picks(x: torch.Tensor, sae: TopKSAE, picked: torch.Tensor) -> int:
         exact = x.double() @ sae.W_enc.double().T + sae.b_enc.double()

@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import save_file
 
 from saescope import Scope, load_saes
-from saescope.errors import SaescopeError
-from saescope.io import export_saes
-from saescope.io.formats import save_native
-from saescope.models import load_model
-from saescope.sae import SAEConfig, TopKSAE
+from saescope.core.errors import SaescopeError
+from saescope.core.io import export_saes
+from saescope.core.io.formats import save_native
+from saescope.core.models import load_model
+from saescope.core.sae import SAEConfig, TopKSAE
 
 
 def _random_sae(d_model=12, d_sae=48, k=5, seed=0) -> TopKSAE:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from saescope.errors import SaescopeError
-from saescope.models import capture, decoder_layers, forward_from, layer_hooks, load_model
+from saescope.core.errors import SaescopeError
+from saescope.core.models import capture, decoder_layers, forward_from, layer_hooks, load_model
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_qwen3_moe"])

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from saescope.errors import SaescopeError
-from saescope.models import BUILTIN_MODELS, builtin_model_dir, decoder_layers, load_model
+from saescope.core.errors import SaescopeError
+from saescope.core.models import BUILTIN_MODELS, builtin_model_dir, decoder_layers, load_model
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 250, 3], [1, 2, 3, 4, 5, 6, 7, 8]])
 TEXT = "Janet's ducks lay eggs every morning and she sells the rest at the market."

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from saescope import SaescopeError
-from saescope.redundancy.analysis import analyse, compare, load_result
-from saescope.redundancy.footprint import FORMAT, Footprints, write_sets
-from saescope.redundancy.metrics import FeatureSets
-from saescope.redundancy.performance import bench_scores
-from saescope.redundancy.render import format_compare
+from saescope.apps.redundancy.analysis import analyse, compare, load_result
+from saescope.apps.redundancy.footprint import FORMAT, Footprints, write_sets
+from saescope.apps.redundancy.metrics import FeatureSets
+from saescope.apps.redundancy.performance import bench_scores
+from saescope.apps.redundancy.render import format_compare
 
 
 def _folder(tmp_path, benches: dict[str, list[list[int]]], d_sae=64):
@@ -129,7 +129,7 @@ def test_damaged_footprint_folders_are_one_line_errors(tmp_path):
 
 
 def test_compare_drops_pairs_with_a_constant_score_and_writes_no_nan(tmp_path):
-    from saescope.redundancy.render import write_compare
+    from saescope.apps.redundancy.render import write_compare
 
     res = analyse(_scored_folder(tmp_path / "fp"), repeats=5, matched_repeats=3, progress=False)
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from saescope import SaescopeError
-from saescope.redundancy.metrics import (
+from saescope.apps.redundancy.metrics import (
     FeatureSets,
     coverage_curves,
     kendall_tau,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from saescope import SaescopeError
-from saescope.data.benchmarks import shared_data_dir
-from saescope.redundancy.analysis import perf_redundancy
-from saescope.redundancy.performance import bench_scores, load_correctness, read_scores
+from saescope.core.data.benchmarks import shared_data_dir
+from saescope.apps.redundancy.analysis import perf_redundancy
+from saescope.apps.redundancy.performance import bench_scores, load_correctness, read_scores
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from test_analysis import _scored_folder
 from conftest import assert_one_line_error, run_cli
 from saescope import SaescopeError
 from saescope.cli import main
-from saescope.data.benchmarks import load_benchmark, shared_data_dir
-from saescope.io import save_native
-from saescope.redundancy.analysis import analyse
-from saescope.redundancy.footprint import Footprints
-from saescope.report import build_report
-from saescope.sae import SAEConfig, TopKSAE
-from saescope.scope import Scope
+from saescope.core.data.benchmarks import load_benchmark, shared_data_dir
+from saescope.core.io import save_native
+from saescope.apps.redundancy.analysis import analyse
+from saescope.apps.redundancy.footprint import Footprints
+from saescope.apps.report.page import build_report
+from saescope.core.sae import SAEConfig, TopKSAE
+from saescope.api.scope import Scope
 
 BENCHES = "gsm8k,math,arc_challenge,winogrande,mmlu,m_ifeval_en,m_ifeval_fr,m_ifeval_es"
 

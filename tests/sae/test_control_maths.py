@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from saescope import SaescopeError
-from saescope.sae import SAEConfig, TopKSAE, is_control, principal_basis, random_like
+from saescope.core.sae import SAEConfig, TopKSAE, is_control, principal_basis, random_like
 
 
 def _trained_like(d_model=32, d_sae=128, k=6, seed=0) -> TopKSAE:

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils import cpp_extension
 
-from saescope.sae import cpu_kernels
-from saescope.sae.cpu_kernels import kernels, normalize_rows_, project_out_row_norm_, why_not_built
+from saescope.core.sae import cpu_kernels
+from saescope.core.sae.cpu_kernels import kernels, normalize_rows_, project_out_row_norm_, why_not_built
 
 needs_kernels = pytest.mark.skipif(kernels() is None,
                                    reason=f"saescope's CPU kernels {why_not_built()}; the torch twins are tested elsewhere")

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saescope.sae import SAEConfig, TopKSAE, Workspace, latent_weighted_sum
-from saescope.sae.cpu_kernels import kernels
-from saescope.sae.fast import LatentGroups, fused_topk_encode, top_k
-from saescope.sae.topk import reference_encode
+from saescope.core.sae import SAEConfig, TopKSAE, Workspace, latent_weighted_sum
+from saescope.core.sae.cpu_kernels import kernels
+from saescope.core.sae.fast import LatentGroups, fused_topk_encode, top_k
+from saescope.core.sae.topk import reference_encode
 
 # (dtype, kernel): float32 on CPU takes the fused top-k kernel when it is built; kernel=False turns it off, so the
 # blockwise torch top-k (d_sae 1024: two levels of group maxima) and the bias added by the matmul run instead.
@@ -22,8 +22,8 @@ def _torch_top_k_only(kernel: bool):
     if kernel:
         return nullcontext()
     stack = ExitStack()
-    stack.enter_context(patch("saescope.sae.fast.fused_top_k_available", return_value=False))
-    stack.enter_context(patch("saescope.sae.fast.fused_top_k_applies", return_value=False))
+    stack.enter_context(patch("saescope.core.sae.fast.fused_top_k_available", return_value=False))
+    stack.enter_context(patch("saescope.core.sae.fast.fused_top_k_applies", return_value=False))
     return stack
 
 
@@ -174,7 +174,7 @@ def test_top_k_selects_what_torch_topk_selects(n, groups, block, k, levels, seed
     bias = torch.randint(-1, 2, (d,), generator=g).float() if with_bias else None
     if with_bias:
         bias[torch.rand(d, generator=g) < 0.1] = float("-inf")  # excluded columns (AuxK's live latents)
-    with patch("saescope.sae.fast.fused_top_k_applies", return_value=False) if not fused else nullcontext():
+    with patch("saescope.core.sae.fast.fused_top_k_applies", return_value=False) if not fused else nullcontext():
         values, cols = top_k(x, k, bias=bias, block=block)
         batched_values, batched_cols = top_k(x.reshape(1, n, d), k, bias=bias, block=block)  # leading dimensions kept
     full = (x + bias).masked_fill(torch.isneginf(bias), float("-inf")) if with_bias else x
@@ -205,7 +205,7 @@ def test_screened_encode_equals_the_fp32_encode(kernel, with_dead):
     codes, grads = {}, {}
     for screen in (True, False):
         xg = x.clone().requires_grad_()
-        with _torch_top_k_only(kernel), patch("saescope.sae.fast.screens", return_value=screen):
+        with _torch_top_k_only(kernel), patch("saescope.core.sae.fast.screens", return_value=screen):
             got = fused_topk_encode(xg, sae.W_enc, sae.b_enc, k=sae.k, compute_dtype=torch.float32,
                                     dead=dead if with_dead else None, k_aux=k_aux, workspace=Workspace(), with_groups=True)
         (_by_latent(got.indices, got.values)[1] * r).sum().backward()
@@ -224,7 +224,7 @@ def test_screened_encode_equals_the_fp32_encode(kernel, with_dead):
 
 
 def test_an_encoder_screens_only_in_fp32_on_a_cpu_where_bf16_is_fast(monkeypatch):
-    from saescope.sae import fast
+    from saescope.core.sae import fast
 
     monkeypatch.setattr(fast, "_SCREEN_PAYS", {})
     monkeypatch.setenv("SAESCOPE_CPU_DTYPE", "fp32")

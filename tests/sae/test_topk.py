@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from saescope.errors import SaescopeError
-from saescope.sae import SAEConfig, SparseCode, TopKSAE, Workspace, default_lr
+from saescope.core.errors import SaescopeError
+from saescope.core.sae import SAEConfig, SparseCode, TopKSAE, Workspace, default_lr
 
 
 def _sae(d_model: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64) -> TopKSAE:

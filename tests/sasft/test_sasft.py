@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
-from saescope.errors import SaescopeError
-from saescope.models import capture, load_model
-from saescope.sasft import FeatureSuppression, estimate_alpha, load_pairs, sasft_trainer
+from saescope.core.errors import SaescopeError
+from saescope.core.models import capture, load_model
+from saescope.apps.sasft import FeatureSuppression, estimate_alpha, load_pairs, sasft_trainer
 
 RESPONSES = SHARED / "multilingual" / "m_ifeval" / "responses" / "en__gpt-4o-2024-08-06.jsonl"
 
@@ -231,8 +231,8 @@ def test_cli_sasft_refusals_write_nothing(tiny_qwen3, tiny_sae_dir, pairs_file, 
 
 def test_response_loss_is_the_models_own_ce(lm):
     """Mean CE per response token, against the model's loss on the same tokens with the prompt masked out."""
-    from saescope.sasft import Pair
-    from saescope.sasft.measure import response_loss
+    from saescope.apps.sasft import Pair
+    from saescope.apps.sasft.measure import response_loss
 
     pairs = [Pair("How many eggs are left?", "Janet has 16 eggs and eats three.", "k1"), Pair("Add them.", "The total is 25.", "k2")]
     got = response_loss(lm, pairs)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saescope.errors import SaescopeError
-from saescope.train import TrainConfig
+from saescope.core.errors import SaescopeError
+from saescope.core.train import TrainConfig
 
 DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 # Qwen-Scope's released widths (16x k50/k100 dense, 64x k100 MoE) and the two CPU-sized ones
@@ -218,7 +218,7 @@ def test_the_default_batch_follows_the_token_budget(max_tokens, ctx_len, batch):
 
 
 def test_the_default_learning_rate_follows_the_number_of_steps():
-    from saescope.train.config import budget_lr
+    from saescope.core.train.config import budget_lr
 
     gao = 2e-4 / math.sqrt(4608 / 2**14)  # 3.771e-4 for 8x SmolLM2-135M's 576 dimensions
     assert budget_lr(4608, 4096) == pytest.approx(gao)

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saescope.io import load_saes
-from saescope.train import TrainConfig, Trainer
+from saescope.core.io import load_saes
+from saescope.core.train import TrainConfig, Trainer
 
 
 def _cfg(model, data, out, batch_size, steps) -> TrainConfig:
@@ -59,8 +59,8 @@ def test_dp_ends_together_when_the_data_runs_out_on_an_odd_batch(tiny_qwen3, rea
 
     from transformers import AutoTokenizer
 
-    from saescope.data import iter_texts
-    from saescope.data.packing import batches
+    from saescope.core.data import iter_texts
+    from saescope.core.data.packing import batches
 
     tok = AutoTokenizer.from_pretrained(str(tiny_qwen3))
     data = tmp_path / "odd.jsonl"

@@ -1,7 +1,7 @@
 import pytest
 
-from saescope.errors import SaescopeError
-from saescope.train.plan import format_plan, make_plan
+from saescope.core.errors import SaescopeError
+from saescope.core.train.plan import format_plan, make_plan
 
 
 def test_plan_qwen3_8b_counts_by_hand():

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-import saescope.train.trainer as trainer_mod
-from saescope.errors import SaescopeError
-from saescope.io import load_saes
-from saescope.train import TrainConfig, Trainer, parse_layers
+import saescope.core.train.trainer as trainer_mod
+from saescope.core.errors import SaescopeError
+from saescope.core.io import load_saes
+from saescope.core.train import TrainConfig, Trainer, parse_layers
 
 
 def _cfg(tiny_qwen3, text_file, out, **kw) -> TrainConfig:
@@ -173,7 +173,7 @@ def test_config_validation():
 
 
 def test_data_driven_decoder_init(tiny_qwen3, text_file, tmp_path):
-    from saescope.activations import sample_activations
+    from saescope.core.activations import sample_activations
 
     trainer = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, decoder_init="data", layers="1"))
     sae = trainer.states[1].sae
@@ -195,8 +195,8 @@ def test_data_driven_decoder_init(tiny_qwen3, text_file, tmp_path):
 
 
 def test_the_learning_rate_is_recorded_and_a_run_saved_without_one_resumes_at_gao_et_al_s(tiny_qwen3, text_file, tmp_path):
-    from saescope.sae import default_lr
-    from saescope.train.config import budget_lr
+    from saescope.core.sae import default_lr
+    from saescope.core.train.config import budget_lr
 
     asked = _cfg(tiny_qwen3, text_file, tmp_path)  # 12 steps: the budget rule's 4x boost
     trainer = Trainer(asked)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from saescope.models import load_model
-from saescope.report import build_report
-from saescope.trust import finetune
+from saescope.core.models import load_model
+from saescope.apps.report.page import build_report
+from saescope.apps.trust import finetune
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import warnings
 from saescope.cli import eval as eval_commands
 from saescope.cli import formats, inspect, redundancy, sasft, synthesis, toxicity, train, trust
 from saescope.cli.flags import Parser, apply_shared_data, check_flags, given_flags
-from saescope.errors import SaescopeError
+from saescope.core.errors import SaescopeError
 
 GROUPS = (train, eval_commands, formats, trust, redundancy, inspect, toxicity, synthesis, sasft)
 COMMANDS = {name: command for group in GROUPS for name, command in group.COMMANDS.items()}

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from saescope.cli.flags import add_sae_flags, add_shared_data_flag, layer_list, writes
-from saescope.io import RunDir
+from saescope.core.io import RunDir
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "FVU on maths, code and non-English text, decoder movement")
     add_sae_flags(p)
     p.add_argument("--control", help="a random control (saescope control random): its figures beside the SAEs'")
-    p.add_argument("--tasks", help="comma-separated probe tasks (default: all; see saescope.probing.TASKS)")
+    p.add_argument("--tasks", help="comma-separated probe tasks (default: all; see saescope.api.probing.TASKS)")
     p.add_argument("--per-class", type=int, default=100, help="texts per class and task (a seeded sample)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per probed text")
     p.add_argument("--fvu-tokens", type=int, default=4096, help="tokens per domain for FVU")
@@ -40,10 +40,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def evaluate_and_print(lm, saes: dict, path: Path, control: dict | None = None, **settings) -> None:
-    """Evaluate `saes` (and `control`) with `settings` (saescope.evaluate.evaluate_sets), print the table and merge
+    """Evaluate `saes` (and `control`) with `settings` (saescope.api.evaluate.evaluate_sets), print the table and merge
     the figures into the eval file at PATH."""
-    from saescope.evaluate import evaluate_sets, format_comparison, format_table, read_results, write_results
-    from saescope.models.load import DTYPE_NAMES
+    from saescope.api.evaluate import evaluate_sets, format_comparison, format_table, read_results, write_results
+    from saescope.core.models.load import DTYPE_NAMES
 
     read_results(path)  # a file the results could not merge into is refused before the work
     sets = {"sae": saes} if control is None else {"sae": saes, "control": control}
@@ -56,8 +56,8 @@ def evaluate_and_print(lm, saes: dict, path: Path, control: dict | None = None, 
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from saescope.control_sets import load_control
-    from saescope.scope import Scope
+    from saescope.api.controls import load_control
+    from saescope.api.scope import Scope
 
     scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=a.model_dtype)
     control = load_control(a.control, scope.saes) if a.control else None
@@ -67,13 +67,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_quality(a: argparse.Namespace) -> None:
-    from saescope.absorption import AbsorptionConfig, format_absorption
-    from saescope.control_sets import load_control
-    from saescope.files import atomic_write_json
-    from saescope.models.load import DTYPE_NAMES
-    from saescope.probing import format_probing, probe_sets
-    from saescope.quality import format_quality, quality_report
-    from saescope.scope import Scope
+    from saescope.api.absorption import AbsorptionConfig, format_absorption
+    from saescope.api.controls import load_control
+    from saescope.core.files import atomic_write_json
+    from saescope.core.models.load import DTYPE_NAMES
+    from saescope.api.probing import format_probing, probe_sets
+    from saescope.api.quality import format_quality, quality_report
+    from saescope.api.scope import Scope
 
     probes = probe_sets(a.tasks.split(",") if a.tasks else None, per_class=a.per_class, seed=a.seed)  # data first: fail fast
     absorption = AbsorptionConfig(n_words=a.absorption_words, seed=a.seed) if a.absorption_words else None
@@ -93,7 +93,7 @@ def cmd_quality(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from saescope.report import build_report
+    from saescope.apps.report.page import build_report
 
     print(f"report: {build_report(a.sae, a.out)}")
 

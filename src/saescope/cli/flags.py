@@ -11,8 +11,8 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from saescope.errors import SaescopeError
-from saescope.schema import check_number, field_kind
+from saescope.core.errors import SaescopeError
+from saescope.core.schema import check_number, field_kind
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of the config dataclass `cls` (`--ctx-len` for ctx_len), with the field's type, default,
-    help and choices (saescope.schema.config_field); a bool field is a switch. Fields that are not plain values
+    help and choices (saescope.core.schema.config_field); a bool field is a switch. Fields that are not plain values
     (dicts, lists) and those in `skip` get no flag."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
@@ -76,7 +76,7 @@ def add_shared_data_flag(p: argparse.ArgumentParser) -> None:
 
 def apply_shared_data(a: argparse.Namespace) -> None:
     """A --shared-data given on the line wins over the environment for this process (the loaders read the variable)."""
-    from saescope.data.benchmarks import SHARED_ENV, shared_data_dir
+    from saescope.core.data.benchmarks import SHARED_ENV, shared_data_dir
 
     if getattr(a, "shared_data", None):
         if not Path(a.shared_data).expanduser().is_dir():
@@ -97,7 +97,7 @@ def layer_list(spec: str | None) -> list[int] | None:
     """A --layers flag: None (all) or the layer numbers; their range is checked once the model is known."""
     if not spec:
         return None
-    from saescope.train import parse_layers
+    from saescope.core.train import parse_layers
 
     return parse_layers(spec, None)
 

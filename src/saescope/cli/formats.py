@@ -1,4 +1,4 @@
-"""`saescope export`: SAEs of any format read by saescope.io.load_saes, written in SAELens, Qwen-Scope or saescope format."""
+"""`saescope export`: SAEs of any format read by saescope.core.io.load_saes, written in SAELens, Qwen-Scope or saescope format."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from saescope.io import export_saes, load_saes
+    from saescope.core.io import export_saes, load_saes
 
     saes = load_saes(a.sae, layers=layer_list(a.layers), k=a.k)
     model = next(iter(saes.values())).meta.get("model", "")

@@ -1,4 +1,4 @@
-"""`saescope inspect | features | steer | serve`: thin wrappers over saescope.inspect and saescope.steer."""
+"""`saescope inspect | features | steer | serve`: thin wrappers over saescope.apps.inspect and saescope.api.steer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from saescope.cli.flags import add_sae_flags, add_shared_data_flag, layer_list, writes
-from saescope.errors import SaescopeError
-from saescope.io import RunDir
+from saescope.core.errors import SaescopeError
+from saescope.core.io import RunDir
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -79,7 +79,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _store_for(a: argparse.Namespace, scope):
-    from saescope.inspect.store import FeatureStore
+    from saescope.api.store import FeatureStore
 
     default = RunDir.of_sae(a.sae).features
     path = a.store or (default if (default / "store.json").exists() else None)
@@ -93,10 +93,10 @@ def _store_for(a: argparse.Namespace, scope):
 def _texts(spec: str, column: str | None, limit: int | None) -> list[str]:
     """A benchmark name or prompt file (through the benchmark loader, which refuses a folder), else the argument
     itself as one text. A mistyped path must not be inspected as if it were the text: what looks like one is refused."""
-    from saescope.data.benchmarks import BENCHMARKS, HUB, OLMO, load_benchmark
-    from saescope.data.rows import row_format
-    from saescope.data.sources import is_path
-    from saescope.inspect.texts import check_texts
+    from saescope.core.data.benchmarks import BENCHMARKS, HUB, OLMO, load_benchmark
+    from saescope.core.data.rows import row_format
+    from saescope.core.data.sources import is_path
+    from saescope.apps.inspect.texts import check_texts
 
     if spec in BENCHMARKS or spec.startswith((OLMO, HUB)) or is_path(spec):
         return check_texts(load_benchmark(spec, limit=limit, column=column).prompts, f"{spec}: text")
@@ -112,11 +112,11 @@ def _snippet(ctx: dict, width: int = 60) -> str:
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
-    from saescope.control_sets import load_control
-    from saescope.files import atomic_write_json
-    from saescope.inspect.render import write_inspect_section
-    from saescope.inspect.texts import InspectConfig, chance_contrast, contrast, inspect_texts
-    from saescope.scope import Scope
+    from saescope.api.controls import load_control
+    from saescope.core.files import atomic_write_json
+    from saescope.apps.inspect.render import write_inspect_section
+    from saescope.apps.inspect.texts import InspectConfig, chance_contrast, contrast, inspect_texts
+    from saescope.api.scope import Scope
 
     if a.baseline is not None and not a.baseline.strip():
         raise SaescopeError("--baseline is empty: give the texts to contrast against, or leave it out")
@@ -165,9 +165,9 @@ def cmd_features(a: argparse.Namespace) -> None:
 
 
 def _build(a: argparse.Namespace) -> None:
-    from saescope.inspect.render import write_browser_section
-    from saescope.inspect.store import FeatureStore, StoreConfig, build_feature_store
-    from saescope.scope import Scope
+    from saescope.apps.inspect.render import write_browser_section
+    from saescope.api.store import FeatureStore, StoreConfig, build_feature_store
+    from saescope.api.scope import Scope
 
     cfg = StoreConfig(max_tokens=a.max_tokens, ctx_len=a.ctx_len, batch_size=a.batch_size, top_n=a.top_n,
                       checkpoint_every=a.checkpoint_every, data=a.data, text_column=a.text_column)
@@ -191,7 +191,7 @@ def _build(a: argparse.Namespace) -> None:
 
 
 def _show(a: argparse.Namespace) -> None:
-    from saescope.inspect.store import FeatureStore
+    from saescope.api.store import FeatureStore
 
     info = FeatureStore(a.store).feature(a.layer, a.feature, contexts=a.contexts)
     if a.json:
@@ -211,7 +211,7 @@ def _show(a: argparse.Namespace) -> None:
 
 
 def _experts(a: argparse.Namespace) -> None:
-    from saescope.inspect.store import FeatureStore, expert_features
+    from saescope.api.store import FeatureStore, expert_features
 
     store = FeatureStore(a.store)
     if not store.meta.get("moe"):
@@ -222,16 +222,16 @@ def _experts(a: argparse.Namespace) -> None:
 
 
 def _browser(a: argparse.Namespace) -> None:
-    from saescope.inspect.render import write_browser_section
-    from saescope.inspect.store import FeatureStore
+    from saescope.apps.inspect.render import write_browser_section
+    from saescope.api.store import FeatureStore
 
     print(f"feature browser: {write_browser_section(FeatureStore(a.store), layer_list(a.layers), Path(a.out) if a.out else None)}")
 
 
 def cmd_steer(a: argparse.Namespace) -> None:
-    from saescope.files import atomic_write_json
-    from saescope.scope import Scope
-    from saescope.steer import parse_features, steered_pair, typical_norm
+    from saescope.core.files import atomic_write_json
+    from saescope.api.scope import Scope
+    from saescope.api.steer import parse_features, steered_pair, typical_norm
 
     features = parse_features(a.feature, a.strength)
     for i, prompt in enumerate(a.prompt):
@@ -255,8 +255,8 @@ def cmd_steer(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    from saescope.inspect.serve import serve
-    from saescope.scope import Scope
+    from saescope.apps.inspect.serve import serve
+    from saescope.api.scope import Scope
 
     scope = Scope.load(a.sae, a.model, layers=layer_list(a.layers), k=a.k, dtype=a.model_dtype)
     serve(scope, store=_store_for(a, scope), host=a.host, port=a.port)

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from saescope.cli.flags import add_model_dtype_flag, add_shared_data_flag, layer_list, writes
-from saescope.errors import SaescopeError
-from saescope.io import RunDir
-from saescope.schema import check_number
+from saescope.core.errors import SaescopeError
+from saescope.core.io import RunDir
+from saescope.core.schema import check_number
 
 DEFAULT_PERF = "m_ifeval:en,m_ifeval:es,m_ifeval:fr,m_ifeval:ja,sloth:mmlu,sloth:bbh,sloth:math"
 
@@ -57,17 +57,17 @@ def cmd_redundancy(a: argparse.Namespace) -> None:
 
 
 def _list(_a: argparse.Namespace) -> None:
-    from saescope.data.benchmarks import BENCHMARKS
+    from saescope.core.data.benchmarks import BENCHMARKS
 
     for name, spec in BENCHMARKS.items():
         print(f"{name:<20} {spec.description}")
 
 
 def _footprint(a: argparse.Namespace) -> None:
-    from saescope.control_sets import load_control
-    from saescope.data.benchmarks import load_benchmarks
-    from saescope.redundancy.footprint import compute_footprints
-    from saescope.scope import Scope
+    from saescope.api.controls import load_control
+    from saescope.core.data.benchmarks import load_benchmarks
+    from saescope.apps.redundancy.footprint import compute_footprints
+    from saescope.api.scope import Scope
 
     # The ranges of numeric flags are checked for every command in saescope.cli (FLAG_RANGES); footprints need one
     # more: position 0 is left out of the pooling (the attention sink), so a prompt must keep at least 2 tokens.
@@ -87,9 +87,9 @@ def _footprint(a: argparse.Namespace) -> None:
 
 
 def _report(a: argparse.Namespace) -> None:
-    from saescope.redundancy.analysis import analyse
-    from saescope.redundancy.footprint import Footprints
-    from saescope.redundancy.render import format_report, write_report
+    from saescope.apps.redundancy.analysis import analyse
+    from saescope.apps.redundancy.footprint import Footprints
+    from saescope.apps.redundancy.render import format_report, write_report
 
     fp = Footprints.load(a.fp)
     res = analyse(fp, layer=a.layer, repeats=a.repeats, matched_repeats=a.matched_repeats, subsume=a.subsume)
@@ -109,9 +109,9 @@ def _score_columns(spec: str | None) -> dict[str, str] | None:
 
 
 def _compare(a: argparse.Namespace) -> None:
-    from saescope.redundancy.analysis import compare, load_result, perf_redundancy
-    from saescope.redundancy.performance import bench_scores, load_correctness
-    from saescope.redundancy.render import format_compare, write_compare
+    from saescope.apps.redundancy.analysis import compare, load_result, perf_redundancy
+    from saescope.apps.redundancy.performance import bench_scores, load_correctness
+    from saescope.apps.redundancy.render import format_compare, write_compare
 
     # every input is read and checked before the slow part and before compare.json is written
     res = load_result(Path(a.fp) / "redundancy.json")

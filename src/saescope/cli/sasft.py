@@ -1,5 +1,5 @@
 """`saescope discover` (the SAE features behind a behaviour, checked by steering) and `saescope sasft` (fine-tuning
-that keeps them from firing), over saescope.behaviour and saescope.sasft."""
+that keeps them from firing), over saescope.api.behaviour and saescope.apps.sasft."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import argparse
 from pathlib import Path
 
 from saescope.cli.flags import add_config_flags, add_model_dtype_flag, add_shared_data_flag, config_from_flags, writes
-from saescope.errors import SaescopeError
+from saescope.core.errors import SaescopeError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from saescope.sasft.train import SASFTConfig
+    from saescope.apps.sasft.train import SASFTConfig
 
     d = sub.add_parser("discover", help="rank the SAE features of a behaviour (repetition, or a language) and check them "
                        "by steering both ways beside random directions")
@@ -50,7 +50,7 @@ def _features(spec: str, layer: int | None) -> tuple[list[int], int | None]:
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise SaescopeError(f"--features {spec}: no such file")
-        from saescope.files import read_json
+        from saescope.core.files import read_json
 
         doc = read_json(path)
         if "selected" not in doc or "layer" not in doc:
@@ -65,7 +65,7 @@ def _features(spec: str, layer: int | None) -> tuple[list[int], int | None]:
 
 
 def cmd_sasft(a: argparse.Namespace) -> None:
-    from saescope.sasft.train import SASFTConfig, run_sasft
+    from saescope.apps.sasft.train import SASFTConfig, run_sasft
 
     features, layer = _features(a.features, a.layer)
     if layer is None:
@@ -91,12 +91,12 @@ def _before_after(summary: dict, keys: tuple[str, ...]) -> None:
 
 
 def cmd_discover(a: argparse.Namespace) -> None:
-    from saescope.behaviour import language_features, mgsm_questions, repetition_features, verify_features
-    from saescope.data import iter_texts
-    from saescope.files import atomic_write_json
-    from saescope.sasft.data import degenerate_responses, train_prompts
-    from saescope.scope import Scope
-    from saescope.steer import typical_norm
+    from saescope.api.behaviour import language_features, mgsm_questions, repetition_features, verify_features
+    from saescope.core.data import iter_texts
+    from saescope.core.files import atomic_write_json
+    from saescope.apps.sasft.data import degenerate_responses, train_prompts
+    from saescope.api.scope import Scope
+    from saescope.api.steer import typical_norm
 
     behaviour = a.behaviour
     language = None
@@ -151,7 +151,7 @@ COMMANDS = {"sasft": cmd_sasft, "discover": cmd_discover}
 
 
 def add_rl_parser(sub: argparse._SubParsersAction) -> None:
-    from saescope.rl.grpo import RLConfig
+    from saescope.apps.rl.grpo import RLConfig
 
     r = sub.add_parser("rl", help="GRPO with the DAPO loss (TRL's GRPOTrainer), one rollout per group steered into a "
                        "feature and given the group's lowest reward")
@@ -167,7 +167,7 @@ def add_rl_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rl(a: argparse.Namespace) -> None:
-    from saescope.rl.grpo import RLConfig, run_rl
+    from saescope.apps.rl.grpo import RLConfig, run_rl
 
     steered = not a.no_steered_negative
     if steered and not a.sae:

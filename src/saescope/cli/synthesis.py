@@ -1,5 +1,5 @@
 """`saescope coverage | synthesize`: which target features a dataset fires, the smallest subset of a pool that
-keeps that coverage, and generated examples aimed at the targets it misses (saescope.synthesis)."""
+keeps that coverage, and generated examples aimed at the targets it misses (saescope.apps.synthesis)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 
 from saescope.cli.flags import add_model_dtype_flag, add_shared_data_flag, layer_list, writes
-from saescope.errors import SaescopeError
-from saescope.io import RunDir
-from saescope.schema import check_number
+from saescope.core.errors import SaescopeError
+from saescope.core.io import RunDir
+from saescope.core.schema import check_number
 
 DATA_HELP = "a built-in labelled set (hatecheck_en, french, ...) or a file of texts (labels optional)"
 
@@ -64,17 +64,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _texts(spec: str, text_column: str | None, label_column: str | None = None):
     """(texts, labelled set or None)."""
-    from saescope.data.labelled import text_source
+    from saescope.core.data.labelled import text_source
 
     source = text_source(spec, text_column=text_column, label_column=label_column)
     return list(source.texts), source.labelled
 
 
 def _targets(a: argparse.Namespace, scope, out_dir: Path):
-    from saescope.data.labelled import load_labelled
-    from saescope.io import fingerprint
-    from saescope.synthesis.coverage import TargetSet, derive_targets, load_targets
-    from saescope.toxicity import encode_labelled
+    from saescope.core.data.labelled import load_labelled
+    from saescope.core.io import fingerprint
+    from saescope.apps.synthesis.coverage import TargetSet, derive_targets, load_targets
+    from saescope.apps.toxicity import encode_labelled
 
     if bool(a.targets) == bool(getattr(a, "derive_from", None)):
         raise SaescopeError("give --targets or --derive-from (one of them)")
@@ -84,12 +84,12 @@ def _targets(a: argparse.Namespace, scope, out_dir: Path):
         return targets
     ds = load_labelled(a.derive_from)
     if getattr(a, "select", False):  # the selection is scored on held-out templates: targets never see them
-        from saescope.data.labelled import group_split
+        from saescope.core.data.labelled import group_split
 
         ds = group_split(ds)[0]
     background = None
     if a.background_rate is not None:
-        from saescope.inspect.store import FeatureStore
+        from saescope.api.store import FeatureStore
 
         store = FeatureStore(Path(a.store) if a.store else RunDir.of_sae(a.sae).features)
         store.check_matches(scope.saes, a.sae)
@@ -107,18 +107,18 @@ def _targets(a: argparse.Namespace, scope, out_dir: Path):
 def _as_set(texts: list[str], ds, name: str):
     import numpy as np
 
-    from saescope.data.labelled import LabelledSet
+    from saescope.core.data.labelled import LabelledSet
 
     return ds if ds is not None else LabelledSet(name, texts, np.zeros(len(texts), dtype=np.int64),
                                                  [f"row{i}" for i in range(len(texts))], [""] * len(texts))
 
 
 def cmd_coverage(a: argparse.Namespace) -> None:
-    from saescope.data.labelled import group_split, test_mask
-    from saescope.files import atomic_write_json
-    from saescope.scope import Scope
-    from saescope.synthesis.coverage import coverage, format_selection, selection_study, target_matrix
-    from saescope.toxicity import encode_labelled
+    from saescope.core.data.labelled import group_split, test_mask
+    from saescope.core.files import atomic_write_json
+    from saescope.api.scope import Scope
+    from saescope.apps.synthesis.coverage import coverage, format_selection, selection_study, target_matrix
+    from saescope.apps.toxicity import encode_labelled
 
     if not a.data:
         raise SaescopeError("--data is required: the dataset whose coverage is measured")
@@ -151,20 +151,20 @@ def cmd_coverage(a: argparse.Namespace) -> None:
 
 
 def cmd_synthesize(a: argparse.Namespace) -> None:
-    from saescope.files import atomic_write_json
-    from saescope.inspect.store import FeatureStore
-    from saescope.models import load_model
-    from saescope.scope import Scope
-    from saescope.synthesis.coverage import target_matrix
-    from saescope.synthesis.generate import SynthConfig, synthesize
-    from saescope.toxicity import encode_labelled
-    from saescope.toxicity.classify import write_jsonl
+    from saescope.core.files import atomic_write_json
+    from saescope.api.store import FeatureStore
+    from saescope.core.models import load_model
+    from saescope.api.scope import Scope
+    from saescope.apps.synthesis.coverage import target_matrix
+    from saescope.apps.synthesis.generate import SynthConfig, synthesize
+    from saescope.apps.toxicity import encode_labelled
+    from saescope.apps.toxicity.classify import write_jsonl
 
     steer, relative = parse_steer(a.steer)
     cfg = SynthConfig(budget=a.budget, per_target=a.per_target, max_new_tokens=a.max_new_tokens, steer=steer,
                       steer_relative=relative, seed=a.seed)
     texts, ds = _texts(a.data, a.text_column)
-    from saescope.synthesis.coverage import load_targets
+    from saescope.apps.synthesis.coverage import load_targets
 
     targets = load_targets(a.targets)
     scope = Scope.load(a.sae, a.model, layers=targets.layers, dtype=a.model_dtype)

@@ -1,4 +1,4 @@
-"""`saescope toxicity mine | classify | eval`: auditable toxicity rules from SAE features (saescope.toxicity)."""
+"""`saescope toxicity mine | classify | eval`: auditable toxicity rules from SAE features (saescope.apps.toxicity)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from saescope.cli.flags import add_model_dtype_flag, add_shared_data_flag, layer_list, writes
-from saescope.errors import SaescopeError
-from saescope.io import RunDir
+from saescope.core.errors import SaescopeError
+from saescope.core.io import RunDir
 
 LABEL_HELP = ("labelled texts: a built-in set (hatecheck_en, or a Multilingual HateCheck language: mhc_french or french, "
               "...) or a csv/jsonl/parquet file with text and label columns (labels: hateful/non-hateful, toxic/clean, "
@@ -77,7 +77,7 @@ def _data_columns(p: argparse.ArgumentParser) -> None:
 
 
 def _labelled(spec: str, a: argparse.Namespace):
-    from saescope.data.labelled import load_labelled
+    from saescope.core.data.labelled import load_labelled
 
     return load_labelled(spec, text_column=a.text_column, label_column=a.label_column, group_column=a.group_column)
 
@@ -85,8 +85,8 @@ def _labelled(spec: str, a: argparse.Namespace):
 def _mining_side(data, split: str, fraction: float, seed: int):
     import numpy as np
 
-    from saescope.data.labelled import group_split
-    from saescope.toxicity.evaluate import group_subset
+    from saescope.core.data.labelled import group_split
+    from saescope.apps.toxicity.evaluate import group_subset
 
     side = group_split(data, seed=seed)[0] if split == "mine" else data
     if fraction < 1:
@@ -95,9 +95,9 @@ def _mining_side(data, split: str, fraction: float, seed: int):
 
 
 def cmd_mine(a: argparse.Namespace) -> None:
-    from saescope.scope import Scope
-    from saescope.toxicity import encode_labelled, make_ruleset
-    from saescope.toxicity.rules import check_ks
+    from saescope.api.scope import Scope
+    from saescope.apps.toxicity import encode_labelled, make_ruleset
+    from saescope.apps.toxicity.rules import check_ks
 
     ks = check_ks(a.k)
     if not 0 < a.fraction <= 1:
@@ -128,10 +128,10 @@ def cmd_mine(a: argparse.Namespace) -> None:
 def cmd_classify(a: argparse.Namespace) -> None:
     import numpy as np
 
-    from saescope.data.labelled import text_source
-    from saescope.inspect.store import FeatureStore
-    from saescope.scope import Scope
-    from saescope.toxicity import AuditLog, RuleClassifier, RuleSet, scores
+    from saescope.core.data.labelled import text_source
+    from saescope.api.store import FeatureStore
+    from saescope.api.scope import Scope
+    from saescope.apps.toxicity import AuditLog, RuleClassifier, RuleSet, scores
 
     rules = RuleSet.load(a.rules)
     rule = rules.rule(a.rule)
@@ -159,7 +159,7 @@ def cmd_classify(a: argparse.Namespace) -> None:
     audit.close()
     seconds = time.perf_counter() - start
     if audit.path.parent == Path(a.rules).parent and audit.path.name == "audit.jsonl":
-        from saescope.toxicity.render import write_section
+        from saescope.apps.toxicity.render import write_section
 
         write_section(audit.path.parent)
     n = len(preds)
@@ -174,12 +174,12 @@ def cmd_classify(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from saescope.control_sets import load_control
-    from saescope.data.labelled import MHC_LANGUAGES, builtin_name, group_split
-    from saescope.files import atomic_write_json
-    from saescope.scope import Scope
-    from saescope.toxicity import BenchConfig, RuleSet, benchmark, encode_labelled, transfer_matrix
-    from saescope.toxicity.evaluate import format_benchmark, format_transfer
+    from saescope.api.controls import load_control
+    from saescope.core.data.labelled import MHC_LANGUAGES, builtin_name, group_split
+    from saescope.core.files import atomic_write_json
+    from saescope.api.scope import Scope
+    from saescope.apps.toxicity import BenchConfig, RuleSet, benchmark, encode_labelled, transfer_matrix
+    from saescope.apps.toxicity.evaluate import format_benchmark, format_transfer
 
     rules = RuleSet.load(a.rules)
     try:
@@ -192,7 +192,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if not isinstance(source, str):
         raise SaescopeError(f"{a.rules}: the rules do not record their mining data")
     cols = rules.mining.get("columns") or {}
-    from saescope.data.labelled import load_labelled
+    from saescope.core.data.labelled import load_labelled
 
     mining_data = load_labelled(source, text_column=cols.get("text"), label_column=cols.get("label"),
                                 group_column=cols.get("group"))
@@ -233,7 +233,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     atomic_write_json(out, result)
     print(f"toxicity eval: {out}")
     if out.parent == Path(a.rules).parent:
-        from saescope.toxicity.render import write_section
+        from saescope.apps.toxicity.render import write_section
 
         print(f"report section: {write_section(out.parent)}")
 

@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from saescope.cli.flags import add_config_flags, config_from_flags, int_list, writes
-from saescope.errors import SaescopeError
-from saescope.io import RunDir
-from saescope.train import PRESETS, TrainConfig
+from saescope.core.errors import SaescopeError
+from saescope.core.io import RunDir
+from saescope.core.train import PRESETS, TrainConfig
 
 # Flags a resumed run may change: how long it goes on and how it is run, not what it trains.
 RESUME_MAY_CHANGE = {"max_tokens", "checkpoint_every", "log_every", "device", "model_device_map"}
@@ -49,8 +49,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         return
     if a.distributed:
         raise SaescopeError("--seeds trains the runs one after the other in one process; leave out --distributed")
-    from saescope.trust import format_stability
-    from saescope.trust.seeds import seed_configs, train_seeds
+    from saescope.apps.trust import format_stability
+    from saescope.apps.trust.seeds import seed_configs, train_seeds
 
     configs = [_config(a, RunDir(c.out), seed=c.seed, data_seed=c.data_seed)
                for c in seed_configs(config_from_flags(TrainConfig, a), a.seeds)]
@@ -74,7 +74,7 @@ def _config(a: argparse.Namespace, run: RunDir, *, seed: int | None = None, data
 def _resumed_config(a: argparse.Namespace, run: RunDir, given: set[str], seed: int, data_seed: int | None) -> TrainConfig:
     """The config of the run in RUN, as saved, with the flags a resumed run may change applied. The folder is the
     one given: a `out` recorded inside (a moved or copied run) never sends reads or writes elsewhere."""
-    from saescope.files import read_json
+    from saescope.core.files import read_json
 
     if run.latest_name() is None:
         if run.train_config.exists():
@@ -111,7 +111,7 @@ def _resumed_config(a: argparse.Namespace, run: RunDir, given: set[str], seed: i
 
 
 def _train_one(a: argparse.Namespace, cfg: TrainConfig) -> None:
-    from saescope.train import Trainer
+    from saescope.core.train import Trainer
 
     trainer = Trainer(cfg, distributed=a.distributed)
     if a.resume and trainer.load_checkpoint():
@@ -137,8 +137,8 @@ def _after_training(a: argparse.Namespace, trainer, summary: dict) -> None:
 
 
 def cmd_plan(a: argparse.Namespace) -> None:
-    from saescope.files import atomic_write_json
-    from saescope.train.plan import format_plan, make_plan, plan_dict
+    from saescope.core.files import atomic_write_json
+    from saescope.core.train.plan import format_plan, make_plan, plan_dict
 
     expansion, k = PRESETS[a.preset]
     plans = [make_plan(a.model, expansion=a.expansion or expansion, k=a.k or k, gpus=g, mode=a.mode,
@@ -150,19 +150,19 @@ def cmd_plan(a: argparse.Namespace) -> None:
 
 
 def cmd_models(_a: argparse.Namespace) -> None:
-    from saescope.cache import cache_dir
-    from saescope.models import BUILTIN_MODELS
+    from saescope.core.cache import cache_dir
+    from saescope.core.models import BUILTIN_MODELS
 
     print(f"cache: {cache_dir()}  (set SAESCOPE_CACHE to move it)")
     for name, spec in BUILTIN_MODELS.items():
         folder = cache_dir() / "models" / name
         state = str(folder) if (folder / "config.json").exists() else "not fetched yet"
         print(f"  {name:24} {state}\n  {'':24} {spec.description}")
-    from saescope.data.corpus import MIX_SHARES, mix_file
+    from saescope.core.data.corpus import MIX_SHARES, mix_file
 
     corpus = mix_file()
     mix = ", ".join(f"{name} {share:.0%}" for name, share in MIX_SHARES.items())
-    print(f"default corpus: {corpus if corpus.exists() else 'not built yet'} ({mix}; saescope.data.corpus)")
+    print(f"default corpus: {corpus if corpus.exists() else 'not built yet'} ({mix}; saescope.core.data.corpus)")
 
 
 COMMANDS = {"train": cmd_train, "plan": cmd_plan, "models": cmd_models}

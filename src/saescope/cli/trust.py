@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from saescope.cli.flags import layer_list, model_of, writes
-from saescope.errors import SaescopeError
-from saescope.io import RunDir
+from saescope.core.errors import SaescopeError
+from saescope.core.io import RunDir
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -50,13 +50,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_control(a: argparse.Namespace) -> None:
-    from saescope.control_sets import make_controls, save_controls
-    from saescope.io import load_saes
+    from saescope.api.controls import make_controls, save_controls
+    from saescope.core.io import load_saes
 
     saes = load_saes(a.like, layers=layer_list(a.layers), k=a.k)
     lm = None
     if a.subspace:
-        from saescope.models import load_model
+        from saescope.core.models import load_model
 
         lm = load_model(model_of(saes, a.model), dtype="fp32")
     controls = make_controls(saes, seed=a.seed, subspace=a.subspace, lm=lm, data=a.data, n_tokens=a.n_tokens,
@@ -69,10 +69,10 @@ def cmd_control(a: argparse.Namespace) -> None:
 
 
 def cmd_stability(a: argparse.Namespace) -> None:
-    from saescope.control_sets import load_control
-    from saescope.io import load_saes
-    from saescope.trust import format_stability
-    from saescope.trust.seeds import stability_between
+    from saescope.api.controls import load_control
+    from saescope.core.io import load_saes
+    from saescope.apps.trust import format_stability
+    from saescope.apps.trust.seeds import stability_between
 
     if len(a.sae) != 2:
         raise SaescopeError(f"give exactly two SAE sets (--sae A --sae B), got {len(a.sae)}")
@@ -82,8 +82,8 @@ def cmd_stability(a: argparse.Namespace) -> None:
     control = load_control(a.control, shared) if a.control and shared else None
     lm = None
     if a.n_tokens > 0:
-        from saescope.models import load_model
-        from saescope.scope import check_fit
+        from saescope.core.models import load_model
+        from saescope.api.scope import check_fit
 
         lm = load_model(model_of(saes_a, a.model), dtype="fp32")
         check_fit(lm, shared)
@@ -95,10 +95,10 @@ def cmd_stability(a: argparse.Namespace) -> None:
 
 
 def cmd_transfer(a: argparse.Namespace) -> None:
-    from saescope.files import atomic_write_json
-    from saescope.io import load_saes
-    from saescope.models import load_model
-    from saescope.trust import format_transfer, transfer_report
+    from saescope.core.files import atomic_write_json
+    from saescope.core.io import load_saes
+    from saescope.core.models import load_model
+    from saescope.apps.trust import format_transfer, transfer_report
 
     saes = load_saes(a.sae, layers=layer_list(a.layers), k=a.k)
     source = load_model(model_of(saes, a.source_model), dtype="fp32")

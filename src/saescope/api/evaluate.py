@@ -1,0 +1,314 @@
+"""Per-layer evaluation: FVU, L0, dead and dense fractions, and the LM loss with the SAE spliced in.
+
+CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), where CE_zero replaces the layer's output
+by zeros at every token (on a model without biases after the last norm, CE_zero is ln(vocab size)).
+KL is KL(clean || spliced) of the next-token distributions, averaged over tokens. FVU is pooled over the
+kept tokens: sum |x - x_hat|^2 / sum |x - mean x|^2. Tokens that the outlier filter drops (the same filter
+as training, saescope.core.activations.OutlierFilter: norm above outlier_factor x the running median norm, mostly
+the attention-sink first token) are passed through unchanged when splicing and left out of FVU and L0;
+their share is reported as `passthrough_frac`. Zero-ablation zeroes them too, so CE recovered credits the
+SAE with them: compare KL and FVU with a random control's before reading CE recovered.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saescope.core.activations import OutlierFilter
+from saescope.core.data import batches, iter_texts
+from saescope.core.errors import SaescopeError
+from saescope.core.models import LoadedModel, capture, forward_from, layer_hooks
+from saescope.core.sae import TopKSAE
+from saescope.api.scope import check_fit
+
+DENSE_THRESHOLD = 0.1  # a latent is "dense" if it fires on more than 10% of tokens
+
+
+@dataclass
+class LayerEval:
+    layer: int
+    fvu: float
+    l0: float
+    dead_frac: float
+    dense_frac: float
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_recovered: float
+    kl: float
+    passthrough_frac: float
+    ce_mean: float = math.nan  # the layer's output replaced by the batch's mean activation at every token
+    ce_recovered_mean: float = math.nan  # (CE_mean - CE_sae) / (CE_mean - CE_clean): zero ablation flatters
+    feature_freq: Tensor | None = field(default=None, repr=False, compare=False)  # (d_sae,), not written to JSON
+
+
+def _ready(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]]) -> list[int]:
+    """The layers that every SAE set covers alike, each set checked against the model and moved to its device."""
+    layers = sorted(next(iter(sets.values())))
+    for name, saes in sets.items():
+        check_fit(lm, saes)
+        if sorted(saes) != layers:
+            raise SaescopeError(f"SAE set {name!r} covers layers {sorted(saes)}, expected {layers}")
+        for sae in saes.values():
+            sae.to(lm.device)
+    return layers
+
+
+def _pooled_fvu(sse: float, x_sum: Tensor | float, x2_sum: float, count: int) -> float:
+    """FVU pooled over tokens from running sums: sum |x - x_hat|^2 / sum |x - mean x|^2, the denominator being
+    sum |x|^2 - |sum x|^2 / n."""
+    variance = x2_sum - float((x_sum ** 2).sum()) / max(count, 1) if count else 0.0
+    return sse / max(variance, 1e-12)
+
+
+_CHUNK = 64  # positions per slice of (positions x vocab) work: a few MB, cache-sized, never a fresh 200 MB tensor
+
+
+class CleanTarget:
+    """The clean pass's next-token distribution, for the CE and KL of every spliced or ablated pass of a batch:
+    p = softmax(clean logits) and sum p log p are computed once, so KL(clean || other) = sum p log p - sum p log q
+    costs each pass one log-softmax of its own, in slices (`ce_and_kl`)."""
+
+    def __init__(self, logits: Tensor, ids: Tensor):
+        self.targets = ids[:, 1:].reshape(-1)
+        self.p = torch.empty(self.targets.numel(), logits.shape[-1], dtype=torch.float32, device=logits.device)
+        self.neg_entropy = 0.0
+        self.ce = 0.0
+        for rows, chunk in self._slices(logits):
+            logp = F.log_softmax(chunk.float(), -1)
+            self.ce -= float(logp.gather(1, self.targets[rows, None]).sum())
+            torch.exp(logp, out=self.p[rows])
+            self.neg_entropy += float((self.p[rows] * logp).sum())
+
+    def _slices(self, logits: Tensor):
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        for start in range(0, flat.shape[0], _CHUNK):
+            rows = slice(start, start + _CHUNK)
+            yield rows, flat[rows]
+
+    def ce_and_kl(self, logits: Tensor, *, with_kl: bool = True) -> tuple[float, float]:
+        """Summed next-token CE of `logits` (same ids) and, with_kl, the summed KL(clean || logits)."""
+        ce, cross = 0.0, 0.0
+        for rows, chunk in self._slices(logits):
+            logq = F.log_softmax(chunk.float(), -1)
+            ce -= float(logq.gather(1, self.targets[rows, None]).sum())
+            if with_kl:
+                cross += float((self.p[rows] * logq).sum())
+        return ce, (self.neg_entropy - cross) if with_kl else 0.0
+
+
+@torch.no_grad()
+def evaluate(lm: LoadedModel, saes: dict[int, TopKSAE], **kw) -> list[LayerEval]:
+    """Per-layer figures of `saes` on `n_tokens` held-out tokens of `data` (default: the embedded corpus)."""
+    return evaluate_sets(lm, {"sae": saes}, **kw)["sae"]
+
+
+@torch.no_grad()
+def evaluate_sets(
+    lm: LoadedModel,
+    sets: dict[str, dict[int, TopKSAE]],
+    *,
+    data: str | None = None,
+    text_column: str = "text",
+    n_tokens: int = 4096,
+    ctx_len: int = 256,
+    batch_size: int = 8,
+    outlier_factor: float = 5.0,
+    split: str = "eval",
+) -> dict[str, list[LayerEval]]:
+    """Several SAE sets for the same layers (e.g. trained and control) on the same tokens: the clean and
+    ablated forward passes are shared, only the spliced one is run per set. One clean pass per batch keeps every
+    layer's output; each spliced or ablated pass resumes from its layer (saescope.core.models.forward_from)."""
+    layers = _ready(lm, sets)
+    model, device = lm.model, lm.device
+    acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
+                    "ce_sae": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for s in sets for n in layers}
+    ce_zero = dict.fromkeys(layers, 0.0)
+    ce_mean = dict.fromkeys(layers, 0.0)
+    ce_clean = 0.0
+    n_pred = 0
+    # Never more sequences than n_tokens asks for: a batch of 8 would make --n-tokens 1024 run (and cost) 2048.
+    batch_size = max(1, min(batch_size, math.ceil(n_tokens / ctx_len)))
+    n_batches = max(1, math.ceil(n_tokens / (ctx_len * batch_size)))
+    stream = batches(iter_texts(data, text_column=text_column, split=split), lm.tokenizer, ctx_len=ctx_len,
+                     batch_size=batch_size, seed=1234, shuffle_buffer=1)
+    bar = tqdm(total=n_batches * len(layers), desc="eval", unit="layer-batch", dynamic_ncols=True)
+    done = 0
+    filters = {n: OutlierFilter(outlier_factor) for n in layers}
+    for ids in stream:
+        if done >= n_batches:
+            break
+        ids = ids.to(device)
+        acts: dict[int, Tensor] = {}
+        with layer_hooks(model, {n: (lambda n: lambda h: acts.__setitem__(n, h.detach()))(n) for n in layers}):
+            clean_logits = model(input_ids=ids, use_cache=False).logits
+        clean = CleanTarget(clean_logits, ids)
+        del clean_logits
+        ce_clean += clean.ce
+        n_pred += ids[:, 1:].numel()
+        for n in layers:
+            h = acts[n]
+            x = h.reshape(-1, h.shape[-1]).float()
+            keep = filters[n].keep(x)
+            xk = x[keep]
+            for s, saes in sets.items():
+                sae, a = saes[n], acc[s, n]
+                code = sae.encode(x)
+                x_hat = sae.decode(code)
+                a["sse"] += float((xk - x_hat[keep]).pow(2).sum())
+                a["x_sum"] = a["x_sum"] + xk.sum(0)
+                a["x2_sum"] += float(xk.pow(2).sum())
+                a["cnt"] += int(keep.sum())
+                active = code.values[keep] > 0
+                a["l0"] += float(active.sum())
+                fires = torch.zeros(sae.cfg.d_sae, device=x.device)
+                fires.index_add_(0, code.indices[keep].reshape(-1), active.reshape(-1).float())
+                a["fires"] = fires if a["fires"] is None else a["fires"] + fires
+                a["pass"] += int((~keep).sum())
+                a["tok"] += keep.numel()
+                spliced = torch.where(keep[:, None], x_hat, x).reshape(h.shape).to(h.dtype)
+                ce, kl = clean.ce_and_kl(forward_from(model, n, spliced))
+                a["ce_sae"] += ce
+                a["kl"] += kl
+            ce_zero[n] += clean.ce_and_kl(forward_from(model, n, torch.zeros_like(h)), with_kl=False)[0]
+            mean_ablated = (xk if len(xk) else x).mean(0).to(h.dtype).expand(h.shape).contiguous()
+            ce_mean[n] += clean.ce_and_kl(forward_from(model, n, mean_ablated), with_kl=False)[0]
+            bar.update(1)
+        done += 1
+    bar.close()
+    if done == 0:
+        raise SaescopeError("no evaluation data: the eval split is smaller than one batch")
+    clean = ce_clean / n_pred
+    out: dict[str, list[LayerEval]] = {}
+    for s in sets:
+        results = []
+        for n in layers:
+            a = acc[s, n]
+            ce_sae, zero, mean = a["ce_sae"] / n_pred, ce_zero[n] / n_pred, ce_mean[n] / n_pred
+            freq = a["fires"] / max(a["cnt"], 1)
+            results.append(LayerEval(
+                layer=n, fvu=_pooled_fvu(a["sse"], a["x_sum"], a["x2_sum"], a["cnt"]), l0=a["l0"] / max(a["cnt"], 1),
+                dead_frac=float((freq == 0).float().mean()), dense_frac=float((freq > DENSE_THRESHOLD).float().mean()),
+                ce_clean=clean, ce_sae=ce_sae, ce_zero=zero,
+                ce_recovered=(zero - ce_sae) / (zero - clean) if zero != clean else float("nan"),
+                kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1), ce_mean=mean,
+                ce_recovered_mean=(mean - ce_sae) / (mean - clean) if mean != clean else float("nan"), feature_freq=freq.cpu()))
+        out[s] = results
+    return out
+
+
+@torch.no_grad()
+def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]], texts: Iterable[str], *, n_tokens: int = 4096,
+                 ctx_len: int = 128, batch_size: int = 8, outlier_factor: float = 5.0) -> dict[str, dict[int, float]]:
+    """FVU of each SAE set per layer on about n_tokens tokens of `texts` (packed into ctx_len chunks, the outlier
+    filter as in training): reconstruction on text of another domain than the training corpus costs one LM pass
+    for every layer, no spliced passes."""
+    layers = _ready(lm, sets)
+    filters = {n: OutlierFilter(outlier_factor) for n in layers}
+    sse = dict.fromkeys([(s, n) for s in sets for n in layers], 0.0)  # squared error, pooled over kept tokens
+    x_sum: dict[int, Tensor | float] = dict.fromkeys(layers, 0.0)
+    x2_sum = dict.fromkeys(layers, 0.0)
+    count = dict.fromkeys(layers, 0)
+    done = 0
+    for ids in batches(texts, lm.tokenizer, ctx_len=ctx_len, batch_size=batch_size, seed=1234, shuffle_buffer=1):
+        acts = capture(lm.model, ids.to(lm.device), layers)
+        for n in layers:
+            x = acts[n].reshape(-1, acts[n].shape[-1]).float()
+            xk = x[filters[n].keep(x)]
+            x_sum[n] = x_sum[n] + xk.sum(0)
+            x2_sum[n] += float(xk.pow(2).sum())
+            count[n] += len(xk)
+            for s, saes in sets.items():
+                sse[s, n] += float((xk - saes[n].reconstruct(xk)).pow(2).sum())
+        done += ids.numel()
+        if done >= n_tokens:
+            break
+    if done == 0:
+        raise SaescopeError("no tokens to measure FVU on: the texts are shorter than one chunk")
+    return {s: {n: _pooled_fvu(sse[s, n], x_sum[n], x2_sum[n], count[n]) for n in layers} for s in sets}
+
+
+def format_table(results: list[LayerEval]) -> str:
+    head = (f"{'layer':>5} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6} {'CE clean':>8} {'CE sae':>7} {'CE zero':>7} "
+            f"{'CE mean':>7} {'CE rec':>7} {'rec/mean':>8} {'KL':>7} {'pass':>6}")
+    rows = [head]
+    for r in results:
+        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {r.l0:6.1f} {r.dead_frac:6.3f} {r.dense_frac:6.3f} {r.ce_clean:8.3f} "
+                    f"{r.ce_sae:7.3f} {r.ce_zero:7.3f} {r.ce_mean:7.3f} {r.ce_recovered:7.3f} {r.ce_recovered_mean:8.3f} "
+                    f"{r.kl:7.4f} {r.passthrough_frac:6.3f}")
+    return "\n".join(rows)
+
+
+def format_comparison(results: list[LayerEval], control: list[LayerEval]) -> str:
+    """The trained SAEs beside their random-direction control, layer by layer."""
+    head = (f"{'layer':>5} {'FVU':>7} {'ctrl':>7} {'L0':>6} {'ctrl':>6} {'dead':>6} {'ctrl':>6} "
+            f"{'CE rec':>7} {'ctrl':>7} {'rec/mean':>8} {'ctrl':>7} {'KL':>7} {'ctrl':>7}")
+    rows = [head]
+    for r, c in zip(results, control):
+        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {c.fvu:7.4f} {r.l0:6.1f} {c.l0:6.1f} {r.dead_frac:6.3f} {c.dead_frac:6.3f} "
+                    f"{r.ce_recovered:7.3f} {c.ce_recovered:7.3f} {r.ce_recovered_mean:8.3f} {c.ce_recovered_mean:7.3f} "
+                    f"{r.kl:7.4f} {c.kl:7.4f}")
+    return "\n".join(rows)
+
+
+def as_records(results: list[LayerEval]) -> list[dict]:
+    return [{k: v for k, v in asdict(r).items() if k != "feature_freq"} for r in results]
+
+
+SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_factor", "model_dtype")
+
+
+def read_results(path: Path) -> dict | None:
+    """An evaluation file as written by write_results, checked record by record (None if there is none). Called
+    before an evaluation too, so that a file it could not merge into is refused before minutes of work."""
+    from saescope.core.files import read_json
+    from saescope.core.schema import Field, check_record
+
+    if not path.exists():
+        return None
+    body = read_json(path, {"layers": Field(list), "control": Field(list, required=False, nullable=True)})
+    for part in ("layers", "control"):
+        for i, rec in enumerate(body.get(part) or []):
+            check_record(rec, {"layer": Field(int, min=0)}, f"{path}: {part}[{i}]")
+    return body
+
+
+def write_results(results: list[LayerEval], path: Path, extra: dict | None = None, *,
+                  control: list[LayerEval] | None = None) -> Path:
+    """Write an evaluation without losing one already there: figures made with the same settings merge into it per
+    layer (a partial eval updates its layers, a control missing from this one is kept); figures made with other
+    settings go to the next free eval-N.json beside it. Returns the file written."""
+    from saescope.core.files import atomic_write_json
+
+    body = {"layers": as_records(results), **(extra or {})}
+    if control is not None:
+        body["control"] = as_records(control)
+    old = read_results(path)
+    if old is not None:
+        # a file written before the LM's dtype was recorded could be fp32 or bf16 (train --eval-tokens used the
+        # trainer's LM): unknown, so nothing merges into it
+        if all(old.get(key) == body.get(key) for key in SETTINGS):
+            for part in ("layers", "control"):
+                if part in old or part in body:
+                    merged = {r["layer"]: r for r in old.get(part) or [] if isinstance(r, dict) and "layer" in r}
+                    merged.update({r["layer"]: r for r in body.get(part) or []})
+                    body[part] = [merged[n] for n in sorted(merged)]
+        else:
+            i = 2
+            while (path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
+                i += 1
+            differ = ", ".join(f"{key} {old.get(key)!r} -> {body.get(key)!r}" for key in SETTINGS if old.get(key) != body.get(key))
+            path = path.with_name(f"{path.stem}-{i}{path.suffix}")
+            print(f"saescope: {path.with_name('eval.json').name} holds figures made with other settings ({differ}); "
+                  f"these go to {path.name}", file=sys.stderr)
+    atomic_write_json(path, body)
+    return path

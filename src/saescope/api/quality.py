@@ -1,0 +1,84 @@
+"""SAE quality the way the field measures it, beside the random control: sparse probing on real labelled text
+(saescope.api.probing), feature absorption on first letters (saescope.api.absorption), reconstruction on text of other
+domains than the training corpus (FVU on maths, code and non-English prompts beside the held-out corpus), and how
+far the decoders moved from their initialisation. CE recovered against zero and mean ablation, KL and dead/dense
+fractions are `saescope eval`'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from saescope.api.absorption import AbsorptionConfig, feature_absorption
+from saescope.core.data import iter_texts
+from saescope.core.data.benchmarks import load_benchmark
+from saescope.api.evaluate import fvu_on_texts
+from saescope.core.io import decoder_cos_to_init
+from saescope.api.probing import ProbeSet, sparse_probing
+from saescope.core.sae import TopKSAE
+from saescope.api.scope import Scope
+
+# Real prompt sets, none in the default training corpus: what a domain shift does to reconstruction.
+DOMAINS = {"math": ("math", "gsm8k"), "code": ("humaneval", "codex_mbpp"),
+           "multilingual": ("mgsm_fr", "mgsm_de", "mgsm_es", "mgsm_ru", "mgsm_ja", "mgsm_zh")}
+
+
+DEFAULT_ABSORPTION = AbsorptionConfig()
+
+
+def domain_texts(domain: str, shared_data: str | Path | None = None) -> list[str]:
+    """The prompts of a domain's sets, interleaved so that a token budget samples every set."""
+    sets = [load_benchmark(name, shared_data=shared_data).prompts for name in DOMAINS[domain]]
+    return [texts[i] for i in range(max(map(len, sets))) for texts in sets if i < len(texts)]
+
+
+def quality_report(scope: Scope, probes: list[ProbeSet], *, control: dict[int, TopKSAE] | None = None,
+                   run: str | Path | None = None, fvu_tokens: int = 4096, shared_data: str | Path | None = None,
+                   max_length: int = 128, absorption: AbsorptionConfig | None = DEFAULT_ABSORPTION) -> dict:
+    """Probing, absorption (None: skipped), FVU in and out of domain (SAEs and control), and decoder movement (when
+    `run` is a saescope run)."""
+    sets = {"sae": scope.saes, **({"control": control} if control is not None else {})}
+    fvu = {"in_domain": fvu_on_texts(scope.lm, sets, iter_texts(None, split="eval"), n_tokens=fvu_tokens)}
+    for domain in DOMAINS:
+        fvu[domain] = fvu_on_texts(scope.lm, sets, domain_texts(domain, shared_data), n_tokens=fvu_tokens)
+    probing = sparse_probing(scope, probes, control=control, max_length=max_length)
+    absorbed = feature_absorption(scope.lm, scope.saes, control=control, cfg=absorption) if absorption else None
+    moved = decoder_cos_to_init(Path(run)) if run is not None else {}
+    layers = {}
+    for n in scope.layers:
+        row = dict(probing["mean_over_tasks"][str(n)])
+        for domain, per_set in fvu.items():
+            for name, per_layer in per_set.items():
+                row[f"{name}_fvu_{domain}"] = per_layer[n]
+        if absorbed is not None:
+            got = absorbed["layers"][str(n)]
+            row["letter_probe_f1"] = got["probe_f1"]
+            for name in sets:
+                row[f"{name}_absorption"] = got[name]["mean_absorption_fraction"]
+                row[f"{name}_full_absorption"] = got[name]["full_absorption_rate"]
+                row[f"{name}_letter_main_f1"] = got[name]["main_f1"]
+        row["decoder_cos_to_init"] = moved.get(str(n))
+        layers[str(n)] = row
+    return {"layers": layers, "probing": probing, "absorption": absorbed, "fvu_tokens": fvu_tokens,
+            "domains": {d: list(s) for d, s in DOMAINS.items()}}
+
+
+def format_quality(report: dict) -> str:
+    """One row per layer: probing (SAE, control, dense), FVU in and out of domain, decoder movement."""
+    rows = report["layers"]
+    first = next(iter(rows.values()))
+    ctl = "control_top1" in first
+    head = (f"{'layer':>5} {'top1':>6} " + (f"{'ctl':>6} {'margin ± se':>13} " if ctl else "") + f"{'top5':>6} "
+            + (f"{'ctl':>6} " if ctl else "")
+            + f"{'dense':>6} {'FVU in':>7} {'math':>6} {'code':>6} {'multi':>6} " + (f"{'ctl in':>7} " if ctl else "")
+            + f"{'cos0':>5}")
+    lines = [f"quality: sparse probing (mean accuracy over {len(report['probing']['tasks'])} tasks, chance 0.5), "
+             "FVU by domain, decoder cosine to init", head]
+    for n, r in rows.items():
+        cos = f"{r['decoder_cos_to_init']:5.2f}" if r.get("decoder_cos_to_init") is not None else f"{'-':>5}"
+        margin = f"{r['top1_margin']:+6.3f} ± {r['top1_margin_se']:.3f}" if "top1_margin" in r else "-"
+        lines.append(f"{n:>5} {r['sae_top1']:6.3f} " + (f"{r['control_top1']:6.3f} {margin:>13} " if ctl else "") + f"{r['sae_top5']:6.3f} "
+                     + (f"{r['control_top5']:6.3f} " if ctl else "") + f"{r['dense']:6.3f} {r['sae_fvu_in_domain']:7.3f} "
+                     f"{r['sae_fvu_math']:6.3f} {r['sae_fvu_code']:6.3f} {r['sae_fvu_multilingual']:6.3f} "
+                     + (f"{r['control_fvu_in_domain']:7.3f} " if ctl else "") + cos)
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""SASFT inside the trainers a post-training team already uses: Hugging Face `Trainer` and TRL's `SFTTrainer`.
+
+    from trl import SFTTrainer
+    from saescope.apps.sasft import FeatureSuppression, sasft_trainer
+
+    suppression = FeatureSuppression(sae, layer=15, features=[3, 7], lam=0.1)
+    Trainer = sasft_trainer(SFTTrainer)          # or sasft_trainer(transformers.Trainer)
+    trainer = Trainer(model=model, args=..., train_dataset=..., suppression=suppression)
+    trainer.train()
+
+The subclass overrides `compute_loss` (their public extension point): the parent computes CE on the forward it always
+runs, the layer hook keeps that forward's layer output, and lambda * L_reduce is added. `log` adds the step's mean CE,
+L_reduce and the target features' firing rate to what the trainer logs (and to train_log.jsonl through `JsonlLog`).
+LoRA comes from peft as usual (SFTTrainer's `peft_config`, or `peft.get_peft_model` for `Trainer`).
+
+`run_sasft(SASFTConfig)` is what `saescope sasft` calls: load, estimate alpha, train with SFTTrainer, save the model as
+a plain Hugging Face folder (LoRA adapters merged into it; the adapter itself in `adapter/`), all written under
+OUT.partial and renamed to OUT only when complete.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import saescope.api.finetune as finetune
+from saescope.core.errors import SaescopeError
+from saescope.api.finetune import lora_setup, mixed_bf16, partial_folder, publish, refuse_nonempty, require_trl, train_and_save
+from saescope.apps.sasft.loss import FeatureSuppression, estimate_alpha
+from saescope.apps.sasft.measure import measure
+from saescope.core.schema import check_number, config_field
+
+
+class _SASFTMixin:
+    suppression: FeatureSuppression
+
+    def __init__(self, *args, suppression: FeatureSuppression, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.suppression = suppression
+        self._sasft_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.suppression.watch(model):
+            ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = self.suppression.loss(inputs.get("attention_mask"))
+        stats = self.suppression.stats
+        m = self._sasft_metrics["train" if model.training else "eval"]
+        m["ce"].append(float(ce.detach()))
+        m["l_reduce"].append(stats.l_reduce)
+        m["fire_rate"].append(stats.fire_rate)
+        total = ce + aux.to(ce.dtype)
+        return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "" if mode == "train" else "eval_"
+        logs.update({f"{prefix}sasft/{k}": sum(v) / len(v) for k, v in self._sasft_metrics[mode].items() if v})
+        self._sasft_metrics[mode].clear()
+        super().log(logs, *args, **kwargs)
+
+
+def sasft_trainer(base: type) -> type:
+    """`base` (transformers.Trainer, trl.SFTTrainer or a subclass) with SASFT's loss; it takes `suppression=`."""
+    return type(f"SASFT{base.__name__}", (_SASFTMixin, base), {})
+
+
+@dataclass
+class SASFTConfig:
+    sae: str = config_field("", "SAE folder (saescope run, Qwen-Scope, SAELens or sparsify)")
+    layer: int = config_field(-1, "the layer whose features are suppressed")
+    features: list[int] = field(default_factory=list)
+    lam: float = config_field(0.1, "lambda: weight of L_reduce (0 = plain SFT, the control)")
+    data: str = config_field("responses:en:gpt-4o-2024-08-06", "prompt/response pairs (a file, or responses:LANG:MODEL)")
+    model: str | None = None
+    prompt_column: str = config_field("prompt", "the prompt column of --data")
+    response_column: str = config_field("response", "the response column of --data")
+    lora: bool = config_field(False, "train LoRA adapters (peft) instead of every weight")
+    lora_rank: int = config_field(16, "LoRA rank")
+    max_steps: int = config_field(60, "optimiser steps")
+    batch_size: int = config_field(4, "sequences per step")
+    lr: float | None = config_field(None, "learning rate (default: 2e-5, or 2e-4 with --lora)")
+    max_length: int = config_field(384, "tokens per sequence (longer ones are cut)")
+    alpha_batches: int = config_field(8, "training batches whose mean pre-activation sets alpha")
+    random_directions: bool = config_field(False, "the control: random directions of the same norms in place of the features")
+    eval_prompts: int = config_field(48, "held-out M-IFEval prompts measured before and after (loop rate, firing rate, "
+                                     "held-out loss, ARC-Easy); 0: skip")
+    arc: int = config_field(200, "ARC-Easy questions for the capability check (0: skip it)")
+    skip_before: bool = config_field(False, "measure only after training (the before figures of the same base model and "
+                                     "prompts are in an earlier run's sasft.json)")
+    seed: int = config_field(0, "seed of the data order, LoRA init and the random directions")
+    limit: int | None = None  # training pairs (default: all)
+    out: str = "runs/sasft"
+
+    def __post_init__(self) -> None:
+        check_number(self.lam, "lambda", kind=float, min=0)
+        check_number(self.layer, "--layer", kind=int, min=0)
+        for name in ("lora_rank", "max_steps", "batch_size", "max_length", "alpha_batches"):
+            check_number(getattr(self, name), "--" + name.replace("_", "-"), kind=int, min=1)
+        check_number(self.eval_prompts, "--eval-prompts", kind=int, min=0)
+        check_number(self.arc, "--arc", kind=int, min=0)
+        if self.lr is not None:
+            check_number(self.lr, "--lr", kind=float, min=0, min_open=True)
+        if not self.features:
+            raise SaescopeError("no feature to suppress: give --features (ids, or a features.json from `saescope discover`)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
+
+
+def _dataset(pairs, chat: bool):
+    from datasets import Dataset
+
+    if chat:
+        rows = [{"prompt": [{"role": "user", "content": p.prompt}], "completion": [{"role": "assistant", "content": p.response}]}
+                for p in pairs]
+    else:
+        rows = [{"prompt": p.prompt + "\n", "completion": p.response} for p in pairs]
+    return Dataset.from_list(rows)
+
+
+def _alpha_batches(tok, pairs, chat: bool, batch_size: int, max_length: int, device):
+    texts = []
+    for p in pairs:
+        if chat:
+            texts.append(tok.apply_chat_template([{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.response}],
+                                                 tokenize=False))
+        else:
+            texts.append(p.prompt + "\n" + p.response)
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tok(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length, add_special_tokens=not chat)
+            yield {k: v.to(device) for k, v in enc.items()}
+    finally:
+        tok.padding_side = side
+
+
+def _heldout(cfg: SASFTConfig) -> tuple[list[str], list, str]:
+    """Held-out prompts (M-IFEval, test side, in the data's language) and, for a built-in responses set, its held-out
+    pairs for the LM loss."""
+    from saescope.apps.sasft.data import heldout_prompts, load_pairs
+
+    if not cfg.eval_prompts:
+        return [], [], "en"
+    builtin = cfg.data.startswith("responses:")
+    lang = cfg.data.split(":")[1] if builtin else "en"
+    pairs = []
+    if builtin:
+        base = ":".join(cfg.data.split(":")[:3])
+        pairs = load_pairs(base + ":test", limit=cfg.eval_prompts)
+    return heldout_prompts(lang, limit=cfg.eval_prompts), pairs, lang
+
+
+def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> dict:
+    """Fine-tune with SASFT's loss (lam=0: plain SFT with the same logging, the control) and write the model to cfg.out.
+    Returns the summary written to OUT/sasft.json."""
+    trl = require_trl()
+    from saescope.core.io import load_saes
+    from saescope.core.models import load_model
+    from saescope.apps.sasft.data import load_pairs
+    from saescope.api.scope import check_fit
+
+    out = Path(cfg.out)
+    refuse_nonempty(out)
+    saes = load_saes(cfg.sae, layers=[cfg.layer])
+    if cfg.layer not in saes:
+        have = sorted(load_saes(cfg.sae))
+        raise SaescopeError(f"no SAE for layer {cfg.layer} in {cfg.sae} (have {have})")
+    sae = saes[cfg.layer]
+    pairs = load_pairs(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column, limit=cfg.limit)
+    suppression = FeatureSuppression(sae, layer=cfg.layer, features=cfg.features, lam=cfg.lam,
+                                     control_seed=cfg.seed if cfg.random_directions else None)
+    lm = load_model(cfg.model or sae.meta.get("model"))
+    check_fit(lm, {cfg.layer: sae})
+    sae.to(lm.device)
+    suppression.sae.to(lm.device)
+    tok = lm.tokenizer
+    chat = bool(getattr(tok, "chat_template", None))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    estimate_alpha(lm.model, suppression, _alpha_batches(tok, pairs, chat, cfg.batch_size, cfg.max_length, lm.device),
+                   max_batches=cfg.alpha_batches)
+    prompts, test_pairs, lang = _heldout(cfg)
+    # the figures always read the trained SAE's features, also in the random-direction control: did it move them?
+    target = suppression if not cfg.random_directions else FeatureSuppression(sae, layer=cfg.layer, features=cfg.features, lam=cfg.lam)
+    before = measure(lm, target, prompts, test_pairs, arc=cfg.arc, language=lang) if prompts and not cfg.skip_before else None
+
+    partial = partial_folder(out)
+    peft_config = lora_setup(lm.model, cfg.lora, cfg.lora_rank)
+    args = trl.SFTConfig(output_dir=str(partial / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+                         learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
+                         warmup_steps=min(5, cfg.max_steps // 10),
+                         logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+                         max_length=cfg.max_length, disable_tqdm=not progress, dataloader_num_workers=0,
+                         use_cpu=lm.device.type == "cpu", bf16=mixed_bf16(lm.device), fp16=False,
+                         gradient_checkpointing=False)
+    trainer = sasft_trainer(trl.SFTTrainer)(model=lm.model, args=args, train_dataset=_dataset(pairs, chat), processing_class=tok,
+                                            peft_config=peft_config, suppression=suppression,
+                                            callbacks=[finetune.JsonlLog(partial / "train_log.jsonl")])
+    lm.model, seconds = train_and_save(trainer, partial, tok, cfg.lora)
+    after = measure(lm, target, prompts, test_pairs, arc=cfg.arc, language=lang) if prompts else None
+    summary = {"config": asdict(cfg), "model": lm.name, "suppression": suppression.describe(),
+               "pairs": len(pairs), "seconds": round(seconds, 1), "steps": cfg.max_steps,
+               "seconds_per_step": round(seconds / cfg.max_steps, 3), "device": str(lm.device),
+               "autocast": "bf16" if args.bf16 else "fp32",
+               "heldout_before": before, "heldout_after": after}
+    publish(partial, out, "sasft.json", summary)
+    return summary

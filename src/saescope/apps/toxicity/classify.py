@@ -1,0 +1,166 @@
+"""Apply a mined rule to any number of texts, streamed, with an audit record per decision.
+
+Only the rule's layers are captured (the forward stops after the last one) and only the rule's features are
+computed: their pre-activations first ((tokens, F) instead of (tokens, d_sae)). A top-k feature can only fire
+where its pre-activation exceeds the threshold, so tokens where none does are settled without the full encoder;
+the few candidate tokens left are encoded in full to check that the feature is among the token's top k, so
+decisions are exactly those of the full SAE (the test checks this against `encode_labelled`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from saescope.core.files import atomic_write_bytes
+from saescope.core.models import capture, token_strings
+from saescope.api.scope import Scope
+from saescope.apps.toxicity.rules import Rule, RuleSet
+
+
+@dataclass
+class Decision:
+    index: int
+    text: str
+    positive: bool
+    fired: list[dict] = field(default_factory=list)  # per firing feature: layer, feature, delta, tokens fired on
+
+    def record(self, rules_fingerprint: str, rule: str) -> dict:
+        return {"index": self.index, "text": self.text, "decision": "positive" if self.positive else "negative",
+                "rule": rule, "rules_fingerprint": rules_fingerprint, "fired": self.fired}
+
+
+class RuleClassifier:
+    """A rule of a RuleSet bound to the SAEs it was mined on (refused otherwise)."""
+
+    def __init__(self, scope: Scope, rules: RuleSet, rule: str | None = None, *, sae_spec: str = "",
+                 store=None, contexts: int = 3):
+        self.scope, self.rules, self.rule = scope, rules, rules.rule(rule)
+        rules.check_saes(scope.saes, sae_spec or rules.sae, scope.lm.name, layers=self.rule.layers)
+        self.store, self.contexts = store, contexts
+        self.by_layer: dict[int, list] = {}
+        for f in self.rule.features:
+            self.by_layer.setdefault(f.layer, []).append(f)
+        self.candidate_tokens = 0
+        self.tokens = 0
+        self._evidence: dict[tuple[int, int], dict] = {}
+
+    def evidence(self, layer: int, feature: int) -> dict | None:
+        """The feature's top contexts and logit-lens tokens from the feature store, when one is given."""
+        if self.store is None or layer not in self.store.layers:
+            return None
+        key = (layer, feature)
+        if key not in self._evidence:
+            got = self.store.feature(layer, feature, contexts=self.contexts)
+            self._evidence[key] = {"frequency": got["frequency"], "promoted": [t for t, _ in got["promoted"][:8]],
+                                   "contexts": ["".join(c["tokens"]) for c in got["contexts"]]}
+        return self._evidence[key]
+
+    @torch.no_grad()
+    def _batch(self, texts: list[str], ids: list[list[int]]) -> list[Decision]:
+        scope = self.scope
+        enc = scope._pad(ids)
+        acts = capture(scope.lm.model, enc["input_ids"], self.rule.layers, attention_mask=enc["attention_mask"])
+        keep = enc["attention_mask"].bool().clone()
+        keep[:, 0] &= enc["attention_mask"].sum(1) <= 1  # the first token out, as in mining (unless it is the only one)
+        where = keep.nonzero()  # (tokens, 2): text row, position
+        self.tokens += len(where)
+        fired: list[list[dict]] = [[] for _ in texts]
+        strings: dict[int, list[str]] = {}  # token strings of the texts that fired, made once each
+        for n, feats in self.by_layer.items():
+            sae = scope.saes[n]
+            x = acts[n][keep].float()
+            idx = torch.tensor([f.feature for f in feats], device=x.device)
+            pre = sae.pre_activations(x, idx)  # (tokens, F): only the rule's features
+            # a little slack: the full encoder below, not this product, decides (their roundings may differ)
+            cand = (pre > max(self.rules.threshold, 0.0) - 1e-3).any(1).nonzero()[:, 0]
+            self.candidate_tokens += len(cand)
+            if not len(cand):
+                continue
+            code = sae.encode(x[cand])  # the full encoder on candidates only: is the feature in the token's top k?
+            hit = code.indices[:, :, None] == idx[None, None, :]  # (cand, k, F)
+            act = (code.values[:, :, None].float() * hit).sum(1)  # (cand, F); 0 where not in the top k
+            for j, f in enumerate(feats):
+                on = (act[:, j] > self.rules.threshold).nonzero()[:, 0]
+                if not len(on):
+                    continue
+                per_text: dict[int, list[dict]] = {}
+                for (row, pos), value in zip(where[cand[on]].tolist(), act[on, j].tolist(), strict=True):
+                    per_text.setdefault(row, []).append({"position": pos, "activation": round(value, 4)})
+                for row, toks in per_text.items():
+                    if row not in strings:
+                        strings[row] = token_strings(scope.lm.tokenizer, ids[row])
+                    for tok in toks:
+                        tok["token"] = strings[row][tok["position"]]
+                    entry = {"layer": n, "feature": f.feature, "delta": round(f.delta, 4), "tokens": toks}
+                    ev = self.evidence(n, f.feature)
+                    if ev is not None:
+                        entry["evidence"] = ev
+                    fired[row].append(entry)
+        return [Decision(i, t, bool(fired[i]), fired[i]) for i, t in enumerate(texts)]  # indices set by the caller
+
+    def decisions(self, texts: Iterable[str], *, batch_size: int = 32, max_length: int = 256, total: int | None = None,
+                  progress: bool = True, window: int = 32) -> Iterator[Decision]:
+        """Decisions in input order. Texts are read `window` batches at a time and batched by length inside the
+        window (less padding); memory is bounded by the window, not by the input."""
+        bar = tqdm(total=total, desc="classify", unit="text", disable=not progress)
+        chunk: list[str] = []
+        start = 0
+
+        def flush() -> Iterator[Decision]:
+            ids = self.scope._token_ids(chunk, max_length)
+            order = sorted(range(len(chunk)), key=lambda i: len(ids[i]))
+            got: dict[int, Decision] = {}
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                for i, d in zip(idx, self._batch([chunk[i] for i in idx], [ids[i] for i in idx]), strict=True):
+                    d.index = start + i
+                    got[i] = d
+            bar.update(len(chunk))
+            return (got[i] for i in range(len(chunk)))
+
+        for text in texts:
+            chunk.append(text)
+            if len(chunk) == batch_size * window:
+                yield from flush()
+                start += len(chunk)
+                chunk = []
+        if chunk:
+            yield from flush()
+        bar.close()
+
+
+def rules_fingerprint(rules: RuleSet) -> str:
+    return hashlib.sha1(json.dumps(rules.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class AuditLog:
+    """JSON lines, one per decision, written to PATH.partial and renamed into place when complete: a log that was
+    cut short is never mistaken for a whole one."""
+
+    def __init__(self, path: str | Path, rules: RuleSet, rule: Rule):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.fp, self.rule = rules_fingerprint(rules), rule.name
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.partial, "w", encoding="utf-8")
+
+    def write(self, d: Decision) -> None:
+        self.file.write(json.dumps(d.record(self.fp, self.rule), ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+        self.partial.replace(self.path)
+
+    def abandon(self) -> None:
+        self.file.close()
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())

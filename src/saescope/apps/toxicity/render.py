@@ -1,0 +1,85 @@
+"""The toxicity section of a run's HTML report (`saescope report` includes RUN/toxicity/report-section.html): the
+rules' F1 beside the control and the baselines, the transfer matrix, and the audit log, where a reviewer opens any
+decision to see the features that fired, on which tokens, and what those features are."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from saescope.core.files import atomic_write_bytes
+from saescope.apps.report.page import html_table
+from saescope.apps.toxicity.rules import generic_name
+
+MAX_DECISIONS = 5000  # every decision of a HateCheck-sized log; a larger log shows its first 5,000, positives first
+
+
+def _results(result: dict) -> str:
+    sae, control = result["sets"]["sae"], result["sets"].get("control", {"rules": {}})
+    ctl = {generic_name(n): v for n, v in control["rules"].items()}
+    rows = []
+    for name, r in sae["rules"].items():
+        c = ctl.get(generic_name(name))
+        feats = ", ".join(f"L{layer}/{f}" for layer, f, _ in r["features"])
+        rows.append([name, r["f1"], r["precision"], r["recall"], r["balanced_accuracy"], c["f1"] if c else "-",
+                     c["balanced_accuracy"] if c else "-", feats])
+    for name, b in result["baselines"].items():
+        rows.append([name + (f" (layer {b['layer']})" if "layer" in b else ""), b["f1"], b["precision"], b["recall"],
+                     b["balanced_accuracy"], "", "", ""])
+    out = [f"<p class='note'>Mined on {html.escape(result['mining']['source'])} ({result['mining']['n_texts']} texts), "
+           f"evaluated on {html.escape(result['evaluation']['source'])} ({result['evaluation']['n_texts']} texts): "
+           f"{html.escape(result['split'])}.</p>",
+           html_table(["rule", "F1", "precision", "recall", "balanced accuracy", "control F1", "control bal. acc.",
+                       "features (layer/id)"], rows)]
+    default = next(iter(sae["rules"].values()))
+    funcs = default.get("functionality") or {}
+    if funcs:
+        out.append(f"<p>Where the {html.escape(next(iter(sae['rules'])))} rule fails, per HateCheck functionality:</p>")
+        out.append(html_table(["functionality", "label", "n", "accuracy"],
+                              [[k, v["label"], v["n"], v["accuracy"]] for k, v in sorted(funcs.items(), key=lambda kv: kv[1]["accuracy"])]))
+    transfer = result.get("transfer")
+    if transfer:
+        langs = list(transfer["sae"])
+        rule = "layer-k5" if "layer-k5" in transfer["sae"][langs[0]][langs[0]]["f1"] else "layer-k1"
+        out.append(f"<p>Transfer matrix: balanced accuracy (0.5 = a constant answer) of the {rule} rule mined on the "
+                   "row's language, evaluated on the column's (SAE / control).</p>")
+        ctl = transfer.get("control", {})
+        m = "balanced_accuracy"
+        cell = lambda s, t: f"{transfer['sae'][s][t][m][rule]:.3f} / {ctl.get(s, {}).get(t, {}).get(m, {}).get(rule, float('nan')):.3f}"  # noqa: E731
+        out.append(html_table(["mined on"] + langs, [[s] + [cell(s, t) for t in langs] for s in langs]))
+    return "\n".join(out)
+
+
+def _decisions(audit: list[dict]) -> str:
+    shown = sorted(audit, key=lambda r: r["decision"] != "positive")[:MAX_DECISIONS]
+    out = [f"<p>Audit log: {len(audit)} decisions ({sum(r['decision'] == 'positive' for r in audit)} positive); "
+           f"{len(shown)} shown, positives first. Open one to see why.</p>"]
+    for r in shown:
+        body = []
+        for f in r["fired"]:
+            toks = ", ".join(f"{html.escape(repr(t['token']))} @{t['position']} ({t['activation']:.2f})" for t in f["tokens"])
+            ev = f.get("evidence")
+            extra = ""
+            if ev:
+                extra = (f"<br><span class='note'>promotes {html.escape(', '.join(map(repr, ev['promoted'][:8])))}; "
+                         f"top contexts: {html.escape(' | '.join(c[:80] for c in ev['contexts']))}</span>")
+            body.append(f"<li>layer {f['layer']} feature {f['feature']} (delta {f['delta']:+.3f}) fired on {toks}{extra}</li>")
+        summary = f"#{r['index']} {r['decision']}: {html.escape(r['text'][:120])}"
+        out.append(f"<details><summary>{summary}</summary><ul>{''.join(body) or '<li>no feature fired</li>'}</ul>"
+                   f"<span class='note'>rule {html.escape(r['rule'])}, rules fingerprint {html.escape(r['rules_fingerprint'])}"
+                   f"</span></details>")
+    return "\n".join(out)
+
+
+def write_section(folder: Path) -> Path:
+    """FOLDER/report-section.html from FOLDER/eval.json and FOLDER/audit.jsonl, whichever exist."""
+    parts = ["<h2>Toxicity rules</h2>"]
+    eval_path, audit_path = folder / "eval.json", folder / "audit.jsonl"
+    if eval_path.is_file():
+        parts.append(_results(json.loads(eval_path.read_text(encoding="utf-8"))))
+    if audit_path.is_file():
+        parts.append(_decisions([json.loads(x) for x in audit_path.read_text(encoding="utf-8").splitlines() if x.strip()]))
+    out = folder / "report-section.html"
+    atomic_write_bytes(out, "\n".join(parts).encode())
+    return out

@@ -1,0 +1,322 @@
+"""Toxicity rules from SAE features, as Qwen-Scope's report defines them (section 5):
+
+    fires(f, text)  = the max activation of feature f over the text's tokens (the first left out) > threshold (0)
+    delta_f         = P(fires | positive) - P(fires | negative), on the mining texts, per layer
+    rule            = the K features of largest delta_f; a text is positive when ANY of them fires on ANY token
+    layer           = "top1-diff": the layer whose best feature has the largest delta_f (no test labels needed)
+    multi-layer     = the best feature of each of the K layers whose best features rank highest
+
+Every decision is auditable: the rule is a short list of (layer, feature) pairs, and a positive names the
+features that fired, on which tokens, with what activation (saescope.apps.toxicity.classify).
+
+`FeatureHits` holds, per layer, which features fire on which texts as packed bits (a text x feature table of a
+30-layer, 4,608-latent SAE set is 64 MB per 3,700 texts instead of 2 GB of floats), so that mining on subsets,
+the mining-fraction curve and the transfer matrix re-use one LM pass per text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saescope.core.data.labelled import LabelledSet
+from saescope.core.errors import SaescopeError
+from saescope.core.files import atomic_write_json, read_json
+from saescope.core.io import fingerprint
+from saescope.core.sae import TopKSAE
+from saescope.core.schema import Field, InputError, check_record
+from saescope.api.scope import Scope
+
+FORMAT = "saescope-toxicity-rules"
+VERSION = 1
+DEFAULT_KS = (1, 2, 5, 10)
+
+
+@dataclass
+class FeatureHits:
+    """Per layer, (n_texts, ceil(d_sae / 8)) packed bits: whether each feature fires on each text."""
+
+    packed: dict[int, np.ndarray]
+    d_sae: dict[int, int]
+    n: int
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.packed)
+
+    def layer(self, n: int) -> np.ndarray:
+        """(n_texts, d_sae) bool."""
+        return np.unpackbits(self.packed[n], axis=1, count=self.d_sae[n]).astype(bool)
+
+    def column(self, n: int, feature: int) -> np.ndarray:
+        """(n_texts,) bool: the texts feature `feature` of layer n fires on."""
+        return ((self.packed[n][:, feature >> 3] >> (7 - (feature & 7))) & 1).astype(bool)
+
+    def rows(self, mask: np.ndarray) -> FeatureHits:
+        return FeatureHits({n: p[mask] for n, p in self.packed.items()}, dict(self.d_sae), int(np.count_nonzero(mask)))
+
+
+@dataclass
+class EncodedSet:
+    """One LM pass over a labelled set: feature hits per SAE set ("sae", "control") and the mean-pooled residual
+    stream per layer (float16: only a baseline probe reads it)."""
+
+    data: LabelledSet
+    hits: dict[str, FeatureHits]
+    residual: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def subset(self, mask: np.ndarray) -> EncodedSet:
+        m = torch.as_tensor(mask)
+        return EncodedSet(self.data.subset(mask), {k: h.rows(mask) for k, h in self.hits.items()},
+                          {n: r[m] for n, r in self.residual.items()})
+
+
+def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | None = None,
+                    control: dict[int, TopKSAE] | None = None, threshold: float = 0.0, residual: bool = True,
+                    batch_size: int = 32, max_length: int = 256, progress: bool = True) -> EncodedSet:
+    """Feature hits (max over each text's tokens, the first left out, > threshold) of the SAEs and of `control`,
+    and the mean-pooled residual, from one LM pass per batch."""
+    layers = scope.check_layers(list(layers) if layers else None)
+    sets = {"sae": {n: scope.saes[n] for n in layers}}
+    if control is not None:
+        sets["control"] = {n: control[n] for n in layers}
+    n_texts = len(data)
+    packed = {name: {n: np.zeros((n_texts, (s[n].cfg.d_sae + 7) // 8), dtype=np.uint8) for n in layers}
+              for name, s in sets.items()}
+    res = {n: torch.zeros(n_texts, scope.lm.d_model, dtype=torch.float16) for n in layers} if residual else {}
+    for idx, got in scope.iter_pooled(data.texts, layers=layers, pool="max", residual_pool="mean", skip_first_token=True,
+                                      sae_sets=sets, with_residual=residual, batch_size=batch_size, max_length=max_length,
+                                      progress=progress, desc=f"encode {data.name}"):
+        rows = np.asarray(idx)
+        for name in sets:
+            for n in layers:
+                packed[name][n][rows] = np.packbits((got[name][n] > threshold).cpu().numpy(), axis=1)
+        for n in res:
+            res[n][torch.as_tensor(idx)] = got["residual"][n].cpu().half()
+    hits = {name: FeatureHits(packed[name], {n: s[n].cfg.d_sae for n in layers}, n_texts) for name, s in sets.items()}
+    return EncodedSet(data, hits, res)
+
+
+# ---------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class RuleFeature:
+    layer: int
+    feature: int
+    delta: float  # P(fire | positive) - P(fire | negative) on the mining texts
+    p_positive: float
+    p_negative: float
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Positive when any of `features` fires. kind: "layer" (K features of one layer) or "multi" (one per layer)."""
+
+    name: str
+    kind: str
+    k: int
+    features: tuple[RuleFeature, ...]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({f.layer for f in self.features})
+
+    def predict(self, hits: FeatureHits) -> np.ndarray:
+        out = np.zeros(hits.n, dtype=bool)
+        for f in self.features:
+            out |= hits.column(f.layer, f.feature)
+        return out
+
+
+def feature_deltas(hits: FeatureHits, labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per layer: (delta, P(fire | positive), P(fire | negative)) per feature."""
+    pos = labels.astype(bool)
+    out = {}
+    for n in hits.layers:
+        table = hits.layer(n)
+        p_pos, p_neg = table[pos].mean(0), table[~pos].mean(0)
+        out[n] = (p_pos - p_neg, p_pos, p_neg)
+    return out
+
+
+def scores(pred: np.ndarray, labels: np.ndarray) -> dict:
+    """Precision, recall, F1, accuracy and balanced accuracy of boolean predictions (positive = 1)."""
+    pos = labels == 1
+    tp, fp = int(np.count_nonzero(pred & pos)), int(np.count_nonzero(pred & ~pos))
+    fn = int(np.count_nonzero(~pred & pos))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    n_neg = int(np.count_nonzero(~pos))
+    specificity = (n_neg - fp) / n_neg if n_neg else 0.0
+    # balanced accuracy: 0.5 for any constant answer, whatever the class balance (F1 is not: on a set 70% positive,
+    # calling everything positive has F1 0.82)
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float(np.mean(pred == pos)),
+            "balanced_accuracy": (recall + specificity) / 2,
+            "n": int(len(labels)), "n_positive": int(np.count_nonzero(pos)), "predicted_positive": int(np.count_nonzero(pred))}
+
+
+def generic_name(name: str) -> str:
+    """A rule's name without its layer (layer15-k5 -> layer-k5; multi-k5 stays): rules mined on different data
+    choose different layers, and curves and transfer compare them by kind and K."""
+    return re.sub(r"^layer\d+-", "layer-", name)
+
+
+def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *, multi_layer: bool = True,
+               origin: str = "mining data") -> tuple[list[Rule], dict]:
+    """Rules for each K (one layer, chosen by top1-diff; and multi-layer), and what the choice saw: per layer the
+    best delta, the chosen layer, and each rule's F1 on the mining texts themselves."""
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1:
+        raise SaescopeError(f"K must be positive integers, got {ks}")
+    n_pos = int(np.count_nonzero(labels == 1))
+    n_neg = len(labels) - n_pos
+    if min(n_pos, n_neg) < ks[-1]:
+        raise SaescopeError(f"{origin}: {n_pos} positive and {n_neg} negative texts, fewer than K={ks[-1]} of a class; "
+                            "use more data or a smaller --k")
+    deltas = feature_deltas(hits, labels)
+    ranked = {n: np.argsort(-d[0], kind="stable") for n, d in deltas.items()}  # ties: the lower feature index first
+    best = {n: float(deltas[n][0][ranked[n][0]]) for n in deltas}
+    chosen = max(best, key=lambda n: (best[n], -n))
+    if best[chosen] <= 0:
+        raise SaescopeError(f"{origin}: no feature of any layer fires more often on positive than on negative texts")
+
+    def feature(n: int, f: int) -> RuleFeature:
+        d, p_pos, p_neg = deltas[n]
+        return RuleFeature(n, int(f), float(d[f]), float(p_pos[f]), float(p_neg[f]))
+
+    rules = []
+    for k in ks:
+        top = [int(f) for f in ranked[chosen][:k] if deltas[chosen][0][f] > 0]
+        rules.append(Rule(f"layer{chosen}-k{k}", "layer", k, tuple(feature(chosen, f) for f in top)))
+    if multi_layer and len(deltas) > 1:  # on one layer a multi-layer rule is the one-feature rule again, under a K it lacks
+        by_layer = sorted((n for n in best if best[n] > 0), key=lambda n: (-best[n], n))
+        for k in ks:
+            if k > 1:  # K=1 multi-layer is the single-layer rule
+                rules.append(Rule(f"multi-k{k}", "multi", k, tuple(feature(n, int(ranked[n][0])) for n in by_layer[:k])))
+    in_sample = {r.name: scores(r.predict(hits), labels) for r in rules}
+    return rules, {"layer_best_delta": {str(n): best[n] for n in sorted(best)}, "chosen_layer": chosen,
+                   "mining_f1": {name: s["f1"] for name, s in in_sample.items()},
+                   "mining_balanced_accuracy": {name: s["balanced_accuracy"] for name, s in in_sample.items()}}
+
+
+@dataclass
+class RuleSet:
+    """What `saescope toxicity mine` writes: the rules, the default one (the best balanced accuracy on the mining
+    texts: chosen without evaluation data), and what they are tied to (model, SAEs' fingerprints, mining data)."""
+
+    rules: list[Rule]
+    default: str
+    threshold: float
+    model: str
+    sae: str
+    fingerprints: dict[int, str]
+    mining: dict
+    choice: dict
+    control: bool = False
+
+    def rule(self, name: str | None = None) -> Rule:
+        name = name or self.default
+        for r in self.rules:
+            if r.name == name:
+                return r
+        raise SaescopeError(f"no rule {name!r} in this rules file (it has {', '.join(r.name for r in self.rules)})")
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({n for r in self.rules for n in r.layers})
+
+    def check_saes(self, saes: dict[int, TopKSAE], sae_spec: str, model: str | None, origin: str = "rules",
+                   layers: list[int] | None = None) -> None:
+        """Refuse to apply these rules (those on `layers`, default all) with other SAEs or another model: feature
+        ids mean nothing across SAEs."""
+        if model and self.model and model != self.model:
+            raise SaescopeError(f"{origin} were mined on model {self.model}, not {model}")
+        for n in self.layers if layers is None else layers:
+            if n not in saes:
+                raise SaescopeError(f"{origin} use layer {n}, which {sae_spec} has no SAE for")
+            if fingerprint(saes[n]) != self.fingerprints[n]:
+                raise SaescopeError(f"{origin} were mined on the SAEs {self.sae}, not on {sae_spec} (layer {n} differs)")
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "sae": self.sae, "control": self.control,
+                "threshold": self.threshold, "first_token": "left out",
+                "fingerprints": {str(n): fp for n, fp in sorted(self.fingerprints.items())},
+                "mining": self.mining, "choice": self.choice, "default": self.default,
+                "rules": [{"name": r.name, "kind": r.kind, "k": r.k,
+                           "features": [vars(f) for f in r.features]} for r in self.rules]}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RuleSet:
+        origin = str(path)
+        if not Path(path).is_file():
+            raise SaescopeError(f"rules file not found: {path} (mine one with: saescope toxicity mine)")
+        obj = read_json(Path(path))
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise InputError(f"{origin} is not a saescope toxicity rules file")
+        check_record(obj, {"version": Field(int, min=1, max=VERSION), "model": Field(str), "sae": Field(str),
+                           "threshold": Field(float, min=0), "fingerprints": Field(dict), "mining": Field(dict),
+                           "choice": Field(dict), "default": Field(str), "rules": Field(list),
+                           "control": Field(bool, required=False)}, origin)
+        fingerprints = {}
+        for key, fp in obj["fingerprints"].items():
+            if not key.isdigit() or not isinstance(fp, str):
+                raise InputError(f"{origin}: fingerprints must map layer numbers to strings")
+            fingerprints[int(key)] = fp
+        rules = []
+        for i, r in enumerate(obj["rules"]):
+            where = f"{origin}: rules[{i}]"
+            check_record(r, {"name": Field(str), "kind": Field(str, check=lambda v: None if v in ("layer", "multi")
+                                                                else "must be layer or multi"),
+                             "k": Field(int, min=1), "features": Field(list)}, where)
+            feats = []
+            for j, f in enumerate(r["features"]):
+                check_record(f, {"layer": Field(int, min=0), "feature": Field(int, min=0), "delta": Field(float),
+                                 "p_positive": Field(float, min=0, max=1), "p_negative": Field(float, min=0, max=1)},
+                             f"{where}.features[{j}]")
+                if f["layer"] not in fingerprints:
+                    raise InputError(f"{where}.features[{j}]: layer {f['layer']} has no SAE fingerprint in the file")
+                feats.append(RuleFeature(f["layer"], f["feature"], float(f["delta"]), float(f["p_positive"]),
+                                         float(f["p_negative"])))
+            rules.append(Rule(r["name"], r["kind"], r["k"], tuple(feats)))
+        out = cls(rules, obj["default"], float(obj["threshold"]), obj["model"], obj["sae"], fingerprints, obj["mining"],
+                  obj["choice"], bool(obj.get("control", False)))
+        out.rule()  # the default must name one of the rules
+        return out
+
+
+def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, TopKSAE], *, model: str, sae: str,
+                 ks: Sequence[int] = DEFAULT_KS, threshold: float = 0.0, multi_layer: bool = True,
+                 mining: dict | None = None, control: bool = False) -> RuleSet:
+    """Mine rules on `hits` of `data` and tie them to the SAEs and the data they came from."""
+    rules, choice = mine_rules(hits, data.labels, ks, multi_layer=multi_layer, origin=data.name)
+    # Balanced accuracy, not F1: on a set 69% positive (HateCheck) a rule that flags everything has F1 0.81, and the
+    # F1 choice was such a rule (499 of 500 French texts flagged); any constant rule has balanced accuracy 0.5.
+    bal = choice["mining_balanced_accuracy"]
+    default = max(rules, key=lambda r: (round(bal[r.name], 6), -len(r.features))).name
+    neg, pos = data.counts()
+    record = {"source": data.name, "language": data.language, "hash": data.content_hash(), "n_texts": len(data),
+              "n_positive": pos, "n_negative": neg, **(mining or {})}
+    layers = {f.layer for r in rules for f in r.features}
+    return RuleSet(rules, default, threshold, model, sae, {n: fingerprint(saes[n]) for n in sorted(layers)}, record,
+                   choice, control)
+
+
+def check_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SaescopeError(f"--k must be comma-separated integers, got {text!r}") from None
+    if not ks or ks[0] < 1 or ks[-1] > 1000:
+        raise SaescopeError(f"--k must list integers in 1..1000, got {text!r}")
+    return ks
+

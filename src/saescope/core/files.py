@@ -1,0 +1,38 @@
+"""File utilities every module shares: writes that never leave a half-written file, and JSON reads that
+fail as one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from saescope.core.errors import SaescopeError
+from saescope.core.schema import Field, check_record
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def read_json(path: Path, spec: dict[str, Field] | None = None) -> dict:
+    """A JSON file, checked against `spec` (field types and ranges) when one is given."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SaescopeError(f"cannot read {path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise SaescopeError(f"cannot read {path}: a folder, not a JSON file") from exc
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
+    return check_record(obj, spec, str(path)) if spec is not None else obj

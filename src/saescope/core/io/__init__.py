@@ -1,0 +1,155 @@
+"""Load SAEs of any origin behind one call, and write them in saescope, Qwen-Scope or SAELens format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from saescope.core.errors import SaescopeError
+from saescope.core.io.formats import (
+    from_weights,
+    load_native,
+    load_qwen_scope,
+    load_saelens,
+    load_sparsify,
+    save_native,
+    save_qwen_scope,
+    save_saelens,
+)
+from saescope.core.io.run_dir import RunDir
+from saescope.core.sae import TopKSAE
+
+__all__ = ["decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
+           "refuse_overwrite", "resolve_run", "save_native", "RunDir"]
+
+
+def resolve_run(path: Path) -> Path:
+    """A training run folder points at its latest complete checkpoint through the file `latest`."""
+    return RunDir(path).latest() or path
+
+
+def decoder_cos_to_init(run: Path) -> dict[str, float]:
+    """Per layer, the median cosine of a saescope run's decoder rows to their initialisation, when it was recorded
+    (train_summary.json); empty for other formats. Near 1, the SAE is still mostly its random start."""
+    try:
+        layers = json.loads(RunDir(run).train_summary.read_text())["layers"]
+        return {str(n): float(v["decoder_cos_to_init"]) for n, v in layers.items() if "decoder_cos_to_init" in v}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # optional figure: absent or unreadable, no figure
+        return {}
+
+
+def fingerprint(sae: TopKSAE) -> str:
+    """A short hash of an SAE's decoder and k: files derived from an SAE (feature stores) record it, so that they
+    are never read against another SAE."""
+    h = hashlib.sha1(f"{sae.cfg.d_model}x{sae.cfg.d_sae}k{sae.cfg.k}".encode())
+    h.update(sae.W_dec.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(sae.b_dec.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+_NATIVE = re.compile(r"layer(\d+)\.safetensors")
+_QWEN_SCOPE = re.compile(r"layer(\d+)\.sae\.pt")
+
+
+def _layers_in(path: Path, pattern: re.Pattern) -> dict[int, Path]:
+    """Files named exactly as a format names its layers; strays such as layer_backup.safetensors are not SAEs."""
+    return {int(m.group(1)): p for p in path.iterdir() if (m := pattern.fullmatch(p.name))}
+
+
+def load_saes(spec: str | Path, *, layers: list[int] | None = None, k: int | None = None) -> dict[int, TopKSAE]:
+    """All SAEs at SPEC, keyed by layer: a saescope run or checkpoint, a Qwen-Scope folder or hub repo,
+    a SAELens folder (or a folder of them), or a sparsify folder. `layers` restricts what is read."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) and not path.parent.is_dir():  # a hub id, not a local path
+            path = _hub_snapshot(str(spec))
+        else:
+            raise SaescopeError(f"SAE path not found: {spec}")
+    if path.is_file():
+        if path.name.endswith(".sae.pt"):
+            sae = load_qwen_scope(path, k)
+            return {sae.meta["layer"]: sae}
+        raise SaescopeError(f"{path}: not an SAE file (give the folder of a saescope, SAELens or sparsify SAE)")
+    path = resolve_run(path)
+    want = (lambda n: layers is None or n in layers)
+    found: dict[int, TopKSAE] = {}
+    native, qs = _layers_in(path, _NATIVE), _layers_in(path, _QWEN_SCOPE)
+    if native:
+        found = {n: load_native(path, n) for n in sorted(native) if want(n)}
+    elif qs:
+        found = {n: load_qwen_scope(p, k) for n, p in sorted(qs.items()) if want(n)}
+    elif (path / "sae_weights.safetensors").exists():
+        sae = load_saelens(path)
+        found = {sae.meta.get("layer", 0): sae}
+    elif (path / "sae.safetensors").exists():
+        sae = load_sparsify(path)
+        found = {sae.meta.get("layer", 0): sae}
+    else:
+        subs = sorted(p for p in path.iterdir() if p.is_dir() and re.search(r"\d+$", p.name))
+        for sub in subs:
+            if (sub / "sae_weights.safetensors").exists():
+                sae = load_saelens(sub)
+            elif (sub / "sae.safetensors").exists():
+                sae = load_sparsify(sub)
+            elif (sub / "cfg.json").exists():  # an SAE folder whose weights are gone: not silently one layer fewer
+                raise SaescopeError(f"{sub} holds cfg.json but no weights (sae_weights.safetensors or sae.safetensors)")
+            else:
+                continue
+            n = sae.meta.get("layer", int(re.search(r"(\d+)$", sub.name).group(1)))
+            if n in found:
+                raise SaescopeError(f"{path}: two SAEs for layer {n} ({found[n].meta.get('hook_name') or '?'} and {sub.name})")
+            if want(n):
+                found[n] = sae
+    missing = sorted(set(layers or []) - set(found))
+    if missing or not found:
+        on_disk = sorted({*native, *qs})
+        have = f" (it has layers {', '.join(map(str, on_disk))})" if on_disk else ""
+        raise SaescopeError(f"no SAE for layer {missing[0]} in {path}{have}" if missing else f"{path}: no SAEs found")
+    for n, sae in found.items():
+        if k is not None and sae.meta.get("origin") != "qwen-scope" and sae.cfg.k != k:
+            raise SaescopeError(f"--k {k}: the SAE of layer {n} in {path} records k {sae.cfg.k} (--k is for Qwen-Scope files "
+                                "whose name does not give it)")
+        sae.meta["layer"] = n
+    return dict(sorted(found.items()))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.sae.pt", "*.json", "*.safetensors"]))
+    except Exception as exc:  # offline, missing repo, auth: all one message to the user
+        raise SaescopeError(f"cannot fetch SAEs from hub repo {repo_id!r} (is the hub reachable?): {type(exc).__name__}") from exc
+
+
+_EXPORT_TARGETS = {"saelens": ("layer{n}/sae_weights.safetensors", "layer{n}/cfg.json"), "qwen-scope": ("layer{n}.sae.pt",),
+                   "saescope": ("layer{n}.safetensors", "layer{n}.json")}
+
+
+def refuse_overwrite(out: Path, targets: list[Path]) -> None:
+    """SAE files are never silently replaced: writing where SAEs of the same layers already are is refused up front."""
+    if existing := [p for p in targets if p.exists()]:
+        raise SaescopeError(f"{out} already holds {existing[0].relative_to(out)}"
+                            f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}: choose another --out or remove them first")
+
+
+def export_saes(saes: dict[int, TopKSAE], out: Path, fmt: str, *, model_name: str = "") -> list[Path]:
+    """Write SAEs in another format: 'saelens' (one folder per layer), 'qwen-scope' or 'saescope'."""
+    if fmt not in _EXPORT_TARGETS:
+        raise SaescopeError(f"unknown format {fmt!r}; use saelens, qwen-scope or saescope")
+    refuse_overwrite(out, [out / t.format(n=n) for n in saes for t in _EXPORT_TARGETS[fmt]])
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, sae in saes.items():
+        if fmt == "saelens":
+            save_saelens(sae, out / f"layer{n}", hook_name=f"model.layers.{n}", model_name=model_name)
+            written.append(out / f"layer{n}")
+        elif fmt == "qwen-scope":
+            save_qwen_scope(sae, out, n)
+            written.append(out / f"layer{n}.sae.pt")
+        else:
+            save_native(sae, out, n)
+            written.append(out / f"layer{n}.safetensors")
+    return written

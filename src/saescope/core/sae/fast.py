@@ -1,0 +1,301 @@
+"""The fast path of the top-k SAE: the same maths as `topk.reference_encode` / `reference_decode`, faster.
+
+Only the k kept latents of a token ever enter the decoder (embedding_bag over their rows), and both
+backwards touch only the selected latents (`_TopKEncode.backward`, `_SparseDecode.backward`), so
+nothing of size tokens x d_sae is built except the pre-activations that top-k itself needs (kept in
+a reusable `Workspace` when training). tests/sae/test_fast.py holds this module to the reference.
+
+    fused_topk_encode   matmul + top-k + ReLU (+ the AuxK selection from the same matmul), sparse backward
+    sparse_decode       sum_s values[n, s] * W_dec[indices[n, s]], grouped decoder gradient
+    top_k               exact top-k: the fused CPU kernel, or blockwise group maxima, or torch.topk
+    LatentGroups        (token, slot) pairs grouped by latent: the weight gradients as one embedding_bag
+    Workspace           the (tokens x d_sae) pre-activation buffer reused across steps and layers
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saescope.core.sae.cpu_kernels import fused_top_k_applies, fused_top_k_available, rerank_exact, topk_with_bias
+from saescope.core.system import BF16_MIN_SPEEDUP, cpu_bf16_speedup
+
+
+class LatentGroups:
+    """The (token, slot) pairs of a sparse code grouped by latent: argsort of the latent indices plus
+    offsets, so that sums over "every token where latent j was selected" are one embedding_bag with
+    d_sae bags. Several times faster than a dense scatter + matmul or index_add on CPU, never builds
+    tokens x d_sae, and free of atomics (a resumed CUDA run repeats the same sums)."""
+
+    def __init__(self, indices: Tensor, d_sae: int):
+        n_tokens, k = indices.shape
+        flat = indices.reshape(-1)
+        self.order = torch.argsort(flat)
+        self.token_of_pair = torch.div(self.order, k, rounding_mode="floor")
+        # index_add of integer ones, not bincount: bincount syncs with the host on CUDA to size its output.
+        counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device).index_add_(0, flat, torch.ones_like(flat))
+        self.offsets = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
+        torch.cumsum(counts, 0, out=self.offsets[1:])
+
+    def weighted_sum(self, weights: Tensor, rows: Tensor) -> Tensor:
+        """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s] * rows[n]; (d_sae, d_model)."""
+        return F.embedding_bag(self.token_of_pair, rows, self.offsets, mode="sum",
+                               per_sample_weights=weights.reshape(-1)[self.order].to(rows.dtype), include_last_offset=True)
+
+    def sum(self, weights: Tensor) -> Tensor:
+        """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s]; (d_sae,)."""
+        return torch.segment_reduce(weights.reshape(-1)[self.order], "sum", offsets=self.offsets)
+
+
+def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
+    """The gradient of a (d_sae, d_model) weight touched only at the selected latents (see LatentGroups)."""
+    return LatentGroups(indices, d_sae).weighted_sum(weights, rows)
+
+
+def top_k(x: Tensor, k: int, *, bias: Tensor | None = None, block: int = 8) -> tuple[Tensor, Tensor]:
+    """The k largest values of each row of x (n, d) (+ bias (d,) when given; a bias of -inf excludes its
+    column) and their columns, in no particular order.
+
+    On a CPU with saescope's kernels built (`cpu_kernels`), one pass adds the bias and selects, so the
+    encoder can write a bare matmul and AuxK can pass a bias of -inf on live latents instead of
+    rewriting the matrix: 1,024 x 9,216 at k 50 in ~5 ms against ~10 ms below plus a 2.5 ms bias pass.
+    Otherwise:
+
+    On CPU, torch.topk scans every element through a comparator (2.3 ns each on 2 cores: 15.5 ms for
+    1,024 x 9,216, a third of the encoder matmul). Splitting a row into d/block strided groups, the
+    k largest elements all lie in the k groups with the largest maxima (any element outside them has
+    k group maxima at least as large above it), so: take the group maxima (one vectorised pass),
+    find their top k (recursively), and run torch.topk on the k x block candidates only. Exact, same
+    values as torch.topk (indices may differ between equal values); 1.7-2.3x faster for widths 4x-64x
+    at k 50 (bench/micro.py). On GPU torch.topk is already fast and is used as is.
+    """
+    if x.dim() != 2:
+        values, cols = top_k(x.reshape(-1, x.shape[-1]), k, bias=bias, block=block)
+        return values.reshape(*x.shape[:-1], k), cols.reshape(*x.shape[:-1], k)
+    if fused_top_k_applies(x, bias):
+        return topk_with_bias(x, bias if bias is not None else x.new_zeros(x.shape[1]), k)
+    if bias is not None:  # a bias of -inf excludes its column, whatever x holds there (AuxK's mask)
+        x = (x + bias).masked_fill_(torch.isneginf(bias), float("-inf"))
+    n, d = x.shape
+    groups = d // block
+    # with fewer than 2k groups the candidates are half the row or more: no gain (AuxK at 4x width)
+    if x.device.type != "cpu" or d % block or groups < 2 * k:
+        return x.topk(k, dim=-1, sorted=False)
+    _, top_groups = top_k(x.reshape(n, block, groups).amax(1), k, block=block)
+    offsets = torch.arange(0, d, groups, device=x.device)
+    candidates = (top_groups[:, None, :] + offsets[None, :, None]).reshape(n, block * k)
+    values, pick = x.gather(1, candidates).topk(k, dim=-1, sorted=False)
+    return values, candidates.gather(1, pick)
+
+
+class Workspace:
+    """Memory reused across training steps and layers for the (tokens x d_sae) pre-activations.
+
+    On CPU a fresh tensor of that size (38 MB for 1,024 tokens x 9,216 latents) comes from mmap and is
+    returned to the OS when freed (glibc serves blocks over 32 MB that way), so every layer of every
+    step page-faults it in again: 11 ms of a 62 ms encoder matmul on 2 cores, 28 of 185 ms at 4,096
+    tokens (bench/micro.py). One buffer, shared by the layers that a trainer steps one after the other,
+    removes that cost. Not for concurrent use (a server encoding in several threads uses none).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}  # one per dtype: the screen holds bf16 and fp32 at once
+
+    def pre_activations(self, n_tokens: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        need = n_tokens * d_sae
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < need or buf.device != device:
+            buf = self._buffers[dtype] = torch.empty(need, dtype=dtype, device=device)
+        return buf[:need].view(n_tokens, d_sae)
+
+
+class Encoding(NamedTuple):
+    """What `fused_topk_encode` returns: the top-k code, the AuxK code (empty when k_aux is 0) and, when
+    asked for, the grouping of the selected latents for the decoder's backward."""
+
+    values: Tensor  # (..., k), >= 0
+    indices: Tensor  # (..., k) int64
+    aux_values: Tensor  # (n, k_aux), >= 0
+    aux_indices: Tensor  # (n, k_aux) int64
+    groups: LatentGroups | None
+
+
+@dataclass(frozen=True)
+class _EncodeOptions:
+    k: int
+    compute_dtype: torch.dtype
+    dead: Tensor | None  # (d_sae,) bool: AuxK selects among these latents
+    k_aux: int
+    workspace: Workspace | None
+    with_groups: bool
+
+
+def fused_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, *, k: int, compute_dtype: torch.dtype,
+                      dead: Tensor | None = None, k_aux: int = 0, workspace: Workspace | None = None,
+                      with_groups: bool = False) -> Encoding:
+    """values, indices = TopK_k(ReLU(x @ W_enc.T + b_enc)), and the top k_aux pre-activations among the
+    `dead` latents (AuxK) from the same matmul; differentiable in x, W_enc and b_enc.
+
+    The matmul and top-k run in `compute_dtype`, the values and gradients in W_enc's dtype. `workspace`
+    holds the pre-activations between calls. `with_groups` (a training forward that will be
+    differentiated) builds the grouping of the selected latents once, for both weight gradients.
+    """
+    options = _EncodeOptions(k, compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, with_groups)
+    return Encoding(*_TopKEncode.apply(x, W_enc, b_enc, options))
+
+
+class _TopKEncode(torch.autograd.Function):
+    """ReLU + top-k with a backward that only touches the selected latents (see `fused_topk_encode`)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, options):  # type: ignore[override]
+        o: _EncodeOptions = options
+        encode = _screened_encode if screens(x.device, o.compute_dtype) else _plain_encode
+        values, indices, aux_values, aux_indices = encode(x, W_enc, b_enc, o)
+        ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        # The grouping serves both weight gradients: built here, once, and returned for the decoder (an
+        # argsort of tokens x k). needs_input_grad cannot tell whether it is wanted: it is True under
+        # no_grad too, and forward itself runs without grad; hence the caller's `with_groups`.
+        ctx.groups = LatentGroups(indices, W_enc.shape[0]) if o.with_groups and indices.dim() == 2 else None
+        return values, indices, aux_values, aux_indices, ctx.groups
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, grad_aux, _gai, _groups):  # type: ignore[override]
+        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        idx = torch.cat([indices, aux_indices], dim=1)
+        grad = torch.cat([grad_values * (values > 0), grad_aux * (aux_values > 0)], dim=1).to(W_enc.dtype)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, W_enc, mode="sum", per_sample_weights=grad).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            groups = ctx.groups if aux_indices.shape[1] == 0 and ctx.groups is not None else LatentGroups(idx, W_enc.shape[0])
+            grad_W = groups.weighted_sum(grad, x.to(W_enc.dtype))
+            grad_b = groups.sum(grad)
+        return grad_x, grad_W, grad_b, None
+
+
+def _plain_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The matmul and top-k in o.compute_dtype; values in W_enc's dtype."""
+    xc, Wc, bc = x.to(o.compute_dtype), W_enc.to(o.compute_dtype), b_enc.to(o.compute_dtype)
+    # With the fused CPU top-k the bias is added while selecting (one pass less over tokens x d_sae).
+    fused = fused_top_k_available(x.device, o.compute_dtype)
+    if o.workspace is None:
+        pre = xc @ Wc.T if fused else F.linear(xc, Wc, bc)
+    else:
+        out = o.workspace.pre_activations(x.shape[0], W_enc.shape[0], o.compute_dtype, x.device)
+        pre = torch.mm(xc, Wc.T, out=out) if fused else torch.addmm(bc, xc, Wc.T, out=out)
+    # top-k before ReLU selects the same latents as ReLU then top-k; ReLU on k values is cheaper.
+    values, indices = top_k(pre, o.k, bias=bc if fused else None)
+    values = values.to(W_enc.dtype).clamp_min_(0)
+    if o.dead is not None:
+        if fused:
+            aux_values, aux_indices = top_k(pre, o.k_aux, bias=bc.masked_fill(~o.dead, float("-inf")))
+        else:
+            aux_values, aux_indices = top_k(pre.masked_fill_(~o.dead, float("-inf")), o.k_aux)
+        aux_values = aux_values.to(W_enc.dtype).clamp_min_(0)
+    else:
+        aux_values = values.new_zeros(x.shape[0], 0)
+        aux_indices = indices.new_zeros(x.shape[0], 0)
+    return values, indices, aux_values, aux_indices
+
+
+SCREEN_MARGIN = 0.5  # the bf16 screen shortlists k * (1 + margin) latents per token for the fp32 ranking
+_SCREEN_PAYS: dict[str, bool] = {}
+
+
+def screens(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """Whether an fp32 encoder on this device runs as a bf16 screen + fp32 ranking (`_screened_encode`): on a
+    CPU with saescope's AVX-512 kernels whose bf16 matmuls are measured much faster than fp32 (the same
+    measurement that puts the LM in bf16 there: saescope.core.system.cpu_bf16_speedup; SAESCOPE_CPU_DTYPE=fp32 turns
+    both off). An explicitly bf16 encoder, and every GPU, keep the plain path. The choice changes no figure beyond
+    ties (see `_screened_encode`), so ranks or a resumed run that decide differently still train the same."""
+    if device.type != "cpu" or compute_dtype != torch.float32:
+        return False
+    forced = os.environ.get("SAESCOPE_CPU_DTYPE", "").lower()
+    if forced not in _SCREEN_PAYS:  # a forced bf16 is not a measurement: a CPU without native bf16 would emulate it
+        _SCREEN_PAYS[forced] = (forced not in ("fp32", "float32") and fused_top_k_available(device, torch.float32)
+                                and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
+    return _SCREEN_PAYS[forced]
+
+
+def shortlist_rerank(approx: Tensor, x: Tensor, W: Tensor, bias: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
+    """The screen's two halves: the m largest of `approx` + bias (a bf16 product's scores, fp32, (n, d)) shortlist
+    each row's candidates; the k largest exact x[r] . W[c] + bias[c] among them are kept. (values, columns), fp32."""
+    _, shortlist = top_k(approx, min(W.shape[0], m), bias=bias)
+    return rerank_exact(x, W, bias, shortlist, k)
+
+
+def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fp32 encoder, computed faster: the bf16 matmul (5-7x faster than fp32 on CPUs with AMX) shortlists
+    each token's 1.5k largest latents; their pre-activations are recomputed in fp32 and the k largest kept.
+    Values are fp32 dot products, and a latent differs from the fp32 matmul's choice only if bf16 rounding
+    moves it from the true top k to below rank 1.5k (or at a tie below fp32 resolution, which the fp32 matmul
+    breaks arbitrarily itself): none of 1,303,944 firing latents of real SmolLM2
+    activations (layers 0/5/15/25/29, 8k tokens; at a margin of 0.125, 4 were), 1.7x faster than the fp32
+    matmul + top-k (bench/RESULTS.md). AuxK keeps the screen's own selection and values (an auxiliary loss
+    on dead latents, as the GPU's bf16 path computes it)."""
+    if x.dim() != 2:
+        got = _screened_encode(x.reshape(-1, x.shape[-1]), W_enc, b_enc, o)
+        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in got)  # type: ignore[return-value]
+    n, d_sae = x.shape[0], W_enc.shape[0]
+    xf, Wf, bf = x.float().contiguous(), W_enc.float().contiguous(), b_enc.float().contiguous()
+    if o.workspace is not None:  # both buffers reused across steps and layers (no page faults per step)
+        pre16 = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T,
+                         out=o.workspace.pre_activations(n, d_sae, torch.bfloat16, x.device))
+        pre = o.workspace.pre_activations(n, d_sae, torch.float32, x.device).copy_(pre16)
+    else:
+        pre = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T).float()
+    values, indices = shortlist_rerank(pre, xf, Wf, bf, o.k, o.k + max(1, round(o.k * SCREEN_MARGIN)))
+    values = values.to(W_enc.dtype).clamp_min_(0)
+    if o.dead is not None:
+        aux_values, aux_indices = top_k(pre, o.k_aux, bias=bf.masked_fill(~o.dead, float("-inf")))
+        aux_values = aux_values.to(W_enc.dtype).clamp_min_(0)
+    else:
+        aux_values, aux_indices = values.new_zeros(n, 0), indices.new_zeros(n, 0)
+    return values, indices, aux_values, aux_indices
+
+
+class _SparseDecode(torch.autograd.Function):
+    """sum_s values[n, s] * W_dec[indices[n, s]], with the decoder gradient as one grouped sum.
+
+    torch's own embedding_bag backward builds the (d_sae, d_model) gradient by a dense, index_add-like
+    pass; grouping by latent (LatentGroups) does the same sums faster on CPU: forward + backward
+    19 -> 15 ms for 1,024 tokens x k 50 x 9,216 latents, bit-identical gradients (bench/micro.py).
+    The gradient of the values is torch's own kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, indices, values, W_dec, groups):  # type: ignore[override]
+        ctx.save_for_backward(indices, values, W_dec)
+        ctx.groups = groups
+        return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        indices, values, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[1]:
+            n, k = indices.shape
+            pairs = torch.arange(n * k, device=indices.device)
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, W_dec, indices.reshape(-1), pairs[::k], torch.div(pairs, k, rounding_mode="floor"), 0
+            ).view(n, k)
+        if ctx.needs_input_grad[2]:
+            groups = ctx.groups or LatentGroups(indices, W_dec.shape[0])
+            grad_W = groups.weighted_sum(values, grad_out)
+        return None, grad_values, grad_W, None
+
+
+def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: LatentGroups | None = None) -> Tensor:
+    """(n, k) latents and their values -> (n, d_model), without the bias; `groups` of these indices, when
+    already built, save the backward an argsort."""
+    values = values.to(W_dec.dtype)
+    if W_dec.device.type != "cpu" or indices.shape[-1] == 0:  # the grouped backward is measured faster on CPU only; GPUs keep torch's
+        return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
+    return _SparseDecode.apply(indices, values, W_dec, groups)

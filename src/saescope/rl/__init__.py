@@ -1,8 +1,0 @@
-"""RL with steered negative rollouts (Qwen-Scope report section 8) in TRL's GRPOTrainer."""
-
-from saescope.rl.grpo import RLConfig, heldout_eval, run_rl
-from saescope.rl.rollouts import SteeredNegativeReward, SteeredRollouts
-from saescope.rl.tasks import Problem, exact_match_reward, final_number, format_reward, load_problems
-
-__all__ = ["Problem", "RLConfig", "SteeredNegativeReward", "SteeredRollouts", "exact_match_reward", "final_number",
-           "format_reward", "heldout_eval", "load_problems", "run_rl"]

@@ -1,6 +1,0 @@
-"""Feature coverage of datasets, coverage-driven selection from a pool, and feature-driven data synthesis."""
-
-from saescope.synthesis.coverage import Target, TargetSet, coverage, derive_targets, greedy_cover, load_targets
-from saescope.synthesis.generate import SynthConfig, synthesize
-
-__all__ = ["SynthConfig", "Target", "TargetSet", "coverage", "derive_targets", "greedy_cover", "load_targets", "synthesize"]

@@ -1,6 +1,0 @@
-"""Training SAEs on every layer from one forward pass per batch."""
-
-from saescope.train.config import PRESETS, TrainConfig, parse_layers
-from saescope.train.trainer import Trainer, resolve_device, resolve_dtype
-
-__all__ = ["PRESETS", "TrainConfig", "Trainer", "parse_layers", "resolve_device", "resolve_dtype"]
