@@ -18,12 +18,12 @@ from pathlib import Path
 
 from saescope.api.controls import make_controls
 from saescope.api.evaluate import evaluate_sets
-from saescope.core.files import atomic_write_json
-from saescope.core.io import decoder_cos_to_init, load_saes
-from saescope.core.models import load_model
 from saescope.api.probing import probe_sets, sparse_probing
 from saescope.api.quality import quality_report
 from saescope.api.scope import Scope
+from saescope.core.files import atomic_write_json
+from saescope.core.io import decoder_cos_to_init, load_saes
+from saescope.core.models import load_model
 from saescope.core.train import TrainConfig, Trainer
 
 

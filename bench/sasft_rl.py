@@ -33,7 +33,7 @@ def sasft(a) -> dict:
     common = ["--sae", a.sae, "--layer", str(a.layer), "--features", a.features, "--max-steps", str(a.steps),
               "--eval-prompts", str(a.prompts), "--arc", str(a.arc), "--seed", "0", "--max-length", str(a.max_length), "--data", a.data] + (["--lora"] if a.lora else [])
     arms = {"plain SFT": ["--lambda", "0"], "SASFT": ["--lambda", str(a.lam)],
-            "SASFT, random directions": ["--lambda", str(a.lam), "--random-directions"]}
+            "SASFT, random directions": ["--lambda", str(a.lam), "--control", a.control]}
     out = {}
     for i, (name, extra) in enumerate(arms.items()):
         folder = Path(a.out) / name.replace(" ", "-").replace(",", "")
@@ -63,7 +63,7 @@ def rl(a) -> dict:
               "--seed", "0", "--lora"]
     steer = ["--sae", a.sae, "--layer", str(a.layer), "--feature", str(a.feature), "--alpha", str(a.alpha)]
     arms = {"steered negative": steer, "plain GRPO": ["--model", "smollm2-135m-instruct", "--no-steered-negative"],
-            "random-direction negative": [*steer, "--random-direction"]}
+            "random-direction negative": [*steer, "--control", a.control]}
     out = {}
     for name, extra in arms.items():
         folder = Path(a.out) / name.replace(" ", "-")
@@ -96,6 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["sasft", "rl"])
     p.add_argument("--sae", required=True)
+    p.add_argument("--control", required=True, help="the control of the SAEs (saescope control random --like SAE): the random arms")
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--features", default="")
     p.add_argument("--feature", type=int, default=0)

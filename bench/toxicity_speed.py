@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saescope.api.hits import encode_labelled
+from saescope.api.rules import RuleSet
+from saescope.api.scope import Scope
+from saescope.apps.toxicity import RuleClassifier
 from saescope.core.data.labelled import load_labelled
 from saescope.core.files import atomic_write_json
-from saescope.api.scope import Scope
-from saescope.apps.toxicity import RuleClassifier, RuleSet, encode_labelled
 
 
 def main() -> None:

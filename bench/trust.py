@@ -6,7 +6,7 @@ the trust figures in RESULTS.md come from the CLI commands quoted there.
     python bench/trust.py match --sae A --sae B [--layer 15]        # time + peak memory of feature matching
     python bench/trust.py match --random 16384                      # the same on two random 16K x 576 decoders
 
-finetune: a short full fine-tune of SmolLM2-135M-Instruct on MATH problems and solutions
+finetune: a short full fine-tune of SmolLM2-135M-Instruct on MATH problems and solutions (TRL's SFTTrainer)
 (../shared/data/benchmarks/math.jsonl), the "after" half of a real before/after pair for
 `saescope transfer`.
 """
@@ -28,14 +28,15 @@ SHARED = Path(os.environ.get("SAESCOPE_SHARED_DATA", ROOT.parent / "shared" / "d
 
 
 def finetune_main(a: argparse.Namespace) -> None:
+    from saescope.api.finetune import fine_tune
+    from saescope.core.data.rows import iter_rows
     from saescope.core.models import load_model
-    from saescope.apps.trust import finetune
 
-    rows = [json.loads(line) for line in (SHARED / "benchmarks" / "math.jsonl").read_text().splitlines()]
+    rows = [r for _, r in iter_rows(SHARED / "benchmarks" / "math.jsonl")]
     texts = [f"Problem: {r['context']}\nSolution: {r['chain_of_thought']}\nAnswer: {r['answer']}" for r in rows]
     lm = load_model(a.model, dtype="fp32")
     t0 = time.perf_counter()
-    losses = finetune(lm, texts, steps=a.steps, lr=a.lr, ctx_len=a.ctx_len, batch_size=a.batch_size)
+    losses = fine_tune(lm, texts, steps=a.steps, lr=a.lr, max_length=a.ctx_len, batch_size=a.batch_size)
     took = time.perf_counter() - t0
     out = Path(a.out)
     lm.model.save_pretrained(out)

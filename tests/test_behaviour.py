@@ -10,18 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tests.conftest import SHARED, shared_file
 
-from saescope.api.behaviour import (
-    LanguageID,
-    behaviour_stats,
-    distinct_n,
-    ends_in_loop,
-    language_features,
-    mgsm_accuracy,
-    repeat_pairs,
-    repetition_features,
-)
-from saescope.core.errors import SaescopeError
+from saescope.api.behaviour import LanguageID, behaviour_stats, distinct_n, ends_in_loop, mgsm_accuracy
 from saescope.api.scope import Scope
+from saescope.apps.discover import language_features, repeat_pairs, repetition_features
+from saescope.core.errors import SaescopeError
 
 RESPONSES = SHARED / "multilingual" / "m_ifeval" / "responses"
 
@@ -117,7 +109,9 @@ def test_cli_discover_repetition_and_language(tiny_sae_dir, tmp_path):
     doc = json.loads(out.read_text())
     assert len(doc["ranked"]) == 4 and doc["selected"] == [doc["ranked"][0]["feature"]]
     dirs = [c["direction"] for c in doc["steering_check"]]
-    assert dirs == ["none"] + [f"feature {doc['selected'][0]}"] * 2 + ["random-0"] * 2 + ["random-1"] * 2
+    f = doc["selected"][0]
+    assert dirs == ["none"] + [f"feature {f}"] * 2 + [f"control {f}"] * 2  # the control's direction of the same id
+    assert doc["control"] == "random (seed 0, in memory)"
     assert {c["strength"] for c in doc["steering_check"][1:]} == {-3.0, 3.0}
     shared_file(SHARED / "multilingual" / "mgsm" / "mgsm_fr.tsv")
     out = tmp_path / "fr.json"

@@ -424,10 +424,10 @@ BENCHES = ("gsm8k", "math", "arc_challenge", "mmlu")
 def footprint_folder(tmp_path_factory) -> Path:
     import numpy as np
 
-    from saescope.core.files import atomic_write_json
     from saescope.apps.redundancy.analysis import analyse
     from saescope.apps.redundancy.footprint import FORMAT, Footprints, write_sets
     from saescope.apps.redundancy.metrics import FeatureSets
+    from saescope.core.files import atomic_write_json
 
     path = tmp_path_factory.mktemp("fp") / "fp"
     rng = np.random.default_rng(0)

@@ -8,8 +8,6 @@ import pytest
 import torch
 from tests.conftest import SHARED, random_saes
 
-from saescope.core.errors import SaescopeError
-from saescope.core.models import load_model
 from saescope.api.probing import (
     ProbeSet,
     best_threshold_accuracy,
@@ -20,6 +18,8 @@ from saescope.api.probing import (
     top_latents,
 )
 from saescope.api.scope import Scope
+from saescope.core.errors import SaescopeError
+from saescope.core.models import load_model
 
 
 def _t(*v):

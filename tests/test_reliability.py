@@ -12,10 +12,9 @@ import torch
 
 from conftest import assert_one_line_error, run_cli, save_saes
 from saescope import cli
-from saescope.cli import train as cli_train
-from saescope.cli.flags import check_flags
-from saescope.core.errors import SaescopeError
 from saescope.api.evaluate import LayerEval, write_results
+from saescope.cli import train as cli_train
+from saescope.core.errors import SaescopeError
 from saescope.core.io import RunDir, export_saes, load_saes
 from saescope.core.sae import SAEConfig, TopKSAE
 from saescope.core.train import TrainConfig
@@ -94,7 +93,7 @@ def test_ill_typed_train_json_is_refused_naming_the_field(trained_run, tmp_path,
     (run / "train.json").write_text(json.dumps(edit(json.loads((run / "train.json").read_text()))))
     before = tree_hashes(run)
     with pytest.raises(SaescopeError, match="train.json") as exc:
-        cli_train._resumed_config(cli.build_parser().parse_args(["train", "--out", str(run), "--resume"]), RunDir(run), set(), 0, None)
+        TrainConfig.resumed(run)
     assert fragment in str(exc.value)
     assert tree_hashes(run) == before
 
@@ -183,7 +182,7 @@ def test_eval_refuses_invalid_values_before_writing(tiny_sae_dir, tmp_path):
                             (["--outlier-factor", "-1"], "--outlier-factor must be >= 0"),
                             (["--outlier-factor", "nan"], "finite"), (["--ctx-len", "0"], "--ctx-len must be >= 2")):
         with pytest.raises(SaescopeError) as exc:
-            check_flags(cli.build_parser().parse_args(["eval", "--sae", str(run), *flags]))
+            cli.parse_config(["eval", "--sae", str(run), *flags])
         assert fragment in str(exc.value)
     assert tree_hashes(run) == before
     sae = load_saes(run)[0]
@@ -199,14 +198,14 @@ def test_output_paths_that_cannot_be_written_are_refused(tiny_sae_dir, tmp_path)
     (tmp_path / "file").write_text("x")
     for out, fragment in ((tmp_path / "file", "a file exists there"), (tmp_path / "file" / "sub", "is a file")):
         with pytest.raises(SaescopeError, match=fragment):
-            check_flags(cli.build_parser().parse_args(["export", "--sae", str(tiny_sae_dir), "--to", "saelens", "--out", str(out)]))
+            cli.parse_config(["export", "--sae", str(tiny_sae_dir), "--to", "saelens", "--out", str(out)])
     for argv in (["report", "--sae", str(tiny_sae_dir), "--out", str(tiny_sae_dir / "layer0.json")],
                  ["plan", "--model", "Qwen/Qwen3-8B", "--json", str(tiny_sae_dir / "layer1.json")]):
         with pytest.raises(SaescopeError, match="is never overwritten"):
-            check_flags(cli.build_parser().parse_args(argv))
+            cli.parse_config(argv)
     html = tmp_path / "browser.html"
     html.write_text("old")  # rewriting one's own earlier output is fine; a browser page is a file, not a folder
-    check_flags(cli.build_parser().parse_args(["features", "browser", "--store", "s", "--out", str(html)]))
+    cli.parse_config(["features", "browser", "--store", "s", "--out", str(html)])
     assert (tmp_path / "file").read_text() == "x"
 
 
@@ -265,7 +264,7 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
     def broken(_a):
         raise ValueError("something no check foresaw\nsecond line")
 
-    monkeypatch.setitem(cli.COMMANDS, "models", broken)
+    monkeypatch.setitem(cli_train.COMMANDS, "models", cli_train.Command(cli_train.ModelsConfig, broken, "models"))
     monkeypatch.setenv("SAESCOPE_DEBUG", "0")
     assert cli.main(["models"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -299,8 +298,8 @@ def test_train_config_ranges():
 
 
 def test_small_refusals_from_the_audit(monkeypatch, tmp_path, capsys):
-    from saescope.core.data.benchmarks import _format
     from saescope.api.steer import parse_features
+    from saescope.core.data.benchmarks import _format
 
     with pytest.raises(SaescopeError, match="features must be integers"):
         parse_features("3,,4", "1")

@@ -77,5 +77,5 @@ def test_load_refuses_to_guess_the_model(tmp_path):
     from conftest import random_saes, save_saes
 
     save_saes(random_saes(64, [0], model=""), tmp_path)
-    with pytest.raises(SaescopeError, match="do not name their model: pass --model"):
+    with pytest.raises(SaescopeError, match="do not name their model: give model"):
         Scope.load(str(tmp_path))

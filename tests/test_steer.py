@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, random_saes, run_cli
-from saescope.core.errors import SaescopeError
-from saescope.core.models import capture, load_model
 from saescope.api.scope import Scope
 from saescope.api.steer import feature_vector, generate, parse_features, steered_pair
+from saescope.core.errors import SaescopeError
+from saescope.core.models import capture, load_model
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from saescope.core.errors import SaescopeError
 from saescope.api.steer import generate, parse_features
+from saescope.core.errors import SaescopeError
 
 
 @pytest.mark.parametrize("features,strengths,fragment", [
-    ("3", "nan", "--strength must be a finite number, got nan"),
-    ("3,7", "8,inf", "--strength must be a finite number, got inf"),
-    ("3", "-inf", "--strength must be a finite number, got -inf"),
-    ("-1", "2", "--feature must be >= 0, got -1"),
-    ("3,3", "8,-4", "--feature 3,3: feature 3 is given twice"),
+    ("3", "nan", "strength must be a finite number, got nan"),
+    ("3,7", "8,inf", "strength must be a finite number, got inf"),
+    ("3", "-inf", "strength must be a finite number, got -inf"),
+    ("-1", "2", "feature must be >= 0, got -1"),
+    ("3,3", "8,-4", "feature 3,3: feature 3 is given twice"),
 ])
 def test_bad_features_and_strengths(features, strengths, fragment):
     with pytest.raises(SaescopeError, match=fragment):
@@ -39,7 +39,7 @@ def test_steer_cli_refuses_nan_and_keeps_earlier_results(tmp_path):
     # The SAE folder does not exist: the strength is refused before anything is loaded.
     code, _, err = run_cli("steer", "--sae", str(tmp_path / "nosae"), "--layer", "1", "--feature", "2", "--strength", "nan",
                            "--prompt", "x", "--out", str(out))
-    assert_one_line_error(code, err, "--strength must be a finite number, got nan")
+    assert_one_line_error(code, err, "strength must be a finite number, got nan")
     code, _, err = run_cli("steer", "--sae", str(tmp_path / "nosae"), "--layer", "1", "--feature", "2", "--strength", "3",
                            "--prompt", "x", "--prompt", " ", "--out", str(out))
     assert_one_line_error(code, err, "--prompt 2 is empty")

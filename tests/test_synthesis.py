@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from tests.conftest import assert_one_line_error, random_saes, run_cli, save_saes
 
-from saescope.cli.synthesis import parse_steer
-from saescope.core.errors import SaescopeError
-from saescope.core.models import load_model
+from saescope.api.hits import FeatureHits
 from saescope.api.scope import Scope
 from saescope.apps.synthesis import SynthConfig, Target, TargetSet, coverage, derive_targets, greedy_cover, load_targets
 from saescope.apps.synthesis.coverage import random_curve, target_matrix
 from saescope.apps.synthesis.generate import at_equal_data, evidence_prompt, fires, synthesize
-from saescope.apps.toxicity import FeatureHits
+from saescope.core.errors import SaescopeError
+from saescope.core.models import load_model
 
 
 def test_coverage_and_greedy_cover_by_hand():
@@ -103,11 +102,11 @@ def test_synthesis_keeps_only_what_fires_its_target(tiny_qwen3):
     covered = np.zeros(len(targets), dtype=bool)
     covered[0] = True
     steered = synthesize(scope, lm, targets, covered, SynthConfig(budget=2, per_target=1, max_new_tokens=4,
-                                                                  steer=3.0, steer_relative=True),
+                                                                  steer="3x"),
                          evidence=evidence, progress=False)
     assert steered["steer"]["per_target"] == {f"1:{f}": 3.0 * (0.5 + f) for f in range(8, 64, 8)}  # not the covered 1:0
     with pytest.raises(SaescopeError, match="L1/8 has none"):
-        synthesize(scope, lm, targets, covered, SynthConfig(budget=2, steer=3.0, steer_relative=True),
+        synthesize(scope, lm, targets, covered, SynthConfig(budget=2, steer="3x"),
                    evidence={(1, 16): {"max_activation": 1.0}}, progress=False)
     prompt = evidence_prompt(Target(1, 2, "negative"), {"contexts": ["a b c"], "promoted": [" cat", " "]})
     assert "harmless" in prompt and "- a b c" in prompt and "cat" in prompt
@@ -119,11 +118,14 @@ def test_equal_data_comparison_and_steer_parsing_by_hand():
     assert got == {"examples": 1, "guided": 2 / 3, "unguided": 2 / 3}
     assert at_equal_data(0.25, [], [0.5]) == {"examples": 0, "guided": 0.25, "unguided": 0.25}
     assert at_equal_data(0.0, [0.1, 0.2, 0.3], [0.2, 0.2]) == {"examples": 2, "guided": 0.2, "unguided": 0.2}
-    assert parse_steer("8") == (8.0, False) and parse_steer("2x") == (2.0, True) and parse_steer(" 1.5X") == (1.5, True)
-    assert parse_steer("0x") == (0.0, False)  # off is off, whatever the unit
+    def strength(steer):
+        return SynthConfig(steer=steer).strength()
+
+    assert strength("8") == (8.0, False) and strength("2x") == (2.0, True) and strength(" 1.5X") == (1.5, True)
+    assert strength(8) == (8.0, False) and strength("0x") == (0.0, False)  # off is off, whatever the unit
     for bad in ("x", "2y", "nan", "infx", ""):
-        with pytest.raises(SaescopeError, match="--steer"):
-            parse_steer(bad)
+        with pytest.raises(SaescopeError, match="^steer"):
+            strength(bad)
 
 
 def test_cli_coverage_and_synthesize(tiny_qwen3, tmp_path):

@@ -11,21 +11,14 @@ import numpy as np
 import pytest
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
+from saescope.api.hits import FeatureHits, encode_labelled, scores
+from saescope.api.rules import RuleSet, make_ruleset, mine_rules
+from saescope.api.scope import Scope
+from saescope.apps.toxicity import RuleClassifier, lexical_baseline
+from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, group_subset, transfer_matrix
 from saescope.core.data.labelled import group_split, load_labelled, text_source
 from saescope.core.errors import SaescopeError
 from saescope.core.models import load_model, token_strings
-from saescope.api.scope import Scope
-from saescope.apps.toxicity import (
-    FeatureHits,
-    RuleClassifier,
-    RuleSet,
-    encode_labelled,
-    lexical_baseline,
-    make_ruleset,
-    mine_rules,
-    scores,
-)
-from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, group_subset, transfer_matrix
 
 
 def hits_of(tables: dict[int, np.ndarray]) -> FeatureHits:
@@ -170,10 +163,10 @@ def test_text_source_reads_files_sets_and_literals(tmp_path):
     texts = list(src.texts)
     assert src.n == 3 and len(set(texts)) == 3 and src.labelled.labels.tolist() == [{"a": 1, "b": 0, "c": 1, "d": 0}[t] for t in texts]
     assert list(text_source("Je déteste les lundis.", literal=True).texts) == ["Je déteste les lundis."]
-    with pytest.raises(SaescopeError, match="^--data Je déteste les lundis.: not a file nor a built-in labelled set"):
+    with pytest.raises(SaescopeError, match="^data Je déteste les lundis.: not a file nor a built-in labelled set"):
         text_source("Je déteste les lundis.")  # a literal only where the command takes one
-    with pytest.raises(SaescopeError, match="^--texts is empty"):
-        text_source("  ", literal=True, flag="--texts")
+    with pytest.raises(SaescopeError, match="^texts is empty"):
+        text_source("  ", literal=True, param="texts")
     with pytest.raises(SaescopeError, match="no such file"):
         text_source(str(tmp_path / "missing.csv"), literal=True)
     blank = tmp_path / "blank.jsonl"
@@ -281,29 +274,48 @@ def tox_env(tiny_qwen3, hate_sample, tmp_path_factory):
     return root, sae_dir, _write_csv(root / "labelled.csv", rows)
 
 
-def test_cli_mine_classify_eval(tox_env):
+def test_mine_classify_eval_through_the_library(tox_env):
+    """The application as a Python user runs it: each config's run returns a result whose figures agree with each
+    other (the audit's decisions are the rule's predictions on the encoded texts) and whose text the CLI prints."""
+    from saescope.apps.toxicity import ClassifyConfig, MineConfig, RulesEvalConfig, run_classify, run_mine, run_rules_eval
+
     root, sae_dir, data = tox_env
-    code, out, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(data), "--k", "1,2",
-                             "--out", str(root / "rules.json"))
-    assert code == 0, err
-    assert "layer chosen by top1-diff" in out and (root / "rules.json").is_file()
-    code, out, err = run_cli("toxicity", "classify", "--rules", str(root / "rules.json"), "--texts", str(data),
-                             "--label-column", "label", "--audit", str(root / "audit.jsonl"))
-    assert code == 0, err
+    mined = run_mine(MineConfig(sae=str(sae_dir), data=str(data), rule_k=[2, 1], out=str(root / "rules.json")))
+    assert mined.path == root / "rules.json" and mined.path.is_file()
+    assert [r.k for r in mined.rules.rules if r.kind == "layer"] == [1, 2]  # sizes sorted, each mined once
+    assert mined.side.name.endswith("[mine]") and 0 < len(mined.side) < 160  # the mining side of the template split
+    assert "layer chosen by top1-diff" in mined.text()
+    classified = run_classify(ClassifyConfig(rules=str(root / "rules.json"), texts=str(data), label_column="label",
+                                             audit=str(root / "audit.jsonl")))
     lines = [json.loads(x) for x in (root / "audit.jsonl").read_text().splitlines()]
-    assert len(lines) == 160 and {r["decision"] for r in lines} <= {"positive", "negative"}
-    assert all(r["fired"] for r in lines if r["decision"] == "positive") and "texts/s" in out and "F1" in out
-    # --limit on a labelled set: a seeded sample, not the first rows (which are often all of one class)
-    code, out, err = run_cli("toxicity", "classify", "--rules", str(root / "rules.json"), "--texts", str(data),
-                             "--label-column", "label", "--limit", "20", "--audit", str(root / "a20.jsonl"))
-    assert code == 0, err
-    sampled = [json.loads(x)["text"] for x in (root / "a20.jsonl").read_text().splitlines()]
-    assert len(sampled) == 20 and sampled != [r["text"] for r in lines[:20]] and set(sampled) <= {r["text"] for r in lines}
-    code, out, err = run_cli("toxicity", "eval", "--rules", str(root / "rules.json"), "--fractions", "0.5,1",
-                             "--draws", "2", "--json", str(root / "eval.json"))
-    assert code == 0, err
+    assert len(lines) == len(classified.predictions) == 160
+    assert [r["decision"] == "positive" for r in lines] == classified.predictions
+    assert all(r["fired"] for r in lines if r["decision"] == "positive")
+    rule = mined.rules.rule(None)
+    labelled = load_labelled(str(data))
+    enc = encode_labelled(Scope.load(str(sae_dir), layers=rule.layers), labelled, residual=False, progress=False)
+    assert classified.predictions == rule.predict(enc.hits["sae"]).tolist()  # the audit decides as the rule does
+    assert classified.against_labels == scores(np.array(classified.predictions), labelled.labels)
+    # a limit on a labelled set: a seeded sample, not the first rows (which are often all of one class)
+    sampled = run_classify(ClassifyConfig(rules=str(root / "rules.json"), texts=str(data), label_column="label", limit=20,
+                                          audit=str(root / "a20.jsonl")))
+    texts = [json.loads(x)["text"] for x in (root / "a20.jsonl").read_text().splitlines()]
+    assert len(sampled.predictions) == 20 and texts != [r["text"] for r in lines[:20]] and set(texts) <= {r["text"] for r in lines}
+    ev = run_rules_eval(RulesEvalConfig(rules=str(root / "rules.json"), fractions=[0.5, 1.0], draws=2,
+                                        json=str(root / "eval.json")))
     got = json.loads((root / "eval.json").read_text())
-    assert "template" in got["split"] and "lexical" in got["baselines"] and "0.5" in got["curve"]["sae"]
+    assert ev.path == root / "eval.json" and got["sets"]["sae"]["rules"].keys() == ev.result["sets"]["sae"]["rules"].keys()
+    assert "template" in got["split"] and "lexical" in got["baselines"]
+    assert set(got["curve"]["sae"]) == {"0.5", "1.0"} and got["curve"]["sae"]["0.5"]["f1"]["layer-k1"]["draws"] == 2
+
+
+def test_cli_prints_what_the_library_returns(tox_env):
+    root, sae_dir, data = tox_env
+    code, out, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(data), "--rule-k", "1,2",
+                             "--out", str(root / "cli-rules.json"))
+    assert code == 0, err
+    assert json.loads((root / "cli-rules.json").read_text())["rules"] == json.loads((root / "rules.json").read_text())["rules"]
+    assert out.splitlines()[-1] == f"rules: {root / 'cli-rules.json'}" and "layer chosen by top1-diff" in out
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(tox_env, tmp_path):
@@ -313,7 +325,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tox_env, tmp_path):
     assert_one_line_error(code, err, "'perhaps'")
     small = _write_csv(tmp_path / "small.csv", [{"text": f"t{i}", "label": i % 2} for i in range(12)])
     code, _, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(small), "--split", "all",
-                           "--k", "1,10", "--out", str(tmp_path / "r.json"))
+                           "--rule-k", "1,10", "--out", str(tmp_path / "r.json"))
     assert_one_line_error(code, err, "fewer than K=10")
     empty = _write_csv(tmp_path / "empty.csv", [{"text": "", "label": 1}, {"text": "b", "label": 0}])
     code, _, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", str(empty), "--out", str(tmp_path / "r.json"))

@@ -236,14 +236,14 @@ def test_unknown_names_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.delenv(bm.SHARED_ENV)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shared/data").mkdir(parents=True)
-    with pytest.raises(SaescopeError, match="shared reference data folder is not set: set SAESCOPE_SHARED_DATA .*shared_data="):
+    with pytest.raises(SaescopeError, match="shared reference data folder is not set: set SAESCOPE_SHARED_DATA .* or give shared_data$"):
         shared_data_dir()
     with pytest.raises(SaescopeError, match="shared reference data folder is not set"):
         load_benchmark("gsm8k")
     assert shared_data_dir(tmp_path / "shared/data") == tmp_path / "shared/data"
     with pytest.raises(SaescopeError, match="benchmark gsm8k needs .*shared/data/benchmarks/gsm8k_test.jsonl"):
         load_benchmark("gsm8k", shared_data=tmp_path / "shared/data")
-    with pytest.raises(SaescopeError, match="shared_data=.*nowhere is not a folder"):
+    with pytest.raises(SaescopeError, match="shared_data .*nowhere is not a folder"):
         load_benchmark("gsm8k", shared_data=tmp_path / "nowhere")
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.conftest import SHARED, shared_file
 
-from saescope.cli.inspect import _texts
+from saescope.apps.inspect.run import texts_of
 from saescope.core.data import iter_texts
 from saescope.core.data.benchmarks import load_benchmark
 from saescope.core.data.rows import iter_rows, row_format
@@ -24,10 +24,10 @@ from saescope.core.errors import SaescopeError
 def test_inspect_texts_reads_a_txt_file_one_text_per_paragraph(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("The first note\nruns on two lines.\n\nThe second note.\n")
-    assert _texts(str(notes), None, None) == ["The first note\nruns on two lines.", "The second note."]
-    assert _texts(str(notes), None, None) == list(iter_texts(str(notes), split="all"))
+    assert texts_of(str(notes)) == ["The first note\nruns on two lines.", "The second note."]
+    assert texts_of(str(notes)) == list(iter_texts(str(notes), split="all"))
     with pytest.raises(SaescopeError, match="no such file: .*missing.txt"):
-        _texts(str(tmp_path / "missing.txt"), None, None)
+        texts_of(str(tmp_path / "missing.txt"))
 
 
 def test_a_json_object_holding_one_list_is_read_by_both(tmp_path):

@@ -11,11 +11,11 @@ import httpx
 import pytest
 
 from conftest import ARTIFACTS
-from saescope.apps.inspect.serve import MAX_CHARS, create_app
+from saescope.api.scope import Scope
 from saescope.api.store import FeatureStore
+from saescope.apps.inspect.serve import MAX_CHARS, create_app
 from saescope.core.io import load_saes
 from saescope.core.models import load_model
-from saescope.api.scope import Scope
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_one_line_error, random_saes, run_cli
-from saescope.core.activations import OutlierFilter
-from saescope.cli import main
-from saescope.core.data import batches, iter_texts
-from saescope.core.errors import SaescopeError
 from saescope.api.store import (
     FORMAT,
     HIST_EDGES,
@@ -29,6 +25,10 @@ from saescope.api.store import (
     build_feature_store,
     expert_features,
 )
+from saescope.cli import main
+from saescope.core.activations import OutlierFilter
+from saescope.core.data import batches, iter_texts
+from saescope.core.errors import SaescopeError
 from saescope.core.models import capture, load_model, record_routing
 from saescope.core.sae import SparseCode
 
@@ -164,7 +164,7 @@ def test_interrupted_build_resumes_to_the_same_store(lm, corpus_file, tmp_path, 
 def test_store_errors_are_one_line(tmp_path):
     with pytest.raises(SaescopeError, match="no feature store at"):
         FeatureStore(tmp_path)
-    with pytest.raises(SaescopeError, match="max-tokens must be at least 1"):
+    with pytest.raises(SaescopeError, match="max_tokens must be >= 1"):
         StoreConfig(max_tokens=0)
 
 
@@ -284,7 +284,7 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(lm, tmp_path):
              (json.dumps({"batches": 2, "settings": settings}), "cannot read .*layer1-b2.safetensors: missing, corrupt or truncated")]
     for text, msg in cases:
         (partial / "progress.json").write_text(text)
-        with pytest.raises(SaescopeError, match=f"{msg}.*; start again without --resume"):
+        with pytest.raises(SaescopeError, match=f"{msg}.*; start again without resume"):
             build_feature_store(lm, saes, tmp_path / "fs", cfg, sae_spec="s", resume=True, progress=False)
     ckpt.write_bytes(LayerStats(64, StoreConfig(top_n=3), torch.device("cpu")).checkpoint_bytes())  # other sizes
     with pytest.raises(SaescopeError, match="b2.safetensors: top_\\w+ is torch.\\w+ \\[64, 3\\], expected torch.\\w+ \\[64, 4\\]"):

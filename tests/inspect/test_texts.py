@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, random_saes, run_cli
-from saescope.cli.flags import check_flags
-from saescope.cli.inspect import _texts
-from saescope.core.errors import SaescopeError
-from saescope.apps.inspect.texts import InspectConfig, contrast, inspect_texts
-from saescope.core.models import load_model
+from saescope import cli
 from saescope.api.scope import Scope
+from saescope.apps.inspect.run import texts_of
+from saescope.apps.inspect.texts import ReadingConfig, contrast, inspect_texts
+from saescope.core.errors import SaescopeError
+from saescope.core.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_inspect_ranks_by_max_or_sum_and_lists_the_tokens(scope, real_texts):
     texts = real_texts[:3]
     codes = scope.encode(texts)
     for by in ("max", "sum"):
-        res = inspect_texts(scope, texts, InspectConfig(top=4, by=by))
+        res = inspect_texts(scope, texts, ReadingConfig(top=4, by=by))
         for entry, tc in zip(res, codes):
             dense = tc.layers[2].dense(64)[1:]  # first token left out
             score = dense.amax(0) if by == "max" else dense.sum(0)
@@ -36,14 +36,14 @@ def test_inspect_ranks_by_max_or_sum_and_lists_the_tokens(scope, real_texts):
                 fired = [p for p, _, _ in r["fired_on"]]
                 assert fired == (dense[:, r["feature"]] > 0).nonzero()[:, 0].add(1).tolist() and 0 not in fired
     with pytest.raises(SaescopeError, match="text 1 is empty"):
-        inspect_texts(scope, ["fine", "  "], InspectConfig())
+        inspect_texts(scope, ["fine", "  "], ReadingConfig())
     with pytest.raises(SaescopeError, match="no SAE for layer 1"):
-        inspect_texts(scope, ["fine"], InspectConfig(layers=[1]))
+        inspect_texts(scope, ["fine"], ReadingConfig(layers=[1]))
 
 
 def test_contrast_rates_are_counted_per_token_and_per_text(scope, real_texts):
     a, b = real_texts[:6], real_texts[6:10]
-    res = contrast(scope, a, b, InspectConfig(layers=[0], top=64))
+    res = contrast(scope, a, b, ReadingConfig(layers=[0], top=64))
     fires = {name: torch.zeros(64) for name in "ab"}
     acts = {name: torch.zeros(64) for name in "ab"}
     tokens = {"a": 0, "b": 0}
@@ -61,26 +61,26 @@ def test_contrast_rates_are_counted_per_token_and_per_text(scope, real_texts):
         assert r["mean_diff"] == pytest.approx(float(acts["a"][f]) / tokens["a"] - float(acts["b"][f]) / tokens["b"], abs=1e-5)
     diffs = [r["rate_diff"] for r in res["layers"][0]["more_on_texts"]]
     assert diffs == sorted(diffs, reverse=True)
-    by_mean = contrast(scope, a, b, InspectConfig(layers=[0], top=64, rank="mean"))["layers"][0]["more_on_texts"]
+    by_mean = contrast(scope, a, b, ReadingConfig(layers=[0], top=64, rank="mean"))["layers"][0]["more_on_texts"]
     means = [r["mean_diff"] for r in by_mean]
     assert means == sorted(means, reverse=True) and {r["feature"] for r in by_mean} == set(rows)
-    with pytest.raises(SaescopeError, match="unknown contrast ranking"):
-        InspectConfig(rank="median")
-    same = contrast(scope, a, a, InspectConfig(layers=[0], top=5))
+    with pytest.raises(SaescopeError, match="rank must be one of rate, mean"):
+        ReadingConfig(rank="median")
+    same = contrast(scope, a, a, ReadingConfig(layers=[0], top=5))
     assert all(r["rate_diff"] == 0 for r in same["layers"][0]["more_on_texts"])
 
 
 def test_long_texts_are_cut_with_a_warning(scope, real_texts):
     long = " ".join(real_texts[:40])
     with pytest.warns(UserWarning, match="cut to its first 64"):
-        res = inspect_texts(scope, [long], InspectConfig(max_length=64, top=2))
+        res = inspect_texts(scope, [long], ReadingConfig(max_length=64, top=2))
     assert len(res[0]["tokens"]) == 64
     longer = " ".join(real_texts[:200])  # beyond the tiny model's 512-position context, whatever max_length says
     with pytest.warns(UserWarning, match="cut to its first 512 tokens \\(the model's context\\)"):
-        res = inspect_texts(scope, [longer], InspectConfig(max_length=100_000, top=2))
+        res = inspect_texts(scope, [longer], ReadingConfig(max_length=100_000, top=2))
     assert len(res[0]["tokens"]) == 512
     with pytest.warns(UserWarning, match="^2 of 3 texts \\(up to \\d+ tokens\\) were cut to their first 64 tokens") as got:
-        inspect_texts(scope, [long, "short", long], InspectConfig(max_length=64, top=2))
+        inspect_texts(scope, [long, "short", long], ReadingConfig(max_length=64, top=2))
     assert len([w for w in got if "cut to" in str(w.message)]) == 1  # one warning for the set
     with pytest.warns(UserWarning, match="^2 of 3 texts") as got:  # also when the set spans several batches
         codes = scope.encode([long, "short", long], max_length=64, batch_size=1, progress=False)
@@ -144,18 +144,18 @@ def test_a_refused_inspect_leaves_earlier_results_alone(tiny_sae_dir, tmp_path):
 def test_texts_argument_is_a_file_a_benchmark_or_plain_text(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("Natalia sold clips.\n\nJanet has ducks.\n")
-    assert _texts("notes.txt", None, None) == ["Natalia sold clips.", "Janet has ducks."]  # as train --data reads it
+    assert texts_of("notes.txt") == ["Natalia sold clips.", "Janet has ducks."]  # as train --data reads it
     for text in ("Natalia sold 3/4 of her clips", "hello", "x" * 5000, "See the notes below."):
-        assert _texts(text, None, None) == [text]
+        assert texts_of(text) == [text]
     for spec in ("missing.jsonl", "notes.TXT.gz", "data/prompts", "~/nowhere/notes", "my notes.csv"):
         with pytest.raises(SaescopeError, match=f"no such file: {spec}; to inspect these characters as a text"):
-            _texts(spec, None, None)
+            texts_of(spec)
     (tmp_path / "folder").mkdir()
     with pytest.raises(SaescopeError, match="folder is a folder: give one prompt file"):
-        _texts("folder", None, None)
+        texts_of("folder")
     (tmp_path / "gap.jsonl").write_text('{"text": "a"}\n{"text": " "}\n')
     with pytest.raises(SaescopeError, match="gap.jsonl: text 1 is empty"):
-        _texts("gap.jsonl", None, None)
+        texts_of("gap.jsonl")
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -172,7 +172,5 @@ def test_texts_argument_is_a_file_a_benchmark_or_plain_text(tmp_path, monkeypatc
     ("serve --sae s --port 70000", "--port must be <= 65535, got 70000"),
 ])
 def test_numeric_flags_are_range_checked(args, fragment):
-    from saescope.cli import build_parser
-
     with pytest.raises(SaescopeError, match=fragment):
-        check_flags(build_parser().parse_args(args.split()))
+        cli.parse_config(args.split())

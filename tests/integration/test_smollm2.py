@@ -45,7 +45,7 @@ def test_smollm2_two_layers_and_kill_resume(tmp_path):
     resumed = _train(tmp_path / "killed", "--resume")
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-2000:]
-    assert "resuming" in out
+    assert "resumed" in out
     want, got = load_saes(tmp_path / "straight"), load_saes(tmp_path / "killed")
     for n in (3, 9):
         for p in ("W_enc", "b_enc", "W_dec", "b_dec"):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from saescope import SaescopeError
-from saescope.core.data.benchmarks import shared_data_dir
 from saescope.apps.redundancy.analysis import perf_redundancy
 from saescope.apps.redundancy.performance import bench_scores, load_correctness, read_scores
+from saescope.core.data.benchmarks import shared_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_csv_correctness_and_its_errors(tmp_path):
         assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
     latin = tmp_path / "latin.csv"
     latin.write_bytes("model,q1,q2\nm\xe9,1,0\n".encode("latin-1"))
-    with pytest.raises(SaescopeError, match="latin.csv: not a UTF-8 CSV"):
+    with pytest.raises(SaescopeError, match="latin.csv line 2: not UTF-8 text"):
         load_correctness(str(latin))
     with pytest.raises(SaescopeError, match="not m_ifeval:LANG"):
         load_correctness(str(tmp_path / "missing.csv"))

@@ -10,14 +10,14 @@ from test_analysis import _scored_folder
 
 from conftest import assert_one_line_error, run_cli
 from saescope import SaescopeError
-from saescope.cli import main
-from saescope.core.data.benchmarks import load_benchmark, shared_data_dir
-from saescope.core.io import save_native
+from saescope.api.scope import Scope
 from saescope.apps.redundancy.analysis import analyse
 from saescope.apps.redundancy.footprint import Footprints
 from saescope.apps.report.page import build_report
+from saescope.cli import main
+from saescope.core.data.benchmarks import load_benchmark, shared_data_dir
+from saescope.core.io import save_native
 from saescope.core.sae import SAEConfig, TopKSAE
-from saescope.api.scope import Scope
 
 BENCHES = "gsm8k,math,arc_challenge,winogrande,mmlu,m_ifeval_en,m_ifeval_fr,m_ifeval_es"
 
@@ -58,7 +58,7 @@ def test_footprints_are_the_active_features_at_the_last_token(run, tiny_qwen3):
     # a rerun keeps what is there; other settings in the same folder are refused, naming the difference
     code, stdout, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12",
                              "--control", str(out / "control"))
-    assert code == 0 and "gsm8k: already footprinted, kept" in stdout, err
+    assert code == 0 and "(gsm8k already there: kept)" in stdout, err
     code, _, err = run_cli("redundancy", "footprint", "--sae", str(out), "--bench", "gsm8k", "--limit", "12", "--pool", "max")
     assert_one_line_error(code, err, "pool: 'last' there, 'max' now")
 

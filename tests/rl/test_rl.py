@@ -9,9 +9,9 @@ import pytest
 import torch
 from tests.conftest import assert_one_line_error, run_cli
 
+from saescope.apps.rl import SteeredNegativeReward, SteeredRollouts, exact_match_reward, final_number, format_reward, load_problems
 from saescope.core.errors import SaescopeError
 from saescope.core.models import load_model
-from saescope.apps.rl import SteeredNegativeReward, SteeredRollouts, exact_match_reward, final_number, format_reward, load_problems
 
 
 def test_final_number_and_rewards():

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
+from saescope.apps.sasft import FeatureSuppression, estimate_alpha, sasft_trainer
+from saescope.core.data.responses import load_pairs
 from saescope.core.errors import SaescopeError
 from saescope.core.models import capture, load_model
-from saescope.apps.sasft import FeatureSuppression, estimate_alpha, load_pairs, sasft_trainer
 
 RESPONSES = SHARED / "multilingual" / "m_ifeval" / "responses" / "en__gpt-4o-2024-08-06.jsonl"
 
@@ -112,8 +113,10 @@ def test_refuses_bad_features_and_lambda(sae):
         FeatureSuppression(sae, layer=1, features=[3, 3], lam=0.1)
 
 
-def test_random_directions_keep_the_feature_norms(sae):
-    sup = FeatureSuppression(sae, layer=1, features=[4, 8], lam=0.1, control_seed=0)
+def test_the_controls_directions_keep_the_feature_norms(sae):
+    from saescope.api.controls import make_controls
+
+    sup = FeatureSuppression(sae, layer=1, features=[4, 8], lam=0.1, control=make_controls({1: sae})[1])
     assert torch.allclose(sup.W.norm(dim=1), sae.W_enc[[4, 8]].norm(dim=1), atol=1e-5)
     cos = F.cosine_similarity(sup.W, sae.W_enc[[4, 8]].detach(), dim=1)
     assert cos.abs().max() < 0.6  # random 64-d directions: far from the features'
@@ -231,8 +234,8 @@ def test_cli_sasft_refusals_write_nothing(tiny_qwen3, tiny_sae_dir, pairs_file, 
 
 def test_response_loss_is_the_models_own_ce(lm):
     """Mean CE per response token, against the model's loss on the same tokens with the prompt masked out."""
-    from saescope.apps.sasft import Pair
     from saescope.apps.sasft.measure import response_loss
+    from saescope.core.data.responses import Pair
 
     pairs = [Pair("How many eggs are left?", "Janet has 16 eggs and eats three.", "k1"), Pair("Add them.", "The total is 25.", "k2")]
     got = response_loss(lm, pairs)

@@ -166,7 +166,7 @@ def test_config_validation():
         parse_layers("31", 30)
     with pytest.raises(SaescopeError, match="bad layer list"):
         parse_layers("a-b", 30)
-    with pytest.raises(SaescopeError, match="unknown preset"):
+    with pytest.raises(SaescopeError, match="preset must be one of"):
         TrainConfig(preset="3x")
     with pytest.raises(SaescopeError, match="larger than d_sae"):
         TrainConfig(preset=None, expansion=1, k=100).width_and_k(64)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from saescope import SaescopeError
-from saescope.core.sae import SAEConfig, TopKSAE
 from saescope.apps.trust import activation_match, decoder_match, stability_report
+from saescope.core.sae import SAEConfig, TopKSAE
 
 
 def _greedy_by_sorting_all_pairs(a: torch.Tensor, b: torch.Tensor) -> list[int]:

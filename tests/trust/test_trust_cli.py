@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from saescope.core.models import load_model
+from saescope.api.finetune import fine_tune
 from saescope.apps.report.page import build_report
-from saescope.apps.trust import finetune
+from saescope.core.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_control_and_stability_bad_input(seed_runs, tmp_path):
 def test_finetune_lowers_the_loss_and_transfer_reports_both_models(seed_runs, tiny_qwen3, real_texts, tmp_path):
     out, _ = seed_runs
     lm = load_model(str(tiny_qwen3))
-    losses = finetune(lm, real_texts[:200], steps=12, lr=3e-3, ctx_len=32, batch_size=4)
-    assert losses[-1] < losses[0]
+    losses = fine_tune(lm, real_texts[:200], steps=12, lr=3e-3, max_length=32, batch_size=4, progress=False)
+    assert len(losses) == 12 and losses[-1] < losses[0]
     lm.model.save_pretrained(tmp_path / "ft")
     lm.tokenizer.save_pretrained(tmp_path / "ft")
     code, stdout, err = run_cli("transfer", "--sae", str(out / "seed-3"), "--model", str(tmp_path / "ft"), "--n-tokens", "512",

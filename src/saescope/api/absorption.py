@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from saescope.api.probing import fit_logistic
 from saescope.core.errors import SaescopeError
 from saescope.core.models import LoadedModel, capture, token_strings
-from saescope.api.probing import fit_logistic
 from saescope.core.sae import TopKSAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

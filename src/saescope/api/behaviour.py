@@ -1,12 +1,8 @@
-"""Behaviours a post-training team wants less of, measured on generated text, and the SAE features behind them.
+"""Behaviours a post-training team wants less of, measured on generated text: what discovery, SASFT and RL all measure.
 
 Metrics (model-free, on text): `ends_in_loop` (the answer ends in a verbatim repetition loop), `distinct_n`
 (unique n-grams / n-grams), and `LanguageID` (a character-trigram classifier fitted on MGSM's eleven parallel
-languages). Features: `repetition_features` contrasts a token's later repeated occurrences with its first occurrence
-in real degenerate text (the report's method); `language_features` ranks by nu = mean activation on one language
-minus the mean over the others. `verify_features` steers a feature both ways and measures the behaviour, beside random
-directions of the same norm from the random control (saescope.core.sae.random_like), so a user sees whether the feature
-does more than any direction would.
+languages); `generate_batch` and `answer_and_measure` produce the texts they are read on.
 
 Units: texts are split into words and punctuation marks (`units`), so the metrics do not depend on a tokenizer.
 """
@@ -16,13 +12,16 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from saescope.core.errors import SaescopeError
+from saescope.core.data.benchmarks import mgsm_questions
+from saescope.core.errors import InputError, ParamError, SaescopeError
+from saescope.core.files import read_json
+from saescope.core.schema import Field, check_record, escape
 
 _UNIT = re.compile(r"\w+|[^\w\s]")
 
@@ -116,104 +115,11 @@ class LanguageID:
         return max(self.log_prob, key=lambda lang: sum(self.log_prob[lang].get(g, self.unseen[lang]) for g in grams))
 
 
-def mgsm_questions(shared_data: str | None = None) -> dict[str, list[str]]:
-    """MGSM's 250 problems per language ({'en': [...], 'fr': [...], ...}), read from the shared data."""
-    from saescope.core.data.benchmarks import shared_data_dir
-    from saescope.core.data.rows import iter_rows
-
-    folder = shared_data_dir(shared_data) / "multilingual" / "mgsm"
-    files = sorted(folder.glob("mgsm_*.tsv"))
-    if not files:
-        raise SaescopeError(f"no MGSM files in {folder}")
-    return {f.stem.removeprefix("mgsm_"): [row["question"] for _, row in iter_rows(f, columns=("question", "answer"))]
-            for f in files}
-
-
 def mgsm_accuracy(lid: LanguageID, shared_data: str | None = None, problems: range = range(200, 250)) -> float:
     qs = mgsm_questions(shared_data)
     hits = [lid.identify(q[i]) == lang for lang, q in qs.items() for i in problems]
     return sum(hits) / len(hits)
 
-
-# ---- features behind a behaviour -------------------------------------------------------------------------------
-
-@dataclass
-class RankedFeature:
-    feature: int
-    nu: float  # the contrast: mean activation on the behaviour's side minus on the other side
-    rate_on: float  # share of the behaviour's positions (or texts) where it fires
-    rate_off: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def repeat_pairs(ids: Sequence[int], n: int = 4) -> list[tuple[int, int]]:
-    """(first, last) positions of repeated tokens in a text: for each n-gram that occurs again, the position of its last
-    token at its first occurrence and at its last occurrence. n-grams (not single tokens) keep out the benign reuse of
-    'the' or ',' that every text has; what remains is verbatim repetition."""
-    first: dict[tuple[int, ...], int] = {}
-    last: dict[tuple[int, ...], int] = {}
-    for end in range(n - 1, len(ids)):
-        gram = tuple(ids[end - n + 1 : end + 1])
-        if gram in first:
-            last[gram] = end
-        else:
-            first[gram] = end
-    return [(first[g], last[g]) for g in last]
-
-
-def _rank(on: Tensor, off: Tensor, fire_on: Tensor, fire_off: Tensor, top: int) -> list[RankedFeature]:
-    nu = on - off
-    order = torch.argsort(nu, descending=True)[:top]
-    return [RankedFeature(int(f), float(nu[f]), float(fire_on[f]), float(fire_off[f])) for f in order]
-
-
-def repetition_features(scope, layer: int, texts: Sequence[str], *, top: int = 10, n: int = 4,
-                        max_length: int = 512) -> tuple[list[RankedFeature], int]:
-    """Features ranked by nu = mean activation at a token's last repeated occurrence minus at its first occurrence
-    (over every repeated n-gram of every text), and the number of (first, last) pairs that went into it."""
-    sae = scope.sae(layer)
-    d = sae.cfg.d_sae
-    on, off = torch.zeros(d), torch.zeros(d)
-    fire_on, fire_off = torch.zeros(d), torch.zeros(d)
-    pairs = 0
-    for codes in scope.encode(list(texts), layers=[layer], max_length=max_length, progress=True):
-        ps = [(a, b) for a, b in repeat_pairs(codes.input_ids.tolist(), n) if a > 0]  # position 0 is the attention sink
-        if not ps:
-            continue
-        dense = codes.layers[layer].dense(d).float().cpu()
-        firsts, lasts = dense[[a for a, _ in ps]], dense[[b for _, b in ps]]
-        on += lasts.sum(0)
-        off += firsts.sum(0)
-        fire_on += (lasts > 0).float().sum(0)
-        fire_off += (firsts > 0).float().sum(0)
-        pairs += len(ps)
-    if not pairs:
-        raise SaescopeError(f"none of the {len(texts)} texts repeats a {n}-token sequence: give degenerate (looping) text")
-    return _rank(on / pairs, off / pairs, fire_on / pairs, fire_off / pairs, top), pairs
-
-
-def language_features(scope, layer: int, texts_by_language: dict[str, Sequence[str]], language: str, *,
-                      top: int = 10, max_length: int = 256) -> list[RankedFeature]:
-    """Features ranked by nu = mean activation on `language`'s texts minus the mean over the other languages' (each
-    language's mean is over its texts' token-mean activations; the first token is left out)."""
-    if language not in texts_by_language:
-        raise SaescopeError(f"no texts in {language!r} (have {', '.join(sorted(texts_by_language))})")
-    if len(texts_by_language) < 2:
-        raise SaescopeError("a language contrast needs texts in at least two languages")
-    means, fires = {}, {}
-    for lang, texts in texts_by_language.items():
-        pooled = scope.pooled(list(texts), layer=layer, pool="mean", skip_first_token=True, max_length=max_length,
-                              progress=False).float().cpu()
-        means[lang], fires[lang] = pooled.mean(0), (pooled > 0).float().mean(0)
-    others = [lang for lang in texts_by_language if lang != language]
-    off = torch.stack([means[lang] for lang in others]).mean(0)
-    fire_off = torch.stack([fires[lang] for lang in others]).mean(0)
-    return _rank(means[language], off, fires[language], fire_off, top)
-
-
-# ---- does steering the feature move the behaviour? -------------------------------------------------------------
 
 def generate_batch(lm, prompts: Sequence[str], *, max_new_tokens: int = 96, chat: bool = True, temperature: float = 0.0,
                    seed: int = 0, batch_size: int = 16, progress: bool = False) -> list[str]:
@@ -258,47 +164,23 @@ def answer_and_measure(lm, prompts: Sequence[str], *, max_new_tokens: int,
     return answers, behaviour_stats(answers, language=language)
 
 
-@dataclass
-class SteerCheck:
-    strength: float
-    direction: str  # "none", "feature <id>" or "random-<seed>"
-    stats: BehaviourStats
-
-    def to_dict(self) -> dict:
-        return {"strength": self.strength, "direction": self.direction, **self.stats.to_dict()}
-
-
-def verify_features(scope, layer: int, features: Sequence[int], prompts: Sequence[str], *, strengths: Sequence[float],
-                    n_random: int = 2, max_new_tokens: int = 96, language: str | None = None,
-                    progress: Callable | None = None) -> list[SteerCheck]:
-    """Generate on `prompts` unsteered, then with each feature's decoder direction added at each strength (both signs
-    measure both ways), and with `n_random` random unit directions (rows of the random control,
-    saescope.core.sae.random_like, seeds 0..n_random-1) at the same strengths: loop rate, distinct-2 and, with `language`,
-    its share. The random directions are the chance level any feature has to beat."""
-    from saescope.core.sae import random_like
-    from saescope.api.steer import steering
-
-    sae = scope.sae(layer)
-    directions = {f"feature {f}": scope.direction(layer=layer, feature=f) for f in features}
-    for seed in range(n_random):
-        directions[f"random-{seed}"] = random_like(sae, seed=seed).W_dec[0].detach()
-    lid = LanguageID.fit_mgsm() if language else None
-    chat = bool(getattr(scope.lm.tokenizer, "chat_template", None))
-
-    def run(vector: Tensor | None) -> BehaviourStats:
-        if vector is None:
-            texts = generate_batch(scope.lm, prompts, max_new_tokens=max_new_tokens, chat=chat)
-        else:
-            with steering(scope.lm.model, layer=layer, vector=vector.to(scope.lm.device)):
-                texts = generate_batch(scope.lm, prompts, max_new_tokens=max_new_tokens, chat=chat)
-        return behaviour_stats(texts, language=language, language_id=lid)
-
-    checks = [SteerCheck(0.0, "none", run(None))]
-    if progress:
-        progress(checks[-1])
-    for name, d in directions.items():
-        for s in strengths:
-            checks.append(SteerCheck(float(s), name, run(s * d)))
-            if progress:
-                progress(checks[-1])
-    return checks
+def feature_spec(spec: str | list[int], layer: int | None) -> tuple[list[int], int | None]:
+    """Feature ids ('3,7', [3, 7]) at `layer`, or the selected features of a features file written by `saescope
+    discover` with its layer (a given `layer` must agree with the file's)."""
+    if isinstance(spec, list):
+        return [int(f) for f in spec], layer
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ParamError(f"{{}} {escape(spec)}: no such file", "features")
+        doc = read_json(path)
+        if not isinstance(doc, dict) or "selected" not in doc or "layer" not in doc:
+            raise InputError(f"{path}: not a features file from `saescope discover` (no 'selected' / 'layer')")
+        check_record(doc, {"selected": Field(list), "layer": Field(int, min=0)}, str(path))
+        if layer is not None and layer != doc["layer"]:
+            raise ParamError(f"{{}} {layer}, but {escape(str(path))} holds features of layer {doc['layer']}", "layer")
+        return [int(f) for f in doc["selected"]], int(doc["layer"])
+    try:
+        return [int(x) for x in spec.split(",")], layer
+    except ValueError:
+        raise ParamError(f"{{}} must be ids such as 3,7 or a features .json file, got {escape(repr(spec))}", "features") from None

@@ -1,18 +1,32 @@
-"""The one control mechanism every application uses: make a random-direction control of a set of
-SAEs (`make_controls`, `saescope control random`), save it as an ordinary saescope SAE folder, and
-load it beside the trained SAEs (`load_control`), which checks that it matches them. An application
-then runs its unchanged pipeline on both and reports the two figures side by side.
+"""The one control mechanism every application uses: make a random-direction control of a set of SAEs
+(`make_controls`, `saescope control random`), save it as an ordinary saescope SAE folder, and load it beside the
+trained SAEs (`load_control`, the `control` field of every command that takes one), which checks that it matches
+them. An application then runs its unchanged pipeline on both and reports the two figures side by side; one that
+needs directions rather than a whole pipeline (SASFT's random arm, RL's random negative, discovery's steering check)
+reads the control's decoder rows of the same feature ids.
+
+Seeding: the control of layer n with seed s is `random_like(sae, seed=s * 100_003 + n)`, whether it is saved to a
+folder or made in memory, so the same seed gives the same directions everywhere.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from saescope.api.scope import model_of
 from saescope.core.activations import sample_activations
-from saescope.core.errors import SaescopeError
-from saescope.core.io import load_saes, refuse_overwrite, save_native
-from saescope.core.models import LoadedModel
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.io import K_HELP, load_saes, refuse_overwrite, save_native
+from saescope.core.layers import LayersOption
+from saescope.core.models import LoadedModel, load_model
 from saescope.core.sae import TopKSAE, principal_basis, random_like
+from saescope.core.schema import REQUIRED, Config, config_field
+
+CONTROL_HELP = ("a control SAE set made by `saescope control random --like SAE`: the same figures on it beside the "
+                "SAEs' (the chance level)")
+KINDS = ("random",)
+SUBSPACES = ("pca",)
 
 
 def make_controls(saes: dict[int, TopKSAE], *, seed: int = 0, subspace: str | None = None,
@@ -20,12 +34,12 @@ def make_controls(saes: dict[int, TopKSAE], *, seed: int = 0, subspace: str | No
                   variance: float = 0.9) -> dict[int, TopKSAE]:
     """A random control per layer. subspace='pca' draws the directions inside the principal subspace that
     explains `variance` of the layer's activations on `data` (needs the model `lm`)."""
-    if subspace not in (None, "pca"):
-        raise SaescopeError(f"unknown subspace {subspace!r}; use pca or leave it out")
+    if subspace not in (None, *SUBSPACES):
+        raise ParamError(f"unknown {{}} {subspace!r}; use pca or leave it out", "subspace")
     bases = {}
     if subspace == "pca":
         if lm is None:
-            raise SaescopeError("a principal-subspace control needs the model (give --model or SAEs that name theirs)")
+            raise ParamError("a principal-subspace control needs the model: give {} or SAEs that name theirs", "model")
         acts = sample_activations(lm, sorted(saes), data=data, n_tokens=n_tokens, desc="activations for PCA")
         bases = {n: principal_basis(x, variance) for n, x in acts.items()}
     controls = {}
@@ -55,3 +69,52 @@ def load_control(spec: str | Path, saes: dict[int, TopKSAE]) -> dict[int, TopKSA
             raise SaescopeError(f"control {spec} layer {n} is d_model {c.cfg.d_model}, d_sae {c.cfg.d_sae}, k {c.cfg.k}; "
                                 f"the SAE is d_model {sae.cfg.d_model}, d_sae {sae.cfg.d_sae}, k {sae.cfg.k}")
     return controls
+
+
+@dataclass(kw_only=True)
+class ControlOption(Config):
+    """`--control`: the control set a command runs beside the SAEs (None: none)."""
+
+    control: str | None = config_field(None, CONTROL_HELP)
+
+    def load_control(self, saes: dict[int, TopKSAE]) -> dict[int, TopKSAE] | None:
+        return load_control(self.control, saes) if self.control else None
+
+
+@dataclass(kw_only=True)
+class ControlConfig(LayersOption):
+    """`saescope control random`: a random-direction control shaped like trained SAEs (shape, k, decoder bias)."""
+
+    kind: str = config_field(REQUIRED, "the kind of control", choices=KINDS, positional=True)
+    like: str = config_field(REQUIRED, "the SAEs to imitate (shape, k, decoder bias)")
+    out: str = config_field(REQUIRED, "the control's folder (e.g. RUN/control)", output="folder")
+    seed: int = config_field(0, "the control's seed (layer n uses seed x 100003 + n)", min=0)
+    subspace: str | None = config_field(None, "draw directions inside the data's principal subspace", choices=SUBSPACES)
+    variance: float = config_field(0.9, "with subspace pca: the variance the subspace explains", min=0, max=1, min_open=True)
+    model: str | None = config_field(None, "with subspace pca: the model (default: the SAEs')")
+    data: str | None = config_field(None, "with subspace pca: the text whose activations span the subspace (default: the "
+                                    "embedded corpus's held-out split)")
+    n_tokens: int = config_field(8192, "with subspace pca: activation sample size", min=1)
+    k: int | None = config_field(None, K_HELP, min=1)
+
+
+@dataclass
+class ControlResult:
+    path: Path
+    controls: dict[int, TopKSAE]
+    subspace: str | None
+
+    def text(self) -> str:
+        first = next(iter(self.controls.values())).cfg
+        dims = [c.meta["control"]["subspace_dim"] for c in self.controls.values()]
+        detail = f", directions in the top {min(dims)}-{max(dims)} principal components" if self.subspace else ""
+        return f"random control for {len(self.controls)} layers (d_sae {first.d_sae}, k {first.k}{detail}) in {self.path}"
+
+
+def run_control(cfg: ControlConfig) -> ControlResult:
+    saes = load_saes(cfg.like, layers=cfg.layer_list(), k=cfg.k)
+    lm = load_model(model_of(saes, cfg.model, cfg.like), dtype="fp32") if cfg.subspace else None
+    controls = make_controls(saes, seed=cfg.seed, subspace=cfg.subspace, lm=lm, data=cfg.data, n_tokens=cfg.n_tokens,
+                             variance=cfg.variance)
+    save_controls(controls, Path(cfg.out), like=cfg.like)
+    return ControlResult(Path(cfg.out), controls, cfg.subspace)

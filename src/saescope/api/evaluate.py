@@ -13,7 +13,7 @@ SAE with them: compare KL and FVU with a random control's before reading CE reco
 from __future__ import annotations
 
 import math
-import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saescope.api.controls import ControlOption
+from saescope.api.scope import SAEOptions, Scope, check_fit
 from saescope.core.activations import OutlierFilter
 from saescope.core.data import batches, iter_texts
 from saescope.core.errors import SaescopeError
+from saescope.core.io import RunDir
+from saescope.core.layers import LayersOption
 from saescope.core.models import LoadedModel, capture, forward_from, layer_hooks
+from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import TopKSAE
-from saescope.api.scope import check_fit
+from saescope.core.schema import config_field
 
 DENSE_THRESHOLD = 0.1  # a latent is "dense" if it fires on more than 10% of tokens
 
@@ -308,7 +313,48 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
                 i += 1
             differ = ", ".join(f"{key} {old.get(key)!r} -> {body.get(key)!r}" for key in SETTINGS if old.get(key) != body.get(key))
             path = path.with_name(f"{path.stem}-{i}{path.suffix}")
-            print(f"saescope: {path.with_name('eval.json').name} holds figures made with other settings ({differ}); "
-                  f"these go to {path.name}", file=sys.stderr)
+            warnings.warn(f"{path.with_name('eval.json').name} holds figures made with other settings ({differ}); "
+                          f"these go to {path.name}", stacklevel=2)
     atomic_write_json(path, body)
     return path
+
+
+@dataclass(kw_only=True)
+class EvalConfig(SAEOptions, LayersOption, ControlOption):
+    """`saescope eval`: FVU, L0, dead/dense fractions, CE recovered and KL per layer, beside the control when given."""
+
+    data: str | None = config_field(None, "text file, folder or hub dataset id (default: the embedded corpus's held-out split)")
+    text_column: str = config_field("text", "for tables and JSON: the text column")
+    n_tokens: int = config_field(4096, "held-out tokens", min=1)
+    ctx_len: int = config_field(256, "tokens per sequence", min=2)
+    outlier_factor: float = config_field(5.0, "the outlier filter of training: tokens with norm > factor x the running "
+                                         "median pass through unchanged; 0 = off", min=0)
+    out: str | None = config_field(None, "folder for eval.json (default: the SAE folder)", output="folder")
+
+
+@dataclass
+class EvalResult:
+    path: Path
+    layers: list[LayerEval]
+    control: list[LayerEval] | None
+
+    def text(self) -> str:
+        table = format_table(self.layers) if self.control is None else format_comparison(self.layers, self.control)
+        return f"{table}\neval results: {self.path}"
+
+
+def run_eval(cfg: EvalConfig, *, scope: Scope | None = None) -> EvalResult:
+    """Evaluate the SAEs (and the control) and merge the figures into OUT/eval.json (write_results). `scope`: the model
+    and SAEs already loaded (a training run's), instead of loading cfg.sae."""
+    path = (RunDir(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae)).eval
+    read_results(path)  # a file the results could not merge into is refused before the work
+    scope = scope or cfg.load_scope(cfg.layer_list())
+    control = cfg.load_control(scope.saes)
+    sets = {"sae": scope.saes} if control is None else {"sae": scope.saes, "control": control}
+    settings = {"data": cfg.data, "text_column": cfg.text_column, "n_tokens": cfg.n_tokens, "ctx_len": cfg.ctx_len,
+                "outlier_factor": cfg.outlier_factor}
+    results = evaluate_sets(scope.lm, sets, **settings)
+    recorded = {"model": scope.lm.name, **{k: v for k, v in settings.items() if k != "data"}, "data": cfg.data or "default",
+                "model_dtype": DTYPE_NAMES.get(scope.lm.dtype, str(scope.lm.dtype))}
+    written = write_results(results["sae"], path, recorded, control=results.get("control"))
+    return EvalResult(written, results["sae"], results.get("control"))

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saescope.api.scope import Scope
 from saescope.core.data.benchmarks import shared_data_dir
 from saescope.core.data.labelled import in_test_split
 from saescope.core.data.rows import iter_rows
 from saescope.core.errors import SaescopeError
 from saescope.core.sae import TopKSAE
-from saescope.api.scope import Scope
 
 TEST_SHARE = 0.3
 STEM = ("abstract_algebra", "astronomy", "college_chemistry", "college_computer_science", "college_mathematics",

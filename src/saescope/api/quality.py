@@ -7,16 +7,22 @@ fractions are `saescope eval`'s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from saescope.api.absorption import AbsorptionConfig, feature_absorption
-from saescope.core.data import iter_texts
-from saescope.core.data.benchmarks import load_benchmark
+from saescope.api.absorption import AbsorptionConfig, feature_absorption, format_absorption
+from saescope.api.controls import ControlOption
 from saescope.api.evaluate import fvu_on_texts
-from saescope.core.io import decoder_cos_to_init
-from saescope.api.probing import ProbeSet, sparse_probing
+from saescope.api.probing import TASKS, ProbeSet, format_probing, probe_sets, sparse_probing
+from saescope.api.scope import SAEOptions, Scope
+from saescope.core.data import iter_texts
+from saescope.core.data.benchmarks import SharedDataOption, load_benchmark
+from saescope.core.files import atomic_write_json
+from saescope.core.io import RunDir, decoder_cos_to_init
+from saescope.core.layers import LayersOption
+from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import TopKSAE
-from saescope.api.scope import Scope
+from saescope.core.schema import config_field
 
 # Real prompt sets, none in the default training corpus: what a domain shift does to reconstruction.
 DOMAINS = {"math": ("math", "gsm8k"), "code": ("humaneval", "codex_mbpp"),
@@ -82,3 +88,43 @@ def format_quality(report: dict) -> str:
                      f"{r['sae_fvu_math']:6.3f} {r['sae_fvu_code']:6.3f} {r['sae_fvu_multilingual']:6.3f} "
                      + (f"{r['control_fvu_in_domain']:7.3f} " if ctl else "") + cos)
     return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class QualityConfig(SAEOptions, LayersOption, ControlOption, SharedDataOption):
+    """`saescope quality`: sparse probing on real labelled text (SAEBench), first-letter feature absorption, FVU on
+    maths, code and non-English text, and decoder movement, beside the control when given."""
+
+    tasks: list[str] | None = config_field(None, f"probe tasks (default: all of {', '.join(TASKS)})", choices=tuple(TASKS))
+    per_class: int = config_field(100, "texts per class and task (a seeded sample)", min=1)
+    max_length: int = config_field(128, "tokens per probed text", min=1)
+    fvu_tokens: int = config_field(4096, "tokens per domain for FVU", min=1)
+    absorption_words: int = config_field(1200, "words for the first-letter feature-absorption measurement (0 = skip it)", min=0)
+    seed: int = config_field(0, "the seed of the probe samples and word split", min=0)
+    out: str | None = config_field(None, "JSON results (default: SAE/quality.json)", output="file")
+
+
+@dataclass
+class QualityResult:
+    path: Path
+    report: dict
+
+    def text(self) -> str:
+        parts = [format_probing(self.report["probing"])]
+        if self.report["absorption"]:
+            parts.append(format_absorption(self.report["absorption"]))
+        return "\n".join([*parts, format_quality(self.report), f"quality results: {self.path}"])
+
+
+def run_quality(cfg: QualityConfig) -> QualityResult:
+    probes = probe_sets(cfg.tasks, per_class=cfg.per_class, seed=cfg.seed, shared_data=cfg.shared_data)  # data first
+    absorption = AbsorptionConfig(n_words=cfg.absorption_words, seed=cfg.seed) if cfg.absorption_words else None
+    scope = cfg.load_scope(cfg.layer_list())
+    control = cfg.load_control(scope.saes)
+    report = quality_report(scope, probes, control=control, run=cfg.sae, fvu_tokens=cfg.fvu_tokens, max_length=cfg.max_length,
+                            absorption=absorption, shared_data=cfg.shared_data)
+    report.update(sae=cfg.sae, control_path=cfg.control, per_class=cfg.per_class, seed=cfg.seed,
+                  model_dtype=DTYPE_NAMES[scope.lm.dtype])
+    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).quality
+    atomic_write_json(out, report)
+    return QualityResult(out, report)

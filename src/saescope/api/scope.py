@@ -17,10 +17,46 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saescope.core.errors import SaescopeError
-from saescope.core.io import load_saes
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.io import K_HELP, load_saes
 from saescope.core.models import LoadedModel, capture, layer_hooks, load_model, token_strings
 from saescope.core.sae import SparseCode, TopKSAE
+from saescope.core.schema import REQUIRED, Config, config_field
+
+SAE_HELP = "SAE folder (saescope run or checkpoint, Qwen-Scope, SAELens or sparsify) or a Qwen-Scope hub repo"
+MODEL_DTYPES = ("fp32", "bf16", "auto")
+
+
+@dataclass(kw_only=True)
+class ModelDtypeOption(Config):
+    """`--model-dtype`: the dtype of the language model whose activations a command reads."""
+
+    model_dtype: str = config_field("fp32", "the LM's dtype: fp32 (figures comparable across machines), bf16, or auto (bf16 "
+                                    "on GPU and on CPUs measured fast at it, ~2-3x faster there; what training's default "
+                                    "uses)", choices=MODEL_DTYPES)
+
+
+@dataclass(kw_only=True)
+class SAESource(Config):
+    """Which SAEs to read and with which language model (`--sae --model --k`), written once here: what fine-tuning
+    reads (SASFT, RL), which loads the model for training."""
+
+    sae: str = config_field(REQUIRED, SAE_HELP)
+    model: str | None = config_field(None, "the language model (default: the one the SAEs name)")
+    k: int | None = config_field(None, K_HELP, min=1)
+
+    def load_scope(self, layers: list[int] | None = None, dtype: str = "fp32") -> Scope:
+        """The language model with these SAEs (only `layers` of them when given: 64K SAEs are large)."""
+        return Scope.load(self.sae, self.model, layers=layers, dtype=dtype, k=self.k)
+
+
+@dataclass(kw_only=True)
+class SAEOptions(SAESource, ModelDtypeOption):
+    """The SAEs, their model and its dtype (`--sae --model --k --model-dtype`): the fields of every command that reads
+    SAEs' features."""
+
+    def load_scope(self, layers: list[int] | None = None, dtype: str | None = None) -> Scope:
+        return super().load_scope(layers, dtype or self.model_dtype)
 
 
 @dataclass
@@ -60,6 +96,15 @@ def check_fit(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
             raise SaescopeError(f"SAE for layer {n}, but {lm.name} has layers 0..{lm.n_layers - 1}")
 
 
+def model_of(saes: dict[int, TopKSAE], given: str | None, origin: str | object = "these SAEs") -> str:
+    """The model to load for these SAEs: the one given, else the one they record. Qwen-Scope and SAELens files often
+    do not say; guessing a default model would mislead."""
+    model = given or next(iter(saes.values())).meta.get("model")
+    if not model:
+        raise ParamError(f"the SAEs at {str(origin).replace('{', '{{').replace('}', '}}')} do not name their model: give {{}}", "model")
+    return model
+
+
 def _span(layers: list[int]) -> str:
     return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ",".join(map(str, layers))
 
@@ -76,10 +121,7 @@ class Scope:
     def load(cls, sae: str, model: str | None = None, *, layers: list[int] | None = None, dtype: str = "fp32",
              device: str | None = None, k: int | None = None) -> Scope:
         saes = load_saes(sae, layers=layers, k=k)
-        model = model or next(iter(saes.values())).meta.get("model")
-        if not model:  # Qwen-Scope and SAELens files often do not say; guessing a default model would mislead
-            raise SaescopeError(f"the SAEs at {sae} do not name their model: pass --model (model=...)")
-        return cls(load_model(model, dtype=dtype, device=device), saes)
+        return cls(load_model(model_of(saes, model, sae), dtype=dtype, device=device), saes)
 
     @property
     def layers(self) -> list[int]:

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.models import LoadedModel, layer_hooks
 from saescope.core.sae import TopKSAE
-from saescope.core.schema import check_number
+from saescope.core.schema import check_number, escape
 
 
 def feature_vector(sae: TopKSAE, features: dict[int, float]) -> Tensor:
@@ -55,11 +55,11 @@ def parse_features(spec: str, strengths: str | float) -> dict[int, float]:
     if not ids:
         raise SaescopeError("no feature given")
     for f in ids:
-        check_number(f, "--feature", kind=int, min=0)
+        check_number(f, "feature", kind=int, min=0)
     if len(set(ids)) < len(ids):  # a dict would keep the last strength of a repeated id, silently
-        raise SaescopeError(f"--feature {spec}: feature {next(f for f in ids if ids.count(f) > 1)} is given twice")
+        raise ParamError(f"{{}} {escape(str(spec))}: feature {next(f for f in ids if ids.count(f) > 1)} is given twice", "feature")
     for v in values:
-        check_number(v, "--strength", kind=float)  # float() parses 'nan' and 'inf'
+        check_number(v, "strength", kind=float)  # float() parses 'nan' and 'inf'
     if len(values) == 1:
         values = values * len(ids)
     if len(values) != len(ids):
@@ -78,7 +78,7 @@ def generate(lm: LoadedModel, prompt: str, *, max_new_tokens: int = 40, chat: bo
     tok = lm.tokenizer
     if chat:
         if not getattr(tok, "chat_template", None):
-            raise SaescopeError(f"{lm.name}'s tokenizer has no chat template; leave out --chat")
+            raise ParamError(f"{escape(lm.name)}'s tokenizer has no chat template; leave out {{}}", "chat")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt

@@ -31,7 +31,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,13 @@ from tqdm.auto import tqdm
 
 from saescope.core.activations import OutlierFilter
 from saescope.core.data import batches, iter_texts
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.core.io import fingerprint
 from saescope.core.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembedding
 from saescope.core.sae import SparseCode, TopKSAE
 from saescope.core.sae.fast import screens, shortlist_rerank, top_k
-from saescope.core.schema import Field, check_record
+from saescope.core.schema import Config, Field, check_record, config_field, escape
 from saescope.core.system import peak_rss_mb, release_heap
 
 FORMAT = "saescope-features"
@@ -58,26 +58,28 @@ VERSION = 1
 HIST_EDGES = [round(10 ** (e / 8), 6) for e in range(-24, 25)]  # 1e-3 .. 1e3, 8 bins per decade, open ends
 
 
-@dataclass
-class StoreConfig:
-    max_tokens: int = 200_000
-    ctx_len: int = 128
-    batch_size: int = 8
-    top_n: int = 16
+@dataclass(kw_only=True)
+class StoreConfig(Config):
+    """What a feature store records and from which text. The fields with help are `saescope features build`'s flags."""
+
+    data: str | None = config_field(None, "corpus (default: the embedded corpus)")
+    text_column: str = config_field("text", "for tables and JSON: the text column")
+    max_tokens: int = config_field(200_000, "tokens read", min=1)
+    ctx_len: int = config_field(128, "tokens per sequence", min=2)
+    batch_size: int = config_field(8, "sequences per batch", min=1)
+    top_n: int = config_field(16, "top contexts kept per feature", min=1)
+    checkpoint_every: int = config_field(50, "batches between checkpoints (resume continues from the last)", min=1)
     left: int = 12  # tokens shown before the max token
     right: int = 4  # and after it
     logit_k: int = 10
     outlier_factor: float = 5.0
-    checkpoint_every: int = 50  # batches
-    data: str | None = None
-    text_column: str = "text"
     split: str = "train"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "ctx_len", "batch_size", "top_n", "logit_k", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise SaescopeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.logit_k < 1:
+            raise ParamError(f"{{}} must be >= 1, got {self.logit_k}", "logit_k")
         if self.left < 0 or self.right < 0:
             raise SaescopeError("context window sizes must be >= 0")
 
@@ -227,7 +229,8 @@ class LayerStats:
 def _settings(cfg: StoreConfig, sae_spec: str, lm: LoadedModel, saes: dict[int, TopKSAE]) -> dict:
     return {"format": FORMAT, "version": VERSION, "sae": sae_spec, "model": lm.name, "layers": sorted(saes),
             "fingerprints": {str(n): fingerprint(s) for n, s in saes.items()},
-            "d_sae": {str(n): s.cfg.d_sae for n, s in saes.items()}, "config": asdict(cfg), "hist_edges": HIST_EDGES}
+            "d_sae": {str(n): s.cfg.d_sae for n, s in saes.items()},
+            "config": {f.name: getattr(cfg, f.name) for f in fields(StoreConfig)}, "hist_edges": HIST_EDGES}
 
 
 @torch.no_grad()
@@ -238,7 +241,7 @@ def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Pa
     out = Path(out)
     partial = out / "partial"
     if (out / "store.json").exists() and not overwrite:
-        raise SaescopeError(f"{out} already holds a feature store; pass --overwrite to rebuild it")
+        raise ParamError(f"{escape(str(out))} already holds a feature store; give {{}} to rebuild it", "overwrite")
     settings = _settings(cfg, sae_spec, lm, saes)
     shape = moe_shape(lm.model)
     settings["moe"] = asdict(shape) if shape else None
@@ -257,7 +260,7 @@ def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Pa
             for n in layers:
                 stats[n].load(partial / f"layer{n}-b{done}.safetensors")
         except SaescopeError as exc:
-            raise SaescopeError(f"{exc}; start again without --resume") from exc
+            raise ParamError(f"{escape(str(exc))}; start again without {{}}", "resume") from exc
     elif partial.exists():
         if not resume:
             shutil.rmtree(partial)
@@ -404,7 +407,7 @@ class FeatureStore:
     def tensor(self, layer: int, name: str, rows: slice | int | None = None) -> Tensor:
         with self._open(layer) as f:
             if name not in f.keys():
-                raise SaescopeError(f"{self._file(layer)} has no tensor {name}: the store is incomplete (rebuild it with --overwrite)")
+                raise SaescopeError(f"{self._file(layer)} has no tensor {name}: the store is incomplete (rebuild it)")
             part = f.get_slice(name)
             shape, want = tuple(part.get_shape()), self._shape(layer, name)
             if want is not None and shape != want:  # rows of another SAE or settings: would index past the end or mislabel
@@ -435,7 +438,7 @@ class FeatureStore:
             if unknown.numel():
                 bad = f"token id {int(unknown[0])}, which {self.path / 'tokens.json'} does not hold"
         if bad:
-            raise SaescopeError(f"{self._file(layer)}: {name} holds {bad}; the store is damaged (rebuild it with --overwrite)")
+            raise SaescopeError(f"{self._file(layer)}: {name} holds {bad}; the store is damaged (rebuild it)")
 
     def _token_map(self) -> dict[str, str]:
         if self._tokens is None:

@@ -1,22 +1,22 @@
 """`saescope` command line: parse, call the Python API, print. Errors are one line, never a traceback.
 
-One module per command group, each with `add_parsers(sub)` and `COMMANDS`; what they share is in `flags`.
-Nothing outside this package imports it.
+One module per command group, each with a `COMMANDS` table of `Command(config, run, help)` (saescope.cli.flags):
+the flags are made from the config, the run is the library's. Nothing outside this package imports it.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
 
 from saescope.cli import eval as eval_commands
 from saescope.cli import formats, inspect, redundancy, sasft, synthesis, toxicity, train, trust
-from saescope.cli.flags import Parser, apply_shared_data, check_flags, given_flags
-from saescope.core.errors import SaescopeError
+from saescope.cli.flags import Command, Parser, add_commands, flags_of, given_flags
+from saescope.core.errors import ParamError, SaescopeError
 
 GROUPS = (train, eval_commands, formats, trust, redundancy, inspect, toxicity, synthesis, sasft)
-COMMANDS = {name: command for group in GROUPS for name, command in group.COMMANDS.items()}
 
 
 def build_parser() -> Parser:
@@ -24,7 +24,7 @@ def build_parser() -> Parser:
                     "--debug (anywhere on the line) shows the traceback of an unexpected error.")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
-        group.add_parsers(sub)
+        add_commands(sub, group.COMMANDS)
     return parser
 
 
@@ -32,44 +32,85 @@ def _debug(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("SAESCOPE_DEBUG", "") not in ("", "0")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"saescope: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def message(exc: SaescopeError, command: Command) -> str:
+    """The error's one line as this command's user reads it: parameters named by their flags."""
+    if isinstance(exc, ParamError):
+        flags = flags_of(command)
+        return exc.render(lambda p: flags.get(p, p))
+    return str(exc)
+
+
+def parse_config(argv: list[str]):
+    """The config a command line gives (validated as the command would run it), and its command; a bad value is a
+    SaescopeError whose message names the flag."""
+    from saescope.cli.flags import config_from_flags
+
+    args = build_parser().parse_args(argv)
+    try:
+        return config_from_flags(args._command.config, args)
+    except SaescopeError as exc:
+        raise SaescopeError(message(exc, args._command)) from exc
+
+
+def run_command(command: Command, a: argparse.Namespace) -> None:
+    """config from the flags -> the library's run -> print its result."""
+    if command.handler is not None:
+        command.handler(a)
+        return
+    from saescope.cli.flags import config_from_flags
+
+    result = command.run(config_from_flags(command.config, a))
+    text = result.text() if result is not None else ""
+    if text:
+        print(text)
+
+
+def _threads() -> None:
+    threads = os.environ.get("SAESCOPE_THREADS", "")
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise SaescopeError(f"SAESCOPE_THREADS must be a positive integer, got {threads!r}")
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug(argv)
     argv = [x for x in argv if x != "--debug"]
-    warnings.formatwarning = lambda msg, cat, *rest: f"saescope: warning: {msg}\n"
     args = build_parser().parse_args(argv)
     args.given = given_flags(argv)
-    try:
-        check_flags(args)
-        apply_shared_data(args)
-        import torch
-
-        threads = os.environ.get("SAESCOPE_THREADS", "")
-        if threads:
-            if not threads.isdigit() or int(threads) < 1:
-                raise SaescopeError(f"SAESCOPE_THREADS must be a positive integer, got {threads!r}")
-            torch.set_num_threads(int(threads))
-        COMMANDS[args.command](args)
-    except SaescopeError as exc:
-        print(f"saescope: error: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # e.g. `saescope plan ... | head`
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print("saescope: interrupted; the latest checkpoint is kept (resume with --resume)", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        # A bug or an input no check foresaw: one line naming the command and what broke, unless --debug (or
-        # SAESCOPE_DEBUG, which the test suite sets) asks for the traceback, so that real bugs are never hidden.
-        if debug:
-            raise
-        if isinstance(exc, OSError) and exc.strerror:
-            print(f"saescope: error: {args.command}: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+    command: Command = args._command
+    with warnings.catch_warnings():  # this process's warnings as one line each, restored when the command ends
+        warnings.showwarning = _show_warning
+        try:
+            _threads()
+            run_command(command, args)
+        except SaescopeError as exc:  # a ParamError names parameters as the library does: shown with the flags
+            print(f"saescope: error: {message(exc, command)}", file=sys.stderr)
             return 2
-        detail = (str(exc).splitlines() or [""])[0][:200]
-        line = " ".join(argv)
-        print(f"saescope: error: {args.command} (saescope {line[:160]}{'...' if len(line) > 160 else ''}): unexpected "
-              f"{type(exc).__name__}: {detail} (rerun with --debug for the traceback, and please report it)", file=sys.stderr)
-        return 1
+        except BrokenPipeError:  # e.g. `saescope plan ... | head`
+            sys.stderr.close()
+            return 0
+        except KeyboardInterrupt:
+            print("saescope: interrupted; the latest checkpoint is kept (resume with --resume)", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            # A bug or an input no check foresaw: one line naming the command and what broke, unless --debug (or
+            # SAESCOPE_DEBUG, which the test suite sets) asks for the traceback, so that real bugs are never hidden.
+            if debug:
+                raise
+            if isinstance(exc, OSError) and exc.strerror:
+                print(f"saescope: error: {args.command}: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+                return 2
+            detail = (str(exc).splitlines() or [""])[0][:200]
+            line = " ".join(argv)
+            print(f"saescope: error: {args.command} (saescope {line[:160]}{'...' if len(line) > 160 else ''}): unexpected "
+                  f"{type(exc).__name__}: {detail} (rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+            return 1
     return 0

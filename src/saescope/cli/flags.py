@@ -1,18 +1,18 @@
-"""What every command shares: the parser with one-line errors, flags built from config dataclasses, the ranges of
-numeric flags, and the checks of output paths made before any model is loaded or anything is written."""
+"""How every command line is made: a command is a config dataclass and a run function of the library (`Command`); its
+flags are the config's fields (`add_config_flags`: name, type, default, help, choices, positional or repeated, all from
+saescope.core.schema.config_field), the parsed flags build the config (which validates itself), the run returns a
+result, and the CLI prints `result.text()`. Nothing here knows what a command does."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import typing
-from dataclasses import MISSING, fields
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
-from saescope.core.errors import SaescopeError
-from saescope.core.schema import check_number, field_kind
+from saescope.core.schema import item_type, value_kinds
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,157 +26,118 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A command: its config dataclass, the library function that runs it (config -> result with `.text()`), and its
+    one-line help. `launch`, a second config, adds flags for how the run is launched (train's --resume), and `handler`
+    replaces config -> run -> print for the one command that needs both (train)."""
+
+    config: type
+    run: Callable[[Any], Any]
+    help: str
+    launch: type | None = None
+    handler: Callable[[argparse.Namespace], None] | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Subcommands under one name (`saescope toxicity mine`)."""
+
+    help: str
+    commands: dict[str, Command]
+
+
+def add_commands(sub: argparse._SubParsersAction, commands: dict[str, Command | Group]) -> None:
+    for name, command in commands.items():
+        if isinstance(command, Group):
+            p = sub.add_parser(name, help=command.help)
+            add_commands(p.add_subparsers(dest=f"{name}_command", required=True), command.commands)
+            continue
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        add_config_flags(p, command.config)
+        if command.launch is not None:
+            add_config_flags(p, command.launch)
+        p.set_defaults(_command=command)
+
+
+def flag_name(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _comma_list(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",")]
+        except ValueError:
+            what = {int: "integers", float: "numbers"}.get(kind, "values")
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}") from None
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
 def add_config_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of the config dataclass `cls` (`--ctx-len` for ctx_len), with the field's type, default,
-    help and choices (saescope.core.schema.config_field); a bool field is a switch. Fields that are not plain values
-    (dicts, lists) and those in `skip` get no flag."""
+    """One flag per field of the config dataclass `cls` that carries help (saescope.core.schema.config_field):
+    `--ctx-len` for ctx_len (or the field's own `flag`), typed as the field, with its default, help and choices; a bool
+    field is a switch (a default of True gives a switch that turns it off); a list field takes comma-separated values,
+    or one value per flag given several times (`repeat`); a `positional` field is an argument without a flag."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        kinds, _ = field_kind(hints[f.name])
-        if f.name in skip or kinds[0] not in (str, int, float, bool):
+        meta = f.metadata
+        if f.name in skip or "help" not in meta:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if kinds[0] is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata.get("help"))
+        kinds, _ = value_kinds(hints[f.name])
+        kind = kinds[0]
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        required = f.default is MISSING and f.default_factory is MISSING
+        text = meta["help"]
+        kwargs: dict[str, Any] = {"help": text}
+        if kind is bool:
+            kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            items = item_type(kind)
+            if items is not None:
+                kwargs.update(type=items, action="append") if meta.get("repeat") else kwargs.update(type=_comma_list(items))
+            else:
+                kwargs["type"] = kind if kind in (int, float) else str
+            if meta.get("choices") and items is None:  # a list's items are checked by the config, one by one
+                kwargs["choices"] = meta["choices"]
+            if default not in (None, []) and "default" not in text:
+                shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else (
+                    f"{default:,}" if isinstance(default, int) else default)
+                kwargs["help"] = f"{text} (default: {shown})"
+        if meta.get("positional"):
+            p.add_argument(f.name, **kwargs)
             continue
-        default = f.default if f.default is not MISSING else None
-        text = f.metadata.get("help") or ""
-        if default is not None and "default" not in text:
-            text += f" (default: {default:,})" if isinstance(default, int) else f" (default: {default})"
-        p.add_argument(flag, type=kinds[0], default=default, choices=f.metadata.get("choices"), help=text or None)
+        kwargs["dest"] = f.name
+        if required:
+            kwargs["required"] = True
+        elif kind is not bool and not meta.get("repeat"):
+            kwargs["default"] = default
+        p.add_argument(flag_name(f), **kwargs)
 
 
 def config_from_flags(cls: type, a: argparse.Namespace, **values: object):
-    """The config dataclass `cls` from the parsed flags of its fields, with `values` taking precedence."""
-    given = {f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}
+    """The config dataclass `cls` from the parsed flags of its fields (a flag left at None keeps the field's default),
+    with `values` taking precedence. Building it validates it."""
+    hints = typing.get_type_hints(cls)
+    given: dict[str, object] = {}
+    for f in fields(cls):
+        value = getattr(a, f.name, None)
+        if value is None or "help" not in f.metadata:
+            continue
+        if isinstance(value, list) and any(typing.get_origin(k) is tuple for k in value_kinds(hints[f.name])[0]):
+            value = tuple(value)
+        given[f.name] = value
     return cls(**{**given, **values})
 
 
-def add_sae_flags(p: argparse.ArgumentParser, *, layers: bool = True) -> None:
-    """--sae, --model, --layers, --k and --model-dtype, as every command that reads SAEs takes them."""
-    p.add_argument("--sae", required=True, help="SAE folder (saescope run, Qwen-Scope, SAELens or sparsify)")
-    p.add_argument("--model", help="default: the SAEs' model")
-    if layers:
-        p.add_argument("--layers", help="e.g. 0,5,10-20 (default: all the SAEs' layers)")
-    p.add_argument("--k", type=int, help="k, for Qwen-Scope folders whose name does not give it")
-    add_model_dtype_flag(p)
-
-
-def add_model_dtype_flag(p: argparse.ArgumentParser) -> None:
-    """--model-dtype: the dtype of the LM whose activations a command reads."""
-    p.add_argument("--model-dtype", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="the LM's dtype: fp32 (default: figures comparable across machines), bf16, or auto (bf16 on GPU "
-                        "and on CPUs measured fast at it, ~2-3x faster there; what training's default uses)")
-
-
-def add_shared_data_flag(p: argparse.ArgumentParser) -> None:
-    """--shared-data: the shared reference data folder (benchmarks, scores, labelled sets), for this command."""
-    p.add_argument("--shared-data", help="the shared reference data folder (default: $SAESCOPE_SHARED_DATA)")
-
-
-def apply_shared_data(a: argparse.Namespace) -> None:
-    """A --shared-data given on the line wins over the environment for this process (the loaders read the variable)."""
-    from saescope.core.data.benchmarks import SHARED_ENV, shared_data_dir
-
-    if getattr(a, "shared_data", None):
-        if not Path(a.shared_data).expanduser().is_dir():
-            raise SaescopeError(f"--shared-data {a.shared_data}: not a folder (point it at the shared reference data, "
-                                "holding benchmarks/)")
-        os.environ[SHARED_ENV] = str(shared_data_dir(a.shared_data))
-
-
-def writes(p: argparse.ArgumentParser, flag: str, *, folder: bool, **kwargs) -> None:
-    """An output flag: its path is checked before any work (saescope.cli.flags.check_flags), a folder or a file."""
-    p.add_argument(flag, **kwargs)
-    dest = flag.lstrip("-").replace("-", "_")
-    outputs = dict(p.get_default("output_paths") or {})
-    p.set_defaults(output_paths={**outputs, dest: "folder" if folder else "file"})
-
-
-def layer_list(spec: str | None) -> list[int] | None:
-    """A --layers flag: None (all) or the layer numbers; their range is checked once the model is known."""
-    if not spec:
-        return None
-    from saescope.core.train import parse_layers
-
-    return parse_layers(spec, None)
-
-
-def int_list(spec: str) -> list[int]:
-    try:
-        return [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {spec!r}") from None
-
-
-def model_of(saes: dict, given: str | None) -> str:
-    """The model to load for these SAEs: the one given, else the one they record."""
-    model = given or next(iter(saes.values())).meta.get("model")
-    if not model:
-        raise SaescopeError("these SAEs do not name their model: pass --model")
-    return model
-
-
-# Every numeric flag's range, in one place, by its name (`COMMAND.name` where one command differs):
-# (type, lowest, highest, lowest excluded). Every float flag must also be finite, whatever its name.
-FLAG_RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
-    **{name: (int, 1, None, False) for name in (
-        "k", "expansion", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens", "seeds", "n_tokens",
-        "limit", "top", "max_length", "top_n", "max_new_tokens", "repeats", "matched_repeats", "n_perm",
-        "tokens_per_step", "shuffle_buffer", "per_class", "fvu_tokens")},
-    "ctx_len": (int, 2, None, False),
-    "gpus": (int, 1, None, False),
-    **{name: (int, 0, None, False) for name in ("seed", "data_seed", "eval_tokens", "layer", "feature", "contexts",
-                                                "activation_buffer", "absorption_words")},
-    "stability.n_tokens": (int, 0, None, False),  # 0 = compare decoders only
-    "port": (int, 0, 65535, False),
-    "lr": (float, 0, None, True),
-    "tflops": (float, 0, None, True),
-    "lr_decay_frac": (float, 0, 1, False),
-    "subsume": (float, 0, 1, False),
-    "variance": (float, 0, 1, True),
-    "outlier_factor": (float, 0, None, False),
-    "auxk_alpha": (float, 0, None, False),
-    "temperature": (float, 0, None, False),
-}
-# Names of the files saescope reads back (run folders, SAE formats, footprints, feature stores): never an output file.
-READ_BACK = re.compile(r"train\.json|train_log\.jsonl|train_summary\.json|latest|eval(-\d+)?\.json|layer\d+\.(json|safetensors|sae\.pt)"
-                       r"|state-rank\d+\.pt|cfg\.json|sae(_weights)?\.safetensors|footprints\.json|redundancy\.json"
-                       r"|store\.json|tokens\.json|progress\.json")
+def flags_of(command: Command) -> dict[str, str]:
+    """{field: its flag}, to show a ParamError of this command in the command line's terms."""
+    classes = [command.config] + ([command.launch] if command.launch else [])
+    return {f.name: (f.name if f.metadata.get("positional") else flag_name(f)) for cls in classes for f in fields(cls)
+            if "help" in f.metadata}
 
 
 def given_flags(argv: list[str]) -> set[str]:
     """The flags typed on the command line (as dest names), to tell a chosen value from a default."""
     return {tok[2:].split("=", 1)[0].replace("-", "_") for tok in argv if tok.startswith("--")}
-
-
-def check_flags(a: argparse.Namespace) -> None:
-    """Ranges of numeric flags and output paths, before anything is loaded or written."""
-    outputs = getattr(a, "output_paths", None) or {}
-    for name, value in vars(a).items():
-        if name in ("output_paths", "given"):
-            continue
-        flag = "--" + name.replace("_", "-")
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, float):
-                check_number(v, flag)
-            rule = FLAG_RANGES.get(f"{a.command}.{name}") or FLAG_RANGES.get(name)
-            if rule is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
-                kind, lo, hi, open_lo = rule
-                check_number(v, flag, kind=kind, min=lo, max=hi, min_open=open_lo)
-        if isinstance(value, str) and name in outputs:
-            check_writable(Path(value), flag, folder=outputs[name] == "folder")
-
-
-def check_writable(path: Path, flag: str, *, folder: bool) -> None:
-    """An output path that cannot be created is refused before any work: a file where a folder must go, or the
-    other way round, here or above."""
-    if path.exists() and path.is_dir() != folder:
-        raise SaescopeError(f"{flag} {path}: {'a file exists there, not a folder' if folder else 'is a folder, not a file'}")
-    if not folder and path.exists() and READ_BACK.fullmatch(path.name):
-        raise SaescopeError(f"{flag} {path}: a file saescope reads back (run, SAE or store data) is never overwritten; write elsewhere")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SaescopeError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
-            break

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from saescope.core.errors import SaescopeError
@@ -36,3 +37,7 @@ def read_json(path: Path, spec: dict[str, Field] | None = None) -> dict:
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
     return check_record(obj, spec, str(path)) if spec is not None else obj
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())

@@ -7,8 +7,8 @@ import html
 import json
 from pathlib import Path
 
-from saescope.core.files import atomic_write_bytes
 from saescope.api.store import FeatureStore
+from saescope.core.files import atomic_write_bytes
 
 BROWSER_CONTEXTS = 4
 BROWSER_LEFT, BROWSER_RIGHT = 10, 3

@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from saescope.core.errors import SaescopeError
-from saescope.api.store import FeatureStore, logit_lens
-from saescope.core.models import token_strings
 from saescope.api.scope import Scope
 from saescope.api.steer import steered_pair
+from saescope.api.store import FeatureStore, logit_lens
+from saescope.core.errors import SaescopeError
+from saescope.core.models import token_strings
 
 MAX_CHARS = 8000
 MAX_TOKENS = 512

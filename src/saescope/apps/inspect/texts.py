@@ -16,34 +16,29 @@ from dataclasses import dataclass
 
 import torch
 
-from saescope.core.errors import SaescopeError
-from saescope.api.store import FeatureStore
-from saescope.core.schema import check_number
 from saescope.api.scope import Scope, TextCodes
+from saescope.api.store import FeatureStore
+from saescope.core.errors import SaescopeError
+from saescope.core.layers import LayersOption
+from saescope.core.schema import config_field
 from saescope.core.system import release_heap
 
 RANKINGS = ("max", "sum")
 CONTRAST_RANKINGS = ("rate", "mean")
 
 
-@dataclass
-class InspectConfig:
-    layers: list[int] | None = None
-    top: int = 10
-    by: str = "max"
-    skip_first_token: bool = True
-    max_length: int = 512
-    batch_size: int = 8
-    rank: str = "rate"  # contrast: by firing-rate difference or by mean-activation difference
+@dataclass(kw_only=True)
+class ReadingConfig(LayersOption):
+    """How features are read from texts: which layers, how many top features, ranked how, over which tokens."""
 
-    def __post_init__(self) -> None:
-        if self.by not in RANKINGS:
-            raise SaescopeError(f"unknown ranking {self.by!r}; use max or sum")
-        if self.rank not in CONTRAST_RANKINGS:
-            raise SaescopeError(f"unknown contrast ranking {self.rank!r}; use rate or mean")
-        check_number(self.top, "top", kind=int, min=1)
-        check_number(self.max_length, "max_length", kind=int, min=1)
-        check_number(self.batch_size, "batch_size", kind=int, min=1)
+    top: int = config_field(10, "features shown per text and layer (or per side of a contrast)", min=1)
+    by: str = config_field("max", "rank a text's features by max or summed activation", choices=RANKINGS)
+    skip_first_token: bool = config_field(True, "leave out the first token (the attention sink); the flag counts it too",
+                                          flag="--keep-first-token")
+    max_length: int = config_field(512, "tokens per text (longer ones are cut, with a warning)", min=1)
+    batch_size: int = config_field(8, "texts per batch", min=1)
+    rank: str = config_field("rate", "contrast: rank by firing-rate difference or by mean-activation difference",
+                             choices=CONTRAST_RANKINGS)
 
 
 def _first(codes: TextCodes, skip_first: bool) -> int:
@@ -61,11 +56,11 @@ def check_texts(texts: Sequence[str], what: str) -> list[str]:
     return list(texts)
 
 
-def inspect_texts(scope: Scope, texts: Sequence[str], cfg: InspectConfig, store: FeatureStore | None = None) -> list[dict]:
+def inspect_texts(scope: Scope, texts: Sequence[str], cfg: ReadingConfig, store: FeatureStore | None = None) -> list[dict]:
     """Per text: its tokens and, per layer, the top features with activation, the tokens they fired on and,
     when a feature store is given, their corpus frequency and best contexts."""
     texts = check_texts(texts, "text")
-    layers = scope.check_layers(cfg.layers)
+    layers = scope.check_layers(cfg.layer_list())
     out = []
     for text, codes in zip(texts, scope.encode(texts, layers=layers, batch_size=cfg.batch_size, max_length=cfg.max_length)):
         start = _first(codes, cfg.skip_first_token)
@@ -92,7 +87,7 @@ def inspect_texts(scope: Scope, texts: Sequence[str], cfg: InspectConfig, store:
     return out
 
 
-def _set_stats(scope: Scope, texts: list[str], cfg: InspectConfig, layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+def _set_stats(scope: Scope, texts: list[str], cfg: ReadingConfig, layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Per layer: tokens counted, and per feature the tokens it fired on, its activation sum, the texts it fired in."""
     stats = {n: {"tokens": torch.zeros((), dtype=torch.float64),
                  "fires": torch.zeros(scope.saes[n].cfg.d_sae, dtype=torch.float64),
@@ -114,7 +109,7 @@ def _set_stats(scope: Scope, texts: list[str], cfg: InspectConfig, layers: list[
     return stats
 
 
-def contrast(scope: Scope, texts: Sequence[str], baseline: Sequence[str], cfg: InspectConfig,
+def contrast(scope: Scope, texts: Sequence[str], baseline: Sequence[str], cfg: ReadingConfig,
              store: FeatureStore | None = None) -> dict:
     """Features ranked by how much more they fire on `texts` than on `baseline`, per layer.
 
@@ -123,7 +118,7 @@ def contrast(scope: Scope, texts: Sequence[str], baseline: Sequence[str], cfg: I
     (ties by mean difference), or with cfg.rank="mean" by mean difference; the other end of the ranking
     (features that fire more on the baseline) is listed too."""
     texts, baseline = check_texts(texts, "text"), check_texts(baseline, "baseline text")
-    layers = scope.check_layers(cfg.layers)
+    layers = scope.check_layers(cfg.layer_list())
     a, b = _set_stats(scope, texts, cfg, layers), _set_stats(scope, baseline, cfg, layers)
     out: dict = {"n_texts": len(texts), "n_baseline": len(baseline), "layers": {}}
     for n in layers:

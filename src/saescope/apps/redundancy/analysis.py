@@ -17,9 +17,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from saescope.core.errors import SaescopeError
-from saescope.core.files import read_json
-from saescope.core.io import decoder_cos_to_init
 from saescope.apps.redundancy.footprint import Footprints
 from saescope.apps.redundancy.metrics import (
     coverage_curves,
@@ -35,6 +32,9 @@ from saescope.apps.redundancy.metrics import (
     symmetric_overlap,
 )
 from saescope.apps.redundancy.performance import SLOTH_HEADLINE, BenchScores, Correctness, bench_scores
+from saescope.core.errors import SaescopeError
+from saescope.core.files import read_json
+from saescope.core.io import decoder_cos_to_init
 from saescope.core.schema import Field, InputError, check_record
 
 

@@ -23,13 +23,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from saescope.core.data.benchmarks import Benchmark
-from saescope.core.errors import SaescopeError
-from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
-from saescope.apps.redundancy.metrics import FeatureSets
-from saescope.core.sae import TopKSAE
-from saescope.core.schema import Field, check_record
 from saescope.api.scope import Scope
+from saescope.apps.redundancy.metrics import FeatureSets
+from saescope.core.data.benchmarks import Benchmark
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
+from saescope.core.sae import TopKSAE
+from saescope.core.schema import Field, check_record, escape
 from saescope.core.system import release_heap
 
 POOLS = ("last", "max", "all")
@@ -56,8 +56,9 @@ def _to_sets(pooled: torch.Tensor, pool: str, k: int) -> list[np.ndarray]:
 def compute_footprints(scope: Scope, benchmarks: list[Benchmark], out: str | Path, *, sae_name: str,
                        layers: list[int] | None = None, pool: str = "last", control: dict[int, TopKSAE] | None = None,
                        control_name: str | None = None, batch_size: int = 16, max_length: int = 512,
-                       progress: bool = True) -> Path:
-    """Footprint every benchmark on every layer (and with the control SAEs in the same LM pass) into `out`."""
+                       progress: bool = True) -> list[str]:
+    """Footprint every benchmark on every layer (and with the control SAEs in the same LM pass) into `out`. Returns the
+    benchmarks `out` already held with the same prompts, which are kept as they are."""
     if pool not in POOLS:
         raise SaescopeError(f"unknown pooling {pool!r}; use one of {', '.join(POOLS)}")
     out = Path(out)
@@ -71,17 +72,20 @@ def compute_footprints(scope: Scope, benchmarks: list[Benchmark], out: str | Pat
         old = _read_meta(meta_path)
         diff = [f"{s}: {old.get(s)!r} there, {settings[s]!r} now" for s in _SETTINGS if old.get(s) != settings[s]]
         if diff:
-            raise SaescopeError(f"{out} holds footprints made with other settings ({'; '.join(diff)}): use another --out")
+            raise ParamError(f"{escape(str(out))} holds footprints made with other settings ({escape('; '.join(diff))}): use "
+                             "another {}", "out")
         meta["benchmarks"] = old["benchmarks"]
     sets = {"sae": scope.saes, **({"control": control} if control else {})}
+    kept = []
     for i, bench in enumerate(benchmarks, start=1):
         digest = prompts_hash(bench.prompts)
         done = meta["benchmarks"].get(bench.name)
         if done and done["hash"] != digest:
-            raise SaescopeError(f"{out} already holds a footprint of {bench.name} made from other prompts ({done.get('source')}, "
-                                f"{done.get('n')} prompts): use another --out, or remove {bench.name} from it first")
+            raise ParamError(escape(f"{out} already holds a footprint of {bench.name} made from other prompts "
+                                    f"({done.get('source')}, {done.get('n')} prompts)")
+                             + f": use another {{}}, or remove {escape(bench.name)} from it first", "out")
         if done and done["hash"] == digest and all((out / s / f"{bench.name}.safetensors").exists() for s in sets):
-            print(f"{bench.name}: already footprinted, kept")
+            kept.append(bench.name)
             continue
         rows: dict[str, dict[int, list[np.ndarray]]] = {s: {n: [None] * len(bench.prompts) for n in layers} for s in sets}
         for batch, (idx, pooled) in enumerate(scope.iter_pooled(bench.prompts, layers=layers, pool="last" if pool == "last" else "max",
@@ -98,7 +102,7 @@ def compute_footprints(scope: Scope, benchmarks: list[Benchmark], out: str | Pat
                        {n: FeatureSets.from_lists(rows[s][n], sets[s][n].cfg.d_sae) for n in layers})
         meta["benchmarks"][bench.name] = {"n": len(bench.prompts), "source": bench.source, "hash": digest}
         atomic_write_json(meta_path, meta)
-    return out
+    return kept
 
 
 def write_sets(path: Path, per_layer: dict[int, FeatureSets]) -> None:

@@ -18,8 +18,6 @@ or mapped explicitly); other columns are ignored, an empty cell is a model witho
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from saescope.core.data.benchmarks import shared_data_dir
-from saescope.core.errors import SaescopeError
+from saescope.core.data.rows import iter_rows, row_format
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.schema import Field, check_record, escape
 
 # sloth_data_v1.csv headline columns for the benchmarks whose prompts saescope can footprint
 SLOTH_HEADLINE = {"arc_challenge": "ARC", "hellaswag": "HellaSwag", "mmlu": "MMLU", "truthfulqa": "TruthfulQA",
@@ -67,14 +67,11 @@ def load_correctness(spec: str, shared_data: str | Path | None = None) -> Correc
     return _csv_matrix(path)
 
 
-def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
-    """(line, cells) of each non-blank row of a CSV file; an unreadable file is one line naming it."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets save a byte-order mark
-            reader = csv.reader(f)
-            return [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SaescopeError(f"cannot read {path}: not a UTF-8 CSV file ({exc})") from exc
+def _read_csv(path: Path) -> list[tuple[str, list[str]]]:
+    """(where, cells) of each non-blank row of a CSV file, the header first (saescope.core.data.rows)."""
+    if row_format(path.name) != "csv":
+        raise SaescopeError(f"{path}: expected a .csv file")
+    return list(iter_rows(path, raw=True))
 
 
 def _model_column(header: list[str], path: Path, what: str) -> int:
@@ -99,16 +96,16 @@ def _csv_matrix(path: Path) -> Correctness:
     models, values = [], []
     for i, row in rows[1:]:
         if len(row) != len(header):
-            raise SaescopeError(f"{path} line {i}: {len(row) - 1} values for {len(items)} items")
+            raise SaescopeError(f"{path} {i}: {len(row) - 1} values for {len(items)} items")
         vals = []
         for item, cell in zip(items, (c for j, c in enumerate(row) if j != mcol)):
             try:
                 v = float(cell)
             except ValueError:
-                raise SaescopeError(f"{path} line {i}, item {item!r}: {cell!r} is not a number "
+                raise SaescopeError(f"{path} {i}, item {item!r}: {cell!r} is not a number "
                                     "(an empty cell is an error, not a zero)") from None
             if math.isnan(v) or not 0 <= v <= 1:
-                raise SaescopeError(f"{path} line {i}, item {item!r}: values must be in [0, 1] (model {row[mcol]}), got {cell!r}")
+                raise SaescopeError(f"{path} {i}, item {item!r}: values must be in [0, 1] (model {row[mcol]}), got {cell!r}")
             vals.append(v)
         models.append(row[mcol])
         values.append(vals)
@@ -128,12 +125,9 @@ def _m_ifeval(lang: str, shared_data: str | Path | None) -> Correctness:
     models, values = [], []
     for file in files:
         per_prompt = {}
-        for i, line in enumerate(file.read_text().splitlines(), start=1):
-            try:
-                row = json.loads(line)
-                per_prompt[row["prompt"]] = float(bool(row["follow_all_instructions"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise SaescopeError(f"{file} line {i}: not a response record ({exc})") from exc
+        for where, row in iter_rows(file):
+            check_record(row, {"prompt": Field(str), "follow_all_instructions": Field((bool, int))}, f"{file} {where}")
+            per_prompt[row["prompt"]] = float(bool(row["follow_all_instructions"]))
         if items is None:
             items = sorted(per_prompt)
         elif set(per_prompt) != set(items):
@@ -153,7 +147,7 @@ class ScoreTable:
     models: list[str]
     columns: list[str]  # every named column but the model column
     cells: dict[str, list[str]]
-    lines: list[int]  # the file line of each model's row
+    lines: list[str]  # where each model's row is in the file ("line 12")
 
     def numbers(self, column: str) -> np.ndarray:
         """A column as floats, NaN where the cell is empty (a model without that score)."""
@@ -164,11 +158,11 @@ class ScoreTable:
             try:
                 out[r] = float(cell)
             except ValueError:
-                raise SaescopeError(f"{self.path} line {self.lines[r]}, column {column!r}: {cell!r} is not a number") from None
+                raise SaescopeError(f"{self.path} {self.lines[r]}, column {column!r}: {cell!r} is not a number") from None
             if not math.isfinite(out[r]):
-                raise SaescopeError(f"{self.path} line {self.lines[r]}, column {column!r}: {cell!r} is not a finite number")
+                raise SaescopeError(f"{self.path} {self.lines[r]}, column {column!r}: {cell!r} is not a finite number")
             if abs(out[r]) > MAX_SCORE:
-                raise SaescopeError(f"{self.path} line {self.lines[r]}, column {column!r}: {cell!r} is not a score "
+                raise SaescopeError(f"{self.path} {self.lines[r]}, column {column!r}: {cell!r} is not a score "
                                     f"(magnitude above {MAX_SCORE:g})")
         return out
 
@@ -186,7 +180,7 @@ def read_scores(path: Path | None = None, shared_data: str | Path | None = None)
     mcol = _model_column(header, path, "a score table")
     for i, row in rows[1:]:
         if len(row) != len(header):
-            raise SaescopeError(f"{path} line {i}: {len(row)} cells for {len(header)} columns")
+            raise SaescopeError(f"{path} {i}: {len(row)} cells for {len(header)} columns")
     named = [(j, h) for j, h in enumerate(header) if j != mcol and h.strip()]
     if len({h for _, h in named}) != len(named):
         raise SaescopeError(f"{path}: a column name appears twice in the header")
@@ -218,11 +212,12 @@ def bench_scores(benches: list[str], path: Path | None = None, mapping: dict[str
     if mapping:
         for col, b in mapping.items():
             if col not in table.columns:
-                raise SaescopeError(f"--score-columns: {table.path} has no column {col!r} (columns: {_names(table.columns, 12)})")
+                raise ParamError("{}: " + escape(f"{table.path} has no column {col!r} (columns: {_names(table.columns, 12)})"),
+                                 "score_columns")
             if b not in benches:
-                raise SaescopeError(f"--score-columns: {b!r} is not a footprinted benchmark (have {', '.join(benches)})")
+                raise ParamError("{}: " + escape(f"{b!r} is not a footprinted benchmark (have {', '.join(benches)})"), "score_columns")
         if len(set(mapping.values())) != len(mapping):
-            raise SaescopeError("--score-columns: a benchmark is given two columns")
+            raise ParamError("{}: a benchmark is given two columns", "score_columns")
         columns = {b: col for col, b in mapping.items()}
     else:
         columns = {}
@@ -230,21 +225,21 @@ def bench_scores(benches: list[str], path: Path | None = None, mapping: dict[str
             for b in benches:
                 if col.strip().lower() == b.lower() or col == SLOTH_HEADLINE.get(b):
                     if b in columns:
-                        raise SaescopeError(f"{table.path}: columns {columns[b]!r} and {col!r} both match benchmark {b}; "
-                                            "choose one with --score-columns COLUMN=BENCHMARK")
+                        raise ParamError(escape(f"{table.path}: columns {columns[b]!r} and {col!r} both match benchmark {b}")
+                                         + "; choose one with {} COLUMN=BENCHMARK", "score_columns")
                     columns[b] = col
     notes = []
     if not columns:
         if path is not None:
-            raise SaescopeError(f"{table.path}: no column matches a footprinted benchmark (columns: "
-                                f"{_names(table.columns, 12)}; expected: {expected}); map them with --score-columns COLUMN=BENCHMARK")
+            raise ParamError(escape(f"{table.path}: no column matches a footprinted benchmark (columns: {_names(table.columns, 12)}; "
+                                    f"expected: {expected})") + "; map them with {} COLUMN=BENCHMARK", "score_columns")
         notes.append(f"{table.path.name}: no score column for any footprinted benchmark (expected: {expected})")
     if path is not None:  # the user's table: one row per model, enough models to correlate
-        seen: dict[str, int] = {}
+        seen: dict[str, str] = {}
         for m, line in zip(table.models, table.lines):
             if m.strip() in seen:
-                raise SaescopeError(f"{table.path} line {line}: model {m.strip()!r} appears twice "
-                                    f"(first on line {seen[m.strip()]}); give each model one row")
+                raise SaescopeError(f"{table.path} {line}: model {m.strip()!r} appears twice "
+                                    f"(first on {seen[m.strip()]}); give each model one row")
             seen[m.strip()] = line
         if len(table.models) < 3:
             raise SaescopeError(f"{table.path}: {len(table.models)} models; correlating scores across models needs at least 3")

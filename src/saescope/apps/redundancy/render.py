@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from saescope.core.files import atomic_write_bytes, atomic_write_json
-from saescope.apps.report.page import figure, html_table, png
+from saescope.core.render import figure, html_table, png
 
 
 def _rhat_rows(res: dict) -> list[list]:

@@ -13,21 +13,21 @@ commands write into the run folder; plots are inline PNGs, so the page fetches n
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
-import io
-import json
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from saescope.core.data.rows import iter_rows
 from saescope.core.errors import SaescopeError
-from saescope.core.files import atomic_write_bytes
+from saescope.core.files import atomic_write_bytes, read_json
 from saescope.core.io.run_dir import RunDir
 from saescope.core.models.builtin import DEFAULT_MODEL
-from saescope.core.schema import Field, check_record
+from saescope.core.render import figure, html_table, png
+from saescope.core.schema import REQUIRED, Config, Field, check_record, config_field
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -43,13 +43,9 @@ def _read(path: Path, top: dict[str, Field] | None = None, **rows: dict[str, Fie
     record spec. What is corrupt or ill-typed raises SaescopeError, which _section turns into a note on the page."""
     if not path.is_file():
         return None
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        obj = json.loads(text)
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise SaescopeError(f"cannot read {path}: not valid JSON (corrupt or truncated?)") from exc
+    if path.suffix == ".jsonl":
+        return [row for _, row in iter_rows(path)]
+    obj = read_json(path)
     if top is not None:
         check_record(obj, top, str(path))
         for key, spec in rows.items():
@@ -58,20 +54,18 @@ def _read(path: Path, top: dict[str, Field] | None = None, **rows: dict[str, Fie
     return obj
 
 
-_WARNED: set[str] = set()  # the problems already warned about while building the current report
-
-
-def _section(what: Path, render: Callable[[], str]) -> str:
+def _section(what: Path, render: Callable[[], str], warned: set[str]) -> str:
     """One part of the page. The files behind it are optional, so a corrupt or ill-typed one skips this part with a
-    note on the page and a warning, instead of costing the whole report."""
+    note on the page and a warning, instead of costing the whole report; `warned` holds the problems this page has
+    already warned about."""
     try:
         return render()
     except SaescopeError as exc:
         problem = str(exc)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # deeper than the checked fields
         problem = f"{what}: unexpected content ({type(exc).__name__}: {exc})".replace("\n", " ")
-    if problem not in _WARNED:  # one file behind two sections (eval.json: evaluation and control) is said once
-        _WARNED.add(problem)
+    if problem not in warned:  # one file behind two sections (eval.json: evaluation and control) is said once
+        warned.add(problem)
         warnings.warn(f"report: section skipped: {problem}", stacklevel=2)
     return f'<p class="missing">Section skipped: {html.escape(problem)}</p>'
 
@@ -87,38 +81,6 @@ _TRANSFER = {"source": Field(str), "target": Field(str), "layers": Field(list), 
              "eval_source": Field(list, required=False, nullable=True), "eval_target": Field(list, required=False, nullable=True)}
 _TRANSFER_ROW = {"layer": Field(int), "shifted": Field(list), **{f"{k}_{side}": _NUM for k in ("fvu", "l0", "dead_frac", "ce_recovered")
                                                                  for side in ("source", "target")}}
-
-
-def png(fig, save_to: Path | None = None) -> str:
-    """The figure as an inline <img> (and as a PNG file when save_to is given); closes the figure."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    if save_to is not None:
-        atomic_write_bytes(save_to, buf.getvalue())
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def figure(ncols: int = 1, *, width: float = 5.2, height: float = 3.3):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height))
-    return fig, (axes if ncols > 1 else [axes])
-
-
-def html_table(head: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "nan" if v != v else f"{v:.4g}"
-        return html.escape(str(v))
-
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + body + "</table>"
 
 
 def _missing(what: str, command: str) -> str:
@@ -325,12 +287,12 @@ def _probing_verdict(rows: dict) -> str:
             f"of {len(rows)} layers, by more than two standard errors at {win}, behind by more than two at {loss}: {plain}.")
 
 
-def _trust(run: RunDir) -> str:
-    out = [_section(run.eval, lambda: _control(run))]
+def _trust(run: RunDir, warned: set[str]) -> str:
+    out = [_section(run.eval, lambda: _control(run), warned)]
     stab = sorted(run.trust.glob("stability*.json"))
-    out += [_section(p, lambda p=p: _stability(p)) for p in stab] or ["<h3>Seed stability</h3>" + _missing(
+    out += [_section(p, lambda p=p: _stability(p), warned) for p in stab] or ["<h3>Seed stability</h3>" + _missing(
         "stability check", f"saescope stability --sae {run.path} --sae OTHER_SEED_RUN")]
-    out += [_section(p, lambda p=p: _transfer(p)) for p in sorted(run.trust.glob("transfer*.json"))] or [
+    out += [_section(p, lambda p=p: _transfer(p), warned) for p in sorted(run.trust.glob("transfer*.json"))] or [
         "<h3>Transfer</h3>" + _missing("transfer check", f"saescope transfer --sae {run.path} --model OTHER_CHECKPOINT")]
     return "\n".join(out)
 
@@ -348,7 +310,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     if not run.path.is_dir():
         raise SaescopeError(f"run folder not found: {run.path}")
     out = Path(out) if out else run.report
-    _WARNED.clear()
+    warned: set[str] = set()
     try:
         cfg = _read(run.train_config, _TRAIN) or {}
     except SaescopeError:
@@ -359,9 +321,29 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
              f'<p class="note">Model {html.escape(str(cfg.get("model") or (DEFAULT_MODEL if cfg else "?")))}; written '
              f'{dt.datetime.now().strftime("%Y-%m-%d %H:%M")}. Data behind every figure: the JSON files in '
              f'{html.escape(str(run.path))}.</p>',
-             "<h2>Training</h2>", _section(run.train_log, lambda: _training(run)),
-             "<h2>Evaluation</h2>", _section(run.eval, lambda: _evaluation(run)),
-             "<h2>Quality</h2>", _section(run.quality, lambda: _quality(run)), "<h2>Trust</h2>", _trust(run),
-             *[_section(p, lambda p=p: _html_part(p)) for p in sorted(run.path.glob("*/report-section*.html"))], "</body></html>"]
+             "<h2>Training</h2>", _section(run.train_log, lambda: _training(run), warned),
+             "<h2>Evaluation</h2>", _section(run.eval, lambda: _evaluation(run), warned),
+             "<h2>Quality</h2>", _section(run.quality, lambda: _quality(run), warned), "<h2>Trust</h2>", _trust(run, warned),
+             *[_section(p, lambda p=p: _html_part(p), warned) for p in sorted(run.path.glob("*/report-section*.html"))], "</body></html>"]
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out
+
+
+@dataclass(kw_only=True)
+class ReportConfig(Config):
+    """`saescope report`: a self-contained HTML page of a run: training, evaluation, quality, trust, applications."""
+
+    sae: str = config_field(REQUIRED, "the run folder")
+    out: str | None = config_field(None, "HTML file (default: SAE/report.html)", output="file")
+
+
+@dataclass
+class ReportResult:
+    path: Path
+
+    def text(self) -> str:
+        return f"report: {self.path}"
+
+
+def run_report(cfg: ReportConfig) -> ReportResult:
+    return ReportResult(build_report(cfg.sae, cfg.out))

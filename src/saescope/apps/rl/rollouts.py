@@ -24,14 +24,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from saescope.core.errors import SaescopeError
 from saescope.api.steer import steering
-
-
-def _text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(m["content"] if isinstance(m.get("content"), str) else str(m.get("content")) for m in prompt)
+from saescope.apps.rl.tasks import message_text
+from saescope.core.errors import SaescopeError
 
 
 class SteeredRollouts:
@@ -77,7 +72,7 @@ class SteeredRollouts:
         if len(prompts) % g:
             raise SaescopeError(f"{len(prompts)} prompts in the batch, not a multiple of the group size {g}")
         for start in range(0, len(prompts), g):
-            if any(_text(p) != _text(prompts[start]) for p in prompts[start : start + g]):
+            if any(message_text(p) != message_text(prompts[start]) for p in prompts[start : start + g]):
                 raise SaescopeError("the batch's prompts are not in groups of G identical ones; GRPOTrainer's sampler "
                                     "should repeat each prompt G times in a row")
         tok = trainer.processing_class
@@ -115,7 +110,7 @@ class SteeredNegativeReward:
         if len(rewards) != len(completions) or bad:
             raise SaescopeError(f"the reward function {self.__name__} returned "
                                 + (f"{len(rewards)} rewards for {len(completions)} completions" if not bad else
-                                   f"{rewards[bad[0]]} on prompt {_text(prompts[bad[0]])[:80]!r}"))
+                                   f"{rewards[bad[0]]} on prompt {message_text(prompts[bad[0]])[:80]!r}"))
         steered = kwargs.get("is_steered") or [False] * len(rewards)
         g = self.group_size
         for start in range(0, len(rewards), g):
@@ -134,5 +129,5 @@ def _first_failure(base, prompts, completions, kwargs) -> str:
         try:
             base([prompts[i]], [completions[i]], **one)
         except Exception:
-            return f" on prompt {i} ({_text(prompts[i])[:80]!r})"
-    return f" on a batch of {len(completions)} completions (first prompt: {_text(prompts[0])[:80]!r}; each alone passed)"
+            return f" on prompt {i} ({message_text(prompts[i])[:80]!r})"
+    return f" on a batch of {len(completions)} completions (first prompt: {message_text(prompts[0])[:80]!r}; each alone passed)"

@@ -13,14 +13,14 @@ answer with 'The answer is N', the format the prompt asks for, whatever N).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from saescope.core.data.labelled import in_test_split
 from saescope.core.data.rows import iter_rows
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.schema import escape
 
 INSTRUCTION = "Solve the problem. End with 'The answer is N.' where N is the number."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -49,22 +49,26 @@ def final_number(text: str) -> float | None:
     return _number(numbers[-1]) if numbers else None
 
 
-def _completion_text(c) -> str:
-    if isinstance(c, str):
-        return c
-    return "".join(m.get("content", "") for m in c) if isinstance(c, list) else str(c)
+def message_text(x) -> str:
+    """The text of a prompt or completion as TRL hands it over: a string, or chat messages (their contents, one per
+    line)."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, list):
+        return "\n".join(m["content"] if isinstance(m.get("content"), str) else str(m.get("content", "")) for m in x)
+    return str(x)
 
 
 def exact_match_reward(prompts, completions, answer, **_) -> list[float]:
     out = []
     for c, a in zip(completions, answer):
-        got = final_number(_completion_text(c))
+        got = final_number(message_text(c))
         out.append(1.0 if got is not None and abs(got - float(a)) < 1e-6 else 0.0)
     return out
 
 
 def format_reward(prompts, completions, **_) -> list[float]:
-    return [1.0 if _FINAL.search(_completion_text(c)) else 0.0 for c in completions]
+    return [1.0 if _FINAL.search(message_text(c)) else 0.0 for c in completions]
 
 
 REWARDS = {"exact-match": exact_match_reward, "format": format_reward}
@@ -76,8 +80,7 @@ def _rows(spec: str, shared_data: str | None) -> list[tuple[str, str, object]]:
 
     if spec == "svamp":
         path = shared_data_dir(shared_data) / "benchmarks" / "svamp.json"
-        return [(f"{path}: item {i}", f"{r['Body'].strip()} {r['Question'].strip()}", r["Answer"])
-                for i, r in enumerate(json.loads(path.read_text()))]
+        return [(w, f"{r['Body'].strip()} {r['Question'].strip()}", r["Answer"]) for w, r in iter_rows(path)]
     if spec == "gsm8k":
         path = shared_data_dir(shared_data) / "benchmarks" / "gsm8k_test.jsonl"
         return [(w, r["question"], r["answer"].split("####")[-1].strip()) for w, r in iter_rows(path)]
@@ -88,7 +91,7 @@ def _rows(spec: str, shared_data: str | None) -> list[tuple[str, str, object]]:
         return [(w, r["question"], r["answer"]) for w, r in iter_rows(path, columns=("question", "answer"))]
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise SaescopeError(f"--data {spec}: not a built-in set (svamp, gsm8k, mgsm_LANG) and no such file")
+        raise ParamError(f"{{}} {escape(spec)}: not a built-in set (svamp, gsm8k, mgsm_LANG) and no such file", "data")
     rows = []
     for where, r in iter_rows(path, require="prompt"):
         if not isinstance(r, dict) or "prompt" not in r or "answer" not in r:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from saescope.core.errors import SaescopeError
 from saescope.core.models import layer_hooks
-from saescope.core.sae import TopKSAE, random_like
+from saescope.core.sae import TopKSAE
 
 
 @dataclass
@@ -44,7 +44,7 @@ class FeatureSuppression:
     `loss(mask)` for lambda * L_reduce (a tensor in the graph) and `stats` for what to log."""
 
     def __init__(self, sae: TopKSAE, *, layer: int, features: Sequence[int], lam: float,
-                 alpha: Tensor | None = None, control_seed: int | None = None):
+                 alpha: Tensor | None = None, control: TopKSAE | None = None):
         features = [int(f) for f in features]
         if not features:
             raise SaescopeError("SASFT needs at least one feature to suppress")
@@ -57,12 +57,15 @@ class FeatureSuppression:
             raise SaescopeError(f"lambda must be a finite number >= 0, got {lam}")
         self.layer, self.features, self.lam = layer, features, float(lam)
         idx = torch.tensor(features)
-        # The firing test uses the SAE whose directions are penalised: the trained one, or for the random-direction
-        # control its random twin (saescope.core.sae.random_like), so both report "fires" by the same rule.
-        self.sae = sae if control_seed is None else random_like(sae, seed=control_seed)
-        self.control_seed = control_seed
+        # The firing test uses the SAE whose directions are penalised: the trained one, or for the control arm the
+        # control SAE (saescope.api.controls, the same feature ids), so both report "fires" by the same rule.
+        if control is not None and (control.cfg.d_model, control.cfg.d_sae) != (sae.cfg.d_model, sae.cfg.d_sae):
+            raise SaescopeError(f"the control is {control.cfg.d_model} x {control.cfg.d_sae}, the SAE {sae.cfg.d_model} x "
+                                f"{sae.cfg.d_sae}: make it with saescope control random --like the SAEs")
+        self.sae = sae if control is None else control
+        self.is_control = control is not None
         w = self.sae.W_enc.detach()[idx].float().cpu()
-        if control_seed is not None:  # random unit rows, rescaled to the trained encoder rows' norms
+        if control is not None:  # the control's random unit rows, rescaled to the trained encoder rows' norms
             w = w * sae.W_enc.detach()[idx].float().cpu().norm(dim=1, keepdim=True)
             b = -(w @ sae.b_dec.detach().float().cpu())
         else:
@@ -76,7 +79,7 @@ class FeatureSuppression:
 
     def describe(self) -> dict:
         return {"layer": self.layer, "features": self.features, "lambda": self.lam, "alpha": [round(float(a), 6) for a in self.alpha],
-                "directions": "sae" if self.control_seed is None else f"random (seed {self.control_seed})"}
+                "directions": "control" if self.is_control else "sae"}
 
     def pre(self, hidden: Tensor) -> Tensor:
         """(..., n_features) pre-activations of the target features, differentiable in hidden."""

@@ -10,7 +10,6 @@ capability check, all on data the fine-tuning never saw.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 
@@ -18,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from saescope.api.behaviour import answer_and_measure
-from saescope.apps.sasft.data import Pair
 from saescope.apps.sasft.loss import FeatureSuppression
+from saescope.core.data.benchmarks import shared_data_dir
+from saescope.core.data.responses import Pair
+from saescope.core.data.rows import iter_rows
 
 
 def _chat(lm) -> bool:
@@ -57,10 +58,8 @@ def response_loss(lm, pairs: Sequence[Pair], *, max_tokens: int = 256) -> float:
 
 
 def arc_easy_accuracy(lm, *, n: int = 200, seed: int = 0, shared_data: str | None = None) -> float:
-    from saescope.core.data.benchmarks import shared_data_dir
-
     path = shared_data_dir(shared_data) / "benchmarks" / "arc_easy.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in iter_rows(path)]
     rows = random.Random(seed).sample(rows, min(n, len(rows)))
     hits = 0
     for r in rows:
@@ -93,7 +92,7 @@ def feature_fire_rate(lm, suppression: FeatureSuppression, prompts: Sequence[str
 
 
 def measure(lm, suppression: FeatureSuppression, prompts: Sequence[str], pairs: Sequence[Pair], *,
-            max_new_tokens: int = 128, arc: int = 200, language: str | None = None) -> dict:
+            max_new_tokens: int = 128, arc: int = 200, language: str | None = None, shared_data: str | None = None) -> dict:
     """Every figure above for one model (with `language`, also the share of answers in that language, the prompts'
     own); `answers` keeps three of its greedy answers for the reader."""
     was_training = lm.model.training
@@ -103,7 +102,8 @@ def measure(lm, suppression: FeatureSuppression, prompts: Sequence[str], pairs: 
         return {"prompts": len(prompts), "loop_rate": stats.loop_rate, "distinct_2": stats.distinct_2,
                 "language": language, "language_rate": stats.language_rate,
                 "mean_units": stats.mean_units, "feature_fire_rate": feature_fire_rate(lm, suppression, prompts, answers),
-                "heldout_loss": response_loss(lm, pairs) if pairs else None, "arc_easy": arc_easy_accuracy(lm, n=arc) if arc else None,
+                "heldout_loss": response_loss(lm, pairs) if pairs else None,
+                "arc_easy": arc_easy_accuracy(lm, n=arc, shared_data=shared_data) if arc else None,
                 "answers": answers[:3]}
     finally:
         lm.model.train(was_training)

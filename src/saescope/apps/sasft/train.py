@@ -21,15 +21,29 @@ OUT.partial and renamed to OUT only when complete.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import saescope.api.finetune as finetune
-from saescope.core.errors import SaescopeError
-from saescope.api.finetune import lora_setup, mixed_bf16, partial_folder, publish, refuse_nonempty, require_trl, train_and_save
+from saescope.api.behaviour import feature_spec
+from saescope.api.controls import ControlOption
+from saescope.api.finetune import (
+    before_after,
+    jsonl_log,
+    lora_setup,
+    partial_folder,
+    publish,
+    refuse_nonempty,
+    require_trl,
+    sft_config,
+    train_and_save,
+)
+from saescope.api.scope import SAESource
 from saescope.apps.sasft.loss import FeatureSuppression, estimate_alpha
 from saescope.apps.sasft.measure import measure
-from saescope.core.schema import check_number, config_field
+from saescope.core.data.benchmarks import SharedDataOption
+from saescope.core.data.responses import heldout_prompts, load_pairs
+from saescope.core.errors import ParamError
+from saescope.core.schema import REQUIRED, config_field
 
 
 class _SASFTMixin:
@@ -65,44 +79,41 @@ def sasft_trainer(base: type) -> type:
     return type(f"SASFT{base.__name__}", (_SASFTMixin, base), {})
 
 
-@dataclass
-class SASFTConfig:
-    sae: str = config_field("", "SAE folder (saescope run, Qwen-Scope, SAELens or sparsify)")
-    layer: int = config_field(-1, "the layer whose features are suppressed")
-    features: list[int] = field(default_factory=list)
-    lam: float = config_field(0.1, "lambda: weight of L_reduce (0 = plain SFT, the control)")
+@dataclass(kw_only=True)
+class SASFTConfig(SAESource, ControlOption, SharedDataOption):
+    """`saescope sasft`: fine-tune (full or LoRA, TRL's SFTTrainer) with SASFT's loss: CE + lambda * sum ReLU(pre-activation
+    - alpha) over the unwanted features. lambda 0 is plain SFT through the same code (the baseline); a control suppresses
+    the control's directions of the same feature ids instead (the chance level)."""
+
+    features: str | list[int] = config_field(REQUIRED, "feature ids (3,7) or a features file from `saescope discover`")
+    layer: int | None = config_field(None, "the layer whose features are suppressed (default: the features file's)", min=0)
+    lam: float = config_field(0.1, "lambda: weight of L_reduce (0 = plain SFT, the baseline)", min=0, flag="--lambda")
     data: str = config_field("responses:en:gpt-4o-2024-08-06", "prompt/response pairs (a file, or responses:LANG:MODEL)")
-    model: str | None = None
-    prompt_column: str = config_field("prompt", "the prompt column of --data")
-    response_column: str = config_field("response", "the response column of --data")
+    prompt_column: str = config_field("prompt", "the prompt column of the data")
+    response_column: str = config_field("response", "the response column of the data")
     lora: bool = config_field(False, "train LoRA adapters (peft) instead of every weight")
-    lora_rank: int = config_field(16, "LoRA rank")
-    max_steps: int = config_field(60, "optimiser steps")
-    batch_size: int = config_field(4, "sequences per step")
-    lr: float | None = config_field(None, "learning rate (default: 2e-5, or 2e-4 with --lora)")
-    max_length: int = config_field(384, "tokens per sequence (longer ones are cut)")
-    alpha_batches: int = config_field(8, "training batches whose mean pre-activation sets alpha")
-    random_directions: bool = config_field(False, "the control: random directions of the same norms in place of the features")
+    lora_rank: int = config_field(16, "LoRA rank", min=1)
+    max_steps: int = config_field(60, "optimiser steps", min=1)
+    batch_size: int = config_field(4, "sequences per step", min=1)
+    lr: float | None = config_field(None, "learning rate (default: 2e-5, or 2e-4 with LoRA)", min=0, min_open=True)
+    max_length: int = config_field(384, "tokens per sequence (longer ones are cut)", min=1)
+    alpha_batches: int = config_field(8, "training batches whose mean pre-activation sets alpha", min=1)
     eval_prompts: int = config_field(48, "held-out M-IFEval prompts measured before and after (loop rate, firing rate, "
-                                     "held-out loss, ARC-Easy); 0: skip")
-    arc: int = config_field(200, "ARC-Easy questions for the capability check (0: skip it)")
+                                     "held-out loss, ARC-Easy); 0: skip", min=0)
+    arc: int = config_field(200, "ARC-Easy questions for the capability check (0: skip it)", min=0)
     skip_before: bool = config_field(False, "measure only after training (the before figures of the same base model and "
                                      "prompts are in an earlier run's sasft.json)")
-    seed: int = config_field(0, "seed of the data order, LoRA init and the random directions")
-    limit: int | None = None  # training pairs (default: all)
-    out: str = "runs/sasft"
+    seed: int = config_field(0, "seed of the data order and the LoRA init", min=0)
+    limit: int | None = config_field(None, "training pairs (default: all)", min=1)
+    out: str = config_field(REQUIRED, "the fine-tuned model (a Hugging Face folder) and its logs", output="folder")
 
     def __post_init__(self) -> None:
-        check_number(self.lam, "lambda", kind=float, min=0)
-        check_number(self.layer, "--layer", kind=int, min=0)
-        for name in ("lora_rank", "max_steps", "batch_size", "max_length", "alpha_batches"):
-            check_number(getattr(self, name), "--" + name.replace("_", "-"), kind=int, min=1)
-        check_number(self.eval_prompts, "--eval-prompts", kind=int, min=0)
-        check_number(self.arc, "--arc", kind=int, min=0)
-        if self.lr is not None:
-            check_number(self.lr, "--lr", kind=float, min=0, min_open=True)
+        super().__post_init__()
+        self.features, self.layer = feature_spec(self.features, self.layer)  # resolved once: what the run records
+        if self.layer is None:
+            raise ParamError("{} is needed with feature ids (a features file names its layer)", "layer")
         if not self.features:
-            raise SaescopeError("no feature to suppress: give --features (ids, or a features.json from `saescope discover`)")
+            raise ParamError("no feature to suppress: give {} (ids, or a features.json from `saescope discover`)", "features")
 
     @property
     def learning_rate(self) -> float:
@@ -141,8 +152,6 @@ def _alpha_batches(tok, pairs, chat: bool, batch_size: int, max_length: int, dev
 def _heldout(cfg: SASFTConfig) -> tuple[list[str], list, str]:
     """Held-out prompts (M-IFEval, test side, in the data's language) and, for a built-in responses set, its held-out
     pairs for the LM loss."""
-    from saescope.apps.sasft.data import heldout_prompts, load_pairs
-
     if not cfg.eval_prompts:
         return [], [], "en"
     builtin = cfg.data.startswith("responses:")
@@ -150,32 +159,38 @@ def _heldout(cfg: SASFTConfig) -> tuple[list[str], list, str]:
     pairs = []
     if builtin:
         base = ":".join(cfg.data.split(":")[:3])
-        pairs = load_pairs(base + ":test", limit=cfg.eval_prompts)
-    return heldout_prompts(lang, limit=cfg.eval_prompts), pairs, lang
+        pairs = load_pairs(base + ":test", limit=cfg.eval_prompts, shared_data=cfg.shared_data)
+    return heldout_prompts(lang, limit=cfg.eval_prompts, shared_data=cfg.shared_data), pairs, lang
 
 
-def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> dict:
-    """Fine-tune with SASFT's loss (lam=0: plain SFT with the same logging, the control) and write the model to cfg.out.
-    Returns the summary written to OUT/sasft.json."""
+@dataclass
+class SASFTResult:
+    path: Path
+    summary: dict
+
+    def text(self) -> str:
+        s, cfg = self.summary, self.summary["config"]
+        kind = "plain SFT" if cfg["lam"] == 0 else "SASFT" + (" on the control's directions" if cfg["control"] else "")
+        return "\n".join([f"{kind} on {s['pairs']} pairs, {s['steps']} steps in {s['seconds']:.0f} s ({s['seconds_per_step']:.2f} "
+                          f"s/step); features {cfg['features']} at layer {cfg['layer']}, alpha {s['suppression']['alpha']}",
+                          *before_after(s, ("loop_rate", "distinct_2", "language_rate", "feature_fire_rate", "heldout_loss",
+                                            "arc_easy")),
+                          f"model: {self.path} (per-step CE, L_reduce and firing rate in {self.path}/train_log.jsonl)"])
+
+
+def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> SASFTResult:
+    """Fine-tune with SASFT's loss (lam=0: plain SFT with the same logging, the baseline) and write the model to cfg.out,
+    with the summary in OUT/sasft.json."""
     trl = require_trl()
-    from saescope.core.io import load_saes
-    from saescope.core.models import load_model
-    from saescope.apps.sasft.data import load_pairs
-    from saescope.api.scope import check_fit
-
     out = Path(cfg.out)
     refuse_nonempty(out)
-    saes = load_saes(cfg.sae, layers=[cfg.layer])
-    if cfg.layer not in saes:
-        have = sorted(load_saes(cfg.sae))
-        raise SaescopeError(f"no SAE for layer {cfg.layer} in {cfg.sae} (have {have})")
-    sae = saes[cfg.layer]
-    pairs = load_pairs(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column, limit=cfg.limit)
+    pairs = load_pairs(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column, limit=cfg.limit,
+                       shared_data=cfg.shared_data)
+    scope = cfg.load_scope([cfg.layer])
+    lm, sae = scope.lm, scope.sae(cfg.layer)
+    control = cfg.load_control({cfg.layer: sae})
     suppression = FeatureSuppression(sae, layer=cfg.layer, features=cfg.features, lam=cfg.lam,
-                                     control_seed=cfg.seed if cfg.random_directions else None)
-    lm = load_model(cfg.model or sae.meta.get("model"))
-    check_fit(lm, {cfg.layer: sae})
-    sae.to(lm.device)
+                                     control=control[cfg.layer] if control else None)
     suppression.sae.to(lm.device)
     tok = lm.tokenizer
     chat = bool(getattr(tok, "chat_template", None))
@@ -184,28 +199,24 @@ def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> dict:
     estimate_alpha(lm.model, suppression, _alpha_batches(tok, pairs, chat, cfg.batch_size, cfg.max_length, lm.device),
                    max_batches=cfg.alpha_batches)
     prompts, test_pairs, lang = _heldout(cfg)
-    # the figures always read the trained SAE's features, also in the random-direction control: did it move them?
-    target = suppression if not cfg.random_directions else FeatureSuppression(sae, layer=cfg.layer, features=cfg.features, lam=cfg.lam)
-    before = measure(lm, target, prompts, test_pairs, arc=cfg.arc, language=lang) if prompts and not cfg.skip_before else None
+    # the figures always read the trained SAE's features, also in the control arm: did it move them?
+    target = suppression if control is None else FeatureSuppression(sae, layer=cfg.layer, features=cfg.features, lam=cfg.lam)
+    measure_kw = {"arc": cfg.arc, "language": lang, "shared_data": cfg.shared_data}
+    before = measure(lm, target, prompts, test_pairs, **measure_kw) if prompts and not cfg.skip_before else None
 
     partial = partial_folder(out)
     peft_config = lora_setup(lm.model, cfg.lora, cfg.lora_rank)
-    args = trl.SFTConfig(output_dir=str(partial / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-                         learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
-                         warmup_steps=min(5, cfg.max_steps // 10),
-                         logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
-                         max_length=cfg.max_length, disable_tqdm=not progress, dataloader_num_workers=0,
-                         use_cpu=lm.device.type == "cpu", bf16=mixed_bf16(lm.device), fp16=False,
-                         gradient_checkpointing=False)
+    args = sft_config(trl, partial / "trainer", lm.device, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                      lr=cfg.learning_rate, max_length=cfg.max_length, seed=cfg.seed, progress=progress)
     trainer = sasft_trainer(trl.SFTTrainer)(model=lm.model, args=args, train_dataset=_dataset(pairs, chat), processing_class=tok,
                                             peft_config=peft_config, suppression=suppression,
-                                            callbacks=[finetune.JsonlLog(partial / "train_log.jsonl")])
+                                            callbacks=[jsonl_log(partial / "train_log.jsonl")])
     lm.model, seconds = train_and_save(trainer, partial, tok, cfg.lora)
-    after = measure(lm, target, prompts, test_pairs, arc=cfg.arc, language=lang) if prompts else None
+    after = measure(lm, target, prompts, test_pairs, **measure_kw) if prompts else None
     summary = {"config": asdict(cfg), "model": lm.name, "suppression": suppression.describe(),
                "pairs": len(pairs), "seconds": round(seconds, 1), "steps": cfg.max_steps,
                "seconds_per_step": round(seconds / cfg.max_steps, 3), "device": str(lm.device),
                "autocast": "bf16" if args.bf16 else "fp32",
                "heldout_before": before, "heldout_after": after}
     publish(partial, out, "sasft.json", summary)
-    return summary
+    return SASFTResult(out, summary)

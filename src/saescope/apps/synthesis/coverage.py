@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from saescope.core.errors import SaescopeError
+from saescope.api.hits import EncodedSet, FeatureHits, feature_deltas, scores
+from saescope.api.rules import FORMAT as RULES_FORMAT
+from saescope.api.rules import RuleSet, mine_rules
+from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_json, read_json
 from saescope.core.io import fingerprint
 from saescope.core.sae import TopKSAE
-from saescope.core.schema import Field, InputError, check_record
-from saescope.apps.toxicity.rules import FORMAT as RULES_FORMAT
-from saescope.apps.toxicity.rules import EncodedSet, FeatureHits, RuleSet, feature_deltas, mine_rules, scores
+from saescope.core.schema import Field, InputError, check_record, escape
 
 FORMAT = "saescope-feature-targets"
 CLASSES = ("positive", "negative")
@@ -97,7 +98,7 @@ def load_targets(spec: str) -> TargetSet:
         return TargetSet(targets, obj.get("model", ""), obj.get("sae", ""), fps)
     parts = [p for p in spec.split(",") if p.strip()]
     if not parts or not all(_ID.fullmatch(p) for p in parts):
-        raise SaescopeError(f"--targets {spec[:80]!r}: not a file, and not ids such as 15:3,15:40")
+        raise ParamError(f"{{}} {escape(repr(spec[:80]))}: not a file, and not ids such as 15:3,15:40", "targets")
     return TargetSet([Target(int(m.group(1)), int(m.group(2)), "positive", "given")
                       for m in (_ID.fullmatch(p) for p in parts) if m])
 

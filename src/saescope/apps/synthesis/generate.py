@@ -25,37 +25,51 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saescope.core.errors import SaescopeError
-from saescope.core.models import LoadedModel
-from saescope.core.schema import check_number
 from saescope.api.scope import Scope
 from saescope.apps.synthesis.coverage import Target
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.models import LoadedModel
+from saescope.core.schema import Config, check_number, config_field, escape
 
 CLASS_TEXT = {"positive": "a hateful or abusive sentence", "negative": "a harmless, non-abusive sentence"}
 UNGUIDED = "Write one short sentence."
 
 
-@dataclass(frozen=True)
-class SynthConfig:
-    budget: int = 400  # candidates generated in all
-    per_target: int = 4  # candidates per target per round
-    max_new_tokens: int = 32
+@dataclass(kw_only=True)
+class SynthConfig(Config):
+    """How candidates are generated and kept. The fields with help are `saescope synthesize`'s flags."""
+
+    budget: int = config_field(400, "candidates generated in all", min=1)
+    per_target: int = config_field(4, "candidates per target per round", min=1)
+    max_new_tokens: int = config_field(32, "tokens per candidate", min=1)
+    steer: str | float = config_field(0.0, "steer toward the target feature while generating (only with the SAEs' own "
+                                      "model): a strength in the residual stream's units (8), or a multiple of each "
+                                      "target's top activation in the feature store (2x; the layer's median top "
+                                      "activation for a target the store never saw fire)")
+    seed: int = config_field(0, "the seed of the generation", min=0)
     temperature: float = 1.0
     top_p: float = 0.95
-    steer: float = 0.0  # strength added along the target's decoder direction while generating (0 = off)
-    steer_relative: bool = False  # steer x the target's top activation (from the feature store), not steer itself
     patience: int = 1
     contexts: int = 3
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        check_number(self.budget, "budget", kind=int, min=1)
-        check_number(self.per_target, "per_target", kind=int, min=1)
-        check_number(self.max_new_tokens, "max_new_tokens", kind=int, min=1)
+        super().__post_init__()
         check_number(self.temperature, "temperature", min=0, min_open=True)
         check_number(self.top_p, "top_p", min=0, max=1, min_open=True)
-        check_number(self.steer, "steer")
         check_number(self.patience, "patience", kind=int, min=1)
+        self.strength()
+
+    def strength(self) -> tuple[float, bool]:
+        """(strength, relative): 8 or '8' -> (8.0, False), absolute; '2x' -> (2.0, True), times each target's top
+        activation."""
+        text = str(self.steer).strip().lower()
+        relative = text.endswith("x")
+        try:
+            value = float(text[:-1] if relative else text)
+        except ValueError:
+            raise ParamError(f"{{}} {escape(repr(self.steer))}: give a number (8) or a multiple of the top activation (2x)",
+                             "steer") from None
+        return check_number(value, "steer", kind=float), relative and value != 0
 
 
 def evidence_prompt(target: Target, evidence: dict | None) -> str:
@@ -107,9 +121,10 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
     budget. Returns coverage before and after, per-target generated/kept counts, the kept examples and timings."""
     if covered.shape != (len(targets),):
         raise SaescopeError(f"covered must have one entry per target ({len(targets)}), got {covered.shape}")
-    steerable = cfg.steer != 0 and generator is scope.lm
-    if cfg.steer != 0 and not steerable:
-        raise SaescopeError("steering needs the generator to be the SAEs' own model (pass no --generator)")
+    steer, relative = cfg.strength()
+    steerable = steer != 0 and generator is scope.lm
+    if steer != 0 and not steerable:
+        raise ParamError("steering needs the generator to be the SAEs' own model (give no {})", "generator")
     strengths = _strengths(targets, covered, cfg, evidence) if steerable else {}
     torch.manual_seed(cfg.seed)
     guided = covered.copy()
@@ -170,7 +185,7 @@ def synthesize(scope: Scope, generator: LoadedModel, targets: list[Target], cove
                             "covered_before": bool(covered[i]), "covered_after": bool(guided[i]), **per_target[i]}
                            for i in range(len(targets))],
             "examples": kept, "curve": guided_curve,
-            "steer": {"strength": cfg.steer, "relative": cfg.steer_relative,
+            "steer": {"strength": steer, "relative": relative,
                       "per_target": {f"{targets[i].layer}:{targets[i].feature}": v for i, v in strengths.items()}},
             "unguided": {"generated": plain_generated, "kept": len(unguided_curve), "coverage_after": float(unguided.mean()),
                          "curve": unguided_curve, "seconds": unguided_seconds, "prompt": UNGUIDED},
@@ -181,16 +196,17 @@ def _strengths(targets: list[Target], covered: np.ndarray, cfg: SynthConfig,
                evidence: dict[tuple[int, int], dict] | None) -> dict[int, float]:
     """The steering strength of each uncovered target."""
     todo = np.flatnonzero(~covered)
-    if not cfg.steer_relative:
-        return {int(i): cfg.steer for i in todo}
+    steer, relative = cfg.strength()
+    if not relative:
+        return {int(i): steer for i in todo}
     out = {}
     for i in todo:
         t = targets[i]
         top = (evidence or {}).get((t.layer, t.feature), {}).get("max_activation")
         if not top:  # absent, or 0: the store never saw it fire, so it has no scale to steer by
-            raise SaescopeError(f"--steer {cfg.steer:g}x needs each target's top activation from a feature store; "
-                                f"L{t.layer}/{t.feature} has none (build the store over more tokens, or give an absolute strength)")
-        out[int(i)] = cfg.steer * float(top)
+            raise ParamError(f"{{}} {steer:g}x needs each target's top activation from a feature store; L{t.layer}/"
+                             f"{t.feature} has none (build the store over more tokens, or give an absolute strength)", "steer")
+        out[int(i)] = steer * float(top)
     return out
 
 

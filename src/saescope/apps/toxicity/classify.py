@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saescope.core.files import atomic_write_bytes
-from saescope.core.models import capture, token_strings
+from saescope.api.rules import Rule, RuleSet
 from saescope.api.scope import Scope
-from saescope.apps.toxicity.rules import Rule, RuleSet
+from saescope.core.models import capture, token_strings
 
 
 @dataclass
@@ -160,7 +159,3 @@ class AuditLog:
 
     def abandon(self) -> None:
         self.file.close()
-
-
-def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from saescope.api.hits import EncodedSet, scores
+from saescope.api.probing import fit_logistic
+from saescope.api.rules import DEFAULT_KS, Rule, generic_name, mine_rules
 from saescope.core.data.labelled import LabelledSet
 from saescope.core.errors import SaescopeError
-from saescope.api.probing import fit_logistic
-from saescope.apps.toxicity.rules import DEFAULT_KS, EncodedSet, Rule, generic_name, mine_rules, scores
 
 SPLIT_NOTE = "mining and evaluation split by template: no template has sentences on both sides"
 

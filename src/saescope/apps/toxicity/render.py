@@ -5,12 +5,12 @@ decision to see the features that fired, on which tokens, and what those feature
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
-from saescope.core.files import atomic_write_bytes
-from saescope.apps.report.page import html_table
-from saescope.apps.toxicity.rules import generic_name
+from saescope.api.rules import generic_name
+from saescope.core.data.rows import iter_rows
+from saescope.core.files import atomic_write_bytes, read_json
+from saescope.core.render import html_table
 
 MAX_DECISIONS = 5000  # every decision of a HateCheck-sized log; a larger log shows its first 5,000, positives first
 
@@ -77,9 +77,9 @@ def write_section(folder: Path) -> Path:
     parts = ["<h2>Toxicity rules</h2>"]
     eval_path, audit_path = folder / "eval.json", folder / "audit.jsonl"
     if eval_path.is_file():
-        parts.append(_results(json.loads(eval_path.read_text(encoding="utf-8"))))
+        parts.append(_results(read_json(eval_path)))
     if audit_path.is_file():
-        parts.append(_decisions([json.loads(x) for x in audit_path.read_text(encoding="utf-8").splitlines() if x.strip()]))
+        parts.append(_decisions([row for _, row in iter_rows(audit_path)]))
     out = folder / "report-section.html"
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out

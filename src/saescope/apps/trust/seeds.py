@@ -12,15 +12,15 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from saescope.core.activations import sample_activations
 from saescope.api.controls import make_controls
+from saescope.apps.trust.stability import stability_report
+from saescope.core.activations import sample_activations
 from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_json
 from saescope.core.io import RunDir, decoder_cos_to_init
 from saescope.core.models import LoadedModel
 from saescope.core.sae import TopKSAE
 from saescope.core.train import TrainConfig, Trainer
-from saescope.apps.trust.stability import stability_report
 
 STUCK_COS = 0.9  # median decoder cosine to the initialisation above which an SAE has barely learned anything
 

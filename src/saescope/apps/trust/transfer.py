@@ -5,19 +5,12 @@ shifts most between them.
 
 from __future__ import annotations
 
-import itertools
 import math
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
-from saescope.core.data import batches
-from saescope.core.errors import SaescopeError
 from saescope.api.evaluate import as_records, evaluate
+from saescope.api.scope import check_fit
 from saescope.core.models import LoadedModel
 from saescope.core.sae import TopKSAE
-from saescope.api.scope import check_fit
 
 FIGURES = ("fvu", "l0", "dead_frac", "ce_recovered", "kl")
 
@@ -59,37 +52,3 @@ def format_transfer(report: dict) -> str:
                     f"{r['dead_frac_source']:8.3f} {r['dead_frac_target']:8.3f} {r['ce_recovered_source']:9.3f} "
                     f"{r['ce_recovered_target']:9.3f}  {shifted}")
     return "\n".join(rows)
-
-
-def finetune(lm: LoadedModel, texts: list[str], *, steps: int, lr: float = 1e-4, ctx_len: int = 128,
-             batch_size: int = 4, seed: int = 0) -> list[float]:
-    """A short full fine-tune (AdamW, next-token loss) of `lm` in place, to make a checkpoint pair to test
-    transfer on. Returns the loss per step."""
-    if not texts:
-        raise SaescopeError("no texts to fine-tune on")
-    torch.manual_seed(seed)
-    model = lm.model
-    params = list(model.parameters())
-    frozen = [p.requires_grad for p in params]  # load_model freezes the weights; unfreeze them for the fine-tune
-    for p in params:
-        p.requires_grad_(True)
-    model.train()
-    opt = torch.optim.AdamW(params, lr=lr)
-    chunks = list(itertools.islice(batches(texts, lm.tokenizer, ctx_len=ctx_len, batch_size=batch_size, seed=seed), steps))
-    if not chunks:
-        raise SaescopeError(f"the fine-tuning texts hold fewer than one batch of {batch_size} x {ctx_len} tokens")
-    stream = itertools.cycle(chunks)
-    losses = []
-    for _ in tqdm(range(steps), desc="fine-tune", unit="step", dynamic_ncols=True):
-        ids = next(stream).to(lm.device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    for p, was in zip(params, frozen):
-        p.requires_grad_(was)
-    return losses
-

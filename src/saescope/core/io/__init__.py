@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from saescope.core.errors import SaescopeError
+from saescope.core.files import read_json
 from saescope.core.io.formats import (
     from_weights,
     load_native,
@@ -19,10 +20,12 @@ from saescope.core.io.formats import (
     save_saelens,
 )
 from saescope.core.io.run_dir import RunDir
+from saescope.core.layers import LayersOption
 from saescope.core.sae import TopKSAE
+from saescope.core.schema import REQUIRED, config_field
 
-__all__ = ["decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
-           "refuse_overwrite", "resolve_run", "save_native", "RunDir"]
+__all__ = ["ExportConfig", "decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
+           "refuse_overwrite", "resolve_run", "run_export", "save_native", "RunDir"]
 
 
 def resolve_run(path: Path) -> Path:
@@ -34,9 +37,9 @@ def decoder_cos_to_init(run: Path) -> dict[str, float]:
     """Per layer, the median cosine of a saescope run's decoder rows to their initialisation, when it was recorded
     (train_summary.json); empty for other formats. Near 1, the SAE is still mostly its random start."""
     try:
-        layers = json.loads(RunDir(run).train_summary.read_text())["layers"]
+        layers = read_json(RunDir(run).train_summary)["layers"]
         return {str(n): float(v["decoder_cos_to_init"]) for n, v in layers.items() if "decoder_cos_to_init" in v}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # optional figure: absent or unreadable, no figure
+    except (SaescopeError, KeyError, TypeError, AttributeError):  # an optional figure: absent or unreadable, no figure
         return {}
 
 
@@ -49,6 +52,7 @@ def fingerprint(sae: TopKSAE) -> str:
     return h.hexdigest()[:16]
 
 
+K_HELP = "k, for Qwen-Scope folders whose name does not give it"
 _NATIVE = re.compile(r"layer(\d+)\.safetensors")
 _QWEN_SCOPE = re.compile(r"layer(\d+)\.sae\.pt")
 
@@ -153,3 +157,27 @@ def export_saes(saes: dict[int, TopKSAE], out: Path, fmt: str, *, model_name: st
             save_native(sae, out, n)
             written.append(out / f"layer{n}.safetensors")
     return written
+
+
+@dataclass(kw_only=True)
+class ExportConfig(LayersOption):
+    """`saescope export`: SAEs of any format load_saes reads, written in SAELens, Qwen-Scope or saescope format."""
+
+    sae: str = config_field(REQUIRED, "SAE folder (saescope run or checkpoint, Qwen-Scope, SAELens or sparsify)")
+    to: str = config_field(REQUIRED, "the format to write", choices=tuple(_EXPORT_TARGETS))
+    out: str = config_field(REQUIRED, "the folder to write into (SAE files there are never replaced)", output="folder")
+    k: int | None = config_field(None, K_HELP, min=1)
+
+
+@dataclass
+class ExportResult:
+    written: list[Path]
+
+    def text(self) -> str:
+        return "\n".join(map(str, self.written))
+
+
+def run_export(cfg: ExportConfig) -> ExportResult:
+    saes = load_saes(cfg.sae, layers=cfg.layer_list(), k=cfg.k)
+    model = next(iter(saes.values())).meta.get("model", "")
+    return ExportResult(export_saes(saes, Path(cfg.out), cfg.to, model_name=model))

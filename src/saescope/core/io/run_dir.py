@@ -6,7 +6,7 @@ another folder.
     train.json  train_log.jsonl  train_summary.json  latest  checkpoints/step-NNNNNNNN/   saescope train
     eval.json  quality.json                                                              saescope eval | quality
     control/  trust/  redundancy/  features/  inspect/  report.html                      the applications
-    toxicity/  sasft/  rl/                                                               round 2's applications
+    toxicity/  behaviour/  sasft/  rl/                                                   round 2's applications
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class RunDir:
     @property
     def toxicity(self) -> Path:
         return self.path / "toxicity"
+
+    @property
+    def behaviour(self) -> Path:
+        return self.path / "behaviour"
 
     @property
     def sasft(self) -> Path:

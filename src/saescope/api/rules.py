@@ -1,4 +1,4 @@
-"""Toxicity rules from SAE features, as Qwen-Scope's report defines them (section 5):
+"""Rules from SAE features, as Qwen-Scope's report defines them for toxicity (section 5):
 
     fires(f, text)  = the max activation of feature f over the text's tokens (the first left out) > threshold (0)
     delta_f         = P(fires | positive) - P(fires | negative), on the mining texts, per layer
@@ -9,100 +9,30 @@
 Every decision is auditable: the rule is a short list of (layer, feature) pairs, and a positive names the
 features that fired, on which tokens, with what activation (saescope.apps.toxicity.classify).
 
-`FeatureHits` holds, per layer, which features fire on which texts as packed bits (a text x feature table of a
-30-layer, 4,608-latent SAE set is 64 MB per 3,700 texts instead of 2 GB of floats), so that mining on subsets,
-the mining-fraction curve and the transfer matrix re-use one LM pass per text.
+The hits a rule reads come from saescope.api.hits. Rules and their files are in the API, not in the toxicity
+application, because synthesis reads them too (targets from a rules file; rules mined on selected subsets).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from saescope.api.hits import FeatureHits, feature_deltas, scores
 from saescope.core.data.labelled import LabelledSet
 from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_json, read_json
 from saescope.core.io import fingerprint
 from saescope.core.sae import TopKSAE
 from saescope.core.schema import Field, InputError, check_record
-from saescope.api.scope import Scope
 
 FORMAT = "saescope-toxicity-rules"
 VERSION = 1
 DEFAULT_KS = (1, 2, 5, 10)
-
-
-@dataclass
-class FeatureHits:
-    """Per layer, (n_texts, ceil(d_sae / 8)) packed bits: whether each feature fires on each text."""
-
-    packed: dict[int, np.ndarray]
-    d_sae: dict[int, int]
-    n: int
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.packed)
-
-    def layer(self, n: int) -> np.ndarray:
-        """(n_texts, d_sae) bool."""
-        return np.unpackbits(self.packed[n], axis=1, count=self.d_sae[n]).astype(bool)
-
-    def column(self, n: int, feature: int) -> np.ndarray:
-        """(n_texts,) bool: the texts feature `feature` of layer n fires on."""
-        return ((self.packed[n][:, feature >> 3] >> (7 - (feature & 7))) & 1).astype(bool)
-
-    def rows(self, mask: np.ndarray) -> FeatureHits:
-        return FeatureHits({n: p[mask] for n, p in self.packed.items()}, dict(self.d_sae), int(np.count_nonzero(mask)))
-
-
-@dataclass
-class EncodedSet:
-    """One LM pass over a labelled set: feature hits per SAE set ("sae", "control") and the mean-pooled residual
-    stream per layer (float16: only a baseline probe reads it)."""
-
-    data: LabelledSet
-    hits: dict[str, FeatureHits]
-    residual: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def subset(self, mask: np.ndarray) -> EncodedSet:
-        m = torch.as_tensor(mask)
-        return EncodedSet(self.data.subset(mask), {k: h.rows(mask) for k, h in self.hits.items()},
-                          {n: r[m] for n, r in self.residual.items()})
-
-
-def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | None = None,
-                    control: dict[int, TopKSAE] | None = None, threshold: float = 0.0, residual: bool = True,
-                    batch_size: int = 32, max_length: int = 256, progress: bool = True) -> EncodedSet:
-    """Feature hits (max over each text's tokens, the first left out, > threshold) of the SAEs and of `control`,
-    and the mean-pooled residual, from one LM pass per batch."""
-    layers = scope.check_layers(list(layers) if layers else None)
-    sets = {"sae": {n: scope.saes[n] for n in layers}}
-    if control is not None:
-        sets["control"] = {n: control[n] for n in layers}
-    n_texts = len(data)
-    packed = {name: {n: np.zeros((n_texts, (s[n].cfg.d_sae + 7) // 8), dtype=np.uint8) for n in layers}
-              for name, s in sets.items()}
-    res = {n: torch.zeros(n_texts, scope.lm.d_model, dtype=torch.float16) for n in layers} if residual else {}
-    for idx, got in scope.iter_pooled(data.texts, layers=layers, pool="max", residual_pool="mean", skip_first_token=True,
-                                      sae_sets=sets, with_residual=residual, batch_size=batch_size, max_length=max_length,
-                                      progress=progress, desc=f"encode {data.name}"):
-        rows = np.asarray(idx)
-        for name in sets:
-            for n in layers:
-                packed[name][n][rows] = np.packbits((got[name][n] > threshold).cpu().numpy(), axis=1)
-        for n in res:
-            res[n][torch.as_tensor(idx)] = got["residual"][n].cpu().half()
-    hits = {name: FeatureHits(packed[name], {n: s[n].cfg.d_sae for n in layers}, n_texts) for name, s in sets.items()}
-    return EncodedSet(data, hits, res)
-
-
-# ---------------------------------------------------------------- rules
 
 
 @dataclass(frozen=True)
@@ -134,34 +64,6 @@ class Rule:
         return out
 
 
-def feature_deltas(hits: FeatureHits, labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per layer: (delta, P(fire | positive), P(fire | negative)) per feature."""
-    pos = labels.astype(bool)
-    out = {}
-    for n in hits.layers:
-        table = hits.layer(n)
-        p_pos, p_neg = table[pos].mean(0), table[~pos].mean(0)
-        out[n] = (p_pos - p_neg, p_pos, p_neg)
-    return out
-
-
-def scores(pred: np.ndarray, labels: np.ndarray) -> dict:
-    """Precision, recall, F1, accuracy and balanced accuracy of boolean predictions (positive = 1)."""
-    pos = labels == 1
-    tp, fp = int(np.count_nonzero(pred & pos)), int(np.count_nonzero(pred & ~pos))
-    fn = int(np.count_nonzero(~pred & pos))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    n_neg = int(np.count_nonzero(~pos))
-    specificity = (n_neg - fp) / n_neg if n_neg else 0.0
-    # balanced accuracy: 0.5 for any constant answer, whatever the class balance (F1 is not: on a set 70% positive,
-    # calling everything positive has F1 0.82)
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": float(np.mean(pred == pos)),
-            "balanced_accuracy": (recall + specificity) / 2,
-            "n": int(len(labels)), "n_positive": int(np.count_nonzero(pos)), "predicted_positive": int(np.count_nonzero(pred))}
-
-
 def generic_name(name: str) -> str:
     """A rule's name without its layer (layer15-k5 -> layer-k5; multi-k5 stays): rules mined on different data
     choose different layers, and curves and transfer compare them by kind and K."""
@@ -179,7 +81,7 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
     n_neg = len(labels) - n_pos
     if min(n_pos, n_neg) < ks[-1]:
         raise SaescopeError(f"{origin}: {n_pos} positive and {n_neg} negative texts, fewer than K={ks[-1]} of a class; "
-                            "use more data or a smaller --k")
+                            "use more data or smaller rules")
     deltas = feature_deltas(hits, labels)
     ranked = {n: np.argsort(-d[0], kind="stable") for n, d in deltas.items()}  # ties: the lower feature index first
     best = {n: float(deltas[n][0][ranked[n][0]]) for n in deltas}

@@ -1,4 +1,4 @@
-"""Prompt/response pairs for fine-tuning, and the held-out prompts a behaviour is measured on.
+"""Prompt/response pairs for fine-tuning, and the prompts and real answers a behaviour is found and measured on.
 
     responses:LANG:MODEL   real answers from ../shared/data (M-IFEval: 541 English prompts, 17 models' responses),
                            e.g. responses:en:gpt-4o-2024-08-06; `:train` (default for fine-tuning) or `:test` picks
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from saescope.core.data.labelled import in_test_split
 from saescope.core.data.rows import iter_rows
-from saescope.core.errors import SaescopeError
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.schema import escape
 
 TEST_SHARE = 0.2
 
@@ -56,16 +57,16 @@ def load_pairs(spec: str, *, prompt_column: str = "prompt", response_column: str
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise SaescopeError(f"--data {spec}: no such file (give a csv/jsonl/parquet with {prompt_column} and "
-                                f"{response_column} columns, or responses:LANG:MODEL)")
+            raise ParamError(f"{{}} {escape(spec)}: no such file (give a csv/jsonl/parquet with {escape(prompt_column)} and "
+                             f"{escape(response_column)} columns, or responses:LANG:MODEL)", "data")
     pairs: list[Pair] = []
     for where, row in iter_rows(path, require=prompt_column):
         if not isinstance(row, dict):
             raise SaescopeError(f"{where}: a row must be an object with {prompt_column!r} and {response_column!r}")
         missing = [c for c in (prompt_column, response_column) if c not in row]
         if missing:
-            raise SaescopeError(f"{where}: no column {missing[0]!r} (columns: {', '.join(map(str, row))}); "
-                                "name them with --prompt-column / --response-column")
+            raise ParamError(escape(f"{where}: no column {missing[0]!r} (columns: {', '.join(map(str, row))})")
+                             + "; name them with {} / {}", "prompt_column", "response_column")
         prompt, response = row[prompt_column], row[response_column]
         if not isinstance(prompt, str) or not prompt.strip():
             raise SaescopeError(f"{where}: the prompt is empty or not text")
@@ -93,21 +94,18 @@ def heldout_prompts(lang: str = "en", *, limit: int | None = None, shared_data: 
     return out[:limit] if limit else out
 
 
-def degenerate_responses(lang: str = "en", *, shared_data: str | None = None) -> list[str]:
-    """Real looping answers: every M-IFEval response (all 17 models) in `lang` that ends in a repetition loop
-    (saescope.api.behaviour.ends_in_loop), on the train side of the prompt split only."""
-    from saescope.api.behaviour import ends_in_loop
+def responses(lang: str = "en", *, split: str = "train", shared_data: str | None = None) -> list[str]:
+    """Every M-IFEval response (all 17 models) in `lang` whose prompt is on the `split` side of the prompt split."""
     from saescope.core.data.benchmarks import shared_data_dir
 
     folder = shared_data_dir(shared_data) / "multilingual" / "m_ifeval" / "responses"
     out = []
     for path in sorted(folder.glob(f"{lang}__*.jsonl")):
         for _, row in iter_rows(path):
-            if (isinstance(row, dict) and isinstance(row.get("response"), str) and split_of(row["prompt"]) == "train"
-                    and ends_in_loop(row["response"])):
+            if isinstance(row, dict) and isinstance(row.get("response"), str) and split_of(row["prompt"]) == split:
                 out.append(row["response"])
     if not out:
-        raise SaescopeError(f"no looping responses in {lang!r} under {folder}")
+        raise SaescopeError(f"no responses in {lang!r} under {folder}")
     return out
 
 

@@ -1,0 +1,270 @@
+"""Toxicity rules as commands: `mine` (rank features by P(fire | toxic) - P(fire | clean) and write the top-K rules),
+`classify` (apply a rule to texts, one audit record per decision) and `eval` (the rules on held-out texts beside the
+control, a residual probe, a bag of words and always-positive; F1 against the mining fraction; the transfer matrix).
+Each is a config and a run_* returning a result that writes its files and prints its table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from saescope.api.controls import ControlOption
+from saescope.api.hits import encode_labelled, scores
+from saescope.api.rules import DEFAULT_KS, RuleSet, make_ruleset
+from saescope.api.scope import SAE_HELP, ModelDtypeOption, SAEOptions, Scope
+from saescope.api.store import FeatureStore
+from saescope.apps.toxicity.classify import AuditLog, RuleClassifier
+from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, format_benchmark, format_transfer, group_subset, transfer_matrix
+from saescope.apps.toxicity.render import write_section
+from saescope.core.data.benchmarks import SharedDataOption
+from saescope.core.data.labelled import (
+    LABEL_HELP,
+    MHC_LANGUAGES,
+    LabelledColumns,
+    LabelledSet,
+    builtin_name,
+    group_split,
+    load_labelled,
+    text_source,
+)
+from saescope.core.errors import ParamError, SaescopeError
+from saescope.core.files import atomic_write_json
+from saescope.core.io import RunDir
+from saescope.core.layers import LayersOption
+from saescope.core.schema import REQUIRED, config_field, escape
+
+SPLITS = ("mine", "all")
+
+
+def mining_side(data: LabelledSet, split: str, fraction: float, seed: int) -> LabelledSet:
+    """The texts rules are mined on: the mining side of the group split (or all of them), a `fraction` of its groups."""
+    side = group_split(data, seed=seed)[0] if split == "mine" else data
+    if fraction < 1:
+        side = side.subset(group_subset(side, fraction, np.random.default_rng(seed)), f"{side.name}[{fraction:g}]")
+    return side
+
+
+@dataclass(kw_only=True)
+class MineConfig(SAEOptions, LayersOption, LabelledColumns, SharedDataOption):
+    """`saescope toxicity mine`: rank features by P(fire | toxic) - P(fire | clean) and write the top-K rules."""
+
+    data: str = config_field(REQUIRED, LABEL_HELP)
+    rule_k: list[int] = config_field(list(DEFAULT_KS), "rule sizes to mine: each rule is the K features of largest delta",
+                                     min=1, max=1000)
+    threshold: float = config_field(0.0, "a feature fires when its max activation exceeds this", min=0)
+    split: str = config_field("mine", "mine on the mining side of the template split (`eval` then scores the other side) "
+                              "or on every text (when the evaluation data is elsewhere)", choices=SPLITS)
+    fraction: float = config_field(1.0, "mine on this share of the mining templates", min=0, max=1, min_open=True)
+    seed: int = config_field(0, "the seed of the split and of the fraction's draw", min=0)
+    batch_size: int = config_field(32, "texts per batch", min=1)
+    out: str | None = config_field(None, "rules file (default: SAE/toxicity/rules.json)", output="file")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.rule_k:
+            raise ParamError("{} names no rule size", "rule_k")
+
+
+@dataclass
+class MineResult:
+    path: Path
+    rules: RuleSet
+    side: LabelledSet
+
+    def text(self) -> str:
+        r = self.rules
+        lines = [f"mined on {self.side.name}: {len(self.side)} texts ({self.side.counts()[1]} positive); layer chosen by "
+                 f"top1-diff: {r.choice['chosen_layer']}"]
+        for rule in r.rules:
+            feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
+            mark = "  <- default" if rule.name == r.default else ""
+            lines.append(f"  {rule.name:<12} on the mining texts F1 {r.choice['mining_f1'][rule.name]:.3f}, balanced accuracy "
+                         f"{r.choice['mining_balanced_accuracy'][rule.name]:.3f}: {feats}{mark}")
+        lines.append(f"rules: {self.path}")
+        return "\n".join(lines)
+
+
+def run_mine(cfg: MineConfig) -> MineResult:
+    data = cfg.load_labelled(cfg.data, cfg.shared_data)  # data first: a bad label fails before the model loads
+    side = mining_side(data, cfg.split, cfg.fraction, cfg.seed)
+    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).toxicity / "rules.json"
+    scope = cfg.load_scope(cfg.layer_list())
+    enc = encode_labelled(scope, side, threshold=cfg.threshold, residual=False, batch_size=cfg.batch_size)
+    source = {"data": cfg.data if side.language or not Path(cfg.data).is_file() else str(Path(cfg.data).resolve()),
+              "columns": {"text": cfg.text_column, "label": cfg.label_column, "group": cfg.group_column},
+              "split": cfg.split, "fraction": cfg.fraction, "seed": cfg.seed, "data_hash": data.content_hash()}
+    rules = make_ruleset(enc.hits["sae"], side, scope.saes, model=scope.lm.name, sae=str(cfg.sae), ks=sorted(set(cfg.rule_k)),
+                         threshold=cfg.threshold, mining=source)
+    rules.save(out)
+    return MineResult(out, rules, side)
+
+
+def _rules_scope(rules: RuleSet, sae: str | None, model_dtype: str, layers: list[int], origin: str) -> tuple[Scope, str]:
+    """The model and the SAEs of `layers` (those of `sae` when given, else the ones the rules were mined on), checked
+    against the rules' own layers."""
+    spec = sae or rules.sae
+    scope = Scope.load(spec, rules.model, layers=layers, dtype=model_dtype)
+    rules.check_saes(scope.saes, spec, scope.lm.name, origin=origin, layers=[n for n in rules.layers if n in layers])
+    return scope, spec
+
+
+@dataclass(kw_only=True)
+class ClassifyConfig(ModelDtypeOption, SharedDataOption):
+    """`saescope toxicity classify`: apply a rule to texts; one audit record per decision."""
+
+    rules: str = config_field(REQUIRED, "the rules file (saescope toxicity mine)")
+    texts: str = config_field(REQUIRED, "a text, a file (one text per row), or a built-in labelled set")
+    text_column: str | None = config_field(None, "for files: the text column (default: text)")
+    label_column: str | None = config_field(None, "for files with labels: print precision/recall/F1 too")
+    rule: str | None = config_field(None, "which rule of the file (default: the file's default)")
+    sae: str | None = config_field(None, SAE_HELP + " (default: the path the rules file records)")
+    store: str | None = config_field(None, "feature store for the audit's evidence (default: SAE/features when present)")
+    limit: int | None = config_field(None, "at most this many texts (the first ones of a file; a seeded random sample of a "
+                                     "labelled set)", min=1)
+    batch_size: int = config_field(32, "texts per batch", min=1)
+    max_length: int = config_field(256, "tokens per text (longer ones are cut)", min=1)
+    audit: str | None = config_field(None, "JSON lines, one per decision (default: next to the rules, audit.jsonl)",
+                                     output="file")
+
+
+@dataclass
+class ClassifyResult:
+    audit: Path
+    rule: str
+    n_features: int
+    layers: list[int]
+    predictions: list[bool]
+    seconds: float
+    candidate_tokens: int
+    tokens: int
+    against_labels: dict | None = None
+
+    def text(self) -> str:
+        n = len(self.predictions)
+        lines = [f"rule {self.rule} ({self.n_features} features on layer(s) {', '.join(map(str, self.layers))}): "
+                 f"{sum(self.predictions)} of {n} texts positive; {n / max(self.seconds, 1e-9):.1f} texts/s; full encoder run "
+                 f"on {self.candidate_tokens} of {self.tokens} tokens"]
+        if self.against_labels is not None:
+            s = self.against_labels
+            lines.append(f"against the labels: F1 {s['f1']:.3f}, precision {s['precision']:.3f}, recall {s['recall']:.3f}, "
+                         f"accuracy {s['accuracy']:.3f}")
+        lines.append(f"audit: {self.audit}")
+        return "\n".join(lines)
+
+
+def run_classify(cfg: ClassifyConfig) -> ClassifyResult:
+    rules = RuleSet.load(cfg.rules)
+    rule = rules.rule(cfg.rule)
+    source = text_source(cfg.texts, text_column=cfg.text_column, label_column=cfg.label_column, limit=cfg.limit,
+                         literal=True, param="texts", shared_data=cfg.shared_data)
+    labels = source.labelled.labels.tolist() if source.labelled is not None else None
+    scope, sae = _rules_scope(rules, cfg.sae, cfg.model_dtype, rule.layers, cfg.rules)
+    store_path = Path(cfg.store) if cfg.store else RunDir.of_sae(sae).features
+    store = FeatureStore(store_path) if (cfg.store or (store_path / "store.json").is_file()) else None
+    if store is not None:
+        store.check_matches(scope.saes, sae)
+    clf = RuleClassifier(scope, rules, cfg.rule, sae_spec=sae, store=store)
+    audit = AuditLog(Path(cfg.audit) if cfg.audit else Path(cfg.rules).with_name("audit.jsonl"), rules, rule)
+    preds: list[bool] = []
+    start = time.perf_counter()
+    try:
+        for d in clf.decisions(source.texts, batch_size=cfg.batch_size, max_length=cfg.max_length, total=source.n):
+            audit.write(d)
+            preds.append(d.positive)
+    except BaseException:
+        audit.abandon()
+        raise
+    audit.close()
+    seconds = time.perf_counter() - start
+    if audit.path.parent == Path(cfg.rules).parent and audit.path.name == "audit.jsonl":
+        write_section(audit.path.parent)
+    against = scores(np.array(preds), np.array(labels)) if labels is not None else None
+    return ClassifyResult(audit.path, rule.name, len(rule.features), rule.layers, preds, seconds, clf.candidate_tokens,
+                          clf.tokens, against)
+
+
+@dataclass(kw_only=True)
+class RulesEvalConfig(ModelDtypeOption, LabelledColumns, ControlOption, SharedDataOption):
+    """`saescope toxicity eval`: F1 per language and functionality, beside the control, a residual probe and a lexical
+    baseline; F1 against mining fraction; the transfer matrix."""
+
+    rules: str = config_field(REQUIRED, "the rules file (saescope toxicity mine, with split mine)")
+    data: str | None = config_field(None, "labelled texts to evaluate on (default: the rules' mining data); " + LABEL_HELP)
+    sae: str | None = config_field(None, SAE_HELP + " (default: the path the rules file records)")
+    fractions: list[float] = config_field(list(BenchConfig.fractions), "shares of the mining templates for the curve",
+                                          min=0, max=1, min_open=True)
+    draws: int = config_field(BenchConfig.draws, "random subsets per share below 1", min=1)
+    transfer: list[str] | None = config_field(None, "languages for the transfer matrix (built-in sets, or all)")
+    batch_size: int = config_field(32, "texts per batch", min=1)
+    json: str | None = config_field(None, "results (default: next to the rules, eval.json)", output="file")
+
+    def languages(self) -> list[str]:
+        langs = list(MHC_LANGUAGES) if self.transfer == ["all"] else [x.strip() for x in self.transfer or [] if x.strip()]
+        for lang in langs:
+            if not builtin_name(lang):
+                raise ParamError(f"{{}}: unknown language {escape(repr(lang))}; built-in: {', '.join(MHC_LANGUAGES)}", "transfer")
+        return langs
+
+
+@dataclass
+class RulesEvalResult:
+    path: Path
+    result: dict
+    section: Path | None = None
+    lines: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        parts = [format_benchmark(self.result)]
+        if "transfer" in self.result:
+            parts.append(format_transfer(self.result["transfer"]))
+        parts.append(f"toxicity eval: {self.path}")
+        if self.section:
+            parts.append(f"report section: {self.section}")
+        return "\n".join(parts)
+
+
+def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
+    rules = RuleSet.load(cfg.rules)
+    langs = cfg.languages()
+    bench = BenchConfig(ks=tuple(sorted({r.k for r in rules.rules})), fractions=tuple(cfg.fractions), draws=cfg.draws,
+                        seed=int(rules.mining.get("seed", 0)))
+    source = rules.mining.get("data")
+    if not isinstance(source, str):
+        raise SaescopeError(f"{cfg.rules}: the rules do not record their mining data")
+    cols = rules.mining.get("columns") or {}
+    mining_data = load_labelled(source, text_column=cols.get("text"), label_column=cols.get("label"),
+                                group_column=cols.get("group"), shared_data=cfg.shared_data)
+    if mining_data.content_hash() != rules.mining.get("data_hash"):
+        raise SaescopeError(f"the mining data {source} has changed since the rules were mined (its hash differs)")
+    if rules.mining.get("split") != "mine":
+        raise SaescopeError(f"{cfg.rules} was mined on all of {source}: mine with split mine for an evaluation on held-out "
+                            "templates")
+    layers = sorted(int(n) for n in rules.choice["layer_best_delta"])
+    scope, sae = _rules_scope(rules, cfg.sae, cfg.model_dtype, layers, cfg.rules)
+    control = cfg.load_control(scope.saes)
+
+    def encode(ds: LabelledSet):
+        return encode_labelled(scope, ds, control=control, threshold=rules.threshold, batch_size=cfg.batch_size)
+
+    mine_side, held_out = group_split(mining_data, seed=bench.seed)
+    mine_enc = encode(mine_side)
+    same = not cfg.data or cfg.data == source or (builtin_name(source) is not None and builtin_name(cfg.data) == builtin_name(source))
+    held_enc = encode(held_out) if same or langs else None
+    target_enc = held_enc if same else encode(group_split(cfg.load_labelled(cfg.data, cfg.shared_data), seed=bench.seed)[1])
+    result = benchmark(mine_enc, target_enc, bench, rules=rules.rules)
+    result.update(rules=str(cfg.rules), sae=sae, control_path=cfg.control, model=scope.lm.name)
+    if langs:
+        sides = {mining_data.language or mining_data.name: (mine_enc, held_enc)}
+        for lang in langs:
+            name = builtin_name(lang).removeprefix("mhc_")
+            if name not in sides:
+                m, h = group_split(load_labelled(lang, shared_data=cfg.shared_data), seed=bench.seed)
+                sides[name] = (encode(m), encode(h))
+        result["transfer"] = transfer_matrix(sides, bench)
+    out = Path(cfg.json) if cfg.json else Path(cfg.rules).with_name("eval.json")
+    atomic_write_json(out, result)
+    section = write_section(out.parent) if out.parent == Path(cfg.rules).parent else None
+    return RulesEvalResult(out, result, section)
