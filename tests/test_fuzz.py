@@ -68,6 +68,8 @@ def refused(argv: list[str], root: Path, family: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.startswith("saescope: error:")]
     assert code == 2, f"{argv}: exit {code}, expected 2\n{text}{out.getvalue()}"
     assert len(lines) == 1 and "Traceback" not in text, f"{argv}: expected one error line\n{text}"
+    # the CLI's guard words an exception no check foresaw as "unexpected": a crash it hides, not a refusal
+    assert "unexpected" not in lines[0], f"{argv}: a crash, not a refusal\n{text}"
     after = tree_hashes(root)
     assert {k: after.get(k) for k in before} == before, f"{argv}: a file that existed before was changed"
     COUNTS[family] = COUNTS.get(family, 0) + 1
@@ -271,6 +273,7 @@ LAYER_KEYS = ["opt", "since_fired", "medians", "n_medians", "seen", "dropped", "
 
 RUN_CASES = st.one_of(
     st.sampled_from(TRAIN_FIELDS).flatmap(lambda f: _wrong_for(f).map(lambda v: ("train.json", f, v))),
+    st.sampled_from([f for f in TRAIN_FIELDS if f != "activation_buffer"]).map(lambda f: ("train.json-drop", f, None)),
     not_a(dict).map(lambda v: ("train.json", None, v)),
     st.sampled_from(STATE_KEYS).map(lambda k: ("state-drop", k, None)),
     st.tuples(st.sampled_from(STATE_KEYS), st.sampled_from(["string", "list", "negative"])).map(lambda t: ("state-bad", *t)),
@@ -304,6 +307,8 @@ def test_fuzz_resume_inputs(tiny_run, case):
         state_path = run / (run / "latest").read_text().strip() / "state-rank0.pt"
         if kind == "train.json":
             _edit_json(run / "train.json", (lambda cfg: value) if key is None else _set(key, value))
+        elif kind == "train.json-drop":  # a missing field is refused, never defaulted (max_tokens would become 1M)
+            _edit_json(run / "train.json", _drop(key))
         elif kind == "latest":
             (run / "latest").write_text(value)
         elif kind == "state-bytes":
@@ -515,7 +520,8 @@ def feature_store(tmp_path_factory) -> Path:
     (path / "tokens.json").write_text('{"0": "the"}')
     (path / "store.json").write_text(json.dumps({
         "format": FORMAT, "version": VERSION, "sae": "s", "model": "m", "layers": [0], "fingerprints": {}, "d_sae": {"0": 8},
-        "config": asdict(cfg), "hist_edges": HIST_EDGES, "moe": None, "batches": 1, "tokens": 100, "counted_tokens": {"0": 90}}))
+        "config": asdict(cfg), "hist_edges": HIST_EDGES, "moe": None, "batches": 1, "tokens": 100, "counted_tokens": {"0": 90},
+        "build": {"seconds": 1.0, "peak_rss_mb": 100, "device": "cpu"}}))
     assert cli.main(["features", "show", "--store", str(path), "--layer", "0", "--feature", "3"]) == 0
     return path
 
@@ -546,3 +552,76 @@ def test_fuzz_feature_store_lookups(feature_store, feature, layer):
     with workspace(feature_store) as root:
         refused(["features", "show", "--store", str(root / "fs"), "--layer", "0", "--feature", str(feature)], root, "store")
         refused(["features", "show", "--store", str(root / "fs"), "--layer", str(layer), "--feature", "3"], root, "store")
+
+
+# ---------------------------------------------------------------- family: records that name SAEs (rules, targets)
+@pytest.fixture(scope="module")
+def rules_case(tmp_path_factory) -> Path:
+    """An SAE folder (d_sae 16, its model a name no loader knows: a refusal must come before any model loads) and a
+    rules file mined on it."""
+    from saescope.api.rules import Rule, RuleFeature, RuleSet
+    from saescope.core.io import fingerprint
+
+    root = tmp_path_factory.mktemp("records")
+    saes = random_saes(8, [0, 1], d_sae=16, k=4, model="no-such-model")
+    export_saes(saes, root / "saes", "saescope")
+    mining = {"source": "x", "language": "", "hash": "h", "n_texts": 4, "n_positive": 2, "n_negative": 2, "data": "x.csv",
+              "columns": {}, "split": "mine", "fraction": 1.0, "seed": 0, "data_hash": "h"}
+    choice = {"layer_best_delta": {"0": 0.5}, "chosen_layer": 0, "mining_f1": {}, "mining_balanced_accuracy": {}}
+    rule = Rule("layer0-k1", "layer", 1, (RuleFeature(0, 3, 0.5, 0.6, 0.1),))
+    RuleSet([rule], "layer0-k1", 0.0, "no-such-model", str(root / "saes"), {0: fingerprint(saes[0])}, mining, choice,
+            False, {0: 16}).save(root / "rules.json")
+    return root
+
+
+RECORD_CASES = [  # (what is done to the records, the command, a fragment of its one-line refusal)
+    ("feature 999999, width recorded", "classify", "feature 999999 is out of range"),
+    ("feature 16 (= d_sae), width recorded", "classify", "feature 16 is out of range"),
+    ("feature 999999, version 1", "classify", "feature 999999 of layer 0 is out of range"),
+    ("feature 16 (= d_sae), version 1", "eval", "feature 16 of layer 0 is out of range"),
+    ("layer 7, not among the SAEs", "classify", "layer 7"),
+    ("other model", "classify", "were mined on model other-model, not no-such-model"),
+    ("sae path relative to the rules", "classify", "no-such-model"),
+    ("mining record without its seed", "eval", "mining: field 'seed' is missing"),
+    ("target 16 (= d_sae)", "coverage", "feature id out of range"),
+]
+
+
+@pytest.mark.parametrize("change,command,fragment", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_records_are_checked_against_the_saes_they_name(rules_case, change, command, fragment):
+    with workspace(rules_case / "saes", rules_case / "rules.json") as root:
+        rules = root / "rules.json"
+        doc = json.loads(rules.read_text())
+        doc["sae"] = "./saes"  # the copy's SAEs, named relative to the rules file
+        feature = doc["rules"][0]["features"][0]
+        if change.startswith("feature"):
+            feature["feature"] = 999999 if "999999" in change else 16
+            if "version 1" in change:
+                doc["version"] = 1
+                doc["sae"] = str(root / "saes")
+                del doc["d_sae"]
+        elif change.startswith("layer 7"):
+            feature["layer"] = 7
+            doc["fingerprints"]["7"] = "x"
+        elif change == "other model":
+            doc["model"] = "other-model"
+        elif change.startswith("mining"):
+            del doc["mining"]["seed"]
+        rules.write_text(json.dumps(doc))
+        audit = root / "audit.jsonl"
+        if command == "classify":
+            argv = ["toxicity", "classify", "--rules", str(rules), "--texts", "hello", "--audit", str(audit)]
+        elif command == "eval":
+            argv = ["toxicity", "eval", "--rules", str(rules), "--json", str(root / "eval.json")]
+        else:
+            (root / "texts.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+            argv = ["coverage", "--sae", str(root / "saes"), "--targets", "0:16", "--data", str(root / "texts.jsonl"), "--json",
+                    str(root / "cov.json")]
+        cwd = os.getcwd()
+        os.chdir(tempfile.gettempdir())  # the rules are read from another folder than the one they were written in
+        try:
+            line = refused(argv, root, "records")
+        finally:
+            os.chdir(cwd)
+        assert fragment in line, line
+        assert not audit.exists() and not audit.with_name("audit.jsonl.partial").exists()

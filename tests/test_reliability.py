@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,48 @@ def test_small_refusals_from_the_audit(monkeypatch, tmp_path, capsys):
     assert cli.main(["models"]) == 2 and "cannot make the cache folder" in capsys.readouterr().err
     monkeypatch.setenv("SAESCOPE_THREADS", "abc")
     assert cli.main(["models"]) == 2 and "SAESCOPE_THREADS must be a positive integer" in capsys.readouterr().err
+
+
+def _train_argv(tiny_qwen3, text_file, out: Path, seed: int) -> list[str]:
+    return [sys.executable, "-m", "saescope", "train", "--model", str(tiny_qwen3), "--data", str(text_file), "--preset", "4x-k32",
+            "--ctx-len", "32", "--batch-size", "2", "--max-tokens", "16384", "--checkpoint-every", "64", "--seed", str(seed),
+            "--activation-buffer", "0", "--out", str(out)]
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_two_trainings_into_one_folder_one_runs_the_other_refuses(tiny_qwen3, text_file, tmp_path, first):
+    """Two `saescope train --out SAME` started together (3 times in each order): exactly one trains, the other refuses
+    in one line naming the holder (or, when it comes after the first has finished, the run it holds) and writes
+    nothing; the folder is the runner's alone: its train.json, every checkpoint's SAEs and its log are one run's."""
+    import subprocess
+    import time
+
+    outcomes = []
+    for rep in range(3):
+        out = tmp_path / f"run{rep}"
+        order = {"A": 1, "B": 2} if first == "A" else {"B": 2, "A": 1}
+        procs = {}
+        for name, seed in order.items():
+            procs[name] = subprocess.Popen(_train_argv(tiny_qwen3, text_file, out, seed), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+            time.sleep(0.3)
+        done = {name: (p.wait(timeout=600), *p.communicate()) for name, p in procs.items()}
+        ran = [n for n, (code, _, _) in done.items() if code == 0]
+        refused = [n for n, (code, _, _) in done.items() if code == 2]
+        assert len(ran) == 1 and len(refused) == 1, done
+        err = done[refused[0]][2]
+        lines = [ln for ln in err.splitlines() if ln.startswith("saescope: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "is in use by another saescope process (pid" in lines[0] or "already holds a run" in lines[0], lines[0]
+        winner_seed = {"A": 1, "B": 2}[ran[0]]
+        assert json.loads((out / "train.json").read_text())["seed"] == winner_seed
+        checkpoints = sorted((out / "checkpoints").iterdir())
+        assert [c.name for c in checkpoints if c.name.startswith(".")] == []  # no staging folder left behind
+        for ckpt in checkpoints:
+            for layer in ckpt.glob("layer*.json"):
+                assert json.loads(layer.read_text())["step"] == int(ckpt.name.split("-")[1])
+        steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's log, not two interleaved
+        assert load_saes(out)  # what eval and --resume read is whole
+        outcomes.append((ran[0], "in use" if "in use" in lines[0] else "holds a run"))
+    print(f"order {first} first: {outcomes}")

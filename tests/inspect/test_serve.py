@@ -3,9 +3,11 @@ get 4xx answers while the server keeps serving."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -13,9 +15,10 @@ import pytest
 from conftest import ARTIFACTS
 from saescope.api.scope import Scope
 from saescope.api.store import FeatureStore
-from saescope.apps.inspect.serve import MAX_CHARS, create_app
+from saescope.apps.inspect.serve import create_app
 from saescope.core.io import load_saes
 from saescope.core.models import load_model
+from serve_requests import BAD_REQUESTS
 
 
 @pytest.fixture(scope="module")
@@ -92,27 +95,38 @@ def test_page_shows_features_cards_and_a_steered_generation(page, server):
     page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
 
 
-def test_bad_requests_get_4xx_and_the_server_lives_on(server):
+def _send(url: str, method: str, path: str, body) -> httpx.Response:
+    if method == "GET":
+        return httpx.get(url + path, timeout=60)
+    if isinstance(body, bytes):
+        return httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+def test_bad_requests_get_4xx_and_the_server_lives_on(server, caplog):
     url, _ = server
-    cases = [
-        (httpx.post(url + "/api/encode", content=b"{not json"), 400, "not valid JSON"),
-        (httpx.post(url + "/api/encode", json=["a list"]), 400, "must be a JSON object"),
-        (httpx.post(url + "/api/encode", json={"text": ""}), 422, "non-empty string"),
-        (httpx.post(url + "/api/encode", json={"text": "x" * (MAX_CHARS + 1)}), 413, "the limit is"),
-        (httpx.post(url + "/api/encode", json={"text": " nine" * 1000}), 413, "tokens; the limit is 512"),
-        (httpx.post(url + "/api/encode", json={"text": "hi", "layers": [7]}), 404, "no SAE for layer 7"),
-        (httpx.get(url + "/api/feature/1/64"), 404, "feature 64 does not exist"),
-        (httpx.get(url + "/api/feature/9/1"), 404, "no SAE for layer 9"),
-        (httpx.get(url + "/api/feature/x/1"), 422, "layer must be an integer"),
-        (httpx.post(url + "/api/steer", json={"prompt": "hi", "layer": 1, "features": {"2": "big"}}), 422, "must be a finite number"),
-        (httpx.post(url + "/api/steer", content='{"prompt": "hi", "layer": 1, "features": {"2": NaN}}',
-                    headers={"content-type": "application/json"}), 422, "must be a finite number"),
-        (httpx.post(url + "/api/steer", json={"prompt": "hi", "layer": 1, "features": {"2": 1}, "max_new_tokens": 10_000}), 422,
-         "between 1 and 64"),
-    ]
-    for response, status, fragment in cases:
-        assert response.status_code == status, response.text
-        assert fragment in response.json()["error"]
+    with caplog.at_level(logging.WARNING):
+        for method, path, body, status, fragment in BAD_REQUESTS:
+            response = _send(url, method, path, body)
+            assert response.status_code == status, (path, body if not isinstance(body, bytes) else body[:40], response.text)
+            assert fragment in response.json()["error"] and "\n" not in response.json()["error"]
     ok = httpx.get(url + "/api/feature/1/3")
     assert ok.status_code == 200 and ok.json()["source"] == "store" and ok.json()["feature"] == 3
     assert httpx.get(url + "/api/info").status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def test_concurrent_valid_and_invalid_requests_are_all_answered(server, caplog):
+    """A bounded load on 127.0.0.1: 4 rounds of every bad request above and 3 valid ones, 16 at a time. Every request is
+    answered with its own status, none with a 500, the log holds no traceback, and memory does not run away."""
+    url, _ = server
+    valid = [("POST", "/api/encode", {"text": "Janet has three ducks."}, 200, None), ("GET", "/api/feature/1/5", None, 200, None),
+             ("POST", "/api/steer", {"prompt": "hi", "layer": 1, "features": {"2": 4}, "max_new_tokens": 2}, 200, None)]
+    cases = [c for c in BAD_REQUESTS + valid for _ in range(4) if not (isinstance(c[2], bytes) and len(c[2]) > 1_000_000)]
+    rss = lambda: int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS")).split()[1]) // 1024  # noqa: E731
+    before = rss()
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda c: _send(url, *c[:3]).status_code, cases))
+    assert got == [c[3] for c in cases]
+    assert rss() - before < 300, f"resident memory grew by {rss() - before} MB under load"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text

@@ -227,7 +227,8 @@ def _hand_store(path: Path, d: int = 8) -> Path:
     (path / "tokens.json").write_text('{"0": "the"}')
     (path / "store.json").write_text(json.dumps({
         "format": FORMAT, "version": VERSION, "sae": "s", "model": "m", "layers": [0], "fingerprints": {}, "d_sae": {"0": d},
-        "config": asdict(cfg), "hist_edges": HIST_EDGES, "moe": None, "batches": 1, "tokens": 100, "counted_tokens": {"0": 90}}))
+        "config": asdict(cfg), "hist_edges": HIST_EDGES, "moe": None, "batches": 1, "tokens": 100, "counted_tokens": {"0": 90},
+        "build": {"seconds": 1.0, "peak_rss_mb": 100, "device": "cpu"}}))
     return path
 
 

@@ -97,11 +97,17 @@ def test_from_dict_of_to_dict_is_the_same_config():
                       data_seed=9, extra={"note": "x"})
     back = TrainConfig.from_dict(_through_json(cfg), "config.json")
     assert back == cfg and back is not cfg
-    # a file from another version may carry fields this one does not know; a missing field takes its default
+    # a file from another version may carry fields this one does not know; a missing field is refused, never defaulted
     d = _through_json(cfg)
     d["from_the_future"] = 1
-    del d["auxk_alpha"]
-    assert TrainConfig.from_dict(d) == dataclasses.replace(cfg, auxk_alpha=TrainConfig().auxk_alpha)
+    assert TrainConfig.from_dict(d) == cfg
+    for field in ("auxk_alpha", "max_tokens", "lr", "data_seed"):
+        short = {k: v for k, v in d.items() if k != field}
+        with pytest.raises(SaescopeError, match=rf"^config\.json: field '{field}' is missing$"):
+            TrainConfig.from_dict(short, "config.json")
+    # ... except a field that records older than it lack, with what such a record means
+    older = {k: v for k, v in d.items() if k != "activation_buffer"}
+    assert TrainConfig.from_dict(older).activation_buffer == 0
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -164,6 +164,11 @@ def answer_and_measure(lm, prompts: Sequence[str], *, max_new_tokens: int,
     return answers, behaviour_stats(answers, language=language)
 
 
+# A features file as `saescope discover` writes it, read back strictly.
+FEATURES_RECORD = {"behaviour": Field(str), "layer": Field(int, min=0), "selected": Field(list), "sae": Field(str),
+                   "model": Field(str), "ranked": Field(list), "steering_check": Field(list)}
+
+
 def feature_spec(spec: str | list[int], layer: int | None) -> tuple[list[int], int | None]:
     """Feature ids ('3,7', [3, 7]) at `layer`, or the selected features of a features file written by `saescope
     discover` with its layer (a given `layer` must agree with the file's)."""
@@ -176,7 +181,9 @@ def feature_spec(spec: str | list[int], layer: int | None) -> tuple[list[int], i
         doc = read_json(path)
         if not isinstance(doc, dict) or "selected" not in doc or "layer" not in doc:
             raise InputError(f"{path}: not a features file from `saescope discover` (no 'selected' / 'layer')")
-        check_record(doc, {"selected": Field(list), "layer": Field(int, min=0)}, str(path))
+        check_record(doc, FEATURES_RECORD, str(path))
+        if not doc["selected"] or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in doc["selected"]):
+            raise InputError(f"{path}: field 'selected' must list feature ids (integers >= 0)")
         if layer is not None and layer != doc["layer"]:
             raise ParamError(f"{{}} {layer}, but {escape(str(path))} holds features of layer {doc['layer']}", "layer")
         return [int(f) for f in doc["selected"]], int(doc["layer"])
@@ -184,3 +191,10 @@ def feature_spec(spec: str | list[int], layer: int | None) -> tuple[list[int], i
         return [int(x) for x in spec.split(",")], layer
     except ValueError:
         raise ParamError(f"{{}} must be ids such as 3,7 or a features .json file, got {escape(repr(spec))}", "features") from None
+
+
+def check_feature_ids(sae, features: Sequence[int], layer: int) -> None:
+    """Feature ids a features file or a flag names, against the SAE they are for: refused before any model loads."""
+    bad = [f for f in features if not 0 <= f < sae.cfg.d_sae]
+    if bad:
+        raise ParamError(f"{{}} {bad[0]} is out of range: the layer {layer} SAE has features 0..{sae.cfg.d_sae - 1}", "feature")

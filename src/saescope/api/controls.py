@@ -18,6 +18,7 @@ from saescope.api.scope import model_of
 from saescope.core.activations import sample_activations
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.io import K_HELP, load_saes, refuse_overwrite, save_native
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import LoadedModel, load_model
 from saescope.core.sae import TopKSAE, principal_basis, random_like
@@ -97,6 +98,9 @@ class ControlConfig(LayersOption):
     n_tokens: int = config_field(8192, "with subspace pca: activation sample size", min=1)
     k: int | None = config_field(None, K_HELP, min=1)
 
+    def writes_into(self) -> Path:
+        return Path(self.out)
+
 
 @dataclass
 class ControlResult:
@@ -111,6 +115,7 @@ class ControlResult:
         return f"random control for {len(self.controls)} layers (d_sae {first.d_sae}, k {first.k}{detail}) in {self.path}"
 
 
+@holding_lock
 def run_control(cfg: ControlConfig) -> ControlResult:
     saes = load_saes(cfg.like, layers=cfg.layer_list(), k=cfg.k)
     lm = load_model(model_of(saes, cfg.model, cfg.like), dtype="fp32") if cfg.subspace else None

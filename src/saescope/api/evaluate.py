@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from saescope.core.activations import OutlierFilter
 from saescope.core.data import batches, iter_texts
 from saescope.core.errors import SaescopeError
 from saescope.core.io import RunDir
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import LoadedModel, capture, forward_from, layer_hooks
 from saescope.core.models.load import DTYPE_NAMES
@@ -272,6 +273,19 @@ def as_records(results: list[LayerEval]) -> list[dict]:
 SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_factor", "model_dtype")
 
 
+def _eval_record() -> dict:
+    """A layer's figures as eval.json holds them, read back strictly (a merge keeps them): every figure of LayerEval,
+    NaN allowed; the mean-ablation pair is absent from files written before it was measured."""
+    from saescope.core.schema import Field
+
+    spec = {f.name: Field(float) for f in fields(LayerEval) if f.name not in ("layer", "feature_freq")}
+    spec.update(layer=Field(int, min=0), ce_mean=Field(float, required=False), ce_recovered_mean=Field(float, required=False))
+    return spec
+
+
+EVAL_RECORD = _eval_record()
+
+
 def read_results(path: Path) -> dict | None:
     """An evaluation file as written by write_results, checked record by record (None if there is none). Called
     before an evaluation too, so that a file it could not merge into is refused before minutes of work."""
@@ -283,7 +297,7 @@ def read_results(path: Path) -> dict | None:
     body = read_json(path, {"layers": Field(list), "control": Field(list, required=False, nullable=True)})
     for part in ("layers", "control"):
         for i, rec in enumerate(body.get(part) or []):
-            check_record(rec, {"layer": Field(int, min=0)}, f"{path}: {part}[{i}]")
+            check_record(rec, EVAL_RECORD, f"{path}: {part}[{i}]")
     return body
 
 
@@ -331,6 +345,9 @@ class EvalConfig(SAEOptions, LayersOption, ControlOption):
                                          "median pass through unchanged; 0 = off", min=0)
     out: str | None = config_field(None, "folder for eval.json (default: the SAE folder)", output="folder")
 
+    def writes_into(self) -> Path:
+        return (RunDir(self.out) if self.out else RunDir.of_sae(self.sae)).path
+
 
 @dataclass
 class EvalResult:
@@ -343,10 +360,11 @@ class EvalResult:
         return f"{table}\neval results: {self.path}"
 
 
+@holding_lock
 def run_eval(cfg: EvalConfig, *, scope: Scope | None = None) -> EvalResult:
     """Evaluate the SAEs (and the control) and merge the figures into OUT/eval.json (write_results). `scope`: the model
     and SAEs already loaded (a training run's), instead of loading cfg.sae."""
-    path = (RunDir(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae)).eval
+    path = RunDir(cfg.writes_into()).eval
     read_results(path)  # a file the results could not merge into is refused before the work
     scope = scope or cfg.load_scope(cfg.layer_list())
     control = cfg.load_control(scope.saes)

@@ -19,6 +19,7 @@ from saescope.core.data import iter_texts
 from saescope.core.data.benchmarks import SharedDataOption, load_benchmark
 from saescope.core.files import atomic_write_json
 from saescope.core.io import RunDir, decoder_cos_to_init
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import TopKSAE
@@ -103,6 +104,12 @@ class QualityConfig(SAEOptions, LayersOption, ControlOption, SharedDataOption):
     seed: int = config_field(0, "the seed of the probe samples and word split", min=0)
     out: str | None = config_field(None, "JSON results (default: SAE/quality.json)", output="file")
 
+    def output(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).quality
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class QualityResult:
@@ -116,6 +123,7 @@ class QualityResult:
         return "\n".join([*parts, format_quality(self.report), f"quality results: {self.path}"])
 
 
+@holding_lock
 def run_quality(cfg: QualityConfig) -> QualityResult:
     probes = probe_sets(cfg.tasks, per_class=cfg.per_class, seed=cfg.seed, shared_data=cfg.shared_data)  # data first
     absorption = AbsorptionConfig(n_words=cfg.absorption_words, seed=cfg.seed) if cfg.absorption_words else None
@@ -125,6 +133,6 @@ def run_quality(cfg: QualityConfig) -> QualityResult:
                             absorption=absorption, shared_data=cfg.shared_data)
     report.update(sae=cfg.sae, control_path=cfg.control, per_class=cfg.per_class, seed=cfg.seed,
                   model_dtype=DTYPE_NAMES[scope.lm.dtype])
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).quality
+    out = cfg.output()
     atomic_write_json(out, report)
     return QualityResult(out, report)

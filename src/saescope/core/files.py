@@ -12,9 +12,15 @@ from saescope.core.errors import SaescopeError
 from saescope.core.schema import Field, check_record
 
 
+def temporary(path: Path) -> Path:
+    """The name a file is written under before it is renamed into place: unique per process, so that two writers never
+    write into one temporary file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -41,3 +47,21 @@ def read_json(path: Path, spec: dict[str, Field] | None = None) -> dict:
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def record_path(value: str, record: Path) -> str:
+    """How a record at RECORD stores a path it names: a local path relative to the record's own folder, written
+    './x' or '../x' so that it reads back from anywhere (resolve_record_path); anything else (a hub id) as given."""
+    local = Path(value).expanduser()
+    if not local.exists():
+        return value
+    rel = os.path.relpath(local.resolve(), Path(record).resolve().parent)
+    return rel if rel.startswith("..") else f"./{rel}"
+
+
+def resolve_record_path(value: str, record: Path) -> str:
+    """A path read from the record at RECORD: './x' and '../x' are relative to the record's folder; an absolute path is
+    itself; anything else is as given (a hub id, or a path written relative to the working folder by an older version)."""
+    if value.startswith(("./", "../")) or value in (".", ".."):
+        return str((Path(record).resolve().parent / value).resolve())
+    return value

@@ -2,7 +2,7 @@
 so that what parses but is wrong becomes one line naming the file (or flag) and the field, never a traceback.
 
 - `check_record(obj, spec, origin)`: a JSON object against field specs (type, required, range).
-- `check_dataclass(cls, obj, origin)`: the same, with the fields, types and defaults of a config dataclass.
+- `check_dataclass(cls, obj, origin)`: a saved config against its dataclass, strictly: every field there, with its type.
 - `check_number(value, name, ...)`: one numeric value's range, for flags and config fields alike.
 - `config_field(default, help)`: a config dataclass field that carries its command-line help, so that a command's
   flags are built from the config (saescope.cli.flags.add_config_flags) and its defaults live in one place.
@@ -138,6 +138,9 @@ def _kind_name(kind: Any) -> str:
     items = item_type(kind)
     if items is not None:
         return f"a list of {_PLURALS.get(items, getattr(items, '__name__', str(items)))}"
+    if typing.get_origin(kind) is dict and len(typing.get_args(kind)) == 2:
+        keys, values = typing.get_args(kind)
+        return f"an object of {_PLURALS.get(values, getattr(values, '__name__', str(values)))}"
     base = typing.get_origin(kind) or kind
     return _TYPE_NAMES.get(base, getattr(base, "__name__", str(base)))
 
@@ -149,6 +152,9 @@ def _fits(value: Any, kind: Any) -> bool:
     items = item_type(kind)
     if items is not None:
         return isinstance(value, (list, tuple)) and all(_type_ok(v, items) for v in value)
+    if typing.get_origin(kind) is dict and len(typing.get_args(kind)) == 2:  # dict[str, float]: keys and values typed
+        keys, values = typing.get_args(kind)
+        return isinstance(value, dict) and all(_type_ok(k, keys) and _type_ok(v, values) for k, v in value.items())
     base = typing.get_origin(kind) or kind
     return base is Any or _type_ok(value, base)
 
@@ -165,7 +171,7 @@ def check_config(cfg: Any) -> None:
         if not any(_fits(value, k) for k in kinds):
             want = " or ".join(map(_kind_name, kinds))
             raise ParamError(f"{{}} must be {want}, got {escape(repr(value)[:200])}", f.name)
-        for v in value if isinstance(value, (list, tuple)) else [value]:
+        for v in value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if isinstance(v, float) or meta.get("min") is not None or meta.get("max") is not None:
                     check_number(v, f.name, kind=float if isinstance(v, float) else int, min=meta.get("min"),
@@ -203,16 +209,19 @@ def field_kind(tp: Any) -> tuple[tuple[type, ...], bool]:
     return ((float,) if base is float else (base,)), False
 
 
-def check_dataclass(cls: type, obj: Any, origin: str) -> dict:
-    """Check a JSON object against a config dataclass: each known field's type; missing fields with a default pass.
-    Returns the known fields only (files written by another version may carry more)."""
+def check_dataclass(cls: type, obj: Any, origin: str, *, migrations: dict[str, Any] | None = None) -> dict:
+    """Check a record read back (a saved config) against its config dataclass: every field must be there with its type;
+    a missing field is refused, never defaulted, except those in `migrations` (fields added after records of that kind
+    were first written, with the value such older records mean). Returns the known fields, migrations applied (files
+    written by a newer version may carry more)."""
     assert is_dataclass(cls)
     hints = typing.get_type_hints(cls)
+    if isinstance(obj, dict) and migrations:
+        obj = {**{k: v for k, v in migrations.items() if k not in obj}, **obj}
     spec = {}
     for f in fields(cls):
         kinds, nullable = field_kind(hints[f.name])
-        has_default = f.default is not MISSING or f.default_factory is not MISSING
-        spec[f.name] = Field(kinds, required=not has_default, nullable=nullable)
+        spec[f.name] = Field(kinds, required=True, nullable=nullable)
     check_record(obj, spec, origin)
     return {k: v for k, v in obj.items() if k in spec}
 

@@ -21,8 +21,9 @@ from saescope.core.data import iter_texts
 from saescope.core.data.benchmarks import SharedDataOption, mgsm_questions
 from saescope.core.data.responses import train_prompts
 from saescope.core.errors import ParamError
-from saescope.core.files import atomic_write_json
+from saescope.core.files import atomic_write_json, record_path
 from saescope.core.io import RunDir
+from saescope.core.io.lock import holding_lock
 from saescope.core.schema import REQUIRED, config_field, escape
 
 
@@ -53,6 +54,13 @@ class DiscoverConfig(SAEOptions, ControlOption, SharedDataOption):
     def language(self) -> str | None:
         return self.behaviour.split(":", 1)[1] if self.behaviour.startswith("language:") else None
 
+    def output(self) -> Path:
+        name = f"{self.behaviour.replace(':', '-')}-layer{self.layer}.json"
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).behaviour / name
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class DiscoverResult:
@@ -79,6 +87,7 @@ class DiscoverResult:
         return "\n".join(lines)
 
 
+@holding_lock
 def run_discover(cfg: DiscoverConfig) -> DiscoverResult:
     scope = cfg.load_scope([cfg.layer])
     language = cfg.language
@@ -104,8 +113,8 @@ def run_discover(cfg: DiscoverConfig) -> DiscoverResult:
         control = (cfg.load_control(sae) or make_controls(sae))[cfg.layer]
         checks = verify_features(scope, cfg.layer, selected, prompts, strengths=(-strength, strength), control=control,
                                  max_new_tokens=cfg.max_new_tokens, language=language)
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).behaviour / f"{cfg.behaviour.replace(':', '-')}-layer{cfg.layer}.json"
-    doc = {"behaviour": cfg.behaviour, "layer": cfg.layer, "sae": str(cfg.sae), "model": scope.lm.name, "source": source,
+    out = cfg.output()
+    doc = {"behaviour": cfg.behaviour, "layer": cfg.layer, "sae": record_path(str(cfg.sae), out), "model": scope.lm.name, "source": source,
            "n_texts": n_source, "ranked": [r.to_dict() for r in ranked], "selected": selected,
            "control": cfg.control or "random (seed 0, in memory)", "steering_check": [c.to_dict() for c in checks]}
     atomic_write_json(out, doc)

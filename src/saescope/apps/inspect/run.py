@@ -20,6 +20,7 @@ from saescope.core.data.sources import is_path
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_json
 from saescope.core.io import RunDir
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption, parse_layers
 from saescope.core.schema import REQUIRED, Config, config_field, escape
 
@@ -72,6 +73,12 @@ class InspectConfig(SAEOptions, ReadingConfig, ControlOption, SharedDataOption):
         if self.control and not self.baseline:
             raise ParamError("{} gives the chance level of a contrast: use it with {}", "control", "baseline")
 
+    def output(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).inspect / ("contrast.json" if self.baseline else "inspect.json")
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class InspectResult:
@@ -105,12 +112,13 @@ class InspectResult:
         return "\n".join(lines)
 
 
+@holding_lock
 def run_inspect(cfg: InspectConfig) -> InspectResult:
     texts = texts_of(cfg.texts, column=cfg.column, limit=cfg.limit, shared_data=cfg.shared_data)
     baseline = texts_of(cfg.baseline, column=cfg.column, limit=cfg.limit, shared_data=cfg.shared_data) if cfg.baseline else None
     scope = cfg.load_scope(cfg.layer_list())  # only the layers asked for: 64K SAEs are large
     store = store_for(cfg.sae, scope, cfg.store)
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).inspect / ("contrast.json" if baseline else "inspect.json")
+    out = cfg.output()
     if baseline is None:
         payload = {"mode": "inspect", "sae": cfg.sae, "by": cfg.by, "store": str(store.path) if store else None,
                    "texts": inspect_texts(scope, texts, cfg, store)}
@@ -140,6 +148,9 @@ class BuildConfig(SAEOptions, LayersOption, StoreConfig):
     def browse_list(self) -> list[int] | None:
         return parse_layers(self.browse_layers, None) if self.browse_layers else None
 
+    def writes_into(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).features
+
 
 @dataclass
 class BuildResult:
@@ -161,12 +172,13 @@ class BuildResult:
         return "\n".join(lines)
 
 
+@holding_lock
 def run_build(cfg: BuildConfig) -> BuildResult:
     scope = cfg.load_scope(cfg.layer_list())
     if cfg.browse_list() and (outside := sorted(set(cfg.browse_list()) - set(scope.layers))):
         raise ParamError(f"{{}} {escape(str(cfg.browse_layers))}: layer {outside[0]} is not among the layers built ({scope.layers})",
                          "browse_layers")
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).features
+    out = cfg.writes_into()
     sae_name = str(Path(cfg.sae).resolve()) if Path(cfg.sae).exists() else cfg.sae
     build_feature_store(scope.lm, scope.saes, out, cfg, sae_spec=sae_name, resume=cfg.resume, overwrite=cfg.overwrite)
     store = FeatureStore(out)
@@ -245,6 +257,9 @@ class BrowserConfig(LayersOption):
     store: str = config_field(REQUIRED, "the feature store folder")
     out: str | None = config_field(None, "HTML fragment (default: STORE/report-section.html)", output="file")
 
+    def writes_into(self) -> Path:
+        return Path(self.out).parent if self.out else Path(self.store)
+
 
 @dataclass
 class BrowserResult:
@@ -254,6 +269,7 @@ class BrowserResult:
         return f"feature browser: {self.path}"
 
 
+@holding_lock
 def run_browser(cfg: BrowserConfig) -> BrowserResult:
     return BrowserResult(write_browser_section(FeatureStore(cfg.store), cfg.layer_list(), Path(cfg.out) if cfg.out else None))
 

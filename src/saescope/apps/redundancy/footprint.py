@@ -128,7 +128,7 @@ def _bench_entries(b: dict) -> str | None:
 _META = {"format": Field(str), "sae": Field(str), "model": Field(str, nullable=True), "layers": Field(list, check=_ints),
          "pool": Field(str, check=lambda p: None if p in POOLS else f"must be one of {', '.join(POOLS)}"),
          "d_sae": Field(int, min=1), "k": Field(int, min=1), "max_length": Field(int, min=1),
-         "control": Field(str, required=False, nullable=True), "benchmarks": Field(dict, check=_bench_entries)}
+         "control": Field(str, nullable=True), "benchmarks": Field(dict, check=_bench_entries), "version": Field(int, min=1)}
 
 
 def _read_meta(path: Path) -> dict:

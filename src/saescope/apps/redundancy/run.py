@@ -16,6 +16,7 @@ from saescope.apps.redundancy.render import format_compare, format_report, write
 from saescope.core.data.benchmarks import BENCHMARKS, SharedDataOption, load_benchmarks
 from saescope.core.errors import ParamError
 from saescope.core.io import RunDir
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.schema import REQUIRED, Config, config_field, escape
 
@@ -38,6 +39,9 @@ class FootprintConfig(SAEOptions, LayersOption, ControlOption, SharedDataOption)
     # position 0 is left out of the pooling (the attention sink), so a prompt must keep at least 2 tokens
     max_length: int = config_field(512, "tokens per prompt (longer ones are cut)", min=2)
 
+    def writes_into(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).redundancy
+
 
 @dataclass
 class FootprintResult:
@@ -54,12 +58,13 @@ class FootprintResult:
                 f"{' with the random control' if self.control else ''}{kept}\nfootprints: {self.path}")
 
 
+@holding_lock
 def run_footprint(cfg: FootprintConfig) -> FootprintResult:
     benches = load_benchmarks(cfg.bench, limit=cfg.limit, seed=cfg.seed, column=cfg.column, template=cfg.template,
                               shared_data=cfg.shared_data)
     scope = cfg.load_scope(cfg.layer_list())
     control = cfg.load_control(scope.saes)
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).redundancy
+    out = cfg.writes_into()
     # absolute paths: the folder can be extended or reported on from another working directory
     sae_name = str(Path(cfg.sae).resolve()) if Path(cfg.sae).exists() else cfg.sae
     control_name = str(Path(cfg.control).resolve()) if cfg.control else None
@@ -78,6 +83,9 @@ class AnalysisConfig(Config):
     matched_repeats: int = config_field(20, "random draws for the size-matched overlaps", min=1)
     subsume: float = config_field(0.6, "size-matched overlap above which A counts as inside B", min=0, max=1)
 
+    def writes_into(self) -> Path:
+        return Path(self.fp)
+
 
 @dataclass
 class AnalysisResult:
@@ -89,6 +97,7 @@ class AnalysisResult:
                 f"report-section.html in {self.path}")
 
 
+@holding_lock
 def run_analysis(cfg: AnalysisConfig) -> AnalysisResult:
     fp = Footprints.load(cfg.fp)
     res = analyse(fp, layer=cfg.layer, repeats=cfg.repeats, matched_repeats=cfg.matched_repeats, subsume=cfg.subsume)
@@ -123,6 +132,9 @@ class CompareConfig(SharedDataOption):
                              "score_columns")
         return {col.strip(): b.strip() for col, _, b in pairs}
 
+    def writes_into(self) -> Path:
+        return Path(self.fp)
+
 
 @dataclass
 class CompareResult:
@@ -134,6 +146,7 @@ class CompareResult:
         return "\n".join([*self.notes, format_compare(self.comparison), f"comparison: {self.path}"])
 
 
+@holding_lock
 def run_compare(cfg: CompareConfig) -> CompareResult:
     # every input is read and checked before the slow part and before compare.json is written
     res = load_result(Path(cfg.fp) / "redundancy.json")

@@ -24,6 +24,7 @@ from pathlib import Path
 from saescope.core.data.rows import iter_rows
 from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_bytes, read_json
+from saescope.core.io.lock import holding_lock
 from saescope.core.io.run_dir import RunDir
 from saescope.core.models.builtin import DEFAULT_MODEL
 from saescope.core.render import figure, html_table, png
@@ -336,6 +337,9 @@ class ReportConfig(Config):
     sae: str = config_field(REQUIRED, "the run folder")
     out: str | None = config_field(None, "HTML file (default: SAE/report.html)", output="file")
 
+    def writes_into(self) -> Path:
+        return Path(self.out).parent if self.out else Path(self.sae)
+
 
 @dataclass
 class ReportResult:
@@ -345,5 +349,6 @@ class ReportResult:
         return f"report: {self.path}"
 
 
+@holding_lock
 def run_report(cfg: ReportConfig) -> ReportResult:
     return ReportResult(build_report(cfg.sae, cfg.out))

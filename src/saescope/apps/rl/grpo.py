@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from saescope.api.behaviour import answer_and_measure, ends_in_loop, feature_spec
+from saescope.api.behaviour import answer_and_measure, check_feature_ids, ends_in_loop, feature_spec
 from saescope.api.controls import ControlOption
 from saescope.api.finetune import (
     before_after,
@@ -32,6 +32,7 @@ from saescope.apps.rl.tasks import REWARDS, exact_match_reward, load_problems, m
 from saescope.core.data.benchmarks import SharedDataOption
 from saescope.core.errors import ParamError
 from saescope.core.io import load_saes
+from saescope.core.io.lock import holding_lock
 from saescope.core.models import load_model
 from saescope.core.schema import REQUIRED, config_field, escape
 
@@ -78,6 +79,9 @@ class RLConfig(SAESource, ControlOption, SharedDataOption):
                                  "steered_negative")
             if self.alpha == 0:
                 raise ParamError("{} 0 steers nothing: give the strength of the steered negative", "alpha")
+
+    def writes_into(self) -> Path:
+        return Path(self.out).parent  # OUT is made whole by renaming OUT.partial: its parent holds both
 
 
 def heldout_eval(lm, problems, *, max_new_tokens: int) -> dict:
@@ -126,6 +130,7 @@ class RLResult:
                           f"model: {self.path} (per-step rewards and loop rates in {self.path}/train_log.jsonl)"])
 
 
+@holding_lock
 def run_rl(cfg: RLConfig, *, progress: bool = True) -> RLResult:
     trl = require_trl()
     from datasets import Dataset
@@ -137,12 +142,9 @@ def run_rl(cfg: RLConfig, *, progress: bool = True) -> RLResult:
     heldout = load_problems(cfg.data, split="test", limit=cfg.eval_problems, shared_data=cfg.shared_data) if cfg.eval_problems else []
     vector = None
     if cfg.steered_negative:
-        scope = cfg.load_scope([cfg.layer])
+        scope = cfg.load_scope([cfg.layer], check=lambda saes: check_feature_ids(saes[cfg.layer], [cfg.feature], cfg.layer))
         lm, sae = scope.lm, scope.sae(cfg.layer)
         control = cfg.load_control({cfg.layer: sae})
-        if not 0 <= cfg.feature < sae.cfg.d_sae:
-            raise ParamError(f"{{}} {cfg.feature} is out of range: the layer {cfg.layer} SAE has features 0..{sae.cfg.d_sae - 1}",
-                             "feature")
         rows = (control[cfg.layer] if control else sae).W_dec.detach()
         vector = cfg.alpha * rows[cfg.feature].float()  # decoder rows are unit-norm, trained and random alike
     else:

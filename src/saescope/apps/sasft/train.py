@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from saescope.api.behaviour import feature_spec
+from saescope.api.behaviour import check_feature_ids, feature_spec
 from saescope.api.controls import ControlOption
 from saescope.api.finetune import (
     before_after,
@@ -43,6 +43,7 @@ from saescope.apps.sasft.measure import measure
 from saescope.core.data.benchmarks import SharedDataOption
 from saescope.core.data.responses import heldout_prompts, load_pairs
 from saescope.core.errors import ParamError
+from saescope.core.io.lock import holding_lock
 from saescope.core.schema import REQUIRED, config_field
 
 
@@ -119,6 +120,9 @@ class SASFTConfig(SAESource, ControlOption, SharedDataOption):
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
 
+    def writes_into(self) -> Path:
+        return Path(self.out).parent  # OUT is made whole by renaming OUT.partial: its parent holds both
+
 
 def _dataset(pairs, chat: bool):
     from datasets import Dataset
@@ -178,6 +182,7 @@ class SASFTResult:
                           f"model: {self.path} (per-step CE, L_reduce and firing rate in {self.path}/train_log.jsonl)"])
 
 
+@holding_lock
 def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> SASFTResult:
     """Fine-tune with SASFT's loss (lam=0: plain SFT with the same logging, the baseline) and write the model to cfg.out,
     with the summary in OUT/sasft.json."""
@@ -186,7 +191,7 @@ def run_sasft(cfg: SASFTConfig, *, progress: bool = True) -> SASFTResult:
     refuse_nonempty(out)
     pairs = load_pairs(cfg.data, prompt_column=cfg.prompt_column, response_column=cfg.response_column, limit=cfg.limit,
                        shared_data=cfg.shared_data)
-    scope = cfg.load_scope([cfg.layer])
+    scope = cfg.load_scope([cfg.layer], check=lambda saes: check_feature_ids(saes[cfg.layer], cfg.features, cfg.layer))
     lm, sae = scope.lm, scope.sae(cfg.layer)
     control = cfg.load_control({cfg.layer: sae})
     suppression = FeatureSuppression(sae, layer=cfg.layer, features=cfg.features, lam=cfg.lam,

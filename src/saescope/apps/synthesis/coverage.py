@@ -20,7 +20,7 @@ from saescope.api.hits import EncodedSet, FeatureHits, feature_deltas, scores
 from saescope.api.rules import FORMAT as RULES_FORMAT
 from saescope.api.rules import RuleSet, mine_rules
 from saescope.core.errors import ParamError, SaescopeError
-from saescope.core.files import atomic_write_json, read_json
+from saescope.core.files import atomic_write_json, read_json, record_path, resolve_record_path
 from saescope.core.io import fingerprint
 from saescope.core.sae import TopKSAE
 from saescope.core.schema import Field, InputError, check_record, escape
@@ -60,7 +60,7 @@ class TargetSet:
                 raise SaescopeError(f"the targets were chosen on the SAEs {self.sae}, not on {sae_spec} (layer {n} differs)")
 
     def save(self, path: Path) -> None:
-        atomic_write_json(path, {"format": FORMAT, "version": 1, "model": self.model, "sae": self.sae,
+        atomic_write_json(path, {"format": FORMAT, "version": 1, "model": self.model, "sae": record_path(self.sae, path),
                                  "fingerprints": {str(n): f for n, f in sorted((self.fingerprints or {}).items())},
                                  "targets": [vars(t) for t in self.targets]})
 
@@ -83,8 +83,8 @@ def load_targets(spec: str) -> TargetSet:
             return TargetSet(list(seen.values()), rules.model, rules.sae, rules.fingerprints)
         if kind != FORMAT:
             raise InputError(f"{spec}: neither a targets file ({FORMAT}) nor a rules file")
-        check_record(obj, {"targets": Field(list), "model": Field(str, required=False), "sae": Field(str, required=False),
-                           "fingerprints": Field(dict, required=False)}, spec)
+        check_record(obj, {"targets": Field(list), "model": Field(str), "sae": Field(str), "fingerprints": Field(dict),
+                           "version": Field(int, min=1, max=1)}, spec)
         targets = []
         for i, t in enumerate(obj["targets"]):
             check_record(t, {"layer": Field(int, min=0), "feature": Field(int, min=0),
@@ -95,7 +95,7 @@ def load_targets(spec: str) -> TargetSet:
         if not targets:
             raise InputError(f"{spec}: no targets")
         fps = {int(k): v for k, v in (obj.get("fingerprints") or {}).items() if str(k).isdigit()}
-        return TargetSet(targets, obj.get("model", ""), obj.get("sae", ""), fps)
+        return TargetSet(targets, obj["model"], resolve_record_path(obj["sae"], path), fps)
     parts = [p for p in spec.split(",") if p.strip()]
     if not parts or not all(_ID.fullmatch(p) for p in parts):
         raise ParamError(f"{{}} {escape(repr(spec[:80]))}: not a file, and not ids such as 15:3,15:40", "targets")

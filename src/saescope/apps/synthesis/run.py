@@ -27,6 +27,7 @@ from saescope.core.data.labelled import ColumnsOption, LabelledSet, TextColumnOp
 from saescope.core.errors import ParamError
 from saescope.core.files import atomic_write_json, write_jsonl
 from saescope.core.io import RunDir, fingerprint
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import load_model
 from saescope.core.schema import REQUIRED, config_field, escape
@@ -92,6 +93,12 @@ class CoverageConfig(SAEOptions, LayersOption, ColumnsOption, SharedDataOption):
         if bool(self.targets) == bool(self.derive_from):
             raise ParamError("give {} or {} (one of them)", "targets", "derive_from")
 
+    def output(self) -> Path:
+        return Path(self.json) if self.json else RunDir.of_sae(self.sae).toxicity / "coverage.json"
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class CoverageResult:
@@ -129,17 +136,17 @@ def _derived_targets(cfg: CoverageConfig, scope: Scope, out_dir: Path) -> tuple[
     return targets, f"{len(derived)} targets derived from {ds.name} ({positives} positive): {path}"
 
 
+@holding_lock
 def run_coverage(cfg: CoverageConfig) -> CoverageResult:
     data, labelled = texts_and_labels(cfg.data, cfg, cfg.shared_data)
     if cfg.select and not labelled:
         raise ParamError("{} needs labelled data (a built-in set, or a file with {})", "select", "label_column")
     out_dir = RunDir.of_sae(cfg.sae).toxicity
-    scope = cfg.load_scope(cfg.layer_list())
+    given = load_targets(cfg.targets) if cfg.targets else None  # checked against the SAEs before any model loads
+    scope = cfg.load_scope(cfg.layer_list(), check=(lambda saes: given.check_saes(saes, cfg.sae)) if given else None)
     derived = None
-    if cfg.targets:
-        targets = load_targets(cfg.targets)
-        targets.check_saes(scope.saes, cfg.sae)
-    else:
+    targets = given
+    if targets is None:
         targets, derived = _derived_targets(cfg, scope, out_dir)
     enc = encode_labelled(scope, data, layers=targets.layers, residual=False, batch_size=cfg.batch_size)
     cov = coverage(target_matrix(enc.hits["sae"], targets.targets))
@@ -150,7 +157,7 @@ def run_coverage(cfg: CoverageConfig) -> CoverageResult:
         group_split(data)  # refuses a split that leaves one class on a side
         held = test_mask(data)
         result["selection"] = selection_study(enc.subset(~held), enc.subset(held), targets.targets, goals=tuple(cfg.goals))
-    out = Path(cfg.json) if cfg.json else out_dir / "coverage.json"
+    out = cfg.output()
     atomic_write_json(out, result)
     return CoverageResult(out, result, derived)
 
@@ -172,6 +179,12 @@ class SynthesizeConfig(SAEOptions, SynthConfig, TextColumnOption, SharedDataOpti
         if self.generator and self.strength()[0]:
             raise ParamError("{} needs the SAEs' own model as the generator (leave out {})", "steer", "generator")
 
+    def output(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).toxicity / "synthesized.jsonl"
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class SynthesizeResult:
@@ -191,11 +204,11 @@ class SynthesizeResult:
                           f"examples: {self.path}"])
 
 
+@holding_lock
 def run_synthesize(cfg: SynthesizeConfig) -> SynthesizeResult:
     data, _ = texts_and_labels(cfg.data, cfg, cfg.shared_data)
     targets = load_targets(cfg.targets)
-    scope = cfg.load_scope(targets.layers)
-    targets.check_saes(scope.saes, cfg.sae)
+    scope = cfg.load_scope(targets.layers, check=lambda saes: targets.check_saes(saes, cfg.sae))
     if cfg.generator:
         try:
             generator = load_model(cfg.generator)
@@ -219,7 +232,7 @@ def run_synthesize(cfg: SynthesizeConfig) -> SynthesizeResult:
     enc = encode_labelled(scope, data, layers=targets.layers, residual=False)
     covered = target_matrix(enc.hits["sae"], targets.targets).any(0)
     result = synthesize(scope, generator, targets.targets, covered, cfg, evidence=evidence)
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).toxicity / "synthesized.jsonl"
+    out = cfg.output()
     write_jsonl(out, result["examples"])
     result.update(data=cfg.data, generator=generator.name, targets=cfg.targets, evidence=bool(evidence))
     atomic_write_json(out.with_suffix(".json"), result)

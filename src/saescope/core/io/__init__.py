@@ -19,10 +19,11 @@ from saescope.core.io.formats import (
     save_qwen_scope,
     save_saelens,
 )
+from saescope.core.io.lock import holding_lock
 from saescope.core.io.run_dir import RunDir
 from saescope.core.layers import LayersOption
 from saescope.core.sae import TopKSAE
-from saescope.core.schema import REQUIRED, config_field
+from saescope.core.schema import REQUIRED, Field, check_record, config_field
 
 __all__ = ["ExportConfig", "decoder_cos_to_init", "export_saes", "fingerprint", "from_weights", "load_saes",
            "refuse_overwrite", "resolve_run", "run_export", "save_native", "RunDir"]
@@ -33,14 +34,29 @@ def resolve_run(path: Path) -> Path:
     return RunDir(path).latest() or path
 
 
+SUMMARY_RECORD = {"steps": Field(int, min=0), "tokens": Field(int, min=0), "elapsed_s": Field(float, min=0),
+                  "model_dtype": Field(str), "tokens_per_s": Field(float, min=0), "layers": Field(dict)}
+SUMMARY_LAYER = {"dropped": Field(int, min=0), "seen": Field(int, min=0), "nonfinite_batches": Field(int, min=0),
+                 "decoder_cos_to_init": Field(float, min=-1, max=1)}
+
+
+def read_summary(run: Path) -> dict | None:
+    """A saescope run's train_summary.json, strictly (every field with its type), or None for a folder that has none
+    (other formats, a run still training)."""
+    path = RunDir(run).train_summary
+    if not path.is_file():
+        return None
+    summary = read_json(path, SUMMARY_RECORD)
+    for n, layer in summary["layers"].items():
+        check_record(layer, SUMMARY_LAYER, f"{path}: layers.{n}")
+    return summary
+
+
 def decoder_cos_to_init(run: Path) -> dict[str, float]:
-    """Per layer, the median cosine of a saescope run's decoder rows to their initialisation, when it was recorded
-    (train_summary.json); empty for other formats. Near 1, the SAE is still mostly its random start."""
-    try:
-        layers = read_json(RunDir(run).train_summary)["layers"]
-        return {str(n): float(v["decoder_cos_to_init"]) for n, v in layers.items() if "decoder_cos_to_init" in v}
-    except (SaescopeError, KeyError, TypeError, AttributeError):  # an optional figure: absent or unreadable, no figure
-        return {}
+    """Per layer, the median cosine of a saescope run's decoder rows to their initialisation (train_summary.json); empty
+    for other formats. Near 1, the SAE is still mostly its random start."""
+    summary = read_summary(run)
+    return {str(n): float(v["decoder_cos_to_init"]) for n, v in summary["layers"].items()} if summary else {}
 
 
 def fingerprint(sae: TopKSAE) -> str:
@@ -168,6 +184,9 @@ class ExportConfig(LayersOption):
     out: str = config_field(REQUIRED, "the folder to write into (SAE files there are never replaced)", output="folder")
     k: int | None = config_field(None, K_HELP, min=1)
 
+    def writes_into(self) -> Path:
+        return Path(self.out)
+
 
 @dataclass
 class ExportResult:
@@ -177,6 +196,7 @@ class ExportResult:
         return "\n".join(map(str, self.written))
 
 
+@holding_lock
 def run_export(cfg: ExportConfig) -> ExportResult:
     saes = load_saes(cfg.sae, layers=cfg.layer_list(), k=cfg.k)
     model = next(iter(saes.values())).meta.get("model", "")

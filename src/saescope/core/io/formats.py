@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saescope.core.errors import SaescopeError
-from saescope.core.files import atomic_write_json, read_json
+from saescope.core.files import atomic_write_json, read_json, temporary
 from saescope.core.sae import SAEConfig, TopKSAE
 from saescope.core.schema import Field, check_record
 
@@ -75,7 +75,7 @@ def from_weights(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: 
 def save_native(sae: TopKSAE, folder: Path, layer: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: getattr(sae, n).detach().float().contiguous().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    tmp = folder / f"layer{layer}.safetensors.tmp"
+    tmp = temporary(folder / f"layer{layer}.safetensors")
     save_file(tensors, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -85,9 +85,10 @@ def save_native(sae: TopKSAE, folder: Path, layer: int) -> None:
     atomic_write_json(folder / f"layer{layer}.json", cfg)
 
 
-NATIVE_CONFIG = {"format_version": Field(int, required=False, min=0), "k": Field(int, min=1),
-                 "d_model": Field(int, required=False, min=1), "d_sae": Field(int, required=False, min=1),
-                 "layer": Field(int, required=False, min=0), "model": Field(str, required=False, nullable=True)}
+# A layer record, strictly: what save_native writes is what load_native requires (format_version 0, the records from
+# before it was written, lack only it); `model` may be null or absent (an SAE converted from a format that does not say).
+NATIVE_CONFIG = {"format_version": Field(int, required=False, min=0), "k": Field(int, min=1), "d_model": Field(int, min=1),
+                 "d_sae": Field(int, min=1), "layer": Field(int, min=0), "model": Field(str, required=False, nullable=True)}
 
 
 def load_native(folder: Path, layer: int) -> TopKSAE:
@@ -98,9 +99,9 @@ def load_native(folder: Path, layer: int) -> TopKSAE:
     t = _read_safetensors(folder / f"layer{layer}.safetensors", ("W_enc", "b_enc", "W_dec", "b_dec"))
     sae = from_weights(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["k"], origin=f"{folder}/layer{layer}")
     for dim in ("d_model", "d_sae"):
-        if dim in cfg and cfg[dim] != getattr(sae.cfg, dim):
+        if cfg[dim] != getattr(sae.cfg, dim):
             raise SaescopeError(f"{folder}/layer{layer}.json: {dim} {cfg[dim]} does not match the weights' {getattr(sae.cfg, dim)}")
-    if cfg.get("layer", layer) != layer:
+    if cfg["layer"] != layer:
         raise SaescopeError(f"{folder}/layer{layer}.json: field 'layer' is {cfg['layer']}, but the file is layer{layer}")
     sae.meta = {k: v for k, v in cfg.items() if k not in ("format", "format_version", "d_model", "d_sae", "k")}
     sae.meta["origin"] = "saescope"
@@ -112,7 +113,7 @@ def save_qwen_scope(sae: TopKSAE, folder: Path, layer: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {"W_enc": sae.W_enc.detach().float().cpu().clone(), "W_dec": sae.W_dec.detach().float().cpu().T.contiguous(),
              "b_enc": sae.b_enc.detach().float().cpu().clone(), "b_dec": sae.b_dec.detach().float().cpu().clone()}
-    tmp = folder / f"layer{layer}.sae.pt.tmp"
+    tmp = temporary(folder / f"layer{layer}.sae.pt")
     torch.save(state, tmp)
     os.replace(tmp, folder / f"layer{layer}.sae.pt")
 
@@ -150,7 +151,7 @@ def save_saelens(sae: TopKSAE, folder: Path, *, hook_name: str, model_name: str 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": sae.W_enc.detach().float().cpu().T.contiguous(), "W_dec": sae.W_dec.detach().float().cpu().contiguous(),
                "b_enc": sae.b_enc.detach().float().cpu().contiguous(), "b_dec": sae.b_dec.detach().float().cpu().contiguous()}
-    tmp = folder / "sae_weights.safetensors.tmp"
+    tmp = temporary(folder / "sae_weights.safetensors")
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / "sae_weights.safetensors")
     cfg = {"architecture": "topk", "d_in": sae.cfg.d_model, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "dtype": "float32",

@@ -4,17 +4,21 @@ Every command that writes into a run folder (training, evaluation, quality, ever
 lock of the run folder it writes into while it works; a second writer refuses at once, naming the holder (pid, host,
 command, since when), and writes nothing. The kernel releases an flock when its process dies, however it dies, so a
 lock file left by a killed process is stale by construction: the next writer takes it over and writes its own holder
-line.
+line. A writer removes its lock file when it is done (and the folder, when it made it and nothing else went in), so
+a refused or finished command leaves no trace; a writer that locked a file another has meanwhile removed sees that
+the path no longer names its file and locks again.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from saescope.core.errors import SaescopeError
@@ -40,6 +44,7 @@ class RunLock:
         self.folder = Path(folder).expanduser().resolve()
         self.command = command or " ".join(["saescope", *sys.argv[1:]])[:300]
         self._file = None
+        self._made = False
 
     @property
     def path(self) -> Path:
@@ -53,17 +58,22 @@ class RunLock:
             return {}
 
     def __enter__(self) -> RunLock:
+        self._made = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the life of the lock)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the life of the lock)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                self._tidy()
+                raise SaescopeError(self._busy()) from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock the one there now
+                if os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             f.close()
-            h = self.holder()
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if isinstance(h.get("since"), (int, float)) else "?"
-            raise SaescopeError(f"{self.folder} is in use by another saescope process (pid {h.get('pid', '?')} on "
-                                f"{h.get('host', '?')}, since {since}: {str(h.get('command', '?'))[:120]}); wait for it to "
-                                "finish, or write elsewhere") from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
@@ -72,14 +82,41 @@ class RunLock:
         self._file = f
         return self
 
+    def _busy(self) -> str:
+        h = self.holder()
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if isinstance(h.get("since"), (int, float)) else "?"
+        return (f"{self.folder} is in use by another saescope process (pid {h.get('pid', '?')} on {h.get('host', '?')}, since "
+                f"{since}: {str(h.get('command', '?'))[:120]}); wait for it to finish, or write elsewhere")
+
+    def _tidy(self) -> None:
+        """Remove the folder this lock made, when nothing but (at most) the lock went into it."""
+        if self._made:
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
+
     def __exit__(self, *exc) -> None:
         if self._file is not None:
-            # The file stays: removing it would let a waiting process lock a file no longer in the folder.
+            self.path.unlink(missing_ok=True)  # while still held: a waiter then locks a file no longer in the folder, and retries
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+            self._tidy()
 
 
 def writing(path: str | Path, *, folder: bool, command: str | None = None) -> RunLock:
     """The lock to hold while writing PATH (a folder, or a file): its run folder's (run_folder_of)."""
     return RunLock(run_folder_of(path, folder=folder), command)
+
+
+def holding_lock(run: Callable) -> Callable:
+    """A command's run_*(config, ...) that holds the lock of the run folder it writes into while it runs: the folder
+    its config names with `writes_into()` (see writing)."""
+
+    @functools.wraps(run)
+    def locked(cfg, *args, **kwargs):
+        with writing(cfg.writes_into(), folder=True):
+            return run(cfg, *args, **kwargs)
+
+    return locked

@@ -11,6 +11,7 @@ another folder.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,9 @@ class RunDir:
         return f"checkpoints/step-{step:08d}"
 
     def staging(self, step: int, rank: int) -> Path:
-        return self.checkpoints / f".staging-{step:08d}-rank{rank}"
+        """Where a rank writes its part of a checkpoint before the folder is assembled: named per process too, so that
+        no two writers ever share it (a second writer is refused by the folder's lock besides)."""
+        return self.checkpoints / f".staging-{step:08d}-rank{rank}-{os.getpid()}"
 
     def latest_name(self) -> str | None:
         """The checkpoint `latest` names (relative to the folder), or None before the first checkpoint. A pointer

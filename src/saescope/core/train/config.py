@@ -49,6 +49,9 @@ def buffer_steps(activation_buffer: int, step_tokens: int) -> int:
     return max(1, activation_buffer // step_tokens)
 
 
+# Fields added to TrainConfig after train.json was first written, with what an older record lacking them means.
+RECORD_MIGRATIONS = {"activation_buffer": 0}  # runs saved before the activation buffer trained step by step
+
 # What a resumed run may change: how long it goes on and how it is run, not what it trains.
 RESUME_MAY_CHANGE = {"max_tokens", "checkpoint_every", "log_every", "device", "model_device_map"}
 
@@ -187,11 +190,11 @@ class TrainConfig(Config):
 
     @classmethod
     def from_dict(cls, d: object, origin: str = "train config") -> TrainConfig:
-        """A config read from a file: every field's type checked (naming the file and field), then its range."""
-        if isinstance(d, dict) and "activation_buffer" not in d:
-            d = {**d, "activation_buffer": 0}  # saved before the field existed: those runs trained step by step
+        """A config read from a file, strictly: every field there with its type (naming the file and field), then its
+        range. A missing field is refused (a resumed run must not silently take a default, e.g. the default token
+        budget), except the fields of RECORD_MIGRATIONS that runs written before they existed lack."""
         try:
-            return cls(**check_dataclass(cls, d, origin))
+            return cls(**check_dataclass(cls, d, origin, migrations=RECORD_MIGRATIONS))
         except SaescopeError as exc:
             msg = str(exc)
             raise type(exc)(msg if msg.startswith(origin) else f"{origin}: {msg}") from exc

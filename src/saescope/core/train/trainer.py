@@ -16,6 +16,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.core.io import RunDir, save_native
 from saescope.core.io.formats import load_native
+from saescope.core.io.lock import RunLock
 from saescope.core.models import LoadedModel, capture, load_model
 from saescope.core.models.builtin import DEFAULT_MODEL
 from saescope.core.models.load import DTYPE_NAMES
@@ -359,6 +361,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, stop_after_steps: int | None = None) -> dict:
+        """Train to cfg.max_tokens (or for stop_after_steps more steps), holding the run folder's lock throughout
+        (saescope.core.io.lock: a second writer of the folder refuses instead of mixing two runs' files)."""
+        with self._run_lock():
+            return self._fit(stop_after_steps)
+
+    @contextmanager
+    def _run_lock(self) -> Iterator[None]:
+        """Rank 0 takes the folder's lock and checks that the folder is still as this trainer read it (a fresh run
+        into a folder that now holds one, or a resumed run whose folder moved on, is refused); under torchrun every
+        rank learns the outcome before any writes."""
+        lock, problem = None, None
+        if self.dist.rank == 0:
+            try:
+                lock = RunLock(self.out).__enter__()
+                problem = self._changed_since_read()
+                if problem is None:  # staging folders of killed writers: nobody else can be writing now
+                    for stale in self.run.checkpoints.glob(".staging-*"):
+                        shutil.rmtree(stale, ignore_errors=True)
+            except SaescopeError as exc:
+                problem = exc
+        ok = torch.tensor(int(problem is None), device=self.device if self.dist.on else "cpu")
+        if self.dist.on:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        try:
+            if not ok.item():
+                raise problem or SaescopeError(f"{self.out}: rank 0 could not take the run folder's lock")
+            yield
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+
+    def _changed_since_read(self) -> SaescopeError | None:
+        latest = self.run.latest_name()
+        if self.step == 0 and self.run.has_run():
+            return ParamError(f"{escape(str(self.out))} already holds a run (written since this trainer started); give {{}} "
+                              "to continue it or choose another {}", "resume", "out")
+        if self.step > 0 and latest != self._checkpoint_name():
+            return SaescopeError(f"{self.out}: the run moved on since it was read (its latest checkpoint is {latest}, this "
+                                 f"trainer resumed step {self.step}); resume again")
+        return None
+
+    def _fit(self, stop_after_steps: int | None) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.rank == 0 and self.step == 0:  # a fresh start (or a restart before the first checkpoint)
