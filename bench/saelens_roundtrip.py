@@ -1,7 +1,8 @@
-"""Export saescope SAEs to SAELens format and open them with sae-lens itself (in the peers' venv):
-the encodings and reconstructions must equal saescope's.
+"""Export saescope SAEs (any kind) to SAELens format and open them with sae-lens itself (in the peers' venv):
+the encodings and reconstructions must equal saescope's, on real activations from a cache when one is given.
 
     python bench/saelens_roundtrip.py --sae runs/x --layers 3,15
+    python bench/saelens_roundtrip.py --sae bench/work/kinds/sweep/jumprelu-k50 --activations bench/work/kinds/cache
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sae", required=True)
     p.add_argument("--layers", default=None)
+    p.add_argument("--activations", help="a saescope cache: its first 256 tokens of each layer are the inputs")
+    p.add_argument("--json", help="write the report here too")
     p.add_argument("--peer-python", default=os.environ.get("SAESCOPE_PEER_PYTHON", str(ROOT.parent / "peers-venv" / "bin" / "python")))
     a = p.parse_args()
     layers = [int(x) for x in a.layers.split(",")] if a.layers else None
@@ -44,7 +47,12 @@ def main() -> None:
     export_saes(saes, work, "saelens")
     report = {}
     for n, sae in saes.items():
-        x = torch.randn(64, sae.cfg.d_model, generator=torch.Generator().manual_seed(n)) * 20
+        if a.activations:
+            from saescope.core.activation_cache import open_activations
+
+            x = open_activations(a.activations).rows(n, torch.arange(256))
+        else:
+            x = torch.randn(64, sae.cfg.d_model, generator=torch.Generator().manual_seed(n)) * 20
         torch.save(x, work / "x.pt")
         r = subprocess.run([a.peer_python, "-c", PEER_SIDE, str(work / f"layer{n}"), str(work / "x.pt"), str(work / "out.pt")],
                            capture_output=True, text=True)
@@ -54,11 +62,13 @@ def main() -> None:
         with torch.no_grad():
             code = sae.encode(x)
             z, x_hat = code.dense(sae.cfg.d_sae), sae.decode(code)
-        report[n] = {"saelens_class": theirs["cls"], "max_abs_diff_z": float((theirs["z"] - z).abs().max()),
+        report[n] = {"kind": sae.cfg.kind, "saelens_class": theirs["cls"], "tokens": x.shape[0], "max_abs_diff_z": float((theirs["z"] - z).abs().max()),
                      "max_abs_diff_x_hat": float((theirs["x_hat"] - x_hat).abs().max()),
                      "same_active_set": bool(((theirs["z"] > 0) == (z > 0)).all())}
         print(f"layer {n}: {report[n]}")
     print(json.dumps(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

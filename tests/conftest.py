@@ -93,6 +93,21 @@ def tiny_qwen3_moe(tmp_path_factory, tokenizer_dir) -> Path:
     return _save_tiny(Qwen3MoeForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("qwen3moe"))
 
 
+def crash_training_at(monkeypatch, step: int) -> None:
+    """From now on (until the test ends, or monkeypatch.undo()) every Trainer raises 'simulated crash' when it reaches
+    `step`: a kill in the middle of a run, after its last checkpoint."""
+    from saescope.core.train import Trainer
+
+    original = Trainer._train_layer
+
+    def crash(self, n, acts, **kw):
+        if self.step == step:
+            raise RuntimeError("simulated crash")
+        return original(self, n, acts, **kw)
+
+    monkeypatch.setattr(Trainer, "_train_layer", crash)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> tuple[int, str, str]:
     """The command line as a user runs it: a fresh process, exit code and both streams."""
     r = subprocess.run([sys.executable, "-m", "saescope", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)

@@ -29,6 +29,7 @@ from conftest import random_saes, run_cli
 from saescope import cli
 from saescope.core.io import export_saes
 from saescope.core.train import TrainConfig
+from saescope.core.train.config import RECORD_MIGRATIONS
 
 SCALE = float(os.environ.get("SAESCOPE_FUZZ_SCALE", "1"))
 COUNTS: dict[str, int] = {}
@@ -122,6 +123,22 @@ def sae_folders(tmp_path_factory) -> dict[str, Path]:
                "W_dec": sae.W_dec.detach().clone(), "b_dec": torch.zeros(8)}, str(sparsify / "sae.safetensors"))
     (sparsify / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 4, "expansion_factor": 2}))
     folders["sparsify"] = root / "sparsify"
+    from saescope.core.sae import SAEConfig, make_sae
+
+    jumprelu = {}
+    for n in (0, 1):
+        jumprelu[n] = make_sae(SAEConfig(8, 16, 4, kind="jumprelu"))
+        jumprelu[n].init_tied(torch.Generator().manual_seed(n))
+        jumprelu[n].meta = {"model": "tiny"}
+    folders["saescope-jumprelu"] = root / "saescope-jumprelu"
+    export_saes(jumprelu, folders["saescope-jumprelu"], "saescope")
+    gemma = root / "gemma-scope" / "layer_0" / "width_16" / "average_l0_4"
+    gemma.mkdir(parents=True)
+    import numpy as np
+
+    np.savez(gemma / "params.npz", W_enc=sae.W_enc.detach().T.numpy(), W_dec=sae.W_dec.detach().numpy(),
+             b_enc=sae.b_enc.detach().numpy(), b_dec=sae.b_dec.detach().numpy(), threshold=np.full(16, 0.1, np.float32))
+    folders["gemma-scope"] = root / "gemma-scope"
     return folders
 
 
@@ -174,6 +191,19 @@ SAE_CASES = st.one_of(
     st.tuples(st.just("sparsify"), st.just("layers.0/cfg.json"), st.one_of(
         not_a(dict).map(lambda v: ("replace", v)), not_a(int, low=1).map(lambda v: ("k", v)), st.just(("drop", "k")))),
     st.tuples(st.just("sparsify"), st.just("layers.0/sae.safetensors"), damage.map(lambda d: ("bytes", d))),
+    # saescope JumpReLU: its threshold
+    st.tuples(st.just("saescope-jumprelu"), st.just("layer0.safetensors"), st.one_of(
+        st.sampled_from(["nan", "inf", "negative", "short", "drop"]).map(lambda v: ("threshold", v)),
+        damage.map(lambda d: ("bytes", d)))),
+    st.tuples(st.just("saescope-jumprelu"), st.just("layer1.json"), st.one_of(
+        st.one_of(not_a(str), st.text(max_size=8).filter(lambda v: v not in ("jumprelu",))).map(lambda v: ("kind", v)),
+        st.just(("drop", "kind")))),
+    # Gemma Scope params.npz
+    st.tuples(st.just("gemma-scope"), st.just("layer_0/width_16/average_l0_4/params.npz"), st.one_of(
+        damage.map(lambda d: ("bytes", d)),
+        st.sampled_from(["W_enc", "W_dec", "b_enc", "b_dec", "threshold"]).map(lambda v: ("npz-drop", v)),
+        st.tuples(st.sampled_from(["W_enc", "W_dec", "b_enc", "b_dec", "threshold"]),
+                  st.sampled_from(["int", "shape", "nan", "negative"])).map(lambda v: ("npz-bad", v)))),
     # Qwen-Scope
     st.tuples(st.just("qwen-scope"), st.just("layer1.sae.pt"), st.one_of(
         damage.map(lambda d: ("bytes", d)),
@@ -201,6 +231,29 @@ def _apply(folder: Path, member: str, change: tuple) -> None:
         t = load_file(str(path))
         t["W_dec"][3, 2] = float(value)
         save_file(t, str(path))
+    elif how == "threshold":
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(path))
+        if value == "drop":
+            del t["threshold"]
+        elif value == "short":
+            t["threshold"] = t["threshold"][:-1].contiguous()
+        else:
+            t["threshold"][2] = {"nan": float("nan"), "inf": float("inf"), "negative": -1.0}[value]
+        save_file(t, str(path))
+    elif how in ("npz-drop", "npz-bad"):
+        import numpy as np
+
+        arrays = dict(np.load(path))
+        if how == "npz-drop":
+            del arrays[value]
+        else:
+            name, bad = value
+            arrays[name] = {"int": arrays[name].astype(np.int64), "shape": arrays[name][..., :1],
+                            "nan": np.full_like(arrays[name], np.nan),
+                            "negative": np.full_like(arrays[name], -1.0) if name == "threshold" else arrays[name][..., :1]}[bad]
+        np.savez(path, **arrays)
     elif how in ("torch-drop", "torch-bad"):
         state = torch.load(path, weights_only=True)
         if how == "torch-drop":
@@ -273,7 +326,8 @@ LAYER_KEYS = ["opt", "since_fired", "medians", "n_medians", "seen", "dropped", "
 
 RUN_CASES = st.one_of(
     st.sampled_from(TRAIN_FIELDS).flatmap(lambda f: _wrong_for(f).map(lambda v: ("train.json", f, v))),
-    st.sampled_from([f for f in TRAIN_FIELDS if f != "activation_buffer"]).map(lambda f: ("train.json-drop", f, None)),
+    # a field added after train.json was first written is read as what its absence meant (RECORD_MIGRATIONS)
+    st.sampled_from([f for f in TRAIN_FIELDS if f not in RECORD_MIGRATIONS]).map(lambda f: ("train.json-drop", f, None)),
     not_a(dict).map(lambda v: ("train.json", None, v)),
     st.sampled_from(STATE_KEYS).map(lambda k: ("state-drop", k, None)),
     st.tuples(st.sampled_from(STATE_KEYS), st.sampled_from(["string", "list", "negative"])).map(lambda t: ("state-bad", *t)),
@@ -364,6 +418,70 @@ def test_fuzz_training_data_files(tiny_qwen3, case):
         data.write_bytes(content)
         refused(["train", "--model", str(tiny_qwen3), "--data", str(data), "--out", str(root / "out"), "--layers", "0",
                  "--preset", "4x-k32", "--ctx-len", "16", "--batch-size", "1", "--max-tokens", "64"], root, "data")
+
+
+# ---------------------------------------------------------------- family 3b: activation caches and files
+@pytest.fixture(scope="module")
+def activation_cache(tiny_qwen3, text_file, tmp_path_factory) -> Path:
+    from saescope.core.activation_cache import CacheConfig, run_cache
+
+    out = tmp_path_factory.mktemp("activations") / "cache"
+    run_cache(CacheConfig(model=str(tiny_qwen3), data=str(text_file), out=str(out), layers="0,1", max_tokens=200, ctx_len=16,
+                          batch_size=4, shard_tokens=64, model_dtype="fp32"))
+    return out
+
+
+CACHE_FIELDS = {"tokens": int, "layers": list, "dtype": str, "shards": list, "model": str, "d_model": int,
+                "format_version": int, "skip_first_token": bool, "ctx_len": int}
+ACTIVATION_CASES = st.one_of(
+    st.tuples(st.just("cache.json"), st.one_of(
+        not_a(dict).map(lambda v: ("replace", v)),
+        st.sampled_from(sorted(CACHE_FIELDS)).map(lambda f: ("drop", f)),
+        st.sampled_from(sorted(CACHE_FIELDS)).flatmap(lambda f: not_a(CACHE_FIELDS[f], low=1).map(lambda v: (f, v))),
+        st.sampled_from([("tokens", 199), ("tokens", 10**6), ("format_version", 99), ("dtype", "int8"), ("format", "other"),
+                         ("layers", [0, -1]), ("layers", []), ("shards", [{"name": "x", "tokens": 0}]),
+                         ("shards", [{"name": "shard-000009.safetensors", "tokens": 200}])]))),
+    st.tuples(st.just("layer1/shard-000001.safetensors"), damage.map(lambda d: ("bytes", d))),
+    st.tuples(st.sampled_from(["acts.npy", "acts.safetensors"]), st.one_of(
+        damage.map(lambda d: ("file-bytes", d)),
+        st.sampled_from(["rank1", "rank3", "int", "empty", "name"]).map(lambda v: ("file", v)))),
+)
+
+
+def _activation_file(path: Path, change: tuple) -> None:
+    import numpy as np
+    from safetensors.torch import save_file
+
+    how, value = change
+    good = torch.randn(40, 64)
+    if how == "file-bytes":
+        if path.suffix == ".npy":
+            np.save(path, good.numpy())
+        else:
+            save_file({"activations": good}, str(path))
+        path.write_bytes(_damage_bytes(path.read_bytes(), *value))
+        return
+    arr = {"rank1": good[0], "rank3": good[None], "int": good.long(), "empty": good[:0], "name": good}[value]
+    if path.suffix == ".npy":
+        np.save(path, arr.numpy() if value != "name" else arr.numpy().astype(np.float64))
+    else:
+        save_file({"acts" if value == "name" else "activations": arr.contiguous()}, str(path))
+
+
+@fuzz(30)
+@given(case=ACTIVATION_CASES)
+def test_fuzz_activation_caches_and_files(activation_cache, case):
+    member, change = case
+    with workspace(activation_cache) as root:
+        if member.startswith("acts."):
+            source = root / member
+            _activation_file(source, change)
+        else:
+            source = root / "cache"
+            _apply(source, member, change)
+        refused(["train", "--activations", str(source), "--out", str(root / "out"), "--preset", "4x-k32", "--ctx-len", "16",
+                 "--batch-size", "1", "--max-tokens", "64"], root, "activations")
+        assert not (root / "out").exists()
 
 
 # ---------------------------------------------------------------- family 4: flags

@@ -18,7 +18,8 @@ from saescope.api.scope import Scope  # noqa: E402
 from saescope.core.errors import SaescopeError  # noqa: E402
 from saescope.core.io import export_saes, load_saes  # noqa: E402
 from saescope.core.models import load_model  # noqa: E402
-from saescope.core.sae import SAEConfig, SparseCode, TopKSAE  # noqa: E402
+from saescope.core.sae import SAE, SAE_KINDS, SAEConfig, SparseCode, TopKSAE  # noqa: E402
 
-__all__ = ["SAEConfig", "SaescopeError", "Scope", "SparseCode", "TIERS", "TopKSAE", "export_saes", "load_model", "load_saes"]
+__all__ = ["SAE", "SAE_KINDS", "SAEConfig", "SaescopeError", "Scope", "SparseCode", "TIERS", "TopKSAE", "export_saes",
+           "load_model", "load_saes"]
 __version__ = "0.1.0"

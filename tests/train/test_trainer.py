@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import saescope.core.train.trainer as trainer_mod
+from conftest import crash_training_at
 from saescope.core.errors import SaescopeError
 from saescope.core.io import load_saes
 from saescope.core.train import TrainConfig, Trainer, parse_layers
@@ -43,17 +44,10 @@ def test_resume_after_crash_equals_uninterrupted(tiny_qwen3, text_file, tmp_path
     Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "straight", activation_buffer=buffer)).fit()
     want = _weights(tmp_path / "straight")
 
-    original = Trainer._train_layer
-
-    def crash_at_step_6(self, n, acts, **kw):
-        if self.step == 6:
-            raise RuntimeError("simulated crash")
-        return original(self, n, acts, **kw)
-
-    monkeypatch.setattr(Trainer, "_train_layer", crash_at_step_6)
+    crash_training_at(monkeypatch, 6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "crashed", activation_buffer=buffer)).fit()
-    monkeypatch.setattr(Trainer, "_train_layer", original)
+    monkeypatch.undo()
     assert (tmp_path / "crashed" / "latest").read_text().strip() == "checkpoints/step-00000004"
     resumed = Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "crashed", activation_buffer=buffer))
     assert resumed.load_checkpoint() and resumed.step == 4

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from saescope.api.probing import fit_logistic
 from saescope.core.errors import SaescopeError
 from saescope.core.models import LoadedModel, capture, token_strings
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = " has the first letter:"
@@ -154,7 +154,7 @@ def main_latents(codes: Tensor, is_letter: Tensor, test: Tensor, cfg: Absorption
     return chosen.tolist(), best
 
 
-def absorption_of(acts: Tensor, codes: Tensor, sae: TopKSAE, direction: Tensor, main: list[int],
+def absorption_of(acts: Tensor, codes: Tensor, sae: SAE, direction: Tensor, main: list[int],
                   cfg: AbsorptionConfig) -> tuple[Tensor, Tensor]:
     """Per word (rows of acts / codes): SAEBench's absorption fraction and whether it is full absorption, for the
     probe `direction` (unit) and the letter's `main` latents."""
@@ -178,7 +178,7 @@ def absorption_of(acts: Tensor, codes: Tensor, sae: TopKSAE, direction: Tensor, 
     return fraction, full
 
 
-def absorption_layer(acts: Tensor, data: SpellingSet, sets: dict[str, TopKSAE], cfg: AbsorptionConfig) -> dict:
+def absorption_layer(acts: Tensor, data: SpellingSet, sets: dict[str, SAE], cfg: AbsorptionConfig) -> dict:
     """One layer: the first-letter probe's test F1, then per SAE set the absorption figures (module docstring)."""
     letters, test = torch.as_tensor(data.letters), torch.as_tensor(data.test)
     onehot = torch.nn.functional.one_hot(letters, len(LETTERS)).bool()
@@ -214,7 +214,7 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def feature_absorption(lm: LoadedModel, saes: dict[int, TopKSAE], *, control: dict[int, TopKSAE] | None = None,
+def feature_absorption(lm: LoadedModel, saes: dict[int, SAE], *, control: dict[int, SAE] | None = None,
                        layers: list[int] | None = None, cfg: AbsorptionConfig | None = None,
                        progress: bool = True) -> dict:
     """Per layer, the first-letter absorption figures of `saes` (and of `control`, on the same prompts and probe)."""

@@ -21,18 +21,21 @@ from saescope.core.io import K_HELP, load_saes, refuse_overwrite, save_native
 from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import LoadedModel, load_model
-from saescope.core.sae import TopKSAE, principal_basis, random_like
-from saescope.core.schema import REQUIRED, Config, config_field
+from saescope.core.sae import SAE, principal_basis, random_like
+from saescope.core.schema import REQUIRED, Config, config_field, escape
 
-CONTROL_HELP = ("a control SAE set made by `saescope control random --like SAE`: the same figures on it beside the "
-                "SAEs' (the chance level)")
-KINDS = ("random",)
+CONTROL_HELP = ("a control SAE set made by `saescope control random|frozen-decoder|soft-frozen --like SAE`: the same "
+                "figures on it beside the SAEs' (the chance level)")
+# random: isotropic random directions; frozen-decoder / soft-frozen (Korznikov et al. 2026): the run trained again on the
+# same tokens from the same initialisation, its decoder kept at its init, or held at cosine >= 0.8 to it
+KINDS = ("random", "frozen-decoder", "soft-frozen")
+TRAINED_KINDS = {"frozen-decoder": "frozen", "soft-frozen": "soft-frozen"}
 SUBSPACES = ("pca",)
 
 
-def make_controls(saes: dict[int, TopKSAE], *, seed: int = 0, subspace: str | None = None,
+def make_controls(saes: dict[int, SAE], *, seed: int = 0, subspace: str | None = None,
                   lm: LoadedModel | None = None, data: str | None = None, n_tokens: int = 8192,
-                  variance: float = 0.9) -> dict[int, TopKSAE]:
+                  variance: float = 0.9) -> dict[int, SAE]:
     """A random control per layer. subspace='pca' draws the directions inside the principal subspace that
     explains `variance` of the layer's activations on `data` (needs the model `lm`)."""
     if subspace not in (None, *SUBSPACES):
@@ -51,14 +54,14 @@ def make_controls(saes: dict[int, TopKSAE], *, seed: int = 0, subspace: str | No
     return controls
 
 
-def save_controls(controls: dict[int, TopKSAE], out: Path, *, like: str) -> None:
+def save_controls(controls: dict[int, SAE], out: Path, *, like: str) -> None:
     refuse_overwrite(out, [out / f"layer{n}.{ext}" for n in controls for ext in ("safetensors", "json")])
     for n, control in controls.items():
         control.meta["control"]["like"] = str(like)
         save_native(control, out, n)
 
 
-def load_control(spec: str | Path, saes: dict[int, TopKSAE]) -> dict[int, TopKSAE]:
+def load_control(spec: str | Path, saes: dict[int, SAE]) -> dict[int, SAE]:
     """The control SAEs at SPEC for exactly the layers of `saes`, refusing any that do not match them."""
     controls = load_saes(spec, layers=sorted(saes))
     missing = sorted(set(saes) - set(controls))
@@ -78,16 +81,20 @@ class ControlOption(Config):
 
     control: str | None = config_field(None, CONTROL_HELP)
 
-    def load_control(self, saes: dict[int, TopKSAE]) -> dict[int, TopKSAE] | None:
+    def load_control(self, saes: dict[int, SAE]) -> dict[int, SAE] | None:
         return load_control(self.control, saes) if self.control else None
 
 
 @dataclass(kw_only=True)
 class ControlConfig(LayersOption):
-    """`saescope control random`: a random-direction control shaped like trained SAEs (shape, k, decoder bias)."""
+    """`saescope control random|frozen-decoder|soft-frozen`: a control shaped like trained SAEs. `random`: random
+    directions (shape, k, decoder bias). `frozen-decoder` and `soft-frozen`: the saescope run --like trained again on the
+    same tokens from the same initialisation, the decoder kept at its init or held at cosine >= 0.8 to it (Korznikov et
+    al. 2026: how much of a figure the decoder's learning earns)."""
 
     kind: str = config_field(REQUIRED, "the kind of control", choices=KINDS, positional=True)
-    like: str = config_field(REQUIRED, "the SAEs to imitate (shape, k, decoder bias)")
+    like: str = config_field(REQUIRED, "the SAEs to imitate (shape, k, decoder bias); for a decoder control, the saescope "
+                             "training run to train again")
     out: str = config_field(REQUIRED, "the control's folder (e.g. RUN/control)", output="folder")
     seed: int = config_field(0, "the control's seed (layer n uses seed x 100003 + n)", min=0)
     subspace: str | None = config_field(None, "draw directions inside the data's principal subspace", choices=SUBSPACES)
@@ -105,18 +112,59 @@ class ControlConfig(LayersOption):
 @dataclass
 class ControlResult:
     path: Path
-    controls: dict[int, TopKSAE]
+    controls: dict[int, SAE]
     subspace: str | None
 
     def text(self) -> str:
         first = next(iter(self.controls.values())).cfg
+        kind = next(iter(self.controls.values())).meta["control"]["kind"]
+        if kind != "random" and kind != "random-subspace":
+            return (f"{kind} control for {len(self.controls)} layers ({first.kind}, d_sae {first.d_sae}, k {first.k}), trained "
+                    f"in {self.path}")
         dims = [c.meta["control"]["subspace_dim"] for c in self.controls.values()]
         detail = f", directions in the top {min(dims)}-{max(dims)} principal components" if self.subspace else ""
         return f"random control for {len(self.controls)} layers (d_sae {first.d_sae}, k {first.k}{detail}) in {self.path}"
 
 
-@holding_lock
 def run_control(cfg: ControlConfig) -> ControlResult:
+    if cfg.kind in TRAINED_KINDS:
+        return _trained_control(cfg)
+    return _random_control(cfg)
+
+
+def _trained_control(cfg: ControlConfig) -> ControlResult:
+    """The run --like, trained again into OUT with its decoder frozen or held near its init (the trainer holds OUT's
+    lock; a killed control goes on where it stopped when asked again)."""
+    from dataclasses import replace
+
+    from saescope.core.files import read_json
+    from saescope.core.io import RunDir
+    from saescope.core.train import TrainConfig, run_train
+
+    like = RunDir(cfg.like)
+    if not like.train_config.is_file():
+        raise ParamError(f"a {escape(cfg.kind)} control trains the SAEs again as they were trained: {{}} must be a saescope "
+                         "training run (it holds no train.json)", "like")
+    for name, value in (("subspace", cfg.subspace), ("model", cfg.model), ("data", cfg.data), ("k", cfg.k)):
+        if value is not None:
+            raise ParamError(f"{{}} is for random controls; a {escape(cfg.kind)} control trains on the run's own model and "
+                             "data", name)
+    trained = TrainConfig.from_dict(read_json(like.train_config), str(like.train_config))
+    decoder = TRAINED_KINDS[cfg.kind]
+    if RunDir(cfg.out).has_run():
+        train = TrainConfig.resumed(cfg.out)
+        if train.decoder != decoder:
+            raise ParamError(f"{escape(cfg.out)} holds a {escape(train.decoder)}-decoder run, not a {escape(cfg.kind)} control; "
+                             "choose another {}", "out")
+        run_train(train, resume=True)
+    else:
+        layers = ",".join(map(str, cfg.layer_list())) if cfg.layers is not None else trained.layers
+        run_train(replace(trained, out=cfg.out, decoder=decoder, layers=layers))
+    return ControlResult(Path(cfg.out), load_saes(cfg.out), None)
+
+
+@holding_lock
+def _random_control(cfg: ControlConfig) -> ControlResult:
     saes = load_saes(cfg.like, layers=cfg.layer_list(), k=cfg.k)
     lm = load_model(model_of(saes, cfg.model, cfg.like), dtype="fp32") if cfg.subspace else None
     controls = make_controls(saes, seed=cfg.seed, subspace=cfg.subspace, lm=lm, data=cfg.data, n_tokens=cfg.n_tokens,

@@ -33,7 +33,7 @@ from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import LoadedModel, capture, forward_from, layer_hooks
 from saescope.core.models.load import DTYPE_NAMES
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.schema import config_field
 
 DENSE_THRESHOLD = 0.1  # a latent is "dense" if it fires on more than 10% of tokens
@@ -54,10 +54,11 @@ class LayerEval:
     passthrough_frac: float
     ce_mean: float = math.nan  # the layer's output replaced by the batch's mean activation at every token
     ce_recovered_mean: float = math.nan  # (CE_mean - CE_sae) / (CE_mean - CE_clean): zero ablation flatters
+    l0_std: float = math.nan  # the spread of L0 over tokens: 0 for top-k, what a threshold kind varies by
     feature_freq: Tensor | None = field(default=None, repr=False, compare=False)  # (d_sae,), not written to JSON
 
 
-def _ready(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]]) -> list[int]:
+def _ready(lm: LoadedModel, sets: dict[str, dict[int, SAE]]) -> list[int]:
     """The layers that every SAE set covers alike, each set checked against the model and moved to its device."""
     layers = sorted(next(iter(sets.values())))
     for name, saes in sets.items():
@@ -113,7 +114,7 @@ class CleanTarget:
 
 
 @torch.no_grad()
-def evaluate(lm: LoadedModel, saes: dict[int, TopKSAE], **kw) -> list[LayerEval]:
+def evaluate(lm: LoadedModel, saes: dict[int, SAE], **kw) -> list[LayerEval]:
     """Per-layer figures of `saes` on `n_tokens` held-out tokens of `data` (default: the embedded corpus)."""
     return evaluate_sets(lm, {"sae": saes}, **kw)["sae"]
 
@@ -121,7 +122,7 @@ def evaluate(lm: LoadedModel, saes: dict[int, TopKSAE], **kw) -> list[LayerEval]
 @torch.no_grad()
 def evaluate_sets(
     lm: LoadedModel,
-    sets: dict[str, dict[int, TopKSAE]],
+    sets: dict[str, dict[int, SAE]],
     *,
     data: str | None = None,
     text_column: str = "text",
@@ -136,7 +137,7 @@ def evaluate_sets(
     layer's output; each spliced or ablated pass resumes from its layer (saescope.core.models.forward_from)."""
     layers = _ready(lm, sets)
     model, device = lm.model, lm.device
-    acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "fires": None,
+    acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "l0_sq": 0.0, "fires": None,
                     "ce_sae": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for s in sets for n in layers}
     ce_zero = dict.fromkeys(layers, 0.0)
     ce_mean = dict.fromkeys(layers, 0.0)
@@ -176,6 +177,7 @@ def evaluate_sets(
                 a["cnt"] += int(keep.sum())
                 active = code.values[keep] > 0
                 a["l0"] += float(active.sum())
+                a["l0_sq"] += float(active.sum(1).float().pow(2).sum())
                 fires = torch.zeros(sae.cfg.d_sae, device=x.device)
                 fires.index_add_(0, code.indices[keep].reshape(-1), active.reshape(-1).float())
                 a["fires"] = fires if a["fires"] is None else a["fires"] + fires
@@ -207,20 +209,24 @@ def evaluate_sets(
                 ce_clean=clean, ce_sae=ce_sae, ce_zero=zero,
                 ce_recovered=(zero - ce_sae) / (zero - clean) if zero != clean else float("nan"),
                 kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1), ce_mean=mean,
-                ce_recovered_mean=(mean - ce_sae) / (mean - clean) if mean != clean else float("nan"), feature_freq=freq.cpu()))
+                ce_recovered_mean=(mean - ce_sae) / (mean - clean) if mean != clean else float("nan"), feature_freq=freq.cpu(),
+                l0_std=_spread(a["l0"], a["l0_sq"], a["cnt"])))
         out[s] = results
     return out
 
 
 @torch.no_grad()
-def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]], texts: Iterable[str], *, n_tokens: int = 4096,
-                 ctx_len: int = 128, batch_size: int = 8, outlier_factor: float = 5.0) -> dict[str, dict[int, float]]:
+def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, SAE]], texts: Iterable[str], *, n_tokens: int = 4096,
+                 ctx_len: int = 128, batch_size: int = 8, outlier_factor: float = 5.0,
+                 l0: dict[str, dict[int, tuple[float, float]]] | None = None) -> dict[str, dict[int, float]]:
     """FVU of each SAE set per layer on about n_tokens tokens of `texts` (packed into ctx_len chunks, the outlier
     filter as in training): reconstruction on text of another domain than the training corpus costs one LM pass
-    for every layer, no spliced passes."""
+    for every layer, no spliced passes. `l0`, when given, receives each set's L0 per layer on the same tokens:
+    (mean, spread over tokens)."""
     layers = _ready(lm, sets)
     filters = {n: OutlierFilter(outlier_factor) for n in layers}
     sse = dict.fromkeys([(s, n) for s in sets for n in layers], 0.0)  # squared error, pooled over kept tokens
+    l0_sums = {(s, n): torch.zeros(2, dtype=torch.float64) for s in sets for n in layers}
     x_sum: dict[int, Tensor | float] = dict.fromkeys(layers, 0.0)
     x2_sum = dict.fromkeys(layers, 0.0)
     count = dict.fromkeys(layers, 0)
@@ -234,21 +240,42 @@ def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, TopKSAE]], texts: It
             x2_sum[n] += float(xk.pow(2).sum())
             count[n] += len(xk)
             for s, saes in sets.items():
-                sse[s, n] += float((xk - saes[n].reconstruct(xk)).pow(2).sum())
+                code = saes[n].encode(xk)
+                sse[s, n] += float((xk - saes[n].decode(code).to(xk.dtype)).pow(2).sum())
+                per_token = (code.values > 0).sum(1).double()
+                l0_sums[s, n] += torch.stack([per_token.sum(), per_token.pow(2).sum()])
         done += ids.numel()
         if done >= n_tokens:
             break
     if done == 0:
         raise SaescopeError("no tokens to measure FVU on: the texts are shorter than one chunk")
+    if l0 is not None:
+        for s in sets:
+            l0[s] = {n: (float(l0_sums[s, n][0]) / max(count[n], 1), _spread(*l0_sums[s, n].tolist(), count[n])) for n in layers}
     return {s: {n: _pooled_fvu(sse[s, n], x_sum[n], x2_sum[n], count[n]) for n in layers} for s in sets}
 
 
+def _spread(total: float, total_sq: float, count: int) -> float:
+    if count == 0:
+        return float("nan")
+    mean = total / count
+    return math.sqrt(max(total_sq / count - mean * mean, 0.0))
+
+
+def _varies(results: list[LayerEval]) -> bool:
+    """Whether L0 varies per token enough to show its spread (a threshold kind; top-k keeps k but for a rare token
+    with fewer positive pre-activations)."""
+    return any(r.l0_std > 0.5 for r in results)
+
+
 def format_table(results: list[LayerEval]) -> str:
-    head = (f"{'layer':>5} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6} {'CE clean':>8} {'CE sae':>7} {'CE zero':>7} "
-            f"{'CE mean':>7} {'CE rec':>7} {'rec/mean':>8} {'KL':>7} {'pass':>6}")
+    sd = _varies(results)
+    head = (f"{'layer':>5} {'FVU':>7} {'L0':>6} " + (f"{'L0 sd':>6} " if sd else "") + f"{'dead':>6} {'dense':>6} "
+            f"{'CE clean':>8} {'CE sae':>7} {'CE zero':>7} {'CE mean':>7} {'CE rec':>7} {'rec/mean':>8} {'KL':>7} {'pass':>6}")
     rows = [head]
     for r in results:
-        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {r.l0:6.1f} {r.dead_frac:6.3f} {r.dense_frac:6.3f} {r.ce_clean:8.3f} "
+        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {r.l0:6.1f} " + (f"{r.l0_std:6.1f} " if sd else "")
+                    + f"{r.dead_frac:6.3f} {r.dense_frac:6.3f} {r.ce_clean:8.3f} "
                     f"{r.ce_sae:7.3f} {r.ce_zero:7.3f} {r.ce_mean:7.3f} {r.ce_recovered:7.3f} {r.ce_recovered_mean:8.3f} "
                     f"{r.kl:7.4f} {r.passthrough_frac:6.3f}")
     return "\n".join(rows)
@@ -256,11 +283,13 @@ def format_table(results: list[LayerEval]) -> str:
 
 def format_comparison(results: list[LayerEval], control: list[LayerEval]) -> str:
     """The trained SAEs beside their random-direction control, layer by layer."""
-    head = (f"{'layer':>5} {'FVU':>7} {'ctrl':>7} {'L0':>6} {'ctrl':>6} {'dead':>6} {'ctrl':>6} "
-            f"{'CE rec':>7} {'ctrl':>7} {'rec/mean':>8} {'ctrl':>7} {'KL':>7} {'ctrl':>7}")
+    sd = _varies(results)
+    head = (f"{'layer':>5} {'FVU':>7} {'ctrl':>7} {'L0':>6} " + (f"{'L0 sd':>6} " if sd else "") + f"{'ctrl':>6} "
+            f"{'dead':>6} {'ctrl':>6} {'CE rec':>7} {'ctrl':>7} {'rec/mean':>8} {'ctrl':>7} {'KL':>7} {'ctrl':>7}")
     rows = [head]
     for r, c in zip(results, control):
-        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {c.fvu:7.4f} {r.l0:6.1f} {c.l0:6.1f} {r.dead_frac:6.3f} {c.dead_frac:6.3f} "
+        rows.append(f"{r.layer:>5} {r.fvu:7.4f} {c.fvu:7.4f} {r.l0:6.1f} " + (f"{r.l0_std:6.1f} " if sd else "")
+                    + f"{c.l0:6.1f} {r.dead_frac:6.3f} {c.dead_frac:6.3f} "
                     f"{r.ce_recovered:7.3f} {c.ce_recovered:7.3f} {r.ce_recovered_mean:8.3f} {c.ce_recovered_mean:7.3f} "
                     f"{r.kl:7.4f} {c.kl:7.4f}")
     return "\n".join(rows)
@@ -279,7 +308,8 @@ def _eval_record() -> dict:
     from saescope.core.schema import Field
 
     spec = {f.name: Field(float) for f in fields(LayerEval) if f.name not in ("layer", "feature_freq")}
-    spec.update(layer=Field(int, min=0), ce_mean=Field(float, required=False), ce_recovered_mean=Field(float, required=False))
+    spec.update(layer=Field(int, min=0), ce_mean=Field(float, required=False), ce_recovered_mean=Field(float, required=False),
+                l0_std=Field(float, required=False))
     return spec
 
 

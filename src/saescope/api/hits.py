@@ -18,7 +18,7 @@ import torch
 
 from saescope.api.scope import Scope
 from saescope.core.data.labelled import LabelledSet
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 
 
 @dataclass
@@ -61,7 +61,7 @@ class EncodedSet:
 
 
 def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | None = None,
-                    control: dict[int, TopKSAE] | None = None, threshold: float = 0.0, residual: bool = True,
+                    control: dict[int, SAE] | None = None, threshold: float = 0.0, residual: bool = True,
                     batch_size: int = 32, max_length: int = 256, progress: bool = True) -> EncodedSet:
     """Feature hits (max over each text's tokens, the first left out, > threshold) of the SAEs and of `control`,
     and the mean-pooled residual, from one LM pass per batch."""

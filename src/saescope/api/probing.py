@@ -33,7 +33,7 @@ from saescope.core.data.benchmarks import shared_data_dir
 from saescope.core.data.labelled import in_test_split
 from saescope.core.data.rows import iter_rows
 from saescope.core.errors import SaescopeError
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 
 TEST_SHARE = 0.3
 STEM = ("abstract_algebra", "astronomy", "college_chemistry", "college_computer_science", "college_mathematics",
@@ -240,7 +240,7 @@ def paired_margin(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
     return margin, math.sqrt(var) / len(diffs)
 
 
-def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, TopKSAE] | None = None,
+def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, SAE] | None = None,
                    layers: list[int] | None = None, max_length: int = 128, batch_size: int = 16,
                    progress: bool = True) -> dict:
     """Per task and layer: top-1 / top-5 accuracy of the SAEs (and of `control`, on the same LM passes) and the

@@ -22,7 +22,7 @@ from saescope.core.io import RunDir, decoder_cos_to_init
 from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models.load import DTYPE_NAMES
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.schema import config_field
 
 # Real prompt sets, none in the default training corpus: what a domain shift does to reconstruction.
@@ -39,13 +39,14 @@ def domain_texts(domain: str, shared_data: str | Path | None = None) -> list[str
     return [texts[i] for i in range(max(map(len, sets))) for texts in sets if i < len(texts)]
 
 
-def quality_report(scope: Scope, probes: list[ProbeSet], *, control: dict[int, TopKSAE] | None = None,
+def quality_report(scope: Scope, probes: list[ProbeSet], *, control: dict[int, SAE] | None = None,
                    run: str | Path | None = None, fvu_tokens: int = 4096, shared_data: str | Path | None = None,
                    max_length: int = 128, absorption: AbsorptionConfig | None = DEFAULT_ABSORPTION) -> dict:
     """Probing, absorption (None: skipped), FVU in and out of domain (SAEs and control), and decoder movement (when
     `run` is a saescope run)."""
     sets = {"sae": scope.saes, **({"control": control} if control is not None else {})}
-    fvu = {"in_domain": fvu_on_texts(scope.lm, sets, iter_texts(None, split="eval"), n_tokens=fvu_tokens)}
+    l0: dict = {}  # L0 mean and spread on the in-domain tokens: a threshold kind's L0 varies per token
+    fvu = {"in_domain": fvu_on_texts(scope.lm, sets, iter_texts(None, split="eval"), n_tokens=fvu_tokens, l0=l0)}
     for domain in DOMAINS:
         fvu[domain] = fvu_on_texts(scope.lm, sets, domain_texts(domain, shared_data), n_tokens=fvu_tokens)
     probing = sparse_probing(scope, probes, control=control, max_length=max_length)
@@ -64,6 +65,8 @@ def quality_report(scope: Scope, probes: list[ProbeSet], *, control: dict[int, T
                 row[f"{name}_absorption"] = got[name]["mean_absorption_fraction"]
                 row[f"{name}_full_absorption"] = got[name]["full_absorption_rate"]
                 row[f"{name}_letter_main_f1"] = got[name]["main_f1"]
+        for name in sets:
+            row[f"{name}_l0"], row[f"{name}_l0_std"] = l0[name][n]
         row["decoder_cos_to_init"] = moved.get(str(n))
         layers[str(n)] = row
     return {"layers": layers, "probing": probing, "absorption": absorbed, "fvu_tokens": fvu_tokens,
@@ -75,10 +78,11 @@ def format_quality(report: dict) -> str:
     rows = report["layers"]
     first = next(iter(rows.values()))
     ctl = "control_top1" in first
+    varies = any((r.get("sae_l0_std") or 0) > 0.5 for r in rows.values())  # show L0 where a threshold kind varies it
     head = (f"{'layer':>5} {'top1':>6} " + (f"{'ctl':>6} {'margin ± se':>13} " if ctl else "") + f"{'top5':>6} "
             + (f"{'ctl':>6} " if ctl else "")
             + f"{'dense':>6} {'FVU in':>7} {'math':>6} {'code':>6} {'multi':>6} " + (f"{'ctl in':>7} " if ctl else "")
-            + f"{'cos0':>5}")
+            + (f"{'L0':>6} {'L0 sd':>6} " if varies else "") + f"{'cos0':>5}")
     lines = [f"quality: sparse probing (mean accuracy over {len(report['probing']['tasks'])} tasks, chance 0.5), "
              "FVU by domain, decoder cosine to init", head]
     for n, r in rows.items():
@@ -87,7 +91,8 @@ def format_quality(report: dict) -> str:
         lines.append(f"{n:>5} {r['sae_top1']:6.3f} " + (f"{r['control_top1']:6.3f} {margin:>13} " if ctl else "") + f"{r['sae_top5']:6.3f} "
                      + (f"{r['control_top5']:6.3f} " if ctl else "") + f"{r['dense']:6.3f} {r['sae_fvu_in_domain']:7.3f} "
                      f"{r['sae_fvu_math']:6.3f} {r['sae_fvu_code']:6.3f} {r['sae_fvu_multilingual']:6.3f} "
-                     + (f"{r['control_fvu_in_domain']:7.3f} " if ctl else "") + cos)
+                     + (f"{r['control_fvu_in_domain']:7.3f} " if ctl else "")
+                     + (f"{r['sae_l0']:6.1f} {r['sae_l0_std']:6.1f} " if varies else "") + cos)
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from saescope.core.data.labelled import LabelledSet
 from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_json, read_json, record_path, resolve_record_path
 from saescope.core.io import fingerprint
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.schema import Field, InputError, check_record
 
 FORMAT = "saescope-toxicity-rules"
@@ -143,7 +143,7 @@ class RuleSet:
     def layers(self) -> list[int]:
         return sorted({n for r in self.rules for n in r.layers})
 
-    def check_saes(self, saes: dict[int, TopKSAE], sae_spec: str, model: str | None, origin: str = "rules",
+    def check_saes(self, saes: dict[int, SAE], sae_spec: str, model: str | None, origin: str = "rules",
                    layers: list[int] | None = None) -> None:
         """Refuse to apply these rules (those on `layers`, default all) with other SAEs or another model, or with
         feature ids the SAEs do not have: feature ids mean nothing across SAEs. Needs no model loaded: the SAEs'
@@ -226,7 +226,7 @@ class RuleSet:
         return out
 
 
-def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, TopKSAE], *, model: str, sae: str,
+def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, SAE], *, model: str, sae: str,
                  ks: Sequence[int] = DEFAULT_KS, threshold: float = 0.0, multi_layer: bool = True,
                  mining: dict | None = None, control: bool = False) -> RuleSet:
     """Mine rules on `hits` of `data` and tie them to the SAEs and the data they came from."""

@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.io import K_HELP, load_saes
 from saescope.core.models import LoadedModel, capture, layer_hooks, load_model, token_strings
-from saescope.core.sae import SparseCode, TopKSAE
+from saescope.core.sae import SAE, SparseCode
 from saescope.core.schema import REQUIRED, Config, config_field
 
-SAE_HELP = "SAE folder (saescope run or checkpoint, Qwen-Scope, SAELens or sparsify) or a Qwen-Scope hub repo"
+SAE_HELP = ("SAE folder (saescope run or checkpoint, Qwen-Scope, SAELens, Gemma Scope or sparsify), a Gemma Scope params.npz, "
+            "or a Qwen-Scope hub repo")
 MODEL_DTYPES = ("fp32", "bf16", "auto")
 
 
@@ -46,7 +47,7 @@ class SAESource(Config):
     k: int | None = config_field(None, K_HELP, min=1)
 
     def load_scope(self, layers: list[int] | None = None, dtype: str = "fp32",
-                   check: Callable[[dict[int, TopKSAE]], None] | None = None) -> Scope:
+                   check: Callable[[dict[int, SAE]], None] | None = None) -> Scope:
         """The language model with these SAEs (only `layers` of them when given: 64K SAEs are large); `check` as for
         Scope.load."""
         return Scope.load(self.sae, self.model, layers=layers, dtype=dtype, k=self.k, check=check)
@@ -58,7 +59,7 @@ class SAEOptions(SAESource, ModelDtypeOption):
     SAEs' features."""
 
     def load_scope(self, layers: list[int] | None = None, dtype: str | None = None,
-                   check: Callable[[dict[int, TopKSAE]], None] | None = None) -> Scope:
+                   check: Callable[[dict[int, SAE]], None] | None = None) -> Scope:
         return super().load_scope(layers, dtype or self.model_dtype, check)
 
 
@@ -90,7 +91,7 @@ def _pool_code(code: SparseCode, row_of_token: Tensor, n_rows: int, d_sae: int, 
     return out.view(n_rows, d_sae)
 
 
-def check_fit(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
+def check_fit(lm: LoadedModel, saes: dict[int, SAE]) -> None:
     """Refuse SAEs that cannot apply to this model: wrong width or a layer it does not have."""
     for n, sae in saes.items():
         if sae.cfg.d_model != lm.d_model:
@@ -99,7 +100,7 @@ def check_fit(lm: LoadedModel, saes: dict[int, TopKSAE]) -> None:
             raise SaescopeError(f"SAE for layer {n}, but {lm.name} has layers 0..{lm.n_layers - 1}")
 
 
-def model_of(saes: dict[int, TopKSAE], given: str | None, origin: str | object = "these SAEs") -> str:
+def model_of(saes: dict[int, SAE], given: str | None, origin: str | object = "these SAEs") -> str:
     """The model to load for these SAEs: the one given, else the one they record. Qwen-Scope and SAELens files often
     do not say; guessing a default model would mislead."""
     model = given or next(iter(saes.values())).meta.get("model")
@@ -113,7 +114,7 @@ def _span(layers: list[int]) -> str:
 
 
 class Scope:
-    def __init__(self, lm: LoadedModel, saes: dict[int, TopKSAE]):
+    def __init__(self, lm: LoadedModel, saes: dict[int, SAE]):
         check_fit(lm, saes)
         for sae in saes.values():
             sae.to(lm.device)
@@ -123,7 +124,7 @@ class Scope:
     @classmethod
     def load(cls, sae: str, model: str | None = None, *, layers: list[int] | None = None, dtype: str = "fp32",
              device: str | None = None, k: int | None = None,
-             check: Callable[[dict[int, TopKSAE]], None] | None = None) -> Scope:
+             check: Callable[[dict[int, SAE]], None] | None = None) -> Scope:
         """The SAEs at SAE (only `layers` of them) with their model (`model`, else the one they name). `check` sees the
         SAEs before the model loads: what must be refused (a rules file for other SAEs, a feature id out of range) is
         refused without loading a model for nothing."""
@@ -193,7 +194,7 @@ class Scope:
     @torch.no_grad()
     def iter_pooled(self, texts: Sequence[str], *, layers: list[int] | None = None, pool: str = "last",
                     batch_size: int = 16, max_length: int = 512, skip_first_token: bool = False, progress: bool = True,
-                    sae_sets: dict[str, dict[int, TopKSAE]] | None = None, desc: str = "encode",
+                    sae_sets: dict[str, dict[int, SAE]] | None = None, desc: str = "encode",
                     with_residual: bool = False, residual_pool: str | None = None
                     ) -> Iterator[tuple[list[int], dict[str, dict[int, Tensor]]]]:
         """Per batch of texts: their positions in `texts` and, per SAE set and layer, (batch, d_sae) dense
@@ -279,7 +280,7 @@ class Scope:
             self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return sae.pre_activations(got["h"].float(), idx)
 
-    def sae(self, layer: int) -> TopKSAE:
+    def sae(self, layer: int) -> SAE:
         if layer not in self.saes:
             raise SaescopeError(f"no SAE for layer {layer} (have {_span(self.layers)})")
         return self.saes[layer]

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.models import LoadedModel, layer_hooks
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.schema import check_number, escape
 
 
-def feature_vector(sae: TopKSAE, features: dict[int, float]) -> Tensor:
+def feature_vector(sae: SAE, features: dict[int, float]) -> Tensor:
     """sum_f strength_f * W_dec[f], the vector added to the residual stream."""
     if not features:
         raise SaescopeError("no features to steer with")
@@ -102,7 +102,7 @@ def generate(lm: LoadedModel, prompt: str, *, max_new_tokens: int = 40, chat: bo
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def steered_pair(lm: LoadedModel, sae: TopKSAE, *, layer: int, features: dict[int, float], prompt: str,
+def steered_pair(lm: LoadedModel, sae: SAE, *, layer: int, features: dict[int, float], prompt: str,
                  **generate_kw) -> dict[str, str]:
     """The unsteered and the steered continuation of one prompt, with the same decoding settings."""
     vector = feature_vector(sae, features)

@@ -48,7 +48,7 @@ from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
 from saescope.core.io import fingerprint
 from saescope.core.models import LoadedModel, capture, moe_shape, record_routing, token_strings, unembedding
-from saescope.core.sae import SparseCode, TopKSAE
+from saescope.core.sae import SAE, SparseCode
 from saescope.core.sae.fast import screens, shortlist_rerank, top_k
 from saescope.core.schema import Config, Field, check_dataclass, check_record, config_field, escape
 from saescope.core.system import peak_rss_mb, release_heap
@@ -193,7 +193,7 @@ class LayerStats:
         t["top_source"] = torch.where(from_batch, (first_chunk + b) * T + p, t["top_source"].gather(1, old))
         t["top_acts"] = new_acts
 
-    def logit_lens(self, model, sae: TopKSAE) -> None:
+    def logit_lens(self, model, sae: SAE) -> None:
         names = ("logit_top_ids", "logit_top_vals", "logit_bottom_ids", "logit_bottom_vals")
         self.t.update(dict(zip(names, logit_lens(model, sae.W_dec, self.cfg.logit_k), strict=True)))
 
@@ -226,7 +226,7 @@ class LayerStats:
         self.t = got
 
 
-def _settings(cfg: StoreConfig, sae_spec: str, lm: LoadedModel, saes: dict[int, TopKSAE]) -> dict:
+def _settings(cfg: StoreConfig, sae_spec: str, lm: LoadedModel, saes: dict[int, SAE]) -> dict:
     return {"format": FORMAT, "version": VERSION, "sae": sae_spec, "model": lm.name, "layers": sorted(saes),
             "fingerprints": {str(n): fingerprint(s) for n, s in saes.items()},
             "d_sae": {str(n): s.cfg.d_sae for n, s in saes.items()},
@@ -234,7 +234,7 @@ def _settings(cfg: StoreConfig, sae_spec: str, lm: LoadedModel, saes: dict[int, 
 
 
 @torch.no_grad()
-def build_feature_store(lm: LoadedModel, saes: dict[int, TopKSAE], out: str | Path, cfg: StoreConfig, *,
+def build_feature_store(lm: LoadedModel, saes: dict[int, SAE], out: str | Path, cfg: StoreConfig, *,
                         sae_spec: str, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """One pass over cfg.data (default: the embedded corpus) that writes the feature store of `saes` to OUT."""
     started = time.perf_counter()
@@ -372,7 +372,7 @@ class FeatureStore:
             raise SaescopeError(f"the feature store {self.path} has no layer {layer} (it has {', '.join(map(str, self.layers))})")
         return layer
 
-    def check_matches(self, saes: dict[int, TopKSAE], sae_spec: str) -> None:
+    def check_matches(self, saes: dict[int, SAE], sae_spec: str) -> None:
         """Refuse to describe `saes` with statistics of other SAEs."""
         for n, sae in saes.items():
             if str(n) in self.meta["fingerprints"] and self.meta["fingerprints"][str(n)] != fingerprint(sae):

@@ -12,11 +12,11 @@ import sys
 import warnings
 
 from saescope.cli import eval as eval_commands
-from saescope.cli import formats, inspect, redundancy, sasft, synthesis, toxicity, train, trust
+from saescope.cli import formats, groundtruth, inspect, redundancy, sasft, synthesis, toxicity, train, trust
 from saescope.cli.flags import Command, Parser, add_commands, flags_of, given_flags
 from saescope.core.errors import ParamError, SaescopeError
 
-GROUPS = (train, eval_commands, formats, trust, redundancy, inspect, toxicity, synthesis, sasft)
+GROUPS = (train, eval_commands, formats, trust, redundancy, inspect, toxicity, synthesis, sasft, groundtruth)
 
 
 def build_parser() -> Parser:

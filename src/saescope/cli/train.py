@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from saescope.api.sweep import SweepConfig, run_sweep
 from saescope.cli.flags import Command, config_from_flags
+from saescope.core.activation_cache import CacheConfig, run_cache
 from saescope.core.train import TrainConfig, TrainLaunch, run_train
 from saescope.core.train.plan import PlanConfig, run_plan
 from saescope.core.train.run import ModelsConfig, run_models
@@ -31,11 +33,17 @@ def cmd_train(a: argparse.Namespace) -> None:
 
         settings = EvalConfig(sae=cfg.out, data=cfg.data, text_column=cfg.text_column, n_tokens=launch.eval_tokens,
                               ctx_len=cfg.ctx_len, outlier_factor=cfg.outlier_factor)
-        print(run_eval(settings, scope=Scope(result.lm, result.saes)).text())
+        # trained from cached activations, no LM was loaded: the evaluation loads the one the SAEs name
+        print(run_eval(settings, scope=Scope(result.lm, result.saes) if result.lm is not None else None).text())
 
 
 COMMANDS = {
-    "train": Command(TrainConfig, run_train, "train one top-k SAE per decoder layer", launch=TrainLaunch, handler=cmd_train),
+    "train": Command(TrainConfig, run_train, "train one SAE per decoder layer (top-k, BatchTopK, JumpReLU or Matryoshka), "
+                     "from the LM or from cached activations", launch=TrainLaunch, handler=cmd_train),
+    "cache": Command(CacheConfig, run_cache, "write a model's residual activations at some layers to disk, to train "
+                     "many SAEs from (train --activations, sweep)"),
+    "sweep": Command(SweepConfig, run_sweep, "train SAEs of several kinds and k from one activation cache, evaluate "
+                     "them beside random controls, and compare them in one table and plot"),
     "plan": Command(PlanConfig, run_plan, "memory and time estimates for training all layers of a model"),
     "models": Command(ModelsConfig, run_models, "built-in models, the default corpus, and where they are cached"),
 }

@@ -20,7 +20,7 @@ from saescope.api.behaviour import BehaviourStats, LanguageID, behaviour_stats, 
 from saescope.api.steer import steering
 from saescope.core.data.responses import responses
 from saescope.core.errors import SaescopeError
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 
 
 def degenerate_responses(lang: str = "en", *, shared_data: str | None = None) -> list[str]:
@@ -122,7 +122,7 @@ class SteerCheck:
 
 
 def verify_features(scope, layer: int, features: Sequence[int], prompts: Sequence[str], *, strengths: Sequence[float],
-                    control: TopKSAE, max_new_tokens: int = 96, language: str | None = None,
+                    control: SAE, max_new_tokens: int = 96, language: str | None = None,
                     progress: bool = True) -> list[SteerCheck]:
     """Generate on `prompts` unsteered, then with each feature's decoder direction added at each strength (both signs
     measure both ways), and with the `control` SAE's decoder rows of the same feature ids (random unit directions,

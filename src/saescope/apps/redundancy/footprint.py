@@ -28,7 +28,7 @@ from saescope.apps.redundancy.metrics import FeatureSets
 from saescope.core.data.benchmarks import Benchmark
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_bytes, atomic_write_json, read_json
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.schema import Field, check_record, escape
 from saescope.core.system import release_heap
 
@@ -54,7 +54,7 @@ def _to_sets(pooled: torch.Tensor, pool: str, k: int) -> list[np.ndarray]:
 
 
 def compute_footprints(scope: Scope, benchmarks: list[Benchmark], out: str | Path, *, sae_name: str,
-                       layers: list[int] | None = None, pool: str = "last", control: dict[int, TopKSAE] | None = None,
+                       layers: list[int] | None = None, pool: str = "last", control: dict[int, SAE] | None = None,
                        control_name: str | None = None, batch_size: int = 16, max_length: int = 512,
                        progress: bool = True) -> list[str]:
     """Footprint every benchmark on every layer (and with the control SAEs in the same LM pass) into `out`. Returns the

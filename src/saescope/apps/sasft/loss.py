@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from saescope.core.errors import SaescopeError
 from saescope.core.models import layer_hooks
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 
 
 @dataclass
@@ -43,8 +43,8 @@ class FeatureSuppression:
     """The auxiliary loss for one layer and a set of features. Use `watch(model)` around the training forward, then
     `loss(mask)` for lambda * L_reduce (a tensor in the graph) and `stats` for what to log."""
 
-    def __init__(self, sae: TopKSAE, *, layer: int, features: Sequence[int], lam: float,
-                 alpha: Tensor | None = None, control: TopKSAE | None = None):
+    def __init__(self, sae: SAE, *, layer: int, features: Sequence[int], lam: float,
+                 alpha: Tensor | None = None, control: SAE | None = None):
         features = [int(f) for f in features]
         if not features:
             raise SaescopeError("SASFT needs at least one feature to suppress")

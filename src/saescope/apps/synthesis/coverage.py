@@ -22,7 +22,7 @@ from saescope.api.rules import RuleSet, mine_rules
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_json, read_json, record_path, resolve_record_path
 from saescope.core.io import fingerprint
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.schema import Field, InputError, check_record, escape
 
 FORMAT = "saescope-feature-targets"
@@ -48,7 +48,7 @@ class TargetSet:
     def layers(self) -> list[int]:
         return sorted({t.layer for t in self.targets})
 
-    def check_saes(self, saes: dict[int, TopKSAE], sae_spec: str) -> None:
+    def check_saes(self, saes: dict[int, SAE], sae_spec: str) -> None:
         """Feature ids out of range are refused naming the target; recorded fingerprints must match."""
         for t in self.targets:
             if t.layer not in saes:

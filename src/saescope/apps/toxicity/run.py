@@ -36,7 +36,7 @@ from saescope.core.io import RunDir, load_saes
 from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import load_model
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.schema import REQUIRED, config_field, escape
 
 SPLITS = ("mine", "all")
@@ -112,7 +112,7 @@ def run_mine(cfg: MineConfig) -> MineResult:
     return MineResult(out, rules, side)
 
 
-def rules_saes(rules: RuleSet, sae: str | None, layers: list[int], origin: str) -> tuple[dict[int, TopKSAE], str]:
+def rules_saes(rules: RuleSet, sae: str | None, layers: list[int], origin: str) -> tuple[dict[int, SAE], str]:
     """The SAEs of `layers` (those of `sae` when given, else the ones the rules name), checked against the rules (model,
     fingerprints, feature ids) before any model is loaded; and where they are."""
     spec = sae or rules.sae

@@ -19,15 +19,15 @@ from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_json
 from saescope.core.io import RunDir, decoder_cos_to_init
 from saescope.core.models import LoadedModel
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 from saescope.core.train import TrainConfig, Trainer
 
 STUCK_COS = 0.9  # median decoder cosine to the initialisation above which an SAE has barely learned anything
 
 
-def stability_between(saes_a: dict[int, TopKSAE], saes_b: dict[int, TopKSAE], lm: LoadedModel | None, out: Path, *,
+def stability_between(saes_a: dict[int, SAE], saes_b: dict[int, SAE], lm: LoadedModel | None, out: Path, *,
                       data: str | None = None, text_column: str = "text", n_tokens: int = 16384,
-                      control: dict[int, TopKSAE] | None = None, labels: tuple[str, str] = ("A", "B")) -> dict:
+                      control: dict[int, SAE] | None = None, labels: tuple[str, str] = ("A", "B")) -> dict:
     """Stability of every shared layer (decoder matching; activation correlations when `lm` is given), and of A
     against `control` for chance, written to OUT as JSON and returned. `labels` name the two sets; when they are run
     folders, their decoders' distance from initialisation is recorded too, and a warning says when they barely moved."""
@@ -69,7 +69,7 @@ def train_seeds(cfg: TrainConfig | list[TrainConfig], n_seeds: int = 2, *, resum
     FIRST/trust/stability-seed-S.json). `resume` continues runs that have checkpoints. `on_trained(trainer, summary)`
     is called after each run (the command line prints there). Returns {other run's folder: stability result}."""
     configs = cfg if isinstance(cfg, list) else seed_configs(cfg, n_seeds)
-    runs: list[tuple[TrainConfig, dict[int, TopKSAE]]] = []  # each trainer (and its optimizer state) is dropped once saved
+    runs: list[tuple[TrainConfig, dict[int, SAE]]] = []  # each trainer (and its optimizer state) is dropped once saved
     lm = None
     for c in configs:
         trainer = Trainer(c, lm=lm)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saescope.core.errors import SaescopeError
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 
 THRESHOLDS = (0.5, 0.7, 0.9)
 
@@ -99,7 +99,7 @@ class ActivationMatch:
     freq_a: Tensor  # (n_a,) firing frequency on the sample
 
 
-def _sparse_codes(sae: TopKSAE, x: Tensor, chunk: int = 4096) -> Tensor:
+def _sparse_codes(sae: SAE, x: Tensor, chunk: int = 4096) -> Tensor:
     """(tokens, d_sae) sparse COO matrix of the SAE's codes."""
     rows, cols, vals = [], [], []
     for start in range(0, x.shape[0], chunk):
@@ -113,7 +113,7 @@ def _sparse_codes(sae: TopKSAE, x: Tensor, chunk: int = 4096) -> Tensor:
 
 
 @torch.no_grad()
-def activation_match(sae_a: TopKSAE, sae_b: TopKSAE, x: Tensor, assigned: Tensor, *, chunk: int = 1024) -> ActivationMatch:
+def activation_match(sae_a: SAE, sae_b: SAE, x: Tensor, assigned: Tensor, *, chunk: int = 1024) -> ActivationMatch:
     """Pearson correlations between A's and B's feature activations on the tokens x (tokens, d_model)."""
     n = x.shape[0]
     za, zb = _sparse_codes(sae_a, x), _sparse_codes(sae_b, x)
@@ -168,7 +168,7 @@ def shares(values: Tensor, mask: Tensor | None = None) -> dict[str, float]:
     return {str(t): float((v >= t).float().mean()) for t in THRESHOLDS}
 
 
-def stability_report(sae_a: TopKSAE, sae_b: TopKSAE, x: Tensor | None = None, *, n_unstable: int = 20) -> dict:
+def stability_report(sae_a: SAE, sae_b: SAE, x: Tensor | None = None, *, n_unstable: int = 20) -> dict:
     """Every stability figure for one layer, as a JSON-ready dict. x: activations for the correlations."""
     if (sae_a.cfg.d_model, sae_a.cfg.d_sae) != (sae_b.cfg.d_model, sae_b.cfg.d_sae):
         raise SaescopeError(f"SAEs of different shapes: (d_model, d_sae) {(sae_a.cfg.d_model, sae_a.cfg.d_sae)} vs "

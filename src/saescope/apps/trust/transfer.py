@@ -10,12 +10,12 @@ import math
 from saescope.api.evaluate import as_records, evaluate
 from saescope.api.scope import check_fit
 from saescope.core.models import LoadedModel
-from saescope.core.sae import TopKSAE
+from saescope.core.sae import SAE
 
 FIGURES = ("fvu", "l0", "dead_frac", "ce_recovered", "kl")
 
 
-def transfer_report(saes: dict[int, TopKSAE], source: LoadedModel, target: LoadedModel, *, n_shifted: int = 10,
+def transfer_report(saes: dict[int, SAE], source: LoadedModel, target: LoadedModel, *, n_shifted: int = 10,
                     **eval_kw) -> dict:
     """Evaluate `saes` on the model they were trained on (`source`) and on `target`, on the same held-out text."""
     for lm in (source, target):

@@ -20,6 +20,22 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SaescopeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise SaescopeError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaescopeError(f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SaescopeError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def parse_dtype(name: str | torch.dtype, device: str | None = None) -> torch.dtype:
     """A dtype or its name. `auto` is a language model's fast dtype where it runs: bf16 on GPU, and on CPU bf16 only
     where this CPU multiplies bf16 measurably faster than fp32 (saescope.core.system.cpu_lm_dtype), else fp32."""

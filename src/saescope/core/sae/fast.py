@@ -32,11 +32,14 @@ class LatentGroups:
     d_sae bags. Several times faster than a dense scatter + matmul or index_add on CPU, never builds
     tokens x d_sae, and free of atomics (a resumed CUDA run repeats the same sums)."""
 
-    def __init__(self, indices: Tensor, d_sae: int):
-        n_tokens, k = indices.shape
+    def __init__(self, indices: Tensor, d_sae: int, tokens: Tensor | None = None):
+        """`indices` (tokens, k); or a ragged code's (pairs,) latents with `tokens` (pairs,) saying whose each is."""
         flat = indices.reshape(-1)
         self.order = torch.argsort(flat)
-        self.token_of_pair = torch.div(self.order, k, rounding_mode="floor")
+        if tokens is None:
+            self.token_of_pair = torch.div(self.order, indices.shape[1], rounding_mode="floor")
+        else:
+            self.token_of_pair = tokens[self.order]
         # index_add of integer ones, not bincount: bincount syncs with the host on CUDA to size its output.
         counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device).index_add_(0, flat, torch.ones_like(flat))
         self.offsets = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
@@ -50,6 +53,28 @@ class LatentGroups:
     def sum(self, weights: Tensor) -> Tensor:
         """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s]; (d_sae,)."""
         return torch.segment_reduce(weights.reshape(-1)[self.order], "sum", offsets=self.offsets)
+
+
+class Ragged(NamedTuple):
+    """The nonzero entries of a padded (tokens, width) code, flattened: what a code whose width is its widest token's
+    (a threshold or batch selection: most entries zero) costs to decode and differentiate, without the padding."""
+
+    mask: Tensor  # (tokens, width) bool: the entries kept
+    latents: Tensor  # (pairs,)
+    tokens: Tensor  # (pairs,) the token of each pair
+    offsets: Tensor  # (tokens,) where each token's pairs start
+
+    @staticmethod
+    def of(indices: Tensor, keep: Tensor) -> Ragged:
+        counts = keep.sum(1)
+        offsets = torch.zeros_like(counts)
+        torch.cumsum(counts[:-1], 0, out=offsets[1:])
+        tokens = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+        return Ragged(keep, indices[keep], tokens, offsets)
+
+    def bags(self, weights: Tensor, table: Tensor) -> Tensor:
+        """(tokens, d) = per token, sum over its pairs of weights[pair] * table[latent of pair]."""
+        return F.embedding_bag(self.latents, table, self.offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
 def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
@@ -133,19 +158,23 @@ class _EncodeOptions:
     k_aux: int
     workspace: Workspace | None
     with_groups: bool
+    per_batch: bool = False  # BatchTopK: the k x tokens largest of the whole batch, not k per token
+    rows: Tensor | None = None  # with per_batch: the tokens that take part (the others fire nothing)
 
 
 def fused_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, *, k: int, compute_dtype: torch.dtype,
                       dead: Tensor | None = None, k_aux: int = 0, workspace: Workspace | None = None,
-                      with_groups: bool = False) -> Encoding:
+                      with_groups: bool = False, per_batch: bool = False, rows: Tensor | None = None) -> Encoding:
     """values, indices = TopK_k(ReLU(x @ W_enc.T + b_enc)), and the top k_aux pre-activations among the
     `dead` latents (AuxK) from the same matmul; differentiable in x, W_enc and b_enc.
 
     The matmul and top-k run in `compute_dtype`, the values and gradients in W_enc's dtype. `workspace`
     holds the pre-activations between calls. `with_groups` (a training forward that will be
-    differentiated) builds the grouping of the selected latents once, for both weight gradients.
+    differentiated) builds the grouping of the selected latents once, for both weight gradients. `per_batch` selects
+    BatchTopK's k x tokens largest ReLU'd pre-activations of the whole batch instead (a token's width is then the
+    widest token's, padded with zero values; see batch_top_k), among the tokens `rows` (bool) when given.
     """
-    options = _EncodeOptions(k, compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, with_groups)
+    options = _EncodeOptions(k, compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, with_groups, per_batch, rows)
     return Encoding(*_TopKEncode.apply(x, W_enc, b_enc, options))
 
 
@@ -162,7 +191,8 @@ class _TopKEncode(torch.autograd.Function):
         # The grouping serves both weight gradients: built here, once, and returned for the decoder (an
         # argsort of tokens x k). needs_input_grad cannot tell whether it is wanted: it is True under
         # no_grad too, and forward itself runs without grad; hence the caller's `with_groups`.
-        ctx.groups = LatentGroups(indices, W_enc.shape[0]) if o.with_groups and indices.dim() == 2 else None
+        ctx.ragged = o.per_batch and indices.dim() == 2
+        ctx.groups = LatentGroups(indices, W_enc.shape[0]) if o.with_groups and indices.dim() == 2 and not ctx.ragged else None
         return values, indices, aux_values, aux_indices, ctx.groups
 
     @staticmethod
@@ -170,6 +200,16 @@ class _TopKEncode(torch.autograd.Function):
         x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
         idx = torch.cat([indices, aux_indices], dim=1)
         grad = torch.cat([grad_values * (values > 0), grad_aux * (aux_values > 0)], dim=1).to(W_enc.dtype)
+        if ctx.ragged:  # a batch selection pads every token to the widest: sum over the firing pairs only
+            pairs = Ragged.of(idx, grad != 0)
+            g = grad[pairs.mask]
+            grad_x = pairs.bags(g, W_enc).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_W = grad_b = None
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                groups = LatentGroups(pairs.latents, W_enc.shape[0], tokens=pairs.tokens)
+                grad_W = groups.weighted_sum(g, x.to(W_enc.dtype))
+                grad_b = groups.sum(g)
+            return grad_x, grad_W, grad_b, None
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, W_enc, mode="sum", per_sample_weights=grad).to(x.dtype)
@@ -190,12 +230,23 @@ def _plain_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) ->
     else:
         out = o.workspace.pre_activations(x.shape[0], W_enc.shape[0], o.compute_dtype, x.device)
         pre = torch.mm(xc, Wc.T, out=out) if fused else torch.addmm(bc, xc, Wc.T, out=out)
-    # top-k before ReLU selects the same latents as ReLU then top-k; ReLU on k values is cheaper.
-    values, indices = top_k(pre, o.k, bias=bc if fused else None)
-    values = values.to(W_enc.dtype).clamp_min_(0)
+    if o.per_batch:
+        if fused:  # the batch's selection compares every token's values: the bias goes in first
+            pre = pre.add_(bc)
+        if o.rows is None:
+            values, indices = batch_top_k(pre, o.k * pre.shape[0])
+        else:
+            values, indices = batch_top_k(pre.masked_fill(~o.rows[:, None], float("-inf")), o.k * int(o.rows.sum()))
+        values = values.to(W_enc.dtype)
+        aux_bias = torch.zeros_like(bc)  # the bias is in pre already
+    else:
+        # top-k before ReLU selects the same latents as ReLU then top-k; ReLU on k values is cheaper.
+        values, indices = top_k(pre, o.k, bias=bc if fused else None)
+        values = values.to(W_enc.dtype).clamp_min_(0)
+        aux_bias = bc if fused else None
     if o.dead is not None:
-        if fused:
-            aux_values, aux_indices = top_k(pre, o.k_aux, bias=bc.masked_fill(~o.dead, float("-inf")))
+        if aux_bias is not None:
+            aux_values, aux_indices = top_k(pre, o.k_aux, bias=aux_bias.masked_fill(~o.dead, float("-inf")))
         else:
             aux_values, aux_indices = top_k(pre.masked_fill_(~o.dead, float("-inf")), o.k_aux)
         aux_values = aux_values.to(W_enc.dtype).clamp_min_(0)
@@ -222,6 +273,49 @@ def screens(device: torch.device, compute_dtype: torch.dtype) -> bool:
         _SCREEN_PAYS[forced] = (forced not in ("fp32", "float32") and fused_top_k_available(device, torch.float32)
                                 and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
     return _SCREEN_PAYS[forced]
+
+
+def batch_top_k(pre: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK's selection (Bussmann et al. 2024): the `total` largest positive entries of pre (tokens, d) over the
+    whole batch, as each token's (values, columns), padded with zero values to the widest token's count. Exact: each
+    token's m largest are the candidates (m = 4 x total / tokens at first); while some token's every candidate is in
+    the batch's selection (it might have more), m grows fourfold, up to d."""
+    n, d = pre.shape
+    m = min(d, 4 * max(1, -(-total // max(n, 1))))
+    while True:
+        cand_vals, cand_idx = top_k(pre, m)
+        picked = select_from_candidates(cand_vals, cand_idx, total, complete=m == d)
+        if picked is not None:
+            return picked
+        m = min(d, 4 * m)
+
+
+def select_from_candidates(cand_vals: Tensor, cand_idx: Tensor, total: int, *,
+                           complete: bool) -> tuple[Tensor, Tensor] | None:
+    """The batch's `total` largest positive entries among each token's candidates (its largest entries: values and
+    columns, (tokens, m)), padded with zero values to the widest token; None when a token's every candidate was
+    selected and the candidates are not `complete` (its next entries might belong to the selection too)."""
+    n = cand_vals.shape[0]
+    if total <= 0 or n == 0:
+        return cand_vals.new_zeros(n, 1), torch.zeros(n, 1, dtype=torch.long, device=cand_vals.device)
+    flat = cand_vals.reshape(-1)
+    threshold = flat.kthvalue(flat.numel() - min(total, flat.numel()) + 1).values
+    if not complete and bool((cand_vals.min(1).values >= threshold).any()):
+        return None
+    keep = (cand_vals >= threshold) & (cand_vals > 0)
+    width = max(1, int(keep.sum(1).max()))
+    vals, pick = cand_vals.masked_fill(~keep, float("-inf")).topk(width, dim=1, sorted=False)
+    return vals.clamp_min(0), cand_idx.gather(1, pick)  # -inf (not kept) becomes a zero value
+
+
+def threshold_code(pre: Tensor, threshold: Tensor | float) -> tuple[Tensor, Tensor]:
+    """The latents of each row of pre (tokens, d) whose pre-activation exceeds the threshold (a number, or one per
+    latent), as (values, columns) padded with zero values to the widest row's count."""
+    over = pre - threshold if isinstance(threshold, float) or threshold.dim() == 0 else pre - threshold[None, :]
+    width = max(1, int((over > 0).sum(1).max()))
+    margin, cols = top_k(over.contiguous(), width)
+    vals = pre.gather(1, cols)
+    return torch.where(margin > 0, vals, torch.zeros_like(vals)).clamp_min(0), cols
 
 
 def shortlist_rerank(approx: Tensor, x: Tensor, W: Tensor, bias: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
@@ -251,7 +345,10 @@ def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions)
         pre = o.workspace.pre_activations(n, d_sae, torch.float32, x.device).copy_(pre16)
     else:
         pre = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T).float()
-    values, indices = shortlist_rerank(pre, xf, Wf, bf, o.k, o.k + max(1, round(o.k * SCREEN_MARGIN)))
+    if o.per_batch:
+        values, indices = _screened_batch_top_k(pre, xf, Wf, bf, o)
+    else:
+        values, indices = shortlist_rerank(pre, xf, Wf, bf, o.k, o.k + max(1, round(o.k * SCREEN_MARGIN)))
     values = values.to(W_enc.dtype).clamp_min_(0)
     if o.dead is not None:
         aux_values, aux_indices = top_k(pre, o.k_aux, bias=bf.masked_fill(~o.dead, float("-inf")))
@@ -259,6 +356,32 @@ def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions)
     else:
         aux_values, aux_indices = values.new_zeros(n, 0), indices.new_zeros(n, 0)
     return values, indices, aux_values, aux_indices
+
+
+def _screened_batch_top_k(pre: Tensor, x: Tensor, W: Tensor, bias: Tensor, o: _EncodeOptions) -> tuple[Tensor, Tensor]:
+    """BatchTopK's selection on the bf16 screen: each token's 2k largest, exact, are the candidates. A token whose every
+    candidate is in the batch's selection (it might hold more: a few per batch, up to 7k on real activations) gets all
+    its pre-activations in fp32 instead; one such round is enough, since more candidates only raise the batch's
+    threshold (and a token not saturated under the first cannot be under the second)."""
+    n, d_sae = pre.shape
+    m = min(d_sae, 2 * o.k)
+    values, indices = shortlist_rerank(pre, x, W, bias, m, min(d_sae, m + max(1, round(m * SCREEN_MARGIN))))
+    if o.rows is not None:
+        values = values.masked_fill(~o.rows[:, None], float("-inf"))
+    total = o.k * (n if o.rows is None else int(o.rows.sum()))
+    if total <= 0 or n == 0:
+        return values.new_zeros(n, 1), torch.zeros(n, 1, dtype=torch.long, device=values.device)
+    flat = values.reshape(-1)
+    threshold = flat.kthvalue(flat.numel() - min(total, flat.numel()) + 1).values
+    saturated = (values.min(1).values >= threshold).nonzero()[:, 0] if m < d_sae else values.new_zeros(0, dtype=torch.long)
+    if len(saturated):
+        full = torch.addmm(bias, x[saturated], W.T)
+        width = max(m, int((full >= threshold).sum(1).max()))
+        full_values, full_indices = full.topk(width, dim=1, sorted=False)
+        values = F.pad(values, (0, width - m), value=float("-inf"))
+        indices = F.pad(indices, (0, width - m))
+        values[saturated], indices[saturated] = full_values, full_indices
+    return select_from_candidates(values, indices, total, complete=True)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -292,10 +415,15 @@ class _SparseDecode(torch.autograd.Function):
         return None, grad_values, grad_W, None
 
 
-def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: LatentGroups | None = None) -> Tensor:
+def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: LatentGroups | None = None, *,
+                  ragged: bool = False, live: Tensor | None = None) -> Tensor:
     """(n, k) latents and their values -> (n, d_model), without the bias; `groups` of these indices, when
-    already built, save the backward an argsort."""
+    already built, save the backward an argsort. `ragged`: a code padded with zero values to its widest token (a
+    threshold or batch selection) is decoded from its nonzero entries alone (or its `live` ones, when given)."""
     values = values.to(W_dec.dtype)
+    if ragged and indices.dim() == 2 and indices.shape[0] > 0:
+        pairs = Ragged.of(indices, values.detach() != 0 if live is None else live)
+        return pairs.bags(values[pairs.mask], W_dec)
     if W_dec.device.type != "cpu" or indices.shape[-1] == 0:  # the grouped backward is measured faster on CPU only; GPUs keep torch's
         return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
     return _SparseDecode.apply(indices, values, W_dec, groups)

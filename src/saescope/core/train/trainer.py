@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saescope.core.activation_cache import ActivationSource, open_activations
 from saescope.core.activations import OutlierFilter
 from saescope.core.data import batches, iter_texts
 from saescope.core.errors import ParamError, SaescopeError
@@ -35,11 +36,11 @@ from saescope.core.io.formats import load_native
 from saescope.core.io.lock import RunLock
 from saescope.core.models import LoadedModel, capture, load_model
 from saescope.core.models.builtin import DEFAULT_MODEL
-from saescope.core.models.load import DTYPE_NAMES
-from saescope.core.sae import SAEConfig, TopKSAE, Workspace, default_lr
+from saescope.core.models.load import DTYPE_NAMES, resolve_device
+from saescope.core.sae import SAE, SAEConfig, Workspace, default_lr, make_sae
 from saescope.core.sae.cpu_kernels import kernels
 from saescope.core.schema import Field, check_record, escape
-from saescope.core.train.config import TrainConfig, budget_lr, buffer_steps, parse_layers
+from saescope.core.train.config import SOFT_FROZEN_COS, TrainConfig, budget_lr, buffer_steps, parse_layers
 
 
 def _write_error(exc: BaseException, folder: Path) -> str:
@@ -52,22 +53,6 @@ def _write_error(exc: BaseException, folder: Path) -> str:
     except OSError:
         pass
     return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise SaescopeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise SaescopeError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SaescopeError(f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SaescopeError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device, *, lm: bool = False) -> torch.dtype:
@@ -93,7 +78,7 @@ class LayerState:
     """One layer's SAE, optimizer and counters. Counters live on the SAE's device so that a step
     needs no host sync; they are read on the host only when logging or checkpointing."""
 
-    sae: TopKSAE
+    sae: SAE
     opt: torch.optim.Optimizer
     since_fired: Tensor  # tokens since each latent last fired
     norm_filter: OutlierFilter  # the L2-norm outlier filter, with its running median
@@ -101,6 +86,7 @@ class LayerState:
     dropped: Tensor | None = None  # tokens removed by the outlier filter
     nonfinite_batches: int = 0
     acc: Tensor | None = None  # running sums since the last log line: fvu, auxk, l0, steps
+    init_rows: Tensor | None = None  # a decoder control's initial decoder (frozen at it, or held near it)
 
 
 class Distributed:
@@ -155,16 +141,24 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.on and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.lm = lm or load_model(cfg.model, dtype=self._lm_dtype(), device=str(self.device),
-                                   device_map=cfg.model_device_map, load_in_8bit=cfg.load_in_8bit)
-        if cfg.model_dtype == "auto":  # recorded in train.json: a resume (on any machine) reads what this run read
-            cfg.model_dtype = DTYPE_NAMES.get(self.lm.dtype, cfg.model_dtype)
+        self.source: ActivationSource | None = None
+        self.lm: LoadedModel | None = None
+        if cfg.activations is not None:  # no language model: its activations are on disk
+            self.source = self._open_source()
+            self.d_model = self.source.d_model
+            self.all_layers = self._source_layers()
+        else:
+            self.lm = lm or load_model(cfg.model, dtype=self._lm_dtype(), device=str(self.device),
+                                       device_map=cfg.model_device_map, load_in_8bit=cfg.load_in_8bit)
+            if cfg.model_dtype == "auto":  # recorded in train.json: a resume (on any machine) reads what this run read
+                cfg.model_dtype = DTYPE_NAMES.get(self.lm.dtype, cfg.model_dtype)
+            self.d_model = self.lm.d_model
+            self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
         self.compute_dtype = resolve_dtype(cfg.sae_dtype, self.device)
-        self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
         # Layer sharding: rank r owns every world-th layer; in dp mode every rank owns all.
         shard = self.dist.on and distributed == "layers"
         self.layers = self.all_layers[self.dist.rank :: self.dist.world] if shard else self.all_layers
-        self.d_sae, self.k = cfg.width_and_k(self.lm.d_model)
+        self.d_sae, self.k = cfg.width_and_k(self.d_model)
         self.run = RunDir(cfg.out)
         self.out = self.run.path
         self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
@@ -182,7 +176,7 @@ class Trainer:
         if self.device.type == "cpu":
             kernels()  # a first build (~15 s) says so before the progress bar starts, not inside it
         for n in self.layers:
-            sae = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k), device=self.device)
+            sae = self._new_sae(device=self.device)
             sae.init_tied(self._init_generator(n))
             self.states[n] = self._layer_state(sae)
         if cfg.decoder_init == "data":  # a resumed run overwrites these weights from its checkpoint
@@ -192,6 +186,56 @@ class Trainer:
                     # Data rows are far from orthogonal: a token's k nearest rows all point its way, and a tied
                     # encoder would decode it k times over (FVU ~70 at step 0). 1/k keeps the ranking and the scale.
                     self.states[n].sae.W_enc.copy_(rows.to(self.device) / self.k)
+        if cfg.decoder != "trained":  # a control: the initial decoder is the reference it stays at (or near)
+            for st in self.states.values():
+                st.init_rows = st.sae.W_dec.detach().clone()
+                st.sae.meta["control"] = {"kind": f"{cfg.decoder}-decoder" if cfg.decoder == "frozen" else cfg.decoder,
+                                          "seed": cfg.seed}
+
+    def _new_sae(self, **kw) -> SAE:
+        return make_sae(SAEConfig(self.d_model, self.d_sae, self.k, kind=self.cfg.arch), **self.cfg.sae_options(), **kw)
+
+    def _open_source(self) -> ActivationSource:
+        """The cached activations of cfg.activations, checked against what the run asks for; cfg then records the
+        cache's model and data (what the SAEs are of, and what an evaluation reads)."""
+        cfg = self.cfg
+        path = Path(cfg.activations)
+        layer = None
+        if path.is_file():
+            asked = parse_layers(cfg.layers, None) if cfg.layers not in (None, "all") else [0]
+            if len(asked) != 1:
+                raise ParamError(f"{escape(str(path))} holds one layer's activations: give {{}} as one layer number", "layers")
+            layer = asked[0]
+        source = open_activations(path, layer=layer)
+        info = source.info
+        if source.model is not None:
+            if cfg.model is not None and cfg.model != source.model:
+                raise ParamError(f"{escape(str(path))} caches {escape(source.model)}, not {escape(cfg.model)}: leave out {{}} "
+                                 "or cache that model", "model")
+            cfg.model = source.model
+        if info:
+            if cfg.skip_first_token and not info["skip_first_token"]:
+                raise ParamError(f"{escape(str(path))} kept every sequence's first token; cache with {{}} to leave it out",
+                                 "skip_first_token")
+            if cfg.data is not None and cfg.data != info["data"]:
+                raise ParamError(f"{escape(str(path))} caches data {escape(str(info['data']))}, not {escape(cfg.data)}: "
+                                 "leave out {}", "data")
+            cfg.data, cfg.text_column, cfg.skip_first_token = info["data"], info["text_column"], info["skip_first_token"]
+            cfg.model_dtype = info["model_dtype"]
+        if cfg.max_tokens > source.n_tokens:
+            warnings.warn(f"{cfg.max_tokens} training tokens from {source.n_tokens} cached: "
+                          f"{cfg.max_tokens / source.n_tokens:.1f} passes over the cache", stacklevel=3)
+        return source
+
+    def _source_layers(self) -> list[int]:
+        have = self.source.layers
+        if self.cfg.layers in (None, "all"):
+            return have
+        asked = parse_layers(self.cfg.layers, None)
+        if missing := [n for n in asked if n not in have]:
+            raise ParamError(f"{escape(self.source.origin)} holds layers {escape(','.join(map(str, have)))}, not layer "
+                             f"{missing[0]}: give {{}} among them or cache that layer", "layers")
+        return asked
 
     def _lm_dtype(self) -> torch.dtype:
         """The LM's dtype; `auto` on CPU is a timing, so under torchrun rank 0's choice is every rank's (ranks
@@ -209,7 +253,7 @@ class Trainer:
 
     def _random_rows(self, n: int) -> Tensor:
         """Layer n's random initial decoder rows (the tied init of Gao et al.), regenerated from the seed."""
-        init = TopKSAE(SAEConfig(self.lm.d_model, self.d_sae, self.k))
+        init = self._new_sae()
         init.init_tied(self._init_generator(n))
         return init.W_dec.detach()
 
@@ -219,9 +263,16 @@ class Trainer:
         in a seeded order; random rows fill in if the sample is short. The same rows every time they are asked for."""
         from saescope.core.activations import sample_activations
 
-        acts = sample_activations(self.lm, self.layers, data=self.cfg.data, text_column=self.cfg.text_column,
-                                  n_tokens=self.d_sae, ctx_len=self.cfg.ctx_len, outlier_factor=self.cfg.outlier_factor,
-                                  split="train", desc="activations for the decoder init")
+        if self.source is not None:  # the first d_sae tokens of the run's first pass, the outlier filter applied
+            index = self.source.positions(self._data_seed(), 0, min(self.d_sae, self.source.n_tokens))
+            acts = {}
+            for n in self.layers:
+                x = self.source.rows(n, index)
+                acts[n] = x[OutlierFilter(self.cfg.outlier_factor).keep(x)]
+        else:
+            acts = sample_activations(self.lm, self.layers, data=self.cfg.data, text_column=self.cfg.text_column,
+                                      n_tokens=self.d_sae, ctx_len=self.cfg.ctx_len, outlier_factor=self.cfg.outlier_factor,
+                                      split="train", desc="activations for the decoder init")
         rows = {}
         for n, x in acts.items():
             x = x - x.mean(0)
@@ -243,17 +294,21 @@ class Trainer:
             init_rows = self._random_rows(n)
         return float((init_rows * self.states[n].sae.W_dec.detach().float().cpu()).sum(1).median())
 
-    def _layer_state(self, sae: TopKSAE) -> LayerState:
+    def _layer_state(self, sae: SAE) -> LayerState:
         sae.compute_dtype = self.compute_dtype
         sae.meta = {"model": self.cfg.model or DEFAULT_MODEL, "hook": "decoder layer output",
                     "trained_by": "saescope"}
         # Fused Adam: one pass over each tensor instead of a dozen. On GPU it saves launches; on CPU it is 4.7x
         # faster than the foreach default (6.4 vs 29.9 ms per step for a 576 x 9216 SAE, 2 threads), which at
         # 30 layers was a fifth of the step. Devices without a fused kernel keep the default.
+        groups = sae.optimizer_groups()
+        if self.cfg.decoder == "frozen":  # the frozen-decoder control: W_dec is never stepped
+            sae.W_dec.requires_grad_(False)
+            groups = [{**g, "params": [p for p in g["params"] if p is not sae.W_dec]} for g in groups]
         try:
-            opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, fused=self.device.type in ("cuda", "cpu"))
+            opt = torch.optim.Adam(groups, lr=self.base_lr, fused=self.device.type in ("cuda", "cpu"))
         except (RuntimeError, TypeError):
-            opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
+            opt = torch.optim.Adam(groups, lr=self.base_lr)
         dev = self.device
         return LayerState(sae, opt, since_fired=torch.zeros(self.d_sae, dtype=torch.long, device=dev),
                           norm_filter=OutlierFilter(self.cfg.outlier_factor, dev),
@@ -273,17 +328,10 @@ class Trainer:
         rank alike), so the layer sits out a step. With more than one batch, each layer's tokens are shuffled across
         the window (seeded by the run's data seed, the window's first step and the layer, so a resumed run draws the
         same, and a layer draws the same whichever other layers train). The captured batches are emptied."""
-        finite = torch.stack([torch.isfinite(acts[n]).all().to(self.device) for acts in captured for n in self.layers]).long()
-        if self.dist.dp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        ok = torch.tensor(finite.tolist()).reshape(len(captured), len(self.layers)).bool()
-        seed = self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
+        ok = torch.tensor(self._finite(captured), dtype=torch.bool)
+        seed = self._data_seed()
         pools: dict[int, tuple[Tensor, Tensor | None, int]] = {}
         for i, n in enumerate(self.layers):
-            st = self.states[n]
-            for _ in range(int((~ok[:, i]).sum())):
-                st.nonfinite_batches += 1
-                warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=3)
             # popped: the window is held once, as the layers' pools, not also as the captured batches
             rows = [self._tokens(acts.pop(n)) for acts in captured]
             rows = [r for r, good in zip(rows, ok[:, i].tolist()) if good]
@@ -330,24 +378,39 @@ class Trainer:
         n_tokens = self.dist.sum_(w.sum())
         s1 = self.dist.sum_((x * w[:, None]).sum(0))
         if self.step == 0:
-            # b_dec from the data: the mean of the first batch's kept tokens (over all ranks).
+            # b_dec from the data: the mean of the first batch's kept tokens (over all ranks); a kind's own start too.
             sae.init_b_dec((s1 / n_tokens.clamp_min(1))[None])
+            sae.init_from_batch(x[keep])
+            if self.dist.dp:  # every rank holds the same SAE: rank 0's start is everyone's
+                for t in _own_tensors(sae):
+                    dist.broadcast(t, src=0)
         # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
         s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
         variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
         dead = st.since_fired >= self.cfg.dead_tokens if n_dead else None
         out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance, workspace=self.workspace)
         loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
+        if out.extra is not None:
+            loss = loss + out.extra
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.dist.dp:
             for p in sae.parameters():
-                dist.all_reduce(p.grad)
+                if p.grad is not None:  # a frozen decoder has none
+                    dist.all_reduce(p.grad)
         sae.remove_parallel_decoder_grad()
         for group in st.opt.param_groups:
-            group["lr"] = self.base_lr * self.lr_scale()
+            group["lr"] = self.base_lr * group.get("lr_scale", 1.0) * self.lr_scale()
         st.opt.step()
-        sae.normalize_decoder()
+        if self.cfg.decoder != "frozen":  # (a frozen decoder's rows are unit already: renormalising would only round)
+            sae.normalize_decoder()
+        if self.cfg.decoder == "soft-frozen":
+            hold_near(sae.W_dec, st.init_rows, SOFT_FROZEN_COS)
+        sae.after_step(out.code, keep)
+        if self.dist.dp:  # a running estimate (BatchTopK's threshold) from each rank's batch: their mean, like the gradients
+            for t in sae.buffers():
+                dist.all_reduce(t)
+                t.div_(self.dist.world)
         with torch.no_grad():
             active = (out.code.values > 0) & keep[:, None]
             fired = torch.zeros(self.d_sae, dtype=torch.long, device=x.device)
@@ -408,54 +471,29 @@ class Trainer:
         if self.dist.rank == 0 and self.step == 0:  # a fresh start (or a restart before the first checkpoint)
             self.run.train_log.unlink(missing_ok=True)
         tokens_per_step, total_steps = self.tokens_per_step, self.total_steps
-        stream = batches(iter_texts(cfg.data, text_column=cfg.text_column), self.lm.tokenizer, ctx_len=cfg.ctx_len,
-                         batch_size=cfg.batch_size, seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
-                         shuffle_buffer=cfg.shuffle_buffer,
-                         skip=self.batches_done)
         bar = tqdm(total=total_steps * tokens_per_step, initial=self.tokens, unit="tok", unit_scale=True,
                    desc=f"train {len(self.layers)} layers", disable=self.dist.rank != 0, dynamic_ncols=True)
         log = open(self.run.train_log, "a") if self.dist.rank == 0 else None
         started, steps_run = time.perf_counter(), 0
         last_log_t, last_log_tokens = started, self.tokens
-        window = buffer_steps(cfg.activation_buffer, cfg.batch_size * cfg.ctx_len)
-        data = iter(stream)
+        steps = self._lm_steps(stop_after_steps) if self.source is None else self._cached_steps(stop_after_steps)
         try:
-            while self.step < total_steps and (stop_after_steps is None or steps_run < stop_after_steps):
-                # A window ends at the next checkpoint, so a run resumed from one draws the windows it would have
-                # (stop_after_steps and a resume with another --checkpoint-every move the windows: same data, other draws).
-                size = min(window, total_steps - self.step, cfg.checkpoint_every - self.step % cfg.checkpoint_every)
-                if stop_after_steps is not None:
-                    size = min(size, stop_after_steps - steps_run)
-                captured = []
-                while len(captured) < size:
-                    batch = next(data, None)
-                    if batch is None:
-                        break
-                    self.batches_done += 1
-                    if self.dist.dp and (self.batches_done - 1) % self.dist.world != self.dist.rank:
-                        continue
-                    captured.append(capture(self.lm.model, batch.to(self.lm.device), self.layers))
-                # Where the data ends, a rank may hold one batch more than another: every step's reductions need all
-                # ranks, so each trains on as many batches as the rank with fewest (one without any ends them all).
-                captured = captured[: self.dist.fewest(len(captured), self.device)]
-                if not captured:
-                    break
-                for xs in self._window(captured):
-                    self._train_step(xs)
-                    self.step += 1
-                    steps_run += 1
-                    self.tokens += tokens_per_step
-                    bar.update(tokens_per_step)
-                    if self.step % cfg.log_every == 0 or self.step == total_steps:
-                        now = time.perf_counter()
-                        rec = self._log_record((self.tokens - last_log_tokens) / max(now - last_log_t, 1e-9), now - started)
-                        last_log_t, last_log_tokens = now, self.tokens
-                        if log:
-                            log.write(json.dumps(rec) + "\n")
-                            log.flush()
-                        mean_fvu = sum(v["fvu"] for v in rec["layers"].values()) / max(len(rec["layers"]), 1)
-                        bar.set_postfix(fvu=f"{mean_fvu:.3f}", step=self.step)
-                del captured
+            for xs in steps:
+                self._train_step(xs)
+                self.step += 1
+                steps_run += 1
+                self.tokens += tokens_per_step
+                bar.update(tokens_per_step)
+                if self.step % cfg.log_every == 0 or self.step == total_steps:
+                    now = time.perf_counter()
+                    rec = self._log_record((self.tokens - last_log_tokens) / max(now - last_log_t, 1e-9), now - started)
+                    last_log_t, last_log_tokens = now, self.tokens
+                    if log:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    mean_fvu = sum(v["fvu"] for v in rec["layers"].values()) / max(len(rec["layers"]), 1)
+                    bar.set_postfix(fvu=f"{mean_fvu:.3f}", step=self.step)
+                # A window of LM batches ends at a checkpoint (see _lm_steps), so this is always between windows.
                 if self.step % cfg.checkpoint_every == 0 and self.step < total_steps:
                     self.save_checkpoint()
         finally:
@@ -472,7 +510,7 @@ class Trainer:
                                                                        "no checkpoint was kept"), *(["resume"] if latest else []))
         elapsed = time.perf_counter() - started
         summary = {"steps": self.step, "tokens": self.tokens, "elapsed_s": elapsed,
-                   "model_dtype": str(self.lm.dtype).removeprefix("torch."),
+                   "model_dtype": str(self.lm.dtype).removeprefix("torch.") if self.lm else self.cfg.model_dtype,
                    "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
                    "layers": {n: {"dropped": int(st.dropped), "seen": int(st.seen), "nonfinite_batches": st.nonfinite_batches,
                                   "decoder_cos_to_init": self.decoder_cos_to_init(n)}
@@ -480,6 +518,71 @@ class Trainer:
         if self.dist.rank == 0:
             atomic_write_json(self.run.train_summary, summary)
         return summary
+
+    def _data_seed(self) -> int:
+        return self.cfg.seed if self.cfg.data_seed is None else self.cfg.data_seed
+
+    def _lm_steps(self, stop_after_steps: int | None) -> Iterator[dict[int, Tensor]]:
+        """Each step's rows from the language model: the LM runs a window of batches, whose tokens the steps then draw
+        from (see _window)."""
+        cfg = self.cfg
+        stream = batches(iter_texts(cfg.data, text_column=cfg.text_column), self.lm.tokenizer, ctx_len=cfg.ctx_len,
+                         batch_size=cfg.batch_size, seed=self._data_seed(), shuffle_buffer=cfg.shuffle_buffer,
+                         skip=self.batches_done)
+        window = buffer_steps(cfg.activation_buffer, cfg.batch_size * cfg.ctx_len)
+        data = iter(stream)
+        steps_run = 0
+        while self.step < self.total_steps and (stop_after_steps is None or steps_run < stop_after_steps):
+            # A window ends at the next checkpoint, so a run resumed from one draws the windows it would have
+            # (stop_after_steps and a resume with another --checkpoint-every move the windows: same data, other draws).
+            size = min(window, self.total_steps - self.step, cfg.checkpoint_every - self.step % cfg.checkpoint_every)
+            if stop_after_steps is not None:
+                size = min(size, stop_after_steps - steps_run)
+            captured = []
+            while len(captured) < size:
+                batch = next(data, None)
+                if batch is None:
+                    break
+                self.batches_done += 1
+                if self.dist.dp and (self.batches_done - 1) % self.dist.world != self.dist.rank:
+                    continue
+                captured.append(capture(self.lm.model, batch.to(self.lm.device), self.layers))
+            # Where the data ends, a rank may hold one batch more than another: every step's reductions need all
+            # ranks, so each trains on as many batches as the rank with fewest (one without any ends them all).
+            captured = captured[: self.dist.fewest(len(captured), self.device)]
+            if not captured:
+                return
+            for xs in self._window(captured):
+                steps_run += 1
+                yield xs
+
+    def _cached_steps(self, stop_after_steps: int | None) -> Iterator[dict[int, Tensor]]:
+        """Each step's rows from the activation cache: step s reads stream positions [s T, (s + 1) T) of the source's
+        seeded passes (saescope.core.activation_cache), in dp mode each rank its own part of them."""
+        per_rank = self.cfg.batch_size * self.cfg.ctx_len
+        steps_run = 0
+        while self.step < self.total_steps and (stop_after_steps is None or steps_run < stop_after_steps):
+            start = self.step * self.tokens_per_step + (self.dist.rank * per_rank if self.dist.dp else 0)
+            index = self.source.positions(self._data_seed(), start, per_rank)
+            xs = {n: self.source.rows(n, index) for n in self.layers}
+            ok = self._finite([xs])[0]
+            self.batches_done += self.dist.world if self.dist.dp else 1
+            steps_run += 1
+            yield {n: x for i, (n, x) in enumerate(xs.items()) if ok[i]}
+
+    def _finite(self, captured: list[dict[int, Tensor]]) -> list[list[bool]]:
+        """Per captured batch, per layer, whether its activations are finite (in dp mode: on every rank); a layer's
+        batch that is not is warned about and counted, and the layer sits it out."""
+        finite = torch.stack([torch.isfinite(acts[n]).all().to(self.device) for acts in captured for n in self.layers]).long()
+        if self.dist.dp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        ok = torch.tensor(finite.tolist()).reshape(len(captured), len(self.layers)).bool()
+        for i, n in enumerate(self.layers):
+            st = self.states[n]
+            for _ in range(int((~ok[:, i]).sum())):
+                st.nonfinite_batches += 1
+                warnings.warn(f"layer {n}: NaN/inf activations, batch skipped ({st.nonfinite_batches} so far)", stacklevel=4)
+        return ok.tolist()
 
     def _log_record(self, tok_per_s: float, elapsed: float) -> dict:
         layers = {}
@@ -531,7 +634,8 @@ class Trainer:
                      "rng": torch.get_rng_state(),
                      "layers": {n: {"opt": st.opt.state_dict(), "since_fired": st.since_fired.cpu(),
                                     "medians": st.norm_filter.medians.cpu(), "n_medians": st.norm_filter.count, "seen": int(st.seen),
-                                    "dropped": int(st.dropped), "nonfinite": st.nonfinite_batches}
+                                    "dropped": int(st.dropped), "nonfinite": st.nonfinite_batches,
+                                    "own": _own_state(st.sae)}
                                 for n, st in self.states.items()}}
             if writer:
                 torch.save(state, staging / f"state-rank{self.dist.rank}.pt")
@@ -596,9 +700,15 @@ class Trainer:
             s = state["layers"][n]
             if s["since_fired"].shape != st.since_fired.shape or s["medians"].shape != st.norm_filter.medians.shape:
                 raise SaescopeError(f"{path}: layer {n}'s counters do not match its SAE (d_sae {self.d_sae})")
+            own = s.get("own", {})
+            if set(own) != set(_own_state(st.sae)):
+                raise SaescopeError(f"{path}: layer {n}'s {st.sae.cfg.kind} state holds {sorted(own)}, expected "
+                                    f"{sorted(_own_state(st.sae))}")
             with torch.no_grad():
                 for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                     getattr(st.sae, name).copy_(getattr(sae, name))
+                for name, value in own.items():  # exact: a threshold as trained, not as its file rounds it
+                    getattr(st.sae, name).copy_(value)
             try:
                 st.opt.load_state_dict(s["opt"])
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -613,10 +723,35 @@ class Trainer:
         return True
 
 
+@torch.no_grad()
+def hold_near(W: Tensor, init: Tensor, min_cos: float) -> None:
+    """Rows of W (unit norm) whose cosine to their row of `init` (unit norm) fell below min_cos are moved back to exactly
+    min_cos, in the plane of the two: the soft-frozen decoder of Korznikov et al."""
+    cos = (W * init).sum(1)
+    low = cos < min_cos
+    if not bool(low.any()):
+        return
+    away = W[low] - cos[low, None] * init[low]
+    away = away / away.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    W[low] = min_cos * init[low] + (1 - min_cos**2) ** 0.5 * away
+
+
+def _own_tensors(sae: SAE) -> list[Tensor]:
+    """A kind's own parameters and buffers, sharing storage (written in place by a broadcast)."""
+    return [t.detach() for name, t in sae.state_dict(keep_vars=True).items() if name not in ("W_enc", "b_enc", "W_dec", "b_dec")]
+
+
+def _own_state(sae: SAE) -> dict[str, Tensor]:
+    """A kind's parameters and buffers beside the four weights (a log-threshold, a running threshold, a bandwidth), as
+    trained: the checkpoint keeps them exactly, for a resume that goes on bit for bit."""
+    return {name: t.detach().cpu().clone() for name, t in sae.state_dict().items() if name not in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+
 _STATE = {"step": Field(int, min=0), "batches_done": Field(int, min=0), "tokens": Field(int, min=0),
           "rng": Field(Tensor), "layers": Field(dict)}
 _LAYER_STATE = {"opt": Field(dict), "since_fired": Field(Tensor), "medians": Field(Tensor), "n_medians": Field(int, min=0),
-                "seen": Field(int, min=0), "dropped": Field(int, min=0), "nonfinite": Field(int, min=0)}
+                "seen": Field(int, min=0), "dropped": Field(int, min=0), "nonfinite": Field(int, min=0),
+                "own": Field(dict, required=False)}
 
 
 def _check_state(state: object, path: Path, checkpoint: str) -> None:
