@@ -64,6 +64,11 @@ def main() -> None:
             z, x_hat = code.dense(sae.cfg.d_sae), sae.decode(code)
         report[n] = {"kind": sae.cfg.kind, "saelens_class": theirs["cls"], "tokens": x.shape[0], "max_abs_diff_z": float((theirs["z"] - z).abs().max()),
                      "max_abs_diff_x_hat": float((theirs["x_hat"] - x_hat).abs().max()),
+                     # per token, relative to its largest reconstructed value: fp32 rounding on the attention-sink
+                     # token (|x_hat| ~ 1e5 at SmolLM2's layer 15) is large in absolute terms only
+                     "max_rel_diff_x_hat": float(((theirs["x_hat"] - x_hat).abs().amax(1)
+                                                  / x_hat.abs().amax(1).clamp_min(1.0)).max()),
+                     "max_abs_diff_x_hat_without_token_0": float((theirs["x_hat"] - x_hat)[1:].abs().max()),
                      "same_active_set": bool(((theirs["z"] > 0) == (z > 0)).all())}
         print(f"layer {n}: {report[n]}")
     print(json.dumps(report))

@@ -269,3 +269,32 @@ def test_n_tokens_below_one_batch_runs_only_the_sequences_it_asks_for(lm, data):
     saes = {n: TopKSAE(SAEConfig(d_model=D, d_sae=4 * D, k=8)) for n in LAYERS}
     _, seen = _evaluate_recording(lm, {"sae": saes}, data=data, n_tokens=64, ctx_len=32, batch_size=4)
     assert [tuple(ids.shape) for ids in seen] == [(2, 32)]  # 64 tokens: two sequences of 32, not a batch of 4
+
+
+def test_paired_margins_are_the_figures_differences_with_the_per_sequence_standard_error(lm, data):
+    """The per-sequence sums add up to the pooled figures, a margin is the two sets' figures' difference, its SE the
+    per-sequence differences' spread (computed here by hand), and a set against itself has margin 0 and SE 0."""
+    from saescope.api.evaluate import margin_words, paired_margins
+
+    sets = {"k4": random_saes(D, LAYERS, k=4, seed=3), "k16": random_saes(D, LAYERS, d_sae=256, k=16, seed=7)}
+    results = evaluate_sets(lm, sets, data=data, outlier_factor=1.0, **RUN)
+    for small, big in zip(results["k4"], results["k16"]):
+        seq = big.per_sequence
+        assert seq["sse"].numel() == 8  # two batches of 4 sequences
+        assert float(seq["sse"].sum() / seq["variance"]) == pytest.approx(big.fvu, rel=1e-6)
+        n_pred = 8 * 31
+        assert float(seq["ce_sae"].sum()) / n_pred == pytest.approx(big.ce_sae, rel=1e-6)
+        assert float(seq["ce_clean"].sum()) / n_pred == pytest.approx(big.ce_clean, rel=1e-6)
+        m = paired_margins(big, small)
+        assert m["fvu"] == pytest.approx(small.fvu - big.fvu, rel=1e-5, abs=1e-9)
+        assert m["ce_recovered"] == pytest.approx(big.ce_recovered - small.ce_recovered, rel=1e-4, abs=1e-7)
+        assert m["ce_recovered_mean"] == pytest.approx(big.ce_recovered_mean - small.ce_recovered_mean, rel=1e-4, abs=1e-7)
+        diff = (small.per_sequence["sse"] - seq["sse"]).tolist()
+        mean = sum(diff) / len(diff)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in diff) / (len(diff) - 1))
+        assert m["fvu_se"] == pytest.approx(math.sqrt(len(diff)) * sd / float(seq["variance"]), rel=1e-6)
+        assert m["sequences"] == 8
+        same = paired_margins(big, big)
+        assert all(same[key] == 0.0 for key in ("fvu", "fvu_se", "ce_recovered", "ce_recovered_se"))
+    assert margin_words(0.05, 0.01) == "earned" and margin_words(0.01, 0.01) == "nil"
+    assert margin_words(-0.05, 0.01) == "below" and margin_words(float("nan"), 0.01) == "unmeasured"

@@ -3,6 +3,8 @@ tiny model (SAE, control and dense probe from the same LM passes)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -103,7 +105,8 @@ def test_quality_command_end_to_end(tiny_sae_dir, tmp_path):
 
     assert main(["control", "random", "--like", str(tiny_sae_dir), "--out", str(tmp_path / "ctl")]) == 0
     out = tmp_path / "q.json"
-    assert main(["quality", "--sae", str(tiny_sae_dir), "--control", str(tmp_path / "ctl"), "--tasks", "mgsm_en_fr,hatecheck_en",
+    assert main(["quality", "--sae", str(tiny_sae_dir), "--control", str(tmp_path / "ctl"), "--control", str(tiny_sae_dir),
+                 "--tasks", "mgsm_en_fr,hatecheck_en",
                  "--per-class", "20", "--fvu-tokens", "256", "--layers", "0,2", "--absorption-words", "150", "--out", str(out),
                  "--model-dtype", "bf16"]) == 0
     report = json.loads(out.read_text())
@@ -119,6 +122,15 @@ def test_quality_command_end_to_end(tiny_sae_dir, tmp_path):
     per_task = [t["layers"]["2"]["sae"]["top1"] for t in report["probing"]["tasks"].values()]
     assert row["sae_top1"] == pytest.approx(sum(per_task) / 2)
     assert row["decoder_cos_to_init"] is None  # not a training run: nothing recorded
+    # every control's margins: the random one's top-1 margin is the table's; the SAEs as their own control give 0
+    first, itself = report["margins"]
+    assert (first["control"], first["kind"], itself["kind"]) == (str(tmp_path / "ctl"), "random", "not a control")
+    assert first["layers"]["2"]["top1"] == row["top1_margin"] and first["layers"]["2"]["top1_se"] == row["top1_margin_se"]
+    assert first["layers"]["2"]["top5"] == pytest.approx(row["sae_top5"] - row["control_top5"])
+    assert first["layers"]["2"]["fvu_in_domain"] == pytest.approx(row["control_fvu_in_domain"] - row["sae_fvu_in_domain"])
+    for n, m in itself["layers"].items():  # absorption is NaN on the tiny model (no letter is probed right): NaN - NaN
+        nan_ok = math.isnan(report["layers"][n]["sae_absorption"])
+        assert all(v == 0 or (nan_ok and math.isnan(v)) for v in m.values()), json.dumps(m)
 
 
 def test_paired_margin_by_hand():

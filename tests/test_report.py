@@ -37,7 +37,7 @@ def test_a_corrupt_or_ill_typed_optional_file_skips_its_section_with_a_note(tmp_
                      "stability.json: unexpected content (KeyError: 'max_cos_a_to_b')",
                      "transfer.json: layers[0]: field 'fvu_source' is missing", "report-section.html: not a UTF-8 HTML section"):
         assert fragment in said and fragment.replace("'", "&#x27;") in page, fragment
-    assert page.count("Section skipped") == 6 and page.rstrip().endswith("</html>")  # eval.json: evaluation and control
+    assert page.count("Section skipped") == 7 and page.rstrip().endswith("</html>")  # eval.json: evaluation, control, margins
     assert said.count("eval.json: not valid JSON") == 1  # two sections skipped, one warning
     assert len(caught) == len({str(w.message) for w in caught}) == 5
     (tmp_path / "eval.json").write_text(json.dumps({"layers": [{**row, "kl": "low"}]}))
@@ -76,3 +76,25 @@ def test_the_quality_section_uses_the_paired_margin_and_reports_the_letter_laten
     page = build_report(tmp_path).read_text()
     assert "+0.050 ± 0.010" in page
     assert "better probe than the control's at 1 of 2 layers (test F1 0.250 vs 0.200 on average)" in page
+
+
+def test_the_margins_over_each_control_are_said_in_words(tmp_path):
+    """eval.json's and quality.json's margins (`--control` repeated) become one line per control: which figures the
+    SAEs earn over it, where the margin is nil and where they fall behind."""
+    def margin(fvu, se):
+        return {"layer": 0, "sequences": 8, "fvu": fvu, "fvu_se": se, "ce_recovered": 0.0, "ce_recovered_se": 0.01,
+                "ce_recovered_mean": -0.1, "ce_recovered_mean_se": 0.01}
+
+    rows = [{"layer": 0, "fvu": 0.1, "l0": 8.0, "dead_frac": 0.0, "dense_frac": 0.0, "ce_clean": 2.0, "ce_sae": 2.1,
+             "ce_zero": 5.0, "ce_recovered": 0.97, "kl": 0.01}]
+    (tmp_path / "eval.json").write_text(json.dumps({"layers": rows, "control": rows, "margins": [
+        {"control": "ctl/random", "kind": "random", "figures": rows, "layers": [margin(0.5, 0.01)]},
+        {"control": "ctl/frozen", "kind": "frozen-decoder", "figures": rows, "layers": [margin(0.01, 0.01)]}]}))
+    (tmp_path / "quality.json").write_text(json.dumps({"layers": {}, "probing": {"tasks": {}}, "margins": [
+        {"control": "ctl/frozen", "kind": "frozen-decoder",
+         "layers": {"0": {"top1": 0.1, "top1_se": 0.02, "top5": 0.0, "top5_se": 0.02}}}]}))
+    page = build_report(tmp_path).read_text()
+    assert ("over the random control (<code>ctl/random</code>): CE recovered nil at 1 layer; CE recovered vs mean below "
+            "at 1 layer; FVU earned at 1 layer") in page
+    assert "over the frozen-decoder control (<code>ctl/frozen</code>): CE recovered nil at 1 layer" in page
+    assert "FVU nil at 1 layer" in page and "probing top-1 earned at 1 layer; probing top-5 nil at 1 layer" in page

@@ -199,3 +199,26 @@ def test_bad_gemma_scope_files_are_refused_in_one_line(tmp_path):
     _gemma(tmp_path / "two" / "layer_4" / "width_65k" / "average_l0_10" / "params.npz", seed=2)
     with pytest.raises(SaescopeError, match="two Gemma Scope SAEs for layer 4"):
         load_saes(tmp_path / "two")
+
+
+@pytest.mark.parametrize("kind", TRAINABLE_KINDS)
+def test_a_centred_sae_is_saved_folded_and_encodes_the_same(kind, tmp_path):
+    """Training encodes x - b_dec; files hold b_enc - W_enc b_dec: the loaded SAE (plain, encoding x) gives the same
+    codes and reconstructions, in saescope's format and SAELens's; a centred SAE starts with b_enc = 0."""
+    sae = _trained_like(kind)
+    sae.centred = True
+    x = _x()
+    want, before = sae.encode(x), sae.b_enc.detach().clone()
+    save_native(sae, tmp_path / "native", 0)
+    export_saes({0: sae}, tmp_path / "saelens", "saelens")
+    assert torch.equal(sae.b_enc, before) and sae.centred  # saving leaves the live SAE as it was
+    for folder in ("native", "saelens"):
+        got = load_saes(tmp_path / folder)[0]
+        assert not got.centred
+        assert torch.allclose(got.encode(x).dense(64), want.dense(64), atol=1e-5), folder
+        assert torch.allclose(got.reconstruct(x), sae.reconstruct(x), atol=1e-5), folder
+    fresh = make_sae(SAEConfig(16, 64, 4, kind=kind))
+    fresh.centred = True
+    fresh.init_tied(torch.Generator().manual_seed(0))
+    fresh.init_b_dec(x)
+    assert torch.equal(fresh.b_enc, torch.zeros(64)) and torch.allclose(fresh.b_dec, x.mean(0))

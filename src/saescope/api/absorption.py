@@ -215,16 +215,20 @@ def _mean(values: list[float]) -> float:
 
 
 def feature_absorption(lm: LoadedModel, saes: dict[int, SAE], *, control: dict[int, SAE] | None = None,
-                       layers: list[int] | None = None, cfg: AbsorptionConfig | None = None,
-                       progress: bool = True) -> dict:
-    """Per layer, the first-letter absorption figures of `saes` (and of `control`, on the same prompts and probe)."""
+                       controls: dict[str, dict[int, SAE]] | None = None, layers: list[int] | None = None,
+                       cfg: AbsorptionConfig | None = None, progress: bool = True) -> dict:
+    """Per layer, the first-letter absorption figures of `saes` (and of each control, on the same prompts and probe:
+    `control`, or several by name in `controls`)."""
+    if control is not None and controls:
+        raise SaescopeError("give control or controls, not both")
+    controls = {"control": control} if control is not None else controls or {}
     cfg = cfg or AbsorptionConfig()
     layers = sorted(layers or saes)
     data = spelling_set(lm.tokenizer, cfg)
     acts = word_activations(lm, data, layers, batch_size=cfg.batch_size, progress=progress)
     out = {}
     for n in tqdm(layers, desc="absorption", disable=not progress):
-        sets = {"sae": saes[n], **({"control": control[n]} if control is not None else {})}
+        sets = {"sae": saes[n], **{name: c[n] for name, c in controls.items()}}
         out[str(n)] = absorption_layer(acts[n], data, sets, cfg)
     return {"layers": out, "config": asdict(cfg),
             "definition": "SAEBench first-letter feature absorption (Chanin et al. 2024): mean absorption fraction and "

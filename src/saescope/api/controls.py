@@ -86,6 +86,33 @@ class ControlOption(Config):
 
 
 @dataclass(kw_only=True)
+class ControlsOption(Config):
+    """`--control` given any number of times (eval, quality): the SAEs' margin over each control, with paired standard
+    errors. One path given as a string is a list of one, as every other command takes it."""
+
+    control: list[str] = config_field([], CONTROL_HELP + "; repeat it for the margin over each", repeat=True)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.control, str):
+            self.control = [self.control]
+        elif self.control is None:
+            self.control = []
+        super().__post_init__()
+        if len(set(self.control)) != len(self.control):
+            raise ParamError("{} names the same control twice", "control")
+
+    def load_controls(self, saes: dict[int, SAE]) -> dict[str, dict[int, SAE]]:
+        """Each control (by its path, in the order given) for exactly the layers of `saes`."""
+        return {spec: load_control(spec, saes) for spec in self.control}
+
+
+def control_kind(controls: dict[int, SAE]) -> str:
+    """What a control set is: random, random-subspace, frozen-decoder or soft-frozen (its SAEs' meta says)."""
+    meta = next(iter(controls.values())).meta.get("control")
+    return str(meta.get("kind", "unknown")) if isinstance(meta, dict) else "not a control"
+
+
+@dataclass(kw_only=True)
 class ControlConfig(LayersOption):
     """`saescope control random|frozen-decoder|soft-frozen`: a control shaped like trained SAEs. `random`: random
     directions (shape, k, decoder bias). `frozen-decoder` and `soft-frozen`: the saescope run --like trained again on the

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saescope.api.controls import ControlOption
+from saescope.api.controls import ControlsOption, control_kind
 from saescope.api.scope import SAEOptions, Scope, check_fit
 from saescope.core.activations import OutlierFilter
 from saescope.core.data import batches, iter_texts
@@ -34,7 +34,7 @@ from saescope.core.layers import LayersOption
 from saescope.core.models import LoadedModel, capture, forward_from, layer_hooks
 from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import SAE
-from saescope.core.schema import config_field
+from saescope.core.schema import Field, config_field
 
 DENSE_THRESHOLD = 0.1  # a latent is "dense" if it fires on more than 10% of tokens
 
@@ -56,6 +56,9 @@ class LayerEval:
     ce_recovered_mean: float = math.nan  # (CE_mean - CE_sae) / (CE_mean - CE_clean): zero ablation flatters
     l0_std: float = math.nan  # the spread of L0 over tokens: 0 for top-k, what a threshold kind varies by
     feature_freq: Tensor | None = field(default=None, repr=False, compare=False)  # (d_sae,), not written to JSON
+    # per held-out sequence: "sse" and "ce_sae" of this set, "ce_clean", "ce_zero" and "ce_mean" shared by every set on
+    # the same tokens, and "variance" (FVU's pooled denominator): what paired_margins needs; not written to JSON
+    per_sequence: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 def _ready(lm: LoadedModel, sets: dict[str, dict[int, SAE]]) -> list[int]:
@@ -87,14 +90,19 @@ class CleanTarget:
 
     def __init__(self, logits: Tensor, ids: Tensor):
         self.targets = ids[:, 1:].reshape(-1)
+        self.sequences = ids.shape[0]
         self.p = torch.empty(self.targets.numel(), logits.shape[-1], dtype=torch.float32, device=logits.device)
         self.neg_entropy = 0.0
         self.ce = 0.0
+        token_ce = torch.empty(self.targets.numel(), dtype=torch.float64, device=logits.device)
         for rows, chunk in self._slices(logits):
             logp = F.log_softmax(chunk.float(), -1)
-            self.ce -= float(logp.gather(1, self.targets[rows, None]).sum())
+            picked = logp.gather(1, self.targets[rows, None])
+            self.ce -= float(picked.sum())
+            token_ce[rows] = -picked[:, 0].double()
             torch.exp(logp, out=self.p[rows])
             self.neg_entropy += float((self.p[rows] * logp).sum())
+        self.ce_per_sequence = token_ce.reshape(self.sequences, -1).sum(1).cpu()
 
     def _slices(self, logits: Tensor):
         flat = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -102,14 +110,21 @@ class CleanTarget:
             rows = slice(start, start + _CHUNK)
             yield rows, flat[rows]
 
-    def ce_and_kl(self, logits: Tensor, *, with_kl: bool = True) -> tuple[float, float]:
-        """Summed next-token CE of `logits` (same ids) and, with_kl, the summed KL(clean || logits)."""
+    def ce_and_kl(self, logits: Tensor, *, with_kl: bool = True, per_sequence: list[Tensor] | None = None
+                  ) -> tuple[float, float]:
+        """Summed next-token CE of `logits` (same ids) and, with_kl, the summed KL(clean || logits); `per_sequence`,
+        when given, receives the CE summed per sequence (the paired margins' unit)."""
         ce, cross = 0.0, 0.0
+        token_ce = torch.empty(self.targets.numel(), dtype=torch.float64, device=logits.device)
         for rows, chunk in self._slices(logits):
             logq = F.log_softmax(chunk.float(), -1)
-            ce -= float(logq.gather(1, self.targets[rows, None]).sum())
+            picked = logq.gather(1, self.targets[rows, None])
+            ce -= float(picked.sum())
+            token_ce[rows] = -picked[:, 0].double()
             if with_kl:
                 cross += float((self.p[rows] * logq).sum())
+        if per_sequence is not None:
+            per_sequence.append(token_ce.reshape(self.sequences, -1).sum(1).cpu())
         return ce, (self.neg_entropy - cross) if with_kl else 0.0
 
 
@@ -138,7 +153,8 @@ def evaluate_sets(
     layers = _ready(lm, sets)
     model, device = lm.model, lm.device
     acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "l0_sq": 0.0, "fires": None,
-                    "ce_sae": 0.0, "kl": 0.0, "pass": 0, "tok": 0} for s in sets for n in layers}
+                    "ce_sae": 0.0, "kl": 0.0, "pass": 0, "tok": 0, "seq_sse": [], "seq_ce": []} for s in sets for n in layers}
+    seq = {n: {"ce_clean": [], "ce_zero": [], "ce_mean": []} for n in layers}
     ce_zero = dict.fromkeys(layers, 0.0)
     ce_mean = dict.fromkeys(layers, 0.0)
     ce_clean = 0.0
@@ -167,11 +183,13 @@ def evaluate_sets(
             x = h.reshape(-1, h.shape[-1]).float()
             keep = filters[n].keep(x)
             xk = x[keep]
+            seq[n]["ce_clean"].append(clean.ce_per_sequence)
             for s, saes in sets.items():
                 sae, a = saes[n], acc[s, n]
                 code = sae.encode(x)
                 x_hat = sae.decode(code)
                 a["sse"] += float((xk - x_hat[keep]).pow(2).sum())
+                a["seq_sse"].append(((x - x_hat).pow(2).sum(1) * keep).double().reshape(h.shape[0], -1).sum(1).cpu())
                 a["x_sum"] = a["x_sum"] + xk.sum(0)
                 a["x2_sum"] += float(xk.pow(2).sum())
                 a["cnt"] += int(keep.sum())
@@ -184,12 +202,14 @@ def evaluate_sets(
                 a["pass"] += int((~keep).sum())
                 a["tok"] += keep.numel()
                 spliced = torch.where(keep[:, None], x_hat, x).reshape(h.shape).to(h.dtype)
-                ce, kl = clean.ce_and_kl(forward_from(model, n, spliced))
+                ce, kl = clean.ce_and_kl(forward_from(model, n, spliced), per_sequence=a["seq_ce"])
                 a["ce_sae"] += ce
                 a["kl"] += kl
-            ce_zero[n] += clean.ce_and_kl(forward_from(model, n, torch.zeros_like(h)), with_kl=False)[0]
+            ce_zero[n] += clean.ce_and_kl(forward_from(model, n, torch.zeros_like(h)), with_kl=False,
+                                          per_sequence=seq[n]["ce_zero"])[0]
             mean_ablated = (xk if len(xk) else x).mean(0).to(h.dtype).expand(h.shape).contiguous()
-            ce_mean[n] += clean.ce_and_kl(forward_from(model, n, mean_ablated), with_kl=False)[0]
+            ce_mean[n] += clean.ce_and_kl(forward_from(model, n, mean_ablated), with_kl=False,
+                                          per_sequence=seq[n]["ce_mean"])[0]
             bar.update(1)
         done += 1
     bar.close()
@@ -203,6 +223,9 @@ def evaluate_sets(
             a = acc[s, n]
             ce_sae, zero, mean = a["ce_sae"] / n_pred, ce_zero[n] / n_pred, ce_mean[n] / n_pred
             freq = a["fires"] / max(a["cnt"], 1)
+            variance = a["x2_sum"] - float(a["x_sum"].pow(2).sum()) / a["cnt"] if a["cnt"] else float("nan")
+            per_sequence = {"sse": torch.cat(a["seq_sse"]), "ce_sae": torch.cat(a["seq_ce"]),
+                            **{key: torch.cat(v) for key, v in seq[n].items()}, "variance": torch.tensor(variance)}
             results.append(LayerEval(
                 layer=n, fvu=_pooled_fvu(a["sse"], a["x_sum"], a["x2_sum"], a["cnt"]), l0=a["l0"] / max(a["cnt"], 1),
                 dead_frac=float((freq == 0).float().mean()), dense_frac=float((freq > DENSE_THRESHOLD).float().mean()),
@@ -210,7 +233,7 @@ def evaluate_sets(
                 ce_recovered=(zero - ce_sae) / (zero - clean) if zero != clean else float("nan"),
                 kl=a["kl"] / n_pred, passthrough_frac=a["pass"] / max(a["tok"], 1), ce_mean=mean,
                 ce_recovered_mean=(mean - ce_sae) / (mean - clean) if mean != clean else float("nan"), feature_freq=freq.cpu(),
-                l0_std=_spread(a["l0"], a["l0_sq"], a["cnt"])))
+                l0_std=_spread(a["l0"], a["l0_sq"], a["cnt"]), per_sequence=per_sequence))
         out[s] = results
     return out
 
@@ -296,7 +319,33 @@ def format_comparison(results: list[LayerEval], control: list[LayerEval]) -> str
 
 
 def as_records(results: list[LayerEval]) -> list[dict]:
-    return [{k: v for k, v in asdict(r).items() if k != "feature_freq"} for r in results]
+    return [{f.name: getattr(r, f.name) for f in fields(r) if f.name not in NOT_WRITTEN} for r in results]
+
+
+NOT_WRITTEN = ("feature_freq", "per_sequence")
+
+
+def _paired(diff: Tensor, scale: float) -> tuple[float, float]:
+    """(sum of per-sequence differences / scale, its standard error): the sequences are the independent draws."""
+    n = diff.numel()
+    se = math.sqrt(n) * float(diff.std()) / abs(scale) if n > 1 else float("nan")
+    return float(diff.sum()) / scale, se
+
+
+def paired_margins(sae: LayerEval, control: LayerEval) -> dict:
+    """The trained SAEs' margin over a control measured on the same sequences, positive where the SAE does better, with
+    paired standard errors (the per-sequence differences' spread): FVU (control's minus the SAE's), CE recovered
+    against zero and against mean ablation (the SAE's minus the control's). Both are sums over sequences divided by a
+    denominator both sides share, so the margin is the sum of the per-sequence differences over it."""
+    a, b = sae.per_sequence, control.per_sequence
+    if a is None or b is None:
+        raise SaescopeError("paired margins need both evaluations' per-sequence figures (made by evaluate_sets)")
+    fvu, fvu_se = _paired(b["sse"] - a["sse"], float(a["variance"]))
+    diff = b["ce_sae"] - a["ce_sae"]
+    rec, rec_se = _paired(diff, float((a["ce_zero"] - a["ce_clean"]).sum()))
+    mean, mean_se = _paired(diff, float((a["ce_mean"] - a["ce_clean"]).sum()))
+    return {"layer": sae.layer, "fvu": fvu, "fvu_se": fvu_se, "ce_recovered": rec, "ce_recovered_se": rec_se,
+            "ce_recovered_mean": mean, "ce_recovered_mean_se": mean_se, "sequences": int(a["sse"].numel())}
 
 
 SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_factor", "model_dtype")
@@ -305,34 +354,64 @@ SETTINGS = ("model", "data", "text_column", "n_tokens", "ctx_len", "outlier_fact
 def _eval_record() -> dict:
     """A layer's figures as eval.json holds them, read back strictly (a merge keeps them): every figure of LayerEval,
     NaN allowed; the mean-ablation pair is absent from files written before it was measured."""
-    from saescope.core.schema import Field
-
-    spec = {f.name: Field(float) for f in fields(LayerEval) if f.name not in ("layer", "feature_freq")}
+    spec = {f.name: Field(float) for f in fields(LayerEval) if f.name not in ("layer", *NOT_WRITTEN)}
     spec.update(layer=Field(int, min=0), ce_mean=Field(float, required=False), ce_recovered_mean=Field(float, required=False),
                 l0_std=Field(float, required=False))
     return spec
 
 
 EVAL_RECORD = _eval_record()
+MARGINS_RECORD = {"control": Field(str), "kind": Field(str), "layers": Field(list), "figures": Field(list)}
+MARGIN_RECORD = {"layer": Field(int, min=0), "sequences": Field(int, min=0),
+                 **{name: Field(float) for name in ("fvu", "fvu_se", "ce_recovered", "ce_recovered_se", "ce_recovered_mean",
+                                                    "ce_recovered_mean_se")}}
+
+
+def margin_words(margin: float, se: float) -> str:
+    """A margin in words: earned (more than two standard errors above nil), nil (within two) or below."""
+    if not math.isfinite(margin) or not math.isfinite(se):
+        return "unmeasured"
+    if margin > 2 * se:
+        return "earned"
+    return "below" if margin < -2 * se else "nil"
+
+
+def format_margins(margins: list[dict]) -> str:
+    """Each control's margin table, layer by layer, margin +- paired SE, and what it says in words."""
+    lines = []
+    for entry in margins:
+        lines.append(f"margin over {entry['kind']} control {entry['control']} (positive: the SAEs do better; +- paired SE "
+                     "over held-out sequences)")
+        lines.append(f"{'layer':>5} {'FVU':>17} {'CE rec':>17} {'rec/mean':>17}  words")
+        for m in entry["layers"]:
+            cells = [(m[key], m[f"{key}_se"]) for key in ("fvu", "ce_recovered", "ce_recovered_mean")]
+            words = ", ".join(f"{name} {margin_words(*c)}" for name, c in zip(("FVU", "CE rec", "rec/mean"), cells))
+            lines.append(f"{m['layer']:>5} " + " ".join(f"{v:+8.4f} +-{e:6.4f}" for v, e in cells) + f"  {words}")
+    return "\n".join(lines)
 
 
 def read_results(path: Path) -> dict | None:
     """An evaluation file as written by write_results, checked record by record (None if there is none). Called
     before an evaluation too, so that a file it could not merge into is refused before minutes of work."""
     from saescope.core.files import read_json
-    from saescope.core.schema import Field, check_record
+    from saescope.core.schema import check_record
 
     if not path.exists():
         return None
-    body = read_json(path, {"layers": Field(list), "control": Field(list, required=False, nullable=True)})
+    body = read_json(path, {"layers": Field(list), "control": Field(list, required=False, nullable=True),
+                            "margins": Field(list, required=False)})
     for part in ("layers", "control"):
         for i, rec in enumerate(body.get(part) or []):
             check_record(rec, EVAL_RECORD, f"{path}: {part}[{i}]")
+    for i, entry in enumerate(body.get("margins") or []):
+        check_record(entry, MARGINS_RECORD, f"{path}: margins[{i}]")
+        for j, rec in enumerate(entry["layers"]):
+            check_record(rec, MARGIN_RECORD, f"{path}: margins[{i}].layers[{j}]")
     return body
 
 
 def write_results(results: list[LayerEval], path: Path, extra: dict | None = None, *,
-                  control: list[LayerEval] | None = None) -> Path:
+                  control: list[LayerEval] | None = None, margins: list[dict] | None = None) -> Path:
     """Write an evaluation without losing one already there: figures made with the same settings merge into it per
     layer (a partial eval updates its layers, a control missing from this one is kept); figures made with other
     settings go to the next free eval-N.json beside it. Returns the file written."""
@@ -341,6 +420,8 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
     body = {"layers": as_records(results), **(extra or {})}
     if control is not None:
         body["control"] = as_records(control)
+    if margins:
+        body["margins"] = margins
     old = read_results(path)
     if old is not None:
         # a file written before the LM's dtype was recorded could be fp32 or bf16 (train --eval-tokens used the
@@ -351,6 +432,8 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
                     merged = {r["layer"]: r for r in old.get(part) or [] if isinstance(r, dict) and "layer" in r}
                     merged.update({r["layer"]: r for r in body.get(part) or []})
                     body[part] = [merged[n] for n in sorted(merged)]
+            if "margins" in old and "margins" not in body:  # margins are whole: a later eval without controls keeps them
+                body["margins"] = old["margins"]
         else:
             i = 2
             while (path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
@@ -364,8 +447,9 @@ def write_results(results: list[LayerEval], path: Path, extra: dict | None = Non
 
 
 @dataclass(kw_only=True)
-class EvalConfig(SAEOptions, LayersOption, ControlOption):
-    """`saescope eval`: FVU, L0, dead/dense fractions, CE recovered and KL per layer, beside the control when given."""
+class EvalConfig(SAEOptions, LayersOption, ControlsOption):
+    """`saescope eval`: FVU, L0, dead/dense fractions, CE recovered and KL per layer, beside each control given (the first
+    in the table, every one's margin with its paired standard error)."""
 
     data: str | None = config_field(None, "text file, folder or hub dataset id (default: the embedded corpus's held-out split)")
     text_column: str = config_field("text", "for tables and JSON: the text column")
@@ -384,10 +468,12 @@ class EvalResult:
     path: Path
     layers: list[LayerEval]
     control: list[LayerEval] | None
+    margins: list[dict] = field(default_factory=list)
 
     def text(self) -> str:
         table = format_table(self.layers) if self.control is None else format_comparison(self.layers, self.control)
-        return f"{table}\neval results: {self.path}"
+        margins = f"\n{format_margins(self.margins)}" if self.margins else ""
+        return f"{table}{margins}\neval results: {self.path}"
 
 
 @holding_lock
@@ -397,12 +483,16 @@ def run_eval(cfg: EvalConfig, *, scope: Scope | None = None) -> EvalResult:
     path = RunDir(cfg.writes_into()).eval
     read_results(path)  # a file the results could not merge into is refused before the work
     scope = scope or cfg.load_scope(cfg.layer_list())
-    control = cfg.load_control(scope.saes)
-    sets = {"sae": scope.saes} if control is None else {"sae": scope.saes, "control": control}
+    controls = cfg.load_controls(scope.saes)
+    names = {spec: "control" if i == 0 else f"control {i + 1}" for i, spec in enumerate(controls)}
+    sets = {"sae": scope.saes, **{names[spec]: saes for spec, saes in controls.items()}}
     settings = {"data": cfg.data, "text_column": cfg.text_column, "n_tokens": cfg.n_tokens, "ctx_len": cfg.ctx_len,
                 "outlier_factor": cfg.outlier_factor}
     results = evaluate_sets(scope.lm, sets, **settings)
     recorded = {"model": scope.lm.name, **{k: v for k, v in settings.items() if k != "data"}, "data": cfg.data or "default",
                 "model_dtype": DTYPE_NAMES.get(scope.lm.dtype, str(scope.lm.dtype))}
-    written = write_results(results["sae"], path, recorded, control=results.get("control"))
-    return EvalResult(written, results["sae"], results.get("control"))
+    margins = [{"control": spec, "kind": control_kind(saes), "figures": as_records(results[names[spec]]),
+                "layers": [paired_margins(r, c) for r, c in zip(results["sae"], results[names[spec]])]}
+               for spec, saes in controls.items()]
+    written = write_results(results["sae"], path, recorded, control=results.get("control"), margins=margins)
+    return EvalResult(written, results["sae"], results.get("control"), margins)

@@ -219,16 +219,16 @@ def top_latents(train_x: Tensor, train_y: Tensor, k: int) -> Tensor:
 
 
 def probe_layer(pooled: Tensor, labels: np.ndarray, test: np.ndarray) -> dict:
-    """top-1 and top-5 accuracy of one layer's pooled SAE activations (n_texts, d_sae); `top1_correct`, the top-1
-    rule's per-test-text outcome, lets two SAE sets be compared text by text (paired)."""
+    """top-1 and top-5 accuracy of one layer's pooled SAE activations (n_texts, d_sae); `top1_correct` and
+    `top5_correct`, the per-test-text outcomes, let two SAE sets be compared text by text (paired)."""
     y, te = torch.as_tensor(labels), torch.as_tensor(test)
     x = pooled.double().cpu()
     xtr, ytr, xte, yte = x[~te], y[~te], x[te], y[te]
     best = top_latents(xtr, ytr, 5)
     correct = best_threshold_correct(xtr[:, best[0]], ytr, xte[:, best[0]], yte)
-    return {"top1": float(correct.double().mean()),
-            "top5": logistic_accuracy(xtr[:, best], ytr, xte[:, best], yte),
-            "top1_latent": int(best[0]), "top1_correct": correct}
+    correct5 = (fit_logistic(xtr[:, best], ytr).scores(xte[:, best])[:, 0] > 0).double() == yte.double()
+    return {"top1": float(correct.double().mean()), "top5": float(correct5.double().mean()),
+            "top1_latent": int(best[0]), "top1_correct": correct, "top5_correct": correct5}
 
 
 def paired_margin(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
@@ -241,16 +241,20 @@ def paired_margin(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
 
 
 def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, SAE] | None = None,
-                   layers: list[int] | None = None, max_length: int = 128, batch_size: int = 16,
-                   progress: bool = True) -> dict:
-    """Per task and layer: top-1 / top-5 accuracy of the SAEs (and of `control`, on the same LM passes) and the
-    dense probe's accuracy. Returns a JSON-ready dict with per-layer means over the tasks."""
+                   controls: dict[str, dict[int, SAE]] | None = None, layers: list[int] | None = None,
+                   max_length: int = 128, batch_size: int = 16, progress: bool = True) -> dict:
+    """Per task and layer: top-1 / top-5 accuracy of the SAEs (and of each control, on the same LM passes: `control`,
+    or several by name in `controls`, the first named "control") and the dense probe's accuracy, with each control's
+    paired margins. Returns a JSON-ready dict with per-layer means over the tasks."""
     layers = scope.check_layers(layers)
-    sae_sets = {"sae": {n: scope.saes[n] for n in layers}}
-    if control is not None:
-        sae_sets["control"] = {n: control[n] for n in layers}
+    if control is not None and controls:
+        raise SaescopeError("give control or controls, not both")
+    controls = {"control": control} if control is not None else controls or {}
+    sae_sets = {"sae": {n: scope.saes[n] for n in layers}, **{name: {n: c[n] for n in layers} for name, c in controls.items()}}
     tasks = {}
-    outcomes: dict[tuple[str, int], list[Tensor]] = {}  # per set and layer: each task's top-1 outcome per test text
+    # per set and layer: each task's top-1 and top-5 outcome per test text
+    outcomes: dict[tuple[str, int], list[Tensor]] = {}
+    outcomes5: dict[tuple[str, int], list[Tensor]] = {}
     for ps in sets:
         n_texts = len(ps.texts)
         pooled: dict[str, dict[int, Tensor]] = {}
@@ -269,6 +273,7 @@ def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, SAE
             for name in sae_sets:
                 entry[name] = probe_layer(pooled[name][n], ps.labels, ps.test)
                 outcomes.setdefault((name, n), []).append(entry[name].pop("top1_correct"))
+                outcomes5.setdefault((name, n), []).append(entry[name].pop("top5_correct"))
             per_layer_result[str(n)] = entry
         tasks[ps.name] = {"description": ps.description, "n_train": int((~ps.test).sum()), "n_test": int(ps.test.sum()),
                           "layers": per_layer_result}
@@ -281,8 +286,11 @@ def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, SAE
             # the binomial standard error of that mean (test texts are few: differences below ~2 of these are noise)
             row[f"{name}_top1_se"] = math.sqrt(sum(t["layers"][str(n)][name]["top1"] * (1 - t["layers"][str(n)][name]["top1"])
                                                    / t["n_test"] for t in tasks.values())) / len(tasks)
-        if control is not None:
-            row["top1_margin"], row["top1_margin_se"] = paired_margin(outcomes[("sae", n)], outcomes[("control", n)])
+        for name in controls:
+            row[f"{name}_margin_top1"], row[f"{name}_margin_top1_se"] = paired_margin(outcomes["sae", n], outcomes[name, n])
+            row[f"{name}_margin_top5"], row[f"{name}_margin_top5_se"] = paired_margin(outcomes5["sae", n], outcomes5[name, n])
+        if "control" in controls:  # the first control's top-1 margin under the names files have always had
+            row["top1_margin"], row["top1_margin_se"] = row["control_margin_top1"], row["control_margin_top1_se"]
         summary[str(n)] = row
     return {"tasks": tasks, "mean_over_tasks": summary, "max_length": max_length,
             "definition": "SAEBench sparse probing: mean-pooled latents (position 0 left out), ranked by |class-mean "

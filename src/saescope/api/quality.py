@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saescope.api.absorption import AbsorptionConfig, feature_absorption, format_absorption
-from saescope.api.controls import ControlOption
-from saescope.api.evaluate import fvu_on_texts
+from saescope.api.controls import ControlsOption, control_kind
+from saescope.api.evaluate import fvu_on_texts, margin_words
 from saescope.api.probing import TASKS, ProbeSet, format_probing, probe_sets, sparse_probing
 from saescope.api.scope import SAEOptions, Scope
 from saescope.core.data import iter_texts
 from saescope.core.data.benchmarks import SharedDataOption, load_benchmark
+from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_json
 from saescope.core.io import RunDir, decoder_cos_to_init
 from saescope.core.io.lock import holding_lock
@@ -39,18 +40,29 @@ def domain_texts(domain: str, shared_data: str | Path | None = None) -> list[str
     return [texts[i] for i in range(max(map(len, sets))) for texts in sets if i < len(texts)]
 
 
+def control_names(paths: list[str]) -> dict[str, str]:
+    """The set name each control gets in a quality report: "control" for the first (the keys files have always had),
+    "control2", "control3", ... for the others."""
+    return {path: "control" if i == 0 else f"control{i + 1}" for i, path in enumerate(paths)}
+
+
 def quality_report(scope: Scope, probes: list[ProbeSet], *, control: dict[int, SAE] | None = None,
-                   run: str | Path | None = None, fvu_tokens: int = 4096, shared_data: str | Path | None = None,
-                   max_length: int = 128, absorption: AbsorptionConfig | None = DEFAULT_ABSORPTION) -> dict:
-    """Probing, absorption (None: skipped), FVU in and out of domain (SAEs and control), and decoder movement (when
-    `run` is a saescope run)."""
-    sets = {"sae": scope.saes, **({"control": control} if control is not None else {})}
+                   controls: dict[str, dict[int, SAE]] | None = None, run: str | Path | None = None,
+                   fvu_tokens: int = 4096, shared_data: str | Path | None = None, max_length: int = 128,
+                   absorption: AbsorptionConfig | None = DEFAULT_ABSORPTION) -> dict:
+    """Probing, absorption (None: skipped), FVU in and out of domain (SAEs and controls), and decoder movement (when
+    `run` is a saescope run). `controls`: several by path (named as control_names says); `control`: one."""
+    if control is not None and controls:
+        raise SaescopeError("give control or controls, not both")
+    paths = control_names(list(controls or {}))
+    named = {"control": control} if control is not None else {paths[p]: c for p, c in (controls or {}).items()}
+    sets = {"sae": scope.saes, **named}
     l0: dict = {}  # L0 mean and spread on the in-domain tokens: a threshold kind's L0 varies per token
     fvu = {"in_domain": fvu_on_texts(scope.lm, sets, iter_texts(None, split="eval"), n_tokens=fvu_tokens, l0=l0)}
     for domain in DOMAINS:
         fvu[domain] = fvu_on_texts(scope.lm, sets, domain_texts(domain, shared_data), n_tokens=fvu_tokens)
-    probing = sparse_probing(scope, probes, control=control, max_length=max_length)
-    absorbed = feature_absorption(scope.lm, scope.saes, control=control, cfg=absorption) if absorption else None
+    probing = sparse_probing(scope, probes, controls=named, max_length=max_length)
+    absorbed = feature_absorption(scope.lm, scope.saes, controls=named, cfg=absorption) if absorption else None
     moved = decoder_cos_to_init(Path(run)) if run is not None else {}
     layers = {}
     for n in scope.layers:
@@ -69,8 +81,40 @@ def quality_report(scope: Scope, probes: list[ProbeSet], *, control: dict[int, S
             row[f"{name}_l0"], row[f"{name}_l0_std"] = l0[name][n]
         row["decoder_cos_to_init"] = moved.get(str(n))
         layers[str(n)] = row
+    margins = [{"control": path, "kind": control_kind(controls[path]),
+                "layers": {n: _margins(row, name) for n, row in layers.items()}} for path, name in paths.items()]
     return {"layers": layers, "probing": probing, "absorption": absorbed, "fvu_tokens": fvu_tokens,
-            "domains": {d: list(s) for d, s in DOMAINS.items()}}
+            "domains": {d: list(s) for d, s in DOMAINS.items()}, **({"margins": margins} if margins else {})}
+
+
+def _margins(row: dict, name: str) -> dict:
+    """The SAEs' margin over control `name` at one layer, positive where the SAEs do better: probing top-1 and top-5
+    with paired SEs over the test texts; FVU in and out of domain and absorption as plain differences on the same
+    tokens and words."""
+    out = {metric: row[f"{name}_margin_{metric}"] for metric in ("top1", "top5")}
+    out.update({f"{metric}_se": row[f"{name}_margin_{metric}_se"] for metric in ("top1", "top5")})
+    for domain in ("in_domain", *DOMAINS):
+        out[f"fvu_{domain}"] = row[f"{name}_fvu_{domain}"] - row[f"sae_fvu_{domain}"]
+    if f"{name}_absorption" in row:
+        out["absorption"] = row[f"{name}_absorption"] - row["sae_absorption"]
+        out["letter_main_f1"] = row["sae_letter_main_f1"] - row[f"{name}_letter_main_f1"]
+    return out
+
+
+def format_margins(report: dict) -> str:
+    """Each control's margins, layer by layer, and what the probing margins say in words (earned: above two SEs)."""
+    lines = []
+    for entry in report.get("margins", []):
+        lines.append(f"margin over {entry['kind']} control {entry['control']} (positive: the SAEs do better)")
+        lines.append(f"{'layer':>5} {'top1 ± se':>15} {'top5 ± se':>15} {'FVU in':>7} {'math':>7} {'code':>7} {'multi':>7} "
+                     f"{'absorb':>7}  words")
+        for n, m in entry["layers"].items():
+            absorb = f"{m['absorption']:+7.3f}" if "absorption" in m else f"{'-':>7}"
+            words = f"top-1 {margin_words(m['top1'], m['top1_se'])}, top-5 {margin_words(m['top5'], m['top5_se'])}"
+            lines.append(f"{n:>5} {m['top1']:+7.3f} ± {m['top1_se']:.3f} {m['top5']:+7.3f} ± {m['top5_se']:.3f} "
+                         f"{m['fvu_in_domain']:+7.3f} {m['fvu_math']:+7.3f} {m['fvu_code']:+7.3f} "
+                         f"{m['fvu_multilingual']:+7.3f} {absorb}  {words}")
+    return "\n".join(lines)
 
 
 def format_quality(report: dict) -> str:
@@ -97,9 +141,10 @@ def format_quality(report: dict) -> str:
 
 
 @dataclass(kw_only=True)
-class QualityConfig(SAEOptions, LayersOption, ControlOption, SharedDataOption):
+class QualityConfig(SAEOptions, LayersOption, ControlsOption, SharedDataOption):
     """`saescope quality`: sparse probing on real labelled text (SAEBench), first-letter feature absorption, FVU on
-    maths, code and non-English text, and decoder movement, beside the control when given."""
+    maths, code and non-English text, and decoder movement, beside each control given (the first in the tables, every
+    one's margins)."""
 
     tasks: list[str] | None = config_field(None, f"probe tasks (default: all of {', '.join(TASKS)})", choices=tuple(TASKS))
     per_class: int = config_field(100, "texts per class and task (a seeded sample)", min=1)
@@ -125,7 +170,8 @@ class QualityResult:
         parts = [format_probing(self.report["probing"])]
         if self.report["absorption"]:
             parts.append(format_absorption(self.report["absorption"]))
-        return "\n".join([*parts, format_quality(self.report), f"quality results: {self.path}"])
+        margins = [format_margins(self.report)] if self.report.get("margins") else []
+        return "\n".join([*parts, format_quality(self.report), *margins, f"quality results: {self.path}"])
 
 
 @holding_lock
@@ -133,10 +179,10 @@ def run_quality(cfg: QualityConfig) -> QualityResult:
     probes = probe_sets(cfg.tasks, per_class=cfg.per_class, seed=cfg.seed, shared_data=cfg.shared_data)  # data first
     absorption = AbsorptionConfig(n_words=cfg.absorption_words, seed=cfg.seed) if cfg.absorption_words else None
     scope = cfg.load_scope(cfg.layer_list())
-    control = cfg.load_control(scope.saes)
-    report = quality_report(scope, probes, control=control, run=cfg.sae, fvu_tokens=cfg.fvu_tokens, max_length=cfg.max_length,
-                            absorption=absorption, shared_data=cfg.shared_data)
-    report.update(sae=cfg.sae, control_path=cfg.control, per_class=cfg.per_class, seed=cfg.seed,
+    controls = cfg.load_controls(scope.saes)
+    report = quality_report(scope, probes, controls=controls, run=cfg.sae, fvu_tokens=cfg.fvu_tokens,
+                            max_length=cfg.max_length, absorption=absorption, shared_data=cfg.shared_data)
+    report.update(sae=cfg.sae, control_path=cfg.control[0] if cfg.control else None, per_class=cfg.per_class, seed=cfg.seed,
                   model_dtype=DTYPE_NAMES[scope.lm.dtype])
     out = cfg.output()
     atomic_write_json(out, report)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from saescope.api.evaluate import MARGINS_RECORD, margin_words
 from saescope.core.data.rows import iter_rows
 from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_bytes, read_json
@@ -63,7 +64,7 @@ def _section(what: Path, render: Callable[[], str], warned: set[str]) -> str:
         return render()
     except SaescopeError as exc:
         problem = str(exc)
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # deeper than the checked fields
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:  # deeper than checked
         problem = f"{what}: unexpected content ({type(exc).__name__}: {exc})".replace("\n", " ")
     if problem not in warned:  # one file behind two sections (eval.json: evaluation and control) is said once
         warned.add(problem)
@@ -288,8 +289,39 @@ def _probing_verdict(rows: dict) -> str:
             f"of {len(rows)} layers, by more than two standard errors at {win}, behind by more than two at {loss}: {plain}.")
 
 
+def _earned(run: RunDir) -> str:
+    """In words, per control: which figures the trained SAEs earn over it (more than two paired SEs), where the margin
+    is nil and where they fall behind; from eval.json's and quality.json's margins (`--control` given repeatedly)."""
+    found = []
+    ev = _read(run.eval, _EVAL) or {}
+    for entry in ev.get("margins") or []:
+        check_record(entry, MARGINS_RECORD, f"{run.eval}: margins")
+        said: dict[str, list[int]] = {}
+        for m in entry["layers"]:
+            for name, key in (("FVU", "fvu"), ("CE recovered", "ce_recovered"), ("CE recovered vs mean", "ce_recovered_mean")):
+                said.setdefault(f"{name} {margin_words(m[key], m[f'{key}_se'])}", []).append(m["layer"])
+        found.append((entry["kind"], entry["control"], said))
+    quality = _read(run.quality) or {}
+    for entry in quality.get("margins") or []:
+        said = {}
+        for n, m in entry["layers"].items():
+            for name, key in (("probing top-1", "top1"), ("probing top-5", "top5")):
+                said.setdefault(f"{name} {margin_words(m[key], m[f'{key}_se'])}", []).append(int(n))
+        found.append((entry["kind"], entry["control"], said))
+    if not found:
+        return ("<h3>Margins over each control</h3>" + _missing("margin measurement", f"saescope eval --sae {run.path} "
+                "--control RANDOM --control FROZEN_DECODER (saescope control frozen-decoder --like RUN --out ...)"))
+    lines = []
+    for kind, path, said in found:
+        parts = [f"{what} at {len(layers)} layer{'s' if len(layers) != 1 else ''}" for what, layers in sorted(said.items())]
+        said_text = html.escape("; ".join(parts))
+        lines.append(f"<li>over the {html.escape(kind)} control (<code>{html.escape(path)}</code>): {said_text}</li>")
+    return ("<h3>Margins over each control</h3><p>Earned: the trained SAEs ahead by more than two paired standard "
+            "errors; nil: within two; below: behind by more than two.</p><ul>" + "".join(lines) + "</ul>")
+
+
 def _trust(run: RunDir, warned: set[str]) -> str:
-    out = [_section(run.eval, lambda: _control(run), warned)]
+    out = [_section(run.eval, lambda: _control(run), warned), _section(run.eval, lambda: _earned(run), warned)]
     stab = sorted(run.trust.glob("stability*.json"))
     out += [_section(p, lambda p=p: _stability(p), warned) for p in stab] or ["<h3>Seed stability</h3>" + _missing(
         "stability check", f"saescope stability --sae {run.path} --sae OTHER_SEED_RUN")]

@@ -103,6 +103,7 @@ def from_weights(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: 
 def save_native(sae: SAE, folder: Path, layer: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: getattr(sae, n).detach().float().contiguous().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors["b_enc"] = sae.saved_b_enc().detach().float().contiguous().cpu()
     tensors.update({n: v.float().contiguous().cpu() for n, v in sae.extra_tensors().items()})
     tmp = temporary(folder / f"layer{layer}.safetensors")
     save_file(tensors, str(tmp))
@@ -148,7 +149,7 @@ def load_native(folder: Path, layer: int) -> SAE:
 def save_qwen_scope(sae: SAE, folder: Path, layer: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {"W_enc": sae.W_enc.detach().float().cpu().clone(), "W_dec": sae.W_dec.detach().float().cpu().T.contiguous(),
-             "b_enc": sae.b_enc.detach().float().cpu().clone(), "b_dec": sae.b_dec.detach().float().cpu().clone()}
+             "b_enc": sae.saved_b_enc().detach().float().cpu().clone(), "b_dec": sae.b_dec.detach().float().cpu().clone()}
     tmp = temporary(folder / f"layer{layer}.sae.pt")
     torch.save(state, tmp)
     os.replace(tmp, folder / f"layer{layer}.sae.pt")
@@ -200,7 +201,7 @@ def save_saelens(sae: SAE, folder: Path, *, hook_name: str, model_name: str = ""
         arch = "topk"  # a control: no learned threshold, each token's k largest
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": sae.W_enc.detach().float().cpu().T.contiguous(), "W_dec": sae.W_dec.detach().float().cpu().contiguous(),
-               "b_enc": sae.b_enc.detach().float().cpu().contiguous(), "b_dec": sae.b_dec.detach().float().cpu().contiguous()}
+               "b_enc": sae.saved_b_enc().detach().float().cpu().contiguous(), "b_dec": sae.b_dec.detach().float().cpu().contiguous()}
     if arch == "jumprelu":
         tensors["threshold"] = threshold.float().cpu().expand(sae.cfg.d_sae).contiguous()
     tmp = temporary(folder / "sae_weights.safetensors")

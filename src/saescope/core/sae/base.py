@@ -104,6 +104,9 @@ class SAE(nn.Module):
         self.meta: dict = {}
         # Encode and decode through saescope.core.sae.fast; False runs the plain reference maths instead.
         self.fused = True
+        # Training only: encode x - b_dec (Gao et al.'s pre-encoder bias), so that the encoder's bias follows the decoder's
+        # as b_dec learns the data's mean. Saved folded into b_enc (saved_b_enc): every file encodes x @ W_enc.T + b_enc.
+        self.centred = False
 
     @property
     def d_sae(self) -> int:
@@ -126,7 +129,19 @@ class SAE(nn.Module):
         """Set b_dec to the data mean, and b_enc so that encoding is centred on it at step 0."""
         mean = x.float().mean(0).to(self.b_dec)
         self.b_dec.copy_(mean)
-        self.b_enc.copy_(-(self.W_enc @ mean))
+        if self.centred:
+            self.b_enc.zero_()
+        else:
+            self.b_enc.copy_(-(self.W_enc @ mean))
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """What the encoder reads: x, or x - b_dec while training centred."""
+        return x - self.b_dec.to(x.dtype) if self.centred else x
+
+    @torch.no_grad()
+    def saved_b_enc(self) -> Tensor:
+        """b_enc as files hold it: a centred SAE's x - b_dec folded in, b_enc - W_enc @ b_dec (the same pre-activations)."""
+        return self.b_enc - self.W_enc @ self.b_dec if self.centred else self.b_enc
 
     def optimizer_groups(self) -> list[dict]:
         """The optimiser's parameter groups; a group's "lr_scale" multiplies the run's learning rate for it."""
@@ -167,6 +182,7 @@ class SAE(nn.Module):
     # ---- shared maths ----
     def pre_activations(self, x: Tensor, latents: Tensor | None = None) -> Tensor:
         """Dense pre-activations x @ W_enc.T + b_enc of chosen latents, differentiable in x and W_enc."""
+        x = self.encoder_input(x)
         if latents is None:
             return F.linear(x, self.W_enc.to(x.dtype), self.b_enc.to(x.dtype))
         return F.linear(x, self.W_enc[latents].to(x.dtype), self.b_enc[latents].to(x.dtype))

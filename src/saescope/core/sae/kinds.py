@@ -46,7 +46,7 @@ THRESHOLD_LR_SCALE = 10.0
 def _pre(sae: SAE, x: Tensor) -> Tensor:
     """Dense pre-activations in the SAE's compute dtype, as fp32 values."""
     cd = sae.compute_dtype
-    return F.linear(x.to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float()
+    return F.linear(sae.encoder_input(x).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float()
 
 
 class BatchTopKSAE(SAE):
@@ -71,8 +71,9 @@ class BatchTopKSAE(SAE):
 
     def train_code(self, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
                    keep: Tensor | None = None) -> tuple[SparseCode, SparseCode | None]:
-        fast = fused_topk_encode(x, self.W_enc, self.b_enc, k=self.cfg.k, compute_dtype=self.compute_dtype, dead=dead,
-                                 k_aux=k_aux, workspace=workspace, per_batch=True, rows=keep,
+        fast = fused_topk_encode(self.encoder_input(x), self.W_enc, self.b_enc, k=self.cfg.k,
+                                 compute_dtype=self.compute_dtype, dead=dead, k_aux=k_aux, workspace=workspace,
+                                 per_batch=True, rows=keep,
                                  with_groups=torch.is_grad_enabled() and self.W_enc.requires_grad)
         aux = SparseCode(fast.aux_indices, fast.aux_values) if k_aux > 0 else None
         return SparseCode(fast.indices, fast.values, fast.groups), aux
@@ -205,7 +206,8 @@ class JumpReLUSAE(SAE):
 
     def train_code(self, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
                    keep: Tensor | None = None) -> tuple[SparseCode, SparseCode | None]:
-        values, indices, live, self._l0 = _JumpReLUEncode.apply(x.float(), self.W_enc.float(), self.b_enc.float(),
+        values, indices, live, self._l0 = _JumpReLUEncode.apply(self.encoder_input(x.float()), self.W_enc.float(),
+                                                                self.b_enc.float(),
                                                                 self.threshold, float(self.bandwidth), keep)
         return SparseCode(indices, values.to(self.W_enc.dtype), live=live), None
 

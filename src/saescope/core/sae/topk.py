@@ -48,6 +48,7 @@ class TopKSAE(SAE):
     # ---- the maths (each step: the fast path, or the reference above when self.fused is False) ----
     def encode(self, x: Tensor) -> SparseCode:
         """z = TopK_k(ReLU(W_enc x + b_enc)) of each token (..., d_model): its k kept latents and their values."""
+        x = self.encoder_input(x)
         if not self.fused:
             return reference_encode(x, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=self.compute_dtype)[0]
         fast = fused_topk_encode(x, self.W_enc, self.b_enc, k=self.cfg.k, compute_dtype=self.compute_dtype)
@@ -56,6 +57,7 @@ class TopKSAE(SAE):
     def train_code(self, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
                    keep: Tensor | None = None) -> tuple[SparseCode, SparseCode | None]:
         """The code of x (tokens, d_model) and, when k_aux > 0, the AuxK code among the `dead` latents."""
+        x = self.encoder_input(x)
         if not self.fused:
             return reference_encode(x, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=self.compute_dtype,
                                     dead=dead, k_aux=k_aux)

@@ -50,8 +50,10 @@ def buffer_steps(activation_buffer: int, step_tokens: int) -> int:
 
 
 # Fields added to TrainConfig after train.json was first written, with what an older record lacking them means.
-# Runs saved before the activation buffer trained step by step; before SAE kinds, every run was top-k from live activations.
-RECORD_MIGRATIONS = {"activation_buffer": 0, "arch": "topk", "activations": None, "l0_coef": None, "decoder": "trained"}
+# Runs saved before the activation buffer trained step by step; before SAE kinds, every run was top-k from live activations;
+# before the centred encoder, every run encoded x itself.
+RECORD_MIGRATIONS = {"activation_buffer": 0, "arch": "topk", "activations": None, "l0_coef": None, "decoder": "trained",
+                     "centre_encoder": False}
 # Korznikov et al. 2026's controls: the decoder frozen at its init, or trained but held near it
 DECODERS = ("trained", "frozen", "soft-frozen")
 SOFT_FROZEN_COS = 0.8  # a soft-frozen decoder row keeps at least this cosine to its initial value
@@ -94,6 +96,9 @@ class TrainConfig(Config):
     decoder: str = config_field("trained", "trained; or a control of Korznikov et al. 2026: 'frozen' (the decoder stays at "
                                 f"its init, the encoder learns) or 'soft-frozen' (each row held at cosine >= {SOFT_FROZEN_COS} "
                                 "to its init); saescope control frozen-decoder | soft-frozen makes them", choices=DECODERS)
+    centre_encoder: bool = config_field(True, "train the encoder on x itself, not on x - b_dec (by default the encoder reads "
+                                        "x - b_dec, Gao et al.'s pre-encoder bias, folded into b_enc when saved: files "
+                                        "encode x either way)", flag="--plain-encoder")
     decoder_init: str = config_field("random", "decoder rows at step 0: random unit vectors (Gao et al.), or 'data': "
                                      "centred activations of d_sae training tokens (the encoder tied to them)",
                                      choices=DECODER_INITS)

@@ -193,7 +193,9 @@ class Trainer:
                                           "seed": cfg.seed}
 
     def _new_sae(self, **kw) -> SAE:
-        return make_sae(SAEConfig(self.d_model, self.d_sae, self.k, kind=self.cfg.arch), **self.cfg.sae_options(), **kw)
+        sae = make_sae(SAEConfig(self.d_model, self.d_sae, self.k, kind=self.cfg.arch), **self.cfg.sae_options(), **kw)
+        sae.centred = self.cfg.centre_encoder
+        return sae
 
     def _open_source(self) -> ActivationSource:
         """The cached activations of cfg.activations, checked against what the run asks for; cfg then records the
@@ -708,7 +710,7 @@ class Trainer:
                 for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                     getattr(st.sae, name).copy_(getattr(sae, name))
                 for name, value in own.items():  # exact: a threshold as trained, not as its file rounds it
-                    getattr(st.sae, name).copy_(value)
+                    getattr(st.sae, "b_enc" if name == "centred_b_enc" else name).copy_(value)
             try:
                 st.opt.load_state_dict(s["opt"])
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -743,8 +745,12 @@ def _own_tensors(sae: SAE) -> list[Tensor]:
 
 def _own_state(sae: SAE) -> dict[str, Tensor]:
     """A kind's parameters and buffers beside the four weights (a log-threshold, a running threshold, a bandwidth), as
-    trained: the checkpoint keeps them exactly, for a resume that goes on bit for bit."""
-    return {name: t.detach().cpu().clone() for name, t in sae.state_dict().items() if name not in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    trained, and a centred SAE's b_enc before its fold (the file holds it folded): the checkpoint keeps them exactly, for
+    a resume that goes on bit for bit."""
+    own = {name: t.detach().cpu().clone() for name, t in sae.state_dict().items() if name not in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if sae.centred:
+        own["centred_b_enc"] = sae.b_enc.detach().cpu().clone()
+    return own
 
 
 _STATE = {"step": Field(int, min=0), "batches_done": Field(int, min=0), "tokens": Field(int, min=0),
