@@ -76,8 +76,12 @@ def _ready(lm: LoadedModel, sets: dict[str, dict[int, SAE]]) -> list[int]:
 def _pooled_fvu(sse: float, x_sum: Tensor | float, x2_sum: float, count: int) -> float:
     """FVU pooled over tokens from running sums: sum |x - x_hat|^2 / sum |x - mean x|^2, the denominator being
     sum |x|^2 - |sum x|^2 / n."""
-    variance = x2_sum - float((x_sum ** 2).sum()) / max(count, 1) if count else 0.0
-    return sse / max(variance, 1e-12)
+    return sse / max(_pooled_variance(x_sum, x2_sum, count), 1e-12)
+
+
+def _pooled_variance(x_sum: Tensor | float, x2_sum: float, count: int) -> float:
+    """sum |x - mean x|^2 from running sums: sum |x|^2 - |sum x|^2 / n (0 without tokens)."""
+    return x2_sum - float((x_sum ** 2).sum()) / count if count else 0.0
 
 
 _CHUNK = 64  # positions per slice of (positions x vocab) work: a few MB, cache-sized, never a fresh 200 MB tensor
@@ -102,7 +106,10 @@ class CleanTarget:
             token_ce[rows] = -picked[:, 0].double()
             torch.exp(logp, out=self.p[rows])
             self.neg_entropy += float((self.p[rows] * logp).sum())
-        self.ce_per_sequence = token_ce.reshape(self.sequences, -1).sum(1).cpu()
+        self.ce_per_sequence = self._by_sequence(token_ce)
+
+    def _by_sequence(self, token_ce: Tensor) -> Tensor:
+        return token_ce.reshape(self.sequences, -1).sum(1).cpu()
 
     def _slices(self, logits: Tensor):
         flat = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -124,7 +131,7 @@ class CleanTarget:
             if with_kl:
                 cross += float((self.p[rows] * logq).sum())
         if per_sequence is not None:
-            per_sequence.append(token_ce.reshape(self.sequences, -1).sum(1).cpu())
+            per_sequence.append(self._by_sequence(token_ce))
         return ce, (self.neg_entropy - cross) if with_kl else 0.0
 
 
@@ -223,7 +230,7 @@ def evaluate_sets(
             a = acc[s, n]
             ce_sae, zero, mean = a["ce_sae"] / n_pred, ce_zero[n] / n_pred, ce_mean[n] / n_pred
             freq = a["fires"] / max(a["cnt"], 1)
-            variance = a["x2_sum"] - float(a["x_sum"].pow(2).sum()) / a["cnt"] if a["cnt"] else float("nan")
+            variance = _pooled_variance(a["x_sum"], a["x2_sum"], a["cnt"]) if a["cnt"] else float("nan")
             per_sequence = {"sse": torch.cat(a["seq_sse"]), "ce_sae": torch.cat(a["seq_ce"]),
                             **{key: torch.cat(v) for key, v in seq[n].items()}, "variance": torch.tensor(variance)}
             results.append(LayerEval(
