@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from saescope.api.controls import named_controls
 from saescope.api.probing import fit_logistic
 from saescope.core.errors import SaescopeError
 from saescope.core.models import LoadedModel, capture, token_strings
@@ -219,9 +220,7 @@ def feature_absorption(lm: LoadedModel, saes: dict[int, SAE], *, control: dict[i
                        cfg: AbsorptionConfig | None = None, progress: bool = True) -> dict:
     """Per layer, the first-letter absorption figures of `saes` (and of each control, on the same prompts and probe:
     `control`, or several by name in `controls`)."""
-    if control is not None and controls:
-        raise SaescopeError("give control or controls, not both")
-    controls = {"control": control} if control is not None else controls or {}
+    controls = named_controls(control, controls)
     cfg = cfg or AbsorptionConfig()
     layers = sorted(layers or saes)
     data = spelling_set(lm.tokenizer, cfg)

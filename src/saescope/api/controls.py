@@ -106,6 +106,14 @@ class ControlsOption(Config):
         return {spec: load_control(spec, saes) for spec in self.control}
 
 
+def named_controls(control: dict[int, SAE] | None, controls: dict[str, dict[int, SAE]] | None) -> dict[str, dict[int, SAE]]:
+    """The control sets a measurement runs beside the SAEs, by name: one given as `control` is named "control"; or
+    several by name in `controls`; not both."""
+    if control is not None and controls:
+        raise SaescopeError("give control or controls, not both")
+    return {"control": control} if control is not None else dict(controls or {})
+
+
 def control_kind(controls: dict[int, SAE]) -> str:
     """What a control set is: random, random-subspace, frozen-decoder or soft-frozen (its SAEs' meta says)."""
     meta = next(iter(controls.values())).meta.get("control")

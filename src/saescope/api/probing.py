@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saescope.api.controls import named_controls
 from saescope.api.scope import Scope
 from saescope.core.data.benchmarks import shared_data_dir
 from saescope.core.data.labelled import in_test_split
@@ -247,9 +248,7 @@ def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, SAE
     or several by name in `controls`, the first named "control") and the dense probe's accuracy, with each control's
     paired margins. Returns a JSON-ready dict with per-layer means over the tasks."""
     layers = scope.check_layers(layers)
-    if control is not None and controls:
-        raise SaescopeError("give control or controls, not both")
-    controls = {"control": control} if control is not None else controls or {}
+    controls = named_controls(control, controls)
     sae_sets = {"sae": {n: scope.saes[n] for n in layers}, **{name: {n: c[n] for n in layers} for name, c in controls.items()}}
     tasks = {}
     # per set and layer: each task's top-1 and top-5 outcome per test text

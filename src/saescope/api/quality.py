@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saescope.api.absorption import AbsorptionConfig, feature_absorption, format_absorption
-from saescope.api.controls import ControlsOption, control_kind
+from saescope.api.controls import ControlsOption, control_kind, named_controls
 from saescope.api.evaluate import fvu_on_texts, margin_words
 from saescope.api.probing import TASKS, ProbeSet, format_probing, probe_sets, sparse_probing
 from saescope.api.scope import SAEOptions, Scope
 from saescope.core.data import iter_texts
 from saescope.core.data.benchmarks import SharedDataOption, load_benchmark
-from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_json
 from saescope.core.io import RunDir, decoder_cos_to_init
 from saescope.core.io.lock import holding_lock
@@ -52,10 +51,8 @@ def quality_report(scope: Scope, probes: list[ProbeSet], *, control: dict[int, S
                    absorption: AbsorptionConfig | None = DEFAULT_ABSORPTION) -> dict:
     """Probing, absorption (None: skipped), FVU in and out of domain (SAEs and controls), and decoder movement (when
     `run` is a saescope run). `controls`: several by path (named as control_names says); `control`: one."""
-    if control is not None and controls:
-        raise SaescopeError("give control or controls, not both")
     paths = control_names(list(controls or {}))
-    named = {"control": control} if control is not None else {paths[p]: c for p, c in (controls or {}).items()}
+    named = named_controls(control, {paths[p]: c for p, c in (controls or {}).items()})
     sets = {"sae": scope.saes, **named}
     l0: dict = {}  # L0 mean and spread on the in-domain tokens: a threshold kind's L0 varies per token
     fvu = {"in_domain": fvu_on_texts(scope.lm, sets, iter_texts(None, split="eval"), n_tokens=fvu_tokens, l0=l0)}
