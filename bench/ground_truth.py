@@ -3,7 +3,10 @@ Korznikov et al. 2026 and sae-lens's trainers on the same activations.
 
 1. `groundtruth make`: SAMPLES activations in d dimensions from 8d known features (power-law firing, correlated and
    hierarchical pairs, noise, an offset; saescope.core.data.synthetic), held-out samples drawn at scoring time;
-2. `train --activations` of every kind at each k, with the library's defaults (learning rate, batch);
+2. `train --activations` of every kind at each k, with the library's defaults (learning rate, the per-token warm-up of
+   the kinds whose selection is batch-wide or per latent), on steps of --batch-size x 256 rows (default 1,024: the
+   batch of SAELens's synthetic trainer; the default for text, 16 sequences, gives a 500k-sample set a few hundred
+   steps);
 3. `control frozen-decoder` and `control soft-frozen` of each trained run (the one control mechanism), and the random
    control `groundtruth score` adds;
 4. sae-lens's trainer of the same kind (--peer-python: the peers' venv) on the same file, the same tokens, batch and
@@ -57,7 +60,8 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--samples", type=int, default=500_000)
-    p.add_argument("--passes", type=float, default=3.0, help="training tokens = passes x samples")
+    p.add_argument("--passes", type=float, default=5.0, help="training tokens = passes x samples")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per step / 256 (train's --batch-size)")
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--k", default="6", help="comma-separated: the L0 sweep")
     p.add_argument("--arch", default="topk,batchtopk,jumprelu,matryoshka")
@@ -77,7 +81,7 @@ def main() -> None:
         for kind in a.arch.split(","):
             run = work / f"{kind}-k{k}"
             cfg = TrainConfig(activations=str(activations), out=str(run), preset=None, arch=kind, k=k,
-                              expansion=a.expansion, max_tokens=tokens)
+                              expansion=a.expansion, max_tokens=tokens, batch_size=a.batch_size)
             if read_summary(run) is None:
                 times[f"train {run.name}"] = timed(run_train, cfg)
             step_tokens = cfg.batch_size * cfg.ctx_len

@@ -17,6 +17,17 @@ import numpy as np
 import torch
 
 
+def read_activations(path: Path) -> torch.Tensor:
+    """A .npy of rows, or one layer folder of a saescope activation cache (shard-*.safetensors, tensor "activations")."""
+    if path.is_dir():
+        from safetensors.torch import load_file
+        shards = sorted(path.glob("shard-*.safetensors"))
+        if not shards:
+            raise SystemExit(f"{path}: no shard-*.safetensors")
+        return torch.cat([load_file(f)["activations"].float() for f in shards])
+    return torch.from_numpy(np.load(path, mmap_mode="r")[:]).float()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--activations", required=True)
@@ -28,10 +39,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--hook-name", default="", help="recorded in cfg.json, so saescope's loader knows the layer")
+    p.add_argument("--model-name", default="")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    x = torch.from_numpy(np.load(a.activations, mmap_mode="r")[:]).float()
+    x = read_activations(Path(a.activations))
     n, d = x.shape
     d_sae = a.expansion * d
 
@@ -79,6 +92,11 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sae.save_inference_model(out / "saelens") if hasattr(sae, "save_inference_model") else sae.save_model(out / "saelens")
+    if a.hook_name or a.model_name:
+        cfg_file = out / "saelens" / "cfg.json"
+        saved = json.loads(cfg_file.read_text())
+        saved.setdefault("metadata", {}).update({"hook_name": a.hook_name, "model_name": a.model_name})
+        cfg_file.write_text(json.dumps(saved, indent=1))
     (out / "timing.json").write_text(json.dumps({"arch": a.arch, "tokens": steps * a.batch, "seconds": seconds,
                                                  "tok_s": steps * a.batch / seconds, "lr": a.lr, "batch": a.batch}))
 

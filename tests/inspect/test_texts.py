@@ -105,7 +105,7 @@ def test_inspect_cli_with_store_contrast_and_control(tiny_sae_dir, tiny_qwen3, c
     assert code == 0, err
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["n_texts"] == 20 and res["n_baseline"] == 20 and set(res["control"]["best_rate_diff"]) == {"2"}
-    assert "random control's best rate difference" in out
+    assert "random control's best rate difference" in out and res["control"]["kind"] == "random"
     # SAEs in another format with the same weights: the store still applies to them (fingerprints match)
     code, _, err = run_cli("export", "--sae", str(tiny_sae_dir), "--to", "saelens", "--out", str(tmp_path / "sl"))
     assert code == 0, err

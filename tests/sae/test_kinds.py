@@ -106,6 +106,43 @@ def test_batchtopk_training_code_is_k_per_token_on_average_and_inference_uses_th
     assert torch.allclose(_dense(sae.encode(x), sae.d_sae), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka", "jumprelu"])
+def test_a_global_kind_in_its_per_token_warm_up_trains_on_each_token_s_k_largest(kind):
+    sae, x = _sae(kind), _x()
+    sae.init_b_dec(x)
+    sae.init_from_batch(x)
+    if kind != "jumprelu":
+        sae.threshold.fill_(1.5)  # a running estimate from earlier batch-wide steps
+    threshold = sae.threshold.detach().clone()
+    sae.per_token = True
+    out = sae(x)
+    assert torch.equal((out.code.values > 0).sum(1), torch.full((x.shape[0],), sae.k))
+    pre = sae.pre_activations(x).detach()
+    want = torch.zeros_like(pre).scatter(1, pre.topk(sae.k, dim=1).indices, pre.topk(sae.k, dim=1).values).clamp_min(0)
+    assert torch.allclose(_dense(out.code, sae.d_sae), want, atol=1e-5)
+    assert out.extra is None or kind == "matryoshka"  # no L0 loss in the warm-up; Matryoshka's prefixes stay
+    sae.after_step(out.code, torch.ones(x.shape[0], dtype=torch.bool))
+    assert torch.equal(sae.threshold.detach(), threshold)  # no running estimate from a per-token code
+    (out.fvu + (out.extra if out.extra is not None else 0)).backward()
+    if kind == "jumprelu":  # the thresholds learn nothing from a code they did not choose
+        assert sae.log_threshold.grad is None or not sae.log_threshold.grad.any()
+
+
+def test_the_end_of_the_warm_up_restarts_the_kind_s_threshold():
+    btk, x = _sae("batchtopk"), _x()
+    btk.init_b_dec(x)
+    btk.threshold.fill_(3.0)
+    btk.end_warmup(x)
+    assert math.isnan(float(btk.threshold))  # the running estimate starts again from the batch-wide selection
+    jr = _sae("jumprelu")
+    jr.init_b_dec(x)
+    jr.log_threshold.data.fill_(5.0)
+    jr.end_warmup(x)
+    jr.per_token = False
+    l0 = float((jr(x).code.values > 0).sum(1).float().mean())
+    assert l0 == pytest.approx(jr.k, rel=0.2)  # at log-threshold 5 nothing fired; restarted, the batch's L0 is k again
+
+
 def test_batchtopk_left_out_tokens_fire_nothing_and_do_not_take_the_budget():
     sae, x = _sae("batchtopk"), _x()
     sae.init_b_dec(x)

@@ -159,6 +159,7 @@ valid_configs = st.builds(
     data_seed=st.none() | st.integers(0, 2**31),
     skip_first_token=st.booleans(),
     centre_encoder=st.booleans(),
+    per_token_warmup=st.floats(0, 1),
     activation_buffer=st.integers(0, 2**20),
     arch=st.sampled_from(["topk", "batchtopk", "jumprelu", "matryoshka"]),
     extra=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
@@ -180,7 +181,7 @@ KINDS = {
                      "model_device_map", "decoder_init", "arch", "activations", "decoder"), str),
     **dict.fromkeys(("expansion", "k", "ctx_len", "batch_size", "max_tokens", "dead_tokens", "checkpoint_every",
                      "log_every", "seed", "data_seed", "shuffle_buffer", "activation_buffer"), int),
-    **dict.fromkeys(("lr", "lr_decay_frac", "auxk_alpha", "outlier_factor", "l0_coef"), float),
+    **dict.fromkeys(("lr", "lr_decay_frac", "auxk_alpha", "outlier_factor", "l0_coef", "per_token_warmup"), float),
     **dict.fromkeys(("skip_first_token", "load_in_8bit", "centre_encoder"), bool),
     "extra": dict,
 }

@@ -216,3 +216,31 @@ def test_an_auto_lm_dtype_is_recorded_and_a_resume_on_another_cpu_keeps_it(tiny_
     assert resumed.load_checkpoint() and resumed.lm.dtype == torch.float32
     fresh = Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "fresh"))  # a new run here would take bf16
     assert fresh.lm.dtype == torch.bfloat16 and fresh.cfg.model_dtype == "bf16"
+
+
+def test_a_batch_kind_warms_up_per_token_and_a_resume_keeps_the_switch(tiny_qwen3, text_file, tmp_path, monkeypatch):
+    """batchtopk: the first per_token_warmup of the steps select each token's k largest (L0 exactly k on every token),
+    the rest the batch's; the switch step is the one the run began with, even when a resume asks for more tokens."""
+    seen: list[tuple[int, bool]] = []
+    cfg = _cfg(tiny_qwen3, text_file, tmp_path, arch="batchtopk", layers="1", per_token_warmup=0.5)
+    t = Trainer(cfg)
+    assert t.warmup_steps == 6 and t.total_steps == 12
+    original = type(t.states[1].sae).train_code
+
+    def spy(sae, *a, **kw):
+        seen.append((t.step, sae.per_token))
+        return original(sae, *a, **kw)
+
+    monkeypatch.setattr(type(t.states[1].sae), "train_code", spy)
+    t.fit(stop_after_steps=8)
+    assert seen == [(step, step < 6) for step in range(8)]
+    resumed = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, arch="batchtopk", layers="1", per_token_warmup=0.5,
+                           max_tokens=32 * 4 * 24))
+    assert resumed.warmup_steps == 12 and resumed.load_checkpoint() and resumed.warmup_steps == 6
+
+
+def test_topk_has_no_warm_up_and_runs_saved_before_it_had_none(tiny_qwen3, text_file, tmp_path):
+    assert Trainer(_cfg(tiny_qwen3, text_file, tmp_path / "topk", layers="1")).warmup_steps == 0
+    saved = _cfg(tiny_qwen3, text_file, tmp_path / "old", arch="batchtopk").to_dict()
+    del saved["per_token_warmup"]
+    assert TrainConfig.from_dict(saved).per_token_warmup == 0.0

@@ -183,7 +183,8 @@ def inspect_html(payload: dict) -> str:
             head = f"<h3>Layer {n}</h3>"
             c = chance.get(n, chance.get(str(n)))
             if c is not None:
-                head += f'<p class="note">Random control: best rate difference {c:.4f}.</p>'
+                which = html.escape(str((payload.get("control") or {}).get("kind", "random")))
+                head += f'<p class="note">Control ({which}): best rate difference {c:.4f}.</p>'
             rows = "".join(f"<tr><td>{_fid(n, r['feature'])}</td><td>{r['rate']:.4f}</td><td>{r['rate_baseline']:.4f}</td>"
                            f"<td>{r['rate_diff']:.4f}</td><td>{r['mean']:.3f}</td><td>{r['mean_baseline']:.3f}</td>"
                            f"<td>{r['text_rate']:.2f}</td><td>{r['text_rate_baseline']:.2f}</td></tr>" for r in v["more_on_texts"])

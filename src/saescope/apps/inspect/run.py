@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saescope.api.controls import ControlOption
+from saescope.api.controls import ControlOption, control_kind
 from saescope.api.scope import SAEOptions, Scope
 from saescope.api.steer import parse_features, steered_pair, typical_norm
 from saescope.api.store import FeatureStore, StoreConfig, build_feature_store, expert_features
@@ -102,7 +102,9 @@ class InspectResult:
                          f"({p['n_baseline']} texts)")
             for n, v in p["layers"].items():
                 chance = p.get("control", {}).get("best_rate_diff", {}).get(n)
-                lines.append(f"\nlayer {n}" + (f"  (random control's best rate difference: {chance:.4f})" if chance is not None else ""))
+                which = p.get("control", {}).get("kind", "random")
+                lines.append(f"\nlayer {n}" + (f"  ({which} control's best rate difference: {chance:.4f})"
+                                                if chance is not None else ""))
                 lines.append(f"  {'feature':>8} {'rate':>7} {'base':>7} {'diff':>7} {'mean':>7} {'base':>7} {'texts':>6}  top context")
                 for r in v["more_on_texts"]:
                     ctx = repr(snippet(r["contexts"][0])) if r.get("contexts") else ""
@@ -128,7 +130,7 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
                    "store": str(store.path) if store else None, **res}
         control = cfg.load_control(scope.saes)
         if control is not None:
-            payload["control"] = {"path": cfg.control,
+            payload["control"] = {"path": cfg.control, "kind": control_kind(control),
                                   "best_rate_diff": chance_contrast(contrast(Scope(scope.lm, control), texts, baseline, cfg))}
     atomic_write_json(out, payload)
     write_inspect_section(payload, out.with_name(f"report-section-{out.stem}.html"))

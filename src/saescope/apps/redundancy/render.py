@@ -30,7 +30,7 @@ def _near_init_warning(res: dict) -> str | None:
     if cos is None or cos <= 0.9:
         return None
     return (f"the layer {layer} decoders are still {cos:.3f} cosine to their random initialisation: these SAEs are close "
-            "to a random control; train longer before reading these figures as evidence about learned features")
+            "to the control; train longer before reading these figures as evidence about learned features")
 
 
 def format_report(res: dict, *, top: int = 15) -> str:
@@ -48,7 +48,7 @@ def format_report(res: dict, *, top: int = 15) -> str:
         lines.append(row)
     if "control_agreement" in res:
         ag = res["control_agreement"][layer]
-        lines.append(f"random control vs trained SAEs at layer {layer}: overlaps Pearson {ag['overlap_pearson']:+.3f}, "
+        lines.append(f"control vs trained SAEs at layer {layer}: overlaps Pearson {ag['overlap_pearson']:+.3f}, "
                      f"R_hat Spearman {ag['r_hat_spearman']:+.3f} (near 1: the SAE is not what these figures measure)")
     if warning := _near_init_warning(res):
         lines.append(f"warning: {warning}")
@@ -111,14 +111,14 @@ def write_report(res: dict, out: Path) -> str:
         fig, (ax,) = figure(1)
         ax.plot([int(n) for n in ag], [a["overlap_pearson"] for a in ag.values()], "o-", ms=3, label="overlaps (Pearson)")
         ax.plot([int(n) for n in ag], [a["r_hat_spearman"] for a in ag.values()], "s--", ms=3, label="R_hat (Spearman)")
-        ax.set(xlabel="layer", ylabel="agreement", ylim=(-1, 1), title="random control vs trained SAEs")
+        ax.set(xlabel="layer", ylabel="agreement", ylim=(-1, 1), title="control vs trained SAEs")
         ax.legend(fontsize=7)
-        parts.append("<p>How closely the random control reproduces the trained SAEs' figures, per layer. Near 1, the "
+        parts.append("<p>How closely the control reproduces the trained SAEs' figures, per layer. Near 1, the "
                      "redundancy figures come from the model's activations, not from what the SAE learned.</p>"
                      + png(fig, out / "control-agreement.png"))
     parts.append("<h3>Containment statements (size-matched)</h3><ul>" + "".join(
         f"<li>{html.escape(s['text'])}"
-        + (f" — random control: {100 * s['control_matched']:.0f}%" if s["control_matched"] is not None else "") + "</li>"
+        + (f" — control: {100 * s['control_matched']:.0f}%" if s["control_matched"] is not None else "") + "</li>"
         for s in res["statements"][:20]) + "</ul>")
     parts.append(f"<h3>Subsumed benchmarks (candidates to drop)</h3><p class='note'>A is listed when at least "
                  f"{100 * res['subsume_threshold']:.0f}% of its size-matched footprint lies inside B and clearly more than "

@@ -55,7 +55,7 @@ class FootprintResult:
     def text(self) -> str:
         kept = f" ({', '.join(self.kept)} already there: kept)" if self.kept else ""
         return (f"footprinted {self.n_benchmarks} benchmarks ({self.n_prompts} prompts) on {self.n_layers} layers"
-                f"{' with the random control' if self.control else ''}{kept}\nfootprints: {self.path}")
+                f"{' with the control' if self.control else ''}{kept}\nfootprints: {self.path}")
 
 
 @holding_lock

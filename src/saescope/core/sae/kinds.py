@@ -49,9 +49,20 @@ def _pre(sae: SAE, x: Tensor) -> Tensor:
     return F.linear(sae.encoder_input(x).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float()
 
 
+def _topk_train_code(sae: SAE, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
+                     keep: Tensor | None, per_batch: bool) -> tuple[SparseCode, SparseCode | None]:
+    """The k largest per token (per_batch False) or the k x tokens largest of the batch, and the AuxK code."""
+    fast = fused_topk_encode(sae.encoder_input(x), sae.W_enc, sae.b_enc, k=sae.cfg.k, compute_dtype=sae.compute_dtype,
+                             dead=dead, k_aux=k_aux, workspace=workspace, per_batch=per_batch, rows=keep,
+                             with_groups=torch.is_grad_enabled() and sae.W_enc.requires_grad)
+    aux = SparseCode(fast.aux_indices, fast.aux_values) if k_aux > 0 else None
+    return SparseCode(fast.indices, fast.values, fast.groups), aux
+
+
 class BatchTopKSAE(SAE):
     kind = "batchtopk"
     ragged = True
+    global_selection = True
 
     def __init__(self, cfg: SAEConfig, **kw):
         super().__init__(cfg, **kw)
@@ -71,15 +82,16 @@ class BatchTopKSAE(SAE):
 
     def train_code(self, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
                    keep: Tensor | None = None) -> tuple[SparseCode, SparseCode | None]:
-        fast = fused_topk_encode(self.encoder_input(x), self.W_enc, self.b_enc, k=self.cfg.k,
-                                 compute_dtype=self.compute_dtype, dead=dead, k_aux=k_aux, workspace=workspace,
-                                 per_batch=True, rows=keep,
-                                 with_groups=torch.is_grad_enabled() and self.W_enc.requires_grad)
-        aux = SparseCode(fast.aux_indices, fast.aux_values) if k_aux > 0 else None
-        return SparseCode(fast.indices, fast.values, fast.groups), aux
+        return _topk_train_code(self, x, dead, k_aux, workspace, keep, per_batch=not self.per_token)
+
+    @torch.no_grad()
+    def end_warmup(self, x: Tensor) -> None:
+        self.threshold.fill_(float("nan"))  # estimated afresh from the batch-wide selection's own steps
 
     @torch.no_grad()
     def after_step(self, code: SparseCode, keep: Tensor) -> None:
+        if self.per_token:  # each token's k largest say nothing of the batch-wide threshold
+            return
         kept = code.values[keep] if keep.dtype == torch.bool else code.values
         positive = kept[kept > 0]
         if positive.numel():
@@ -163,6 +175,7 @@ class JumpReLUSAE(SAE):
     kind = "jumprelu"
     ragged = True
     uses_auxk = False  # its sparsity is its own loss; AuxK's top-k among dead latents has no k to stand on here
+    global_selection = True
 
     def __init__(self, cfg: SAEConfig, *, l0_coef: float = 1.0, **kw):
         super().__init__(cfg, **kw)
@@ -189,6 +202,10 @@ class JumpReLUSAE(SAE):
         self.log_threshold.fill_(float(theta.log()))
         self.bandwidth.fill_(float(BANDWIDTH * _pre(self, x).std(0).median().clamp_min(1e-6)))
 
+    @torch.no_grad()
+    def end_warmup(self, x: Tensor) -> None:
+        self.init_from_batch(x)  # the thresholds (and kernel width) where the warmed-up encoder's batch L0 is k
+
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
@@ -206,12 +223,17 @@ class JumpReLUSAE(SAE):
 
     def train_code(self, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
                    keep: Tensor | None = None) -> tuple[SparseCode, SparseCode | None]:
+        if self.per_token:  # the warm-up: each token's k largest, no L0 loss, the thresholds untouched
+            self._l0 = None
+            return _topk_train_code(self, x, None, 0, workspace, keep, per_batch=False)[0], None
         values, indices, live, self._l0 = _JumpReLUEncode.apply(self.encoder_input(x.float()), self.W_enc.float(),
                                                                 self.b_enc.float(),
                                                                 self.threshold, float(self.bandwidth), keep)
         return SparseCode(indices, values.to(self.W_enc.dtype), live=live), None
 
     def extra_loss(self, x: Tensor, code: SparseCode, w: Tensor | None, variance: Tensor) -> Tensor | None:
+        if self._l0 is None:
+            return None
         l0 = self._l0 if w is None else self._l0 * w[:, 0]
         mean_l0 = l0.sum() / (w.sum() if w is not None else torch.tensor(float(l0.numel()))).clamp_min(1)
         return self.l0_coef * (mean_l0 / self.cfg.k - 1).pow(2)

