@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 # rate (256 steps of 2 x 256 tokens); then the per-layer eval on 1k held-out tokens beside a random-direction
 # control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
 # checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
-# English contrast and one inspected text; toxicity rules mined on English HateCheck (template split) at layers 5,
-# 15 and 25 and scored beside the control and the baselines, then applied to 500 French HateCheck texts with an audit
-# log; and the HTML report with its feature browser and the audit's decisions (runs/demo/report.html). The LM runs in
+# English contrast and one inspected text; toxicity rules (OR and sparse weighted) mined on 2,000 + 2,000 real English
+# tweets (OLID's train split) at layers 5, 15 and 25, scored on OLID's own test split, on HASOC 2019's (tweets the
+# rules never saw) and on HateCheck (per functionality) beside the control and the baselines, then applied to 500
+# real French tweets (FTR) with an audit log; and the HTML report with its feature browser and the audit's decisions (runs/demo/report.html). The LM runs in
 # bf16 where this CPU is fast at it (DEMO_DTYPE), as training does. `make demo-training` then runs the training-time
 # path on the demo's SAEs.
 DEMO_BENCH := gsm8k,math,mmlu,arc_challenge,hellaswag,truthfulqa,winogrande,ifeval,bbh,svamp,humaneval,mgsm_fr,m_ifeval_en,m_ifeval_es,m_ifeval_fr,m_ifeval_ja
@@ -40,9 +41,10 @@ demo: setup
 	$(BIN)/saescope inspect --sae runs/demo --texts mgsm_fr --baseline mgsm_en --limit 60 --layers 5,15,25 --top 5 \
 		--control runs/demo/control $(DEMO_DTYPE)
 	$(BIN)/saescope inspect --sae runs/demo --texts "She said, “I will be there tomorrow.”" --layers 15 --top 5 $(DEMO_DTYPE)
-	$(BIN)/saescope toxicity mine --sae runs/demo --data hatecheck_en --layers 5,15,25 $(DEMO_DTYPE)
-	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3 $(DEMO_DTYPE)
-	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts french --limit 500 $(DEMO_DTYPE)
+	$(BIN)/saescope toxicity mine --sae runs/demo --data en_olid --layers 5,15,25 $(DEMO_DTYPE)
+	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3 \
+		--also en_hasoc2019 --also hatecheck_en $(DEMO_DTYPE)
+	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts fr_ftr_racism --limit 500 $(DEMO_DTYPE)
 	$(BIN)/saescope report --sae runs/demo
 
 # The training-time path end to end on the demo's SAEs (after `make demo`): layer 15's repetition features found in

@@ -73,15 +73,18 @@ def main() -> None:
 
 
 def figures(sae: str, controls: list[str], folder: Path, eval_tokens: int, seconds: dict, label: str,
-            model: str | None = None) -> dict:
-    """eval and quality of `sae` beside `controls` into `folder` (kept when already there)."""
+            model: str | None = None, k: int | None = None) -> dict:
+    """eval and quality of `sae` beside `controls` into `folder` (kept when already there). `k`: for files that record
+    none (SAELens saves BatchTopK as JumpReLU), the k their controls keep."""
     if not (folder / "eval.json").is_file():
         start = time.perf_counter()
-        print(run_eval(EvalConfig(sae=sae, model=model, control=controls, n_tokens=eval_tokens, out=str(folder))).text())
+        print(run_eval(EvalConfig(sae=sae, model=model, k=k, control=controls, n_tokens=eval_tokens,
+                                  out=str(folder))).text())
         seconds[f"eval {label}"] = time.perf_counter() - start
     if not (folder / "quality.json").is_file():
         start = time.perf_counter()
-        print(run_quality(QualityConfig(sae=sae, model=model, control=controls, out=str(folder / "quality.json"))).text())
+        print(run_quality(QualityConfig(sae=sae, model=model, k=k, control=controls,
+                                        out=str(folder / "quality.json"))).text())
         seconds[f"quality {label}"] = time.perf_counter() - start
     ev = json.loads((folder / "eval.json").read_text())
     quality = json.loads((folder / "quality.json").read_text())
@@ -114,7 +117,7 @@ def saelens(python: str, run: Path, kind: str, controls: list[str], eval_tokens:
     timing = json.loads((peer / "timing.json").read_text())
     seconds[f"saelens train {kind}"] = timing["seconds"]
     return {**figures(str(peer / "saelens"), controls, run.parent / f"saelens-{run.name}-controls", eval_tokens, seconds,
-                      f"saelens {kind}", model=cfg["model"]), "train_tok_s": timing["tok_s"]}
+                      f"saelens {kind}", model=cfg["model"], k=cfg["k"]), "train_tok_s": timing["tok_s"]}
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_hits_pack_and_unpack_round_trip():
 
 
 def test_mining_by_hand():
-    rules, choice = mine_rules(hits_of({3: L3, 7: L7}), LABELS, (1, 2, 3))
+    rules, choice = mine_rules(hits_of({3: L3, 7: L7}), LABELS, (1, 2, 3), sparse=False)
     assert choice["chosen_layer"] == 3 and choice["layer_best_delta"] == {"3": 0.75, "7": 0.75}
     by = {r.name: r for r in rules}
     assert [f.feature for f in by["layer3-k1"].features] == [0]
@@ -66,7 +66,7 @@ def test_mining_by_hand():
     # multi-k2: feature 0 of layer 3 or feature 5 of layer 7 -> texts 0-3 and 7
     assert by["multi-k2"].predict(hits_of({3: L3, 7: L7})).tolist() == [True] * 4 + [False] * 3 + [True]
     # mined on one layer, there are no multi-layer rules (each would be layer3-k1 under another name)
-    one, _ = mine_rules(hits_of({3: L3}), LABELS, (1, 2, 3))
+    one, _ = mine_rules(hits_of({3: L3}), LABELS, (1, 2, 3), sparse=False)
     assert [r.name for r in one] == ["layer3-k1", "layer3-k2", "layer3-k3"]
 
 
@@ -78,7 +78,8 @@ def test_the_default_rule_is_the_best_balanced_accuracy_on_the_mining_texts():
     # By hand: layer3-k1 flags texts 0-2 (F1 6/7, balanced accuracy (3/4 + 4/4) / 2 = 0.875); multi-k2 flags 0-3 and 7
     # (F1 8/9, balanced accuracy 0.875). F1 would pick multi-k2; the tie in balanced accuracy goes to fewer features.
     data = LabelledSet("hand", [f"text {i}" for i in range(8)], LABELS, [f"g{i}" for i in range(8)], [""] * 8)
-    rules = make_ruleset(hits_of({3: L3, 7: L7}), data, random_saes(8, [3, 7], d_sae=11), model="m", sae="mem", ks=(1, 2))
+    rules = make_ruleset(hits_of({3: L3, 7: L7}), data, random_saes(8, [3, 7], d_sae=11), model="m", sae="mem", ks=(1, 2),
+                         sparse=False)
     assert rules.choice["mining_f1"]["multi-k2"] == pytest.approx(8 / 9)
     assert rules.choice["mining_f1"]["layer3-k1"] == pytest.approx(6 / 7)
     assert rules.default == "layer3-k1"
@@ -90,7 +91,7 @@ def test_the_default_rule_is_the_best_balanced_accuracy_on_the_mining_texts():
     table[[0, 1, 2, 3, 4, 5, 6], 2] = True  # delta 1 - 1/2
     data = LabelledSet("skewed", data.texts, skewed, data.groups, data.functionality)
     rules = make_ruleset(hits_of({3: table}), data, random_saes(8, [3], d_sae=3, k=1), model="m", sae="mem", ks=(1, 2),
-                         multi_layer=False)
+                         multi_layer=False, sparse=False)
     assert rules.choice["mining_f1"]["layer3-k2"] == pytest.approx(12 / 13)
     assert rules.choice["mining_f1"]["layer3-k1"] == pytest.approx(0.8)
     assert rules.choice["mining_balanced_accuracy"]["layer3-k1"] == pytest.approx(5 / 6) and rules.default == "layer3-k1"
@@ -102,8 +103,51 @@ def test_mining_refuses_what_it_cannot_do():
     with pytest.raises(SaescopeError, match="no feature of any layer fires more often"):
         mine_rules(hits_of({3: L3}), 1 - LABELS, (1,))
     # features with no positive delta are left out of a rule rather than padding it to K
-    rules, _ = mine_rules(hits_of({7: L7}), LABELS, (2,))
+    rules, _ = mine_rules(hits_of({7: L7}), LABELS, (2,), sparse=False)
     assert [f.feature for f in rules[0].features] == [5]
+
+
+def _and_table(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Positive exactly when features 3 ("a slur") AND 5 ("a target") both fire; each fires on half the texts alone,
+    feature 1 is noise."""
+    rng = np.random.default_rng(seed)
+    table = rng.random((n, 8)) < 0.5
+    return table, (table[:, 3] & table[:, 5]).astype(np.int64)
+
+
+def test_a_sparse_rule_says_and_where_the_or_rule_cannot():
+    table, labels = _and_table()
+    rules, choice = mine_rules(hits_of({4: table}), labels, (1, 2))
+    by = {r.name: r for r in rules}
+    sparse = by["sparse4-k2"]
+    assert sorted(f.feature for f in sparse.features) == [3, 5] and len(sparse.weights) == 2
+    # an AND: each weight alone stays below the bias, the two together cross it
+    assert sparse.bias < 0 and all(sparse.bias + w < 0 for w in sparse.weights) and sparse.bias + sum(sparse.weights) > 0
+    assert np.array_equal(sparse.predict(hits_of({4: table})), labels.astype(bool))
+    assert choice["mining_balanced_accuracy"]["sparse4-k2"] == 1.0
+    assert choice["mining_balanced_accuracy"]["layer4-k2"] < 0.8  # OR of the two: positive on 3/4 of the texts
+    assert sparse.decide({(4, 3), (4, 5)}) [0] and not sparse.decide({(4, 3)})[0]
+    assert len(by["sparse4-k1"].features) == 1  # at most K features
+
+
+def test_sparse_rules_round_trip_and_bad_weights_are_refused(tmp_path):
+    from saescope.core.data.labelled import LabelledSet
+
+    table, labels = _and_table()
+    data = LabelledSet("and", [f"t{i}" for i in range(len(labels))], labels, [f"g{i}" for i in range(len(labels))],
+                       [""] * len(labels))
+    rules = make_ruleset(hits_of({4: table}), data, random_saes(8, [4], d_sae=8, k=2), model="m", sae="mem", ks=(2,))
+    rules.save(tmp_path / "rules.json")
+    back = RuleSet.load(tmp_path / "rules.json")
+    assert back.rule("sparse4-k2") == rules.rule("sparse4-k2") and back.default == "sparse4-k2"
+    obj = json.loads((tmp_path / "rules.json").read_text())
+    assert obj["version"] == 3
+    for bad in ([1.0], [float("nan"), 1.0], ["x", 1.0]):
+        broken = json.loads((tmp_path / "rules.json").read_text())
+        next(r for r in broken["rules"] if r["kind"] == "sparse")["weights"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(broken))
+        with pytest.raises(SaescopeError, match="sparse rule needs one finite weight per feature|weights"):
+            RuleSet.load(tmp_path / "bad.json")
 
 
 def test_scores_by_hand():
@@ -290,8 +334,10 @@ def test_mine_classify_eval_through_the_library(tox_env):
     lines = [json.loads(x) for x in (root / "audit.jsonl").read_text().splitlines()]
     assert len(lines) == len(classified.predictions) == 160
     assert [r["decision"] == "positive" for r in lines] == classified.predictions
-    assert all(r["fired"] for r in lines if r["decision"] == "positive")
     rule = mined.rules.rule(None)
+    for r in lines:  # each decision is the rule's on the features the record names (a sparse rule: with its score)
+        assert rule.decide({(f["layer"], f["feature"]) for f in r["fired"]})[0] == (r["decision"] == "positive")
+        assert ("score" in r) == (rule.kind == "sparse") and all(("weight" in f) == (rule.kind == "sparse") for f in r["fired"])
     labelled = load_labelled(str(data))
     enc = encode_labelled(Scope.load(str(sae_dir), layers=rule.layers), labelled, residual=False, progress=False)
     assert classified.predictions == rule.predict(enc.hits["sae"]).tolist()  # the audit decides as the rule does
@@ -305,7 +351,7 @@ def test_mine_classify_eval_through_the_library(tox_env):
                                         json=str(root / "eval.json")))
     got = json.loads((root / "eval.json").read_text())
     assert ev.path == root / "eval.json" and got["sets"]["sae"]["rules"].keys() == ev.result["sets"]["sae"]["rules"].keys()
-    assert "template" in got["split"] and "lexical" in got["baselines"]
+    assert "by template" in got["split"] and "lexical" in got["baselines"]
     assert set(got["curve"]["sae"]) == {"0.5", "1.0"} and got["curve"]["sae"]["0.5"]["f1"]["layer-k1"]["draws"] == 2
 
 
@@ -337,3 +383,80 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tox_env, tmp_path):
                            "--texts", "hello there", "--audit", str(tmp_path / "a.jsonl"))
     assert_one_line_error(code, err, "were mined on the SAEs")
     assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "a.jsonl.partial").exists()
+
+
+# ---------------------------------------------------------------- natural posts (../shared/data/toxicity/natural)
+def test_natural_sets_load_by_name_and_split_by_their_own_split():
+    from saescope.apps.toxicity.run import mining_side
+    from saescope.core.data.labelled import NATURAL, split_rule
+
+    shared_file(SHARED / "toxicity" / "natural" / "en_olid.jsonl")
+    olid = load_labelled("en_olid")
+    assert (olid.language, olid.definition, len(olid), olid.counts()) == ("en", "offensive", 6000, (3000, 3000))
+    mine, held = group_split(olid)
+    # OLID's own test split (354 tweets: 191 clean, 163 offensive) is the held-out side, whatever the seed
+    assert held.counts() == (191, 163) and set(held.splits) == {"test"} and set(mine.splits) == {"train"}
+    assert group_split(olid, seed=7)[1].texts == held.texts and "own split (test rows" in split_rule(olid)
+    # the report's sizes: at most 2,000 of each class mined, a seeded sample of the mining side
+    side = mining_side(olid, "mine", 1.0, 0, 2000)
+    assert side.counts() == (2000, 2000) and not set(side.texts) & set(held.texts)
+    assert mining_side(olid, "mine", 1.0, 0, 2000).texts == side.texts != mining_side(olid, "mine", 1.0, 1, 2000).texts
+    # HatEval-es has train and dev only: dev is held out; a set without splits falls back to the hash of its texts
+    assert set(group_split(load_labelled("es_hateval2019"))[1].splits) == {"dev"}
+    pt = load_labelled("pt_toldbr")
+    assert pt.splits == () and "by text, a seeded hash" in split_rule(pt)
+    assert set(NATURAL) >= {"en_olid", "de_germeval2018", "zh_cold", "ar_mlma"}
+
+
+def test_mixing_label_definitions_warns_and_the_same_definition_does_not():
+    from saescope.core.data.labelled import check_definitions
+
+    shared_file(SHARED / "toxicity" / "natural" / "es_hateval2019.jsonl")
+    olid, hasoc, hateval = (load_labelled(n) for n in ("en_olid", "en_hasoc2019", "es_hateval2019"))
+    assert check_definitions([olid, hasoc]) is None
+    warned = check_definitions([olid, hateval])
+    assert "hate: es_hateval2019" in warned and "offensive: en_olid" in warned and "\n" not in warned
+
+
+def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen3, tmp_path):
+    """The report's protocol on natural data, end to end on random SAEs (the figures are chance; the plumbing is
+    what is tested): 2 x K texts mined per class, the own test split held out, other sets scored beside it, the
+    transfer matrix over natural sets, a definitions warning, and a sparse rule's audit (weights and score)."""
+    from saescope.apps.toxicity import ClassifyConfig, MineConfig, RulesEvalConfig, run_classify, run_mine, run_rules_eval
+
+    shared_file(SHARED / "toxicity" / "natural" / "en_olid.jsonl")
+    sae_dir = save_saes(random_saes(64, [1, 2], model=str(tiny_qwen3)), tmp_path / "saes")
+    mined = run_mine(MineConfig(sae=str(sae_dir), data="en_olid", per_class=30, rule_k=[1, 2], out=str(tmp_path / "r.json")))
+    assert mined.side.counts() == (30, 30) and set(mined.side.splits) == {"train"}
+    kinds = {r.kind for r in mined.rules.rules}
+    assert kinds == {"layer", "multi", "sparse"} and mined.rules.mining["per_class"] == 30
+    with pytest.warns(UserWarning, match="label different things as positive"):
+        ev = run_rules_eval(RulesEvalConfig(rules=str(tmp_path / "r.json"), also=["es_hateval2019"], fractions=[1.0],
+                                            draws=1, transfer=["de_germeval2018", "en_olid"]))
+    got = ev.result
+    assert got["evaluation"]["n_texts"] == 354 and "own split (test rows held out)" in got["split"]
+    assert got["mining"]["n_texts"] == 60  # the same capped side the rules were mined on
+    assert got["also"]["es_hateval2019"]["evaluation"]["n_texts"] == 500 and "dev rows" in got["also"]["es_hateval2019"]["split"]
+    assert set(got["transfer"]["sae"]) == {"en_olid", "de_germeval2018"} and "offensive: " in got["warning"]
+    assert "es_hateval2019" in ev.text()
+    sparse = next(r.name for r in mined.rules.rules if r.kind == "sparse")
+    run_classify(ClassifyConfig(rules=str(tmp_path / "r.json"), texts="fr_ftr_racism", limit=12, rule=sparse,
+                                audit=str(tmp_path / "audit.jsonl")))
+    records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and all("score" in r for r in records)
+    assert all((r["score"] > 0) == (r["decision"] == "positive") for r in records)
+
+
+def test_natural_bad_input_is_one_line(tiny_qwen3, tmp_path):
+    shared_file(SHARED / "toxicity" / "natural" / "en_olid.jsonl")
+    sae_dir = save_saes(random_saes(64, [1], model=str(tiny_qwen3)), tmp_path / "saes")
+    code, _, err = run_cli("toxicity", "mine", "--sae", str(sae_dir), "--data", "en_olid", "--per-class", "4",
+                           "--rule-k", "1,10", "--out", str(tmp_path / "r.json"))
+    assert_one_line_error(code, err, "fewer than K=10")
+    assert not (tmp_path / "r.json").exists()
+    from saescope.apps.toxicity import RulesEvalConfig
+    from saescope.core.errors import ParamError
+
+    with pytest.raises(ParamError, match="unknown set 'klingon'"):
+        RulesEvalConfig(rules="r.json", transfer=["natural", "klingon"]).languages()
+    assert RulesEvalConfig(rules="r.json", transfer=["natural"]).languages()[:2] == ["en_olid", "de_germeval2018"]

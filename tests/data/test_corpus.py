@@ -116,3 +116,29 @@ def test_the_default_mix_holds_no_probe_or_evaluation_text():
     blob = "\n".join(corpus)
     found = [line for line in lines if line in blob]
     assert not found, found[:3]
+
+
+def test_the_comments_mix_holds_the_comments_at_their_share_and_no_labelled_post(tmp_path, monkeypatch):
+    """`--data comments`: the default mix's sources (here small stand-ins) at 80% of their shares and the shared
+    comments corpus at 20%; no comment is a text of a labelled natural set (those are what rules are scored on)."""
+    from tests.conftest import SHARED, shared_file
+
+    import saescope.core.data.corpus as corpus
+    from saescope.core.data.labelled import NATURAL, load_labelled
+
+    shared_file(SHARED / "toxicity" / "natural" / "comments_corpus.jsonl")
+    monkeypatch.setattr(corpus, "cache_dir", lambda: tmp_path)
+    stand_in = {name: (lambda name=name: iter([f"{name} document {i} " * 20 for i in range(400)]))
+                for name in corpus.MIX_SHARES}
+    monkeypatch.setattr(corpus, "MIX_SOURCES", stand_in)
+    rows = [json.loads(line) for line in open(corpus.comments_path())]
+    chars = {}
+    for r in rows:
+        chars[r["source"]] = chars.get(r["source"], 0) + len(r["text"])
+    total = sum(chars.values())
+    assert abs(chars["comments"] / total - corpus.COMMENTS_SHARE) < 0.01
+    assert abs(chars["prose"] / total - MIX_SHARES["prose"] * (1 - corpus.COMMENTS_SHARE)) < 0.01
+    used = {r["text"] for r in rows if r["source"] == "comments"}
+    every = set(corpus.comments_documents())
+    labelled = {t.strip() for name in NATURAL for t in load_labelled(name).texts}
+    assert len(used) > 500 and used <= every and len(every) > 60_000 and not {t.strip() for t in every} & labelled

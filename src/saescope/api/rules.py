@@ -5,6 +5,11 @@
     rule            = the K features of largest delta_f; a text is positive when ANY of them fires on ANY token
     layer           = "top1-diff": the layer whose best feature has the largest delta_f (no test labels needed)
     multi-layer     = the best feature of each of the K layers whose best features rank highest
+    sparse          = (saescope's addition) at the chosen layer, at most K features with a weight each and a bias: a
+                      text is positive when bias + the sum of the weights of the features that fire on it > 0. The
+                      features are picked by an L1-penalised logistic regression on the fires (the penalty raised until
+                      at most K are left), the weights refit on them (class-balanced); a rule that can say "slur AND
+                      target" (two weights, each below the bias alone) or "fires, unless a counter-speech feature does"
 
 Every decision is auditable: the rule is a short list of (layer, feature) pairs, and a positive names the
 features that fired, on which tokens, with what activation (saescope.apps.toxicity.classify).
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from saescope.api.hits import FeatureHits, feature_deltas, scores
 from saescope.core.data.labelled import LabelledSet
@@ -31,8 +37,11 @@ from saescope.core.sae import SAE
 from saescope.core.schema import Field, InputError, check_record
 
 FORMAT = "saescope-toxicity-rules"
-VERSION = 2  # 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded
+# 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded. 3: sparse rules (weights, bias)
+VERSION = 3
 DEFAULT_KS = (1, 2, 5, 10)
+RULE_KINDS = ("layer", "multi", "sparse")
+SPARSE_CANDIDATES = 256  # the features of largest |delta| at the chosen layer that the L1 path chooses among
 
 
 @dataclass(frozen=True)
@@ -46,32 +55,102 @@ class RuleFeature:
 
 @dataclass(frozen=True)
 class Rule:
-    """Positive when any of `features` fires. kind: "layer" (K features of one layer) or "multi" (one per layer)."""
+    """kind "layer" (K features of one layer) or "multi" (one per layer): positive when any of `features` fires.
+    kind "sparse": positive when bias + the weights of the features that fire sum above 0."""
 
     name: str
     kind: str
     k: int
     features: tuple[RuleFeature, ...]
+    weights: tuple[float, ...] = ()  # sparse rules: one per feature
+    bias: float = 0.0
 
     @property
     def layers(self) -> list[int]:
         return sorted({f.layer for f in self.features})
 
     def predict(self, hits: FeatureHits) -> np.ndarray:
+        if self.kind == "sparse":
+            score = np.full(hits.n, self.bias)
+            for f, w in zip(self.features, self.weights, strict=True):
+                score += w * hits.column(f.layer, f.feature)
+            return score > 0
         out = np.zeros(hits.n, dtype=bool)
         for f in self.features:
             out |= hits.column(f.layer, f.feature)
         return out
 
+    def decide(self, fired: set[tuple[int, int]]) -> tuple[bool, float | None]:
+        """The decision on a text whose firing rule features (layer, feature) are `fired`, and a sparse rule's score."""
+        if self.kind != "sparse":
+            return bool(fired), None
+        score = self.bias + sum(w for f, w in zip(self.features, self.weights, strict=True) if (f.layer, f.feature) in fired)
+        return score > 0, score
+
+    def weight(self, layer: int, feature: int) -> float | None:
+        for f, w in zip(self.features, self.weights, strict=True):
+            if (f.layer, f.feature) == (layer, feature):
+                return w
+        return None
+
 
 def generic_name(name: str) -> str:
-    """A rule's name without its layer (layer15-k5 -> layer-k5; multi-k5 stays): rules mined on different data
-    choose different layers, and curves and transfer compare them by kind and K."""
-    return re.sub(r"^layer\d+-", "layer-", name)
+    """A rule's name without its layer (layer15-k5 -> layer-k5, sparse15-k5 -> sparse-k5; multi-k5 stays): rules mined
+    on different data choose different layers, and curves and transfer compare them by kind and K."""
+    return re.sub(r"^(layer|sparse)\d+-", r"\1-", name)
+
+
+def _l1_logistic(x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float, lipschitz: float,
+                 iters: int = 300) -> torch.Tensor:
+    """Weights of the weighted mean logistic loss + lam |w|_1 (bias unpenalised), by FISTA."""
+    n, c = x.shape
+    w, b = torch.zeros(c, dtype=x.dtype), torch.zeros((), dtype=x.dtype)
+    zw, zb, t = w, b, 1.0
+    for _ in range(iters):
+        g = sw * (torch.sigmoid(x @ zw + zb) - y) / n
+        step_w = zw - (x.T @ g) / lipschitz
+        w_new = torch.sign(step_w) * (step_w.abs() - lam / lipschitz).clamp_min(0)
+        b_new = zb - g.sum() / lipschitz
+        t_new = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        zw, zb = w_new + (t - 1) / t_new * (w_new - w), b_new + (t - 1) / t_new * (b_new - b)
+        w, b, t = w_new, b_new, t_new
+    return w
+
+
+def sparse_logistic(table: np.ndarray, labels: np.ndarray, k: int) -> tuple[list[int], list[float], float]:
+    """At most k columns of the (texts, features) 0/1 `table` and their weights and bias: the L1 penalty is bisected
+    (in log space) to the smallest that leaves at most k non-zero weights, and a class-balanced logistic regression
+    is refit on those columns (saescope.api.probing.fit_logistic). Columns in order of |weight|."""
+    from saescope.api.probing import fit_logistic
+
+    x = torch.as_tensor(table, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.float64)
+    pos = float(y.mean())
+    sw = torch.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
+    n = len(y)
+    design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1) * sw.sqrt()[:, None]
+    lipschitz = 0.25 * float(torch.linalg.matrix_norm(design, ord=2)) ** 2 / n
+    lam_max = float((x.T @ (sw * (0.5 - y) / n)).abs().max())  # at w = 0 (balanced: bias 0) nothing moves above it
+    lo, hi = lam_max * 1e-4, lam_max
+    w_lo = _l1_logistic(x, y, sw, lo, lipschitz)
+    w_hi = torch.zeros(x.shape[1], dtype=x.dtype)
+    for _ in range(14):
+        mid = (lo * hi) ** 0.5
+        w = _l1_logistic(x, y, sw, mid, lipschitz)
+        if int((w != 0).sum()) <= k:
+            hi, w_hi = mid, w
+        else:
+            lo, w_lo = mid, w
+    w = w_hi if int((w_hi != 0).sum()) else w_lo  # a jump from none to more than k: the k largest of the denser one
+    cols = [int(c) for c in torch.argsort(-w.abs(), stable=True)[:k] if w[c] != 0]
+    probe = fit_logistic(x[:, cols], y, balanced=True)
+    weights = probe.weight[0].tolist()
+    order = sorted(range(len(cols)), key=lambda i: -abs(weights[i]))
+    return [cols[i] for i in order], [float(weights[i]) for i in order], float(probe.bias[0])
 
 
 def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *, multi_layer: bool = True,
-               origin: str = "mining data") -> tuple[list[Rule], dict]:
+               sparse: bool = True, origin: str = "mining data") -> tuple[list[Rule], dict]:
     """Rules for each K (one layer, chosen by top1-diff; and multi-layer), and what the choice saw: per layer the
     best delta, the chosen layer, and each rule's F1 on the mining texts themselves."""
     ks = sorted(set(ks))
@@ -97,6 +176,13 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
     for k in ks:
         top = [int(f) for f in ranked[chosen][:k] if deltas[chosen][0][f] > 0]
         rules.append(Rule(f"layer{chosen}-k{k}", "layer", k, tuple(feature(chosen, f) for f in top)))
+    if sparse:
+        candidates = np.argsort(-np.abs(deltas[chosen][0]), kind="stable")[:SPARSE_CANDIDATES]
+        table = hits.layer(chosen)[:, candidates]
+        for k in ks:
+            cols, weights, bias = sparse_logistic(table, labels, k)
+            rules.append(Rule(f"sparse{chosen}-k{k}", "sparse", k,
+                              tuple(feature(chosen, int(candidates[c])) for c in cols), tuple(weights), bias))
     if multi_layer and len(deltas) > 1:  # on one layer a multi-layer rule is the one-feature rule again, under a K it lacks
         by_layer = sorted((n for n in best if best[n] > 0), key=lambda n: (-best[n], n))
         for k in ks:
@@ -113,7 +199,8 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
 MINING_RECORD = {"source": Field(str), "language": Field(str), "hash": Field(str), "n_texts": Field(int, min=1),
                  "n_positive": Field(int, min=0), "n_negative": Field(int, min=0), "data": Field(str), "columns": Field(dict),
                  "split": Field(str), "fraction": Field(float, min=0, max=1), "seed": Field(int, min=0),
-                 "data_hash": Field(str)}
+                 "data_hash": Field(str), "per_class": Field(int, min=1, nullable=True, required=False),
+                 "split_rule": Field(str, required=False)}
 
 
 @dataclass
@@ -169,8 +256,9 @@ class RuleSet:
                 "fingerprints": {str(n): fp for n, fp in sorted(self.fingerprints.items())},
                 "d_sae": {str(n): d for n, d in sorted(self.d_sae.items())},
                 "mining": self.mining, "choice": self.choice, "default": self.default,
-                "rules": [{"name": r.name, "kind": r.kind, "k": r.k,
-                           "features": [vars(f) for f in r.features]} for r in self.rules]}
+                "rules": [{"name": r.name, "kind": r.kind, "k": r.k, "features": [vars(f) for f in r.features],
+                           **({"weights": list(r.weights), "bias": r.bias} if r.kind == "sparse" else {})}
+                          for r in self.rules]}
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(Path(path), self.to_json(Path(path)))
@@ -203,9 +291,15 @@ class RuleSet:
         rules = []
         for i, r in enumerate(obj["rules"]):
             where = f"{origin}: rules[{i}]"
-            check_record(r, {"name": Field(str), "kind": Field(str, check=lambda v: None if v in ("layer", "multi")
-                                                                else "must be layer or multi"),
-                             "k": Field(int, min=1), "features": Field(list)}, where)
+            sparse = r.get("kind") == "sparse" if isinstance(r, dict) else False
+            check_record(r, {"name": Field(str), "kind": Field(str, check=lambda v: None if v in RULE_KINDS
+                                                                else f"must be one of {', '.join(RULE_KINDS)}"),
+                             "k": Field(int, min=1), "features": Field(list),
+                             "weights": Field(list, required=sparse), "bias": Field(float, required=sparse)}, where)
+            if sparse and (len(r["weights"]) != len(r["features"]) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) for w in r["weights"])
+                    or not np.isfinite(r["bias"])):
+                raise InputError(f"{where}: a sparse rule needs one finite weight per feature and a finite bias")
             feats = []
             for j, f in enumerate(r["features"]):
                 check_record(f, {"layer": Field(int, min=0), "feature": Field(int, min=0), "delta": Field(float),
@@ -218,7 +312,8 @@ class RuleSet:
                                      f"SAE has features 0..{d_sae[f['layer']] - 1}")
                 feats.append(RuleFeature(f["layer"], f["feature"], float(f["delta"]), float(f["p_positive"]),
                                          float(f["p_negative"])))
-            rules.append(Rule(r["name"], r["kind"], r["k"], tuple(feats)))
+            rules.append(Rule(r["name"], r["kind"], r["k"], tuple(feats),
+                              tuple(float(w) for w in r["weights"]) if sparse else (), float(r["bias"]) if sparse else 0.0))
         sae = resolve_record_path(obj["sae"], Path(path)) if obj["version"] >= 2 else obj["sae"]
         out = cls(rules, obj["default"], float(obj["threshold"]), obj["model"], sae, fingerprints, obj["mining"],
                   obj["choice"], obj["control"], d_sae)
@@ -227,10 +322,10 @@ class RuleSet:
 
 
 def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, SAE], *, model: str, sae: str,
-                 ks: Sequence[int] = DEFAULT_KS, threshold: float = 0.0, multi_layer: bool = True,
+                 ks: Sequence[int] = DEFAULT_KS, threshold: float = 0.0, multi_layer: bool = True, sparse: bool = True,
                  mining: dict | None = None, control: bool = False) -> RuleSet:
     """Mine rules on `hits` of `data` and tie them to the SAEs and the data they came from."""
-    rules, choice = mine_rules(hits, data.labels, ks, multi_layer=multi_layer, origin=data.name)
+    rules, choice = mine_rules(hits, data.labels, ks, multi_layer=multi_layer, sparse=sparse, origin=data.name)
     # Balanced accuracy, not F1: on a set 69% positive (HateCheck) a rule that flags everything has F1 0.81, and the
     # F1 choice was such a rule (499 of 500 French texts flagged); any constant rule has balanced accuracy 0.5.
     bal = choice["mining_balanced_accuracy"]

@@ -28,11 +28,13 @@ class Decision:
     index: int
     text: str
     positive: bool
-    fired: list[dict] = field(default_factory=list)  # per firing feature: layer, feature, delta, tokens fired on
+    fired: list[dict] = field(default_factory=list)  # per firing feature: layer, feature, delta, (weight), tokens
+    score: float | None = None  # a sparse rule's bias + the weights of the features that fired
 
     def record(self, rules_fingerprint: str, rule: str) -> dict:
         return {"index": self.index, "text": self.text, "decision": "positive" if self.positive else "negative",
-                "rule": rule, "rules_fingerprint": rules_fingerprint, "fired": self.fired}
+                "rule": rule, "rules_fingerprint": rules_fingerprint, "fired": self.fired,
+                **({"score": round(self.score, 6)} if self.score is not None else {})}
 
 
 class RuleClassifier:
@@ -98,11 +100,17 @@ class RuleClassifier:
                     for tok in toks:
                         tok["token"] = strings[row][tok["position"]]
                     entry = {"layer": n, "feature": f.feature, "delta": round(f.delta, 4), "tokens": toks}
+                    if self.rule.kind == "sparse":
+                        entry["weight"] = round(self.rule.weight(n, f.feature), 6)
                     ev = self.evidence(n, f.feature)
                     if ev is not None:
                         entry["evidence"] = ev
                     fired[row].append(entry)
-        return [Decision(i, t, bool(fired[i]), fired[i]) for i, t in enumerate(texts)]  # indices set by the caller
+        out = []
+        for i, t in enumerate(texts):  # indices set by the caller
+            positive, score = self.rule.decide({(e["layer"], e["feature"]) for e in fired[i]})
+            out.append(Decision(i, t, positive, fired[i], score))
+        return out
 
     def decisions(self, texts: Iterable[str], *, batch_size: int = 32, max_length: int = 256, total: int | None = None,
                   progress: bool = True, window: int = 32) -> Iterator[Decision]:

@@ -139,9 +139,10 @@ def mining_curve(mine: EncodedSet, target: EncodedSet, cfg: BenchConfig, name: s
     return out
 
 
-def benchmark(mine: EncodedSet, target: EncodedSet, cfg: BenchConfig, *, rules: list[Rule] | None = None) -> dict:
+def benchmark(mine: EncodedSet, target: EncodedSet, cfg: BenchConfig, *, rules: list[Rule] | None = None,
+              curve: bool = True) -> dict:
     """The rules (mined on `mine` unless given) on `target`, beside the control's rules, the residual probe and the
-    lexical baseline; per functionality for every rule; and the mining-fraction curve."""
+    lexical baseline; per functionality for every rule; and (with `curve`) the mining-fraction curve."""
     out: dict = {"split": SPLIT_NOTE, "mining": {"source": mine.data.name, "n_texts": len(mine.data)},
                  "evaluation": {"source": target.data.name, "n_texts": len(target.data)}, "sets": {}}
     for name in mine.hits:
@@ -162,7 +163,8 @@ def benchmark(mine: EncodedSet, target: EncodedSet, cfg: BenchConfig, *, rules: 
     if probe is not None:
         out["baselines"]["probe"] = {"layer": layer, **scores(probe, target.data.labels),
                                      "functionality": by_functionality(probe, target.data)}
-    out["curve"] = {name: mining_curve(mine, target, cfg, name) for name in mine.hits}
+    if curve:
+        out["curve"] = {name: mining_curve(mine, target, cfg, name) for name in mine.hits}
     return out
 
 
@@ -218,6 +220,8 @@ def format_benchmark(result: dict) -> str:
                      f"{b['balanced_accuracy']:7.3f}")
     lines.append(f"layer chosen by top1-diff: {sae['choice']['chosen_layer']}"
                  + (f" (control: {control['choice']['chosen_layer']})" if control else ""))
+    if "curve" not in result:
+        return "\n".join(lines)
     curve = result["curve"]["sae"]
     kinds = list(next(iter(curve.values()))["f1"])
     for metric in ("f1", "balanced_accuracy"):

@@ -48,6 +48,8 @@ def _results(result: dict) -> str:
         m = "balanced_accuracy"
         cell = lambda s, t: f"{transfer['sae'][s][t][m][rule]:.3f} / {ctl.get(s, {}).get(t, {}).get(m, {}).get(rule, float('nan')):.3f}"  # noqa: E731
         out.append(html_table(["mined on"] + langs, [[s] + [cell(s, t) for t in langs] for s in langs]))
+    for other in result.get("also", {}).values():
+        out.append(_results(other))
     return "\n".join(out)
 
 
@@ -64,8 +66,11 @@ def _decisions(audit: list[dict]) -> str:
             if ev:
                 extra = (f"<br><span class='note'>promotes {html.escape(', '.join(map(repr, ev['promoted'][:8])))}; "
                          f"top contexts: {html.escape(' | '.join(c[:80] for c in ev['contexts']))}</span>")
-            body.append(f"<li>layer {f['layer']} feature {f['feature']} (delta {f['delta']:+.3f}) fired on {toks}{extra}</li>")
-        summary = f"#{r['index']} {r['decision']}: {html.escape(r['text'][:120])}"
+            weight = f" weight {f['weight']:+.3f}," if "weight" in f else ""
+            body.append(f"<li>layer {f['layer']} feature {f['feature']} (delta {f['delta']:+.3f}){weight} fired on {toks}"
+                        f"{extra}</li>")
+        score = f" (score {r['score']:+.3f})" if "score" in r else ""
+        summary = f"#{r['index']} {r['decision']}{score}: {html.escape(r['text'][:120])}"
         out.append(f"<details><summary>{summary}</summary><ul>{''.join(body) or '<li>no feature fired</li>'}</ul>"
                    f"<span class='note'>rule {html.escape(r['rule'])}, rules fingerprint {html.escape(r['rules_fingerprint'])}"
                    f"</span></details>")

