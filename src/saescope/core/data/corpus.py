@@ -225,14 +225,17 @@ def mix_file() -> Path:
 def mix_path() -> Path:
     """The cached mix, built on first use."""
     path = mix_file()
-    if path.exists():
-        return path
+    return path if path.exists() else _build_mix(path, MIX_SOURCES, MIX_SHARES)
+
+
+def _build_mix(path: Path, documents: dict[str, Callable[[], Iterator[str]]], shares: dict[str, float]) -> Path:
+    """Each source's documents once, shuffled with the source's position as seed, interleaved at `shares` into PATH."""
     sources = {}
-    for i, (name, documents) in enumerate(MIX_SOURCES.items()):
-        docs = list(dict.fromkeys(documents()))  # each document once
+    for i, (name, docs_of) in enumerate(documents.items()):
+        docs = list(dict.fromkeys(docs_of()))  # each document once
         random.Random(i).shuffle(docs)  # no source's file order (a task, a package folder) reaches a short run
         sources[name] = docs
-    return _write(path, interleave(sources, MIX_SHARES))
+    return _write(path, interleave(sources, shares))
 
 
 COMMENTS_SHARE = 0.2
@@ -256,13 +259,8 @@ def comments_path() -> Path:
     path = cache_dir() / "corpus" / f"{MIX_VERSION}-comments-{COMMENTS_SHARE:g}.jsonl"
     if path.exists():
         return path
-    sources = {}
-    for i, (name, documents) in enumerate({**MIX_SOURCES, "comments": comments_documents}.items()):
-        docs = list(dict.fromkeys(documents()))
-        random.Random(i).shuffle(docs)
-        sources[name] = docs
     shares = {**{k: v * (1 - COMMENTS_SHARE) for k, v in MIX_SHARES.items()}, "comments": COMMENTS_SHARE}
-    return _write(path, interleave(sources, shares))
+    return _build_mix(path, {**MIX_SOURCES, "comments": comments_documents}, shares)
 
 
 CORPORA: dict[str, Callable[[], Path]] = {"default": mix_path, "passages": passages_path, "comments": comments_path}
