@@ -10,7 +10,9 @@ Korznikov et al. 2026 and sae-lens's trainers on the same activations.
 3. `control frozen-decoder` and `control soft-frozen` of each trained run (the one control mechanism), and the random
    control `groundtruth score` adds;
 4. sae-lens's trainer of the same kind (--peer-python: the peers' venv) on the same file, the same tokens, batch and
-   learning rate (equal tokens), and again on the tokens it trains in saescope's wall time (equal time);
+   learning rate (equal tokens), and again on the tokens it trains in saescope's wall time (equal time); with
+   --peers sae-lens,sparsify also sparsify's top-k trainer on the same rows and tokens (bench/peer_sparsify_activations.py:
+   its defaults, and Adam at saescope's learning rate);
 5. `groundtruth score` of them all: recovered share (a decoder row at cosine > 0.9), mean best cosine, MCC,
    absorption on the parent/child pairs, explained variance, L0, training tok/s.
 
@@ -54,6 +56,17 @@ def peer(python: str, activations: Path, arch: str, expansion: int, k: int, toke
     return json.loads((out / "timing.json").read_text())
 
 
+def sparsify(python: str, activations: Path, expansion: int, k: int, tokens: int, batch: int, lr: float | None,
+             out: Path) -> dict:
+    """sparsify's top-k trainer: its defaults (signum, its learning rate) when lr is None, else Adam at lr."""
+    if not (out / "timing.json").is_file():
+        optim = ["--optimizer", "signum"] if lr is None else ["--optimizer", "adam", "--lr", str(lr)]
+        subprocess.run([python, str(Path(__file__).with_name("peer_sparsify_activations.py")), "--activations",
+                        str(activations), "--expansion", str(expansion), "--k", str(k), "--tokens", str(tokens),
+                        "--batch", str(batch), "--out", str(out), *optim], check=True)
+    return json.loads((out / "timing.json").read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="bench/work/gt")
@@ -67,6 +80,8 @@ def main() -> None:
     p.add_argument("--arch", default="topk,batchtopk,jumprelu,matryoshka")
     p.add_argument("--controls", default="frozen-decoder,soft-frozen")
     p.add_argument("--peer-python", default=None, help="the peers' venv python: sae-lens trains beside saescope")
+    p.add_argument("--peers", default="sae-lens", help="with --peer-python: sae-lens and/or sparsify (top-k only: its "
+                   "defaults, and Adam at saescope's learning rate)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +109,13 @@ def main() -> None:
                                                                                        out=str(folder)))
                 saes.append(str(folder))
             peers = {}
-            if a.peer_python:
+            if a.peer_python and "sparsify" in a.peers and kind == "topk":
+                for label, peer_lr in (("sparsify, its defaults", None), ("sparsify, adam", lr)):
+                    folder = work / f"sparsify-{'adam' if peer_lr else 'default'}-k{k}"
+                    peers[label] = sparsify(a.peer_python, activations, a.expansion, k, tokens, step_tokens, peer_lr,
+                                            folder)
+                    saes.append(str(folder / "sparsify"))
+            if a.peer_python and "sae-lens" in a.peers:
                 equal_tokens = work / f"saelens-{kind}-k{k}"
                 peers["equal tokens"] = peer(a.peer_python, activations, kind, a.expansion, k, tokens, step_tokens, lr,
                                              equal_tokens)
@@ -111,7 +132,10 @@ def main() -> None:
             for row in scored.rows:
                 role = ("saescope" if row["name"] == str(run) else row["control"] or
                         ("random" if row["name"].startswith("random control") else None))
-                if role is None:
+                if role is None and "/sparsify-" in row["name"]:
+                    role = "sparsify, adam" if "/sparsify-adam" in row["name"] else "sparsify, its defaults"
+                    row = {**row, "train_tok_s": peers[role]["tok_s"], "train_tokens": peers[role]["tokens"]}
+                elif role is None:
                     role = "sae-lens, equal time" if "equal-time" in row["name"] else "sae-lens, equal tokens"
                     timing = peers["equal time" if "equal-time" in row["name"] else "equal tokens"]
                     row = {**row, "train_tok_s": timing["tok_s"], "train_tokens": timing["tokens"]}

@@ -76,6 +76,10 @@ def test_scores_count_a_perfect_dictionary_and_random_directions():
     assert got["recovered"] == 1.0 and got["mean_best_cos"] == pytest.approx(1.0)
     assert got["mcc"] == pytest.approx(1.0, abs=1e-6) and got["explained_variance"] == pytest.approx(1.0, abs=1e-5)
     assert got["absorption"] == 0.0
+    structure = got["recovered_by_structure"]
+    assert {g: v["features"] for g, v in structure.items()} == {"unpaired": 128 - 2 * 8, "correlated": 0, "parents": 8,
+                                                               "children": 8}
+    assert structure["unpaired"]["recovered"] == 1.0 and structure["children"]["recovered"] == 1.0
     rnd = ground_truth_scores(random_like(make_sae(SAEConfig(32, 128, 4)), seed=1), f, x, truth)
     assert rnd["recovered"] == 0.0 and rnd["mean_best_cos"] < 0.7 and rnd["mcc"] < 0.5
 
@@ -104,7 +108,11 @@ def test_groundtruth_make_train_score_end_to_end(tmp_path):
     trained, control = rows
     assert trained["recovered"] > 0.1 > control["recovered"] == 0.0  # learned features the control does not have
     assert trained["mean_best_cos"] > control["mean_best_cos"] + 0.15
-    assert trained["train_tok_s"] > 0 and "recovered" in scored.text()
+    assert trained["train_tok_s"] > 0 and "recovered" in scored.text() and "children" in scored.text()
+    structure = trained["recovered_by_structure"]
+    assert sum(g["features"] for g in structure.values()) == 64 and structure["children"]["features"] == 4
+    unpaired = structure["unpaired"]
+    assert unpaired["features"] == 64 - 2 * 4 - 2 * 4 and 0 <= unpaired["recovered"] <= 1
 
 
 def test_hold_near_keeps_rows_at_the_cosine_floor():

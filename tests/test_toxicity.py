@@ -15,7 +15,7 @@ from saescope.api.hits import FeatureHits, encode_labelled, scores
 from saescope.api.rules import RuleSet, make_ruleset, mine_rules
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
-from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, group_subset, transfer_matrix
+from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, format_transfer, group_subset, transfer_matrix
 from saescope.core.data.labelled import group_split, load_labelled, text_source
 from saescope.core.errors import SaescopeError
 from saescope.core.models import load_model, token_strings
@@ -303,7 +303,12 @@ def test_benchmark_and_transfer_on_a_tiny_model(tiny_qwen3, hate_sample):
     matrix = transfer_matrix({"a": (m, h), "b": (h, m)}, cfg)
     assert matrix["sae"]["a"]["a"]["f1"]["layer-k1"] == pytest.approx(full)
     assert matrix["always positive"]["a"]["balanced_accuracy"] == 0.5
-    assert set(matrix) == {"sae", "control", "probe", "lexical", "always positive"}
+    assert set(matrix) == {"sae", "control", "probe", "lexical", "always positive", "sizes"}
+    assert matrix["sizes"]["a"] == {"mine": {"texts": len(m.data), "positive": int(m.data.labels.sum())},
+                                    "held_out": {"texts": len(h.data), "positive": int(h.data.labels.sum())}}
+    table = format_transfer(matrix, rules=("layer-k1",))
+    assert f"a {len(m.data)} ({int(m.data.labels.sum())}) / {len(h.data)}" in table
+    assert table.count("transfer matrix") == 2 and table.count("always +") == 2  # F1 and balanced accuracy
 
 
 # ---------------------------------------------------------------- the command line
@@ -438,7 +443,7 @@ def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen
     assert got["mining"]["n_texts"] == 60  # the same capped side the rules were mined on
     assert got["also"]["es_hateval2019"]["evaluation"]["n_texts"] == 500 and "dev rows" in got["also"]["es_hateval2019"]["split"]
     assert set(got["transfer"]["sae"]) == {"en_olid", "de_germeval2018"} and "offensive: " in got["warning"]
-    assert "es_hateval2019" in ev.text()
+    assert "es_hateval2019" in ev.text() and "sparse-k" in ev.text() and "texts (positive) mined on" in ev.text()
     sparse = next(r.name for r in mined.rules.rules if r.kind == "sparse")
     run_classify(ClassifyConfig(rules=str(tmp_path / "r.json"), texts="fr_ftr_racism", limit=12, rule=sparse,
                                 audit=str(tmp_path / "audit.jsonl")))

@@ -126,14 +126,18 @@ class ScoreResult:
 
     def text(self) -> str:
         head = (f"{'SAE':>28} {'kind':>10} {'k':>4} {'recovered':>9} {'best cos':>8} {'MCC':>6} {'absorb':>6} {'EV':>6} "
-                f"{'L0':>6} {'tok/s':>7}")
+                f"{'L0':>6} {'tok/s':>7} {'unpaired':>8} {'parents':>7} {'children':>8}")
         lines = ["ground truth: true features recovered (a decoder row at cosine > 0.9), mean best cosine, MCC (one-to-one",
-                 "matched activations), absorption on parent/child pairs, explained variance, L0; on held-out samples", head]
+                 "matched activations), absorption on parent/child pairs, explained variance, L0; on held-out samples;",
+                 "recovered among the features in no pair, the parents and the children (a child fires only with its parent)",
+                 head]
         for r in self.rows:
             tok = f"{r['train_tok_s']:7.0f}" if r.get("train_tok_s") else f"{'-':>7}"
             absorb = f"{r['absorption']:6.3f}" if not math.isnan(r["absorption"]) else f"{'-':>6}"
             lines.append(f"{r['name'][-28:]:>28} {r['kind']:>10} {r['k']:>4} {r['recovered']:9.3f} {r['mean_best_cos']:8.3f} "
-                         f"{r['mcc']:6.3f} {absorb} {r['explained_variance']:6.3f} {r['l0']:6.1f} {tok}")
+                         f"{r['mcc']:6.3f} {absorb} {r['explained_variance']:6.3f} {r['l0']:6.1f} {tok} "
+                         + " ".join(f"{r['recovered_by_structure'][g]['recovered']:{w}.3f}"
+                                    for g, w in (("unpaired", 8), ("parents", 7), ("children", 8))))
         return "\n".join([*lines, f"results: {self.path}"])
 
 

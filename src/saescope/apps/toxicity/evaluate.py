@@ -194,6 +194,8 @@ def transfer_matrix(sides: dict[str, tuple[EncodedSet, EncodedSet]], cfg: BenchC
             out.setdefault("lexical", {}).setdefault(source, {})[t] = _two(scores(pred, sides[t][1].data.labels))
     out["always positive"] = {t: _two(scores(np.ones(len(sides[t][1].data), dtype=bool), sides[t][1].data.labels))
                               for t in langs}
+    out["sizes"] = {t: {side: {"texts": len(enc.data), "positive": int(np.count_nonzero(enc.data.labels == 1))}
+                        for side, enc in zip(("mine", "held_out"), sides[t], strict=True)} for t in langs}
     return out
 
 
@@ -231,24 +233,29 @@ def format_benchmark(result: dict) -> str:
     return "\n".join(lines)
 
 
-def format_transfer(matrix: dict, rule: str = "layer-k5") -> str:
+def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-k5")) -> str:
     sae = matrix["sae"]
     langs = list(sae)
     short = {lang: lang[:7] for lang in langs}
+    header = f"{'':>8} " + " ".join(f"{short[t]:>13}" for t in langs)
     lines = []
+    if "sizes" in matrix:
+        lines.append("texts (positive) mined on / held out: " + "; ".join(
+            f"{t} {s['mine']['texts']} ({s['mine']['positive']}) / {s['held_out']['texts']} ({s['held_out']['positive']})"
+            for t, s in matrix["sizes"].items()))
+    control = matrix.get("control", {})
     for metric in ("f1", "balanced_accuracy"):
-        lines += [f"transfer matrix, {metric.replace('_', ' ')} of the {rule} rule (rows: mined on; columns: evaluated "
-                  "on; SAE / control)", f"{'':>8} " + " ".join(f"{short[t]:>13}" for t in langs)]
-        for s in langs:
-            cells = [f"{sae[s][t][metric].get(rule, math.nan):6.3f}/"
-                     f"{matrix.get('control', {}).get(s, {}).get(t, {}).get(metric, {}).get(rule, math.nan):6.3f}" for t in langs]
-            lines.append(f"{short[s]:>8} " + " ".join(f"{x:>13}" for x in cells))
-        always = matrix.get("always positive")
-        if always:
-            lines.append(f"{'always +':>8} " + " ".join(f"{always[t][metric]:>13.3f}" for t in langs))
+        for rule in (r for r in rules if r in sae[langs[0]][langs[0]]["f1"]):
+            lines += [f"transfer matrix, {metric.replace('_', ' ')} of the {rule} rule (rows: mined on; columns: "
+                      "evaluated on; SAE / control)", header]
+            for s in langs:
+                cells = [f"{sae[s][t][metric].get(rule, math.nan):6.3f}/"
+                         f"{control.get(s, {}).get(t, {}).get(metric, {}).get(rule, math.nan):6.3f}" for t in langs]
+                lines.append(f"{short[s]:>8} " + " ".join(f"{x:>13}" for x in cells))
+        lines.append(f"baselines, {metric.replace('_', ' ')} (rows mined on, columns evaluated on)")
         for base in ("probe", "lexical"):
-            if base in matrix:
-                lines.append(f"{base} baseline, {metric.replace('_', ' ')} (rows mined on, columns evaluated on)")
-                for s in langs:
-                    lines.append(f"{short[s]:>8} " + " ".join(f"{matrix[base][s][t][metric]:>13.3f}" for t in langs))
+            for s in langs if base in matrix else []:
+                lines.append(f"{base[:5] + ' ' + short[s]:>8} " + " ".join(f"{matrix[base][s][t][metric]:>13.3f}" for t in langs))
+        if "always positive" in matrix:
+            lines.append(f"{'always +':>8} " + " ".join(f"{matrix['always positive'][t][metric]:>13.3f}" for t in langs))
     return "\n".join(lines)
