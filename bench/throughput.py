@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import math
 import os
 import platform
 import shutil
@@ -38,6 +39,8 @@ from saescope.core.models.builtin import builtin_model_dir
 from saescope.core.sae.fast import screens, top_k
 from saescope.core.system import cpu_flags, peak_rss_mb
 from saescope.core.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
+from saescope.core.train.config import buffer_steps
+from saescope.core.train.trainer import STEP_PARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,6 +131,19 @@ def fvu_on(saes, eval_acts, factor=5.0) -> tuple[float, float]:
     return statistics.mean(kept), statistics.mean(full)
 
 
+def timed_span(n_steps: int, warmup: int, window: int) -> tuple[int, int]:
+    """The steps [first, last) to time: whole windows of the activation buffer only. The trainer runs the LM for a
+    window's batches at the window's first step and trains the window's steps after it, so a span that cut a window
+    would count its SAE steps without their LM forwards (or the reverse). The windows holding the first `warmup`
+    steps are left out."""
+    first = window * math.ceil(warmup / window)
+    last = first + window * ((n_steps - first) // window)
+    if last <= first:
+        raise SystemExit(f"{n_steps} steps leave no whole window of {window} steps after the warm-up's {first}: "
+                         f"ask for at least --steps {first + window}")
+    return first, last
+
+
 def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
     cfg = TrainConfig(model=args.model, out=str(out), layers=",".join(map(str, layers)), preset=None, expansion=expansion,
                       k=k, ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=args.ctx_len * args.batch_size * steps,
@@ -140,10 +156,10 @@ def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
     trainer.fit()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the SAEs stay in memory
-    w = min(args.warmup, len(log) - 1)
-    secs = log[-1]["elapsed_s"] - log[w - 1]["elapsed_s"] if w > 0 else log[-1]["elapsed_s"]
-    tokens = (log[-1]["step"] - (log[w - 1]["step"] if w > 0 else 0)) * cfg.ctx_len * cfg.batch_size
-    return {"tok_s": tokens / secs, "steps": log[-1]["step"], "timed_steps": log[-1]["step"] - (w if w > 0 else 0),
+    first, last = timed_span(len(log), args.warmup, buffer_steps(cfg.activation_buffer, cfg.ctx_len * cfg.batch_size))
+    secs = log[last - 1]["elapsed_s"] - (log[first - 1]["elapsed_s"] if first > 0 else 0.0)
+    tokens = (last - first) * cfg.ctx_len * cfg.batch_size
+    return {"tok_s": tokens / secs, "steps": log[-1]["step"], "timed_steps": last - first,
             "peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "saes": {n: st.sae for n, st in trainer.states.items()}}
@@ -195,6 +211,49 @@ def run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, out: P
             "peak_gpu_mb": timing["peak_gpu_mb"], "saes": {layer: next(iter(load_saes(out / "saelens").values()))}}
 
 
+def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int = 4) -> dict:
+    """Where a saescope step's time goes: `steps` steps of a fresh run under torch.profiler (after 2 unprofiled ones of
+    another, which warm the process), each part of
+    the trainer's step (trainer.STEP_PARTS, its profiler scopes) summed over layers, in ms per step and as a share of
+    the step's wall time; what no scope covers is "other". Also prints the top operators."""
+    def trainer(name: str) -> Trainer:
+        cfg = TrainConfig(model=args.model, out=str(work / name), preset=None, expansion=expansion, k=k,
+                          ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=10**9, checkpoint_every=10**9,
+                          log_every=10**6, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
+                          layers=",".join(map(str, layers)))
+        out = Trainer(cfg, lm=lm)
+        out.save_checkpoint = lambda: out.out  # keep checkpoint I/O out of the profiled steps
+        return out
+
+    trainer("profile-warmup").fit(stop_after_steps=2)  # the process warm (allocator, kernels) before the profiled run
+    profiled = trainer("profile")
+    acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts_list) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        profiled.fit(stop_after_steps=steps)
+        _sync(device)
+        wall = time.perf_counter() - start
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    totals = {e.key.removeprefix("saescope."): e.cpu_time_total / 1e3 / steps for e in prof.key_averages()
+              if e.key.startswith("saescope.")}
+    parts = {name: totals.get(name, 0.0) for name in STEP_PARTS}
+    step_ms = wall * 1e3 / steps
+    parts["other"] = max(0.0, step_ms - sum(parts.values()))
+    tokens = args.batch_size * args.ctx_len
+    return {"steps": steps, "tokens_per_step": tokens, "step_ms": step_ms, "tok_s_profiled": tokens / (step_ms / 1e3),
+            "ms_per_step": parts,
+            "share": {name: ms / step_ms for name, ms in parts.items()}}
+
+
+def format_profile(profile: dict) -> str:
+    lines = [f"per part of a step ({profile['steps']} profiled steps of {profile['tokens_per_step']} tokens, "
+             f"{profile['step_ms']:.0f} ms each under the profiler):"]
+    lines += [f"  {name:<13} {ms:9.1f} ms {profile['share'][name]:6.1%}" for name, ms in profile["ms_per_step"].items() if ms]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -216,7 +275,8 @@ def main() -> None:
     p.add_argument("--sparsify-optimizer", default="adam")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--rounds", type=int, default=1, help="run saescope and sparsify this many times each, alternately (median)")
-    p.add_argument("--profile", action="store_true", help="print the top operators of 4 saescope steps (torch.profiler)")
+    p.add_argument("--profile", action="store_true", help="where 4 saescope steps' time goes: per part of the step and "
+                   "the top operators (torch.profiler)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -269,19 +329,7 @@ def main() -> None:
                          "fvu_saescope_same_layer": fvu_on({n: ours["saes"][n]}, {n: eval_acts[n]})})
         else:
             raise SystemExit(f"unknown peer {peer}; use sparsify and/or sae-lens")
-    if args.profile:
-        cfg = TrainConfig(model=args.model, out=str(work / "profile"), preset=None, expansion=expansion, k=k, ctx_len=args.ctx_len,
-                          batch_size=args.batch_size, max_tokens=10**9, checkpoint_every=10**9, log_every=10**6,
-                          model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
-                          layers=",".join(map(str, layers)))
-        trainer = Trainer(cfg, lm=lm)
-        trainer.save_checkpoint = lambda: trainer.out  # keep checkpoint I/O out of the profiled steps
-        trainer.fit(stop_after_steps=2)
-        acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch.profiler.profile(activities=acts_list) as prof:
-            trainer.fit(stop_after_steps=4)
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    profile = profile_parts(args, lm, layers, expansion, k, work, device) if args.profile else None
     rounds = [{"saescope": ours["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"],
                **{r["trainer"]: r["tok_s"] for r in rows[1:] if r["trainer"].startswith("sparsify")}}]
     for i in range(1, args.rounds):
@@ -302,7 +350,7 @@ def main() -> None:
         for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
             sub = layers[:: max(1, len(layers) // n_layers)][:n_layers]
             before = measure_limit(lm, sub, exp * lm.d_model, train_batches[0], device)
-            res = run_saescope(lm, args, sub, exp, k, min(args.steps, 12), work / f"sweep-{exp}-{n_layers}")
+            res = run_saescope(lm, args, sub, exp, k, min(args.steps, 24), work / f"sweep-{exp}-{n_layers}")
             lim = _mean_limit([before, measure_limit(lm, sub, exp * lm.d_model, train_batches[0], device)])
             sweep.append({"expansion": exp, "layers": n_layers, "tok_s": res["tok_s"], "limit_tok_s": lim["limit_tok_s"],
                           "ratio": res["tok_s"] / lim["limit_tok_s"]})
@@ -315,7 +363,8 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d")}
     config = {"model": "random-weights " + str(model_dir) if args.random_weights else args.model, "layers": len(layers),
               "preset": args.preset, "d_sae": d_sae, "k": k, "batch": f"{args.batch_size} x {args.ctx_len}",
-              "steps": args.steps, "warmup_steps_excluded": args.warmup}
+              "steps": args.steps, "warmup_steps_excluded": args.warmup,
+              "timed": "whole activation-buffer windows after the warm-up (a row's timed_steps)"}
     print(f"\n{machine['device']} [{machine['cpu_flags']}], torch {machine['torch']}, model {model_dtype}, "
           f"SAE encoder {machine['sae_encoder']}")
     print(f"{config['model']}: {len(layers)} layers, {args.preset} (d_sae {d_sae}), {args.steps} steps of {config['batch']} tokens")
@@ -344,8 +393,10 @@ def main() -> None:
                   + (f", sparsify {sp:.0f} tok/s, ratio {rd['saescope'] / sp:.2f}x" if sp else ""))
     for s in sweep:
         print(f"sweep: {s['expansion']:>2}x, {s['layers']:>2} layers: {s['tok_s']:7.0f} tok/s, limit {s['limit_tok_s']:7.0f} ({s['ratio']:.0%})")
+    if profile:
+        print(format_profile(profile))
     result = {"machine": machine, "config": config, "limit": limit, "limits_timed": limits, "rounds": rounds, "rows": rows,
-              "sweep": sweep}
+              "sweep": sweep, **({"profile": profile} if profile else {})}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{'gpu' if gpu else 'cpu'}-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -244,3 +244,16 @@ def test_topk_has_no_warm_up_and_runs_saved_before_it_had_none(tiny_qwen3, text_
     saved = _cfg(tiny_qwen3, text_file, tmp_path / "old", arch="batchtopk").to_dict()
     del saved["per_token_warmup"]
     assert TrainConfig.from_dict(saved).per_token_warmup == 0.0
+
+
+def test_every_part_of_a_step_is_a_profiler_scope(tiny_qwen3, text_file, tmp_path):
+    """bench/throughput.py --profile splits a step's time by these scopes: each part of a step from the LM must show."""
+    from saescope.core.train.trainer import STEP_PARTS
+
+    tr = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, layers="0,2", max_tokens=32 * 4 * 3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        tr.fit()
+    seen = {e.key.removeprefix("saescope.") for e in prof.key_averages() if e.key.startswith("saescope.")}
+    assert seen == set(STEP_PARTS) - {"cache_read"}  # cache_read is the same step's source from an activation cache
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls["saescope.sae_forward"] == calls["saescope.optimizer"] == 2 * 3  # per layer, per step

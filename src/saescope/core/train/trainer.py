@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import Tensor
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from saescope.core.activation_cache import ActivationSource, open_activations
@@ -41,6 +42,14 @@ from saescope.core.sae import SAE, SAE_KINDS, SAEConfig, Workspace, default_lr, 
 from saescope.core.sae.cpu_kernels import kernels
 from saescope.core.schema import Field, check_record, escape
 from saescope.core.train.config import SOFT_FROZEN_COS, TrainConfig, budget_lr, buffer_steps, parse_layers
+
+# The parts of a step, as torch.profiler scopes (bench/throughput.py --profile sums each): where the time goes.
+STEP_PARTS = ("lm_forward", "cache_read", "window", "filter", "sae_forward", "backward", "optimizer", "decoder_norm",
+              "bookkeeping")
+
+
+def part(name: str) -> record_function:
+    return record_function(f"saescope.{name}")
 
 
 def _write_error(exc: BaseException, folder: Path) -> str:
@@ -333,6 +342,17 @@ class Trainer:
         rank alike), so the layer sits out a step. With more than one batch, each layer's tokens are shuffled across
         the window (seeded by the run's data seed, the window's first step and the layer, so a resumed run draws the
         same, and a layer draws the same whichever other layers train). The captured batches are emptied."""
+        with part("window"):
+            pools = self._pools(captured)
+        for j in range(len(captured)):
+            step: dict[int, Tensor] = {}
+            for n, (x, order, size) in pools.items():
+                if (j + 1) * size <= len(x):
+                    step[n] = x if order is None else x[order[j * size:(j + 1) * size]]
+            yield step
+
+    def _pools(self, captured: list[dict[int, Tensor]]) -> dict[int, tuple[Tensor, Tensor | None, int]]:
+        """Per layer: the window's finite rows, their draw order (None for a one-batch window) and one step's size."""
         ok = torch.tensor(self._finite(captured), dtype=torch.bool)
         seed = self._data_seed()
         pools: dict[int, tuple[Tensor, Tensor | None, int]] = {}
@@ -347,12 +367,7 @@ class Trainer:
                     gen = torch.Generator().manual_seed(_window_seed(seed, self.step, n))
                     order = torch.randperm(len(x), generator=gen).to(x.device)
                 pools[n] = (x, order, len(rows[0]))
-        for j in range(len(captured)):
-            step: dict[int, Tensor] = {}
-            for n, (x, order, size) in pools.items():
-                if (j + 1) * size <= len(x):
-                    step[n] = x if order is None else x[order[j * size:(j + 1) * size]]
-            yield step
+        return pools
 
     def _train_step(self, xs: dict[int, Tensor]) -> None:
         """All layers on one step's (tokens, d_model) rows; a layer not in xs sits the step out. The only host sync:
@@ -375,13 +390,17 @@ class Trainer:
 
     def _train_layer(self, n: int, x: Tensor, n_dead: int) -> None:
         st, sae = self.states[n], self.states[n].sae
-        x = x.to(self.device, torch.float32)
-        keep = st.norm_filter.keep(x, gather=self.dist.gather_cat)
-        w = keep.float()
-        st.seen += x.shape[0] * (self.dist.world if self.dist.dp else 1)
-        st.dropped += self.dist.sum_((~keep).sum())
-        n_tokens = self.dist.sum_(w.sum())
-        s1 = self.dist.sum_((x * w[:, None]).sum(0))
+        with part("filter"):
+            x = x.to(self.device, torch.float32)
+            keep = st.norm_filter.keep(x, gather=self.dist.gather_cat)
+            w = keep.float()
+            st.seen += x.shape[0] * (self.dist.world if self.dist.dp else 1)
+            st.dropped += self.dist.sum_((~keep).sum())
+            n_tokens = self.dist.sum_(w.sum())
+            s1 = self.dist.sum_((x * w[:, None]).sum(0))
+            # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
+            s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
+            variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
         if self.step == 0:
             # b_dec from the data: the mean of the first batch's kept tokens (over all ranks); a kind's own start too.
             sae.init_b_dec((s1 / n_tokens.clamp_min(1))[None])
@@ -392,34 +411,35 @@ class Trainer:
         if self.dist.dp and self.step in (0, self.warmup_steps):  # every rank holds the same SAE: rank 0's start is everyone's
             for t in _own_tensors(sae):
                 dist.broadcast(t, src=0)
-        # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
-        s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
-        variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
-        dead = st.since_fired >= self.cfg.dead_tokens if n_dead else None
-        out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance, workspace=self.workspace)
-        loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
-        if out.extra is not None:
-            loss = loss + out.extra
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.dist.dp:
-            for p in sae.parameters():
-                if p.grad is not None:  # a frozen decoder has none
-                    dist.all_reduce(p.grad)
-        sae.remove_parallel_decoder_grad()
-        for group in st.opt.param_groups:
-            group["lr"] = self.base_lr * group.get("lr_scale", 1.0) * self.lr_scale()
-        st.opt.step()
-        if self.cfg.decoder != "frozen":  # (a frozen decoder's rows are unit already: renormalising would only round)
-            sae.normalize_decoder()
-        if self.cfg.decoder == "soft-frozen":
-            hold_near(sae.W_dec, st.init_rows, SOFT_FROZEN_COS)
-        sae.after_step(out.code, keep)
-        if self.dist.dp:  # a running estimate (BatchTopK's threshold) from each rank's batch: their mean, like the gradients
-            for t in sae.buffers():
-                dist.all_reduce(t)
-                t.div_(self.dist.world)
-        with torch.no_grad():
+        with part("sae_forward"):
+            dead = st.since_fired >= self.cfg.dead_tokens if n_dead else None
+            out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance, workspace=self.workspace)
+            loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
+            if out.extra is not None:
+                loss = loss + out.extra
+        with part("backward"):
+            st.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.dist.dp:
+                for p in sae.parameters():
+                    if p.grad is not None:  # a frozen decoder has none
+                        dist.all_reduce(p.grad)
+        with part("optimizer"):
+            sae.remove_parallel_decoder_grad()
+            for group in st.opt.param_groups:
+                group["lr"] = self.base_lr * group.get("lr_scale", 1.0) * self.lr_scale()
+            st.opt.step()
+        with part("decoder_norm"):
+            if self.cfg.decoder != "frozen":  # (a frozen decoder's rows are unit already: renormalising would only round)
+                sae.normalize_decoder()
+            if self.cfg.decoder == "soft-frozen":
+                hold_near(sae.W_dec, st.init_rows, SOFT_FROZEN_COS)
+        with part("bookkeeping"), torch.no_grad():
+            sae.after_step(out.code, keep)
+            if self.dist.dp:  # a running estimate (BatchTopK's threshold) from each rank's batch: their mean, like the gradients
+                for t in sae.buffers():
+                    dist.all_reduce(t)
+                    t.div_(self.dist.world)
             active = (out.code.values > 0) & keep[:, None]
             fired = torch.zeros(self.d_sae, dtype=torch.long, device=x.device)
             fired.index_add_(0, out.code.indices.reshape(-1), active.reshape(-1).long())
@@ -554,7 +574,8 @@ class Trainer:
                 self.batches_done += 1
                 if self.dist.dp and (self.batches_done - 1) % self.dist.world != self.dist.rank:
                     continue
-                captured.append(capture(self.lm.model, batch.to(self.lm.device), self.layers))
+                with part("lm_forward"):
+                    captured.append(capture(self.lm.model, batch.to(self.lm.device), self.layers))
             # Where the data ends, a rank may hold one batch more than another: every step's reductions need all
             # ranks, so each trains on as many batches as the rank with fewest (one without any ends them all).
             captured = captured[: self.dist.fewest(len(captured), self.device)]
@@ -572,8 +593,9 @@ class Trainer:
         while self.step < self.total_steps and (stop_after_steps is None or steps_run < stop_after_steps):
             start = self.step * self.tokens_per_step + (self.dist.rank * per_rank if self.dist.dp else 0)
             index = self.source.positions(self._data_seed(), start, per_rank)
-            xs = {n: self.source.rows(n, index) for n in self.layers}
-            ok = self._finite([xs])[0]
+            with part("cache_read"):
+                xs = {n: self.source.rows(n, index) for n in self.layers}
+                ok = self._finite([xs])[0]
             self.batches_done += self.dist.world if self.dist.dp else 1
             steps_run += 1
             yield {n: x for i, (n, x) in enumerate(xs.items()) if ok[i]}
