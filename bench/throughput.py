@@ -219,7 +219,7 @@ def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int
     def trainer(name: str) -> Trainer:
         cfg = TrainConfig(model=args.model, out=str(work / name), preset=None, expansion=expansion, k=k,
                           ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=10**9, checkpoint_every=10**9,
-                          log_every=10**6, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
+                          log_every=1, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
                           layers=",".join(map(str, layers)))
         out = Trainer(cfg, lm=lm)
         out.save_checkpoint = lambda: out.out  # keep checkpoint I/O out of the profiled steps
@@ -229,15 +229,14 @@ def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int
     profiled = trainer("profile")
     acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts_list) as prof:
-        _sync(device)
-        start = time.perf_counter()
         profiled.fit(stop_after_steps=steps)
-        _sync(device)
-        wall = time.perf_counter() - start
+    # the steps' wall time from the run's own log: the run's end (its summary, e.g. each layer's decoder cosine to
+    # its init, which regenerates the init) is profiled too but is not a step
+    wall = json.loads(profiled.run.train_log.read_text().splitlines()[-1])["elapsed_s"]
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     totals = {e.key.removeprefix("saescope."): e.cpu_time_total / 1e3 / steps for e in prof.key_averages()
-              if e.key.startswith("saescope.")}
+              if e.key.startswith("saescope.")}  # (CPU time: on GPU the parts' kernels run after their scopes)
     parts = {name: totals.get(name, 0.0) for name in STEP_PARTS}
     step_ms = wall * 1e3 / steps
     parts["other"] = max(0.0, step_ms - sum(parts.values()))
