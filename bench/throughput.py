@@ -225,7 +225,9 @@ def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int
         out.save_checkpoint = lambda: out.out  # keep checkpoint I/O out of the profiled steps
         return out
 
-    trainer("profile-warmup").fit(stop_after_steps=2)  # the process warm (allocator, kernels) before the profiled run
+    warm = trainer("profile-warmup")
+    warm.fit(stop_after_steps=2)  # the process warm (allocator, kernels) before the profiled run
+    del warm  # 30 layers of 16x SAEs with their Adam state are ~5 GB: one run held at a time
     profiled = trainer("profile")
     acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts_list) as prof:
@@ -314,6 +316,10 @@ def main() -> None:
     ours = run_saescope(lm, args, layers, expansion, k, args.steps, work / "saescope")
     limits.append(measure_limit(lm, layers, d_sae, train_batches[0], device))
     rows = [{"trainer": "saescope", **{k2: v for k2, v in ours.items() if k2 != "saes"}, "fvu": fvu_on(ours["saes"], eval_acts)}]
+    ours_layer = {}  # of saescope's SAEs, only what a peer's row compares with is kept (all 30 with Adam: ~5 GB)
+    if "sae-lens" in args.peers.split(","):
+        ours_layer = {n: ours["saes"][n] for n in layers[len(layers) // 2: len(layers) // 2 + 1]}
+    del ours["saes"]
     for peer in filter(None, args.peers.split(",")):
         if peer == "sparsify":
             res = run_sparsify(args, model_dir, layers, expansion, k, train_batches, work / "sparsify")
@@ -325,7 +331,7 @@ def main() -> None:
             # FVU of one layer: sae-lens' and saescope's SAEs of that layer on the same held-out tokens
             rows.append({"trainer": f"sae-lens (L{n})", **{k2: v for k2, v in res.items() if k2 != "saes"},
                          "fvu": fvu_on({n: res["saes"][n]}, {n: eval_acts[n]}),
-                         "fvu_saescope_same_layer": fvu_on({n: ours["saes"][n]}, {n: eval_acts[n]})})
+                         "fvu_saescope_same_layer": fvu_on({n: ours_layer[n]}, {n: eval_acts[n]})})
         else:
             raise SystemExit(f"unknown peer {peer}; use sparsify and/or sae-lens")
     profile = profile_parts(args, lm, layers, expansion, k, work, device) if args.profile else None
