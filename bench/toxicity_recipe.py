@@ -25,7 +25,7 @@ from pathlib import Path
 from saescope.api.controls import ControlConfig, run_control
 from saescope.api.quality import QualityConfig, run_quality
 from saescope.apps.toxicity import MineConfig, RulesEvalConfig, run_mine, run_rules_eval
-from saescope.core.io import read_summary
+from saescope.core.io import RunDir, read_summary
 from saescope.core.train import TrainConfig, run_train
 
 
@@ -74,7 +74,10 @@ def main() -> None:
     for spec in a.row:
         name, values = _row(spec)
         run, seconds = work / name, {}
-        if read_summary(run) is None:
+        if read_summary(run) is None and RunDir(run).has_run():  # a row killed while training: go on from its checkpoint
+            _timed(seconds, "train", lambda: run_train(TrainConfig.resumed(
+                run, **{k: v for k, v in values.items() if k == "max_tokens"}), resume=True))
+        elif read_summary(run) is None:
             _timed(seconds, "train", run_train, TrainConfig(layers=a.layer, out=str(run), **values))
         control = run / "control"
         if not (control / f"layer{a.layer}.json").is_file():
