@@ -213,9 +213,9 @@ def run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, out: P
 
 def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int = 4) -> dict:
     """Where a saescope step's time goes: `steps` steps of a fresh run under torch.profiler (after 2 unprofiled ones of
-    another, which warm the process), each part of
-    the trainer's step (trainer.STEP_PARTS, its profiler scopes) summed over layers, in ms per step and as a share of
-    the step's wall time; what no scope covers is "other". Also prints the top operators."""
+    another, which warm the process), each part of the trainer's step (trainer.STEP_PARTS, its profiler scopes) summed
+    over layers, in ms per step and as a share of the step's wall time; what no scope covers is "other". Also prints
+    the top operators."""
     def trainer(name: str) -> Trainer:
         cfg = TrainConfig(model=args.model, out=str(work / name), preset=None, expansion=expansion, k=k,
                           ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=10**9, checkpoint_every=10**9,
