@@ -47,24 +47,25 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+def run_peer(python: str, script: str, options: list[str], out: Path) -> dict:
+    """A peer script in the peers' venv (kept when its timing.json is there): its timing.json."""
+    if not (out / "timing.json").is_file():
+        subprocess.run([python, str(Path(__file__).with_name(script)), *options, "--out", str(out)], check=True)
+    return json.loads((out / "timing.json").read_text())
+
+
 def peer(python: str, activations: Path, arch: str, expansion: int, k: int, tokens: int, batch: int, lr: float,
          out: Path) -> dict:
-    if not (out / "timing.json").is_file():
-        subprocess.run([python, str(Path(__file__).with_name("peer_saelens_activations.py")), "--activations",
-                        str(activations), "--arch", arch, "--expansion", str(expansion), "--k", str(k), "--tokens",
-                        str(tokens), "--batch", str(batch), "--lr", str(lr), "--out", str(out)], check=True)
-    return json.loads((out / "timing.json").read_text())
+    return run_peer(python, "peer_saelens_activations.py", ["--activations", str(activations), "--arch", arch, "--expansion",
+                    str(expansion), "--k", str(k), "--tokens", str(tokens), "--batch", str(batch), "--lr", str(lr)], out)
 
 
 def sparsify(python: str, activations: Path, expansion: int, k: int, tokens: int, batch: int, lr: float | None,
              out: Path) -> dict:
     """sparsify's top-k trainer: its defaults (signum, its learning rate) when lr is None, else Adam at lr."""
-    if not (out / "timing.json").is_file():
-        optim = ["--optimizer", "signum"] if lr is None else ["--optimizer", "adam", "--lr", str(lr)]
-        subprocess.run([python, str(Path(__file__).with_name("peer_sparsify_activations.py")), "--activations",
-                        str(activations), "--expansion", str(expansion), "--k", str(k), "--tokens", str(tokens),
-                        "--batch", str(batch), "--out", str(out), *optim], check=True)
-    return json.loads((out / "timing.json").read_text())
+    optim = ["--optimizer", "signum"] if lr is None else ["--optimizer", "adam", "--lr", str(lr)]
+    return run_peer(python, "peer_sparsify_activations.py", ["--activations", str(activations), "--expansion",
+                    str(expansion), "--k", str(k), "--tokens", str(tokens), "--batch", str(batch), *optim], out)
 
 
 def main() -> None:
@@ -108,23 +109,23 @@ def main() -> None:
                     times[f"control {folder.name}"] = timed(run_control, ControlConfig(kind=control, like=str(run),
                                                                                        out=str(folder)))
                 saes.append(str(folder))
-            peers = {}
+            peers: dict[str, tuple[str, dict]] = {}  # a peer's SAE path: its role and its timing
             if a.peer_python and "sparsify" in a.peers and kind == "topk":
-                for label, peer_lr in (("sparsify, its defaults", None), ("sparsify, adam", lr)):
+                for role, peer_lr in (("sparsify, its defaults", None), ("sparsify, adam", lr)):
                     folder = work / f"sparsify-{'adam' if peer_lr else 'default'}-k{k}"
-                    peers[label] = sparsify(a.peer_python, activations, a.expansion, k, tokens, step_tokens, peer_lr,
-                                            folder)
-                    saes.append(str(folder / "sparsify"))
+                    peers[str(folder / "sparsify")] = (role, sparsify(a.peer_python, activations, a.expansion, k, tokens,
+                                                                      step_tokens, peer_lr, folder))
             if a.peer_python and "sae-lens" in a.peers:
                 equal_tokens = work / f"saelens-{kind}-k{k}"
-                peers["equal tokens"] = peer(a.peer_python, activations, kind, a.expansion, k, tokens, step_tokens, lr,
-                                             equal_tokens)
+                timing = peer(a.peer_python, activations, kind, a.expansion, k, tokens, step_tokens, lr, equal_tokens)
+                peers[str(equal_tokens / "saelens")] = ("sae-lens, equal tokens", timing)
                 ours = read_summary(run)["elapsed_s"]
-                same_time = int(ours * peers["equal tokens"]["tok_s"]) // step_tokens * step_tokens
+                same_time = int(ours * timing["tok_s"]) // step_tokens * step_tokens
                 equal_time = work / f"saelens-{kind}-k{k}-equal-time"
-                peers["equal time"] = peer(a.peer_python, activations, kind, a.expansion, k, max(step_tokens, same_time),
-                                           step_tokens, lr, equal_time)
-                saes += [str(equal_tokens / "saelens"), str(equal_time / "saelens")]
+                peers[str(equal_time / "saelens")] = ("sae-lens, equal time", peer(
+                    a.peer_python, activations, kind, a.expansion, k, max(step_tokens, same_time), step_tokens, lr,
+                    equal_time))
+            saes += list(peers)
             start = time.perf_counter()
             scored = run_score(ScoreConfig(synthetic=str(synthetic), sae=saes, out=str(work / f"scores-{kind}-k{k}.json")))
             times[f"score {kind}-k{k}"] = time.perf_counter() - start
@@ -132,12 +133,8 @@ def main() -> None:
             for row in scored.rows:
                 role = ("saescope" if row["name"] == str(run) else row["control"] or
                         ("random" if row["name"].startswith("random control") else None))
-                if role is None and "/sparsify-" in row["name"]:
-                    role = "sparsify, adam" if "/sparsify-adam" in row["name"] else "sparsify, its defaults"
-                    row = {**row, "train_tok_s": peers[role]["tok_s"], "train_tokens": peers[role]["tokens"]}
-                elif role is None:
-                    role = "sae-lens, equal time" if "equal-time" in row["name"] else "sae-lens, equal tokens"
-                    timing = peers["equal time" if "equal-time" in row["name"] else "equal tokens"]
+                if row["name"] in peers:
+                    role, timing = peers[row["name"]]
                     row = {**row, "train_tok_s": timing["tok_s"], "train_tokens": timing["tokens"]}
                 results.append({"arch": kind, "k_asked": k, "role": role, "lr": lr, "step_tokens": step_tokens, **row})
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

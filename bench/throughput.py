@@ -144,11 +144,17 @@ def timed_span(n_steps: int, warmup: int, window: int) -> tuple[int, int]:
     return first, last
 
 
+def saescope_config(args, layers, expansion, k, out: Path, max_tokens: int) -> TrainConfig:
+    """The config every saescope run of the bench trains with (timed or profiled): the bench's arguments, a step's
+    log each step, no checkpoint before the end."""
+    return TrainConfig(model=args.model, out=str(out), layers=",".join(map(str, layers)), preset=None, expansion=expansion,
+                       k=k, ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=max_tokens, checkpoint_every=10**9,
+                       log_every=1, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
+                       dead_tokens=args.dead_tokens, outlier_factor=args.outlier_factor)
+
+
 def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
-    cfg = TrainConfig(model=args.model, out=str(out), layers=",".join(map(str, layers)), preset=None, expansion=expansion,
-                      k=k, ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=args.ctx_len * args.batch_size * steps,
-                      checkpoint_every=10**9, log_every=1, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype,
-                      device=args.device, dead_tokens=args.dead_tokens, outlier_factor=args.outlier_factor)
+    cfg = saescope_config(args, layers, expansion, k, out, args.ctx_len * args.batch_size * steps)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -217,11 +223,7 @@ def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int
     over layers, in ms per step and as a share of the step's wall time; what no scope covers is "other". Also prints
     the top operators."""
     def trainer(name: str) -> Trainer:
-        cfg = TrainConfig(model=args.model, out=str(work / name), preset=None, expansion=expansion, k=k,
-                          ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=10**9, checkpoint_every=10**9,
-                          log_every=1, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
-                          layers=",".join(map(str, layers)))
-        out = Trainer(cfg, lm=lm)
+        out = Trainer(saescope_config(args, layers, expansion, k, work / name, 10**9), lm=lm)
         out.save_checkpoint = lambda: out.out  # keep checkpoint I/O out of the profiled steps
         return out
 

@@ -74,11 +74,11 @@ def main() -> None:
     for spec in a.row:
         name, values = _row(spec)
         run, seconds = work / name, {}
-        if read_summary(run) is None and RunDir(run).has_run():  # a row killed while training: go on from its checkpoint
-            _timed(seconds, "train", lambda: run_train(TrainConfig.resumed(
-                run, **{k: v for k, v in values.items() if k == "max_tokens"}), resume=True))
-        elif read_summary(run) is None:
-            _timed(seconds, "train", run_train, TrainConfig(layers=a.layer, out=str(run), **values))
+        if read_summary(run) is None:
+            resume = RunDir(run).has_run()  # a row killed while training goes on from its checkpoint
+            length = {"max_tokens": values["max_tokens"]} if "max_tokens" in values else {}
+            cfg = TrainConfig.resumed(run, **length) if resume else TrainConfig(layers=a.layer, out=str(run), **values)
+            _timed(seconds, "train", lambda: run_train(cfg, resume=resume))
         control = run / "control"
         if not (control / f"layer{a.layer}.json").is_file():
             run_control(ControlConfig(kind="random", like=str(run), out=str(control)))

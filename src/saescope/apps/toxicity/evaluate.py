@@ -253,8 +253,8 @@ def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-
                          f"{control.get(s, {}).get(t, {}).get(metric, {}).get(rule, math.nan):6.3f}" for t in langs]
                 lines.append(f"{short[s]:>8} " + " ".join(f"{x:>13}" for x in cells))
         lines.append(f"baselines, {metric.replace('_', ' ')} (rows mined on, columns evaluated on)")
-        for base in ("probe", "lexical"):
-            for s in langs if base in matrix else []:
+        for base in (b for b in ("probe", "lexical") if b in matrix):
+            for s in langs:
                 lines.append(f"{base[:5] + ' ' + short[s]:>8} " + " ".join(f"{matrix[base][s][t][metric]:>13.3f}" for t in langs))
         if "always positive" in matrix:
             lines.append(f"{'always +':>8} " + " ".join(f"{matrix['always positive'][t][metric]:>13.3f}" for t in langs))
