@@ -284,7 +284,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    model_dtype = resolve_dtype(args.model_dtype, device, lm=True)
+    model_dtype = resolve_dtype(args.model_dtype, device)
     compute_dtype = resolve_dtype(args.sae_dtype, device)
     args.model_dtype_peer = args.model_dtype_peer or ("bf16" if model_dtype == torch.bfloat16 else "fp32")
     if args.random_weights:

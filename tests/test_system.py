@@ -31,19 +31,19 @@ def test_the_speedup_is_measured_once_and_cached(fresh, monkeypatch):
 
 @pytest.mark.parametrize("speedup,want", [(6.7, torch.bfloat16), (1.5, torch.bfloat16), (1.2, torch.float32),
                                           (0.25, torch.float32)])
-def test_auto_follows_the_measured_speedup_for_the_lm_only(fresh, monkeypatch, speedup, want):
+def test_auto_follows_the_measured_speedup_for_the_lm_and_the_sae_step(fresh, monkeypatch, speedup, want):
     monkeypatch.setattr(system, "cpu_bf16_speedup", lambda: speedup)
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu, lm=True) == want
-    assert resolve_dtype("auto", cpu) == torch.float32  # the SAE's encoder product stays fp32 on CPU
-    assert resolve_dtype("fp32", cpu, lm=True) == torch.float32  # a named dtype is never second-guessed
+    assert resolve_dtype("auto", cpu) == want
+    assert resolve_dtype("fp32", cpu) == torch.float32  # a named dtype is never second-guessed
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16  # every GPU: nothing measured
 
 
 def test_a_reading_commands_auto_is_trainings_auto(fresh, monkeypatch):
     from saescope.core.models import parse_dtype
 
     monkeypatch.setattr(system, "cpu_bf16_speedup", lambda: 2.3)
-    assert parse_dtype("auto", "cpu") == resolve_dtype("auto", torch.device("cpu"), lm=True) == torch.bfloat16
+    assert parse_dtype("auto", "cpu") == resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert parse_dtype("auto", "cuda:0") == torch.bfloat16  # every GPU: bf16, nothing measured
     monkeypatch.setattr(system, "cpu_bf16_speedup", lambda: 1.1)
     assert parse_dtype("auto", "cpu") == torch.float32

@@ -23,6 +23,7 @@ def test_built_with_the_fast_top_k_on_this_machine():
         pytest.skip("no /proc/cpuinfo to say whether this CPU has AVX-512")
     has = "avx512f" in cpuinfo.read_text()
     assert cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float32) == has
+    assert cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.bfloat16) == has
     assert not cpu_kernels.fused_top_k_available(torch.device("cpu"), torch.float64)
 
 
@@ -68,6 +69,57 @@ def test_rerank_kernel_equals_its_torch_twin(n, d, d_sae, seed, data):
 
 
 @needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(bags=st.integers(0, 30), d=st.integers(1, 230), rows=st.integers(1, 40), bf16=st.booleans(), seed=st.integers(0, 10_000))
+def test_gather_kernels_equal_their_torch_twins(bags, d, rows, bf16, seed):
+    """The sparse gathers, from a float32 or bf16 table, of any width (the 192-, 64- and 16-column register passes and the
+    tail) and bags of any size, empty ones included; the twins read a bf16 table widened to float32, as the kernels do."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(rows, d, generator=g).to(torch.bfloat16 if bf16 else torch.float32)
+    sizes = torch.randint(0, 7, (bags,), generator=g)
+    offsets = torch.zeros(bags + 1, dtype=torch.long)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    pairs = int(offsets[-1])
+    index = torch.randint(0, rows, (pairs,), generator=g)
+    weights = torch.randn(pairs, generator=g)
+    got = kernels().weighted_bags(table, index, weights, offsets)
+    want = torch.nn.functional.embedding_bag(index, table.float(), offsets, mode="sum", per_sample_weights=weights,
+                                             include_last_offset=True)
+    assert got.dtype == torch.float32 and got.shape == (bags, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if bags:
+        k = int(sizes.max()) or 1
+        idx = torch.randint(0, rows, (bags, k), generator=g)
+        x = torch.randn(bags, d, generator=g)
+        twin = cpu_kernels.gathered_dots(x.double(), table.double(), idx)  # float64: the twin
+        torch.testing.assert_close(kernels().gathered_dots(x, table, idx), twin.float(), rtol=1e-4, atol=1e-4)
+    order, offsets_by_latent = kernels().group_by_latent(index, rows)
+    assert torch.equal(order, torch.argsort(index, stable=True))
+    assert torch.equal(offsets_by_latent.diff(), torch.bincount(index, minlength=rows))
+
+
+@needs_kernels
+@pytest.mark.parametrize("d", [100, 1024, 4608])  # blocked groups; strided groups (d a multiple of 512)
+def test_top_k_reads_bf16_as_its_float32_widening(d):
+    """The fused top-k over a bf16 matrix returns what it returns for the same numbers in float32 (bf16 widens exactly),
+    with a float32 bias, a bias of -inf excluding its column, NaN ranking first and +inf kept."""
+    g = torch.Generator().manual_seed(d)
+    pre = torch.randn(64, d, generator=g).to(torch.bfloat16)
+    pre[3, 7], pre[5, 11] = float("nan"), float("inf")
+    bias = torch.randn(d, generator=g)
+    bias[::5] = float("-inf")
+    for k in (1, 9, 50):
+        v16, c16 = kernels().topk_bias(pre, bias, k)
+        v32, c32 = kernels().topk_bias(pre.float(), bias, k)
+        assert v16.dtype == torch.float32
+        assert torch.equal(c16.sort(1).values, c32.sort(1).values)
+        assert torch.equal(v16.sort(1).values.nan_to_num(7.0), v32.sort(1).values.nan_to_num(7.0))
+        want = (pre.float() + bias).masked_fill(torch.isneginf(bias), float("-inf")).nan_to_num(float("inf"))
+        assert torch.equal(v16.nan_to_num(float("inf")).sort(1, descending=True).values, want.topk(k, dim=1).values)
+        assert 7 in c16[3].tolist() and 11 in c16[5].tolist()
+
+
+@needs_kernels
 def test_kernels_refuse_what_they_were_not_written_for():
     ops = kernels()
     with pytest.raises(RuntimeError, match="contiguous 2-d float32"):
@@ -78,6 +130,14 @@ def test_kernels_refuse_what_they_were_not_written_for():
         ops.topk_bias(torch.zeros(4, 8), torch.zeros(8), 9)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.rerank_exact(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(4), torch.tensor([[0, 4], [1, 2]]), 1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.weighted_bags(torch.zeros(4, 3), torch.tensor([0, -1]), torch.ones(2), torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        ops.weighted_bags(torch.zeros(4, 3), torch.tensor([0, 1]), torch.ones(2), torch.tensor([0, 2, 1, 2]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.gathered_dots(torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.bfloat16), torch.tensor([[4], [0]]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.group_by_latent(torch.tensor([0, 5]), 5)
     # the public functions send what the kernels refuse to the torch twins instead
     g = torch.randn(6, 5, dtype=torch.float64)
     w = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64), dim=1)

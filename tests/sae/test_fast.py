@@ -5,6 +5,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,10 +40,10 @@ def _sae(d_sae: int, dtype: torch.dtype, d_model: int = 16, k: int = 4) -> TopKS
     return sae
 
 
-def _tokens(n: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+def _tokens(n: int, dtype: torch.dtype, g: torch.Generator, d_model: int = 16) -> torch.Tensor:
     """Large random tokens, and 8 zero ones: with b_enc lowered by 4 (`_sae`) these have no positive
     pre-activation, so the code holds values on both sides of the ReLU."""
-    x = 4 * torch.randn(n, 16, dtype=dtype, generator=g)
+    x = 4 * torch.randn(n, d_model, dtype=dtype, generator=g)
     x[:8] = 0
     return x
 
@@ -103,15 +104,18 @@ def test_fused_encode_equals_reference_encode(dtype, kernel, d_sae, with_dead):
         torch.testing.assert_close(g_fast, g_ref, **_tol(dtype))
 
 
+@pytest.mark.parametrize("centred", [False, True])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("d_sae", [64, 1024])
 @pytest.mark.parametrize(("dtype", "kernel"), PATHS)
-def test_fast_forward_equals_reference_forward(dtype, kernel, d_sae, with_dead):
+def test_fast_forward_equals_reference_forward(dtype, kernel, d_sae, with_dead, centred):
     """TopKSAE with fused=True (the default) and fused=False: the code, x_hat, FVU, AuxK and the gradients of
-    W_enc, b_enc, W_dec, b_dec and x, with token weights; then encode/decode on (batch, seq, d_model)."""
+    W_enc, b_enc, W_dec, b_dec and x, with token weights, for an encoder reading x or x - b_dec (whose gradient the fast
+    path takes as one product); then encode/decode on (batch, seq, d_model)."""
     if kernel and kernels() is None:
         pytest.skip("saescope's CPU kernels are not built here")
     sae = _sae(d_sae, dtype)
+    sae.centred = centred
     g = torch.Generator().manual_seed(2)
     x = _tokens(48, dtype, g)
     dead = torch.zeros(d_sae, dtype=torch.bool)
@@ -235,3 +239,25 @@ def test_an_encoder_screens_only_in_fp32_on_a_cpu_where_bf16_is_fast(monkeypatch
                                                                  and measured)
     assert not fast.screens(torch.device("cpu"), torch.bfloat16)  # asked for bf16: the plain bf16 path
     assert not fast.screens(torch.device("meta"), torch.float32)
+
+
+def test_a_bf16_step_is_the_fp32_step_within_bf16_rounding():
+    """compute_dtype bf16 (on a CPU with the kernels: bf16 product, top-k over it, bf16 gathers, fp32 sums) against fp32:
+    the same loss to bf16 precision and gradients pointing the same way."""
+    if kernels() is None:
+        pytest.skip("saescope's CPU kernels are not built here")
+    sae = _sae(512, torch.float32, d_model=64, k=8)
+    sae.centred = True
+    x = _tokens(256, torch.float32, torch.Generator().manual_seed(3), d_model=64)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        sae.compute_dtype = dtype
+        out = sae(x, workspace=Workspace())
+        out.fvu.backward()
+        runs[dtype] = (float(out.fvu.detach()), [p.grad.clone() for p in sae.parameters()])
+        sae.zero_grad()
+    (fvu32, grads32), (fvu16, grads16) = runs[torch.float32], runs[torch.bfloat16]
+    assert fvu16 == pytest.approx(fvu32, rel=2e-2)
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads32, grads16, strict=True):
+        assert a.dtype == b.dtype == torch.float32, name
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98, name

@@ -1,12 +1,13 @@
 """saescope's CPU kernels (cpu_kernels.cpp), compiled once per machine, with their pure-torch twins.
 
-Three per-row passes of a training step that torch runs as several sweeps over a large matrix:
-bias + top-k over the (tokens x d_sae) pre-activations, the decoder-gradient projection and the
-decoder-row normalisation. Each function here takes the kernel when it is built and applies (a
-float32, contiguous CPU tensor; top-k also needs AVX-512, which its fast path is written for) and
-the torch twin otherwise, so CUDA and machines without a C++ compiler run unchanged. The first use
-compiles the file with torch.utils.cpp_extension into saescope's cache (about 15 s on 2 cores);
-SAESCOPE_CPU_KERNELS=0 turns the kernels off.
+The per-row passes of a training step that torch runs as several sweeps over a large matrix (bias + top-k over
+the (tokens x d_sae) pre-activations, float32 or bf16; the decoder-gradient projection; the decoder-row
+normalisation; the fp32 re-ranking of the bf16 screen), and the sparse gathers of the decoder and of both weight
+gradients (each pair of a code reads one random row of a table: prefetched, and read as bf16 where the step computes in
+bf16). Each function here takes the kernel when it is built and applies (contiguous CPU tensors; top-k also needs
+AVX-512, which its fast path is written for) and the torch twin otherwise, so CUDA and machines without a C++ compiler
+run unchanged. The first use compiles the file with torch.utils.cpp_extension into saescope's cache (about 15 s on 2
+cores); SAESCOPE_CPU_KERNELS=0 turns the kernels off.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from saescope.core.cache import cache_dir
@@ -72,22 +74,71 @@ def _fits(*tensors: Tensor) -> bool:
 
 
 def fused_top_k_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a contiguous (n, d) matrix of this device and dtype gets the fused top-k."""
-    return device.type == "cpu" and dtype == torch.float32 and kernels() is not None and bool(_loaded.get("avx512"))
+    """Whether a contiguous (n, d) matrix of this device and dtype (float32 or bf16) gets the fused top-k."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels() is not None
+            and bool(_loaded.get("avx512")))
 
 
 def fused_top_k_applies(pre: Tensor, bias: Tensor | None = None) -> bool:
     """Whether `topk_with_bias` takes the kernel for this matrix and bias (else the caller's torch path).
     Not while autograd records: the kernel has no backward (the training encoder calls it in its forward)."""
-    if bias is not None and not (bias.dtype == pre.dtype and bias.shape == pre.shape[-1:] and bias.device == pre.device):
+    if bias is not None and not (bias.dtype in (torch.float32, pre.dtype) and bias.shape == pre.shape[-1:]
+                                 and bias.device == pre.device):
         return False
     return (pre.dim() == 2 and pre.is_contiguous() and not (pre.requires_grad and torch.is_grad_enabled())
             and fused_top_k_available(pre.device, pre.dtype))
 
 
 def topk_with_bias(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest of each row of pre + bias and their columns, without writing pre + bias anywhere."""
-    return kernels().topk_bias(pre, bias.contiguous(), k)
+    """The k largest of each row of pre + bias and their columns, without writing pre + bias anywhere; the values in
+    float32 (a bf16 pre is read as is, and its bias added in float32)."""
+    return kernels().topk_bias(pre, bias.float().contiguous(), k)
+
+
+def gathers(device: torch.device) -> bool:
+    """Whether this device's sparse gathers run in saescope's kernels (which read float32 or bf16 tables alike)."""
+    return device.type == "cpu" and kernels() is not None
+
+
+def weighted_bags(table: Tensor, rows: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
+    """out[b] = sum over p in [offsets[b], offsets[b + 1]) of weights[p] * table[rows[p]], (bags, d) float32. The table is
+    read in its own dtype (bf16 halves the bytes of a gather that is bound by them) and summed in float32."""
+    ops = kernels() if gathers(table.device) and table.dtype in (torch.float32, torch.bfloat16) else None
+    if ops is not None:
+        return ops.weighted_bags(table.contiguous(), rows.contiguous(), weights.float().contiguous(), offsets.contiguous())
+    table = _widened(table)
+    return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype), include_last_offset=True)
+
+
+def _widened(table: Tensor) -> Tensor:
+    """The twins' table: bf16 read as float32, as the kernels read it; float64 kept."""
+    return table.float() if table.dtype in (torch.bfloat16, torch.float16) else table
+
+
+def group_by_latent(indices: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """The pairs of a code (indices, flat) grouped by latent: their positions latent by latent (stable) and the
+    (d_sae + 1,) offsets where each latent's start."""
+    ops = kernels() if gathers(indices.device) else None
+    if ops is not None:
+        return ops.group_by_latent(indices.contiguous(), d_sae)
+    order = torch.argsort(indices, stable=True)
+    # index_add of integer ones, not bincount: bincount syncs with the host on CUDA to size its output.
+    counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device).index_add_(0, indices, torch.ones_like(indices))
+    offsets = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+def gathered_dots(x: Tensor, table: Tensor, idx: Tensor) -> Tensor:
+    """out[r, s] = x[r] . table[idx[r, s]], (n, k) float32; the table read in its own dtype, as in weighted_bags."""
+    ops = kernels() if gathers(table.device) and _fits(x) and table.dtype in (torch.float32, torch.bfloat16) else None
+    if ops is not None:
+        return ops.gathered_dots(x, table.contiguous(), idx.contiguous())
+    n, k = idx.shape
+    pairs = torch.arange(n * k, device=idx.device)
+    table = _widened(table)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(  # torch's own gradient of a bag's weights
+        x.to(table.dtype), table, idx.reshape(-1), pairs[::k], torch.div(pairs, k, rounding_mode="floor"), 0).view(n, k)
 
 
 def project_out_row_norm_(grad: Tensor, w: Tensor) -> Tensor:

@@ -22,33 +22,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saescope.core.sae.cpu_kernels import fused_top_k_applies, fused_top_k_available, rerank_exact, topk_with_bias
+from saescope.core.sae.cpu_kernels import (
+    fused_top_k_applies,
+    fused_top_k_available,
+    gathered_dots,
+    gathers,
+    group_by_latent,
+    rerank_exact,
+    topk_with_bias,
+    weighted_bags,
+)
 from saescope.core.system import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
 
 class LatentGroups:
-    """The (token, slot) pairs of a sparse code grouped by latent: argsort of the latent indices plus
+    """The (token, slot) pairs of a sparse code grouped by latent: a stable sort of the latent indices plus
     offsets, so that sums over "every token where latent j was selected" are one embedding_bag with
     d_sae bags. Several times faster than a dense scatter + matmul or index_add on CPU, never builds
     tokens x d_sae, and free of atomics (a resumed CUDA run repeats the same sums)."""
 
     def __init__(self, indices: Tensor, d_sae: int, tokens: Tensor | None = None):
         """`indices` (tokens, k); or a ragged code's (pairs,) latents with `tokens` (pairs,) saying whose each is."""
-        flat = indices.reshape(-1)
-        self.order = torch.argsort(flat)
+        self.order, self.offsets = group_by_latent(indices.reshape(-1), d_sae)
         if tokens is None:
             self.token_of_pair = torch.div(self.order, indices.shape[1], rounding_mode="floor")
         else:
             self.token_of_pair = tokens[self.order]
-        # index_add of integer ones, not bincount: bincount syncs with the host on CUDA to size its output.
-        counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device).index_add_(0, flat, torch.ones_like(flat))
-        self.offsets = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
-        torch.cumsum(counts, 0, out=self.offsets[1:])
 
     def weighted_sum(self, weights: Tensor, rows: Tensor) -> Tensor:
-        """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s] * rows[n]; (d_sae, d_model)."""
-        return F.embedding_bag(self.token_of_pair, rows, self.offsets, mode="sum",
-                               per_sample_weights=weights.reshape(-1)[self.order].to(rows.dtype), include_last_offset=True)
+        """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s] * rows[n]; (d_sae, d_model), float32 on a CPU
+        with saescope's kernels (rows read in their dtype: bf16 rows where the step computes in bf16), else rows' dtype."""
+        w = weights.reshape(-1)[self.order]
+        if gathers(rows.device):
+            return weighted_bags(rows, self.token_of_pair, w, self.offsets)
+        return F.embedding_bag(self.token_of_pair, rows, self.offsets, mode="sum", per_sample_weights=w.to(rows.dtype),
+                               include_last_offset=True)
 
     def sum(self, weights: Tensor) -> Tensor:
         """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s]; (d_sae,)."""
@@ -75,6 +83,22 @@ class Ragged(NamedTuple):
     def bags(self, weights: Tensor, table: Tensor) -> Tensor:
         """(tokens, d) = per token, sum over its pairs of weights[pair] * table[latent of pair]."""
         return F.embedding_bag(self.latents, table, self.offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
+
+
+def bf16_gathers(device: torch.device, compute_dtype: torch.dtype | None) -> bool:
+    """Whether a step computing in `compute_dtype` runs its backward's gathers on bf16 tables: a bf16 step, on a CPU
+    with saescope's kernels."""
+    return compute_dtype == torch.bfloat16 and gathers(device)
+
+
+def token_bags(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """(n, d) = per token n, sum over s of weights[n, s] * table[indices[n, s]]: the kernel's gather on a CPU with
+    saescope's kernels (float32 out, the table read in its dtype), torch's embedding_bag elsewhere."""
+    if gathers(table.device):
+        n, k = indices.shape
+        offsets = torch.arange(0, n * k + 1, k, device=indices.device)
+        return weighted_bags(table, indices.reshape(-1), weights.reshape(-1), offsets)
+    return F.embedding_bag(indices, table, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
 def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
@@ -129,7 +153,7 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, Tensor] = {}  # one per dtype: the screen holds bf16 and fp32 at once
+        self._buffers: dict[torch.dtype, Tensor] = {}  # one per dtype (a JumpReLU's threshold code holds another)
 
     def pre_activations(self, n_tokens: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         need = n_tokens * d_sae
@@ -137,6 +161,11 @@ class Workspace:
         if buf is None or buf.numel() < need or buf.device != device:
             buf = self._buffers[dtype] = torch.empty(need, dtype=dtype, device=device)
         return buf[:need].view(n_tokens, d_sae)
+
+
+# What an encoder's forward hands its backward: values, indices, AuxK values and indices, and the (x, W_enc) tables the
+# gradients gather from.
+_Encoded = tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]
 
 
 class Encoding(NamedTuple):
@@ -164,9 +193,12 @@ class _EncodeOptions:
 
 def fused_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, *, k: int, compute_dtype: torch.dtype,
                       dead: Tensor | None = None, k_aux: int = 0, workspace: Workspace | None = None,
-                      with_groups: bool = False, per_batch: bool = False, rows: Tensor | None = None) -> Encoding:
-    """values, indices = TopK_k(ReLU(x @ W_enc.T + b_enc)), and the top k_aux pre-activations among the
-    `dead` latents (AuxK) from the same matmul; differentiable in x, W_enc and b_enc.
+                      with_groups: bool = False, per_batch: bool = False, rows: Tensor | None = None,
+                      centre: Tensor | None = None) -> Encoding:
+    """values, indices = TopK_k(ReLU((x - centre) @ W_enc.T + b_enc)), and the top k_aux pre-activations among the
+    `dead` latents (AuxK) from the same matmul; differentiable in x, W_enc, b_enc and centre (a centred encoder's
+    b_dec: its gradient is -grad(b_enc) @ W_enc, one product, where x - b_dec taken outside would send every token's
+    gradient back through a gather of W_enc's rows).
 
     The matmul and top-k run in `compute_dtype`, the values and gradients in W_enc's dtype. `workspace`
     holds the pre-activations between calls. `with_groups` (a training forward that will be
@@ -175,17 +207,20 @@ def fused_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, *, k: int, comput
     widest token's, padded with zero values; see batch_top_k), among the tokens `rows` (bool) when given.
     """
     options = _EncodeOptions(k, compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, with_groups, per_batch, rows)
-    return Encoding(*_TopKEncode.apply(x, W_enc, b_enc, options))
+    return Encoding(*_TopKEncode.apply(x, W_enc, b_enc, centre, options))
 
 
 class _TopKEncode(torch.autograd.Function):
     """ReLU + top-k with a backward that only touches the selected latents (see `fused_topk_encode`)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, options):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, centre, options):  # type: ignore[override]
         o: _EncodeOptions = options
+        ctx.centred = centre is not None
+        if ctx.centred:
+            x = x - centre.to(x.dtype)
         encode = _screened_encode if screens(x.device, o.compute_dtype) else _plain_encode
-        values, indices, aux_values, aux_indices = encode(x, W_enc, b_enc, o)
+        values, indices, aux_values, aux_indices, ctx.tables = encode(x, W_enc, b_enc, o)
         ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
         # The grouping serves both weight gradients: built here, once, and returned for the decoder (an
@@ -197,34 +232,39 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_values, _gi, grad_aux, _gai, _groups):  # type: ignore[override]
-        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors  # x: the encoder's input, centred
         idx = torch.cat([indices, aux_indices], dim=1)
         grad = torch.cat([grad_values * (values > 0), grad_aux * (aux_values > 0)], dim=1).to(W_enc.dtype)
+        x_table, W_table = ctx.tables  # what the forward's matmul read: bf16 copies where it ran in bf16 on a CPU
+        ctx.tables = None
+        need_x, need_W, need_b, need_centre = ctx.needs_input_grad[:4]
+        grad_x = grad_W = grad_b = None
         if ctx.ragged:  # a batch selection pads every token to the widest: sum over the firing pairs only
             pairs = Ragged.of(idx, grad != 0)
             g = grad[pairs.mask]
-            grad_x = pairs.bags(g, W_enc).to(x.dtype) if ctx.needs_input_grad[0] else None
-            grad_W = grad_b = None
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                groups = LatentGroups(pairs.latents, W_enc.shape[0], tokens=pairs.tokens)
-                grad_W = groups.weighted_sum(g, x.to(W_enc.dtype))
-                grad_b = groups.sum(g)
-            return grad_x, grad_W, grad_b, None
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc, mode="sum", per_sample_weights=grad).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            groups = ctx.groups if aux_indices.shape[1] == 0 and ctx.groups is not None else LatentGroups(idx, W_enc.shape[0])
-            grad_W = groups.weighted_sum(grad, x.to(W_enc.dtype))
-            grad_b = groups.sum(grad)
-        return grad_x, grad_W, grad_b, None
+            grad_x = pairs.bags(g, W_enc).to(x.dtype) if need_x else None
+            groups = LatentGroups(pairs.latents, W_enc.shape[0], tokens=pairs.tokens) if need_W or need_b or need_centre else None
+        else:
+            if need_x:
+                grad_x = token_bags(W_table, idx, grad).to(x.dtype)
+            reuse = aux_indices.shape[1] == 0 and ctx.groups is not None
+            groups = (ctx.groups if reuse else LatentGroups(idx, W_enc.shape[0])) if need_W or need_b or need_centre else None
+            g = grad
+        if need_W:
+            grad_W = groups.weighted_sum(g, x_table if not ctx.ragged else x.to(W_enc.dtype)).to(W_enc.dtype)
+        if need_b or need_centre:
+            grad_b = groups.sum(g)
+        grad_centre = -(grad_b.to(W_enc.dtype) @ W_enc) if ctx.centred and need_centre else None
+        return grad_x, grad_W, grad_b if need_b else None, grad_centre, None
 
 
-def _plain_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _plain_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) -> _Encoded:
     """The matmul and top-k in o.compute_dtype; values in W_enc's dtype."""
     xc, Wc, bc = x.to(o.compute_dtype), W_enc.to(o.compute_dtype), b_enc.to(o.compute_dtype)
-    # With the fused CPU top-k the bias is added while selecting (one pass less over tokens x d_sae).
+    # With the fused CPU top-k the bias is added while selecting (one pass less over tokens x d_sae), in float32.
     fused = fused_top_k_available(x.device, o.compute_dtype)
+    if fused:
+        bc = b_enc.float()
     if o.workspace is None:
         pre = xc @ Wc.T if fused else F.linear(xc, Wc, bc)
     else:
@@ -232,7 +272,7 @@ def _plain_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) ->
         pre = torch.mm(xc, Wc.T, out=out) if fused else torch.addmm(bc, xc, Wc.T, out=out)
     if o.per_batch:
         if fused:  # the batch's selection compares every token's values: the bias goes in first
-            pre = pre.add_(bc)
+            pre = pre.add_(bc.to(pre.dtype))
         if o.rows is None:
             values, indices = batch_top_k(pre, o.k * pre.shape[0])
         else:
@@ -253,7 +293,10 @@ def _plain_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) ->
     else:
         aux_values = values.new_zeros(x.shape[0], 0)
         aux_indices = indices.new_zeros(x.shape[0], 0)
-    return values, indices, aux_values, aux_indices
+    # A bf16 step's backward gathers from the bf16 tables this matmul read (half the bytes) where saescope's kernels run
+    # them; elsewhere, and at any other dtype, from the weights' own.
+    tables = (xc, Wc) if bf16_gathers(x.device, o.compute_dtype) else (x.to(W_enc.dtype), W_enc)
+    return values, indices, aux_values, aux_indices, tables
 
 
 SCREEN_MARGIN = 0.5  # the bf16 screen shortlists k * (1 + margin) latents per token for the fp32 ranking
@@ -325,7 +368,7 @@ def shortlist_rerank(approx: Tensor, x: Tensor, W: Tensor, bias: Tensor, k: int,
     return rerank_exact(x, W, bias, shortlist, k)
 
 
-def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) -> _Encoded:
     """The fp32 encoder, computed faster: the bf16 matmul (5-7x faster than fp32 on CPUs with AMX) shortlists
     each token's 1.5k largest latents; their pre-activations are recomputed in fp32 and the k largest kept.
     Values are fp32 dot products, and a latent differs from the fp32 matmul's choice only if bf16 rounding
@@ -335,16 +378,13 @@ def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions)
     matmul + top-k (bench/RESULTS.md). AuxK keeps the screen's own selection and values (an auxiliary loss
     on dead latents, as the GPU's bf16 path computes it)."""
     if x.dim() != 2:
-        got = _screened_encode(x.reshape(-1, x.shape[-1]), W_enc, b_enc, o)
-        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in got)  # type: ignore[return-value]
+        *got, tables = _screened_encode(x.reshape(-1, x.shape[-1]), W_enc, b_enc, o)
+        return (*(t.reshape(*x.shape[:-1], t.shape[-1]) for t in got), tables)  # type: ignore[return-value]
     n, d_sae = x.shape[0], W_enc.shape[0]
     xf, Wf, bf = x.float().contiguous(), W_enc.float().contiguous(), b_enc.float().contiguous()
-    if o.workspace is not None:  # both buffers reused across steps and layers (no page faults per step)
-        pre16 = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T,
-                         out=o.workspace.pre_activations(n, d_sae, torch.bfloat16, x.device))
-        pre = o.workspace.pre_activations(n, d_sae, torch.float32, x.device).copy_(pre16)
-    else:
-        pre = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T).float()
+    # The selections below read the bf16 product as is (the fused top-k widens it exactly): no float32 copy.
+    out = None if o.workspace is None else o.workspace.pre_activations(n, d_sae, torch.bfloat16, x.device)
+    pre = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T, out=out)
     if o.per_batch:
         values, indices = _screened_batch_top_k(pre, xf, Wf, bf, o)
     else:
@@ -355,7 +395,7 @@ def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions)
         aux_values = aux_values.to(W_enc.dtype).clamp_min_(0)
     else:
         aux_values, aux_indices = values.new_zeros(n, 0), indices.new_zeros(n, 0)
-    return values, indices, aux_values, aux_indices
+    return values, indices, aux_values, aux_indices, (xf, Wf)
 
 
 def _screened_batch_top_k(pre: Tensor, x: Tensor, W: Tensor, bias: Tensor, o: _EncodeOptions) -> tuple[Tensor, Tensor]:
@@ -385,45 +425,46 @@ def _screened_batch_top_k(pre: Tensor, x: Tensor, W: Tensor, bias: Tensor, o: _E
 
 
 class _SparseDecode(torch.autograd.Function):
-    """sum_s values[n, s] * W_dec[indices[n, s]], with the decoder gradient as one grouped sum.
+    """sum_s values[n, s] * W_dec[indices[n, s]], with the decoder gradient as one grouped sum (CPU only).
 
-    torch's own embedding_bag backward builds the (d_sae, d_model) gradient by a dense, index_add-like
-    pass; grouping by latent (LatentGroups) does the same sums faster on CPU: forward + backward
-    19 -> 15 ms for 1,024 tokens x k 50 x 9,216 latents, bit-identical gradients (bench/micro.py).
-    The gradient of the values is torch's own kernel.
+    torch's own embedding_bag backward builds the (d_sae, d_model) gradient by a dense, index_add-like pass; grouping
+    by latent (LatentGroups) does the same sums faster. With saescope's kernels every gather here is theirs (prefetched:
+    1.2x torch's in float32), and where the step computes in bf16 they read bf16 copies of W_dec and of the output's
+    gradient (2x fewer bytes), summing in float32: a bf16 step's decoder, as its encoder, reads bf16 weights.
     """
 
     @staticmethod
-    def forward(ctx, indices, values, W_dec, groups):  # type: ignore[override]
+    def forward(ctx, indices, values, W_dec, groups, gather_dtype):  # type: ignore[override]
         ctx.save_for_backward(indices, values, W_dec)
-        ctx.groups = groups
-        return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
+        ctx.groups, ctx.gather_dtype = groups, gather_dtype
+        ctx.table = W_dec.to(gather_dtype)
+        return token_bags(ctx.table, indices, values)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         indices, values, W_dec = ctx.saved_tensors
         grad_values = grad_W = None
         if ctx.needs_input_grad[1]:
-            n, k = indices.shape
-            pairs = torch.arange(n * k, device=indices.device)
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_out, W_dec, indices.reshape(-1), pairs[::k], torch.div(pairs, k, rounding_mode="floor"), 0
-            ).view(n, k)
+            grad_values = gathered_dots(grad_out.contiguous(), ctx.table, indices).to(values.dtype)
         if ctx.needs_input_grad[2]:
             groups = ctx.groups or LatentGroups(indices, W_dec.shape[0])
-            grad_W = groups.weighted_sum(values, grad_out)
-        return None, grad_values, grad_W, None
+            grad_W = groups.weighted_sum(values, grad_out.to(ctx.gather_dtype)).to(W_dec.dtype)
+        ctx.table = None
+        return None, grad_values, grad_W, None, None
 
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: LatentGroups | None = None, *,
-                  ragged: bool = False, live: Tensor | None = None) -> Tensor:
+                  ragged: bool = False, live: Tensor | None = None, gather_dtype: torch.dtype | None = None) -> Tensor:
     """(n, k) latents and their values -> (n, d_model), without the bias; `groups` of these indices, when
     already built, save the backward an argsort. `ragged`: a code padded with zero values to its widest token (a
-    threshold or batch selection) is decoded from its nonzero entries alone (or its `live` ones, when given)."""
+    threshold or batch selection) is decoded from its nonzero entries alone (or its `live` ones, when given).
+    `gather_dtype`: the dtype the backward's gathers read W_dec in on a CPU with saescope's kernels (the step's compute
+    dtype; default W_dec's)."""
     values = values.to(W_dec.dtype)
     if ragged and indices.dim() == 2 and indices.shape[0] > 0:
         pairs = Ragged.of(indices, values.detach() != 0 if live is None else live)
         return pairs.bags(values[pairs.mask], W_dec)
     if W_dec.device.type != "cpu" or indices.shape[-1] == 0:  # the grouped backward is measured faster on CPU only; GPUs keep torch's
         return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
-    return _SparseDecode.apply(indices, values, W_dec, groups)
+    gather_dtype = torch.bfloat16 if bf16_gathers(W_dec.device, gather_dtype) else W_dec.dtype
+    return _SparseDecode.apply(indices, values, W_dec, groups, gather_dtype)

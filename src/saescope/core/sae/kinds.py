@@ -52,8 +52,9 @@ def _pre(sae: SAE, x: Tensor) -> Tensor:
 def _topk_train_code(sae: SAE, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
                      keep: Tensor | None, per_batch: bool) -> tuple[SparseCode, SparseCode | None]:
     """The k largest per token (per_batch False) or the k x tokens largest of the batch, and the AuxK code."""
-    fast = fused_topk_encode(sae.encoder_input(x), sae.W_enc, sae.b_enc, k=sae.cfg.k, compute_dtype=sae.compute_dtype,
+    fast = fused_topk_encode(x, sae.W_enc, sae.b_enc, k=sae.cfg.k, compute_dtype=sae.compute_dtype,
                              dead=dead, k_aux=k_aux, workspace=workspace, per_batch=per_batch, rows=keep,
+                             centre=sae.b_dec if sae.centred else None,
                              with_groups=torch.is_grad_enabled() and sae.W_enc.requires_grad)
     aux = SparseCode(fast.aux_indices, fast.aux_values) if k_aux > 0 else None
     return SparseCode(fast.indices, fast.values, fast.groups), aux

@@ -57,12 +57,11 @@ class TopKSAE(SAE):
     def train_code(self, x: Tensor, dead: Tensor | None, k_aux: int, workspace: Workspace | None,
                    keep: Tensor | None = None) -> tuple[SparseCode, SparseCode | None]:
         """The code of x (tokens, d_model) and, when k_aux > 0, the AuxK code among the `dead` latents."""
-        x = self.encoder_input(x)
         if not self.fused:
-            return reference_encode(x, self.W_enc, self.b_enc, self.cfg.k, compute_dtype=self.compute_dtype,
-                                    dead=dead, k_aux=k_aux)
+            return reference_encode(self.encoder_input(x), self.W_enc, self.b_enc, self.cfg.k,
+                                    compute_dtype=self.compute_dtype, dead=dead, k_aux=k_aux)
         fast = fused_topk_encode(x, self.W_enc, self.b_enc, k=self.cfg.k, compute_dtype=self.compute_dtype,
-                                 dead=dead, k_aux=k_aux, workspace=workspace,
+                                 dead=dead, k_aux=k_aux, workspace=workspace, centre=self.b_dec if self.centred else None,
                                  with_groups=torch.is_grad_enabled() and self.W_enc.requires_grad)
         aux = SparseCode(fast.aux_indices, fast.aux_values) if k_aux > 0 else None
         return SparseCode(fast.indices, fast.values, fast.groups), aux

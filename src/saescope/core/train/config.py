@@ -113,8 +113,8 @@ class TrainConfig(Config):
     skip_first_token: bool = config_field(False, "leave out every sequence's first token (the attention sink)")
     model_dtype: str = config_field("auto", "LM dtype (auto: bf16 on GPU and on CPUs whose bf16 matmuls are measured "
                                     "1.5x+ faster than fp32, e.g. AMX; else fp32)", choices=DTYPE_NAMES)
-    sae_dtype: str = config_field("auto", "dtype of the encoder matmul and top-k; master weights stay fp32 (auto: bf16 on "
-                                  "GPU, fp32 on CPU)", choices=DTYPE_NAMES)
+    sae_dtype: str = config_field("auto", "dtype of the SAE step's encoder matmul, top-k and gathers; master weights and "
+                                  "sums stay fp32 (auto: as the LM's)", choices=DTYPE_NAMES)
     device: str = config_field("auto", "cpu, cuda or cuda:N (auto: cuda when there is one)")
     model_device_map: str | None = config_field(None, "'auto' shards a model too large for one GPU over all GPUs (accelerate)")
     load_in_8bit: bool = config_field(False, "LM weights in 8 bits (bitsandbytes); activations stay in model_dtype")
@@ -212,8 +212,8 @@ class TrainConfig(Config):
         changes = {k: v for k, v in changes.items() if k in saved.to_dict() and k not in ("out", "extra")}
         asked = replace(saved, **changes)
         for name in sorted(set(changes) - RESUME_MAY_CHANGE):
-            if name == "model_dtype" and asked.model_dtype == "auto":  # the run recorded what its `auto` resolved to
-                asked.model_dtype = saved.model_dtype
+            if name in ("model_dtype", "sae_dtype") and getattr(asked, name) == "auto":  # the run recorded what it resolved to
+                setattr(asked, name, getattr(saved, name))
                 continue
             if name in ("preset", "expansion", "k"):  # what counts is the SAE's shape, however it was asked for
                 changed, was = asked.shape() != saved.shape(), "expansion {}, k {}".format(*saved.shape())

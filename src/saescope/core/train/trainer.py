@@ -64,15 +64,14 @@ def _write_error(exc: BaseException, folder: Path) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def resolve_dtype(name: str, device: torch.device, *, lm: bool = False) -> torch.dtype:
-    """A dtype name; `auto` is bf16 on GPU. On CPU it is fp32 for the SAE's encoder product (bf16 pre-activations
-    would change which latents top-k keeps; where bf16 is fast, the fp32 encoder runs as a bf16 screen with an
-    fp32 ranking: saescope.core.sae.fast.screens) and, for the language model (lm=True), bf16 where this CPU
-    multiplies bf16 much faster than fp32 (measured once per machine: saescope.core.system.cpu_lm_dtype)."""
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype name; `auto` is bf16 on GPU, and on a CPU bf16 where it multiplies bf16 much faster than fp32 (measured
+    once per machine: saescope.core.system.cpu_lm_dtype), for the language model and the SAE's step alike.
+    A bf16 SAE step (encoder product, top-k, the gathers of the decoder and of the gradients) keeps fp32 master weights
+    and sums in fp32; its FVU at equal tokens equals the fp32 step's (bench/RESULTS.md, "Speed, part 4"). An explicit
+    fp32 encoder on such a CPU runs as a bf16 screen with an fp32 ranking (saescope.core.sae.fast.screens)."""
     from saescope.core.models import parse_dtype
 
-    if name == "auto" and not lm:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return parse_dtype(name, str(device))
 
 
@@ -163,7 +162,9 @@ class Trainer:
                 cfg.model_dtype = DTYPE_NAMES.get(self.lm.dtype, cfg.model_dtype)
             self.d_model = self.lm.d_model
             self.all_layers = parse_layers(cfg.layers, self.lm.n_layers)
-        self.compute_dtype = resolve_dtype(cfg.sae_dtype, self.device)
+        self.compute_dtype = self._dtype(cfg.sae_dtype)
+        if cfg.sae_dtype == "auto":  # recorded resolved, as the LM's: a resume on another machine computes as this run did
+            cfg.sae_dtype = DTYPE_NAMES.get(self.compute_dtype, cfg.sae_dtype)
         # Layer sharding: rank r owns every world-th layer; in dp mode every rank owns all.
         shard = self.dist.on and distributed == "layers"
         self.layers = self.all_layers[self.dist.rank :: self.dist.world] if shard else self.all_layers
@@ -252,10 +253,13 @@ class Trainer:
         return asked
 
     def _lm_dtype(self) -> torch.dtype:
-        """The LM's dtype; `auto` on CPU is a timing, so under torchrun rank 0's choice is every rank's (ranks
-        timing the same CPU near the threshold could disagree, and their activations would differ)."""
-        dtype = resolve_dtype(self.cfg.model_dtype, self.device, lm=True)
-        if self.dist.on and self.cfg.model_dtype == "auto":
+        return self._dtype(self.cfg.model_dtype)
+
+    def _dtype(self, name: str) -> torch.dtype:
+        """The LM's or the SAE step's dtype; `auto` on CPU is a timing, so under torchrun rank 0's choice is every
+        rank's (ranks timing the same CPU near the threshold could disagree, and their activations would differ)."""
+        dtype = resolve_dtype(name, self.device)
+        if self.dist.on and name == "auto":
             on_gpu = dist.get_backend() == "nccl"  # nccl moves CUDA tensors only, even for a run on CPU
             code = torch.tensor([int(dtype == torch.bfloat16)], device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
             dist.broadcast(code, src=0)
