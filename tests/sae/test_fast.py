@@ -261,3 +261,18 @@ def test_a_bf16_step_is_the_fp32_step_within_bf16_rounding():
     for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads32, grads16, strict=True):
         assert a.dtype == b.dtype == torch.float32, name
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98, name
+
+
+def test_a_read_loop_converts_the_weights_once_per_version():
+    """weight_as with reuse keeps the low-precision copy until the weight changes; without, it keeps nothing."""
+    from saescope.core.sae.fast import weight_as
+
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    first = weight_as(w, torch.bfloat16, reuse=True)
+    assert weight_as(w, torch.bfloat16, reuse=True) is first and torch.equal(first, w.detach().bfloat16())
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step: a new version
+    again = weight_as(w, torch.bfloat16, reuse=True)
+    assert again is not first and torch.equal(again, w.detach().bfloat16())
+    assert weight_as(w, torch.bfloat16, reuse=False) is not again
+    assert weight_as(w, torch.float32, reuse=True) is w

@@ -141,14 +141,15 @@ def _f1(pred: Tensor, truth: Tensor) -> float:
 
 def main_latents(codes: Tensor, is_letter: Tensor, test: Tensor, cfg: AbsorptionConfig) -> tuple[list[int], float]:
     """A letter's main latents (the k-sparse rule in the module docstring) and their probe's test F1."""
-    tr, te = ~test, test
-    diff = codes[tr][is_letter[tr]].mean(0) - codes[tr][~is_letter[tr]].mean(0)
+    train, held_out = codes[~test], codes[test]  # once: each is (words, d_sae), and the loop reads a few columns
+    y_train, y_held_out = is_letter[~test], is_letter[test]
+    diff = train[y_train].mean(0) - train[~y_train].mean(0)
     ranked = torch.topk(diff, cfg.max_k).indices
     best, chosen = -math.inf, ranked[:1]
     for k in range(1, cfg.max_k + 1):
         feats = ranked[:k]
-        probe = fit_logistic(codes[tr][:, feats], is_letter[tr], balanced=True)
-        f1 = _f1(probe.scores(codes[te][:, feats])[:, 0] > 0, is_letter[te])
+        probe = fit_logistic(train[:, feats], y_train, balanced=True)
+        f1 = _f1(probe.scores(held_out[:, feats])[:, 0] > 0, y_held_out)
         if f1 <= best + cfg.f1_jump:
             break
         best, chosen = f1, feats

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saescope.api.controls import ControlsOption, control_kind
-from saescope.api.scope import SAEOptions, Scope, check_fit
+from saescope.api.scope import SAEOptions, Scope, place_saes
 from saescope.core.activations import OutlierFilter
 from saescope.core.data import batches, iter_texts
 from saescope.core.errors import SaescopeError
@@ -62,14 +62,12 @@ class LayerEval:
 
 
 def _ready(lm: LoadedModel, sets: dict[str, dict[int, SAE]]) -> list[int]:
-    """The layers that every SAE set covers alike, each set checked against the model and moved to its device."""
+    """The layers that every SAE set covers alike, each set checked against the model and placed where it runs."""
     layers = sorted(next(iter(sets.values())))
     for name, saes in sets.items():
-        check_fit(lm, saes)
+        place_saes(lm, saes)
         if sorted(saes) != layers:
             raise SaescopeError(f"SAE set {name!r} covers layers {sorted(saes)}, expected {layers}")
-        for sae in saes.values():
-            sae.to(lm.device)
     return layers
 
 

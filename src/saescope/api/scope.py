@@ -100,6 +100,17 @@ def check_fit(lm: LoadedModel, saes: dict[int, SAE]) -> None:
             raise SaescopeError(f"SAE for layer {n}, but {lm.name} has layers 0..{lm.n_layers - 1}")
 
 
+def place_saes(lm: LoadedModel, saes: dict[int, SAE]) -> None:
+    """Check SAEs against the model and put them where it runs: on its device, and encoding in bf16 when it reads in
+    bf16 (one dtype end to end, as a training step computes; the read commands' default --model-dtype fp32 keeps both
+    fp32, and their figures comparable across machines)."""
+    check_fit(lm, saes)
+    for sae in saes.values():
+        sae.to(lm.device)
+        if lm.dtype == torch.bfloat16:
+            sae.compute_dtype = torch.bfloat16
+
+
 def model_of(saes: dict[int, SAE], given: str | None, origin: str | object = "these SAEs") -> str:
     """The model to load for these SAEs: the one given, else the one they record. Qwen-Scope and SAELens files often
     do not say; guessing a default model would mislead."""
@@ -115,9 +126,7 @@ def _span(layers: list[int]) -> str:
 
 class Scope:
     def __init__(self, lm: LoadedModel, saes: dict[int, SAE]):
-        check_fit(lm, saes)
-        for sae in saes.values():
-            sae.to(lm.device)
+        place_saes(lm, saes)
         self.lm = lm
         self.saes = saes
 
@@ -216,11 +225,10 @@ class Scope:
         layers = layers or self.layers
         sae_sets = sae_sets or {"sae": self.saes}
         for name, saes in sae_sets.items():
-            check_fit(self.lm, saes)
             for n in layers:
                 if n not in saes:
                     raise SaescopeError(f"no SAE for layer {n} in the {name} set (have {sorted(saes)})")
-                saes[n].to(self.lm.device)
+            place_saes(self.lm, {n: saes[n] for n in layers})
         ids = self._token_ids(texts, max_length)  # once; batches only pad
         lengths = [len(x) for x in ids]
         order = sorted(range(len(texts)), key=lambda i: lengths[i])

@@ -142,6 +142,22 @@ def top_k(x: Tensor, k: int, *, bias: Tensor | None = None, block: int = 8) -> t
     return values, candidates.gather(1, pick)
 
 
+def weight_as(w: Tensor, dtype: torch.dtype, reuse: bool) -> Tensor:
+    """w in dtype; with `reuse`, the copy is kept on w and served again until w changes (its version or storage): a
+    read loop encoding many small batches (probing, evaluation) otherwise converts the whole matrix per batch, which cost
+    quality ten of its seconds. A training step, whose weights change every step, converts afresh and keeps nothing."""
+    if w.dtype == dtype:
+        return w
+    key = (w._version, w.data_ptr(), dtype)
+    kept = getattr(w, "_saescope_copy", None)
+    if reuse and kept is not None and kept[0] == key:
+        return kept[1]
+    out = w.detach().to(dtype)
+    if reuse:
+        w._saescope_copy = (key, out)
+    return out
+
+
 class Workspace:
     """Memory reused across training steps and layers for the (tokens x d_sae) pre-activations.
 
@@ -189,6 +205,7 @@ class _EncodeOptions:
     with_groups: bool
     per_batch: bool = False  # BatchTopK: the k x tokens largest of the whole batch, not k per token
     rows: Tensor | None = None  # with per_batch: the tokens that take part (the others fire nothing)
+    reuse: bool = False  # no gradient wanted: the weights' low-precision copy is kept for the next call (weight_as)
 
 
 def fused_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, *, k: int, compute_dtype: torch.dtype,
@@ -206,7 +223,8 @@ def fused_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, *, k: int, comput
     BatchTopK's k x tokens largest ReLU'd pre-activations of the whole batch instead (a token's width is then the
     widest token's, padded with zero values; see batch_top_k), among the tokens `rows` (bool) when given.
     """
-    options = _EncodeOptions(k, compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, with_groups, per_batch, rows)
+    options = _EncodeOptions(k, compute_dtype, dead if k_aux > 0 else None, k_aux, workspace, with_groups, per_batch, rows,
+                             reuse=not torch.is_grad_enabled())
     return Encoding(*_TopKEncode.apply(x, W_enc, b_enc, centre, options))
 
 
@@ -260,7 +278,7 @@ class _TopKEncode(torch.autograd.Function):
 
 def _plain_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions) -> _Encoded:
     """The matmul and top-k in o.compute_dtype; values in W_enc's dtype."""
-    xc, Wc, bc = x.to(o.compute_dtype), W_enc.to(o.compute_dtype), b_enc.to(o.compute_dtype)
+    xc, Wc, bc = x.to(o.compute_dtype), weight_as(W_enc, o.compute_dtype, o.reuse), b_enc.to(o.compute_dtype)
     # With the fused CPU top-k the bias is added while selecting (one pass less over tokens x d_sae), in float32.
     fused = fused_top_k_available(x.device, o.compute_dtype)
     if fused:
@@ -384,7 +402,7 @@ def _screened_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, o: _EncodeOptions)
     xf, Wf, bf = x.float().contiguous(), W_enc.float().contiguous(), b_enc.float().contiguous()
     # The selections below read the bf16 product as is (the fused top-k widens it exactly): no float32 copy.
     out = None if o.workspace is None else o.workspace.pre_activations(n, d_sae, torch.bfloat16, x.device)
-    pre = torch.mm(xf.to(torch.bfloat16), Wf.to(torch.bfloat16).T, out=out)
+    pre = torch.mm(xf.to(torch.bfloat16), weight_as(Wf, torch.bfloat16, o.reuse).T, out=out)
     if o.per_batch:
         values, indices = _screened_batch_top_k(pre, xf, Wf, bf, o)
     else:
@@ -434,10 +452,10 @@ class _SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, indices, values, W_dec, groups, gather_dtype):  # type: ignore[override]
+    def forward(ctx, indices, values, W_dec, groups, gather_dtype, reuse):  # type: ignore[override]
         ctx.save_for_backward(indices, values, W_dec)
         ctx.groups, ctx.gather_dtype = groups, gather_dtype
-        ctx.table = W_dec.to(gather_dtype)
+        ctx.table = weight_as(W_dec, gather_dtype, reuse)
         return token_bags(ctx.table, indices, values)
 
     @staticmethod
@@ -450,7 +468,7 @@ class _SparseDecode(torch.autograd.Function):
             groups = ctx.groups or LatentGroups(indices, W_dec.shape[0])
             grad_W = groups.weighted_sum(values, grad_out.to(ctx.gather_dtype)).to(W_dec.dtype)
         ctx.table = None
-        return None, grad_values, grad_W, None, None
+        return None, grad_values, grad_W, None, None, None
 
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: LatentGroups | None = None, *,
@@ -467,4 +485,4 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: Latent
     if W_dec.device.type != "cpu" or indices.shape[-1] == 0:  # the grouped backward is measured faster on CPU only; GPUs keep torch's
         return F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
     gather_dtype = torch.bfloat16 if bf16_gathers(W_dec.device, gather_dtype) else W_dec.dtype
-    return _SparseDecode.apply(indices, values, W_dec, groups, gather_dtype)
+    return _SparseDecode.apply(indices, values, W_dec, groups, gather_dtype, not torch.is_grad_enabled())
