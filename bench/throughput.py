@@ -4,6 +4,8 @@
     python bench/throughput.py --peers ''            # saescope and the limit only
     python bench/throughput.py --peers sparsify,sae-lens   # both peers (sae-lens: one layer per run, counted per layer)
     python bench/throughput.py --sweep               # also: width 4x/16x/64x and 1/10/30 layers
+    python bench/throughput.py --from-cache DIR      # also: training from an activation cache (saescope cache), against
+                                                     # the SAE-only limit (the cached layers' encoder products)
 
 The limit is 1 / (t_LM_forward + sum over layers of t_encoder_matmul) per token, each timed alone
 with the same dtype and threads (the irreducible work of streaming top-k SAE training). The LM
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from saescope.core.activation_cache import read_cache_info
 from saescope.core.data import batches, iter_texts
 from saescope.core.io import load_saes
 from saescope.core.models import capture, load_model
@@ -144,25 +147,29 @@ def timed_span(n_steps: int, warmup: int, window: int) -> tuple[int, int]:
     return first, last
 
 
-def saescope_config(args, layers, expansion, k, out: Path, max_tokens: int) -> TrainConfig:
-    """The config every saescope run of the bench trains with (timed or profiled): the bench's arguments, a step's
-    log each step, no checkpoint before the end."""
+def saescope_config(args, layers, expansion, k, out: Path, max_tokens: int, activations: str | None = None) -> TrainConfig:
+    """The config every saescope run of the bench trains with (timed or profiled, from the LM or from `activations`):
+    the bench's arguments, a step's log each step, no checkpoint before the end."""
     return TrainConfig(model=args.model, out=str(out), layers=",".join(map(str, layers)), preset=None, expansion=expansion,
+                       activations=activations,
                        k=k, ctx_len=args.ctx_len, batch_size=args.batch_size, max_tokens=max_tokens, checkpoint_every=10**9,
                        log_every=1, model_dtype=args.model_dtype, sae_dtype=args.sae_dtype, device=args.device,
                        dead_tokens=args.dead_tokens, outlier_factor=args.outlier_factor)
 
 
-def run_saescope(lm, args, layers, expansion, k, steps, out: Path) -> dict:
-    cfg = saescope_config(args, layers, expansion, k, out, args.ctx_len * args.batch_size * steps)
+def run_saescope(lm, args, layers, expansion, k, steps, out: Path, activations: str | None = None) -> dict:
+    """A timed saescope run: from the LM, or from the activation cache `activations` (then `lm` is unused and every
+    step is its own window: no LM forward to keep whole)."""
+    cfg = saescope_config(args, layers, expansion, k, out, args.ctx_len * args.batch_size * steps, activations)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(cfg, lm=lm)
+    trainer = Trainer(cfg, lm=None if activations else lm)
     trainer.fit()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the SAEs stay in memory
-    first, last = timed_span(len(log), args.warmup, buffer_steps(cfg.activation_buffer, cfg.ctx_len * cfg.batch_size))
+    window = 1 if activations else buffer_steps(cfg.activation_buffer, cfg.ctx_len * cfg.batch_size)
+    first, last = timed_span(len(log), args.warmup, window)
     secs = log[last - 1]["elapsed_s"] - (log[first - 1]["elapsed_s"] if first > 0 else 0.0)
     tokens = (last - first) * cfg.ctx_len * cfg.batch_size
     return {"tok_s": tokens / secs, "steps": log[-1]["step"], "timed_steps": last - first,
@@ -280,6 +287,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="run saescope and sparsify this many times each, alternately (median)")
     p.add_argument("--profile", action="store_true", help="where 4 saescope steps' time goes: per part of the step and "
                    "the top operators (torch.profiler)")
+    p.add_argument("--from-cache", default=None, help="also train from this activation cache (its layers) and compare with "
+                   "the SAE-only limit: the cached layers' encoder products")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -336,6 +345,16 @@ def main() -> None:
                          "fvu_saescope_same_layer": fvu_on({n: ours_layer[n]}, {n: eval_acts[n]})})
         else:
             raise SystemExit(f"unknown peer {peer}; use sparsify and/or sae-lens")
+    cached = None
+    if args.from_cache:  # the SAE-only part: no LM forward, the limit is the cached layers' encoder products
+        cache_layers = read_cache_info(Path(args.from_cache))["layers"]
+        res = run_saescope(lm, args, cache_layers, expansion, k, args.steps, work / "saescope-cache", args.from_cache)
+        t_enc = statistics.mean(lim["t_enc_per_layer_s"] for lim in limits)
+        limit_sae = args.batch_size * args.ctx_len / (len(cache_layers) * t_enc)
+        cached = {"trainer": f"saescope, from cache ({len(cache_layers)} layer{'s' if len(cache_layers) > 1 else ''})",
+                  "layers": cache_layers, "tok_s": res["tok_s"], "sae_only_limit_tok_s": limit_sae,
+                  "ratio_to_sae_only_limit": res["tok_s"] / limit_sae, "timed_steps": res["timed_steps"],
+                  "fvu": fvu_on(res["saes"], {n: eval_acts[n] for n in cache_layers})}
     profile = profile_parts(args, lm, layers, expansion, k, work, device) if args.profile else None
     rounds = [{"saescope": ours["tok_s"], "limit": _mean_limit(limits[-2:])["limit_tok_s"],
                **{r["trainer"]: r["tok_s"] for r in rows[1:] if r["trainer"].startswith("sparsify")}}]
@@ -400,10 +419,14 @@ def main() -> None:
                   + (f", sparsify {sp:.0f} tok/s, ratio {rd['saescope'] / sp:.2f}x" if sp else ""))
     for s in sweep:
         print(f"sweep: {s['expansion']:>2}x, {s['layers']:>2} layers: {s['tok_s']:7.0f} tok/s, limit {s['limit_tok_s']:7.0f} ({s['ratio']:.0%})")
+    if cached:
+        print(f"{cached['trainer']}: {cached['tok_s']:.0f} tok/s, {cached['ratio_to_sae_only_limit']:.0%} of the SAE-only limit "
+              f"({cached['sae_only_limit_tok_s']:.0f} tok/s: {len(cached['layers'])} x the encoder product); FVU "
+              f"{cached['fvu'][0]:.4f} (all tokens {cached['fvu'][1]:.4f})")
     if profile:
         print(format_profile(profile))
     result = {"machine": machine, "config": config, "limit": limit, "limits_timed": limits, "rounds": rounds, "rows": rows,
-              "sweep": sweep, **({"profile": profile} if profile else {})}
+              "sweep": sweep, **({"from_cache": cached} if cached else {}), **({"profile": profile} if profile else {})}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{'gpu' if gpu else 'cpu'}-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
