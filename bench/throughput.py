@@ -110,6 +110,21 @@ def measure_limit(lm, layers, d_sae, batch, device) -> dict:
             "t_lm_by_dtype_s": {str(d): t for d, t in t_lm.items()}, "t_enc_by_dtype_s": {str(d): t for d, t in t_enc.items()}}
 
 
+def optimizer_floor(n_layers: int, d_model: int, d_sae: int, device) -> dict:
+    """What Adam's memory traffic alone costs a step: each fp32 parameter is read with its gradient and two moments and
+    written back with both moments (7 x 4 bytes), at this machine's copy bandwidth (a 256 MB copy, read + write, timed).
+    The limit leaves the optimizer out; at a small step it can cost more than the limit allows."""
+    n = 64 * 2**20
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    src.fill_(1.0)
+    dst.copy_(src)
+    t = _timed(lambda: dst.copy_(src), device)
+    bandwidth = 2 * 4 * n / t  # bytes per second, read + write
+    params = n_layers * (2 * d_sae * d_model + d_sae + d_model)
+    traffic = 7 * 4 * params
+    return {"bandwidth_gb_s": bandwidth / 1e9, "adam_bytes_per_step": traffic, "t_adam_min_s": traffic / bandwidth}
+
+
 def _mean_limit(limits: list[dict]) -> dict:
     """The limit from the mean of several timings of its parts."""
     mean = {key: statistics.mean(lim[key] for lim in limits) for key in limits[0] if key.startswith("t_") and isinstance(limits[0][key], float)}
@@ -371,6 +386,9 @@ def main() -> None:
         if runs:
             r["tok_s_rounds"], r["tok_s"] = runs, statistics.median(runs)
     limit = _mean_limit(limits)
+    floor = optimizer_floor(len(layers), lm.d_model, d_sae, device)
+    t_limit = args.batch_size * args.ctx_len / limit["limit_tok_s"]
+    floor["ceiling_share"] = t_limit / (t_limit + floor["t_adam_min_s"])  # the best share a step that also pays Adam can reach
     sweep = []
     if args.sweep:
         for exp, n_layers in [(4, 10), (16, 10), (64, 10), (16, 1), (16, len(layers))]:
@@ -419,13 +437,17 @@ def main() -> None:
                   + (f", sparsify {sp:.0f} tok/s, ratio {rd['saescope'] / sp:.2f}x" if sp else ""))
     for s in sweep:
         print(f"sweep: {s['expansion']:>2}x, {s['layers']:>2} layers: {s['tok_s']:7.0f} tok/s, limit {s['limit_tok_s']:7.0f} ({s['ratio']:.0%})")
+    print(f"optimizer floor: Adam moves {floor['adam_bytes_per_step'] / 1e6:.0f} MB per step at {floor['bandwidth_gb_s']:.1f} GB/s "
+          f"measured = {floor['t_adam_min_s'] * 1e3:.0f} ms per step of {args.batch_size * args.ctx_len} tokens; with it a step "
+          f"can reach at most {floor['ceiling_share']:.0%} of the limit at this step size")
     if cached:
         print(f"{cached['trainer']}: {cached['tok_s']:.0f} tok/s, {cached['ratio_to_sae_only_limit']:.0%} of the SAE-only limit "
               f"({cached['sae_only_limit_tok_s']:.0f} tok/s: {len(cached['layers'])} x the encoder product); FVU "
               f"{cached['fvu'][0]:.4f} (all tokens {cached['fvu'][1]:.4f})")
     if profile:
         print(format_profile(profile))
-    result = {"machine": machine, "config": config, "limit": limit, "limits_timed": limits, "rounds": rounds, "rows": rows,
+    result = {"machine": machine, "config": config, "limit": limit, "limits_timed": limits, "optimizer_floor": floor,
+              "rounds": rounds, "rows": rows,
               "sweep": sweep, **({"from_cache": cached} if cached else {}), **({"profile": profile} if profile else {})}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{'gpu' if gpu else 'cpu'}-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
