@@ -81,7 +81,8 @@ class Ragged(NamedTuple):
         return Ragged(keep, indices[keep], tokens, offsets)
 
     def bags(self, weights: Tensor, table: Tensor) -> Tensor:
-        """(tokens, d) = per token, sum over its pairs of weights[pair] * table[latent of pair]."""
+        """(tokens, d) = per token, sum over its pairs of weights[pair] * table[latent of pair]. torch's embedding_bag, not
+        the kernels' gather: a ragged decoder is differentiated through it (the kernels have no backward)."""
         return F.embedding_bag(self.latents, table, self.offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
@@ -269,7 +270,7 @@ class _TopKEncode(torch.autograd.Function):
             groups = (ctx.groups if reuse else LatentGroups(idx, W_enc.shape[0])) if need_W or need_b or need_centre else None
             g = grad
         if need_W:
-            grad_W = groups.weighted_sum(g, x_table if not ctx.ragged else x.to(W_enc.dtype)).to(W_enc.dtype)
+            grad_W = groups.weighted_sum(g, x_table).to(W_enc.dtype)
         if need_b or need_centre:
             grad_b = groups.sum(g)
         grad_centre = -(grad_b.to(W_enc.dtype) @ W_enc) if ctx.centred and need_centre else None
