@@ -52,11 +52,7 @@ class LatentGroups:
     def weighted_sum(self, weights: Tensor, rows: Tensor) -> Tensor:
         """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s] * rows[n]; (d_sae, d_model), float32 on a CPU
         with saescope's kernels (rows read in their dtype: bf16 rows where the step computes in bf16), else rows' dtype."""
-        w = weights.reshape(-1)[self.order]
-        if gathers(rows.device):
-            return weighted_bags(rows, self.token_of_pair, w, self.offsets)
-        return F.embedding_bag(self.token_of_pair, rows, self.offsets, mode="sum", per_sample_weights=w.to(rows.dtype),
-                               include_last_offset=True)
+        return weighted_bags(rows, self.token_of_pair, weights.reshape(-1)[self.order], self.offsets)
 
     def sum(self, weights: Tensor) -> Tensor:
         """out[j] = sum over (n, s) with indices[n, s] == j of weights[n, s]; (d_sae,)."""
@@ -93,13 +89,11 @@ def bf16_gathers(device: torch.device, compute_dtype: torch.dtype | None) -> boo
 
 
 def token_bags(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """(n, d) = per token n, sum over s of weights[n, s] * table[indices[n, s]]: the kernel's gather on a CPU with
-    saescope's kernels (float32 out, the table read in its dtype), torch's embedding_bag elsewhere."""
-    if gathers(table.device):
-        n, k = indices.shape
-        offsets = torch.arange(0, n * k + 1, k, device=indices.device)
-        return weighted_bags(table, indices.reshape(-1), weights.reshape(-1), offsets)
-    return F.embedding_bag(indices, table, mode="sum", per_sample_weights=weights.to(table.dtype))
+    """(n, d) = per token n, sum over s of weights[n, s] * table[indices[n, s]] (weighted_bags: the kernels' gather on a
+    CPU with them, float32 out; torch's embedding_bag elsewhere)."""
+    n, k = indices.shape
+    offsets = torch.arange(0, n * k + 1, k, device=indices.device)
+    return weighted_bags(table, indices.reshape(-1), weights.reshape(-1), offsets)
 
 
 def latent_weighted_sum(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
@@ -477,8 +471,8 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, groups: Latent
     """(n, k) latents and their values -> (n, d_model), without the bias; `groups` of these indices, when
     already built, save the backward an argsort. `ragged`: a code padded with zero values to its widest token (a
     threshold or batch selection) is decoded from its nonzero entries alone (or its `live` ones, when given).
-    `gather_dtype`: the dtype the backward's gathers read W_dec in on a CPU with saescope's kernels (the step's compute
-    dtype; default W_dec's)."""
+    `gather_dtype`: the step's compute dtype; where it is bf16, on a CPU with saescope's kernels, the gathers (forward and
+    backward) read a bf16 copy of W_dec (default: W_dec itself)."""
     values = values.to(W_dec.dtype)
     if ragged and indices.dim() == 2 and indices.shape[0] > 0:
         pairs = Ragged.of(indices, values.detach() != 0 if live is None else live)

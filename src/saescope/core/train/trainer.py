@@ -156,7 +156,7 @@ class Trainer:
             self.d_model = self.source.d_model
             self.all_layers = self._source_layers()
         else:
-            self.lm = lm or load_model(cfg.model, dtype=self._lm_dtype(), device=str(self.device),
+            self.lm = lm or load_model(cfg.model, dtype=self._dtype(cfg.model_dtype), device=str(self.device),
                                        device_map=cfg.model_device_map, load_in_8bit=cfg.load_in_8bit)
             if cfg.model_dtype == "auto":  # recorded in train.json: a resume (on any machine) reads what this run read
                 cfg.model_dtype = DTYPE_NAMES.get(self.lm.dtype, cfg.model_dtype)
@@ -251,9 +251,6 @@ class Trainer:
             raise ParamError(f"{escape(self.source.origin)} holds layers {escape(','.join(map(str, have)))}, not layer "
                              f"{missing[0]}: give {{}} among them or cache that layer", "layers")
         return asked
-
-    def _lm_dtype(self) -> torch.dtype:
-        return self._dtype(self.cfg.model_dtype)
 
     def _dtype(self, name: str) -> torch.dtype:
         """The LM's or the SAE step's dtype; `auto` on CPU is a timing, so under torchrun rank 0's choice is every
