@@ -63,6 +63,9 @@ def main() -> None:
     p.add_argument("--row", action="append", required=True, help="NAME:FIELD=VALUE,...")
     p.add_argument("--mine", default="en_olid")
     p.add_argument("--also", action="append", default=None, help="sets the rules were not mined on (default en_hasoc2019)")
+    p.add_argument("--control", default="random", choices=["random", "frozen-decoder", "soft-frozen"],
+                   help="the control beside the SAE; a trained one (frozen-decoder) trains the row again with its "
+                        "decoder frozen at its random init, and its rows are NAME@KIND in the JSON")
     p.add_argument("--work", default="bench/work/toxicity")
     p.add_argument("--json", required=True)
     a = p.parse_args()
@@ -79,28 +82,34 @@ def main() -> None:
             length = {"max_tokens": values["max_tokens"]} if "max_tokens" in values else {}
             cfg = TrainConfig.resumed(run, **length) if resume else TrainConfig(layers=a.layer, out=str(run), **values)
             _timed(seconds, "train", lambda: run_train(cfg, resume=resume))
-        control = run / "control"
-        if not (control / f"layer{a.layer}.json").is_file():
+        trained_control = a.control != "random"
+        control = run / ("control" if not trained_control else f"control-{a.control}")
+        if trained_control and read_summary(control) is None:
+            _timed(seconds, "control", run_control, ControlConfig(kind=a.control, like=str(run), out=str(control)))
+        elif not trained_control and not (control / f"layer{a.layer}.json").is_file():
             run_control(ControlConfig(kind="random", like=str(run), out=str(control)))
         rules = run / "toxicity" / "rules.json"
         if not rules.is_file():
             print(_timed(seconds, "mine", run_mine, MineConfig(sae=str(run), data=a.mine, out=str(rules))).text())
-        if not (run / "toxicity" / "eval.json").is_file():
+        evaluation = run / "toxicity" / ("eval.json" if not trained_control else f"eval-{a.control}.json")
+        if not evaluation.is_file():
             print(_timed(seconds, "eval", run_rules_eval, RulesEvalConfig(rules=str(rules), control=str(control), draws=3,
-                                                                          also=also)).text())
+                                                                          also=also, json=str(evaluation))).text())
         quality = run / "quality-domains.json"
-        if not quality.is_file():
+        if not quality.is_file() and not trained_control:
             _timed(seconds, "fvu by domain", run_quality, QualityConfig(sae=str(run), control=str(control),
                                                                         tasks=["hatecheck_en"], absorption_words=0,
                                                                         out=str(quality)))
-        result = json.loads((run / "toxicity" / "eval.json").read_text())
-        domains = json.loads(quality.read_text())
+        result = json.loads(evaluation.read_text())
+        domains = json.loads(quality.read_text()) if quality.is_file() else {"layers": None}
         summary = read_summary(run)
-        out["rows"][name] = {"train": values, "train_tokens": summary["tokens"], "train_tok_s": summary["tokens_per_s"],
+        key = name if not trained_control else f"{name}@{a.control}"
+        out["rows"][key] = {"train": values, "train_tokens": summary["tokens"], "train_tok_s": summary["tokens_per_s"],
                              "held_out": _figures(result),
                              "also": {n: _figures(r) for n, r in result.get("also", {}).items()},
                              "fvu_by_domain": domains["layers"],
-                             "seconds": {**out["rows"].get(name, {}).get("seconds", {}), **seconds}}
+                             "control": a.control,
+                             "seconds": {**out["rows"].get(key, {}).get("seconds", {}), **seconds}}
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))
     print(f"{'row':<22} {'set':<26} {'best SAE rule':<14} {'bal.acc':>7} {'control':>7} {'BoW':>6} {'probe':>6}")

@@ -88,3 +88,12 @@ def test_feature_absorption_on_the_real_model_reads_first_letters(smollm2):
         r = row[name]
         assert 0 <= r["mean_absorption_fraction"] <= 1 and 0 <= r["full_absorption_rate"] <= 1
         assert r["mean_splits"] >= 0 and 0 <= r["main_f1"] <= 1 and len(r["letters"]) >= 3
+
+
+def test_class_mean_differences_by_hand():
+    from saescope.api.absorption import class_mean_differences
+
+    codes = torch.tensor([[1.0, 0], [3, 2], [5, 4], [0, 6]])
+    onehot = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]]).bool()
+    # class 0: rows 0-1 mean (2, 1), the rest (2.5, 5) -> (-0.5, -4); class 1 the opposite
+    torch.testing.assert_close(class_mean_differences(codes, onehot), torch.tensor([[-0.5, -4.0], [0.5, 4.0]]))

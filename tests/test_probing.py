@@ -159,3 +159,36 @@ def test_one_vs_rest_logistic_columns_fit_as_if_alone():
         torch.testing.assert_close(sklearn_like.scores(x)[:, 0], alone.scores(x)[:, 0], atol=0.05, rtol=0.02)
     # raw-space weights: the scores of x are those of the standardised fit, so the weight row is a direction of x's space
     assert joint.weight.shape == (2, 6) and ((joint.scores(x)[:, 0] > 0).long() == y[:, 0]).double().mean() > 0.85
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_newtons_fit_is_the_optimum_lbfgs_approaches(balanced, monkeypatch):
+    """A few features go by Newton's method, many by L-BFGS: on the same problem both reach the one optimum (the loss
+    is strictly convex), Newton's to float64 precision; and its gradient there is zero."""
+    import saescope.api.probing as probing
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 5, generator=g) * torch.tensor([1.0, 4, 0.3, 2, 1])
+    y = torch.stack([(x[:, 0] - x[:, 2] + 0.5 * torch.randn(300, generator=g)) > 0.3, x[:, 1] > 3], 1).long()
+    newton = probing.fit_logistic(x, y, balanced=balanced)
+    monkeypatch.setattr(probing, "NEWTON_MAX_FEATURES", 0)
+    lbfgs = probing.fit_logistic(x, y, balanced=balanced, tol=1e-10)
+    torch.testing.assert_close(newton.scores(x), lbfgs.scores(x), atol=2e-3, rtol=1e-3)
+    # the gradient of the standardised problem at Newton's answer, by autograd
+    mean, std = x.double().mean(0), x.double().std(0)
+    w = (newton.weight * std).requires_grad_(True)
+    b = (newton.bias + newton.weight @ mean).detach().requires_grad_(True)
+    yd = y.double()
+    pos = yd.mean(0)
+    weights = torch.where(yd == 1, 0.5 / pos, 0.5 / (1 - pos)) if balanced else torch.ones_like(yd)
+    loss = probing._logistic_loss((x.double() - mean) / std, yd, weights, 1 / 300, w, b).sum()
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-8 and float(b.grad.abs().max()) < 1e-8
+
+
+def test_newtons_fit_survives_a_column_with_one_class():
+    from saescope.api.probing import fit_logistic
+
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(2))
+    probe = fit_logistic(x, torch.zeros(40), balanced=True)
+    assert torch.isfinite(probe.weight).all() and bool((probe.scores(x) < 0).all())

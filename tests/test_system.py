@@ -69,3 +69,19 @@ def test_a_corrupt_cache_file_is_measured_again(fresh):
     path.write_text("{not json")
     assert system.cpu_bf16_speedup() > 0
     assert json.loads(path.read_text())["speedup"] > 0
+
+
+def test_the_allocator_setting_is_the_clis_entry_only_and_can_be_turned_off(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("SAESCOPE_MALLOC", "default")
+    assert system.keep_freed_memory() is False
+    # in a child process (the setting lasts for the process): glibc accepts both settings, and torch still allocates
+    code = ("import saescope.core.system as s; ok = s.keep_freed_memory(); "
+            "import torch; a = torch.ones(64 << 20, dtype=torch.uint8); print(ok and int(a.sum()) == 64 << 20)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "SAESCOPE_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    import platform
+
+    assert out == str(platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

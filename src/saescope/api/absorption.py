@@ -60,7 +60,7 @@ class AbsorptionConfig:
     fraction_cos: float = 0.1  # each absorbing latent's cosine to the probe (absorption fraction)
     projection_share: float = 0.4  # of the probe projection the absorbing latent(s) must carry
     max_absorbers: int = 3
-    batch_size: int = 32
+    batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -122,7 +122,9 @@ def word_activations(lm: LoadedModel, data: SpellingSet, layers: list[int], *, b
     out: dict[int, list[Tensor]] = {n: [] for n in layers}
     pad = lm.tokenizer.pad_token_id or 0
     for start in tqdm(range(0, len(data.prompts), batch_size), desc="absorption prompts", disable=not progress):
-        batch = data.prompts[start : start + batch_size]
+        # up to the word's token: a causal LM's state there does not depend on the suffix after it
+        batch = [p[: pos + 1] for p, pos in zip(data.prompts[start : start + batch_size],
+                                                 data.word_pos[start : start + batch_size], strict=True)]
         width = max(map(len, batch))
         ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch], device=lm.device)
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=lm.device)
@@ -139,12 +141,10 @@ def _f1(pred: Tensor, truth: Tensor) -> float:
     return 2 * tp / max(float(pred.sum()) + float(truth.sum()), 1.0)
 
 
-def main_latents(codes: Tensor, is_letter: Tensor, test: Tensor, cfg: AbsorptionConfig) -> tuple[list[int], float]:
-    """A letter's main latents (the k-sparse rule in the module docstring) and their probe's test F1."""
-    train, held_out = codes[~test], codes[test]  # once: each is (words, d_sae), and the loop reads a few columns
-    y_train, y_held_out = is_letter[~test], is_letter[test]
-    diff = train[y_train].mean(0) - train[~y_train].mean(0)
-    ranked = torch.topk(diff, cfg.max_k).indices
+def main_latents(train: Tensor, held_out: Tensor, y_train: Tensor, y_held_out: Tensor, ranked: Tensor,
+                 cfg: AbsorptionConfig) -> tuple[list[int], float]:
+    """A letter's main latents (the k-sparse rule in the module docstring) and their probe's test F1: `train` and
+    `held_out` are the words' codes (words, d_sae), `ranked` the latents by class-mean difference on train."""
     best, chosen = -math.inf, ranked[:1]
     for k in range(1, cfg.max_k + 1):
         feats = ranked[:k]
@@ -154,6 +154,14 @@ def main_latents(codes: Tensor, is_letter: Tensor, test: Tensor, cfg: Absorption
             break
         best, chosen = f1, feats
     return chosen.tolist(), best
+
+
+def class_mean_differences(codes: Tensor, onehot: Tensor) -> Tensor:
+    """(classes, d_sae): each class's mean code minus the mean code of the rest, for every class in two products."""
+    in_class = onehot.to(codes.dtype)
+    count = in_class.sum(0)[:, None]
+    sums = in_class.T @ codes
+    return sums / count.clamp_min(1) - (codes.sum(0) - sums) / (len(codes) - count).clamp_min(1)
 
 
 def absorption_of(acts: Tensor, codes: Tensor, sae: SAE, direction: Tensor, main: list[int],
@@ -194,12 +202,14 @@ def absorption_layer(acts: Tensor, data: SpellingSet, sets: dict[str, SAE], cfg:
             codes = sae.encode(acts.to(sae.W_enc.device)).dense(sae.cfg.d_sae).float().cpu()
         fractions, fulls, splits, main_f1s, letters_used = [], [], [], [], []
         all_scores = probe.scores(x)
+        train, held_out = codes[~test], codes[test]  # once: the loop reads a few columns of each
+        ranked = torch.topk(class_mean_differences(train, onehot[~test]), cfg.max_k, dim=1).indices
         for c, letter in enumerate(LETTERS):
             is_letter = onehot[:, c]
             scored = test & is_letter & (all_scores[:, c] > 0)  # the probe's true positives among test words
             if int(scored.sum()) < MIN_WORDS or int(is_letter[~test].sum()) < 2:
                 continue
-            main, f1 = main_latents(codes, is_letter, test, cfg)
+            main, f1 = main_latents(train, held_out, is_letter[~test], is_letter[test], ranked[c], cfg)
             direction = (probe.weight[c] / probe.weight[c].norm()).float()
             fraction, full = absorption_of(acts[scored].float(), codes[scored], sae, direction, main, cfg)
             fractions.append(float(fraction.mean()))

@@ -245,7 +245,7 @@ def evaluate_sets(
 
 @torch.no_grad()
 def fvu_on_texts(lm: LoadedModel, sets: dict[str, dict[int, SAE]], texts: Iterable[str], *, n_tokens: int = 4096,
-                 ctx_len: int = 128, batch_size: int = 8, outlier_factor: float = 5.0,
+                 ctx_len: int = 128, batch_size: int = 32, outlier_factor: float = 5.0,
                  l0: dict[str, dict[int, tuple[float, float]]] | None = None) -> dict[str, dict[int, float]]:
     """FVU of each SAE set per layer on about n_tokens tokens of `texts` (packed into ctx_len chunks, the outlier
     filter as in training): reconstruction on text of another domain than the training corpus costs one LM pass

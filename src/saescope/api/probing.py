@@ -172,12 +172,20 @@ class LinearProbe:
         return x.double() @ self.weight.T + self.bias
 
 
+NEWTON_MAX_FEATURES = 64  # up to this many features a fit is solved by Newton's method (a (d+1)^2 system per column)
+
+
 def fit_logistic(train_x: Tensor, train_y: Tensor, *, l2: float | None = None, balanced: bool = False,
                  tol: float = 1e-4) -> LinearProbe:
-    """L2-regularised logistic regressions, one per column of train_y ((n,) or (n, c) of 0/1: one-vs-rest), fit by
-    L-BFGS on the standardised train split and returned in the raw input space (so that a weight row is a direction
-    of that space). l2 defaults to 1/n_train (sklearn's C=1), `tol` (the largest gradient entry at which it stops)
-    to sklearn's; `balanced` weighs each column's positives and negatives equally (sklearn's class_weight="balanced")."""
+    """L2-regularised logistic regressions, one per column of train_y ((n,) or (n, c) of 0/1: one-vs-rest), fit on the
+    standardised train split and returned in the raw input space (so that a weight row is a direction of that space).
+    l2 defaults to 1/n_train (sklearn's C=1); `balanced` weighs each column's positives and negatives equally
+    (sklearn's class_weight="balanced").
+
+    Up to NEWTON_MAX_FEATURES features (sparse probes, rules, main latents: thousands of fits in `saescope quality`)
+    the exact optimum, by damped Newton steps (a few batched solves instead of an L-BFGS run's hundreds of Python-level
+    steps: 5.8 -> ~0.5 s of the quality suite's absorption); wider inputs (dense probes) by L-BFGS, stopped at `tol`
+    on the largest gradient entry (sklearn's rule)."""
     y = train_y.double()
     y = y[:, None] if y.dim() == 1 else y
     mean, std = train_x.double().mean(0), train_x.double().std(0).clamp_min(1e-6)
@@ -188,6 +196,18 @@ def fit_logistic(train_x: Tensor, train_y: Tensor, *, l2: float | None = None, b
         weights = torch.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
     else:
         weights = torch.ones_like(y)
+    fit = _newton_logistic if x.shape[1] <= NEWTON_MAX_FEATURES else _lbfgs_logistic
+    w, b = fit(x, y, weights, l2, tol)
+    return LinearProbe(w / std, b - (w / std) @ mean)
+
+
+def _logistic_loss(x: Tensor, y: Tensor, weights: Tensor, l2: float, w: Tensor, b: Tensor) -> Tensor:
+    """Per column: the mean weighted cross-entropy + l2/2 |w|^2 (the bias is not penalised)."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x @ w.T + b, y, reduction="none")
+    return (weights * bce).mean(0) + 0.5 * l2 * (w * w).sum(1)
+
+
+def _lbfgs_logistic(x: Tensor, y: Tensor, weights: Tensor, l2: float, tol: float) -> tuple[Tensor, Tensor]:
     w = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
     # tol is sklearn's stopping rule (1e-4 on the largest gradient entry): 5-6x fewer iterations than 1e-9 on the
@@ -196,15 +216,52 @@ def fit_logistic(train_x: Tensor, train_y: Tensor, *, l2: float | None = None, b
 
     def closure() -> Tensor:
         opt.zero_grad()
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(x @ w.T + b, y, reduction="none")
-        loss = (weights * bce).mean(0).sum() + 0.5 * l2 * (w * w).sum()
+        loss = _logistic_loss(x, y, weights, l2, w, b).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        return LinearProbe(w / std, b - (w / std) @ mean)
+    return w.detach(), b.detach()
+
+
+def _newton_logistic(x: Tensor, y: Tensor, weights: Tensor, l2: float, tol: float,
+                     max_steps: int = 100) -> tuple[Tensor, Tensor]:
+    """Every column at once: theta = (w, b) per column, Newton's step on the (d+1, d+1) Hessian, halved until the
+    column's loss goes down (a column whose classes a threshold separates would otherwise overshoot). Stops when every
+    gradient entry is below min(tol, 1e-8) or no step lowers the loss (the optimum to float64's precision)."""
+    n, d = x.shape
+    c = y.shape[1]
+    xb = torch.cat([x, x.new_ones(n, 1)], 1)  # (n, d + 1): the bias as a last, unpenalised feature
+    penalty = torch.full((d + 1,), l2, dtype=torch.float64)
+    penalty[d] = 0
+    theta = torch.zeros(c, d + 1, dtype=torch.float64)
+    loss_of = lambda t: _logistic_loss(x, y, weights, l2, t[:, :d], t[:, d])  # noqa: E731
+    loss = loss_of(theta)
+    for _ in range(max_steps):
+        p = torch.sigmoid(xb @ theta.T)  # (n, c)
+        grad = ((weights * (p - y)).T @ xb) / n + penalty * theta  # (c, d + 1)
+        if float(grad.abs().max()) < min(tol, 1e-8):
+            break
+        curvature = weights * p * (1 - p) / n  # (n, c)
+        hessian = torch.einsum("nc,ni,nj->cij", curvature, xb, xb) + torch.diag(penalty)
+        # a tiny ridge on the bias keeps a column with one class (zero curvature) solvable; the line search does the rest
+        hessian[:, d, d] += 1e-12
+        step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
+        scale = torch.ones(c, 1, dtype=torch.float64)
+        for _ in range(40):
+            trial = theta - scale * step
+            trial_loss = loss_of(trial)
+            worse = ~(trial_loss <= loss)
+            if not bool(worse.any()):
+                break
+            scale[worse] /= 2
+        moved = trial_loss < loss
+        if not bool(moved.any()):
+            break
+        theta = torch.where(moved[:, None], trial, theta)
+        loss = torch.minimum(trial_loss, loss)
+    return theta[:, :d], theta[:, d]
 
 
 def logistic_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, l2: float | None = None) -> float:
@@ -243,7 +300,7 @@ def paired_margin(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
 
 def sparse_probing(scope: Scope, sets: list[ProbeSet], *, control: dict[int, SAE] | None = None,
                    controls: dict[str, dict[int, SAE]] | None = None, layers: list[int] | None = None,
-                   max_length: int = 128, batch_size: int = 16, progress: bool = True) -> dict:
+                   max_length: int = 128, batch_size: int = 32, progress: bool = True) -> dict:
     """Per task and layer: top-1 / top-5 accuracy of the SAEs (and of each control, on the same LM passes: `control`,
     or several by name in `controls`, the first named "control") and the dense probe's accuracy, with each control's
     paired margins. Returns a JSON-ready dict with per-layer means over the tasks."""

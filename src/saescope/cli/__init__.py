@@ -79,6 +79,15 @@ def _threads() -> None:
         torch.set_num_threads(int(threads))
 
 
+def entry() -> int:
+    """The `saescope` console script: this process's allocator set for compute (core.system.keep_freed_memory), then
+    main. Tests and library users call main, which leaves the allocator alone."""
+    from saescope.core.system import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug(argv)
