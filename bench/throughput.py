@@ -40,7 +40,7 @@ from saescope.core.io import load_saes
 from saescope.core.models import capture, load_model
 from saescope.core.models.builtin import builtin_model_dir
 from saescope.core.sae.fast import screens, top_k
-from saescope.core.system import MALLOC_ENV, cpu_flags, keep_freed_memory, peak_rss_mb
+from saescope.core.system import cpu_flags, peak_rss_mb
 from saescope.core.train import PRESETS, TrainConfig, Trainer, parse_layers, resolve_device, resolve_dtype
 from saescope.core.train.config import buffer_steps
 from saescope.core.train.trainer import STEP_PARTS
@@ -201,9 +201,7 @@ def _run_peer(args, script: str, options: list[str], train_batches, out: Path) -
     cmd = [args.peer_python, str(ROOT / "bench" / script), "--tokens", str(tokens_file), "--batch-size", str(args.batch_size),
            "--model-dtype", args.model_dtype_peer, "--threads", str(torch.get_num_threads()),
            "--device", str(resolve_device(args.device)), "--out", str(out), *options]
-    # the peers run under the allocator settings this process has (keep_freed_memory), so that neither side gains from them
-    env = {**os.environ, **(MALLOC_ENV if ALLOCATOR_TUNED else {})}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{script} failed:\n{r.stderr[-3000:]}")
     timing = json.loads((out / "timing.json").read_text())
@@ -281,12 +279,7 @@ def format_profile(profile: dict) -> str:
     return "\n".join(lines)
 
 
-ALLOCATOR_TUNED = False  # set by main: the saescope CLI's allocator settings, for the limit, saescope and the peers alike
-
-
 def main() -> None:
-    global ALLOCATOR_TUNED
-    ALLOCATOR_TUNED = keep_freed_memory()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights (GPU hosts without the weights)")
@@ -453,7 +446,7 @@ def main() -> None:
               f"{cached['fvu'][0]:.4f} (all tokens {cached['fvu'][1]:.4f})")
     if profile:
         print(format_profile(profile))
-    result = {"machine": machine, "config": {**config, "allocator_kept_freed_memory": ALLOCATOR_TUNED}, "limit": limit, "limits_timed": limits, "optimizer_floor": floor,
+    result = {"machine": machine, "config": config, "limit": limit, "limits_timed": limits, "optimizer_floor": floor,
               "rounds": rounds, "rows": rows,
               "sweep": sweep, **({"from_cache": cached} if cached else {}), **({"profile": profile} if profile else {})}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"throughput-{'gpu' if gpu else 'cpu'}-{args.preset}.json"

@@ -91,3 +91,17 @@ def test_the_command_line_starts_without_the_trainer_stack():
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+@pytest.mark.parametrize("argv, tuned", [(["train", "--layers", "3"], False), (["--debug", "sweep"], False),
+                                         (["quality", "--sae", "x"], True), (["eval"], True), ([], True)])
+def test_the_console_script_keeps_freed_memory_for_reading_commands_only(monkeypatch, argv, tuned):
+    import saescope.cli as cli
+    import saescope.core.system as system
+
+    calls = []
+    monkeypatch.setattr(system, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(cli, "main", lambda argv=None: 0)
+    monkeypatch.setattr(sys, "argv", ["saescope", *argv])
+    assert cli.entry() == 0
+    assert bool(calls) == tuned

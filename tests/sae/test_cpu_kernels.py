@@ -181,3 +181,28 @@ def test_a_lock_left_by_a_killed_build_is_removed_before_the_next_load(monkeypat
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: built.append((Path(kw["build_directory"]) / "lock").exists()))
     cpu_kernels.kernels()
     assert built[1] is False  # removed before torch's loader could wait on it
+
+
+@needs_kernels
+@settings(max_examples=30, deadline=None)
+@given(width=st.sampled_from([512, 1024, 4608, 9216]), k=st.sampled_from([1, 7, 32, 50, 400]), masked=st.booleans(),
+       nans=st.integers(0, 3), ties=st.booleans(), bf16=st.booleans(), seed=st.integers(0, 10_000))
+def test_strided_top_k_is_torchs_top_k(width, k, masked, nans, ties, bf16, seed):
+    """The strided path (widths a multiple of 512), with and without a -inf in the bias, rows with NaN (handed to the
+    blocked path: NaN ranks first), ties (values from a small set) and k above the number of groups."""
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(24, width, generator=g)
+    if ties:
+        pre = pre.round()
+    pre = pre.to(torch.bfloat16 if bf16 else torch.float32)
+    for _ in range(nans):
+        pre[int(torch.randint(0, 24, (1,), generator=g)), int(torch.randint(0, width, (1,), generator=g))] = float("nan")
+    bias = torch.randn(width, generator=g).round() if ties else torch.randn(width, generator=g)
+    if masked:
+        bias[torch.rand(width, generator=g) < 0.3] = float("-inf")
+    values, cols = kernels().topk_bias(pre, bias, k)
+    full = (pre.float() + bias).masked_fill(torch.isneginf(bias), float("-inf")).nan_to_num(float("inf"))
+    want = full.topk(k, dim=1).values
+    assert torch.equal(values.nan_to_num(float("inf")).sort(1, descending=True).values, want)
+    assert torch.equal(full.gather(1, cols), values.nan_to_num(float("inf")))  # each value is its column's
+    assert all(len(set(r.tolist())) == k for r in cols)  # k distinct columns

@@ -37,8 +37,9 @@ def keep_freed_memory() -> bool:
     By default glibc maps every block over 32 MB afresh and unmaps it when freed, so each batch's large tensors (a
     (4,096 x 4,608) bf16 pre-activation matrix, the LM's activations) are page-faulted in again: measured on 2 cores,
     the same encoder product 15.8 -> 6.1 ms and the LM forward 3.9k -> 5.9k tok/s with this set. The cost is that RSS
-    does not fall back between batches (release_heap still trims on request). The CLI's entry point sets it for its
-    own process; a library user's process is left alone. SAESCOPE_MALLOC=default turns it off. True where it took."""
+    does not fall back between batches (release_heap still trims on request), and a training loop, whose step reuses
+    its own buffers already, measured no faster. The CLI's entry point sets it for reading commands' processes; a
+    library user's process is left alone. SAESCOPE_MALLOC=default turns it off. True where it took."""
     if os.environ.get("SAESCOPE_MALLOC", "").lower() in ("default", "off", "0"):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

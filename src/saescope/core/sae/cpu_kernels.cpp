@@ -69,28 +69,94 @@ void check_rows(const at::Tensor& t, const char* name) {
 // A float's bits as an int32 that orders like the float (NaN excepted): negative floats have their magnitude bits flipped.
 inline __m512i order_key(__m512i bits) { return _mm512_xor_si512(bits, _mm512_and_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7fffffff))); }
 
-// The k-th largest of m (n floats, n a multiple of 16, no NaN): a binary search on the order keys, each probe counting
-// with n / 16 vector compares. The same value as nth_element, without its mispredicted branches (which cost more than
-// reading the row).
-inline float kth_largest16(const float* m, int64_t n, int64_t k) {
+// A value t of m (n floats, n a multiple of 16, no NaN) with k <= count(m >= t) <= k + slack: a binary search on the
+// order keys between the smallest and the largest, each probe counting with n / 16 vector compares, that stops at the
+// first probe in that band (slack 0: the k-th largest itself, the same value as nth_element, without its mispredicted
+// branches, which cost more than reading the row).
+inline float value_ranked16(const float* m, int64_t n, int64_t k, int64_t slack) {
   std::vector<__m512i> keys(n / 16);
-  for (int64_t v = 0; v < n / 16; ++v) keys[v] = order_key(_mm512_castps_si512(_mm512_loadu_ps(m + 16 * v)));
-  int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();  // count(>= lo) >= k
+  __m512i low = _mm512_set1_epi32(std::numeric_limits<int32_t>::max()), high = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
+  for (int64_t v = 0; v < n / 16; ++v) {
+    keys[v] = order_key(_mm512_castps_si512(_mm512_loadu_ps(m + 16 * v)));
+    low = _mm512_min_epi32(low, keys[v]);
+    high = _mm512_max_epi32(high, keys[v]);
+  }
+  int64_t lo = _mm512_reduce_min_epi32(low), hi = _mm512_reduce_max_epi32(high);  // count(>= lo) = n >= k
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo + 1) / 2;
     const __m512i probe = _mm512_set1_epi32(static_cast<int32_t>(mid));
     int64_t count = 0;
     for (const __m512i& key : keys) count += __builtin_popcount(_mm512_cmpge_epi32_mask(key, probe));
-    if (count >= k)
+    if (count >= k) {
       lo = mid;
-    else
+      if (count <= k + slack) break;
+    } else {
       hi = mid - 1;
+    }
   }
   const int32_t key = static_cast<int32_t>(lo);
   const int32_t bits = key ^ ((key >> 31) & 0x7fffffff);
   float out;
   std::memcpy(&out, &bits, sizeof out);
   return out;
+}
+#endif
+
+#if defined(__AVX512F__)
+template <bool Masked>
+inline __m512 biased16(__m512 pre, const float* b) {
+  return Masked ? add_bias(pre, _mm512_loadu_ps(b)) : _mm512_add_ps(pre, _mm512_loadu_ps(b));
+}
+
+// One row of the strided path (d = nb * BLOCK, nb a multiple of 16): group g is the columns g, g + nb, g + 2 nb, ...,
+// so the groups' maxima are nb / 16 vectors, each a running max kept in a register over the row (no horizontal
+// reduction per group); a threshold T below which none of the k largest can lie (value_ranked16 over the maxima); the
+// candidates >= T (and any NaN) compressed out of each vector without a branch; the k largest of them by the same
+// vector search. Scratch: maxima (nb), cand_v and cand_c (d + 16 each). False, with nothing written, when the row holds
+// a NaN (the caller ranks it as torch does).
+template <typename E, bool Masked>
+bool strided_top_k(const E* row, const float* B, int64_t d, int64_t nb, int64_t k, float* maxima, float* cand_v,
+                   int32_t* cand_c, float* V, int64_t* C) {
+  // No NaN test here: a NaN can only make a maximum wrong, and every NaN of the row is a candidate below, where the
+  // row is handed back
+  for (int64_t v = 0; v < nb; v += 16) {
+    __m512 acc = _mm512_set1_ps(-INF);
+    for (int64_t c = v; c < d; c += nb) acc = _mm512_max_ps(acc, biased16<Masked>(load16(row + c), B + c));
+    _mm512_storeu_ps(maxima + v, acc);
+  }
+  // any T with at least k group maxima >= T bounds the k largest from below: a few more than k (slack) cost a few
+  // candidates and save most of an exact search's probes
+  const __m512 T = _mm512_set1_ps(nb > k ? value_ranked16(maxima, nb, k, k / 4) : -INF);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t m = 0;
+  for (int64_t j = 0; j < d; j += 16) {
+    const __m512 x = biased16<Masked>(load16(row + j), B + j);
+    const __mmask16 hit = _mm512_cmp_ps_mask(x, T, _CMP_NLT_UQ);  // >= T, or NaN
+    _mm512_storeu_ps(cand_v + m, _mm512_maskz_compress_ps(hit, x));
+    _mm512_storeu_si512(cand_c + m, _mm512_maskz_compress_epi32(hit, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j)))));
+    m += __builtin_popcount(hit);
+  }
+  const int64_t padded = (m + 15) / 16 * 16;
+  std::fill(cand_v + m, cand_v + padded, -INF);
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < padded; i += 16) {
+    const __m512 x = _mm512_loadu_ps(cand_v + i);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  }
+  if (nan) return false;
+  const float t = value_ranked16(cand_v, padded, k, 0);  // m >= k: the k-th largest candidate (or a value just above it)
+  int64_t out = 0;
+  for (int64_t i = 0; i < m && out < k; ++i)
+    if (cand_v[i] > t) {
+      V[out] = cand_v[i];
+      C[out++] = cand_c[i];
+    }
+  for (int64_t i = 0; i < m && out < k; ++i)
+    if (cand_v[i] == t) {
+      V[out] = cand_v[i];
+      C[out++] = cand_c[i];
+    }
+  return true;
 }
 #endif
 
@@ -103,18 +169,21 @@ void topk_bias_rows(const at::Tensor& pre, const at::Tensor& bias, int64_t k, at
   int64_t* C = cols.data_ptr<int64_t>();
   const int64_t nb = (d + BLOCK - 1) / BLOCK;
 #if defined(__AVX512F__)
-  // With nb a multiple of 16, group g is the strided columns g, g + nb, g + 2 nb, ...: the maxima of all groups are
-  // nb / 16 vectors updated by plain vertical max (no horizontal reduction per group: 1.5x faster on 9,216 columns),
-  // and the candidates come from one compare pass over the row, which is in cache by then.
+  // strided_top_k where the width allows (1.5x faster than the blocked groups on 9,216 columns, before its
+  // branch-free candidates), the blocked groups elsewhere and for rows with a NaN
   const bool strided = d == nb * BLOCK && nb % 16 == 0;
 #else
   const bool strided = false;
 #endif
+  // a bias of -inf (AuxK's mask) needs a compare and a blend per vector; a bias without one, a plain add
+  const bool masked = std::any_of(B, B + d, [](float b) { return b == -INF; });
   at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
     std::vector<float> maxima(nb), scratch(nb), cand_v;
     std::vector<int64_t> cand_c, order;
     cand_v.reserve(4 * k);
     cand_c.reserve(4 * k);
+    std::vector<float> strided_v(strided ? d + 16 : 0);
+    std::vector<int32_t> strided_c(strided ? d + 16 : 0);
     auto threshold = [&]() {  // the k-th largest group maximum (NaN counted as +inf), or -inf with k groups or fewer
       if (nb <= k) return -INF;
       std::copy(maxima.begin(), maxima.end(), scratch.begin());
@@ -130,7 +199,8 @@ void topk_bias_rows(const at::Tensor& pre, const at::Tensor& bias, int64_t k, at
     };
 #if defined(__AVX512F__)
     auto take16 = [&](const E* row, int64_t j, __m512 T) {
-      const __m512 v = add_bias(load16(row + j), _mm512_loadu_ps(B + j));
+      const __m512 v = masked ? add_bias(load16(row + j), _mm512_loadu_ps(B + j))
+                              : _mm512_add_ps(load16(row + j), _mm512_loadu_ps(B + j));
       __mmask16 hit = _mm512_cmp_ps_mask(v, T, _CMP_NLT_UQ);  // >= T, or NaN
       while (hit) {
         const int t = __builtin_ctz(hit);
@@ -138,23 +208,6 @@ void topk_bias_rows(const at::Tensor& pre, const at::Tensor& bias, int64_t k, at
         cand_v.push_back(biased(row, B, j + t));
         cand_c.push_back(j + t);
       }
-    };
-    // The strided groups' maxima and candidates; false (nothing taken) when the row holds a NaN.
-    std::vector<__m512> group_max(strided ? nb / 16 : 0);  // 64-byte aligned: a split store would not forward to its load
-    auto strided_row = [&](const E* row) {
-      __mmask16 nan = 0;
-      for (auto& m : group_max) m = _mm512_set1_ps(-INF);
-      for (int64_t c = 0; c < d; c += nb)
-        for (int64_t v = 0; v < nb; v += 16) {
-          const __m512 x = add_bias(load16(row + c + v), _mm512_loadu_ps(B + c + v));
-          nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-          group_max[v / 16] = _mm512_max_ps(group_max[v / 16], x);
-        }
-      if (nan) return false;
-      for (int64_t v = 0; v < nb; v += 16) _mm512_storeu_ps(&maxima[v], group_max[v / 16]);
-      const __m512 T = _mm512_set1_ps(nb > k ? kth_largest16(maxima.data(), nb, k) : -INF);
-      for (int64_t j = 0; j < d; j += 16) take16(row, j, T);
-      return true;
     };
 #endif
     auto blocked_row = [&](const E* row) {  // group b is the contiguous columns [b BLOCK, (b + 1) BLOCK)
@@ -190,10 +243,11 @@ void topk_bias_rows(const at::Tensor& pre, const at::Tensor& bias, int64_t k, at
       cand_v.clear();
       cand_c.clear();
 #if defined(__AVX512F__)
-      if (!strided || !strided_row(row)) blocked_row(row);
-#else
-      blocked_row(row);
+      if (strided && (masked ? strided_top_k<E, true>(row, B, d, nb, k, maxima.data(), strided_v.data(), strided_c.data(), V + r * k, C + r * k)
+                             : strided_top_k<E, false>(row, B, d, nb, k, maxima.data(), strided_v.data(), strided_c.data(), V + r * k, C + r * k)))
+        continue;
 #endif
+      blocked_row(row);
       const int64_t m = static_cast<int64_t>(cand_v.size());
       order.resize(m);
       std::iota(order.begin(), order.end(), int64_t{0});
