@@ -257,3 +257,17 @@ def test_every_part_of_a_step_is_a_profiler_scope(tiny_qwen3, text_file, tmp_pat
     assert seen == set(STEP_PARTS) - {"cache_read"}  # cache_read is the same step's source from an activation cache
     calls = {e.key: e.count for e in prof.key_averages()}
     assert calls["saescope.sae_forward"] == calls["saescope.optimizer"] == 2 * 3  # per layer, per step
+
+
+def test_the_finite_test_is_exact_where_a_sum_overflows(tiny_qwen3, text_file, tmp_path):
+    """Values near float32's largest sum to inf without being inf: the exact test keeps them; an inf is still caught."""
+    trainer = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, max_tokens=32 * 4 * 5))
+    big = torch.full((4, 8), 3e38)
+    with_inf = big.clone()
+    with_inf[1, 2] = float("inf")
+    first, second, *rest = trainer.layers
+    plain = {n: torch.zeros(4, 8) for n in rest}
+    with pytest.warns(UserWarning, match=f"layer {second}: NaN/inf activations"):
+        ok = trainer._finite([{first: big, second: torch.zeros(4, 8), **plain},
+                              {first: torch.ones(4, 8), second: with_inf, **plain}])
+    assert ok == [[True, True] + [True] * len(rest), [True, False] + [True] * len(rest)]

@@ -33,10 +33,10 @@ class OutlierFilter:
         self.medians = torch.zeros(self.WINDOW, device=device)  # a ring buffer, on the device: no host sync per step
         self.count = 0
 
-    def keep(self, x: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    def keep(self, x: Tensor, gather: Callable[[Tensor], Tensor] | None = None, norms: Tensor | None = None) -> Tensor:
         """Boolean mask of the rows of x (tokens, d) to keep. `gather` collects the norms of every rank (data-parallel
-        training), so that all ranks filter by the same median."""
-        norms = x.norm(dim=1)
+        training), so that all ranks filter by the same median; `norms`, x's row norms where the caller has them."""
+        norms = x.norm(dim=1) if norms is None else norms
         if self.factor <= 0:
             return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         self.medians[self.count % self.WINDOW] = (norms if gather is None else gather(norms)).median()

@@ -393,14 +393,15 @@ class Trainer:
         st, sae = self.states[n], self.states[n].sae
         with part("filter"):
             x = x.to(self.device, torch.float32)
-            keep = st.norm_filter.keep(x, gather=self.dist.gather_cat)
+            norms = x.norm(dim=1)
+            keep = st.norm_filter.keep(x, gather=self.dist.gather_cat, norms=norms)
             w = keep.float()
             st.seen += x.shape[0] * (self.dist.world if self.dist.dp else 1)
             st.dropped += self.dist.sum_((~keep).sum())
             n_tokens = self.dist.sum_(w.sum())
-            s1 = self.dist.sum_((x * w[:, None]).sum(0))
+            s1 = self.dist.sum_(w @ x)  # one pass over x each: no (tokens, d) temporaries
             # FVU's denominator over the global batch, so that summing rank gradients equals one big batch.
-            s2 = self.dist.sum_((x.pow(2).sum(1) * w).sum())
+            s2 = self.dist.sum_(w @ norms.square())
             variance = (s2 - s1.pow(2).sum() / n_tokens.clamp_min(1)).clamp_min(1e-12)
         if self.step == 0:
             # b_dec from the data: the mean of the first batch's kept tokens (over all ranks); a kind's own start too.
@@ -604,7 +605,14 @@ class Trainer:
     def _finite(self, captured: list[dict[int, Tensor]]) -> list[list[bool]]:
         """Per captured batch, per layer, whether its activations are finite (in dp mode: on every rank); a layer's
         batch that is not is warned about and counted, and the layer sits it out."""
-        finite = torch.stack([torch.isfinite(acts[n]).all().to(self.device) for acts in captured for n in self.layers]).long()
+        # A NaN or inf anywhere makes the sum non-finite: one vectorised pass per layer in the activations' own dtype
+        # (30 layers x 4,096 bf16 tokens on 2 cores: 6 ms, where isfinite().all() took 99 ms, 3% of a step). Only a sum
+        # that overflows without either asks the exact test.
+        sums = torch.stack([acts[n].sum().float().to(self.device) for acts in captured for n in self.layers])
+        finite = torch.isfinite(sums)
+        if not bool(finite.all()):
+            finite = torch.stack([torch.isfinite(acts[n]).all().to(self.device) for acts in captured for n in self.layers])
+        finite = finite.long()
         if self.dist.dp:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         ok = torch.tensor(finite.tolist()).reshape(len(captured), len(self.layers)).bool()
