@@ -199,8 +199,7 @@ void topk_bias_rows(const at::Tensor& pre, const at::Tensor& bias, int64_t k, at
     };
 #if defined(__AVX512F__)
     auto take16 = [&](const E* row, int64_t j, __m512 T) {
-      const __m512 v = masked ? add_bias(load16(row + j), _mm512_loadu_ps(B + j))
-                              : _mm512_add_ps(load16(row + j), _mm512_loadu_ps(B + j));
+      const __m512 v = masked ? biased16<true>(load16(row + j), B + j) : biased16<false>(load16(row + j), B + j);
       __mmask16 hit = _mm512_cmp_ps_mask(v, T, _CMP_NLT_UQ);  // >= T, or NaN
       while (hit) {
         const int t = __builtin_ctz(hit);
