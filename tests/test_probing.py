@@ -186,9 +186,15 @@ def test_newtons_fit_is_the_optimum_lbfgs_approaches(balanced, monkeypatch):
     assert float(w.grad.abs().max()) < 1e-8 and float(b.grad.abs().max()) < 1e-8
 
 
-def test_newtons_fit_survives_a_column_with_one_class():
+def test_newtons_fit_survives_a_column_with_one_class_and_a_constant_feature():
     from saescope.api.probing import fit_logistic
 
     x = torch.randn(40, 3, generator=torch.Generator().manual_seed(2))
     probe = fit_logistic(x, torch.zeros(40), balanced=True)
     assert torch.isfinite(probe.weight).all() and bool((probe.scores(x) < 0).all())
+    # unpenalised, with a feature that never varies: its weight stays 0, the others separate as they can
+    x[:, 1] = 3.0
+    y = (x[:, 0] > 0).long()
+    probe = fit_logistic(x, y, l2=0.0)
+    assert torch.isfinite(probe.weight).all() and float(probe.weight[0, 1]) == 0.0
+    assert bool(((probe.scores(x)[:, 0] > 0).long() == y).all())

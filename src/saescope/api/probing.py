@@ -244,9 +244,9 @@ def _newton_logistic(x: Tensor, y: Tensor, weights: Tensor, l2: float, tol: floa
         if float(grad.abs().max()) < min(tol, 1e-8):
             break
         curvature = weights * p * (1 - p) / n  # (n, c)
-        hessian = torch.einsum("nc,ni,nj->cij", curvature, xb, xb) + torch.diag(penalty)
-        # a tiny ridge on the bias keeps a column with one class (zero curvature) solvable; the line search does the rest
-        hessian[:, d, d] += 1e-12
+        # a tiny ridge keeps the system solvable where the curvature vanishes (a column with one class, a constant
+        # feature with l2 = 0): such a coordinate's gradient is zero or its step is cut back by the line search
+        hessian = torch.einsum("nc,ni,nj->cij", curvature, xb, xb) + torch.diag(penalty + 1e-12)
         step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
         scale = torch.ones(c, 1, dtype=torch.float64)
         for _ in range(40):
