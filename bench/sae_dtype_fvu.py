@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from saescope.core.activation_cache import open_activations
+from saescope.core.activations import OutlierFilter
 from saescope.core.io import load_saes
 from saescope.core.train import TrainConfig, run_train
 
@@ -33,8 +34,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     x = open_activations(a.held_out).rows(a.layer, torch.arange(a.held_out_tokens)).float()
-    norms = x.norm(dim=1)
-    x = x[norms <= 5 * norms.median()]
+    x = x[OutlierFilter(5.0).keep(x)]  # the trainer's filter, on one batch: 5 x its median norm
     out: dict = {"train": a.train, "held_out": a.held_out, "layer": a.layer, "tokens": a.tokens, "preset": a.preset,
                  "held_out_tokens": len(x), "runs": {}}
     for dtype in a.dtypes.split(","):

@@ -72,9 +72,8 @@ inline __m512i order_key(__m512i bits) { return _mm512_xor_si512(bits, _mm512_an
 // A value t of m (n floats, n a multiple of 16, no NaN) with k <= count(m >= t) <= k + slack: a binary search on the
 // order keys between the smallest and the largest, each probe counting with n / 16 vector compares, that stops at the
 // first probe in that band (slack 0: the k-th largest itself, the same value as nth_element, without its mispredicted
-// branches, which cost more than reading the row).
-inline float value_ranked16(const float* m, int64_t n, int64_t k, int64_t slack) {
-  std::vector<__m512i> keys(n / 16);
+// branches, which cost more than reading the row). `keys`: scratch for n / 16 vectors (the caller's, reused per row).
+inline float value_ranked16(const float* m, int64_t n, int64_t k, int64_t slack, __m512i* keys) {
   __m512i low = _mm512_set1_epi32(std::numeric_limits<int32_t>::max()), high = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
   for (int64_t v = 0; v < n / 16; ++v) {
     keys[v] = order_key(_mm512_castps_si512(_mm512_loadu_ps(m + 16 * v)));
@@ -86,7 +85,7 @@ inline float value_ranked16(const float* m, int64_t n, int64_t k, int64_t slack)
     const int64_t mid = lo + (hi - lo + 1) / 2;
     const __m512i probe = _mm512_set1_epi32(static_cast<int32_t>(mid));
     int64_t count = 0;
-    for (const __m512i& key : keys) count += __builtin_popcount(_mm512_cmpge_epi32_mask(key, probe));
+    for (int64_t v = 0; v < n / 16; ++v) count += __builtin_popcount(_mm512_cmpge_epi32_mask(keys[v], probe));
     if (count >= k) {
       lo = mid;
       if (count <= k + slack) break;
@@ -112,11 +111,11 @@ inline __m512 biased16(__m512 pre, const float* b) {
 // so the groups' maxima are nb / 16 vectors, each a running max kept in a register over the row (no horizontal
 // reduction per group); a threshold T below which none of the k largest can lie (value_ranked16 over the maxima); the
 // candidates >= T (and any NaN) compressed out of each vector without a branch; the k largest of them by the same
-// vector search. Scratch: maxima (nb), cand_v and cand_c (d + 16 each). False, with nothing written, when the row holds
+// vector search. Scratch: maxima (nb), cand_v and cand_c (d + 16 each), keys (d / 16 + 1). False, with nothing written, when the row holds
 // a NaN (the caller ranks it as torch does).
 template <typename E, bool Masked>
 bool strided_top_k(const E* row, const float* B, int64_t d, int64_t nb, int64_t k, float* maxima, float* cand_v,
-                   int32_t* cand_c, float* V, int64_t* C) {
+                   int32_t* cand_c, __m512i* keys, float* V, int64_t* C) {
   // No NaN test here: a NaN can only make a maximum wrong, and every NaN of the row is a candidate below, where the
   // row is handed back
   for (int64_t v = 0; v < nb; v += 16) {
@@ -126,7 +125,7 @@ bool strided_top_k(const E* row, const float* B, int64_t d, int64_t nb, int64_t 
   }
   // any T with at least k group maxima >= T bounds the k largest from below: a few more than k (slack) cost a few
   // candidates and save most of an exact search's probes
-  const __m512 T = _mm512_set1_ps(nb > k ? value_ranked16(maxima, nb, k, k / 4) : -INF);
+  const __m512 T = _mm512_set1_ps(nb > k ? value_ranked16(maxima, nb, k, k / 4, keys) : -INF);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t m = 0;
   for (int64_t j = 0; j < d; j += 16) {
@@ -144,7 +143,7 @@ bool strided_top_k(const E* row, const float* B, int64_t d, int64_t nb, int64_t 
     nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   }
   if (nan) return false;
-  const float t = value_ranked16(cand_v, padded, k, 0);  // m >= k: the k-th largest candidate (or a value just above it)
+  const float t = value_ranked16(cand_v, padded, k, 0, keys);  // m >= k: the k-th largest candidate (or a value just above it)
   int64_t out = 0;
   for (int64_t i = 0; i < m && out < k; ++i)
     if (cand_v[i] > t) {
@@ -182,8 +181,11 @@ void topk_bias_rows(const at::Tensor& pre, const at::Tensor& bias, int64_t k, at
     std::vector<int64_t> cand_c, order;
     cand_v.reserve(4 * k);
     cand_c.reserve(4 * k);
+#if defined(__AVX512F__)
     std::vector<float> strided_v(strided ? d + 16 : 0);
     std::vector<int32_t> strided_c(strided ? d + 16 : 0);
+    std::vector<__m512i> strided_keys(strided ? d / 16 + 1 : 0);
+#endif
     auto threshold = [&]() {  // the k-th largest group maximum (NaN counted as +inf), or -inf with k groups or fewer
       if (nb <= k) return -INF;
       std::copy(maxima.begin(), maxima.end(), scratch.begin());
@@ -242,8 +244,8 @@ void topk_bias_rows(const at::Tensor& pre, const at::Tensor& bias, int64_t k, at
       cand_v.clear();
       cand_c.clear();
 #if defined(__AVX512F__)
-      if (strided && (masked ? strided_top_k<E, true>(row, B, d, nb, k, maxima.data(), strided_v.data(), strided_c.data(), V + r * k, C + r * k)
-                             : strided_top_k<E, false>(row, B, d, nb, k, maxima.data(), strided_v.data(), strided_c.data(), V + r * k, C + r * k)))
+      if (strided && (masked ? strided_top_k<E, true>(row, B, d, nb, k, maxima.data(), strided_v.data(), strided_c.data(), strided_keys.data(), V + r * k, C + r * k)
+                             : strided_top_k<E, false>(row, B, d, nb, k, maxima.data(), strided_v.data(), strided_c.data(), strided_keys.data(), V + r * k, C + r * k)))
         continue;
 #endif
       blocked_row(row);
