@@ -26,11 +26,6 @@ def release_heap() -> None:
         pass
 
 
-# glibc's settings for a compute process (as the env variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
-# would set them): large blocks come from the heap and freed ones stay there for the next batch.
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
-
-
 def keep_freed_memory() -> bool:
     """Have glibc serve large blocks from the heap and keep freed ones for reuse, for the rest of this process.
 
@@ -39,7 +34,8 @@ def keep_freed_memory() -> bool:
     the same encoder product 15.8 -> 6.1 ms and the LM forward 3.9k -> 5.9k tok/s with this set. The cost is that RSS
     does not fall back between batches (release_heap still trims on request), and a training loop, whose step reuses
     its own buffers already, measured no faster. The CLI's entry point sets it for reading commands' processes; a
-    library user's process is left alone. SAESCOPE_MALLOC=default turns it off. True where it took."""
+    library user's process is left alone. SAESCOPE_MALLOC=default turns it off (the same settings as the environment
+    variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 would make). True where it took."""
     if os.environ.get("SAESCOPE_MALLOC", "").lower() in ("default", "off", "0"):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
