@@ -23,7 +23,22 @@ def test_every_config_field_is_a_train_flag_with_its_help():
         if f.name == "extra":
             continue
         assert f.name in actions, f"TrainConfig.{f.name} has no --{f.name.replace('_', '-')} flag"
-        assert actions[f.name].help and f.metadata["help"] in actions[f.name].help
+        assert actions[f.name].help and f.metadata["help"].replace("%", "%%") in actions[f.name].help
+
+
+def _parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action.choices, dict):  # a command's subcommands (a flag's choices are a tuple)
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_commands_help_renders():
+    # argparse %-formats help: a config's "20% comments" once crashed `saescope train --help` with a traceback
+    helps = [p.format_help() for p in _parsers(build_parser())]
+    assert len(helps) > 10
+    assert any("20% real comments" in h for h in helps)
 
 
 def test_flags_follow_the_dataclass():

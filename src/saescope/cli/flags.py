@@ -89,7 +89,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
         kind = kinds[0]
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
         required = f.default is MISSING and f.default_factory is MISSING
-        text = meta["help"]
+        text = meta["help"].replace("%", "%%")  # argparse formats help with %: "20% comments" would crash --help
         kwargs: dict[str, Any] = {"help": text}
         if kind is bool:
             kwargs["action"] = "store_false" if default else "store_true"
