@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
-from saescope.api.hits import FeatureHits, encode_labelled, scores
+from saescope.api.hits import FeatureHits, MaxActivations, encode_labelled, scores
 from saescope.api.rules import RuleSet, make_ruleset, mine_rules
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
@@ -21,9 +23,18 @@ from saescope.core.errors import SaescopeError
 from saescope.core.models import load_model, token_strings
 
 
+def max_activations(table: np.ndarray, seed: int = 0) -> MaxActivations:
+    """The compressed rows of a dense (texts, features) table of max activations, from its entries shuffled."""
+    r, f = np.nonzero(table > 0)
+    order = np.random.default_rng(seed).permutation(len(r))
+    return MaxActivations.from_entries(r[order], f[order], table[r, f][order], table.shape[0], table.shape[1])
+
+
 def hits_of(tables: dict[int, np.ndarray]) -> FeatureHits:
-    return FeatureHits({n: np.packbits(t.astype(bool), axis=1) for n, t in tables.items()},
-                       {n: t.shape[1] for n, t in tables.items()}, next(iter(tables.values())).shape[0])
+    """Hits of boolean tables; a float table gives its activations too (fires where > 0)."""
+    return FeatureHits({n: np.packbits(t > 0, axis=1) for n, t in tables.items()},
+                       {n: t.shape[1] for n, t in tables.items()}, next(iter(tables.values())).shape[0],
+                       {n: max_activations(t) for n, t in tables.items() if t.dtype.kind == "f"})
 
 
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0])
@@ -107,6 +118,44 @@ def test_mining_refuses_what_it_cannot_do():
     assert [f.feature for f in rules[0].features] == [5]
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 20), st.integers(0, 10_000), st.floats(0.0, 0.9))
+def test_max_activations_hold_the_dense_table(n, d, seed, density):
+    rng = np.random.default_rng(seed)
+    table = np.where(rng.random((n, d)) < density, rng.random((n, d)).astype(np.float32) + 0.01, 0).astype(np.float32)
+    acts = max_activations(table, seed)
+    assert np.array_equal(acts.columns(range(d)), table)
+    cols = rng.integers(0, d, 5)  # any order, repeats allowed
+    assert np.array_equal(acts.columns(cols), table[:, cols])
+    mask = rng.random(n) < 0.5
+    assert np.array_equal(acts.rows(mask).columns(range(d)), table[mask])
+
+
+def test_a_weighted_rule_reads_strength_where_firing_anywhere_says_nothing():
+    """Feature 2 fires on every text (delta 0: no OR or sparse rule can use it), strongly (3) on the positives and
+    weakly (1) on the negatives; feature 0 is noise that fires on half the texts of each class; feature 1 fires on
+    two positives only (the best delta, 0.1, so that the layer has one)."""
+    labels = np.array([1, 0] * 20)
+    table = np.zeros((40, 4), dtype=np.float32)
+    table[:, 2] = np.where(labels == 1, 3.0, 1.0)
+    table[::4, 0] = 2.0
+    table[1::4, 0] = 2.0
+    table[[0, 2], 1] = 1.0
+    hits = hits_of({4: table})
+    rules, choice = mine_rules(hits, labels, (1,), multi_layer=False)
+    by = {r.name: r for r in rules}
+    weighted = by["weighted4-k1"]
+    assert [f.feature for f in weighted.features] == [2] and weighted.scales == (pytest.approx(3.0),)
+    assert choice["mining_balanced_accuracy"]["weighted4-k1"] == 1.0 and choice["mining_balanced_accuracy"]["sparse4-k1"] <= 0.55
+    assert np.array_equal(weighted.predict(hits), labels.astype(bool))
+    # the score is bias + weight x activation / scale: positive at full strength, negative at a third of it
+    w, b = weighted.weights[0], weighted.bias
+    assert weighted.decide({(4, 2): 3.0}) == (True, pytest.approx(b + w))
+    assert weighted.decide({(4, 2): 1.0}) == (False, pytest.approx(b + w / 3))
+    assert not hits_of({4: table > 0}).activations and "weighted4-k1" not in {
+        r.name for r in mine_rules(hits_of({4: table > 0}), labels, (1,))[0]}  # no activations, no weighted rules
+
+
 def _and_table(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Positive exactly when features 3 ("a slur") AND 5 ("a target") both fire; each fires on half the texts alone,
     feature 1 is noise."""
@@ -126,7 +175,7 @@ def test_a_sparse_rule_says_and_where_the_or_rule_cannot():
     assert np.array_equal(sparse.predict(hits_of({4: table})), labels.astype(bool))
     assert choice["mining_balanced_accuracy"]["sparse4-k2"] == 1.0
     assert choice["mining_balanced_accuracy"]["layer4-k2"] < 0.8  # OR of the two: positive on 3/4 of the texts
-    assert sparse.decide({(4, 3), (4, 5)}) [0] and not sparse.decide({(4, 3)})[0]
+    assert sparse.decide({(4, 3): 1.0, (4, 5): 1.0})[0] and not sparse.decide({(4, 3): 1.0})[0]
     assert len(by["sparse4-k1"].features) == 1  # at most K features
 
 
@@ -141,13 +190,43 @@ def test_sparse_rules_round_trip_and_bad_weights_are_refused(tmp_path):
     back = RuleSet.load(tmp_path / "rules.json")
     assert back.rule("sparse4-k2") == rules.rule("sparse4-k2") and back.default == "sparse4-k2"
     obj = json.loads((tmp_path / "rules.json").read_text())
-    assert obj["version"] == 3
+    assert obj["version"] == 4
     for bad in ([1.0], [float("nan"), 1.0], ["x", 1.0]):
         broken = json.loads((tmp_path / "rules.json").read_text())
         next(r for r in broken["rules"] if r["kind"] == "sparse")["weights"] = bad
         (tmp_path / "bad.json").write_text(json.dumps(broken))
         with pytest.raises(SaescopeError, match="sparse rule needs one finite weight per feature|weights"):
             RuleSet.load(tmp_path / "bad.json")
+
+
+def test_weighted_rules_round_trip_and_bad_scales_are_refused(tmp_path):
+    from saescope.core.data.labelled import LabelledSet
+
+    table, labels = _and_table()
+    strength = table * np.random.default_rng(1).uniform(0.5, 4.0, table.shape).astype(np.float32)
+    data = LabelledSet("and", [f"t{i}" for i in range(len(labels))], labels, [f"g{i}" for i in range(len(labels))],
+                       [""] * len(labels))
+    rules = make_ruleset(hits_of({4: strength}), data, random_saes(8, [4], d_sae=8, k=2), model="m", sae="mem", ks=(2,))
+    rules.save(tmp_path / "rules.json")
+    back = RuleSet.load(tmp_path / "rules.json")
+    assert back.rule("weighted4-k2") == rules.rule("weighted4-k2") and len(back.rule("weighted4-k2").scales) == 2
+    for bad in ([1.0], [0.0, 1.0], [-1.0, 1.0], [float("inf"), 1.0], None):
+        broken = json.loads((tmp_path / "rules.json").read_text())
+        rule = next(r for r in broken["rules"] if r["kind"] == "weighted")
+        if bad is None:
+            del rule["scales"]
+        else:
+            rule["scales"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(broken))
+        with pytest.raises(SaescopeError, match="weighted rule needs one finite positive scale per feature|scales"):
+            RuleSet.load(tmp_path / "bad.json")
+    # a version 3 file (before weighted rules) still loads as it was written
+    old = json.loads((tmp_path / "rules.json").read_text())
+    old["version"] = 3
+    old["rules"] = [r for r in old["rules"] if r["kind"] != "weighted"]
+    old["default"] = old["rules"][0]["name"]
+    (tmp_path / "v3.json").write_text(json.dumps(old))
+    assert {r.kind for r in RuleSet.load(tmp_path / "v3.json").rules} == {"layer", "sparse"}
 
 
 def test_scores_by_hand():
@@ -248,8 +327,9 @@ def hate_sample() -> object:
 
 def test_fast_classifier_equals_full_encoder(tiny_qwen3, hate_sample):
     scope = Scope(load_model(str(tiny_qwen3)), random_saes(64, [0, 2], model=str(tiny_qwen3)))
-    enc = encode_labelled(scope, hate_sample, progress=False)
+    enc = encode_labelled(scope, hate_sample, activations=True, progress=False)
     rules = make_ruleset(enc.hits["sae"], hate_sample, scope.saes, model=scope.lm.name, sae="mem", ks=(1, 2, 5))
+    assert {r.kind for r in rules.rules} == {"layer", "multi", "sparse", "weighted"}
     for rule in rules.rules:
         clf = RuleClassifier(scope, rules, rule.name)
         decisions = list(clf.decisions(hate_sample.texts, batch_size=7, progress=False))
@@ -340,9 +420,14 @@ def test_mine_classify_eval_through_the_library(tox_env):
     assert len(lines) == len(classified.predictions) == 160
     assert [r["decision"] == "positive" for r in lines] == classified.predictions
     rule = mined.rules.rule(None)
-    for r in lines:  # each decision is the rule's on the features the record names (a sparse rule: with its score)
-        assert rule.decide({(f["layer"], f["feature"]) for f in r["fired"]})[0] == (r["decision"] == "positive")
-        assert ("score" in r) == (rule.kind == "sparse") and all(("weight" in f) == (rule.kind == "sparse") for f in r["fired"])
+    for r in lines:  # each decision is the rule's on the features the record names (with weights: with its score)
+        strongest = {(f["layer"], f["feature"]): max(t["activation"] for t in f["tokens"]) for f in r["fired"]}
+        weighs = rule.kind in ("sparse", "weighted")
+        assert ("score" in r) == weighs and all(("weight" in f) == weighs for f in r["fired"])
+        if weighs:  # the score is the bias plus what each named feature adds
+            assert r["score"] == pytest.approx(rule.decide(strongest)[1], abs=1e-3) and (r["score"] > 0) == (r["decision"] == "positive")
+        else:
+            assert rule.decide(strongest)[0] == (r["decision"] == "positive")
     labelled = load_labelled(str(data))
     enc = encode_labelled(Scope.load(str(sae_dir), layers=rule.layers), labelled, residual=False, progress=False)
     assert classified.predictions == rule.predict(enc.hits["sae"]).tolist()  # the audit decides as the rule does
@@ -434,7 +519,7 @@ def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen
     mined = run_mine(MineConfig(sae=str(sae_dir), data="en_olid", per_class=30, rule_k=[1, 2], out=str(tmp_path / "r.json")))
     assert mined.side.counts() == (30, 30) and set(mined.side.splits) == {"train"}
     kinds = {r.kind for r in mined.rules.rules}
-    assert kinds == {"layer", "multi", "sparse"} and mined.rules.mining["per_class"] == 30
+    assert kinds == {"layer", "multi", "sparse", "weighted"} and mined.rules.mining["per_class"] == 30
     with pytest.warns(UserWarning, match="label different things as positive"):
         ev = run_rules_eval(RulesEvalConfig(rules=str(tmp_path / "r.json"), also=["es_hateval2019"], fractions=[1.0],
                                             draws=1, transfer=["de_germeval2018", "en_olid"]))
@@ -443,13 +528,18 @@ def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen
     assert got["mining"]["n_texts"] == 60  # the same capped side the rules were mined on
     assert got["also"]["es_hateval2019"]["evaluation"]["n_texts"] == 500 and "dev rows" in got["also"]["es_hateval2019"]["split"]
     assert set(got["transfer"]["sae"]) == {"en_olid", "de_germeval2018"} and "offensive: " in got["warning"]
-    assert "es_hateval2019" in ev.text() and "sparse-k" in ev.text() and "texts (positive) mined on" in ev.text()
-    sparse = next(r.name for r in mined.rules.rules if r.kind == "sparse")
-    run_classify(ClassifyConfig(rules=str(tmp_path / "r.json"), texts="fr_ftr_racism", limit=12, rule=sparse,
+    assert "es_hateval2019" in ev.text() and "weighted-k" in ev.text() and "texts (positive) mined on" in ev.text()
+    weighted = mined.rules.rule(next(r.name for r in mined.rules.rules if r.kind == "weighted"))
+    run_classify(ClassifyConfig(rules=str(tmp_path / "r.json"), texts="fr_ftr_racism", limit=12, rule=weighted.name,
                                 audit=str(tmp_path / "audit.jsonl")))
     records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(records) == 12 and all("score" in r for r in records)
     assert all((r["score"] > 0) == (r["decision"] == "positive") for r in records)
+    for r in records:  # a weighted audit names each feature's weight, scale, max activation and what it adds
+        assert r["score"] == pytest.approx(weighted.bias + sum(f["contribution"] for f in r["fired"]), abs=1e-4)
+        for f in r["fired"]:
+            assert f["max_activation"] == max(t["activation"] for t in f["tokens"])
+            assert f["contribution"] == pytest.approx(f["weight"] * f["max_activation"] / f["scale"], rel=1e-3, abs=1e-4)
 
 
 def test_natural_bad_input_is_one_line(tiny_qwen3, tmp_path):

@@ -5,7 +5,9 @@ labels: what rule mining (toxicity), coverage and selection (synthesis) all read
 
 `FeatureHits` holds, per layer, which features fire on which texts as packed bits (a text x feature table of a
 30-layer, 4,608-latent SAE set is 64 MB per 3,700 texts instead of 2 GB of floats), so that mining on subsets,
-the mining-fraction curve and the transfer matrix re-use one LM pass per text.
+the mining-fraction curve and the transfer matrix re-use one LM pass per text. On request it also holds how strongly
+they fire (`MaxActivations`: each text's firing features and their max activation, in compressed rows), what a rule
+that weighs activations reads.
 """
 
 from __future__ import annotations
@@ -18,16 +20,59 @@ import torch
 
 from saescope.api.scope import Scope
 from saescope.core.data.labelled import LabelledSet
+from saescope.core.errors import SaescopeError
 from saescope.core.sae import SAE
 
 
 @dataclass
+class MaxActivations:
+    """Per text, the features that fire on it and their max activation over its tokens, as compressed rows: text i's
+    features are features[indptr[i]:indptr[i + 1]], with their activations in `values` (float32: a bf16 or fp32
+    activation is held exactly, so a rule decides here as it does on one text)."""
+
+    indptr: np.ndarray  # (n + 1,) int64
+    features: np.ndarray  # (entries,) int32
+    values: np.ndarray  # (entries,) float32
+    d_sae: int
+
+    @classmethod
+    def from_entries(cls, rows: np.ndarray, features: np.ndarray, values: np.ndarray, n: int, d_sae: int) -> MaxActivations:
+        """From (text, feature, activation) entries in any order, one per firing (text, feature)."""
+        order = np.argsort(rows, kind="stable")  # rows in text order; within a text, the order given
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+        return cls(indptr, features[order].astype(np.int32), values[order].astype(np.float32), d_sae)
+
+    def _entry_rows(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.indptr) - 1), np.diff(self.indptr))
+
+    def rows(self, mask: np.ndarray) -> MaxActivations:
+        keep = mask[self._entry_rows()]
+        indptr = np.zeros(int(np.count_nonzero(mask)) + 1, dtype=np.int64)
+        np.cumsum(np.diff(self.indptr)[mask], out=indptr[1:])
+        return MaxActivations(indptr, self.features[keep], self.values[keep], self.d_sae)
+
+    def columns(self, features: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n_texts, len(features)) float64: each feature's max activation on each text, 0 where it does not fire."""
+        wanted, inverse = np.unique(np.asarray(features, dtype=np.int64), return_inverse=True)
+        position = np.full(self.d_sae, -1, dtype=np.int64)
+        position[wanted] = np.arange(len(wanted))
+        at = position[self.features]
+        on = at >= 0
+        out = np.zeros((len(self.indptr) - 1, len(wanted)))
+        out[self._entry_rows()[on], at[on]] = self.values[on]
+        return out[:, inverse.reshape(-1)]
+
+
+@dataclass
 class FeatureHits:
-    """Per layer, (n_texts, ceil(d_sae / 8)) packed bits: whether each feature fires on each text."""
+    """Per layer, (n_texts, ceil(d_sae / 8)) packed bits: whether each feature fires on each text; and, when encoded
+    with activations, how strongly (`activations`, per layer)."""
 
     packed: dict[int, np.ndarray]
     d_sae: dict[int, int]
     n: int
+    activations: dict[int, MaxActivations] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -41,8 +86,16 @@ class FeatureHits:
         """(n_texts,) bool: the texts feature `feature` of layer n fires on."""
         return ((self.packed[n][:, feature >> 3] >> (7 - (feature & 7))) & 1).astype(bool)
 
+    def activation(self, n: int, feature: int) -> np.ndarray:
+        """(n_texts,) float64: the max activation of feature `feature` of layer n on each text (0 where it does not
+        fire)."""
+        if n not in self.activations:
+            raise SaescopeError(f"these hits hold no activations for layer {n}: encode with activations=True")
+        return self.activations[n].columns([feature])[:, 0]
+
     def rows(self, mask: np.ndarray) -> FeatureHits:
-        return FeatureHits({n: p[mask] for n, p in self.packed.items()}, dict(self.d_sae), int(np.count_nonzero(mask)))
+        return FeatureHits({n: p[mask] for n, p in self.packed.items()}, dict(self.d_sae), int(np.count_nonzero(mask)),
+                           {n: a.rows(mask) for n, a in self.activations.items()})
 
 
 @dataclass
@@ -62,9 +115,10 @@ class EncodedSet:
 
 def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | None = None,
                     control: dict[int, SAE] | None = None, threshold: float = 0.0, residual: bool = True,
-                    batch_size: int = 32, max_length: int = 256, progress: bool = True) -> EncodedSet:
+                    activations: bool = False, batch_size: int = 32, max_length: int = 256,
+                    progress: bool = True) -> EncodedSet:
     """Feature hits (max over each text's tokens, the first left out, > threshold) of the SAEs and of `control`,
-    and the mean-pooled residual, from one LM pass per batch."""
+    with `activations` their max activations too, and the mean-pooled residual, from one LM pass per batch."""
     layers = scope.check_layers(list(layers) if layers else None)
     sets = {"sae": {n: scope.saes[n] for n in layers}}
     if control is not None:
@@ -73,17 +127,35 @@ def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | 
     packed = {name: {n: np.zeros((n_texts, (s[n].cfg.d_sae + 7) // 8), dtype=np.uint8) for n in layers}
               for name, s in sets.items()}
     res = {n: torch.zeros(n_texts, scope.lm.d_model, dtype=torch.float16) for n in layers} if residual else {}
+    # (texts, features, activations) of the firing pairs, per SAE set and layer, gathered batch by batch
+    entries: dict[str, dict[int, tuple[list, list, list]]] = (
+        {name: {n: ([], [], []) for n in layers} for name in sets} if activations else {})
     for idx, got in scope.iter_pooled(data.texts, layers=layers, pool="max", residual_pool="mean", skip_first_token=True,
                                       sae_sets=sets, with_residual=residual, batch_size=batch_size, max_length=max_length,
                                       progress=progress, desc=f"encode {data.name}"):
         rows = np.asarray(idx)
         for name in sets:
             for n in layers:
-                packed[name][n][rows] = np.packbits((got[name][n] > threshold).cpu().numpy(), axis=1)
+                pooled = got[name][n].float().cpu().numpy()
+                fires = pooled > threshold
+                packed[name][n][rows] = np.packbits(fires, axis=1)
+                if activations:
+                    r, f = np.nonzero(fires)  # int32 from here: 12 bytes per firing pair (~600 per tweet at 8x-k32)
+                    for part, got_part in zip(entries[name][n], (rows[r].astype(np.int32), f.astype(np.int32), pooled[r, f]),
+                                              strict=True):
+                        part.append(got_part)
         for n in res:
             res[n][torch.as_tensor(idx)] = got["residual"][n].cpu().half()
-    hits = {name: FeatureHits(packed[name], {n: s[n].cfg.d_sae for n in layers}, n_texts) for name, s in sets.items()}
+    acts = {name: {n: MaxActivations.from_entries(*(_stacked(part, dtype) for part, dtype in zip(
+                parts, (np.int32, np.int32, np.float32), strict=True)), n_texts, sets[name][n].cfg.d_sae)
+                   for n, parts in per_layer.items()} for name, per_layer in entries.items()}
+    hits = {name: FeatureHits(packed[name], {n: s[n].cfg.d_sae for n in layers}, n_texts, acts.get(name, {}))
+            for name, s in sets.items()}
     return EncodedSet(data, hits, res)
+
+
+def _stacked(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def feature_deltas(hits: FeatureHits, labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -10,6 +10,11 @@
                       features are picked by an L1-penalised logistic regression on the fires (the penalty raised until
                       at most K are left), the weights refit on them (class-balanced); a rule that can say "slur AND
                       target" (two weights, each below the bias alone) or "fires, unless a counter-speech feature does"
+    weighted        = (saescope's addition) the same, over how strongly the features fire: a text is positive when
+                      bias + sum of weight_f x max activation_f / scale_f > 0, scale_f the feature's 99th percentile
+                      max activation on the mining texts that it fires on (so that weights compare across features, and
+                      the L1 penalty treats them alike). On natural posts the strength carries what "fires anywhere"
+                      loses: at 131k-262k training tokens most latents fire somewhere in most tweets
 
 Every decision is auditable: the rule is a short list of (layer, feature) pairs, and a positive names the
 features that fired, on which tokens, with what activation (saescope.apps.toxicity.classify).
@@ -37,10 +42,12 @@ from saescope.core.sae import SAE
 from saescope.core.schema import Field, InputError, check_record
 
 FORMAT = "saescope-toxicity-rules"
-# 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded. 3: sparse rules (weights, bias)
-VERSION = 3
+# 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded. 3: sparse rules (weights, bias).
+# 4: weighted rules (weights, bias, scales)
+VERSION = 4
 DEFAULT_KS = (1, 2, 5, 10)
-RULE_KINDS = ("layer", "multi", "sparse")
+RULE_KINDS = ("layer", "multi", "sparse", "weighted")
+WEIGHTED_KINDS = ("sparse", "weighted")  # rules with a weight per feature and a bias
 SPARSE_CANDIDATES = 256  # the features of largest |delta| at the chosen layer that the L1 path chooses among
 
 
@@ -56,14 +63,16 @@ class RuleFeature:
 @dataclass(frozen=True)
 class Rule:
     """kind "layer" (K features of one layer) or "multi" (one per layer): positive when any of `features` fires.
-    kind "sparse": positive when bias + the weights of the features that fire sum above 0."""
+    kind "sparse": positive when bias + the weights of the features that fire sum above 0. kind "weighted": positive
+    when bias + the sum of weight x max activation / scale over the features sits above 0."""
 
     name: str
     kind: str
     k: int
     features: tuple[RuleFeature, ...]
-    weights: tuple[float, ...] = ()  # sparse rules: one per feature
+    weights: tuple[float, ...] = ()  # sparse and weighted rules: one per feature
     bias: float = 0.0
+    scales: tuple[float, ...] = ()  # weighted rules: the activation each weight is per
 
     @property
     def layers(self) -> list[int]:
@@ -75,29 +84,46 @@ class Rule:
             for f, w in zip(self.features, self.weights, strict=True):
                 score += w * hits.column(f.layer, f.feature)
             return score > 0
+        if self.kind == "weighted":
+            score = np.full(hits.n, self.bias)
+            for f, w, scale in zip(self.features, self.weights, self.scales, strict=True):
+                score += w * (hits.activation(f.layer, f.feature) / scale)
+            return score > 0
         out = np.zeros(hits.n, dtype=bool)
         for f in self.features:
             out |= hits.column(f.layer, f.feature)
         return out
 
-    def decide(self, fired: set[tuple[int, int]]) -> tuple[bool, float | None]:
-        """The decision on a text whose firing rule features (layer, feature) are `fired`, and a sparse rule's score."""
-        if self.kind != "sparse":
+    def decide(self, fired: dict[tuple[int, int], float]) -> tuple[bool, float | None]:
+        """The decision on a text whose firing rule features (layer, feature) have max activations `fired`, and a
+        sparse or weighted rule's score."""
+        if self.kind not in WEIGHTED_KINDS:
             return bool(fired), None
-        score = self.bias + sum(w for f, w in zip(self.features, self.weights, strict=True) if (f.layer, f.feature) in fired)
+        score = self.bias
+        for f, w, scale in zip(self.features, self.weights, self.scales or (1.0,) * len(self.weights), strict=True):
+            if (f.layer, f.feature) in fired:
+                score += w * (fired[(f.layer, f.feature)] / scale if self.kind == "weighted" else 1.0)
         return score > 0, score
 
     def weight(self, layer: int, feature: int) -> float | None:
-        for f, w in zip(self.features, self.weights, strict=True):
+        """The feature's weight (sparse and weighted rules; None for the others)."""
+        return self._of_feature(self.weights, layer, feature)
+
+    def scale(self, layer: int, feature: int) -> float | None:
+        """The activation the feature's weight is per (weighted rules; None for the others)."""
+        return self._of_feature(self.scales, layer, feature)
+
+    def _of_feature(self, values: tuple[float, ...], layer: int, feature: int) -> float | None:
+        for f, v in zip(self.features, values or (None,) * len(self.features), strict=True):
             if (f.layer, f.feature) == (layer, feature):
-                return w
+                return v
         return None
 
 
 def generic_name(name: str) -> str:
-    """A rule's name without its layer (layer15-k5 -> layer-k5, sparse15-k5 -> sparse-k5; multi-k5 stays): rules mined
+    """A rule's name without its layer (layer15-k5 -> layer-k5, weighted15-k5 -> weighted-k5; multi-k5 stays): rules mined
     on different data choose different layers, and curves and transfer compare them by kind and K."""
-    return re.sub(r"^(layer|sparse)\d+-", r"\1-", name)
+    return re.sub(r"^(layer|sparse|weighted)\d+-", r"\1-", name)
 
 
 def _l1_logistic(x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float, lipschitz: float,
@@ -118,9 +144,10 @@ def _l1_logistic(x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float,
 
 
 def sparse_logistic(table: np.ndarray, labels: np.ndarray, k: int) -> tuple[list[int], list[float], float]:
-    """At most k columns of the (texts, features) 0/1 `table` and their weights and bias: the L1 penalty is bisected
-    (in log space) to the smallest that leaves at most k non-zero weights, and a class-balanced logistic regression
-    is refit on those columns (saescope.api.probing.fit_logistic). Columns in order of |weight|."""
+    """At most k columns of the (texts, features) `table` (0/1 fires, or scaled activations) and their weights and
+    bias: the L1 penalty is bisected (in log space) to the smallest that leaves at most k non-zero weights, and a
+    class-balanced logistic regression is refit on those columns (saescope.api.probing.fit_logistic). Columns in
+    order of |weight|."""
     from saescope.api.probing import fit_logistic
 
     x = torch.as_tensor(table, dtype=torch.float64)
@@ -149,10 +176,22 @@ def sparse_logistic(table: np.ndarray, labels: np.ndarray, k: int) -> tuple[list
     return [cols[i] for i in order], [float(weights[i]) for i in order], float(probe.bias[0])
 
 
+def activation_scales(values: np.ndarray) -> np.ndarray:
+    """Per column of (texts, features) max activations: the 99th percentile of its non-zero values (1 where it has
+    none), the unit a weighted rule's weights are per."""
+    scales = np.ones(values.shape[1])
+    for c in range(values.shape[1]):
+        on = values[:, c][values[:, c] > 0]
+        if len(on):
+            scales[c] = float(np.percentile(on, 99))
+    return scales
+
+
 def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *, multi_layer: bool = True,
                sparse: bool = True, origin: str = "mining data") -> tuple[list[Rule], dict]:
     """Rules for each K (one layer, chosen by top1-diff; and multi-layer), and what the choice saw: per layer the
-    best delta, the chosen layer, and each rule's F1 on the mining texts themselves."""
+    best delta, the chosen layer, and each rule's F1 on the mining texts themselves. Weighted rules are mined when
+    the hits hold activations at the chosen layer (encode_labelled(activations=True))."""
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
         raise SaescopeError(f"K must be positive integers, got {ks}")
@@ -183,6 +222,14 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
             cols, weights, bias = sparse_logistic(table, labels, k)
             rules.append(Rule(f"sparse{chosen}-k{k}", "sparse", k,
                               tuple(feature(chosen, int(candidates[c])) for c in cols), tuple(weights), bias))
+        if chosen in hits.activations:  # the same candidates, weighed by how strongly they fire
+            values = hits.activations[chosen].columns(candidates)
+            scales = activation_scales(values)
+            for k in ks:
+                cols, weights, bias = sparse_logistic(values / scales, labels, k)
+                rules.append(Rule(f"weighted{chosen}-k{k}", "weighted", k,
+                                  tuple(feature(chosen, int(candidates[c])) for c in cols), tuple(weights), bias,
+                                  tuple(float(scales[c]) for c in cols)))
     if multi_layer and len(deltas) > 1:  # on one layer a multi-layer rule is the one-feature rule again, under a K it lacks
         by_layer = sorted((n for n in best if best[n] > 0), key=lambda n: (-best[n], n))
         for k in ks:
@@ -257,7 +304,8 @@ class RuleSet:
                 "d_sae": {str(n): d for n, d in sorted(self.d_sae.items())},
                 "mining": self.mining, "choice": self.choice, "default": self.default,
                 "rules": [{"name": r.name, "kind": r.kind, "k": r.k, "features": [vars(f) for f in r.features],
-                           **({"weights": list(r.weights), "bias": r.bias} if r.kind == "sparse" else {})}
+                           **({"weights": list(r.weights), "bias": r.bias} if r.kind in WEIGHTED_KINDS else {}),
+                           **({"scales": list(r.scales)} if r.kind == "weighted" else {})}
                           for r in self.rules]}
 
     def save(self, path: str | Path) -> None:
@@ -291,15 +339,17 @@ class RuleSet:
         rules = []
         for i, r in enumerate(obj["rules"]):
             where = f"{origin}: rules[{i}]"
-            sparse = r.get("kind") == "sparse" if isinstance(r, dict) else False
+            kind = r.get("kind") if isinstance(r, dict) else None
+            weighs, scaled = kind in WEIGHTED_KINDS, kind == "weighted"
             check_record(r, {"name": Field(str), "kind": Field(str, check=lambda v: None if v in RULE_KINDS
                                                                 else f"must be one of {', '.join(RULE_KINDS)}"),
                              "k": Field(int, min=1), "features": Field(list),
-                             "weights": Field(list, required=sparse), "bias": Field(float, required=sparse)}, where)
-            if sparse and (len(r["weights"]) != len(r["features"]) or not all(
-                    isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) for w in r["weights"])
-                    or not np.isfinite(r["bias"])):
-                raise InputError(f"{where}: a sparse rule needs one finite weight per feature and a finite bias")
+                             "weights": Field(list, required=weighs), "bias": Field(float, required=weighs),
+                             "scales": Field(list, required=scaled)}, where)
+            if weighs and (not _finite_numbers(r["weights"], len(r["features"])) or not np.isfinite(r["bias"])):
+                raise InputError(f"{where}: a {kind} rule needs one finite weight per feature and a finite bias")
+            if scaled and not (_finite_numbers(r["scales"], len(r["features"])) and all(v > 0 for v in r["scales"])):
+                raise InputError(f"{where}: a weighted rule needs one finite positive scale per feature")
             feats = []
             for j, f in enumerate(r["features"]):
                 check_record(f, {"layer": Field(int, min=0), "feature": Field(int, min=0), "delta": Field(float),
@@ -313,12 +363,18 @@ class RuleSet:
                 feats.append(RuleFeature(f["layer"], f["feature"], float(f["delta"]), float(f["p_positive"]),
                                          float(f["p_negative"])))
             rules.append(Rule(r["name"], r["kind"], r["k"], tuple(feats),
-                              tuple(float(w) for w in r["weights"]) if sparse else (), float(r["bias"]) if sparse else 0.0))
+                              tuple(float(w) for w in r["weights"]) if weighs else (), float(r["bias"]) if weighs else 0.0,
+                              tuple(float(v) for v in r["scales"]) if scaled else ()))
         sae = resolve_record_path(obj["sae"], Path(path)) if obj["version"] >= 2 else obj["sae"]
         out = cls(rules, obj["default"], float(obj["threshold"]), obj["model"], sae, fingerprints, obj["mining"],
                   obj["choice"], obj["control"], d_sae)
         out.rule()  # the default must name one of the rules
         return out
+
+
+def _finite_numbers(values: list, n: int) -> bool:
+    return len(values) == n and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                    for v in values)
 
 
 def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, SAE], *, model: str, sae: str,

@@ -29,7 +29,7 @@ class Decision:
     text: str
     positive: bool
     fired: list[dict] = field(default_factory=list)  # per firing feature: layer, feature, delta, (weight), tokens
-    score: float | None = None  # a sparse rule's bias + the weights of the features that fired
+    score: float | None = None  # a sparse or weighted rule's bias + what the features that fired add
 
     def record(self, rules_fingerprint: str, rule: str) -> dict:
         return {"index": self.index, "text": self.text, "decision": "positive" if self.positive else "negative",
@@ -73,6 +73,7 @@ class RuleClassifier:
         where = keep.nonzero()  # (tokens, 2): text row, position
         self.tokens += len(where)
         fired: list[list[dict]] = [[] for _ in texts]
+        strongest: list[dict[tuple[int, int], float]] = [{} for _ in texts]  # per text: each firing feature's max activation
         strings: dict[int, list[str]] = {}  # token strings of the texts that fired, made once each
         for n, feats in self.by_layer.items():
             sae = scope.saes[n]
@@ -94,21 +95,27 @@ class RuleClassifier:
                 per_text: dict[int, list[dict]] = {}
                 for (row, pos), value in zip(where[cand[on]].tolist(), act[on, j].tolist(), strict=True):
                     per_text.setdefault(row, []).append({"position": pos, "activation": round(value, 4)})
+                    strongest[row][(n, f.feature)] = max(value, strongest[row].get((n, f.feature), 0.0))
                 for row, toks in per_text.items():
                     if row not in strings:
                         strings[row] = token_strings(scope.lm.tokenizer, ids[row])
                     for tok in toks:
                         tok["token"] = strings[row][tok["position"]]
                     entry = {"layer": n, "feature": f.feature, "delta": round(f.delta, 4), "tokens": toks}
-                    if self.rule.kind == "sparse":
-                        entry["weight"] = round(self.rule.weight(n, f.feature), 6)
+                    weight, scale = self.rule.weight(n, f.feature), self.rule.scale(n, f.feature)
+                    if weight is not None:
+                        entry["weight"] = round(weight, 6)
+                    if scale is not None:  # a weighted rule: what the feature adds is weight x max activation / scale
+                        top = strongest[row][(n, f.feature)]
+                        entry.update(max_activation=round(top, 4), scale=round(scale, 4),
+                                     contribution=round(weight * top / scale, 6))
                     ev = self.evidence(n, f.feature)
                     if ev is not None:
                         entry["evidence"] = ev
                     fired[row].append(entry)
         out = []
         for i, t in enumerate(texts):  # indices set by the caller
-            positive, score = self.rule.decide({(e["layer"], e["feature"]) for e in fired[i]})
+            positive, score = self.rule.decide(strongest[i])
             out.append(Decision(i, t, positive, fired[i], score))
         return out
 

@@ -106,10 +106,14 @@ class MineResult:
             if rule.kind == "sparse":
                 feats = f"bias {rule.bias:+.2f}; " + ", ".join(f"L{f.layer}/{f.feature} (weight {w:+.2f})"
                                                                for f, w in zip(rule.features, rule.weights, strict=True))
+            elif rule.kind == "weighted":
+                feats = f"bias {rule.bias:+.2f}; " + ", ".join(
+                    f"L{f.layer}/{f.feature} (weight {w:+.2f} per activation {v:.3g})"
+                    for f, w, v in zip(rule.features, rule.weights, rule.scales, strict=True))
             else:
                 feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
             mark = "  <- default" if rule.name == r.default else ""
-            lines.append(f"  {rule.name:<12} on the mining texts F1 {r.choice['mining_f1'][rule.name]:.3f}, balanced accuracy "
+            lines.append(f"  {rule.name:<14} on the mining texts F1 {r.choice['mining_f1'][rule.name]:.3f}, balanced accuracy "
                          f"{r.choice['mining_balanced_accuracy'][rule.name]:.3f}: {feats}{mark}")
         lines.append(f"rules: {self.path}")
         return "\n".join(lines)
@@ -121,7 +125,8 @@ def run_mine(cfg: MineConfig) -> MineResult:
     side = mining_side(data, cfg.split, cfg.fraction, cfg.seed, cfg.per_class or None)
     out = cfg.output()
     scope = cfg.load_scope(cfg.layer_list())
-    enc = encode_labelled(scope, side, threshold=cfg.threshold, residual=False, batch_size=cfg.batch_size)
+    enc = encode_labelled(scope, side, threshold=cfg.threshold, residual=False, activations=True,
+                          batch_size=cfg.batch_size)
     source = {"data": cfg.data if side.language or not Path(cfg.data).is_file() else str(Path(cfg.data).resolve()),
               "columns": {"text": cfg.text_column, "label": cfg.label_column, "group": cfg.group_column},
               "split": cfg.split, "fraction": cfg.fraction, "seed": cfg.seed, "data_hash": data.content_hash(),
@@ -298,7 +303,8 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
     control = cfg.load_control(scope.saes)
 
     def encode(ds: LabelledSet):
-        return encode_labelled(scope, ds, control=control, threshold=rules.threshold, batch_size=cfg.batch_size)
+        return encode_labelled(scope, ds, control=control, threshold=rules.threshold, activations=True,
+                               batch_size=cfg.batch_size)
 
     held_out = group_split(mining_data, seed=bench.seed)[1]
     mine_side = mining_side(mining_data, "mine", 1.0, bench.seed, rules.mining.get("per_class"))
