@@ -146,16 +146,18 @@ def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | 
                         part.append(got_part)
         for n in res:
             res[n][torch.as_tensor(idx)] = got["residual"][n].cpu().half()
-    acts = {name: {n: MaxActivations.from_entries(*(_stacked(part, dtype) for part, dtype in zip(
-                parts, (np.int32, np.int32, np.float32), strict=True)), n_texts, sets[name][n].cfg.d_sae)
-                   for n, parts in per_layer.items()} for name, per_layer in entries.items()}
+    acts = {name: {n: _gathered(parts, n_texts, sets[name][n].cfg.d_sae) for n, parts in per_layer.items()}
+            for name, per_layer in entries.items()}
     hits = {name: FeatureHits(packed[name], {n: s[n].cfg.d_sae for n in layers}, n_texts, acts.get(name, {}))
             for name, s in sets.items()}
     return EncodedSet(data, hits, res)
 
 
-def _stacked(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+def _gathered(parts: tuple[list, list, list], n_texts: int, d_sae: int) -> MaxActivations:
+    """MaxActivations from the (texts, features, activations) arrays gathered batch by batch."""
+    rows, features, values = (np.concatenate(p) if p else np.zeros(0, dtype=dtype)
+                              for p, dtype in zip(parts, (np.int32, np.int32, np.float32), strict=True))
+    return MaxActivations.from_entries(rows, features, values, n_texts, d_sae)
 
 
 def feature_deltas(hits: FeatureHits, labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

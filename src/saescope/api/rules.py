@@ -79,15 +79,11 @@ class Rule:
         return sorted({f.layer for f in self.features})
 
     def predict(self, hits: FeatureHits) -> np.ndarray:
-        if self.kind == "sparse":
+        if self.kind in WEIGHTED_KINDS:
             score = np.full(hits.n, self.bias)
-            for f, w in zip(self.features, self.weights, strict=True):
-                score += w * hits.column(f.layer, f.feature)
-            return score > 0
-        if self.kind == "weighted":
-            score = np.full(hits.n, self.bias)
-            for f, w, scale in zip(self.features, self.weights, self.scales, strict=True):
-                score += w * (hits.activation(f.layer, f.feature) / scale)
+            for f, w, scale in zip(self.features, self.weights, self._scales(), strict=True):
+                score += w * (hits.activation(f.layer, f.feature) / scale if self.kind == "weighted"
+                              else hits.column(f.layer, f.feature))
             return score > 0
         out = np.zeros(hits.n, dtype=bool)
         for f in self.features:
@@ -100,10 +96,13 @@ class Rule:
         if self.kind not in WEIGHTED_KINDS:
             return bool(fired), None
         score = self.bias
-        for f, w, scale in zip(self.features, self.weights, self.scales or (1.0,) * len(self.weights), strict=True):
+        for f, w, scale in zip(self.features, self.weights, self._scales(), strict=True):
             if (f.layer, f.feature) in fired:
                 score += w * (fired[(f.layer, f.feature)] / scale if self.kind == "weighted" else 1.0)
         return score > 0, score
+
+    def _scales(self) -> tuple[float, ...]:
+        return self.scales or (1.0,) * len(self.weights)
 
     def weight(self, layer: int, feature: int) -> float | None:
         """The feature's weight (sparse and weighted rules; None for the others)."""
