@@ -34,8 +34,9 @@ def cross_validated(hits, labels: np.ndarray, folds: int, seed: int) -> dict[str
     for i in range(folds):
         train, test = fold != i, fold == i
         rules, _ = mine_rules(hits.rows(train), labels[train], multi_layer=False)
+        held = hits.rows(test)
         for r in rules:
-            got.setdefault(generic_name(r.name), []).append(scores(r.predict(hits.rows(test)), labels[test])["balanced_accuracy"])
+            got.setdefault(generic_name(r.name), []).append(scores(r.predict(held), labels[test])["balanced_accuracy"])
     return {name: float(np.mean(v)) for name, v in got.items()}
 
 

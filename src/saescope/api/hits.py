@@ -136,13 +136,14 @@ def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | 
         rows = np.asarray(idx)
         for name in sets:
             for n in layers:
-                pooled = got[name][n].float().cpu().numpy()
-                fires = pooled > threshold
+                pooled = got[name][n]
+                fires = (pooled > threshold).cpu().numpy()
                 packed[name][n][rows] = np.packbits(fires, axis=1)
-                if activations:
-                    r, f = np.nonzero(fires)  # int32 from here: 12 bytes per firing pair (~600 per tweet at 8x-k32)
-                    for part, got_part in zip(entries[name][n], (rows[r].astype(np.int32), f.astype(np.int32), pooled[r, f]),
-                                              strict=True):
+                if activations:  # only the firing pairs leave the device, as float32 (int32 indices: 12 bytes a pair)
+                    r, f = np.nonzero(fires)
+                    values = pooled[torch.as_tensor(r, device=pooled.device), torch.as_tensor(f, device=pooled.device)]
+                    for part, got_part in zip(entries[name][n], (rows[r].astype(np.int32), f.astype(np.int32),
+                                                                 values.float().cpu().numpy()), strict=True):
                         part.append(got_part)
         for n in res:
             res[n][torch.as_tensor(idx)] = got["residual"][n].cpu().half()

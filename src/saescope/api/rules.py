@@ -96,10 +96,16 @@ class Rule:
         if self.kind not in WEIGHTED_KINDS:
             return bool(fired), None
         score = self.bias
-        for f, w, scale in zip(self.features, self.weights, self._scales(), strict=True):
+        for f in self.features:
             if (f.layer, f.feature) in fired:
-                score += w * (fired[(f.layer, f.feature)] / scale if self.kind == "weighted" else 1.0)
+                score += self.contribution(f.layer, f.feature, fired[(f.layer, f.feature)])
         return score > 0, score
+
+    def contribution(self, layer: int, feature: int, activation: float) -> float:
+        """What a firing feature adds to a sparse or weighted rule's score: its weight; for a weighted rule, times its
+        max activation / its scale."""
+        w, scale = self.weight(layer, feature), self.scale(layer, feature)
+        return w * (activation / scale if self.kind == "weighted" else 1.0)
 
     def _scales(self) -> tuple[float, ...]:
         return self.scales or (1.0,) * len(self.weights)
@@ -216,19 +222,17 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
         rules.append(Rule(f"layer{chosen}-k{k}", "layer", k, tuple(feature(chosen, f) for f in top)))
     if sparse:
         candidates = np.argsort(-np.abs(deltas[chosen][0]), kind="stable")[:SPARSE_CANDIDATES]
-        table = hits.layer(chosen)[:, candidates]
-        for k in ks:
-            cols, weights, bias = sparse_logistic(table, labels, k)
-            rules.append(Rule(f"sparse{chosen}-k{k}", "sparse", k,
-                              tuple(feature(chosen, int(candidates[c])) for c in cols), tuple(weights), bias))
-        if chosen in hits.activations:  # the same candidates, weighed by how strongly they fire
+        # (kind, table, scales): the fires; with activations, the same candidates weighed by how strongly they fire
+        families: list[tuple[str, np.ndarray, np.ndarray | None]] = [("sparse", hits.layer(chosen)[:, candidates], None)]
+        if chosen in hits.activations:
             values = hits.activations[chosen].columns(candidates)
             scales = activation_scales(values)
+            families.append(("weighted", values / scales, scales))
+        for kind, table, scales in families:
             for k in ks:
-                cols, weights, bias = sparse_logistic(values / scales, labels, k)
-                rules.append(Rule(f"weighted{chosen}-k{k}", "weighted", k,
-                                  tuple(feature(chosen, int(candidates[c])) for c in cols), tuple(weights), bias,
-                                  tuple(float(scales[c]) for c in cols)))
+                cols, weights, bias = sparse_logistic(table, labels, k)
+                rules.append(Rule(f"{kind}{chosen}-k{k}", kind, k, tuple(feature(chosen, int(candidates[c])) for c in cols),
+                                  tuple(weights), bias, () if scales is None else tuple(float(scales[c]) for c in cols)))
     if multi_layer and len(deltas) > 1:  # on one layer a multi-layer rule is the one-feature rule again, under a K it lacks
         by_layer = sorted((n for n in best if best[n] > 0), key=lambda n: (-best[n], n))
         for k in ks:

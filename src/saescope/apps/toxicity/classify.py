@@ -108,7 +108,7 @@ class RuleClassifier:
                     if scale is not None:  # a weighted rule: what the feature adds is weight x max activation / scale
                         top = strongest[row][(n, f.feature)]
                         entry.update(max_activation=round(top, 4), scale=round(scale, 4),
-                                     contribution=round(weight * top / scale, 6))
+                                     contribution=round(self.rule.contribution(n, f.feature, top), 6))
                     ev = self.evidence(n, f.feature)
                     if ev is not None:
                         entry["evidence"] = ev

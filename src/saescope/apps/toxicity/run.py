@@ -103,13 +103,10 @@ class MineResult:
         lines = [f"mined on {self.side.name}: {len(self.side)} texts ({self.side.counts()[1]} positive); layer chosen by "
                  f"top1-diff: {r.choice['chosen_layer']}"]
         for rule in r.rules:
-            if rule.kind == "sparse":
-                feats = f"bias {rule.bias:+.2f}; " + ", ".join(f"L{f.layer}/{f.feature} (weight {w:+.2f})"
-                                                               for f, w in zip(rule.features, rule.weights, strict=True))
-            elif rule.kind == "weighted":
-                feats = f"bias {rule.bias:+.2f}; " + ", ".join(
-                    f"L{f.layer}/{f.feature} (weight {w:+.2f} per activation {v:.3g})"
-                    for f, w, v in zip(rule.features, rule.weights, rule.scales, strict=True))
+            if rule.weights:  # sparse and weighted rules; a weighted one's weights are per its features' scales
+                per = [f" per activation {v:.3g}" for v in rule.scales] or [""] * len(rule.weights)
+                feats = f"bias {rule.bias:+.2f}; " + ", ".join(f"L{f.layer}/{f.feature} (weight {w:+.2f}{p})"
+                                                               for f, w, p in zip(rule.features, rule.weights, per, strict=True))
             else:
                 feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
             mark = "  <- default" if rule.name == r.default else ""
