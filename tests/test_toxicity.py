@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
 from saescope.api.hits import FeatureHits, MaxActivations, encode_labelled, scores
-from saescope.api.rules import RuleSet, make_ruleset, mine_rules
+from saescope.api.rules import RuleSet, make_ruleset, mine_rules, sparse_logistic
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
 from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, format_transfer, group_subset, transfer_matrix
@@ -154,6 +154,24 @@ def test_a_weighted_rule_reads_strength_where_firing_anywhere_says_nothing():
     assert weighted.decide({(4, 2): 1.0}) == (False, pytest.approx(b + w / 3))
     assert not hits_of({4: table > 0}).activations and "weighted4-k1" not in {
         r.name for r in mine_rules(hits_of({4: table > 0}), labels, (1,))[0]}  # no activations, no weighted rules
+
+
+def test_one_l1_path_gives_every_k_what_its_own_bisection_gives():
+    """Three of 40 columns carry a logistic signal of decreasing strength: the path finds them in order, never more
+    than K, and each K's columns and weights are those of a path mined for that K alone (warm starts move the
+    solver's start, not the optimum it stops at)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 40))
+    labels = (rng.random(600) < 1 / (1 + np.exp(-(3 * x[:, 7] - 2 * x[:, 21] + 1 * x[:, 33])))).astype(np.int64)
+    path = sparse_logistic(x, labels, (1, 2, 3, 8))
+    assert path[1][0] == [7] and path[2][0] == [7, 21] and sorted(path[3][0]) == [7, 21, 33]
+    assert all(len(path[k][0]) <= k for k in path) and set(path[3][0]) <= set(path[8][0])
+    assert path[3][1][0] > 0 > path[3][1][1]  # the signs of the true weights
+    for k in (1, 3, 8):
+        cols, weights, bias = sparse_logistic(x, labels, (k,))[k]
+        assert cols == path[k][0]
+        np.testing.assert_allclose(weights, path[k][1], rtol=1e-6)
+        assert bias == pytest.approx(path[k][2], rel=1e-6, abs=1e-9)
 
 
 def _and_table(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

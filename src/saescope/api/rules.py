@@ -25,6 +25,7 @@ application, because synthesis reads them too (targets from a rules file; rules 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,53 +133,81 @@ def generic_name(name: str) -> str:
 
 
 def _l1_logistic(x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float, lipschitz: float,
-                 iters: int = 300) -> torch.Tensor:
-    """Weights of the weighted mean logistic loss + lam |w|_1 (bias unpenalised), by FISTA."""
+                 start: tuple[torch.Tensor, torch.Tensor] | None = None, iters: int = 300,
+                 tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias of the weighted mean logistic loss + lam |w|_1 (bias unpenalised), by FISTA from `start`
+    (a solution at a nearby penalty: a few dozen steps instead of hundreds from zero), restarted when the momentum
+    points uphill, stopped when a proximal step moves no weight by more than `tol`."""
     n, c = x.shape
-    w, b = torch.zeros(c, dtype=x.dtype), torch.zeros((), dtype=x.dtype)
+    w, b = start if start is not None else (torch.zeros(c, dtype=x.dtype), torch.zeros((), dtype=x.dtype))
     zw, zb, t = w, b, 1.0
     for _ in range(iters):
         g = sw * (torch.sigmoid(x @ zw + zb) - y) / n
         step_w = zw - (x.T @ g) / lipschitz
         w_new = torch.sign(step_w) * (step_w.abs() - lam / lipschitz).clamp_min(0)
         b_new = zb - g.sum() / lipschitz
+        moved = max(float((w_new - zw).abs().max()), abs(float(b_new - zb)))
+        if moved <= tol:
+            return w_new, b_new
+        if float((zw - w_new) @ (w_new - w) + (zb - b_new) * (b_new - b)) > 0:  # momentum uphill: restart it
+            t = 1.0
         t_new = (1 + (1 + 4 * t * t) ** 0.5) / 2
         zw, zb = w_new + (t - 1) / t_new * (w_new - w), b_new + (t - 1) / t_new * (b_new - b)
         w, b, t = w_new, b_new, t_new
-    return w
+    return w, b
 
 
-def sparse_logistic(table: np.ndarray, labels: np.ndarray, k: int) -> tuple[list[int], list[float], float]:
-    """At most k columns of the (texts, features) `table` (0/1 fires, or scaled activations) and their weights and
-    bias: the L1 penalty is bisected (in log space) to the smallest that leaves at most k non-zero weights, and a
-    class-balanced logistic regression is refit on those columns (saescope.api.probing.fit_logistic). Columns in
+def sparse_logistic(table: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, tuple[list[int], list[float], float]]:
+    """Per K in `ks`: at most K columns of the (texts, features) `table` (0/1 fires, or scaled activations) and their
+    weights and bias. The L1 penalty is bisected (in log space, to a ratio of 1e-4 ** (1 / 2 ** 14)) to the smallest
+    that leaves at most K non-zero weights, and a class-balanced logistic regression is refit on those columns
+    (saescope.api.probing.fit_logistic, float64). One path serves every K: each penalty is solved once (float32), warm-
+    started from the solution at the nearest penalty solved before: ~9x faster than a cold 300-step solve per
+    bisection step and per K, the same columns on real rules (the demo's eval spent half its time here). Columns in
     order of |weight|."""
     from saescope.api.probing import fit_logistic
 
-    x = torch.as_tensor(table, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.float64)
+    x = torch.as_tensor(table, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.float32)
     pos = float(y.mean())
     sw = torch.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
     n = len(y)
     design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1) * sw.sqrt()[:, None]
     lipschitz = 0.25 * float(torch.linalg.matrix_norm(design, ord=2)) ** 2 / n
     lam_max = float((x.T @ (sw * (0.5 - y) / n)).abs().max())  # at w = 0 (balanced: bias 0) nothing moves above it
-    lo, hi = lam_max * 1e-4, lam_max
-    w_lo = _l1_logistic(x, y, sw, lo, lipschitz)
-    w_hi = torch.zeros(x.shape[1], dtype=x.dtype)
-    for _ in range(14):
-        mid = (lo * hi) ** 0.5
-        w = _l1_logistic(x, y, sw, mid, lipschitz)
-        if int((w != 0).sum()) <= k:
-            hi, w_hi = mid, w
-        else:
-            lo, w_lo = mid, w
-    w = w_hi if int((w_hi != 0).sum()) else w_lo  # a jump from none to more than k: the k largest of the denser one
-    cols = [int(c) for c in torch.argsort(-w.abs(), stable=True)[:k] if w[c] != 0]
-    probe = fit_logistic(x[:, cols], y, balanced=True)
-    weights = probe.weight[0].tolist()
-    order = sorted(range(len(cols)), key=lambda i: -abs(weights[i]))
-    return [cols[i] for i in order], [float(weights[i]) for i in order], float(probe.bias[0])
+    # log penalty -> (weights, bias); at lam_max the solution is 0 (balanced classes: bias 0)
+    solved: dict[float, tuple[torch.Tensor, torch.Tensor]] = {
+        math.log(lam_max): (torch.zeros(x.shape[1], dtype=x.dtype), torch.zeros((), dtype=x.dtype))}
+
+    def solve(log_lam: float) -> torch.Tensor:
+        if log_lam not in solved:
+            near = min(solved, key=lambda s: abs(s - log_lam))
+            solved[log_lam] = _l1_logistic(x, y, sw, math.exp(log_lam), lipschitz, solved[near])
+        return solved[log_lam][0]
+
+    lowest, highest = math.log(lam_max * 1e-4), math.log(lam_max)
+    width = (highest - lowest) / 2**14  # the old fixed 14 halvings of [1e-4, 1] x lam_max
+    out = {}
+    for k in sorted(ks, reverse=True):
+        # the tightest bracket the path already has: hi leaves at most k weights, lo more
+        fits = [s for s in solved if int((solved[s][0] != 0).sum()) <= k]
+        hi = min(fits)
+        lo = max([s for s in solved if s < hi] or [lowest])
+        while hi - lo > width * (1 + 1e-9):
+            mid = (lo + hi) / 2
+            if int((solve(mid) != 0).sum()) <= k:
+                hi = mid
+            else:
+                lo = mid
+        w = solve(hi)
+        if not int((w != 0).sum()):  # a jump from none to more than k: the k largest of the denser one
+            w = solve(lo)
+        cols = [int(c) for c in torch.argsort(-w.abs(), stable=True)[:k] if w[c] != 0]
+        probe = fit_logistic(x[:, cols].double(), y.double(), balanced=True)
+        weights = probe.weight[0].tolist()
+        order = sorted(range(len(cols)), key=lambda i: -abs(weights[i]))
+        out[k] = [cols[i] for i in order], [float(weights[i]) for i in order], float(probe.bias[0])
+    return out
 
 
 def activation_scales(values: np.ndarray) -> np.ndarray:
@@ -229,8 +258,7 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
             scales = activation_scales(values)
             families.append(("weighted", values / scales, scales))
         for kind, table, scales in families:
-            for k in ks:
-                cols, weights, bias = sparse_logistic(table, labels, k)
+            for k, (cols, weights, bias) in sorted(sparse_logistic(table, labels, ks).items()):
                 rules.append(Rule(f"{kind}{chosen}-k{k}", kind, k, tuple(feature(chosen, int(candidates[c])) for c in cols),
                                   tuple(weights), bias, () if scales is None else tuple(float(scales[c]) for c in cols)))
     if multi_layer and len(deltas) > 1:  # on one layer a multi-layer rule is the one-feature rule again, under a K it lacks
