@@ -140,7 +140,10 @@ def main() -> None:
     val.add_argument("--held", action="store_true", help="mine on all the mining texts and score the held-out sets")
     val.add_argument("--json", required=True)
     args = ap.parse_args()
-    encode(args) if args.command == "encode" else cv(args)
+    if args.command == "encode":
+        encode(args)
+    else:
+        cv(args)
 
 
 if __name__ == "__main__":
