@@ -240,10 +240,12 @@ def run_saelens(args, lm, model_dir, layers, expansion, k, train_batches, out: P
 
 
 def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int = 4) -> dict:
-    """Where a saescope step's time goes: `steps` steps of a fresh run under torch.profiler (after 2 unprofiled ones of
-    another, which warm the process), each part of the trainer's step (trainer.STEP_PARTS, its profiler scopes) summed
-    over layers, in ms per step and as a share of the step's wall time; what no scope covers is "other". Also prints
-    the top operators."""
+    """Where a saescope step's time goes: `steps` steps of a run under torch.profiler (after 2 unprofiled ones of
+    another, which warm the process, and the run's own first activation-buffer window, whose first step sets up
+    Adam's state: zeroing both moments of every weight matrix cost ~570 ms per profiled step on a 2-core EPYC), whole
+    windows only, so that each LM forward profiled feeds profiled steps; each part of the trainer's step
+    (trainer.STEP_PARTS, its profiler scopes) summed over layers, in ms per step and as a share of the step's wall
+    time; what no scope covers is "other". Also prints the top operators."""
     def trainer(name: str) -> Trainer:
         out = Trainer(saescope_config(args, layers, expansion, k, work / name, 10**9), lm=lm)
         out.save_checkpoint = lambda: out.out  # keep checkpoint I/O out of the profiled steps
@@ -253,12 +255,24 @@ def profile_parts(args, lm, layers, expansion, k, work: Path, device, steps: int
     warm.fit(stop_after_steps=2)  # the process warm (allocator, kernels) before the profiled run
     del warm  # 30 layers of 16x SAEs with their Adam state are ~5 GB: one run held at a time
     profiled = trainer("profile")
+    cfg = profiled.cfg
+    window = buffer_steps(cfg.activation_buffer, cfg.ctx_len * cfg.batch_size)
+    steps = window * math.ceil(steps / window)
     acts_list = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=acts_list) as prof:
-        profiled.fit(stop_after_steps=steps)
-    # the steps' wall time from the run's own log: the run's end (its summary, e.g. each layer's decoder cosine to
-    # its init, which regenerates the init) is profiled too but is not a step
-    wall = json.loads(profiled.run.train_log.read_text().splitlines()[-1])["elapsed_s"]
+    # One run, whose first window is left out by the profiler's schedule (a second `fit` on the same folder is refused
+    # by the run lock): the schedule steps once per trained step.
+    with torch.profiler.profile(activities=acts_list, schedule=torch.profiler.schedule(wait=window, warmup=0, active=steps)) as prof:
+        train_step = profiled._train_step
+
+        def step_and_tick(xs):
+            train_step(xs)
+            prof.step()
+
+        profiled._train_step = step_and_tick
+        profiled.fit(stop_after_steps=window + steps)
+    # the profiled steps' wall time from the run's own log (one record per step)
+    at = {r["step"]: r["elapsed_s"] for r in map(json.loads, profiled.run.train_log.read_text().splitlines())}
+    wall = at[window + steps] - at[window]
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     totals = {e.key.removeprefix("saescope."): e.cpu_time_total / 1e3 / steps for e in prof.key_averages()
