@@ -172,6 +172,10 @@ def test_one_l1_path_gives_every_k_what_its_own_bisection_gives():
         assert cols == path[k][0]
         np.testing.assert_allclose(weights, path[k][1], rtol=1e-6)
         assert bias == pytest.approx(path[k][2], rel=1e-6, abs=1e-9)
+    # columns that are the same on both classes (zeros; ones, balanced) leave the path nothing: a clear error
+    for table in (np.zeros((600, 3)), np.ones((600, 3))):
+        with pytest.raises(SaescopeError, match="no column of the table differs between the classes"):
+            sparse_logistic(table, np.tile([0, 1], 300), (1, 2))
 
 
 def _and_table(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -175,6 +175,8 @@ def sparse_logistic(table: np.ndarray, labels: np.ndarray, ks: Sequence[int]) ->
     design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1) * sw.sqrt()[:, None]
     lipschitz = 0.25 * float(torch.linalg.matrix_norm(design, ord=2)) ** 2 / n
     lam_max = float((x.T @ (sw * (0.5 - y) / n)).abs().max())  # at w = 0 (balanced: bias 0) nothing moves above it
+    if lam_max <= 1e-12:  # the path below is in log penalty: none above 0 would leave a weight
+        raise SaescopeError("no column of the table differs between the classes: nothing for a sparse rule to weigh")
     # log penalty -> (weights, bias); at lam_max the solution is 0 (balanced classes: bias 0)
     solved: dict[float, tuple[torch.Tensor, torch.Tensor]] = {
         math.log(lam_max): (torch.zeros(x.shape[1], dtype=x.dtype), torch.zeros((), dtype=x.dtype))}
