@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 # rate (256 steps of 2 x 256 tokens); then the per-layer eval on 1k held-out tokens beside a random-direction
 # control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
 # checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
-# English contrast and one inspected text; toxicity rules (OR, sparse, activation-weighted) mined on 2,000 + 2,000 real English
+# English contrast and one inspected text; toxicity rules (OR, sparse, weighted by max or mean activation) mined on 2,000 + 2,000 real English
 # tweets (OLID's train split) at layers 5, 10 and 15 (the LM stops at the last layer read: 25 cost the toxicity steps 10
 # more of the 30 blocks, and `make demo` 20 minutes on a CPU without AMX), scored on OLID's own test split, on HASOC 2019's (tweets the
 # rules never saw) and on HateCheck (per functionality) beside the control and the baselines, then applied to 500

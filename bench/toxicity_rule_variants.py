@@ -30,7 +30,7 @@ VARIANTS = {  # name: (pooled statistic, candidate ranking, number of candidates
     "max-fire-256": ("max", "fire", 256),  # what `toxicity mine` writes as weightedN-kK
     "max-smd-256": ("max", "smd", 256),
     "max-fire-1024": ("max", "fire", 1024),
-    "mean-fire-256": ("mean", "fire", 256),
+    "mean-fire-256": ("mean", "fire", 256),  # what `toxicity mine` writes as meanN-kK
     "both-fire-512": ("both", "fire", 512),
 }
 
@@ -53,14 +53,14 @@ def encode(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         for name, ds in sets.items():
             arrays[f"{name}/labels"] = ds.labels.astype(np.int8)
-            for pool in ("max", "mean"):
-                dense = {w: np.zeros((len(ds), saes[args.layer].cfg.d_sae), dtype=np.float16) for w in ("sae", "control")}
-                for idx, got in scope.iter_pooled(ds.texts, layers=[args.layer], pool=pool, skip_first_token=True,
-                                                  sae_sets={"sae": saes, "control": control}, batch_size=32,
-                                                  max_length=256, desc=f"{name} {pool}"):
-                    for w in dense:
-                        dense[w][np.asarray(idx)] = got[w][args.layer].float().cpu().numpy()
-                arrays.update({f"{name}/{w}/{pool}": a for w, a in dense.items()})
+            dense = {(w, pool): np.zeros((len(ds), saes[args.layer].cfg.d_sae), dtype=np.float16)
+                     for w in ("sae", "control") for pool in ("max", "mean")}
+            for idx, got in scope.iter_pooled(ds.texts, layers=[args.layer], pool="max+mean", skip_first_token=True,
+                                              sae_sets={"sae": saes, "control": control}, batch_size=32,
+                                              max_length=256, desc=name):
+                for (w, pool), table in dense.items():  # one encoding, both statistics
+                    table[np.asarray(idx)] = got[w][args.layer][("max", "mean").index(pool)].float().cpu().numpy()
+            arrays.update({f"{name}/{w}/{pool}": a for (w, pool), a in dense.items()})
     np.savez(args.out, **arrays)
 
 

@@ -35,20 +35,26 @@ def test_pooled_max_mean_and_last(scope, real_texts):
     mx_skip = scope.pooled(texts, layer=2, pool="max", batch_size=4, skip_first_token=True)
     mean_skip = scope.pooled(texts, layer=2, pool="mean", batch_size=4, skip_first_token=True)
     last = scope.pooled(texts, layer=2, pool="last", batch_size=4)
-    residual = {}
+    residual, both = {}, {}
     for idx, got in scope.iter_pooled(texts, layers=[2], pool="mean", batch_size=4, with_residual=True, progress=False):
         residual.update(zip(idx, got["residual"][2]))
+    for idx, got in scope.iter_pooled(texts, layers=[2], pool="max+mean", batch_size=4, skip_first_token=True,
+                                      progress=False):
+        both.update(zip(idx, got["sae"][2].unbind(1)))  # (2, batch, d_sae): max, then mean, of one encoding
     codes = scope.encode(texts, layers=[2])
     for i, tc in enumerate(codes):
         dense = tc.layers[2].dense(128)
         assert torch.allclose(mx[i], dense.max(0).values, atol=1e-5) and torch.allclose(last[i], dense[-1], atol=1e-5)
         assert torch.allclose(mx_skip[i], dense[1:].max(0).values, atol=1e-5)
         assert torch.allclose(mean_skip[i], dense[1:].mean(0), atol=1e-5)
+        assert torch.equal(both[i][0], mx_skip[i]) and torch.equal(both[i][1], mean_skip[i])
         ids = scope.lm.tokenizer(texts[i], return_tensors="pt").input_ids
         hidden = capture(scope.lm.model, ids, [2])[2][0]  # layer 2's output (the last layer: hidden_states is normed)
         assert torch.allclose(residual[i], hidden.mean(0), atol=1e-4)  # padding changes nothing
     with pytest.raises(SaescopeError, match="pooling"):
         scope.pooled(texts, layer=2, pool="median")
+    with pytest.raises(SaescopeError, match="pooling of the residual"):
+        next(scope.iter_pooled(texts, layers=[2], pool="max+mean", with_residual=True, progress=False))
     with pytest.raises(SaescopeError, match="text 1 .* is empty"):
         scope.pooled([texts[0], ""], layer=2, pool="last")
 

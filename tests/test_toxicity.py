@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
-from saescope.api.hits import FeatureHits, MaxActivations, encode_labelled, scores
+from saescope.api.hits import FeatureHits, TextActivations, encode_labelled, scores
 from saescope.api.rules import RuleSet, make_ruleset, mine_rules, sparse_logistic
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
@@ -23,18 +23,20 @@ from saescope.core.errors import SaescopeError
 from saescope.core.models import load_model, token_strings
 
 
-def max_activations(table: np.ndarray, seed: int = 0) -> MaxActivations:
-    """The compressed rows of a dense (texts, features) table of max activations, from its entries shuffled."""
+def text_activations(table: np.ndarray, seed: int = 0, means: np.ndarray | None = None) -> TextActivations:
+    """The compressed rows of a dense (texts, features) table of max activations (and of mean ones, where given),
+    from its entries shuffled."""
     r, f = np.nonzero(table > 0)
     order = np.random.default_rng(seed).permutation(len(r))
-    return MaxActivations.from_entries(r[order], f[order], table[r, f][order], table.shape[0], table.shape[1])
+    return TextActivations.from_entries(r[order], f[order], table[r, f][order], table.shape[0], table.shape[1],
+                                        None if means is None else means[r, f][order])
 
 
-def hits_of(tables: dict[int, np.ndarray]) -> FeatureHits:
-    """Hits of boolean tables; a float table gives its activations too (fires where > 0)."""
+def hits_of(tables: dict[int, np.ndarray], means: dict[int, np.ndarray] | None = None) -> FeatureHits:
+    """Hits of boolean tables; a float table gives its max activations too (fires where > 0), `means` their means."""
     return FeatureHits({n: np.packbits(t > 0, axis=1) for n, t in tables.items()},
                        {n: t.shape[1] for n, t in tables.items()}, next(iter(tables.values())).shape[0],
-                       {n: max_activations(t) for n, t in tables.items() if t.dtype.kind == "f"})
+                       {n: text_activations(t, means=(means or {}).get(n)) for n, t in tables.items() if t.dtype.kind == "f"})
 
 
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0])
@@ -120,15 +122,19 @@ def test_mining_refuses_what_it_cannot_do():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 20), st.integers(0, 10_000), st.floats(0.0, 0.9))
-def test_max_activations_hold_the_dense_table(n, d, seed, density):
+def test_text_activations_hold_the_dense_tables(n, d, seed, density):
     rng = np.random.default_rng(seed)
     table = np.where(rng.random((n, d)) < density, rng.random((n, d)).astype(np.float32) + 0.01, 0).astype(np.float32)
-    acts = max_activations(table, seed)
-    assert np.array_equal(acts.columns(range(d)), table)
+    means = (table * rng.uniform(0.1, 1.0, (n, d))).astype(np.float32)  # a mean is at most the max, > 0 where it fires
+    acts = text_activations(table, seed, means)
+    assert np.array_equal(acts.columns(range(d)), table) and np.array_equal(acts.columns(range(d), "mean"), means)
     cols = rng.integers(0, d, 5)  # any order, repeats allowed
-    assert np.array_equal(acts.columns(cols), table[:, cols])
+    assert np.array_equal(acts.columns(cols), table[:, cols]) and np.array_equal(acts.columns(cols, "mean"), means[:, cols])
     mask = rng.random(n) < 0.5
     assert np.array_equal(acts.rows(mask).columns(range(d)), table[mask])
+    assert np.array_equal(acts.rows(mask).columns(range(d), "mean"), means[mask])
+    with pytest.raises(SaescopeError, match="no means"):
+        text_activations(table, seed).columns(range(d), "mean")
 
 
 def test_a_weighted_rule_reads_strength_where_firing_anywhere_says_nothing():
@@ -154,6 +160,31 @@ def test_a_weighted_rule_reads_strength_where_firing_anywhere_says_nothing():
     assert weighted.decide({(4, 2): 1.0}) == (False, pytest.approx(b + w / 3))
     assert not hits_of({4: table > 0}).activations and "weighted4-k1" not in {
         r.name for r in mine_rules(hits_of({4: table > 0}), labels, (1,))[0]}  # no activations, no weighted rules
+    assert "mean4-k1" not in by  # max activations without their means: no mean rules
+
+
+def test_a_mean_rule_reads_how_much_of_the_text_a_feature_covers():
+    """Feature 2 fires on every text with the same max activation (2.0: neither an OR, a sparse nor a weighted rule
+    can use it), on most tokens of the positives (mean 1.5) and on one token of the negatives (mean 0.2); feature 1
+    fires on two positives only (the layer's best delta)."""
+    labels = np.array([1, 0] * 20)
+    table = np.zeros((40, 4), dtype=np.float32)
+    table[:, 2] = 2.0
+    table[[0, 2], 1] = 1.0
+    means = np.zeros_like(table)
+    means[:, 2] = np.where(labels == 1, 1.5, 0.2)
+    means[[0, 2], 1] = 0.5
+    hits = hits_of({4: table}, {4: means})
+    rules, choice = mine_rules(hits, labels, (1,), multi_layer=False)
+    by = {r.name: r for r in rules}
+    mean = by["mean4-k1"]
+    assert (mean.kind, mean.statistic, [f.feature for f in mean.features]) == ("mean", "mean", [2])
+    assert mean.scales == (pytest.approx(1.5),)  # the 99th percentile of 20 x 0.2 and 20 x 1.5
+    assert np.array_equal(mean.predict(hits), labels.astype(bool)) and choice["mining_balanced_accuracy"]["mean4-k1"] == 1.0
+    assert choice["mining_balanced_accuracy"]["weighted4-k1"] < 0.6  # the max alone sees feature 1's two texts at most
+    w, b = mean.weights[0], mean.bias
+    assert mean.decide({(4, 2): 1.5}) == (True, pytest.approx(b + w * 1.5 / mean.scales[0]))
+    assert not mean.decide({(4, 2): 0.2})[0]
 
 
 def test_one_l1_path_gives_every_k_what_its_own_bisection_gives():
@@ -212,7 +243,7 @@ def test_sparse_rules_round_trip_and_bad_weights_are_refused(tmp_path):
     back = RuleSet.load(tmp_path / "rules.json")
     assert back.rule("sparse4-k2") == rules.rule("sparse4-k2") and back.default == "sparse4-k2"
     obj = json.loads((tmp_path / "rules.json").read_text())
-    assert obj["version"] == 4
+    assert obj["version"] == 5
     for bad in ([1.0], [float("nan"), 1.0], ["x", 1.0]):
         broken = json.loads((tmp_path / "rules.json").read_text())
         next(r for r in broken["rules"] if r["kind"] == "sparse")["weights"] = bad
@@ -228,24 +259,35 @@ def test_weighted_rules_round_trip_and_bad_scales_are_refused(tmp_path):
     strength = table * np.random.default_rng(1).uniform(0.5, 4.0, table.shape).astype(np.float32)
     data = LabelledSet("and", [f"t{i}" for i in range(len(labels))], labels, [f"g{i}" for i in range(len(labels))],
                        [""] * len(labels))
-    rules = make_ruleset(hits_of({4: strength}), data, random_saes(8, [4], d_sae=8, k=2), model="m", sae="mem", ks=(2,))
+    hits = hits_of({4: strength}, {4: strength * 0.3})
+    rules = make_ruleset(hits, data, random_saes(8, [4], d_sae=8, k=2), model="m", sae="mem", ks=(2,))
     rules.save(tmp_path / "rules.json")
     back = RuleSet.load(tmp_path / "rules.json")
-    assert back.rule("weighted4-k2") == rules.rule("weighted4-k2") and len(back.rule("weighted4-k2").scales) == 2
-    for bad in ([1.0], [0.0, 1.0], [-1.0, 1.0], [float("inf"), 1.0], None):
-        broken = json.loads((tmp_path / "rules.json").read_text())
-        rule = next(r for r in broken["rules"] if r["kind"] == "weighted")
-        if bad is None:
-            del rule["scales"]
-        else:
-            rule["scales"] = bad
-        (tmp_path / "bad.json").write_text(json.dumps(broken))
-        with pytest.raises(SaescopeError, match="weighted rule needs one finite positive scale per feature|scales"):
-            RuleSet.load(tmp_path / "bad.json")
+    for name in ("weighted4-k2", "mean4-k2"):
+        assert back.rule(name) == rules.rule(name) and len(back.rule(name).scales) == 2
+        assert np.array_equal(back.rule(name).predict(hits), rules.rule(name).predict(hits))
+    for kind in ("weighted", "mean"):
+        for bad in ([1.0], [0.0, 1.0], [-1.0, 1.0], [float("inf"), 1.0], None):
+            broken = json.loads((tmp_path / "rules.json").read_text())
+            rule = next(r for r in broken["rules"] if r["kind"] == kind)
+            if bad is None:
+                del rule["scales"]
+            else:
+                rule["scales"] = bad
+            (tmp_path / "bad.json").write_text(json.dumps(broken))
+            with pytest.raises(SaescopeError, match=f"{kind} rule needs one finite positive scale per feature|scales"):
+                RuleSet.load(tmp_path / "bad.json")
+    # a version 4 file (before mean rules) still loads as it was written
+    v4 = json.loads((tmp_path / "rules.json").read_text())
+    v4["version"] = 4
+    v4["rules"] = [r for r in v4["rules"] if r["kind"] != "mean"]
+    v4["default"] = v4["rules"][0]["name"]
+    (tmp_path / "v4.json").write_text(json.dumps(v4))
+    assert {r.kind for r in RuleSet.load(tmp_path / "v4.json").rules} == {"layer", "sparse", "weighted"}
     # a version 3 file (before weighted rules) still loads as it was written
     old = json.loads((tmp_path / "rules.json").read_text())
     old["version"] = 3
-    old["rules"] = [r for r in old["rules"] if r["kind"] != "weighted"]
+    old["rules"] = [r for r in old["rules"] if r["kind"] not in ("weighted", "mean")]
     old["default"] = old["rules"][0]["name"]
     (tmp_path / "v3.json").write_text(json.dumps(old))
     assert {r.kind for r in RuleSet.load(tmp_path / "v3.json").rules} == {"layer", "sparse"}
@@ -351,7 +393,7 @@ def test_fast_classifier_equals_full_encoder(tiny_qwen3, hate_sample):
     scope = Scope(load_model(str(tiny_qwen3)), random_saes(64, [0, 2], model=str(tiny_qwen3)))
     enc = encode_labelled(scope, hate_sample, activations=True, progress=False)
     rules = make_ruleset(enc.hits["sae"], hate_sample, scope.saes, model=scope.lm.name, sae="mem", ks=(1, 2, 5))
-    assert {r.kind for r in rules.rules} == {"layer", "multi", "sparse", "weighted"}
+    assert {r.kind for r in rules.rules} == {"layer", "multi", "sparse", "weighted", "mean"}
     for rule in rules.rules:
         clf = RuleClassifier(scope, rules, rule.name)
         decisions = list(clf.decisions(hate_sample.texts, batch_size=7, progress=False))
@@ -443,8 +485,9 @@ def test_mine_classify_eval_through_the_library(tox_env):
     assert [r["decision"] == "positive" for r in lines] == classified.predictions
     rule = mined.rules.rule(None)
     for r in lines:  # each decision is the rule's on the features the record names (with weights: with its score)
-        strongest = {(f["layer"], f["feature"]): max(t["activation"] for t in f["tokens"]) for f in r["fired"]}
-        weighs = rule.kind in ("sparse", "weighted")
+        strongest = {(f["layer"], f["feature"]): f.get("mean_activation", max(t["activation"] for t in f["tokens"]))
+                     for f in r["fired"]}
+        weighs = rule.kind in ("sparse", "weighted", "mean")
         assert ("score" in r) == weighs and all(("weight" in f) == weighs for f in r["fired"])
         if weighs:  # the score is the bias plus what each named feature adds
             assert r["score"] == pytest.approx(rule.decide(strongest)[1], abs=1e-3) and (r["score"] > 0) == (r["decision"] == "positive")
@@ -541,7 +584,7 @@ def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen
     mined = run_mine(MineConfig(sae=str(sae_dir), data="en_olid", per_class=30, rule_k=[1, 2], out=str(tmp_path / "r.json")))
     assert mined.side.counts() == (30, 30) and set(mined.side.splits) == {"train"}
     kinds = {r.kind for r in mined.rules.rules}
-    assert kinds == {"layer", "multi", "sparse", "weighted"} and mined.rules.mining["per_class"] == 30
+    assert kinds == {"layer", "multi", "sparse", "weighted", "mean"} and mined.rules.mining["per_class"] == 30
     with pytest.warns(UserWarning, match="label different things as positive"):
         ev = run_rules_eval(RulesEvalConfig(rules=str(tmp_path / "r.json"), also=["es_hateval2019"], fractions=[1.0],
                                             draws=1, transfer=["de_germeval2018", "en_olid"]))
@@ -562,6 +605,19 @@ def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen
         for f in r["fired"]:
             assert f["max_activation"] == max(t["activation"] for t in f["tokens"])
             assert f["contribution"] == pytest.approx(f["weight"] * f["max_activation"] / f["scale"], rel=1e-3, abs=1e-4)
+    mean = mined.rules.rule(next(r.name for r in mined.rules.rules if r.kind == "mean"))
+    run_classify(ClassifyConfig(rules=str(tmp_path / "r.json"), texts="fr_ftr_racism", limit=12, rule=mean.name,
+                                audit=str(tmp_path / "mean.jsonl")))
+    records = [json.loads(x) for x in (tmp_path / "mean.jsonl").read_text().splitlines()]
+    assert all((r["score"] > 0) == (r["decision"] == "positive") for r in records)
+    assert any(r["fired"] for r in records)
+    for r in records:  # a mean audit: each feature's activations summed over its tokens, over the text's kept tokens
+        assert r["score"] == pytest.approx(mean.bias + sum(f["contribution"] for f in r["fired"]), abs=1e-4)
+        for f in r["fired"]:
+            assert 0 < len(f["tokens"]) <= f["kept_tokens"] and "max_activation" not in f
+            assert f["mean_activation"] == pytest.approx(sum(t["activation"] for t in f["tokens"]) / f["kept_tokens"],
+                                                         abs=1e-3)
+            assert f["contribution"] == pytest.approx(f["weight"] * f["mean_activation"] / f["scale"], rel=1e-3, abs=1e-4)
 
 
 def test_natural_bad_input_is_one_line(tiny_qwen3, tmp_path):

@@ -6,8 +6,8 @@ labels: what rule mining (toxicity), coverage and selection (synthesis) all read
 `FeatureHits` holds, per layer, which features fire on which texts as packed bits (a text x feature table of a
 30-layer, 4,608-latent SAE set is 64 MB per 3,700 texts instead of 2 GB of floats), so that mining on subsets,
 the mining-fraction curve and the transfer matrix re-use one LM pass per text. On request it also holds how strongly
-they fire (`MaxActivations`: each text's firing features and their max activation, in compressed rows), what a rule
-that weighs activations reads.
+they fire (`TextActivations`: each text's firing features with their max and mean activation over its tokens, in
+compressed rows), what a rule that weighs activations reads.
 """
 
 from __future__ import annotations
@@ -23,56 +23,69 @@ from saescope.core.data.labelled import LabelledSet
 from saescope.core.errors import SaescopeError
 from saescope.core.sae import SAE
 
+STATISTICS = ("max", "mean")  # of a feature's activations over a text's kept tokens, what a weighted rule reads
+
 
 @dataclass
-class MaxActivations:
-    """Per text, the features that fire on it and their max activation over its tokens, as compressed rows: text i's
-    features are features[indptr[i]:indptr[i + 1]], with their activations in `values` (float32: a bf16 or fp32
+class TextActivations:
+    """Per text, the features that fire on it and how strongly, as compressed rows: text i's features are
+    features[indptr[i]:indptr[i + 1]], with their max activation over its tokens in `values` and, when encoded with
+    them, their mean over its kept tokens (0 where the feature does not fire) in `means` (float32: a bf16 or fp32
     activation is held exactly, so a rule decides here as it does on one text)."""
 
     indptr: np.ndarray  # (n + 1,) int64
     features: np.ndarray  # (entries,) int32
-    values: np.ndarray  # (entries,) float32
+    values: np.ndarray  # (entries,) float32: max activations
     d_sae: int
+    means: np.ndarray | None = None  # (entries,) float32: mean activations over the text's kept tokens
 
     @classmethod
-    def from_entries(cls, rows: np.ndarray, features: np.ndarray, values: np.ndarray, n: int, d_sae: int) -> MaxActivations:
-        """From (text, feature, activation) entries in any order, one per firing (text, feature)."""
+    def from_entries(cls, rows: np.ndarray, features: np.ndarray, values: np.ndarray, n: int, d_sae: int,
+                     means: np.ndarray | None = None) -> TextActivations:
+        """From (text, feature, max activation[, mean activation]) entries in any order, one per firing (text, feature)."""
         order = np.argsort(rows, kind="stable")  # rows in text order; within a text, the order given
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-        return cls(indptr, features[order].astype(np.int32), values[order].astype(np.float32), d_sae)
+        return cls(indptr, features[order].astype(np.int32), values[order].astype(np.float32), d_sae,
+                   None if means is None else means[order].astype(np.float32))
 
     def _entry_rows(self) -> np.ndarray:
         return np.repeat(np.arange(len(self.indptr) - 1), np.diff(self.indptr))
 
-    def rows(self, mask: np.ndarray) -> MaxActivations:
+    def rows(self, mask: np.ndarray) -> TextActivations:
         keep = mask[self._entry_rows()]
         indptr = np.zeros(int(np.count_nonzero(mask)) + 1, dtype=np.int64)
         np.cumsum(np.diff(self.indptr)[mask], out=indptr[1:])
-        return MaxActivations(indptr, self.features[keep], self.values[keep], self.d_sae)
+        return TextActivations(indptr, self.features[keep], self.values[keep], self.d_sae,
+                               None if self.means is None else self.means[keep])
 
-    def columns(self, features: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(n_texts, len(features)) float64: each feature's max activation on each text, 0 where it does not fire."""
+    def columns(self, features: Sequence[int] | np.ndarray, statistic: str = "max") -> np.ndarray:
+        """(n_texts, len(features)) float64: each feature's max (or mean) activation on each text, 0 where it does not
+        fire."""
+        if statistic not in STATISTICS:
+            raise SaescopeError(f"unknown statistic {statistic!r}; use {' or '.join(STATISTICS)}")
+        if statistic == "mean" and self.means is None:
+            raise SaescopeError("these activations hold no means: encode with activations=True")
+        source = self.values if statistic == "max" else self.means
         wanted, inverse = np.unique(np.asarray(features, dtype=np.int64), return_inverse=True)
         position = np.full(self.d_sae, -1, dtype=np.int64)
         position[wanted] = np.arange(len(wanted))
         at = position[self.features]
         on = at >= 0
         out = np.zeros((len(self.indptr) - 1, len(wanted)))
-        out[self._entry_rows()[on], at[on]] = self.values[on]
+        out[self._entry_rows()[on], at[on]] = source[on]
         return out[:, inverse.reshape(-1)]
 
 
 @dataclass
 class FeatureHits:
     """Per layer, (n_texts, ceil(d_sae / 8)) packed bits: whether each feature fires on each text; and, when encoded
-    with activations, how strongly (`activations`, per layer)."""
+    with activations, how strongly (`activations`, per layer: max and mean over the text's tokens)."""
 
     packed: dict[int, np.ndarray]
     d_sae: dict[int, int]
     n: int
-    activations: dict[int, MaxActivations] = field(default_factory=dict)
+    activations: dict[int, TextActivations] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -86,12 +99,12 @@ class FeatureHits:
         """(n_texts,) bool: the texts feature `feature` of layer n fires on."""
         return ((self.packed[n][:, feature >> 3] >> (7 - (feature & 7))) & 1).astype(bool)
 
-    def activation(self, n: int, feature: int) -> np.ndarray:
-        """(n_texts,) float64: the max activation of feature `feature` of layer n on each text (0 where it does not
-        fire)."""
+    def activation(self, n: int, feature: int, statistic: str = "max") -> np.ndarray:
+        """(n_texts,) float64: the max (or mean) activation of feature `feature` of layer n on each text (0 where it
+        does not fire)."""
         if n not in self.activations:
             raise SaescopeError(f"these hits hold no activations for layer {n}: encode with activations=True")
-        return self.activations[n].columns([feature])[:, 0]
+        return self.activations[n].columns([feature], statistic)[:, 0]
 
     def rows(self, mask: np.ndarray) -> FeatureHits:
         return FeatureHits({n: p[mask] for n, p in self.packed.items()}, dict(self.d_sae), int(np.count_nonzero(mask)),
@@ -118,7 +131,7 @@ def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | 
                     activations: bool = False, batch_size: int = 32, max_length: int = 256,
                     progress: bool = True) -> EncodedSet:
     """Feature hits (max over each text's tokens, the first left out, > threshold) of the SAEs and of `control`,
-    with `activations` their max activations too, and the mean-pooled residual, from one LM pass per batch."""
+    with `activations` their max and mean activations too, and the mean-pooled residual, from one LM pass per batch."""
     layers = scope.check_layers(list(layers) if layers else None)
     sets = {"sae": {n: scope.saes[n] for n in layers}}
     if control is not None:
@@ -127,23 +140,26 @@ def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | 
     packed = {name: {n: np.zeros((n_texts, (s[n].cfg.d_sae + 7) // 8), dtype=np.uint8) for n in layers}
               for name, s in sets.items()}
     res = {n: torch.zeros(n_texts, scope.lm.d_model, dtype=torch.float16) for n in layers} if residual else {}
-    # (texts, features, activations) of the firing pairs, per SAE set and layer, gathered batch by batch
-    entries: dict[str, dict[int, tuple[list, list, list]]] = (
-        {name: {n: ([], [], []) for n in layers} for name in sets} if activations else {})
-    for idx, got in scope.iter_pooled(data.texts, layers=layers, pool="max", residual_pool="mean", skip_first_token=True,
-                                      sae_sets=sets, with_residual=residual, batch_size=batch_size, max_length=max_length,
-                                      progress=progress, desc=f"encode {data.name}"):
+    # (texts, features, max activations, mean activations) of the firing pairs, per SAE set and layer, gathered batch
+    # by batch
+    entries: dict[str, dict[int, tuple[list, list, list, list]]] = (
+        {name: {n: ([], [], [], []) for n in layers} for name in sets} if activations else {})
+    for idx, got in scope.iter_pooled(data.texts, layers=layers, pool="max+mean" if activations else "max",
+                                      residual_pool="mean", skip_first_token=True, sae_sets=sets, with_residual=residual,
+                                      batch_size=batch_size, max_length=max_length, progress=progress,
+                                      desc=f"encode {data.name}"):
         rows = np.asarray(idx)
         for name in sets:
             for n in layers:
-                pooled = got[name][n]
+                pooled, means = got[name][n] if activations else (got[name][n], None)
                 fires = (pooled > threshold).cpu().numpy()
                 packed[name][n][rows] = np.packbits(fires, axis=1)
-                if activations:  # only the firing pairs leave the device, as float32 (int32 indices: 12 bytes a pair)
+                if activations:  # only the firing pairs leave the device, as float32 (int32 indices: 16 bytes a pair)
                     r, f = np.nonzero(fires)
-                    values = pooled[torch.as_tensor(r, device=pooled.device), torch.as_tensor(f, device=pooled.device)]
+                    at = torch.as_tensor(r, device=pooled.device), torch.as_tensor(f, device=pooled.device)
                     for part, got_part in zip(entries[name][n], (rows[r].astype(np.int32), f.astype(np.int32),
-                                                                 values.float().cpu().numpy()), strict=True):
+                                                                 pooled[at].float().cpu().numpy(),
+                                                                 means[at].float().cpu().numpy()), strict=True):
                         part.append(got_part)
         for n in res:
             res[n][torch.as_tensor(idx)] = got["residual"][n].cpu().half()
@@ -154,11 +170,11 @@ def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | 
     return EncodedSet(data, hits, res)
 
 
-def _gathered(parts: tuple[list, list, list], n_texts: int, d_sae: int) -> MaxActivations:
-    """MaxActivations from the (texts, features, activations) arrays gathered batch by batch."""
-    rows, features, values = (np.concatenate(p) if p else np.zeros(0, dtype=dtype)
-                              for p, dtype in zip(parts, (np.int32, np.int32, np.float32), strict=True))
-    return MaxActivations.from_entries(rows, features, values, n_texts, d_sae)
+def _gathered(parts: tuple[list, list, list, list], n_texts: int, d_sae: int) -> TextActivations:
+    """TextActivations from the (texts, features, max and mean activations) arrays gathered batch by batch."""
+    rows, features, values, means = (np.concatenate(p) if p else np.zeros(0, dtype=dtype)
+                                     for p, dtype in zip(parts, (np.int32, np.int32, np.float32, np.float32), strict=True))
+    return TextActivations.from_entries(rows, features, values, n_texts, d_sae, means)
 
 
 def feature_deltas(hits: FeatureHits, labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

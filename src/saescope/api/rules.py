@@ -15,6 +15,11 @@
                       max activation on the mining texts that it fires on (so that weights compare across features, and
                       the L1 penalty treats them alike). On natural posts the strength carries what "fires anywhere"
                       loses: at 131k-262k training tokens most latents fire somewhere in most tweets
+    mean            = (saescope's addition) the weighted rule over each feature's mean activation over the text's tokens
+                      (the first left out; 0 on tokens where it does not fire) instead of its max, scale_f the 99th
+                      percentile of that mean on the mining texts it fires on: how much of the text the feature covers,
+                      not its one strongest token. Chosen by 3-fold CV on the mining tweets over five demo-scale seeds
+                      (bench/toxicity_rule_variants.py): above the max at K = 10 for every seed
 
 Every decision is auditable: the rule is a short list of (layer, feature) pairs, and a positive names the
 features that fired, on which tokens, with what activation (saescope.apps.toxicity.classify).
@@ -44,11 +49,12 @@ from saescope.core.schema import Field, InputError, check_record
 
 FORMAT = "saescope-toxicity-rules"
 # 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded. 3: sparse rules (weights, bias).
-# 4: weighted rules (weights, bias, scales)
-VERSION = 4
+# 4: weighted rules (weights, bias, scales). 5: mean rules (the same, over mean activations)
+VERSION = 5
 DEFAULT_KS = (1, 2, 5, 10)
-RULE_KINDS = ("layer", "multi", "sparse", "weighted")
-WEIGHTED_KINDS = ("sparse", "weighted")  # rules with a weight per feature and a bias
+RULE_KINDS = ("layer", "multi", "sparse", "weighted", "mean")
+WEIGHTED_KINDS = ("sparse", "weighted", "mean")  # rules with a weight per feature and a bias
+STATISTIC_OF = {"weighted": "max", "mean": "mean"}  # rules over activations: which statistic of them each reads
 SPARSE_CANDIDATES = 256  # the features of largest |delta| at the chosen layer that the L1 path chooses among
 
 
@@ -64,8 +70,8 @@ class RuleFeature:
 @dataclass(frozen=True)
 class Rule:
     """kind "layer" (K features of one layer) or "multi" (one per layer): positive when any of `features` fires.
-    kind "sparse": positive when bias + the weights of the features that fire sum above 0. kind "weighted": positive
-    when bias + the sum of weight x max activation / scale over the features sits above 0."""
+    kind "sparse": positive when bias + the weights of the features that fire sum above 0. kind "weighted" ("mean"):
+    positive when bias + the sum of weight x max (mean) activation / scale over the features sits above 0."""
 
     name: str
     kind: str
@@ -73,17 +79,22 @@ class Rule:
     features: tuple[RuleFeature, ...]
     weights: tuple[float, ...] = ()  # sparse and weighted rules: one per feature
     bias: float = 0.0
-    scales: tuple[float, ...] = ()  # weighted rules: the activation each weight is per
+    scales: tuple[float, ...] = ()  # weighted and mean rules: the activation each weight is per
 
     @property
     def layers(self) -> list[int]:
         return sorted({f.layer for f in self.features})
 
+    @property
+    def statistic(self) -> str | None:
+        """What a rule over activations reads of each feature on a text: "max" or "mean" (None for the others)."""
+        return STATISTIC_OF.get(self.kind)
+
     def predict(self, hits: FeatureHits) -> np.ndarray:
         if self.kind in WEIGHTED_KINDS:
             score = np.full(hits.n, self.bias)
             for f, w, scale in zip(self.features, self.weights, self._scales(), strict=True):
-                score += w * (hits.activation(f.layer, f.feature) / scale if self.kind == "weighted"
+                score += w * (hits.activation(f.layer, f.feature, self.statistic) / scale if self.statistic
                               else hits.column(f.layer, f.feature))
             return score > 0
         out = np.zeros(hits.n, dtype=bool)
@@ -92,8 +103,8 @@ class Rule:
         return out
 
     def decide(self, fired: dict[tuple[int, int], float]) -> tuple[bool, float | None]:
-        """The decision on a text whose firing rule features (layer, feature) have max activations `fired`, and a
-        sparse or weighted rule's score."""
+        """The decision on a text whose firing rule features (layer, feature) have activations `fired` (the statistic
+        the rule reads: max or mean), and a sparse, weighted or mean rule's score."""
         if self.kind not in WEIGHTED_KINDS:
             return bool(fired), None
         score = self.bias
@@ -103,10 +114,10 @@ class Rule:
         return score > 0, score
 
     def contribution(self, layer: int, feature: int, activation: float) -> float:
-        """What a firing feature adds to a sparse or weighted rule's score: its weight; for a weighted rule, times its
-        max activation / its scale."""
+        """What a firing feature adds to a sparse, weighted or mean rule's score: its weight; for a weighted (mean)
+        rule, times its max (mean) activation / its scale."""
         w, scale = self.weight(layer, feature), self.scale(layer, feature)
-        return w * (activation / scale if self.kind == "weighted" else 1.0)
+        return w * (activation / scale if self.statistic else 1.0)
 
     def _scales(self) -> tuple[float, ...]:
         return self.scales or (1.0,) * len(self.weights)
@@ -116,7 +127,7 @@ class Rule:
         return self._of_feature(self.weights, layer, feature)
 
     def scale(self, layer: int, feature: int) -> float | None:
-        """The activation the feature's weight is per (weighted rules; None for the others)."""
+        """The activation the feature's weight is per (weighted and mean rules; None for the others)."""
         return self._of_feature(self.scales, layer, feature)
 
     def _of_feature(self, values: tuple[float, ...], layer: int, feature: int) -> float | None:
@@ -129,7 +140,7 @@ class Rule:
 def generic_name(name: str) -> str:
     """A rule's name without its layer (layer15-k5 -> layer-k5, weighted15-k5 -> weighted-k5; multi-k5 stays): rules mined
     on different data choose different layers, and curves and transfer compare them by kind and K."""
-    return re.sub(r"^(layer|sparse|weighted)\d+-", r"\1-", name)
+    return re.sub(r"^(layer|sparse|weighted|mean)\d+-", r"\1-", name)
 
 
 def _l1_logistic(x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float, lipschitz: float,
@@ -226,8 +237,8 @@ def activation_scales(values: np.ndarray) -> np.ndarray:
 def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *, multi_layer: bool = True,
                sparse: bool = True, origin: str = "mining data") -> tuple[list[Rule], dict]:
     """Rules for each K (one layer, chosen by top1-diff; and multi-layer), and what the choice saw: per layer the
-    best delta, the chosen layer, and each rule's F1 on the mining texts themselves. Weighted rules are mined when
-    the hits hold activations at the chosen layer (encode_labelled(activations=True))."""
+    best delta, the chosen layer, and each rule's F1 on the mining texts themselves. Weighted (and mean) rules are
+    mined when the hits hold activations (and their means) at the chosen layer (encode_labelled(activations=True))."""
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
         raise SaescopeError(f"K must be positive integers, got {ks}")
@@ -255,10 +266,12 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
         candidates = np.argsort(-np.abs(deltas[chosen][0]), kind="stable")[:SPARSE_CANDIDATES]
         # (kind, table, scales): the fires; with activations, the same candidates weighed by how strongly they fire
         families: list[tuple[str, np.ndarray, np.ndarray | None]] = [("sparse", hits.layer(chosen)[:, candidates], None)]
-        if chosen in hits.activations:
-            values = hits.activations[chosen].columns(candidates)
-            scales = activation_scales(values)
-            families.append(("weighted", values / scales, scales))
+        acts = hits.activations.get(chosen)
+        for kind, statistic in STATISTIC_OF.items():
+            if acts is not None and (statistic == "max" or acts.means is not None):
+                values = acts.columns(candidates, statistic)
+                scales = activation_scales(values)
+                families.append((kind, values / scales, scales))
         for kind, table, scales in families:
             for k, (cols, weights, bias) in sorted(sparse_logistic(table, labels, ks).items()):
                 rules.append(Rule(f"{kind}{chosen}-k{k}", kind, k, tuple(feature(chosen, int(candidates[c])) for c in cols),
@@ -338,7 +351,7 @@ class RuleSet:
                 "mining": self.mining, "choice": self.choice, "default": self.default,
                 "rules": [{"name": r.name, "kind": r.kind, "k": r.k, "features": [vars(f) for f in r.features],
                            **({"weights": list(r.weights), "bias": r.bias} if r.kind in WEIGHTED_KINDS else {}),
-                           **({"scales": list(r.scales)} if r.kind == "weighted" else {})}
+                           **({"scales": list(r.scales)} if r.statistic else {})}
                           for r in self.rules]}
 
     def save(self, path: str | Path) -> None:
@@ -373,7 +386,7 @@ class RuleSet:
         for i, r in enumerate(obj["rules"]):
             where = f"{origin}: rules[{i}]"
             kind = r.get("kind") if isinstance(r, dict) else None
-            weighs, scaled = kind in WEIGHTED_KINDS, kind == "weighted"
+            weighs, scaled = kind in WEIGHTED_KINDS, kind in STATISTIC_OF
             check_record(r, {"name": Field(str), "kind": Field(str, check=lambda v: None if v in RULE_KINDS
                                                                 else f"must be one of {', '.join(RULE_KINDS)}"),
                              "k": Field(int, min=1), "features": Field(list),
@@ -382,7 +395,7 @@ class RuleSet:
             if weighs and (not _finite_numbers(r["weights"], len(r["features"])) or not np.isfinite(r["bias"])):
                 raise InputError(f"{where}: a {kind} rule needs one finite weight per feature and a finite bias")
             if scaled and not (_finite_numbers(r["scales"], len(r["features"])) and all(v > 0 for v in r["scales"])):
-                raise InputError(f"{where}: a weighted rule needs one finite positive scale per feature")
+                raise InputError(f"{where}: a {kind} rule needs one finite positive scale per feature")
             feats = []
             for j, f in enumerate(r["features"]):
                 check_record(f, {"layer": Field(int, min=0), "feature": Field(int, min=0), "delta": Field(float),

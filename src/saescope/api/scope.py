@@ -207,7 +207,8 @@ class Scope:
                     with_residual: bool = False, residual_pool: str | None = None
                     ) -> Iterator[tuple[list[int], dict[str, dict[int, Tensor]]]]:
         """Per batch of texts: their positions in `texts` and, per SAE set and layer, (batch, d_sae) dense
-        activations pooled over each text's tokens: the last token's code, the max or the mean over tokens.
+        activations pooled over each text's tokens: the last token's code, the max or the mean over tokens; with
+        pool="max+mean", both from one encoding, stacked ((2, batch, d_sae): max first).
 
         sae_sets (default {"sae": self.saes}) lets one LM pass feed several SAE sets, e.g. the trained SAEs and
         their random control. with_residual adds the residual stream itself, pooled the same way (or as
@@ -217,9 +218,10 @@ class Scope:
         SAE cost does not grow with prompt length. skip_first_token leaves position 0 out of the max (on
         models without BOS it is the attention sink, whose huge norm gives codes unrelated to the text)."""
         residual_pool = residual_pool or pool
-        for how in (pool, residual_pool):
-            if how not in ("max", "last", "mean"):
-                raise SaescopeError(f"unknown pooling {how!r}; use max, mean or last")
+        if pool not in ("max", "last", "mean", "max+mean"):
+            raise SaescopeError(f"unknown pooling {pool!r}; use max, mean, max+mean or last")
+        if residual_pool not in ("max", "last", "mean"):
+            raise SaescopeError(f"unknown pooling of the residual {residual_pool!r}; use max, mean or last")
         if isinstance(texts, str):
             texts = [texts]
         layers = layers or self.layers
@@ -255,8 +257,9 @@ class Scope:
                     if pool == "last":
                         pooled[name][n] = sae.encode(acts[n][rows, n_tok - 1].float()).dense(sae.cfg.d_sae)
                         continue
-                    pooled[name][n] = _pool_code(sae.encode(acts[n][keep].float()), row_of_token, len(idx), sae.cfg.d_sae,
-                                                 pool, n_kept)
+                    code = sae.encode(acts[n][keep].float())
+                    got = [_pool_code(code, row_of_token, len(idx), sae.cfg.d_sae, how, n_kept) for how in pool.split("+")]
+                    pooled[name][n] = got[0] if len(got) == 1 else torch.stack(got)
             if with_residual:
                 pooled["residual"] = {n: acts[n][rows, n_tok - 1].float() if residual_pool == "last"
                                       else _pool(acts[n].float(), keep, residual_pool)
@@ -265,13 +268,14 @@ class Scope:
 
     def pooled(self, texts: Sequence[str], *, layer: int, pool: str = "max", skip_first_token: bool = False,
                **kw) -> Tensor:
-        """(n_texts, d_sae) feature activations per text: max over tokens, or the last token's."""
+        """(n_texts, d_sae) feature activations per text: max or mean over tokens, or the last token's (max+mean: both,
+        (2, n_texts, d_sae))."""
         out: Tensor | None = None
         for idx, per_layer in self.iter_pooled(texts, layers=[layer], pool=pool, skip_first_token=skip_first_token, **kw):
             rows = per_layer["sae"][layer]
             if out is None:
-                out = rows.new_zeros(1 if isinstance(texts, str) else len(texts), rows.shape[1])
-            out[torch.as_tensor(idx, device=out.device)] = rows
+                out = rows.new_zeros(*rows.shape[:-2], 1 if isinstance(texts, str) else len(texts), rows.shape[-1])
+            out[..., torch.as_tensor(idx, device=out.device), :] = rows
         assert out is not None
         return out
 

@@ -71,9 +71,13 @@ class RuleClassifier:
         keep = enc["attention_mask"].bool().clone()
         keep[:, 0] &= enc["attention_mask"].sum(1) <= 1  # the first token out, as in mining (unless it is the only one)
         where = keep.nonzero()  # (tokens, 2): text row, position
+        n_kept = keep.sum(1).tolist()
         self.tokens += len(where)
         fired: list[list[dict]] = [[] for _ in texts]
-        strongest: list[dict[tuple[int, int], float]] = [{} for _ in texts]  # per text: each firing feature's max activation
+        # per text: what the rule reads of each firing feature (its max activation; a mean rule: its mean over the kept
+        # tokens, as mining pooled it)
+        read: list[dict[tuple[int, int], float]] = [{} for _ in texts]
+        statistic = self.rule.statistic
         strings: dict[int, list[str]] = {}  # token strings of the texts that fired, made once each
         for n, feats in self.by_layer.items():
             sae = scope.saes[n]
@@ -93,9 +97,12 @@ class RuleClassifier:
                 if not len(on):
                     continue
                 per_text: dict[int, list[dict]] = {}
+                values: dict[int, list[float]] = {}
                 for (row, pos), value in zip(where[cand[on]].tolist(), act[on, j].tolist(), strict=True):
                     per_text.setdefault(row, []).append({"position": pos, "activation": round(value, 4)})
-                    strongest[row][(n, f.feature)] = max(value, strongest[row].get((n, f.feature), 0.0))
+                    values.setdefault(row, []).append(value)
+                for row, got in values.items():
+                    read[row][(n, f.feature)] = sum(got) / max(n_kept[row], 1) if statistic == "mean" else max(got)
                 for row, toks in per_text.items():
                     if row not in strings:
                         strings[row] = token_strings(scope.lm.tokenizer, ids[row])
@@ -105,17 +112,20 @@ class RuleClassifier:
                     weight, scale = self.rule.weight(n, f.feature), self.rule.scale(n, f.feature)
                     if weight is not None:
                         entry["weight"] = round(weight, 6)
-                    if scale is not None:  # a weighted rule: what the feature adds is weight x max activation / scale
-                        top = strongest[row][(n, f.feature)]
-                        entry.update(max_activation=round(top, 4), scale=round(scale, 4),
-                                     contribution=round(self.rule.contribution(n, f.feature, top), 6))
+                    if scale is not None:  # what the feature adds is weight x its max (mean) activation / scale
+                        value = read[row][(n, f.feature)]
+                        # a mean is often a hundredth of a max: two more digits keep weight x it / scale to 1e-4
+                        entry.update({f"{statistic}_activation": round(value, 4 if statistic == "max" else 6),
+                                      "scale": round(scale, 4 if statistic == "max" else 6),
+                                      "contribution": round(self.rule.contribution(n, f.feature, value), 6),
+                                      **({"kept_tokens": n_kept[row]} if statistic == "mean" else {})})
                     ev = self.evidence(n, f.feature)
                     if ev is not None:
                         entry["evidence"] = ev
                     fired[row].append(entry)
         out = []
         for i, t in enumerate(texts):  # indices set by the caller
-            positive, score = self.rule.decide(strongest[i])
+            positive, score = self.rule.decide(read[i])
             out.append(Decision(i, t, positive, fired[i], score))
         return out
 

@@ -67,8 +67,10 @@ def _decisions(audit: list[dict]) -> str:
                 extra = (f"<br><span class='note'>promotes {html.escape(', '.join(map(repr, ev['promoted'][:8])))}; "
                          f"top contexts: {html.escape(' | '.join(c[:80] for c in ev['contexts']))}</span>")
             weight = f" weight {f['weight']:+.3f}," if "weight" in f else ""
-            if "contribution" in f:  # a weighted rule: what this feature's strength adds to the score
-                weight += f" max activation {f['max_activation']:.2f} per {f['scale']:.2f}: adds {f['contribution']:+.3f},"
+            if "contribution" in f:  # a weighted or mean rule: what this feature's strength adds to the score
+                stat = "max" if "max_activation" in f else "mean"
+                weight += (f" {stat} activation {f[stat + '_activation']:.3f} per {f['scale']:.3f}: adds "
+                           f"{f['contribution']:+.3f},")
             body.append(f"<li>layer {f['layer']} feature {f['feature']} (delta {f['delta']:+.3f}){weight} fired on {toks}"
                         f"{extra}</li>")
         score = f" (score {r['score']:+.3f})" if "score" in r else ""

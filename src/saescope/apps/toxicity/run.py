@@ -103,7 +103,7 @@ class MineResult:
         lines = [f"mined on {self.side.name}: {len(self.side)} texts ({self.side.counts()[1]} positive); layer chosen by "
                  f"top1-diff: {r.choice['chosen_layer']}"]
         for rule in r.rules:
-            if rule.weights:  # sparse and weighted rules; a weighted one's weights are per its features' scales
+            if rule.weights:  # sparse, weighted and mean rules; the last two's weights are per their features' scales
                 per = [f" per activation {v:.3g}" for v in rule.scales] or [""] * len(rule.weights)
                 feats = f"bias {rule.bias:+.2f}; " + ", ".join(f"L{f.layer}/{f.feature} (weight {w:+.2f}{p})"
                                                                for f, w, p in zip(rule.features, rule.weights, per, strict=True))
