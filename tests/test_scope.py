@@ -39,7 +39,7 @@ def test_pooled_max_mean_and_last(scope, real_texts):
     for idx, got in scope.iter_pooled(texts, layers=[2], pool="mean", batch_size=4, with_residual=True, progress=False):
         residual.update(zip(idx, got["residual"][2]))
     for idx, got in scope.iter_pooled(texts, layers=[2], pool="max+mean", batch_size=4, skip_first_token=True,
-                                      progress=False):
+                                      progress=False):  # no residual asked for: its pooling is not checked
         both.update(zip(idx, got["sae"][2].unbind(1)))  # (2, batch, d_sae): max, then mean, of one encoding
     codes = scope.encode(texts, layers=[2])
     for i, tc in enumerate(codes):

@@ -220,7 +220,7 @@ class Scope:
         residual_pool = residual_pool or pool
         if pool not in ("max", "last", "mean", "max+mean"):
             raise SaescopeError(f"unknown pooling {pool!r}; use max, mean, max+mean or last")
-        if residual_pool not in ("max", "last", "mean"):
+        if with_residual and residual_pool not in ("max", "last", "mean"):
             raise SaescopeError(f"unknown pooling of the residual {residual_pool!r}; use max, mean or last")
         if isinstance(texts, str):
             texts = [texts]
