@@ -96,18 +96,15 @@ class RuleClassifier:
                 on = (act[:, j] > self.rules.threshold).nonzero()[:, 0]
                 if not len(on):
                     continue
-                per_text: dict[int, list[dict]] = {}
-                values: dict[int, list[float]] = {}
+                per_text: dict[int, list[tuple[int, float]]] = {}  # per text: (position, activation) where it fires
                 for (row, pos), value in zip(where[cand[on]].tolist(), act[on, j].tolist(), strict=True):
-                    per_text.setdefault(row, []).append({"position": pos, "activation": round(value, 4)})
-                    values.setdefault(row, []).append(value)
-                for row, got in values.items():
-                    read[row][(n, f.feature)] = sum(got) / max(n_kept[row], 1) if statistic == "mean" else max(got)
-                for row, toks in per_text.items():
+                    per_text.setdefault(row, []).append((pos, value))
+                for row, hits in per_text.items():
+                    values = [v for _, v in hits]
+                    read[row][(n, f.feature)] = sum(values) / max(n_kept[row], 1) if statistic == "mean" else max(values)
                     if row not in strings:
                         strings[row] = token_strings(scope.lm.tokenizer, ids[row])
-                    for tok in toks:
-                        tok["token"] = strings[row][tok["position"]]
+                    toks = [{"position": pos, "activation": round(v, 4), "token": strings[row][pos]} for pos, v in hits]
                     entry = {"layer": n, "feature": f.feature, "delta": round(f.delta, 4), "tokens": toks}
                     weight, scale = self.rule.weight(n, f.feature), self.rule.scale(n, f.feature)
                     if weight is not None:
