@@ -156,8 +156,8 @@ def test_a_weighted_rule_reads_strength_where_firing_anywhere_says_nothing():
     assert np.array_equal(weighted.predict(hits), labels.astype(bool))
     # the score is bias + weight x activation / scale: positive at full strength, negative at a third of it
     w, b = weighted.weights[0], weighted.bias
-    assert weighted.decide({(4, 2): 3.0}) == (True, pytest.approx(b + w))
-    assert weighted.decide({(4, 2): 1.0}) == (False, pytest.approx(b + w / 3))
+    assert weighted.decide({(4, 2): {"max": 3.0}}) == (True, pytest.approx(b + w))
+    assert weighted.decide({(4, 2): {"max": 1.0}}) == (False, pytest.approx(b + w / 3))
     assert not hits_of({4: table > 0}).activations and "weighted4-k1" not in {
         r.name for r in mine_rules(hits_of({4: table > 0}), labels, (1,))[0]}  # no activations, no weighted rules
     assert "mean4-k1" not in by  # max activations without their means: no mean rules
@@ -183,8 +183,41 @@ def test_a_mean_rule_reads_how_much_of_the_text_a_feature_covers():
     assert np.array_equal(mean.predict(hits), labels.astype(bool)) and choice["mining_balanced_accuracy"]["mean4-k1"] == 1.0
     assert choice["mining_balanced_accuracy"]["weighted4-k1"] < 0.6  # the max alone sees feature 1's two texts at most
     w, b = mean.weights[0], mean.bias
-    assert mean.decide({(4, 2): 1.5}) == (True, pytest.approx(b + w * 1.5 / mean.scales[0]))
-    assert not mean.decide({(4, 2): 0.2})[0]
+    assert mean.decide({(4, 2): {"mean": 1.5, "max": 2.0}}) == (True, pytest.approx(b + w * 1.5 / mean.scales[0]))
+    assert not mean.decide({(4, 2): {"mean": 0.2, "max": 2.0}})[0]
+
+
+def test_a_both_rule_weighs_a_feature_by_its_max_and_by_its_mean():
+    """Positive when feature 2 covers much of the text (mean 1.5 against 0.2) OR feature 3 fires strongly on one
+    token (max 3.0 against 1.0; its mean the same small 0.1 on every text): neither statistic alone carries both
+    features, a rule over both reads feature 2's mean and feature 3's max."""
+    rng = np.random.default_rng(0)
+    n = 200
+    a, c = rng.random(n) < 0.5, rng.random(n) < 0.5  # the two causes, independent
+    labels = (a | c).astype(np.int64)
+    table = np.zeros((n, 5), dtype=np.float32)
+    means = np.zeros_like(table)
+    table[:, 2], means[:, 2] = 2.0, np.where(a, 1.5, 0.2)
+    table[:, 3], means[:, 3] = np.where(c, 3.0, 1.0), 0.1
+    first = np.flatnonzero(labels == 1)[:2]
+    table[first, 1], means[first, 1] = 1.0, 0.5  # two positives only: the layer's best delta
+    hits = hits_of({4: table}, {4: means})
+    rules, choice = mine_rules(hits, labels, (2,), multi_layer=False)
+    by = {r.name: r for r in rules}
+    both = by["both4-k2"]
+    assert both.kind == "both" and both.statistic == "max+mean"
+    assert sorted(zip((f.feature for f in both.features), both.reads, strict=True)) == [(2, "mean"), (3, "max")]
+    assert both.term_reads == both.reads and both.scales == tuple(pytest.approx(v) for v in
+                                                                  (1.5 if r == "mean" else 3.0 for r in both.reads))
+    bal = choice["mining_balanced_accuracy"]
+    assert bal["both4-k2"] == 1.0 and max(bal["mean4-k2"], bal["weighted4-k2"]) < 0.85
+    assert np.array_equal(both.predict(hits), labels.astype(bool))
+    # decide reads each term's statistic; the score is the bias plus each term's weight x activation / scale
+    w = dict(zip(both.reads, both.weights, strict=True))
+    fired = {(4, 2): {"max": 2.0, "mean": 1.5}, (4, 3): {"max": 1.0, "mean": 0.1}}
+    assert both.decide(fired) == (True, pytest.approx(both.bias + w["mean"] + w["max"] / 3))
+    assert not both.decide({(4, 2): {"max": 2.0, "mean": 0.2}, (4, 3): {"max": 1.0, "mean": 0.1}})[0]
+    assert [t[0] for t in both.terms(4, 2, fired[(4, 2)])] == ["mean"] and both.terms(4, 1, fired[(4, 2)]) == []
 
 
 def test_one_l1_path_gives_every_k_what_its_own_bisection_gives():
@@ -243,7 +276,7 @@ def test_sparse_rules_round_trip_and_bad_weights_are_refused(tmp_path):
     back = RuleSet.load(tmp_path / "rules.json")
     assert back.rule("sparse4-k2") == rules.rule("sparse4-k2") and back.default == "sparse4-k2"
     obj = json.loads((tmp_path / "rules.json").read_text())
-    assert obj["version"] == 5
+    assert obj["version"] == 6
     for bad in ([1.0], [float("nan"), 1.0], ["x", 1.0]):
         broken = json.loads((tmp_path / "rules.json").read_text())
         next(r for r in broken["rules"] if r["kind"] == "sparse")["weights"] = bad
@@ -263,10 +296,28 @@ def test_weighted_rules_round_trip_and_bad_scales_are_refused(tmp_path):
     rules = make_ruleset(hits, data, random_saes(8, [4], d_sae=8, k=2), model="m", sae="mem", ks=(2,))
     rules.save(tmp_path / "rules.json")
     back = RuleSet.load(tmp_path / "rules.json")
-    for name in ("weighted4-k2", "mean4-k2"):
+    for name in ("weighted4-k2", "mean4-k2", "both4-k2"):
         assert back.rule(name) == rules.rule(name) and len(back.rule(name).scales) == 2
         assert np.array_equal(back.rule(name).predict(hits), rules.rule(name).predict(hits))
-    for kind in ("weighted", "mean"):
+    assert len(back.rule("both4-k2").reads) == 2
+    for bad in (["max"], ["max", "median"], None):  # a both rule names one statistic, max or mean, per term
+        broken = json.loads((tmp_path / "rules.json").read_text())
+        rule = next(r for r in broken["rules"] if r["kind"] == "both")
+        if bad is None:
+            del rule["reads"]
+        else:
+            rule["reads"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(broken))
+        with pytest.raises(SaescopeError, match="both rule needs one statistic, max or mean, per feature|reads"):
+            RuleSet.load(tmp_path / "bad.json")
+    # a version 5 file (before rules over both statistics) still loads as it was written
+    v5 = json.loads((tmp_path / "rules.json").read_text())
+    v5["version"] = 5
+    v5["rules"] = [r for r in v5["rules"] if r["kind"] != "both"]
+    v5["default"] = v5["rules"][0]["name"]
+    (tmp_path / "v5.json").write_text(json.dumps(v5))
+    assert {r.kind for r in RuleSet.load(tmp_path / "v5.json").rules} == {"layer", "sparse", "weighted", "mean"}
+    for kind in ("weighted", "mean", "both"):
         for bad in ([1.0], [0.0, 1.0], [-1.0, 1.0], [float("inf"), 1.0], None):
             broken = json.loads((tmp_path / "rules.json").read_text())
             rule = next(r for r in broken["rules"] if r["kind"] == kind)
@@ -280,14 +331,14 @@ def test_weighted_rules_round_trip_and_bad_scales_are_refused(tmp_path):
     # a version 4 file (before mean rules) still loads as it was written
     v4 = json.loads((tmp_path / "rules.json").read_text())
     v4["version"] = 4
-    v4["rules"] = [r for r in v4["rules"] if r["kind"] != "mean"]
+    v4["rules"] = [r for r in v4["rules"] if r["kind"] not in ("mean", "both")]
     v4["default"] = v4["rules"][0]["name"]
     (tmp_path / "v4.json").write_text(json.dumps(v4))
     assert {r.kind for r in RuleSet.load(tmp_path / "v4.json").rules} == {"layer", "sparse", "weighted"}
     # a version 3 file (before weighted rules) still loads as it was written
     old = json.loads((tmp_path / "rules.json").read_text())
     old["version"] = 3
-    old["rules"] = [r for r in old["rules"] if r["kind"] not in ("weighted", "mean")]
+    old["rules"] = [r for r in old["rules"] if r["kind"] not in ("weighted", "mean", "both")]
     old["default"] = old["rules"][0]["name"]
     (tmp_path / "v3.json").write_text(json.dumps(old))
     assert {r.kind for r in RuleSet.load(tmp_path / "v3.json").rules} == {"layer", "sparse"}
@@ -393,7 +444,7 @@ def test_fast_classifier_equals_full_encoder(tiny_qwen3, hate_sample):
     scope = Scope(load_model(str(tiny_qwen3)), random_saes(64, [0, 2], model=str(tiny_qwen3)))
     enc = encode_labelled(scope, hate_sample, activations=True, progress=False)
     rules = make_ruleset(enc.hits["sae"], hate_sample, scope.saes, model=scope.lm.name, sae="mem", ks=(1, 2, 5))
-    assert {r.kind for r in rules.rules} == {"layer", "multi", "sparse", "weighted", "mean"}
+    assert {r.kind for r in rules.rules} == {"layer", "multi", "sparse", "weighted", "mean", "both"}
     for rule in rules.rules:
         clf = RuleClassifier(scope, rules, rule.name)
         decisions = list(clf.decisions(hate_sample.texts, batch_size=7, progress=False))
@@ -485,10 +536,10 @@ def test_mine_classify_eval_through_the_library(tox_env):
     assert [r["decision"] == "positive" for r in lines] == classified.predictions
     rule = mined.rules.rule(None)
     for r in lines:  # each decision is the rule's on the features the record names (with weights: with its score)
-        strongest = {(f["layer"], f["feature"]): f.get("mean_activation", max(t["activation"] for t in f["tokens"]))
-                     for f in r["fired"]}
-        weighs = rule.kind in ("sparse", "weighted", "mean")
-        assert ("score" in r) == weighs and all(("weight" in f) == weighs for f in r["fired"])
+        strongest = {(f["layer"], f["feature"]): {"max": max(t["activation"] for t in f["tokens"]), "mean": sum(
+            t["activation"] for t in f["tokens"]) / f["kept_tokens"] if "kept_tokens" in f else None} for f in r["fired"]}
+        weighs = rule.kind in ("sparse", "weighted", "mean", "both")
+        assert ("score" in r) == weighs and all(("weight" in f or "terms" in f) == weighs for f in r["fired"])
         if weighs:  # the score is the bias plus what each named feature adds
             assert r["score"] == pytest.approx(rule.decide(strongest)[1], abs=1e-3) and (r["score"] > 0) == (r["decision"] == "positive")
         else:
@@ -584,7 +635,7 @@ def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen
     mined = run_mine(MineConfig(sae=str(sae_dir), data="en_olid", per_class=30, rule_k=[1, 2], out=str(tmp_path / "r.json")))
     assert mined.side.counts() == (30, 30) and set(mined.side.splits) == {"train"}
     kinds = {r.kind for r in mined.rules.rules}
-    assert kinds == {"layer", "multi", "sparse", "weighted", "mean"} and mined.rules.mining["per_class"] == 30
+    assert kinds == {"layer", "multi", "sparse", "weighted", "mean", "both"} and mined.rules.mining["per_class"] == 30
     with pytest.warns(UserWarning, match="label different things as positive"):
         ev = run_rules_eval(RulesEvalConfig(rules=str(tmp_path / "r.json"), also=["es_hateval2019"], fractions=[1.0],
                                             draws=1, transfer=["de_germeval2018", "en_olid"]))
@@ -618,6 +669,22 @@ def test_natural_posts_mine_eval_transfer_and_classify_on_a_tiny_model(tiny_qwen
             assert f["mean_activation"] == pytest.approx(sum(t["activation"] for t in f["tokens"]) / f["kept_tokens"],
                                                          abs=1e-3)
             assert f["contribution"] == pytest.approx(f["weight"] * f["mean_activation"] / f["scale"], rel=1e-3, abs=1e-4)
+    both = mined.rules.rule(next(r.name for r in mined.rules.rules if r.kind == "both"))
+    got = run_classify(ClassifyConfig(rules=str(tmp_path / "r.json"), texts="fr_ftr_racism", limit=12, rule=both.name,
+                                      audit=str(tmp_path / "both.jsonl")))
+    records = [json.loads(x) for x in (tmp_path / "both.jsonl").read_text().splitlines()]
+    assert [r["decision"] == "positive" for r in records] == got.predictions and any(r["fired"] for r in records)
+    for r in records:  # a both audit: per feature, one term per statistic the rule reads of it, each with its weight
+        assert r["score"] == pytest.approx(both.bias + sum(f["contribution"] for f in r["fired"]), abs=1e-4)
+        for f in r["fired"]:
+            reads = [s for g, s in zip(both.features, both.reads, strict=True) if (g.layer, g.feature) == (f["layer"], f["feature"])]
+            assert [t["statistic"] for t in f["terms"]] == reads
+            assert f["contribution"] == pytest.approx(sum(t["contribution"] for t in f["terms"]), abs=1e-5)
+            for t in f["terms"]:
+                want = max(x["activation"] for x in f["tokens"]) if t["statistic"] == "max" else \
+                    sum(x["activation"] for x in f["tokens"]) / f["kept_tokens"]
+                assert t["activation"] == pytest.approx(want, abs=1e-3)
+                assert t["contribution"] == pytest.approx(t["weight"] * t["activation"] / t["scale"], rel=1e-3, abs=1e-4)
 
 
 def test_natural_bad_input_is_one_line(tiny_qwen3, tmp_path):

@@ -230,11 +230,12 @@ def test_the_default_learning_rate_follows_the_number_of_steps():
     from saescope.core.train.config import budget_lr
 
     gao = 2e-4 / math.sqrt(4608 / 2**14)  # 3.771e-4 for 8x SmolLM2-135M's 576 dimensions
-    assert budget_lr(4608, 4096) == pytest.approx(gao)
-    assert budget_lr(4608, 100_000) == pytest.approx(gao)  # never lowered for long runs
-    assert budget_lr(4608, 1024) == pytest.approx(2 * gao)  # sqrt(4096 / 1024)
-    assert budget_lr(4608, 256) == pytest.approx(4 * gao)  # sqrt(16) = 4, the cap
-    assert budget_lr(4608, 1) == pytest.approx(4 * gao)
+    assert budget_lr(4608, 4096) == pytest.approx(3 * gao)  # LR_SCALE: measured for this trainer's small batches
+    assert budget_lr(4608, 100_000) == pytest.approx(3 * gao)  # never lowered for long runs
+    assert budget_lr(4608, 1024) == pytest.approx(6 * gao)  # sqrt(4096 / 1024)
+    assert budget_lr(4608, 256) == pytest.approx(12 * gao)  # sqrt(16) = 4, the cap
+    assert budget_lr(4608, 1) == pytest.approx(12 * gao)
+    assert budget_lr(4 * 4608, 256) == pytest.approx(6 * gao)  # Gao et al.'s 1 / sqrt(width)
 
 
 def test_a_config_saved_before_the_activation_buffer_reads_as_without_one():

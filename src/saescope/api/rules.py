@@ -20,6 +20,10 @@
                       percentile of that mean on the mining texts it fires on: how much of the text the feature covers,
                       not its one strongest token. Chosen by 3-fold CV on the mining tweets over five demo-scale seeds
                       (bench/toxicity_rule_variants.py): above the max at K = 10 for every seed
+    both            = (saescope's addition) the weighted rule over both statistics: each candidate feature gives two
+                      columns, its max and its mean activation (each with its own scale), and the L1 path picks at
+                      most K of these terms; a feature can enter through one statistic or both. The CV's choice with
+                      the default learning rate since it was raised 3x (bench/RESULTS.md, toxicity part 8)
 
 Every decision is auditable: the rule is a short list of (layer, feature) pairs, and a positive names the
 features that fired, on which tokens, with what activation (saescope.apps.toxicity.classify).
@@ -49,12 +53,14 @@ from saescope.core.schema import Field, InputError, check_record
 
 FORMAT = "saescope-toxicity-rules"
 # 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded. 3: sparse rules (weights, bias).
-# 4: weighted rules (weights, bias, scales). 5: mean rules (the same, over mean activations)
-VERSION = 5
+# 4: weighted rules (weights, bias, scales). 5: mean rules (the same, over mean activations). 6: rules over both
+# statistics ("reads": the statistic of each term)
+VERSION = 6
 DEFAULT_KS = (1, 2, 5, 10)
-RULE_KINDS = ("layer", "multi", "sparse", "weighted", "mean")
-WEIGHTED_KINDS = ("sparse", "weighted", "mean")  # rules with a weight per feature and a bias
-STATISTIC_OF = {"weighted": "max", "mean": "mean"}  # rules over activations: which statistic of them each reads
+RULE_KINDS = ("layer", "multi", "sparse", "weighted", "mean", "both")
+WEIGHTED_KINDS = ("sparse", "weighted", "mean", "both")  # rules with a weight per term and a bias
+# rules over activations: which statistics of them each reads ("both": a statistic per term, in the rule's `reads`)
+STATISTIC_OF = {"weighted": "max", "mean": "mean", "both": "max+mean"}
 SPARSE_CANDIDATES = 256  # the features of largest |delta| at the chosen layer that the L1 path chooses among
 
 
@@ -71,15 +77,17 @@ class RuleFeature:
 class Rule:
     """kind "layer" (K features of one layer) or "multi" (one per layer): positive when any of `features` fires.
     kind "sparse": positive when bias + the weights of the features that fire sum above 0. kind "weighted" ("mean"):
-    positive when bias + the sum of weight x max (mean) activation / scale over the features sits above 0."""
+    positive when bias + the sum of weight x max (mean) activation / scale over the features sits above 0. kind
+    "both": the same over terms, each a feature and the statistic it reads (`reads`); a feature may appear twice."""
 
     name: str
     kind: str
     k: int
-    features: tuple[RuleFeature, ...]
-    weights: tuple[float, ...] = ()  # sparse and weighted rules: one per feature
+    features: tuple[RuleFeature, ...]  # one per term: a "both" rule may list a feature twice
+    weights: tuple[float, ...] = ()  # sparse and weighted rules: one per term
     bias: float = 0.0
-    scales: tuple[float, ...] = ()  # weighted and mean rules: the activation each weight is per
+    scales: tuple[float, ...] = ()  # rules over activations: the activation each weight is per
+    reads: tuple[str, ...] = ()  # "both" rules: each term's statistic, "max" or "mean"
 
     @property
     def layers(self) -> list[int]:
@@ -87,60 +95,60 @@ class Rule:
 
     @property
     def statistic(self) -> str | None:
-        """What a rule over activations reads of each feature on a text: "max" or "mean" (None for the others)."""
+        """What a rule over activations reads of its features on a text: "max", "mean" or "max+mean" (a "both"
+        rule: per term, as `reads` says); None for the others."""
         return STATISTIC_OF.get(self.kind)
+
+    @property
+    def term_reads(self) -> tuple[str, ...]:
+        """Per term, the statistic its weight multiplies (rules over activations; () for the others)."""
+        if self.kind == "both":
+            return self.reads
+        return (self.statistic,) * len(self.features) if self.statistic else ()
 
     def predict(self, hits: FeatureHits) -> np.ndarray:
         if self.kind in WEIGHTED_KINDS:
             score = np.full(hits.n, self.bias)
-            for f, w, scale in zip(self.features, self.weights, self._scales(), strict=True):
-                score += w * (hits.activation(f.layer, f.feature, self.statistic) / scale if self.statistic
-                              else hits.column(f.layer, f.feature))
+            reads = self.term_reads or (None,) * len(self.features)
+            for f, w, scale, stat in zip(self.features, self.weights, self._scales(), reads, strict=True):
+                score += w * (hits.activation(f.layer, f.feature, stat) / scale if stat else hits.column(f.layer, f.feature))
             return score > 0
         out = np.zeros(hits.n, dtype=bool)
         for f in self.features:
             out |= hits.column(f.layer, f.feature)
         return out
 
-    def decide(self, fired: dict[tuple[int, int], float]) -> tuple[bool, float | None]:
-        """The decision on a text whose firing rule features (layer, feature) have activations `fired` (the statistic
-        the rule reads: max or mean), and a sparse, weighted or mean rule's score."""
+    def decide(self, fired: dict[tuple[int, int], dict[str, float]]) -> tuple[bool, float | None]:
+        """The decision on a text whose firing rule features (layer, feature) have activations `fired` (per statistic
+        the rule reads: {"max": ..., "mean": ...}), and a sparse or weighted rule's score."""
         if self.kind not in WEIGHTED_KINDS:
             return bool(fired), None
-        score = self.bias
-        for f in self.features:
-            if (f.layer, f.feature) in fired:
-                score += self.contribution(f.layer, f.feature, fired[(f.layer, f.feature)])
+        score = self.bias + sum(c for key in dict.fromkeys((f.layer, f.feature) for f in self.features) if key in fired
+                                for _, _, _, c in self.terms(*key, fired[key]))
         return score > 0, score
 
-    def contribution(self, layer: int, feature: int, activation: float) -> float:
-        """What a firing feature adds to a sparse, weighted or mean rule's score: its weight; for a weighted (mean)
-        rule, times its max (mean) activation / its scale."""
-        w, scale = self.weight(layer, feature), self.scale(layer, feature)
-        return w * (activation / scale if self.statistic else 1.0)
+    def terms(self, layer: int, feature: int, activations: dict[str, float]
+              ) -> list[tuple[str | None, float, float | None, float]]:
+        """What a firing feature adds to a sparse or weighted rule's score, per term of it: (statistic, weight, scale,
+        contribution); a sparse term adds its weight, a weighted one weight x the statistic's activation / scale. An OR
+        rule has none."""
+        out: list[tuple[str | None, float, float | None, float]] = []
+        if self.kind not in WEIGHTED_KINDS:
+            return out
+        reads, scales = self.term_reads or (None,) * len(self.features), self.scales or (None,) * len(self.features)
+        for f, w, scale, stat in zip(self.features, self.weights, scales, reads, strict=True):
+            if (f.layer, f.feature) == (layer, feature):
+                out.append((stat, w, scale, w * activations[stat] / scale if stat else w))
+        return out
 
     def _scales(self) -> tuple[float, ...]:
         return self.scales or (1.0,) * len(self.weights)
-
-    def weight(self, layer: int, feature: int) -> float | None:
-        """The feature's weight (sparse and weighted rules; None for the others)."""
-        return self._of_feature(self.weights, layer, feature)
-
-    def scale(self, layer: int, feature: int) -> float | None:
-        """The activation the feature's weight is per (weighted and mean rules; None for the others)."""
-        return self._of_feature(self.scales, layer, feature)
-
-    def _of_feature(self, values: tuple[float, ...], layer: int, feature: int) -> float | None:
-        for f, v in zip(self.features, values or (None,) * len(self.features), strict=True):
-            if (f.layer, f.feature) == (layer, feature):
-                return v
-        return None
 
 
 def generic_name(name: str) -> str:
     """A rule's name without its layer (layer15-k5 -> layer-k5, weighted15-k5 -> weighted-k5; multi-k5 stays): rules mined
     on different data choose different layers, and curves and transfer compare them by kind and K."""
-    return re.sub(r"^(layer|sparse|weighted|mean)\d+-", r"\1-", name)
+    return re.sub(r"^(layer|sparse|weighted|mean|both)\d+-", r"\1-", name)
 
 
 def _l1_logistic(x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, lam: float, lipschitz: float,
@@ -268,14 +276,17 @@ def mine_rules(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = DEFAUL
         families: list[tuple[str, np.ndarray, np.ndarray | None]] = [("sparse", hits.layer(chosen)[:, candidates], None)]
         acts = hits.activations.get(chosen)
         for kind, statistic in STATISTIC_OF.items():
-            if acts is not None and (statistic == "max" or acts.means is not None):
-                values = acts.columns(candidates, statistic)
+            stats = statistic.split("+")  # "both": the candidates' max columns, then their mean columns
+            if acts is not None and ("mean" not in stats or acts.means is not None):
+                values = np.concatenate([acts.columns(candidates, s) for s in stats], 1)
                 scales = activation_scales(values)
                 families.append((kind, values / scales, scales))
         for kind, table, scales in families:
             for k, (cols, weights, bias) in sorted(sparse_logistic(table, labels, ks).items()):
-                rules.append(Rule(f"{kind}{chosen}-k{k}", kind, k, tuple(feature(chosen, int(candidates[c])) for c in cols),
-                                  tuple(weights), bias, () if scales is None else tuple(float(scales[c]) for c in cols)))
+                feats = tuple(feature(chosen, int(candidates[c % len(candidates)])) for c in cols)
+                reads = tuple(("max", "mean")[c // len(candidates)] for c in cols) if kind == "both" else ()
+                rules.append(Rule(f"{kind}{chosen}-k{k}", kind, k, feats, tuple(weights), bias,
+                                  () if scales is None else tuple(float(scales[c]) for c in cols), reads))
     if multi_layer and len(deltas) > 1:  # on one layer a multi-layer rule is the one-feature rule again, under a K it lacks
         by_layer = sorted((n for n in best if best[n] > 0), key=lambda n: (-best[n], n))
         for k in ks:
@@ -351,7 +362,8 @@ class RuleSet:
                 "mining": self.mining, "choice": self.choice, "default": self.default,
                 "rules": [{"name": r.name, "kind": r.kind, "k": r.k, "features": [vars(f) for f in r.features],
                            **({"weights": list(r.weights), "bias": r.bias} if r.kind in WEIGHTED_KINDS else {}),
-                           **({"scales": list(r.scales)} if r.statistic else {})}
+                           **({"scales": list(r.scales)} if r.statistic else {}),
+                           **({"reads": list(r.reads)} if r.kind == "both" else {})}
                           for r in self.rules]}
 
     def save(self, path: str | Path) -> None:
@@ -391,11 +403,13 @@ class RuleSet:
                                                                 else f"must be one of {', '.join(RULE_KINDS)}"),
                              "k": Field(int, min=1), "features": Field(list),
                              "weights": Field(list, required=weighs), "bias": Field(float, required=weighs),
-                             "scales": Field(list, required=scaled)}, where)
+                             "scales": Field(list, required=scaled), "reads": Field(list, required=kind == "both")}, where)
             if weighs and (not _finite_numbers(r["weights"], len(r["features"])) or not np.isfinite(r["bias"])):
                 raise InputError(f"{where}: a {kind} rule needs one finite weight per feature and a finite bias")
             if scaled and not (_finite_numbers(r["scales"], len(r["features"])) and all(v > 0 for v in r["scales"])):
                 raise InputError(f"{where}: a {kind} rule needs one finite positive scale per feature")
+            if kind == "both" and (len(r["reads"]) != len(r["features"]) or not set(r["reads"]) <= {"max", "mean"}):
+                raise InputError(f"{where}: a both rule needs one statistic, max or mean, per feature in reads")
             feats = []
             for j, f in enumerate(r["features"]):
                 check_record(f, {"layer": Field(int, min=0), "feature": Field(int, min=0), "delta": Field(float),
@@ -410,7 +424,8 @@ class RuleSet:
                                          float(f["p_negative"])))
             rules.append(Rule(r["name"], r["kind"], r["k"], tuple(feats),
                               tuple(float(w) for w in r["weights"]) if weighs else (), float(r["bias"]) if weighs else 0.0,
-                              tuple(float(v) for v in r["scales"]) if scaled else ()))
+                              tuple(float(v) for v in r["scales"]) if scaled else (),
+                              tuple(r["reads"]) if kind == "both" else ()))
         sae = resolve_record_path(obj["sae"], Path(path)) if obj["version"] >= 2 else obj["sae"]
         out = cls(rules, obj["default"], float(obj["threshold"]), obj["model"], sae, fingerprints, obj["mining"],
                   obj["choice"], obj["control"], d_sae)

@@ -46,7 +46,7 @@ class RuleClassifier:
         rules.check_saes(scope.saes, sae_spec or rules.sae, scope.lm.name, layers=self.rule.layers)
         self.store, self.contexts = store, contexts
         self.by_layer: dict[int, list] = {}
-        for f in self.rule.features:
+        for f in dict.fromkeys(self.rule.features):  # a "both" rule lists a feature once per statistic it reads
             self.by_layer.setdefault(f.layer, []).append(f)
         self.candidate_tokens = 0
         self.tokens = 0
@@ -74,10 +74,8 @@ class RuleClassifier:
         n_kept = keep.sum(1).tolist()
         self.tokens += len(where)
         fired: list[list[dict]] = [[] for _ in texts]
-        # per text: what the rule reads of each firing feature (its max activation; a mean rule: its mean over the kept
-        # tokens, as mining pooled it)
-        read: list[dict[tuple[int, int], float]] = [{} for _ in texts]
-        statistic = self.rule.statistic
+        # per text and firing feature: its max activation and its mean over the kept tokens (as mining pooled them)
+        read: list[dict[tuple[int, int], dict[str, float]]] = [{} for _ in texts]
         strings: dict[int, list[str]] = {}  # token strings of the texts that fired, made once each
         for n, feats in self.by_layer.items():
             sae = scope.saes[n]
@@ -101,21 +99,12 @@ class RuleClassifier:
                     per_text.setdefault(row, []).append((pos, value))
                 for row, hits in per_text.items():
                     values = [v for _, v in hits]
-                    read[row][(n, f.feature)] = sum(values) / max(n_kept[row], 1) if statistic == "mean" else max(values)
+                    stats = read[row][(n, f.feature)] = {"max": max(values), "mean": sum(values) / max(n_kept[row], 1)}
                     if row not in strings:
                         strings[row] = token_strings(scope.lm.tokenizer, ids[row])
                     toks = [{"position": pos, "activation": round(v, 4), "token": strings[row][pos]} for pos, v in hits]
                     entry = {"layer": n, "feature": f.feature, "delta": round(f.delta, 4), "tokens": toks}
-                    weight, scale = self.rule.weight(n, f.feature), self.rule.scale(n, f.feature)
-                    if weight is not None:
-                        entry["weight"] = round(weight, 6)
-                    if scale is not None:  # what the feature adds is weight x its max (mean) activation / scale
-                        value = read[row][(n, f.feature)]
-                        # a mean is often a hundredth of a max: two more digits keep weight x it / scale to 1e-4
-                        entry.update({f"{statistic}_activation": round(value, 4 if statistic == "max" else 6),
-                                      "scale": round(scale, 4 if statistic == "max" else 6),
-                                      "contribution": round(self.rule.contribution(n, f.feature, value), 6),
-                                      **({"kept_tokens": n_kept[row]} if statistic == "mean" else {})})
+                    entry.update(self._audit_terms(self.rule.terms(n, f.feature, stats), stats, n_kept[row]))
                     ev = self.evidence(n, f.feature)
                     if ev is not None:
                         entry["evidence"] = ev
@@ -125,6 +114,22 @@ class RuleClassifier:
             positive, score = self.rule.decide(read[i])
             out.append(Decision(i, t, positive, fired[i], score))
         return out
+
+    def _audit_terms(self, terms: list, stats: dict[str, float], kept_tokens: int) -> dict:
+        """What a firing feature adds to the score, for its audit record: a sparse rule's weight; a weighted or mean
+        rule's weight x the statistic's activation / scale (flat); a "both" rule's terms, one per statistic read."""
+        if self.rule.kind not in ("weighted", "mean", "both"):
+            return {"weight": round(terms[0][1], 6)} if terms else {}
+        # a mean is often a hundredth of a max: two more digits keep weight x it / scale to 1e-4
+        digits = {"max": 4, "mean": 6}
+        rows = [{"statistic": stat, "activation": round(stats[stat], digits[stat]), "weight": round(w, 6),
+                 "scale": round(scale, digits[stat]), "contribution": round(c, 6)} for stat, w, scale, c in terms]
+        mean = {"kept_tokens": kept_tokens} if "mean" in self.rule.term_reads else {}
+        if self.rule.kind == "both":
+            return {"terms": rows, "contribution": round(sum(c for *_, c in terms), 6), **mean}
+        (row,) = rows
+        return {"weight": row["weight"], f"{row['statistic']}_activation": row["activation"], "scale": row["scale"],
+                "contribution": row["contribution"], **mean}
 
     def decisions(self, texts: Iterable[str], *, batch_size: int = 32, max_length: int = 256, total: int | None = None,
                   progress: bool = True, window: int = 32) -> Iterator[Decision]:

@@ -233,7 +233,8 @@ def format_benchmark(result: dict) -> str:
     return "\n".join(lines)
 
 
-def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-k5", "weighted-k5", "mean-k5")) -> str:
+def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-k5", "weighted-k5", "mean-k5", "both-k5")
+                    ) -> str:
     sae = matrix["sae"]
     langs = list(sae)
     short = {lang: lang[:7] for lang in langs}

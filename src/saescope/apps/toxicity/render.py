@@ -67,7 +67,11 @@ def _decisions(audit: list[dict]) -> str:
                 extra = (f"<br><span class='note'>promotes {html.escape(', '.join(map(repr, ev['promoted'][:8])))}; "
                          f"top contexts: {html.escape(' | '.join(c[:80] for c in ev['contexts']))}</span>")
             weight = f" weight {f['weight']:+.3f}," if "weight" in f else ""
-            if "contribution" in f:  # a weighted or mean rule: what this feature's strength adds to the score
+            if "terms" in f:  # a rule over both statistics: what each statistic read of this feature adds
+                weight += "".join(f" weight {t['weight']:+.3f} x {t['statistic']} activation {t['activation']:.3f} "
+                                  f"per {t['scale']:.3f} adds {t['contribution']:+.3f};" for t in f["terms"])
+                weight += f" together {f['contribution']:+.3f},"
+            elif "contribution" in f:  # a weighted or mean rule: what this feature's strength adds to the score
                 stat = "max" if "max_activation" in f else "mean"
                 weight += (f" {stat} activation {f[stat + '_activation']:.3f} per {f['scale']:.3f}: adds "
                            f"{f['contribution']:+.3f},")

@@ -103,10 +103,12 @@ class MineResult:
         lines = [f"mined on {self.side.name}: {len(self.side)} texts ({self.side.counts()[1]} positive); layer chosen by "
                  f"top1-diff: {r.choice['chosen_layer']}"]
         for rule in r.rules:
-            if rule.weights:  # sparse, weighted and mean rules; the last two's weights are per their features' scales
-                per = [f" per activation {v:.3g}" for v in rule.scales] or [""] * len(rule.weights)
-                feats = f"bias {rule.bias:+.2f}; " + ", ".join(f"L{f.layer}/{f.feature} (weight {w:+.2f}{p})"
-                                                               for f, w, p in zip(rule.features, rule.weights, per, strict=True))
+            if rule.weights:  # sparse and weighted rules; the weighted kinds' weights are per their features' scales
+                reads = rule.reads or ("",) * len(rule.scales)  # a "both" rule names each term's statistic
+                per = [f" per {s + ' ' if s else ''}activation {v:.3g}" for v, s in zip(rule.scales, reads, strict=True)]
+                feats = f"bias {rule.bias:+.2f}; " + ", ".join(
+                    f"L{f.layer}/{f.feature} (weight {w:+.2f}{p})"
+                    for f, w, p in zip(rule.features, rule.weights, per or [""] * len(rule.weights), strict=True))
             else:
                 feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
             mark = "  <- default" if rule.name == r.default else ""
