@@ -31,7 +31,7 @@ DEMO_DTYPE ?= --model-dtype auto
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/saescope models
-	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --dead-tokens 50000 --checkpoint-every 128 --out runs/demo
+	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --checkpoint-every 128 --out runs/demo
 	$(BIN)/saescope control random --like runs/demo --out runs/demo/control
 	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 1024 $(DEMO_DTYPE)
 	$(BIN)/saescope quality --sae runs/demo --control runs/demo/control $(DEMO_DTYPE)

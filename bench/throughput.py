@@ -303,7 +303,7 @@ def main() -> None:
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--dead-tokens", type=int, default=10_000_000)
+    p.add_argument("--dead-tokens", type=int, default=None, help="default: train's (a fiftieth of the tokens)")
     p.add_argument("--outlier-factor", type=float, default=5.0, help="saescope's norm-outlier filter (0 = off, as sparsify)")
     p.add_argument("--model-dtype", default="auto")
     p.add_argument("--sae-dtype", default="auto")

@@ -226,6 +226,18 @@ def test_the_default_batch_follows_the_token_budget(max_tokens, ctx_len, batch):
     assert again.batch_size == batch
 
 
+def test_the_dead_latent_threshold_follows_the_budget_and_is_saved_resolved():
+    from saescope.core.train.config import budget_dead_tokens
+
+    assert budget_dead_tokens(131_072) == 2_621 and budget_dead_tokens(10) == 1
+    assert budget_dead_tokens(10**12) == 10_000_000  # Gao et al.'s threshold for long runs, never more
+    cfg = TrainConfig(max_tokens=1_048_576)
+    assert cfg.dead_tokens == 20_971 and TrainConfig(max_tokens=1_048_576, dead_tokens=5).dead_tokens == 5
+    # a run saved with its resolved threshold keeps it when resumed with more tokens
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())) | {"max_tokens": 10 * 1_048_576})
+    assert again.dead_tokens == 20_971
+
+
 def test_the_default_learning_rate_follows_the_number_of_steps():
     from saescope.core.train.config import budget_lr
 

@@ -118,7 +118,7 @@ class RuleClassifier:
     def _audit_terms(self, terms: list, stats: dict[str, float], kept_tokens: int) -> dict:
         """What a firing feature adds to the score, for its audit record: a sparse rule's weight; a weighted or mean
         rule's weight x the statistic's activation / scale (flat); a "both" rule's terms, one per statistic read."""
-        if self.rule.kind not in ("weighted", "mean", "both"):
+        if self.rule.statistic is None:  # an OR rule (no terms) or a sparse one (a weight per feature)
             return {"weight": round(terms[0][1], 6)} if terms else {}
         # a mean is often a hundredth of a max: two more digits keep weight x it / scale to 1e-4
         digits = {"max": 4, "mean": 6}

@@ -28,11 +28,22 @@ LR_BOOST_MAX = 4.0
 # lowest near 3x the budget rule on its own, at 204 to 4,096 steps, 131k to 1M tokens, 8x-k32 and 16x-k50
 # (bench/short_run_lr.py; bench/RESULTS.md, "The learning rate of short runs").
 LR_SCALE = 3.0
+# Gao et al.'s AuxK revives latents that have not fired for 10M tokens, in runs of billions; a shorter run never gets
+# there, and at the learning rate above 13-32% of latents stopped firing (131k-1M tokens). Counting a latent dead
+# after 1/DEAD_SHARE of the run keeps that under 2% at the same held-out FVU (bench/RESULTS.md, "The learning rate of
+# short runs").
+DEAD_TOKENS_MAX = 10_000_000
+DEAD_SHARE = 50
 
 
 def budget_batch_size(max_tokens: int, ctx_len: int) -> int:
     """Sequences per step when none is asked for: as many as leave MIN_STEPS steps, between 1 and MAX_BATCH."""
     return max(1, min(MAX_BATCH, max_tokens // (MIN_STEPS * ctx_len)))
+
+
+def budget_dead_tokens(max_tokens: int) -> int:
+    """Tokens without firing after which a latent counts as dead (and AuxK trains it), when none is asked for."""
+    return max(1, min(DEAD_TOKENS_MAX, max_tokens // DEAD_SHARE))
 
 
 def budget_lr(d_sae: int, total_steps: int) -> float:
@@ -112,7 +123,8 @@ class TrainConfig(Config):
     decoder_init: str = config_field("random", "decoder rows at step 0: random unit vectors (Gao et al.), or 'data': "
                                      "centred activations of d_sae training tokens (the encoder tied to them)",
                                      choices=DECODER_INITS)
-    dead_tokens: int = config_field(10_000_000, "a latent is dead after this many tokens without firing")
+    dead_tokens: int | None = config_field(None, "a latent is dead (and AuxK trains it) after this many tokens without "
+                                           f"firing (default: --max-tokens / {DEAD_SHARE}, at most {DEAD_TOKENS_MAX:,})")
     outlier_factor: float = config_field(5.0, "drop tokens with norm > factor x the running median norm; 0 = off")
     skip_first_token: bool = config_field(False, "leave out every sequence's first token (the attention sink)")
     model_dtype: str = config_field("auto", "LM dtype (auto: bf16 on GPU and on CPUs whose bf16 matmuls are measured "
@@ -137,11 +149,13 @@ class TrainConfig(Config):
         if self.preset is not None and self.preset not in PRESETS:
             raise SaescopeError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         for name in ("ctx_len", "batch_size", "max_tokens", "checkpoint_every", "log_every", "dead_tokens", "shuffle_buffer"):
-            if not (name == "batch_size" and self.batch_size is None):
+            if getattr(self, name) is not None or name not in ("batch_size", "dead_tokens"):
                 check_number(getattr(self, name), name, kind=int, min=1)
         check_number(self.ctx_len, "ctx_len", kind=int, min=2)  # one next token at least
         if self.batch_size is None:
             self.batch_size = budget_batch_size(self.max_tokens, self.ctx_len)  # saved resolved: a resume keeps it
+        if self.dead_tokens is None:
+            self.dead_tokens = budget_dead_tokens(self.max_tokens)  # saved resolved, as the batch
         for name in ("expansion", "k"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name, kind=int, min=1)
