@@ -248,6 +248,7 @@ def test_the_default_learning_rate_follows_the_number_of_steps():
     assert budget_lr(4608, 256) == pytest.approx(12 * gao)  # sqrt(16) = 4, the cap
     assert budget_lr(4608, 1) == pytest.approx(12 * gao)
     assert budget_lr(4 * 4608, 256) == pytest.approx(6 * gao)  # Gao et al.'s 1 / sqrt(width)
+    assert budget_lr(256, 8) == pytest.approx(6e-3)  # a small dictionary's short run: the ceiling, not 1.9e-2
 
 
 def test_a_config_saved_before_the_activation_buffer_reads_as_without_one():

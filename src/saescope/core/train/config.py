@@ -28,6 +28,10 @@ LR_BOOST_MAX = 4.0
 # lowest near 3x the budget rule on its own, at 204 to 4,096 steps, 131k to 1M tokens, 8x-k32 and 16x-k50
 # (bench/short_run_lr.py; bench/RESULTS.md, "The learning rate of short runs").
 LR_SCALE = 3.0
+# ... but never above LR_MAX: in that grid every rate above ~6.4e-3 reconstructed worse than 3x, at every budget and
+# width, and a small dictionary's width-scaled rate goes far past it (a 64-wide test model's 256 latents at 8 steps:
+# 1.9e-2, which left layer 0 worse than the mean).
+LR_MAX = 6e-3
 # Gao et al.'s AuxK revives latents that have not fired for 10M tokens, in runs of billions; a shorter run never gets
 # there, and at the learning rate above 13-32% of latents stopped firing (131k-1M tokens). Counting a latent dead
 # after 1/DEAD_SHARE of the run keeps that under 2% at the same held-out FVU (bench/RESULTS.md, "The learning rate of
@@ -48,9 +52,9 @@ def budget_dead_tokens(max_tokens: int) -> int:
 
 def budget_lr(d_sae: int, total_steps: int) -> float:
     """Learning rate when none is asked for: LR_SCALE x Gao et al.'s width scaling, raised by
-    sqrt(LONG_RUN_STEPS / steps) (at most LR_BOOST_MAX times) for runs shorter than LONG_RUN_STEPS."""
+    sqrt(LONG_RUN_STEPS / steps) (at most LR_BOOST_MAX times) for runs shorter than LONG_RUN_STEPS; at most LR_MAX."""
     boost = min(LR_BOOST_MAX, max(1.0, math.sqrt(LONG_RUN_STEPS / max(1, total_steps))))
-    return default_lr(d_sae) * LR_SCALE * boost
+    return min(LR_MAX, default_lr(d_sae) * LR_SCALE * boost)
 
 
 # Tokens whose activations are shuffled together (bench/RESULTS.md, issue 15): a step of 2 sequences trains on 2
@@ -105,7 +109,8 @@ class TrainConfig(Config):
                                           f"follows --max-tokens: at least {MIN_STEPS} steps, at most {MAX_BATCH} sequences)")
     max_tokens: int = config_field(1_000_000, "training tokens")
     lr: float | None = config_field(None, f"learning rate (default: {LR_SCALE:g} x 2e-4 / sqrt(d_sae / 2^14), times "
-                                    f"min({LR_BOOST_MAX:g}, sqrt({LONG_RUN_STEPS} / steps)) for runs under {LONG_RUN_STEPS} steps)")
+                                    f"min({LR_BOOST_MAX:g}, sqrt({LONG_RUN_STEPS} / steps)) for runs under {LONG_RUN_STEPS} "
+                                    f"steps, at most {LR_MAX:g})")
     lr_decay_frac: float = config_field(0.2, "the lr falls linearly to 0 over this final fraction of the steps; 0 = constant")
     auxk_alpha: float = config_field(1 / 32, "weight of the AuxK loss that revives dead latents")
     l0_coef: float | None = config_field(None, "jumprelu only: weight of the L0 loss (L0 / k - 1)^2 that holds the mean L0 "
