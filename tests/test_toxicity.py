@@ -445,7 +445,8 @@ def test_fast_classifier_equals_full_encoder(tiny_qwen3, hate_sample):
     enc = encode_labelled(scope, hate_sample, activations=True, progress=False)
     rules = make_ruleset(enc.hits["sae"], hate_sample, scope.saes, model=scope.lm.name, sae="mem", ks=(1, 2, 5))
     assert {r.kind for r in rules.rules} == {"layer", "multi", "sparse", "weighted", "mean", "both"}
-    for rule in rules.rules:
+    # every kind at its largest K and the OR rules at every K: a kind's smaller K take the same path on fewer features
+    for rule in (r for r in rules.rules if r.kind in ("layer", "multi") or r.k == 5):
         clf = RuleClassifier(scope, rules, rule.name)
         decisions = list(clf.decisions(hate_sample.texts, batch_size=7, progress=False))
         assert [d.positive for d in decisions] == rule.predict(enc.hits["sae"]).tolist(), rule.name
