@@ -13,6 +13,7 @@ from pathlib import Path
 from saescope.core.data.corpus import CORPORA
 from saescope.core.data.rows import SUFFIXES, Row, iter_rows, row_format
 from saescope.core.errors import SaescopeError
+from saescope.core.hub import hub_reachable
 from saescope.core.schema import Field, InputError, check_record
 
 DEFAULT_CORPUS = "default"
@@ -99,6 +100,8 @@ def hub_rows(repo_id: str, split: str) -> Iterator[dict]:
         import datasets
     except ImportError as exc:
         raise SaescopeError(f"{repo_id} looks like a Hugging Face dataset id; `pip install datasets` to stream it") from exc
+    if not hub_reachable():  # streaming needs the hub; asking it anyway would retry for most of a minute
+        raise SaescopeError(f"cannot open Hugging Face dataset {repo_id!r}: the hub cannot be reached from here")
     try:
         ds = datasets.load_dataset(repo_id, split=split, streaming=True)
     except Exception as exc:  # the hub raises many types; all mean the same to the user

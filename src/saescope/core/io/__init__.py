@@ -9,6 +9,7 @@ from pathlib import Path
 
 from saescope.core.errors import SaescopeError
 from saescope.core.files import read_json
+from saescope.core.hub import hub_reachable
 from saescope.core.io.formats import (
     from_weights,
     load_gemma_scope,
@@ -167,7 +168,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.sae.pt", "*.json", "*.safetensors"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["*.sae.pt", "*.json", "*.safetensors"],
+                                      local_files_only=not hub_reachable()))
     except Exception as exc:  # offline, missing repo, auth: all one message to the user
         raise SaescopeError(f"cannot fetch SAEs from hub repo {repo_id!r} (is the hub reachable?): {type(exc).__name__}") from exc
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from saescope.core.errors import SaescopeError
+from saescope.core.hub import hub_reachable
 from saescope.core.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -139,12 +140,17 @@ def load_model(
         raise SaescopeError(f"model not found: {spec} (neither a built-in name, a folder, a .gguf file nor a hub id)")
     else:
         source = spec
+        if not hub_reachable():  # only the local cache can serve it: asking the hub would retry for most of a minute
+            kwargs["local_files_only"] = tok_kwargs["local_files_only"] = True
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stderr(quiet) if os.environ.get("SAESCOPE_VERBOSE") is None else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:  # transformers parsing a user's files raises many types; each is a bad model, not a bug here
+        if kwargs.get("local_files_only"):
+            raise SaescopeError(f"cannot load model {spec!r}: not in the local Hugging Face cache, and the hub cannot be "
+                                "reached from here") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SaescopeError(f"cannot load model {spec!r}: {first[:300]}") from exc
     if tokenizer.pad_token is None:
