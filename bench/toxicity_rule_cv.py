@@ -16,28 +16,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from saescope.api.hits import encode_labelled, scores
-from saescope.api.rules import generic_name, mine_rules
+from saescope.api.hits import encode_labelled
+from saescope.api.rules import cross_validated
 from saescope.api.scope import Scope
 from saescope.apps.toxicity.run import mining_side
 from saescope.core.data.labelled import load_labelled
 from saescope.core.io import load_saes
 from saescope.core.models import load_model
-
-
-def cross_validated(hits, labels: np.ndarray, folds: int, seed: int) -> dict[str, float]:
-    """Mean over folds of each rule's balanced accuracy on the fold left out (rules mined on the others)."""
-    fold = np.random.default_rng(seed).permutation(len(labels)) % folds
-    got: dict[str, list[float]] = {}
-    for i in range(folds):
-        train, test = fold != i, fold == i
-        rules, _ = mine_rules(hits.rows(train), labels[train], multi_layer=False)
-        held = hits.rows(test)
-        for r in rules:
-            got.setdefault(generic_name(r.name), []).append(scores(r.predict(held), labels[test])["balanced_accuracy"])
-    return {name: float(np.mean(v)) for name, v in got.items()}
 
 
 def main() -> None:
@@ -59,7 +44,7 @@ def main() -> None:
     for run, (saes, control) in runs.items():  # one LM pass per run: its SAE and its control
         enc = encode_labelled(Scope(lm, saes), side, control=control, residual=False, activations=True)
         for which, name in (("sae", run), ("control", run + "@control")):
-            row = out["runs"][name] = cross_validated(enc.hits[which], side.labels, args.folds, seed=0)
+            row = out["runs"][name] = cross_validated(enc.hits[which], side.labels, folds=args.folds, multi_layer=False)
             print(f"{name}: " + "  ".join(f"{k} {row[k]:.3f}" for k in row if k.endswith(("k5", "k10"))), flush=True)
     out["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.json).write_text(json.dumps(out, indent=1))

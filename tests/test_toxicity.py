@@ -96,6 +96,7 @@ def test_the_default_rule_is_the_best_balanced_accuracy_on_the_mining_texts():
     assert rules.choice["mining_f1"]["multi-k2"] == pytest.approx(8 / 9)
     assert rules.choice["mining_f1"]["layer3-k1"] == pytest.approx(6 / 7)
     assert rules.default == "layer3-k1"
+    assert rules.choice["default_by"] == "mining texts" and "cv_balanced_accuracy" not in rules.choice  # 4 + 4: no 5 folds
     # On a 6:2 set, k2 flags 7 of 8 texts (F1 12/13, balanced accuracy 0.75): F1 prefers it to k1, which flags the
     # first 4 positives only (F1 0.8, balanced accuracy (4/6 + 2/2) / 2 = 0.833)
     skewed = np.array([1, 1, 1, 1, 1, 1, 0, 0])
@@ -108,6 +109,40 @@ def test_the_default_rule_is_the_best_balanced_accuracy_on_the_mining_texts():
     assert rules.choice["mining_f1"]["layer3-k2"] == pytest.approx(12 / 13)
     assert rules.choice["mining_f1"]["layer3-k1"] == pytest.approx(0.8)
     assert rules.choice["mining_balanced_accuracy"]["layer3-k1"] == pytest.approx(5 / 6) and rules.default == "layer3-k1"
+
+
+def test_the_default_rule_is_the_best_in_cross_validation_when_the_mining_texts_allow_it(tmp_path):
+    """20 positive and 20 negative texts. Feature 0 fires on 16 positives and 2 negatives; features 1-4 each on one of
+    the 4 positives it misses. In-sample, layer3-k5 (feature 0 and the four) catches every positive: balanced accuracy
+    (20/20 + 18/20) / 2 = 0.95 against layer3-k1's (16/20 + 18/20) / 2 = 0.85. Left out, a text's own feature is never
+    mined on the other folds (it fires nowhere else), so k5 predicts what k1 predicts: the same CV score, and the tie
+    goes to the smaller rule."""
+    from tests.conftest import random_saes
+
+    from saescope.api.rules import cross_validated
+    from saescope.core.data.labelled import LabelledSet
+
+    labels = np.array([1] * 20 + [0] * 20)
+    table = np.zeros((40, 5), dtype=bool)
+    table[:16, 0] = True
+    table[[20, 21], 0] = True
+    for f, text in enumerate(range(16, 20), start=1):
+        table[text, f] = True
+    data = LabelledSet("planted", [f"text {i}" for i in range(40)], labels, [f"g{i}" for i in range(40)], [""] * 40)
+    saes = random_saes(8, [3], d_sae=5, k=1)
+    rules = make_ruleset(hits_of({3: table}), data, saes, model="m", sae="mem", ks=(1, 5), multi_layer=False, sparse=False)
+    assert rules.choice["mining_balanced_accuracy"] == {"layer3-k1": pytest.approx(0.85), "layer3-k5": pytest.approx(0.95)}
+    cv = rules.choice["cv_balanced_accuracy"]
+    assert rules.choice["default_by"] == "5-fold CV" and cv["layer3-k1"] == cv["layer3-k5"] and rules.default == "layer3-k1"
+    # each of the 5 stratified folds holds 4 positives and 4 negatives: feature 0 catches on average 16/20 of the left-out
+    # positives and rejects 18/20 of the negatives whichever fold they fall in
+    assert cv["layer3-k1"] == pytest.approx(0.85)
+    in_sample = make_ruleset(hits_of({3: table}), data, saes, model="m", sae="mem", ks=(1, 5), multi_layer=False,
+                             sparse=False, folds=0)
+    assert in_sample.default == "layer3-k5" and in_sample.choice["default_by"] == "mining texts"
+    assert cross_validated(hits_of({3: table[16:24]}), labels[16:24], (1,), sparse=False) is None  # 4 + 4: a fold is empty
+    rules.save(tmp_path / "rules.json")
+    assert RuleSet.load(tmp_path / "rules.json").choice["cv_balanced_accuracy"] == cv
 
 
 def test_mining_refuses_what_it_cannot_do():
@@ -546,7 +581,8 @@ def test_mine_classify_eval_through_the_library(tox_env):
         else:
             assert rule.decide(strongest)[0] == (r["decision"] == "positive")
     labelled = load_labelled(str(data))
-    enc = encode_labelled(Scope.load(str(sae_dir), layers=rule.layers), labelled, residual=False, progress=False)
+    enc = encode_labelled(Scope.load(str(sae_dir), layers=rule.layers), labelled, residual=False, progress=False,
+                          activations=rule.statistic is not None)
     assert classified.predictions == rule.predict(enc.hits["sae"]).tolist()  # the audit decides as the rule does
     assert classified.against_labels == scores(np.array(classified.predictions), labelled.labels)
     # a limit on a labelled set: a seeded sample, not the first rows (which are often all of one class)

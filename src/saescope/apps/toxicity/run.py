@@ -14,11 +14,19 @@ import numpy as np
 
 from saescope.api.controls import ControlOption
 from saescope.api.hits import encode_labelled, scores
-from saescope.api.rules import DEFAULT_KS, RuleSet, make_ruleset
+from saescope.api.rules import DEFAULT_FOLDS, DEFAULT_KS, RuleSet, make_ruleset
 from saescope.api.scope import SAE_HELP, ModelDtypeOption, SAEOptions, Scope
 from saescope.api.store import FeatureStore
 from saescope.apps.toxicity.classify import AuditLog, RuleClassifier
-from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, format_benchmark, format_transfer, group_subset, transfer_matrix
+from saescope.apps.toxicity.evaluate import (
+    BenchConfig,
+    benchmark,
+    format_benchmark,
+    format_transfer,
+    group_subset,
+    mine_each,
+    transfer_matrix,
+)
 from saescope.apps.toxicity.render import write_section
 from saescope.core.data.benchmarks import SharedDataOption
 from saescope.core.data.labelled import (
@@ -77,6 +85,8 @@ class MineConfig(SAEOptions, LayersOption, LabelledColumns, SharedDataOption):
     per_class: int | None = config_field(2000, "mine on at most this many texts of each class (a seeded sample; the "
                                          "report's 2,000 toxic and 2,000 clean); 0 = all", min=0)
     seed: int = config_field(0, "the seed of the split and of the fraction's draw", min=0)
+    folds: int = config_field(DEFAULT_FOLDS, "the default rule is the best in this many folds of cross-validation on the "
+                              "mining texts (1: on the mining texts themselves)", min=1)
     batch_size: int = config_field(32, "texts per batch", min=1)
     out: str | None = config_field(None, "rules file (default: SAE/toxicity/rules.json)", output="file")
 
@@ -112,8 +122,10 @@ class MineResult:
             else:
                 feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
             mark = "  <- default" if rule.name == r.default else ""
+            cv = r.choice.get("cv_balanced_accuracy", {}).get(rule.name)
+            held = f" ({r.choice['default_by']}: {cv:.3f})" if cv is not None else ""
             lines.append(f"  {rule.name:<14} on the mining texts F1 {r.choice['mining_f1'][rule.name]:.3f}, balanced accuracy "
-                         f"{r.choice['mining_balanced_accuracy'][rule.name]:.3f}: {feats}{mark}")
+                         f"{r.choice['mining_balanced_accuracy'][rule.name]:.3f}{held}: {feats}{mark}")
         lines.append(f"rules: {self.path}")
         return "\n".join(lines)
 
@@ -131,7 +143,7 @@ def run_mine(cfg: MineConfig) -> MineResult:
               "split": cfg.split, "fraction": cfg.fraction, "seed": cfg.seed, "data_hash": data.content_hash(),
               "per_class": cfg.per_class or None, "split_rule": split_rule(data) if cfg.split == "mine" else "none"}
     rules = make_ruleset(enc.hits["sae"], side, scope.saes, model=scope.lm.name, sae=str(cfg.sae), ks=sorted(set(cfg.rule_k)),
-                         threshold=cfg.threshold, mining=source)
+                         threshold=cfg.threshold, mining=source, folds=cfg.folds)
     rules.save(out)
     return MineResult(out, rules, side)
 
@@ -312,12 +324,14 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
     held_enc = encode(held_out) if same or langs else None
     target_data = None if same else cfg.load_labelled(cfg.data, cfg.shared_data)
     target_enc = held_enc if target_data is None else encode(group_split(target_data, seed=bench.seed)[1])
-    result = benchmark(mine_enc, target_enc, bench, rules=rules.rules)
+    mined = mine_each(mine_enc, bench)
+    result = benchmark(mine_enc, target_enc, bench, rules=rules.rules, mined=mined)
     loaded = [mining_data, *([target_data] if target_data is not None else [])]
     for spec in cfg.also:
         other = cfg.load_labelled(spec, cfg.shared_data)
         loaded.append(other)
-        scored = benchmark(mine_enc, encode(group_split(other, seed=bench.seed)[1]), bench, rules=rules.rules, curve=False)
+        scored = benchmark(mine_enc, encode(group_split(other, seed=bench.seed)[1]), bench, rules=rules.rules, curve=False,
+                           mined=mined)
         result.setdefault("also", {})[other.name] = {**scored, "split": f"held out: {split_rule(other)}"}
     warned = check_definitions(loaded)
     result.update(rules=str(cfg.rules), sae=sae, control_path=cfg.control, model=scope.lm.name)
