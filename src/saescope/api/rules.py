@@ -489,7 +489,7 @@ def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, SAE], *, 
     default = max(rules, key=lambda r: (round(bal[r.name], 6), -len(r.features))).name
     choice["default_by"] = f"{folds}-fold CV" if cv is not None else "mining texts"
     if cv is not None:
-        choice["cv_balanced_accuracy"] = {r.name: bal[r.name] for r in rules}
+        choice["cv_balanced_accuracy"] = {r.name: cv[generic_name(r.name)] for r in rules if generic_name(r.name) in cv}
     neg, pos = data.counts()
     # what `eval` needs to reload the data (run_mine gives the file and the split it mined on; a caller that gives
     # nothing mined on all of `data`, under its name)
