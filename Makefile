@@ -42,7 +42,7 @@ demo: setup
 	$(BIN)/saescope inspect --sae runs/demo --texts mgsm_fr --baseline mgsm_en --limit 60 --layers 5,15,25 --top 5 \
 		--control runs/demo/control $(DEMO_DTYPE)
 	$(BIN)/saescope inspect --sae runs/demo --texts "She said, “I will be there tomorrow.”" --layers 15 --top 5 $(DEMO_DTYPE)
-	$(BIN)/saescope toxicity mine --sae runs/demo --data en_olid --layers 5,10,15 $(DEMO_DTYPE)
+	$(BIN)/saescope toxicity mine --sae runs/demo --data en_olid --layers 5,10,15 --control runs/demo/control $(DEMO_DTYPE)
 	$(BIN)/saescope toxicity eval --rules runs/demo/toxicity/rules.json --control runs/demo/control --draws 3 \
 		--also en_hasoc2019 --also hatecheck_en $(DEMO_DTYPE)
 	$(BIN)/saescope toxicity classify --rules runs/demo/toxicity/rules.json --texts fr_ftr_racism --limit 500 $(DEMO_DTYPE)

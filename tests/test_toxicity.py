@@ -737,3 +737,68 @@ def test_natural_bad_input_is_one_line(tiny_qwen3, tmp_path):
     with pytest.raises(ParamError, match="unknown set 'klingon'"):
         RulesEvalConfig(rules="r.json", transfer=["natural", "klingon"]).languages()
     assert RulesEvalConfig(rules="r.json", transfer=["natural"]).languages()[:2] == ["en_olid", "de_germeval2018"]
+
+
+def test_mine_with_a_control_keeps_the_encoding_that_eval_reads_back(tiny_qwen3, tmp_path, monkeypatch):
+    """`mine --control`: each rule's CV figure beside the control's, and the mining side's encoding kept beside the
+    rules; `eval` reads it back (one encode less) and scores exactly as when it encodes afresh; under another control
+    it encodes afresh."""
+    from saescope.apps.toxicity import MineConfig, RulesEvalConfig, run_mine, run_rules_eval
+    from saescope.apps.toxicity import run as tox_run
+
+    shared_file(SHARED / "toxicity" / "natural" / "en_olid.jsonl")
+    sae_dir = save_saes(random_saes(64, [1, 2], model=str(tiny_qwen3)), tmp_path / "saes")
+    control_dir = save_saes(random_saes(64, [1, 2], model=str(tiny_qwen3), seed=7), tmp_path / "control")
+    other_dir = save_saes(random_saes(64, [1, 2], model=str(tiny_qwen3), seed=8), tmp_path / "other")
+    rules = tmp_path / "r.json"
+    mined = run_mine(MineConfig(sae=str(sae_dir), data="en_olid", per_class=30, rule_k=[1, 2], out=str(rules),
+                                control=str(control_dir)))
+    kept = tmp_path / "r.mining-encoded.npz"
+    assert kept.is_file() and set(mined.rules.choice["cv_balanced_accuracy_control"]) >= {"layer-k1", "both-k2"}
+    assert ", control 0." in mined.text()
+    calls = []
+    real = tox_run.encode_labelled
+    monkeypatch.setattr(tox_run, "encode_labelled", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+
+    def evaluate(control: Path) -> dict:
+        calls.clear()
+        got = run_rules_eval(RulesEvalConfig(rules=str(rules), control=str(control), fractions=[0.5, 1.0], draws=2,
+                                             json=str(tmp_path / "e.json"))).result
+        return {k: v for k, v in got.items() if k != "control_path"}
+
+    cached = evaluate(control_dir)
+    assert len(calls) == 1 and "[eval]" in calls[0]  # only the held-out side was encoded
+    kept.rename(tmp_path / "aside.npz")
+    fresh = evaluate(control_dir)
+    assert len(calls) == 2 and fresh == cached
+    (tmp_path / "aside.npz").rename(kept)
+    evaluate(other_dir)
+    assert len(calls) == 2  # another control: its encoding is not the kept one
+
+
+def test_an_encoding_is_read_back_only_under_its_key(tmp_path):
+    from saescope.api.hits import EncodedSet, load_encoded, save_encoded
+    from saescope.core.data.labelled import LabelledSet
+
+    table = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=bool)
+    means = {3: np.array([[0.5, 0, 0.25], [0, 2.0, 1.0], [0.75, 0.5, 0]])}
+    data = LabelledSet("three", ["a", "b", "c"], np.array([1, 0, 1]), ["a", "b", "c"], [""] * 3)
+    import torch
+
+    maxima = np.array([[1.5, 0, 0.5], [0, 3.0, 2.0], [1.0, 0.75, 0]])  # a float table: activations too
+    enc = EncodedSet(data, {"sae": hits_of({3: maxima}, means), "control": hits_of({3: ~table})},
+                     {3: torch.arange(6, dtype=torch.float16).reshape(3, 2)})
+    path = tmp_path / "enc.npz"
+    save_encoded(path, enc, {"data": "h", "sae": {"3": "f"}})
+    back = load_encoded(path, data, {"data": "h", "sae": {"3": "f"}})
+    assert back is not None and set(back.hits) == {"sae", "control"} and torch.equal(back.residual[3], enc.residual[3])
+    for name in ("sae", "control"):
+        assert np.array_equal(back.hits[name].layer(3), enc.hits[name].layer(3))
+    for statistic in ("max", "mean"):
+        assert np.array_equal(back.hits["sae"].activations[3].columns([0, 1, 2], statistic),
+                              enc.hits["sae"].activations[3].columns([0, 1, 2], statistic))
+    assert load_encoded(path, data, {"data": "other", "sae": {"3": "f"}}) is None  # another key
+    assert load_encoded(path, data.subset(np.array([True, True, False]), "two"), {"data": "h", "sae": {"3": "f"}}) is None
+    path.write_bytes(b"not an npz")
+    assert load_encoded(path, data, {"data": "h", "sae": {"3": "f"}}) is None
+    assert load_encoded(tmp_path / "none.npz", data, {}) is None

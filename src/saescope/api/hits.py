@@ -12,8 +12,11 @@ compressed rows), what a rule that weighs activations reads.
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ import torch
 from saescope.api.scope import Scope
 from saescope.core.data.labelled import LabelledSet
 from saescope.core.errors import SaescopeError
+from saescope.core.files import atomic_write_bytes
 from saescope.core.sae import SAE
 
 STATISTICS = ("max", "mean")  # of a feature's activations over a text's kept tokens, what a weighted rule reads
@@ -168,6 +172,51 @@ def encode_labelled(scope: Scope, data: LabelledSet, *, layers: Sequence[int] | 
     hits = {name: FeatureHits(packed[name], {n: s[n].cfg.d_sae for n in layers}, n_texts, acts.get(name, {}))
             for name, s in sets.items()}
     return EncodedSet(data, hits, res)
+
+
+ENCODED_FORMAT = "saescope-encoded-hits-1"
+
+
+def save_encoded(path: Path, enc: EncodedSet, key: dict) -> None:
+    """Write an EncodedSet's hits, activations and residuals (not its texts) with `key`, what they were encoded from and
+    with; `load_encoded` gives them back only under an equal key. Written whole or not at all."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, h in enc.hits.items():
+        for n in h.layers:
+            arrays[f"{name}/{n}/packed"] = h.packed[n]
+            if n in h.activations:
+                a = h.activations[n]
+                arrays.update({f"{name}/{n}/indptr": a.indptr, f"{name}/{n}/features": a.features, f"{name}/{n}/values": a.values})
+                if a.means is not None:
+                    arrays[f"{name}/{n}/means"] = a.means
+    for n, r in enc.residual.items():
+        arrays[f"residual/{n}"] = r.numpy()
+    meta = {"format": ENCODED_FORMAT, "key": key, "n": len(enc.data),
+            "d_sae": {name: {str(n): d for n, d in h.d_sae.items()} for name, h in enc.hits.items()}}
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_encoded(path: Path, data: LabelledSet, key: dict) -> EncodedSet | None:
+    """What `save_encoded` wrote at `path`, as the EncodedSet of `data`, when its key equals `key` and it holds as many
+    texts; None otherwise (no file, another key, an unreadable file): the caller encodes afresh."""
+    try:
+        with np.load(path) as z:
+            meta = json.loads(z["__meta__"].tobytes())
+            if meta.get("format") != ENCODED_FORMAT or meta.get("key") != key or meta.get("n") != len(data):
+                return None
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    hits = {}
+    for name, widths in meta["d_sae"].items():
+        d_sae = {int(n): int(d) for n, d in widths.items()}
+        acts = {n: TextActivations(arrays[f"{name}/{n}/indptr"], arrays[f"{name}/{n}/features"], arrays[f"{name}/{n}/values"],
+                                   d_sae[n], arrays.get(f"{name}/{n}/means")) for n in d_sae if f"{name}/{n}/indptr" in arrays}
+        hits[name] = FeatureHits({n: arrays[f"{name}/{n}/packed"] for n in d_sae}, d_sae, len(data), acts)
+    residual = {int(k.split("/")[1]): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("residual/")}
+    return EncodedSet(data, hits, residual)
 
 
 def _gathered(parts: tuple[list, list, list, list], n_texts: int, d_sae: int) -> TextActivations:

@@ -389,7 +389,8 @@ class RuleSet:
         check_record(obj["choice"], {"layer_best_delta": Field(dict), "chosen_layer": Field(int, min=0),
                                      "mining_f1": Field(dict), "mining_balanced_accuracy": Field(dict),
                                      "default_by": Field(str, required=False),
-                                     "cv_balanced_accuracy": Field(dict, required=False)}, f"{origin}: choice")
+                                     "cv_balanced_accuracy": Field(dict, required=False),
+                                     "cv_balanced_accuracy_control": Field(dict, required=False)}, f"{origin}: choice")
         check_record(obj["mining"], MINING_RECORD, f"{origin}: mining")
         fingerprints = {}
         for key, fp in obj["fingerprints"].items():

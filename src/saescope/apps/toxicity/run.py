@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from saescope.api.controls import ControlOption
-from saescope.api.hits import encode_labelled, scores
-from saescope.api.rules import DEFAULT_FOLDS, DEFAULT_KS, RuleSet, make_ruleset
+from saescope.api.hits import encode_labelled, load_encoded, save_encoded, scores
+from saescope.api.rules import DEFAULT_FOLDS, DEFAULT_KS, RuleSet, cross_validated, generic_name, make_ruleset
 from saescope.api.scope import SAE_HELP, ModelDtypeOption, SAEOptions, Scope
 from saescope.api.store import FeatureStore
 from saescope.apps.toxicity.classify import AuditLog, RuleClassifier
@@ -45,10 +45,11 @@ from saescope.core.data.labelled import (
 )
 from saescope.core.errors import ParamError, SaescopeError
 from saescope.core.files import atomic_write_json
-from saescope.core.io import RunDir, load_saes
+from saescope.core.io import RunDir, fingerprint, load_saes
 from saescope.core.io.lock import holding_lock
 from saescope.core.layers import LayersOption
 from saescope.core.models import load_model
+from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import SAE
 from saescope.core.schema import REQUIRED, config_field, escape
 
@@ -72,8 +73,10 @@ def mining_side(data: LabelledSet, split: str, fraction: float, seed: int, per_c
 
 
 @dataclass(kw_only=True)
-class MineConfig(SAEOptions, LayersOption, LabelledColumns, SharedDataOption):
-    """`saescope toxicity mine`: rank features by P(fire | toxic) - P(fire | clean) and write the top-K rules."""
+class MineConfig(SAEOptions, LayersOption, LabelledColumns, ControlOption, SharedDataOption):
+    """`saescope toxicity mine`: rank features by P(fire | toxic) - P(fire | clean) and write the top-K rules; with
+    --control, each rule's cross-validated figure beside the control's same rule, and the mining side's encoding kept
+    for `toxicity eval` (one LM pass for both)."""
 
     data: str = config_field(REQUIRED, LABEL_HELP)
     rule_k: list[int] = config_field(list(DEFAULT_KS), "rule sizes to mine: each rule is the K features of largest delta",
@@ -112,6 +115,7 @@ class MineResult:
         r = self.rules
         lines = [f"mined on {self.side.name}: {len(self.side)} texts ({self.side.counts()[1]} positive); layer chosen by "
                  f"top1-diff: {r.choice['chosen_layer']}"]
+        control = r.choice.get("cv_balanced_accuracy_control", {})
         for rule in r.rules:
             if rule.weights:  # sparse and weighted rules; the weighted kinds' weights are per their features' scales
                 reads = rule.reads or ("",) * len(rule.scales)  # a "both" rule names each term's statistic
@@ -123,7 +127,8 @@ class MineResult:
                 feats = ", ".join(f"L{f.layer}/{f.feature} ({f.delta:+.2f})" for f in rule.features)
             mark = "  <- default" if rule.name == r.default else ""
             cv = r.choice.get("cv_balanced_accuracy", {}).get(rule.name)
-            held = f" ({r.choice['default_by']}: {cv:.3f})" if cv is not None else ""
+            beside = f", control {control[generic_name(rule.name)]:.3f}" if generic_name(rule.name) in control else ""
+            held = f" ({r.choice['default_by']}: {cv:.3f}{beside})" if cv is not None else ""
             lines.append(f"  {rule.name:<14} on the mining texts F1 {r.choice['mining_f1'][rule.name]:.3f}, balanced accuracy "
                          f"{r.choice['mining_balanced_accuracy'][rule.name]:.3f}{held}: {feats}{mark}")
         lines.append(f"rules: {self.path}")
@@ -136,16 +141,38 @@ def run_mine(cfg: MineConfig) -> MineResult:
     side = mining_side(data, cfg.split, cfg.fraction, cfg.seed, cfg.per_class or None)
     out = cfg.output()
     scope = cfg.load_scope(cfg.layer_list())
-    enc = encode_labelled(scope, side, threshold=cfg.threshold, residual=False, activations=True,
-                          batch_size=cfg.batch_size)
+    control = cfg.load_control(scope.saes)
+    # with a control, encoded as `toxicity eval` encodes its mining side (residuals too), and kept for it
+    enc = encode_labelled(scope, side, control=control, threshold=cfg.threshold, residual=control is not None,
+                          activations=True, batch_size=cfg.batch_size)
     source = {"data": cfg.data if side.language or not Path(cfg.data).is_file() else str(Path(cfg.data).resolve()),
               "columns": {"text": cfg.text_column, "label": cfg.label_column, "group": cfg.group_column},
               "split": cfg.split, "fraction": cfg.fraction, "seed": cfg.seed, "data_hash": data.content_hash(),
               "per_class": cfg.per_class or None, "split_rule": split_rule(data) if cfg.split == "mine" else "none"}
     rules = make_ruleset(enc.hits["sae"], side, scope.saes, model=scope.lm.name, sae=str(cfg.sae), ks=sorted(set(cfg.rule_k)),
                          threshold=cfg.threshold, mining=source, folds=cfg.folds)
+    if control is not None and cfg.folds > 1:
+        cv = cross_validated(enc.hits["control"], side.labels, sorted(set(cfg.rule_k)), folds=cfg.folds)
+        if cv is not None:
+            rules.choice["cv_balanced_accuracy_control"] = cv
     rules.save(out)
+    if control is not None:
+        save_encoded(encoded_path(out), enc, encoded_key(scope, control, side, cfg.threshold, cfg.batch_size))
     return MineResult(out, rules, side)
+
+
+def encoded_path(rules: Path) -> Path:
+    """Where `toxicity mine --control` keeps the mining side's encoding, beside its rules file."""
+    return rules.with_name(f"{rules.stem}.mining-encoded.npz")
+
+
+def encoded_key(scope: Scope, control: dict[int, SAE] | None, side: LabelledSet, threshold: float, batch_size: int) -> dict:
+    """Everything an encoding of `side` depends on: texts and labels, model and dtype, each SAE and control layer by its
+    fingerprint, the threshold and the batches (bf16 sums differ in the last bit with how texts are padded together)."""
+    return {"data": side.content_hash(), "model": scope.lm.name, "dtype": DTYPE_NAMES[scope.lm.dtype],
+            "threshold": threshold, "batch_size": batch_size,
+            "sae": {str(n): fingerprint(s) for n, s in sorted(scope.saes.items())},
+            "control": {str(n): fingerprint(c) for n, c in sorted((control or {}).items()) if n in scope.saes}}
 
 
 def rules_saes(rules: RuleSet, sae: str | None, layers: list[int], origin: str) -> tuple[dict[int, SAE], str]:
@@ -319,7 +346,10 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
 
     held_out = group_split(mining_data, seed=bench.seed)[1]
     mine_side = mining_side(mining_data, "mine", 1.0, bench.seed, rules.mining.get("per_class"))
-    mine_enc = encode(mine_side)
+    # `mine --control` kept this side's encoding: used when everything it depends on is the same
+    mine_enc = (load_encoded(encoded_path(Path(cfg.rules)), mine_side,
+                             encoded_key(scope, control, mine_side, rules.threshold, cfg.batch_size))
+                or encode(mine_side))
     same = not cfg.data or cfg.data == source or (builtin_name(source) is not None and builtin_name(cfg.data) == builtin_name(source))
     held_enc = encode(held_out) if same or langs else None
     target_data = None if same else cfg.load_labelled(cfg.data, cfg.shared_data)
