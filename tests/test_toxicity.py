@@ -799,6 +799,9 @@ def test_an_encoding_is_read_back_only_under_its_key(tmp_path):
                               enc.hits["sae"].activations[3].columns([0, 1, 2], statistic))
     assert load_encoded(path, data, {"data": "other", "sae": {"3": "f"}}) is None  # another key
     assert load_encoded(path, data.subset(np.array([True, True, False]), "two"), {"data": "h", "sae": {"3": "f"}}) is None
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # a zip cut short
+    assert load_encoded(path, data, {"data": "h", "sae": {"3": "f"}}) is None
     path.write_bytes(b"not an npz")
     assert load_encoded(path, data, {"data": "h", "sae": {"3": "f"}}) is None
     assert load_encoded(tmp_path / "none.npz", data, {}) is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,7 +208,7 @@ def load_encoded(path: Path, data: LabelledSet, key: dict) -> EncodedSet | None:
             if meta.get("format") != ENCODED_FORMAT or meta.get("key") != key or meta.get("n") != len(data):
                 return None
             arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # unreadable: encoded afresh, never a traceback
         return None
     hits = {}
     for name, widths in meta["d_sae"].items():
