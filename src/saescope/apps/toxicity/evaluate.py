@@ -185,17 +185,20 @@ def benchmark(mine: EncodedSet, target: EncodedSet, cfg: BenchConfig, *, rules: 
     return out
 
 
-def transfer_matrix(sides: dict[str, tuple[EncodedSet, EncodedSet]], cfg: BenchConfig) -> dict:
+def transfer_matrix(sides: dict[str, tuple[EncodedSet, EncodedSet]], cfg: BenchConfig,
+                    mined: dict[str, Mined] | None = None) -> dict:
     """sides: per language, (mining side, evaluation side). Rules (and the baselines) mined on each language's
-    mining side, scored on every language's evaluation side: {set: {source: {target: {rule kind-K: F1}}}}."""
+    mining side, scored on every language's evaluation side: {set: {source: {target: {rule kind-K: F1}}}}. `mined`:
+    per language, what mine_each already gave for its mining side."""
     out: dict[str, dict] = {}
     langs = list(sides)
     for source in langs:
         mine = sides[source][0]
         targets = [sides[t][1] for t in langs]
         layer = None
+        own = (mined or {}).get(source) or mine_each(mine, cfg)
         for name in mine.hits:
-            rules, choice = mine_rules(mine.hits[name], mine.data.labels, cfg.ks, origin=mine.data.name)
+            rules, choice = own[name]
             if name == "sae":
                 layer = choice["chosen_layer"]  # the probe reads the SAE rule's layer
             row = out.setdefault(name, {}).setdefault(source, {})

@@ -373,7 +373,7 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
                 loaded.append(load)
                 sides[name] = (encode(mining_side(load, "mine", 1.0, bench.seed, rules.mining.get("per_class"))),
                                encode(group_split(load, seed=bench.seed)[1]))
-        result["transfer"] = transfer_matrix(sides, bench)
+        result["transfer"] = transfer_matrix(sides, bench, {_side_name(mining_data): mined})
         warned = check_definitions(loaded) or warned
     result["split"] = f"held out: {split_rule(target_data if target_data is not None else mining_data)}"
     if warned:
