@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--multipliers", default="1,2,3,4", help="multiples of the default learning rate of each budget")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--dead-tokens", type=int, default=None, help="train's --dead-tokens (default: train's)")
+    p.add_argument("--auxk-share", type=float, default=1.0, help="train's --auxk-share (runs below 1 are named -aSHARE)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step (default: train's, which follows the budget); more steps, same tokens")
     p.add_argument("--fvu-tokens", type=int, default=16384, help="held-out tokens per domain")
@@ -83,7 +84,8 @@ def main() -> None:
         for m in multipliers:
             for seed in _ints(a.seeds):
                 name = (f"{a.preset}-t{budget}" + (f"-b{a.batch_size}" if a.batch_size else "")
-                        + (f"-d{a.dead_tokens}" if a.dead_tokens else "") + f"-x{m:g}-s{seed}")
+                        + (f"-d{a.dead_tokens}" if a.dead_tokens else "")
+                        + (f"-a{a.auxk_share:g}" if a.auxk_share < 1 else "") + f"-x{m:g}-s{seed}")
                 run = Path(a.work) / name
                 runs[name] = run
                 if read_summary(run) is None:
@@ -93,12 +95,13 @@ def main() -> None:
                     start = time.perf_counter()
                     run_train(TrainConfig(activations=a.cache, layers=str(a.layer), preset=a.preset, max_tokens=budget,
                                           batch_size=a.batch_size, dead_tokens=a.dead_tokens, seed=seed, lr=lr,
-                                          out=str(run)))
+                                          auxk_share=a.auxk_share, out=str(run)))
                     print(f"{name}: lr {lr:.3g}, trained in {time.perf_counter() - start:.0f} s")
                 train_cfg = json.loads((run / "train.json").read_text())
                 log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()[-5:]]
                 out["runs"].setdefault(name, {}).update(
                     budget=budget, multiplier=m, seed=seed, lr=train_cfg["lr"], batch_size=train_cfg["batch_size"],
+                    auxk_share=train_cfg.get("auxk_share", 1.0), train_s=read_summary(run).get("elapsed_s"),
                     dead_tokens=train_cfg["dead_tokens"],
                     steps=read_summary(run)["steps"],  # the train FVU: the last 5 logged steps' mean
                     train_fvu=statistics.mean(e["layers"][str(a.layer)]["fvu"] for e in log))
@@ -124,7 +127,8 @@ def main() -> None:
     for budget in _ints(a.budgets):
         for m in multipliers:
             rows = [r for r in out["runs"].values() if r["budget"] == budget and r["multiplier"] == m and "fvu" in r
-                    and (a.batch_size is None or r["batch_size"] == a.batch_size)]
+                    and (a.batch_size is None or r["batch_size"] == a.batch_size)
+                    and r.get("auxk_share", 1.0) == a.auxk_share]
             if rows:
                 mean = lambda key: statistics.mean(r["fvu"][key] for r in rows)  # noqa: E731
                 print(f"{budget:>8} {rows[0]['steps']:>6} {m:>5g} {rows[0]['lr']:>9.3g} {statistics.mean(r['train_fvu'] for r in rows):>7.4f} "

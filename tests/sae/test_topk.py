@@ -64,6 +64,41 @@ def test_forward_and_gradients_match_dense_reference(with_dead, d_sae, workspace
         assert torch.allclose(g, w, **tol)
 
 
+@pytest.mark.parametrize("share,rows", [(0.25, 8), (0.3, 10), (0.01, 2)])
+@pytest.mark.parametrize("weighted,centred", [(False, False), (True, False), (True, True)])
+def test_sampled_auxk_is_the_dense_reference_on_the_first_rows(share, rows, weighted, centred):
+    """auxk_share < 1: AuxK over the first ceil(share x tokens) tokens only, the same loss and gradients as the dense
+    reference computed on those tokens; the reconstruction loss still reads every token, and AuxK's gradient reaches
+    the dead latents' rows alone."""
+    sae = _sae(d_sae=64, dtype=torch.float64)
+    sae.centred = centred
+    x = torch.randn(32, 16, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[5:25] = True
+    weights = (torch.rand(32, generator=torch.Generator().manual_seed(3)) > 0.2).double() if weighted else None
+    out = sae(x, dead, weights=weights, auxk_share=share)
+    out.auxk_fvu.backward()
+    got_enc, got_dec = sae.W_enc.grad.clone(), sae.W_dec.grad.clone()
+    sae.zero_grad()
+    full = sae(x, None, weights=weights)
+    assert torch.allclose(out.fvu, full.fvu, atol=1e-12) and torch.allclose(out.x_hat, full.x_hat, atol=1e-12)
+    keep = torch.ones(rows, dtype=torch.bool) if weights is None else weights[:rows] > 0
+    x_hat = full.x_hat.detach()
+    pre = (x[:rows] - sae.b_dec) @ sae.W_enc.T + sae.b_enc if sae.centred else x[:rows] @ sae.W_enc.T + sae.b_enc
+    k_aux = min(sae.cfg.d_model // 2, 20)
+    av, ai = pre.masked_fill(~dead, float("-inf")).topk(k_aux, -1)
+    za = torch.zeros_like(pre).scatter(-1, ai, av.relu())
+    e = (x[:rows] - x_hat[:rows])[keep]
+    want = ((za[keep] @ sae.W_dec - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    if len(e) < 2:  # one kept token: no variance to explain, no loss (and no NaN)
+        assert float(out.auxk_fvu) == 0
+        return
+    assert torch.allclose(out.auxk_fvu, want, atol=1e-12)
+    want.backward()
+    assert torch.allclose(got_enc, sae.W_enc.grad, atol=1e-12) and torch.allclose(got_dec, sae.W_dec.grad, atol=1e-12)
+    assert got_enc[~dead].abs().max() == 0 and got_dec[~dead].abs().max() == 0 and got_enc[dead].abs().max() > 0
+
+
 def test_encode_by_hand():
     """Two latents, k=1, numbers worked out on paper."""
     sae = TopKSAE(SAEConfig(2, 3, 1))

@@ -43,6 +43,8 @@ PRESET_SHAPES = {"16x-k50": (16, 50), "16x-k100": (16, 100), "64x-k100": (64, 10
     ("lr_decay_frac", -0.1, r"lr_decay_frac must be >= 0"),
     ("outlier_factor", -1, r"outlier_factor must be >= 0, got -1"),
     ("auxk_alpha", -0.5, r"auxk_alpha must be >= 0"),
+    ("auxk_share", 0.0, r"auxk_share must be > 0, got 0"),
+    ("auxk_share", 1.5, r"auxk_share must be <= 1, got 1.5"),
     ("model_dtype", "int4", r"model_dtype must be one of .*, got 'int4'"),
     ("sae_dtype", "fp8", r"sae_dtype must be one of .*, got 'fp8'"),
     ("preset", "3x", r"preset must be one of .*, got '3x'"),
@@ -61,6 +63,7 @@ def test_each_bad_field_is_refused_by_name(field, value, message):
     ("ctx_len", 2), ("batch_size", 1), ("k", 1), ("lr", 1e-12), ("lr_decay_frac", 0.0), ("lr_decay_frac", 1.0),
     ("outlier_factor", 0.0), ("auxk_alpha", 0.0), ("seed", 0), ("data_seed", 0), ("preset", None), ("layers", "all"),
     ("layers", "0,5,10-20"), ("layers", "7-7"), ("lr", 1),  # an int where a float is expected is a number too
+    ("auxk_share", 1.0), ("auxk_share", 0.01),
 ])
 def test_edge_values_are_accepted(field, value):
     assert getattr(TrainConfig(**{field: value}), field) == value
@@ -181,7 +184,8 @@ KINDS = {
                      "model_device_map", "decoder_init", "arch", "activations", "decoder"), str),
     **dict.fromkeys(("expansion", "k", "ctx_len", "batch_size", "max_tokens", "dead_tokens", "checkpoint_every",
                      "log_every", "seed", "data_seed", "shuffle_buffer", "activation_buffer"), int),
-    **dict.fromkeys(("lr", "lr_decay_frac", "auxk_alpha", "outlier_factor", "l0_coef", "per_token_warmup"), float),
+    **dict.fromkeys(("lr", "lr_decay_frac", "auxk_alpha", "auxk_share", "outlier_factor", "l0_coef", "per_token_warmup"),
+                    float),
     **dict.fromkeys(("skip_first_token", "load_in_8bit", "centre_encoder"), bool),
     "extra": dict,
 }

@@ -133,11 +133,14 @@ def test_nonfinite_batch_is_skipped_and_counted(tiny_qwen3, text_file, tmp_path,
     assert all(torch.isfinite(p).all() for s in load_saes(tmp_path).values() for p in s.parameters())
 
 
-def test_auxk_and_outlier_filter(tiny_qwen3, text_file, tmp_path):
-    tr = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, layers="1", dead_tokens=64, outlier_factor=1.0, max_tokens=32 * 4 * 8))
+@pytest.mark.parametrize("auxk_share", [1.0, 0.25])
+def test_auxk_and_outlier_filter(tiny_qwen3, text_file, tmp_path, auxk_share):
+    tr = Trainer(_cfg(tiny_qwen3, text_file, tmp_path, layers="1", dead_tokens=64, outlier_factor=1.0, max_tokens=32 * 4 * 8,
+                      auxk_share=auxk_share))
     summary = tr.fit()
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert any(rec["layers"]["1"]["auxk"] > 0 for rec in log)
+    assert json.loads((tmp_path / "train.json").read_text())["auxk_share"] == auxk_share
     # a threshold at the median drops about half the tokens
     assert 0.3 < summary["layers"][1]["dropped"] / summary["layers"][1]["seen"] < 0.7
 

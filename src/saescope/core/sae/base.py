@@ -219,7 +219,7 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor, dead: Tensor | None = None, *, n_dead: int | None = None,
                 weights: Tensor | None = None, variance: Tensor | None = None,
-                workspace: Workspace | None = None) -> ForwardOutput:
+                workspace: Workspace | None = None, auxk_share: float = 1.0) -> ForwardOutput:
         """Training forward on (tokens, d_model): reconstruction, FVU, the AuxK loss on `dead` latents, and the kind's
         own loss term.
 
@@ -228,18 +228,24 @@ class SAE(nn.Module):
         denominator, sum w |x - mean(x)|^2; pass it when x is one shard of a larger batch so that the
         shards' losses add up to the whole batch's. `n_dead` saves a sync when the caller knows it.
         `workspace` holds the pre-activations between steps (see `fast.Workspace`; the reference ignores it).
+        `auxk_share` < 1 computes AuxK on the batch's first ceil(share x tokens) tokens (at least 2) only (a trainer's batches are
+        shuffled, so they are a sample), densely over the dead latents (`_sampled_auxk`): its cost falls with the share.
         """
         x = x.to(self.W_enc.dtype)
         if dead is not None and n_dead is None:
             n_dead = int(dead.sum())
         k_aux = min(self.cfg.d_model // 2, n_dead or 0) if self.uses_auxk else 0
-        code, aux = self.train_code(x, dead, k_aux, workspace, None if weights is None else weights > 0)
+        sampled = k_aux > 0 and auxk_share < 1
+        code, aux = self.train_code(x, None if sampled else dead, 0 if sampled else k_aux, workspace,
+                                    None if weights is None else weights > 0)
         x_hat = self.decode(code)
         w = weights.to(x.dtype)[:, None] if weights is not None else None
         if variance is None:
             variance = centred_sum_sq(x, w)
         fvu = weighted_sq_error(x_hat, x, weights) / variance
-        if k_aux > 0:
+        if sampled:
+            auxk = self._sampled_auxk(x, x_hat, dead, n_dead, k_aux, weights, auxk_share)
+        elif k_aux > 0:
             # The dead latents learn to predict the live latents' residual (Gao et al. section A.2).
             residual = (x - x_hat).detach()
             aux_hat = (sparse_decode(aux.indices, aux.values, self.W_dec, gather_dtype=self.compute_dtype) if self.fused
@@ -250,6 +256,24 @@ class SAE(nn.Module):
         else:
             auxk = fvu.new_zeros(())
         return ForwardOutput(x_hat, code, fvu, auxk, self.extra_loss(x, code, w, variance))
+
+    def _sampled_auxk(self, x: Tensor, x_hat: Tensor, dead: Tensor, n_dead: int, k_aux: int, weights: Tensor | None,
+                      share: float) -> Tensor:
+        """AuxK on the first ceil(share x tokens) tokens, as dense products over the dead latents alone: the same loss
+        as the full batch's in expectation, at share x (tokens x dead) the cost, where the full batch's sparse
+        gathers of k_aux latents per token cost as much as the rest of the step (bench/RESULTS.md, "AuxK on a sample")."""
+        m = min(x.shape[0], max(2, math.ceil(share * x.shape[0])))  # one token has no variance to explain
+        idx = dead.nonzero().squeeze(1)
+        xs, residual = x[:m], (x[:m] - x_hat[:m]).detach()
+        cd = self.compute_dtype
+        pre = F.linear(self.encoder_input(xs).to(cd), self.W_enc[idx].to(cd), self.b_enc[idx].to(cd))
+        values, chosen = pre.topk(k_aux, dim=1, sorted=False)
+        z = torch.zeros_like(pre).scatter(1, chosen, values.relu())
+        aux_hat = (z @ self.W_dec[idx].to(cd)).to(x.dtype)
+        w = weights[:m] if weights is not None else None
+        scale = min(n_dead / k_aux, 1.0)
+        auxk = scale * weighted_sq_error(aux_hat, residual, w) / centred_sum_sq(residual, None if w is None else w.to(x.dtype)[:, None])
+        return torch.nan_to_num(auxk, nan=0.0)
 
     # ---- the decoder-norm constraint ----
     @torch.no_grad()

@@ -415,7 +415,8 @@ class Trainer:
                 dist.broadcast(t, src=0)
         with part("sae_forward"):
             dead = st.since_fired >= self.cfg.dead_tokens if n_dead else None
-            out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance, workspace=self.workspace)
+            out = sae(x, dead, n_dead=n_dead, weights=w, variance=variance, workspace=self.workspace,
+                      auxk_share=self.cfg.auxk_share)
             loss = out.fvu + self.cfg.auxk_alpha * out.auxk_fvu
             if out.extra is not None:
                 loss = loss + out.extra
