@@ -338,3 +338,22 @@ def test_a_control_is_of_the_sae_s_kind_and_keeps_k_per_token(kind):
     assert control.cfg.k == sae.k
     x = _x()
     assert torch.equal((control.encode(x).values > 0).sum(1), torch.full((x.shape[0],), sae.k))
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINABLE_KINDS))
+def test_sampled_auxk_trains_the_dead_latents_of_every_kind_that_uses_auxk(kind):
+    """`auxk_share` below 1 runs for every trainable kind: AuxK's gradient reaches the dead latents' decoder rows and no
+    other's; a kind without AuxK (JumpReLU's L0 loss) reports none, sampled or not."""
+    sae = make_sae(SAEConfig(16, 64, 4, kind=kind))
+    sae.init_tied(torch.Generator().manual_seed(0))
+    sae.per_token = False
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:30] = True
+    out = sae(x, dead, auxk_share=0.25)
+    if not type(sae).uses_auxk:
+        assert float(out.auxk_fvu) == 0
+        return
+    out.auxk_fvu.backward()
+    assert float(out.auxk_fvu) > 0
+    assert sae.W_dec.grad[~dead].abs().max() == 0 and sae.W_dec.grad[dead].abs().max() > 0
