@@ -17,7 +17,7 @@ from saescope.api.hits import FeatureHits, TextActivations, encode_labelled, sco
 from saescope.api.rules import RuleSet, make_ruleset, mine_rules, sparse_logistic
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
-from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, format_transfer, group_subset, transfer_matrix
+from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, by_definition, format_transfer, group_subset, transfer_matrix
 from saescope.core.data.labelled import group_split, load_labelled, text_source
 from saescope.core.errors import SaescopeError
 from saescope.core.models import load_model, token_strings
@@ -534,12 +534,36 @@ def test_benchmark_and_transfer_on_a_tiny_model(tiny_qwen3, hate_sample):
     matrix = transfer_matrix({"a": (m, h), "b": (h, m)}, cfg)
     assert matrix["sae"]["a"]["a"]["f1"]["layer-k1"] == pytest.approx(full)
     assert matrix["always positive"]["a"]["balanced_accuracy"] == 0.5
-    assert set(matrix) == {"sae", "control", "probe", "lexical", "always positive", "sizes"}
+    assert set(matrix) == {"sae", "control", "probe", "lexical", "always positive", "sizes", "definitions", "by_definition"}
     assert matrix["sizes"]["a"] == {"mine": {"texts": len(m.data), "positive": int(m.data.labels.sum())},
                                     "held_out": {"texts": len(h.data), "positive": int(h.data.labels.sum())}}
     table = format_transfer(matrix, rules=("layer-k1",))
     assert f"a {len(m.data)} ({int(m.data.labels.sum())}) / {len(h.data)}" in table
     assert table.count("transfer matrix") == 2 and table.count("always +") == 2  # F1 and balanced accuracy
+
+
+def test_transfer_pairs_are_averaged_by_label_definition():
+    """by_definition: the off-diagonal pairs of sets labelling the same thing, and of sets labelling different things,
+    averaged by hand; a set of unknown definition takes part in neither."""
+    sets = ["en", "de", "es", "xx"]
+    defs = {"en": "offensive", "de": "offensive", "es": "hate", "xx": ""}
+    acc = {(s, t): 0.5 + 0.01 * i for i, (s, t) in enumerate((s, t) for s in sets for t in sets)}
+    cell = lambda s, t, k: {"balanced_accuracy": {"both-k5": acc[s, t] + k}, "f1": {"both-k5": 0.0}}  # noqa: E731
+    matrix = {"sae": {s: {t: cell(s, t, 0) for t in sets} for s in sets},
+              "control": {s: {t: cell(s, t, -0.1) for t in sets} for s in sets},
+              "probe": {s: {t: {"balanced_accuracy": acc[s, t] + 0.2, "f1": 0.0} for t in sets} for s in sets},
+              "definitions": defs}
+    got = by_definition(matrix)
+    same = [("en", "de"), ("de", "en")]
+    different = [("en", "es"), ("es", "en"), ("de", "es"), ("es", "de")]
+    assert got["same"]["pairs"] == 2 and got["different"]["pairs"] == 4
+    assert got["same"]["sae"]["both-k5"] == pytest.approx(np.mean([acc[p] for p in same]))
+    assert got["same"]["control"]["both-k5"] == pytest.approx(np.mean([acc[p] for p in same]) - 0.1)
+    assert got["different"]["sae"]["both-k5"] == pytest.approx(np.mean([acc[p] for p in different]))
+    assert got["different"]["probe"] == pytest.approx(np.mean([acc[p] for p in different]) + 0.2)
+    assert "lexical" not in got["same"]
+    table = format_transfer({**matrix, "by_definition": got}, rules=("both-k5",))
+    assert "same definition (2 pairs)" in table and "different definition (4 pairs)" in table and "xx: ?" in table
 
 
 # ---------------------------------------------------------------- the command line

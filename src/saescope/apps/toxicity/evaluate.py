@@ -216,6 +216,31 @@ def transfer_matrix(sides: dict[str, tuple[EncodedSet, EncodedSet]], cfg: BenchC
                               for t in langs}
     out["sizes"] = {t: {side: {"texts": len(enc.data), "positive": int(np.count_nonzero(enc.data.labels == 1))}
                         for side, enc in zip(("mine", "held_out"), sides[t], strict=True)} for t in langs}
+    out["definitions"] = {t: sides[t][1].data.definition for t in langs}
+    out["by_definition"] = by_definition(out)
+    return out
+
+
+def by_definition(matrix: dict) -> dict:
+    """Mean balanced accuracy over the transfer pairs (source != target) whose sets label the same thing as positive
+    ("same") and over those whose labels differ ("different"), per rule for the SAE and control, for the probe and
+    the bag of words: whether a rule transfers follows the labels as much as the languages. Sets of unknown
+    definition take part in neither."""
+    known = {t: d for t, d in matrix["definitions"].items() if d}
+    out = {}
+    for group, same in (("same", True), ("different", False)):
+        pairs = [(s, t) for s in known for t in known if s != t and (known[s] == known[t]) == same]
+        row: dict = {"pairs": len(pairs)}
+        if pairs:
+            for name in ("sae", "control"):
+                if name in matrix:
+                    rules = matrix[name][pairs[0][0]][pairs[0][1]]["balanced_accuracy"]
+                    row[name] = {r: float(np.mean([matrix[name][s][t]["balanced_accuracy"][r] for s, t in pairs]))
+                                 for r in rules}
+            for name in ("probe", "lexical"):
+                if name in matrix:
+                    row[name] = float(np.mean([matrix[name][s][t]["balanced_accuracy"] for s, t in pairs]))
+        out[group] = row
     return out
 
 
@@ -279,4 +304,14 @@ def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-
                 lines.append(f"{base[:5] + ' ' + short[s]:>8} " + " ".join(f"{matrix[base][s][t][metric]:>13.3f}" for t in langs))
         if "always positive" in matrix:
             lines.append(f"{'always +':>8} " + " ".join(f"{matrix['always positive'][t][metric]:>13.3f}" for t in langs))
+    groups = matrix.get("by_definition", {})
+    if any(g.get("pairs") for g in groups.values()):
+        lines.append("balanced accuracy of transfer pairs by label definition (" + ", ".join(
+            f"{t}: {d or '?'}" for t, d in matrix["definitions"].items()) + ")")
+        for group, g in groups.items():
+            if not g.get("pairs"):
+                continue
+            cells = [f"{r} {g['sae'][r]:.3f} / {g.get('control', {}).get(r, math.nan):.3f}" for r in rules if r in g.get("sae", {})]
+            base = [f"{name} {g[name]:.3f}" for name in ("probe", "lexical") if name in g]
+            lines.append(f"  {group} definition ({g['pairs']} pairs), SAE / control: " + "; ".join(cells + base))
     return "\n".join(lines)
