@@ -18,6 +18,7 @@ from saescope.api.rules import RuleSet, make_ruleset, mine_rules, sparse_logisti
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
 from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, by_definition, format_transfer, group_subset, transfer_matrix
+from saescope.apps.toxicity.render import by_definition_table
 from saescope.core.data.labelled import group_split, load_labelled, text_source
 from saescope.core.errors import SaescopeError
 from saescope.core.models import load_model, token_strings
@@ -564,6 +565,10 @@ def test_transfer_pairs_are_averaged_by_label_definition():
     assert "lexical" not in got["same"]
     table = format_transfer({**matrix, "by_definition": got}, rules=("both-k5",))
     assert "same definition (2 pairs)" in table and "different definition (4 pairs)" in table and "xx: ?" in table
+    section = by_definition_table({**matrix, "by_definition": got}, "both-k5")
+    assert section.count("<tr>") == 3 and "different definition" in section and "xx: ?" in section
+    assert f"{got['same']['sae']['both-k5']:.4g}" in section
+    assert by_definition_table({"by_definition": {"same": {"pairs": 0}}}, "both-k5") == ""
 
 
 # ---------------------------------------------------------------- the command line

@@ -48,9 +48,25 @@ def _results(result: dict) -> str:
         m = "balanced_accuracy"
         cell = lambda s, t: f"{transfer['sae'][s][t][m][rule]:.3f} / {ctl.get(s, {}).get(t, {}).get(m, {}).get(rule, float('nan')):.3f}"  # noqa: E731
         out.append(html_table(["mined on"] + langs, [[s] + [cell(s, t) for t in langs] for s in langs]))
+        out.append(by_definition_table(transfer, rule))
     for other in result.get("also", {}).values():
         out.append(_results(other))
     return "\n".join(out)
+
+
+def by_definition_table(transfer: dict, rule: str) -> str:
+    """The transfer pairs' mean balanced accuracy where mining and scored sets share their label definition and where
+    they differ (`by_definition`), or "" when the matrix has no such groups."""
+    groups = {g: v for g, v in transfer.get("by_definition", {}).items() if v.get("pairs")}
+    if not groups:
+        return ""
+    defs = ", ".join(f"{t}: {d or '?'}" for t, d in transfer.get("definitions", {}).items())
+    nan = float("nan")
+    rows = [[f"{g} definition", v["pairs"], v.get("sae", {}).get(rule, nan), v.get("control", {}).get(rule, nan),
+             v.get("probe", nan), v.get("lexical", nan)] for g, v in groups.items()]
+    return (f"<p>Transfer pairs (mined on one set, scored on another) by label definition ({html.escape(defs)}): mean "
+            "balanced accuracy.</p>"
+            + html_table(["pairs", "n", f"SAE {rule}", "control", "residual probe", "bag of words"], rows))
 
 
 def _decisions(audit: list[dict]) -> str:
