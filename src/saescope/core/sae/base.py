@@ -250,9 +250,7 @@ class SAE(nn.Module):
             residual = (x - x_hat).detach()
             aux_hat = (sparse_decode(aux.indices, aux.values, self.W_dec, gather_dtype=self.compute_dtype) if self.fused
                        else reference_decode(aux, self.W_dec))
-            scale = min(n_dead / k_aux, 1.0)
-            auxk = scale * weighted_sq_error(aux_hat, residual, weights) / centred_sum_sq(residual, w)
-            auxk = torch.nan_to_num(auxk, nan=0.0)
+            auxk = auxk_loss(aux_hat, residual, weights, n_dead, k_aux)
         else:
             auxk = fvu.new_zeros(())
         return ForwardOutput(x_hat, code, fvu, auxk, self.extra_loss(x, code, w, variance))
@@ -270,10 +268,7 @@ class SAE(nn.Module):
         values, chosen = pre.topk(k_aux, dim=1, sorted=False)
         z = torch.zeros_like(pre).scatter(1, chosen, values.relu())
         aux_hat = (z @ self.W_dec[idx].to(cd)).to(x.dtype)
-        w = weights[:m] if weights is not None else None
-        scale = min(n_dead / k_aux, 1.0)
-        auxk = scale * weighted_sq_error(aux_hat, residual, w) / centred_sum_sq(residual, None if w is None else w.to(x.dtype)[:, None])
-        return torch.nan_to_num(auxk, nan=0.0)
+        return auxk_loss(aux_hat, residual, None if weights is None else weights[:m], n_dead, k_aux)
 
     # ---- the decoder-norm constraint ----
     @torch.no_grad()
@@ -308,6 +303,14 @@ class _WeightedSqError(torch.autograd.Function):
         scale = 2 * grad if weights is None else (2 * grad) * weights.to(diff.dtype)[:, None]
         grad_a = diff * scale
         return grad_a if ctx.needs_input_grad[0] else None, -grad_a if ctx.needs_input_grad[1] else None, None
+
+
+def auxk_loss(aux_hat: Tensor, residual: Tensor, weights: Tensor | None, n_dead: int, k_aux: int) -> Tensor:
+    """min(n_dead / k_aux, 1) |aux_hat - residual|^2 / the residual's centred sum of squares, over the weighted tokens
+    (weights (tokens,) or all 1); 0 where the residual has no variance (one kept token)."""
+    w = None if weights is None else weights.to(residual.dtype)[:, None]
+    auxk = min(n_dead / k_aux, 1.0) * weighted_sq_error(aux_hat, residual, weights) / centred_sum_sq(residual, w)
+    return torch.nan_to_num(auxk, nan=0.0)
 
 
 def centred_sum_sq(x: Tensor, w: Tensor | None) -> Tensor:
