@@ -278,6 +278,11 @@ def format_benchmark(result: dict) -> str:
     return "\n".join(lines)
 
 
+def label_definitions(matrix: dict) -> str:
+    """Each set of a transfer matrix with what it labels positive ("?" where unknown), on one line."""
+    return ", ".join(f"{t}: {d or '?'}" for t, d in matrix.get("definitions", {}).items())
+
+
 def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-k5", "weighted-k5", "mean-k5", "both-k5")
                     ) -> str:
     sae = matrix["sae"]
@@ -306,8 +311,7 @@ def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-
             lines.append(f"{'always +':>8} " + " ".join(f"{matrix['always positive'][t][metric]:>13.3f}" for t in langs))
     groups = matrix.get("by_definition", {})
     if any(g.get("pairs") for g in groups.values()):
-        lines.append("balanced accuracy of transfer pairs by label definition (" + ", ".join(
-            f"{t}: {d or '?'}" for t, d in matrix["definitions"].items()) + ")")
+        lines.append(f"balanced accuracy of transfer pairs by label definition ({label_definitions(matrix)})")
         for group, g in groups.items():
             if not g.get("pairs"):
                 continue

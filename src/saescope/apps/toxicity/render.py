@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 
 from saescope.api.rules import generic_name
+from saescope.apps.toxicity.evaluate import label_definitions
 from saescope.core.data.rows import iter_rows
 from saescope.core.files import atomic_write_bytes, read_json
 from saescope.core.render import html_table
@@ -60,12 +61,11 @@ def by_definition_table(transfer: dict, rule: str) -> str:
     groups = {g: v for g, v in transfer.get("by_definition", {}).items() if v.get("pairs")}
     if not groups:
         return ""
-    defs = ", ".join(f"{t}: {d or '?'}" for t, d in transfer.get("definitions", {}).items())
     nan = float("nan")
     rows = [[f"{g} definition", v["pairs"], v.get("sae", {}).get(rule, nan), v.get("control", {}).get(rule, nan),
              v.get("probe", nan), v.get("lexical", nan)] for g, v in groups.items()]
-    return (f"<p>Transfer pairs (mined on one set, scored on another) by label definition ({html.escape(defs)}): mean "
-            "balanced accuracy.</p>"
+    return (f"<p>Transfer pairs (mined on one set, scored on another) by label definition "
+            f"({html.escape(label_definitions(transfer))}): mean balanced accuracy.</p>"
             + html_table(["pairs", "n", f"SAE {rule}", "control", "residual probe", "bag of words"], rows))
 
 
