@@ -97,13 +97,13 @@ def main() -> None:
                                           batch_size=a.batch_size, dead_tokens=a.dead_tokens, seed=seed, lr=lr,
                                           auxk_share=a.auxk_share, out=str(run)))
                     print(f"{name}: lr {lr:.3g}, trained in {time.perf_counter() - start:.0f} s")
-                train_cfg = json.loads((run / "train.json").read_text())
+                train_cfg, summary = json.loads((run / "train.json").read_text()), read_summary(run)
                 log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()[-5:]]
                 out["runs"].setdefault(name, {}).update(
                     budget=budget, multiplier=m, seed=seed, lr=train_cfg["lr"], batch_size=train_cfg["batch_size"],
-                    auxk_share=train_cfg.get("auxk_share", 1.0), train_s=read_summary(run).get("elapsed_s"),
+                    auxk_share=train_cfg.get("auxk_share", 1.0), train_s=summary.get("elapsed_s"),
                     dead_tokens=train_cfg["dead_tokens"],
-                    steps=read_summary(run)["steps"],  # the train FVU: the last 5 logged steps' mean
+                    steps=summary["steps"],  # the train FVU: the last 5 logged steps' mean
                     train_fvu=statistics.mean(e["layers"][str(a.layer)]["fvu"] for e in log))
     todo = [n for n in runs if "never_fired" not in out["runs"][n]]
     if todo:
