@@ -17,7 +17,15 @@ from saescope.api.hits import FeatureHits, TextActivations, encode_labelled, sco
 from saescope.api.rules import RuleSet, make_ruleset, mine_rules, sparse_logistic
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
-from saescope.apps.toxicity.evaluate import BenchConfig, benchmark, by_definition, format_transfer, group_subset, transfer_matrix
+from saescope.apps.toxicity.evaluate import (
+    BenchConfig,
+    benchmark,
+    by_definition,
+    by_language_and_definition,
+    format_transfer,
+    group_subset,
+    transfer_matrix,
+)
 from saescope.apps.toxicity.render import by_definition_table
 from saescope.core.data.labelled import group_split, load_labelled, text_source
 from saescope.core.errors import SaescopeError
@@ -535,7 +543,9 @@ def test_benchmark_and_transfer_on_a_tiny_model(tiny_qwen3, hate_sample):
     matrix = transfer_matrix({"a": (m, h), "b": (h, m)}, cfg)
     assert matrix["sae"]["a"]["a"]["f1"]["layer-k1"] == pytest.approx(full)
     assert matrix["always positive"]["a"]["balanced_accuracy"] == 0.5
-    assert set(matrix) == {"sae", "control", "probe", "lexical", "always positive", "sizes", "definitions", "by_definition"}
+    assert set(matrix) == {"sae", "control", "probe", "lexical", "always positive", "sizes", "definitions", "languages",
+                           "by_definition"}  # no language split: the sample's sets have no known definition
+    assert matrix["languages"] == {"a": m.data.language, "b": h.data.language}
     assert matrix["sizes"]["a"] == {"mine": {"texts": len(m.data), "positive": int(m.data.labels.sum())},
                                     "held_out": {"texts": len(h.data), "positive": int(h.data.labels.sum())}}
     table = format_transfer(matrix, rules=("layer-k1",))
@@ -569,6 +579,39 @@ def test_transfer_pairs_are_averaged_by_label_definition():
     assert section.count("<tr>") == 3 and "different definition" in section and "xx: ?" in section
     assert f"{got['same']['sae']['both-k5']:.4g}" in section
     assert by_definition_table({"by_definition": {"same": {"pairs": 0}}}, "both-k5") == ""
+
+
+def test_transfer_pairs_are_split_by_language_where_a_language_has_two_sets():
+    """by_language_and_definition: the four groups of off-diagonal pairs (same or different definition x same or other
+    language) averaged by hand; absent where no two sets share a language; a set of unknown language in none."""
+    sets = ["fr_a", "fr_b", "ar_a", "ar_b", "xx"]
+    defs = {"fr_a": "hate", "fr_b": "hate", "ar_a": "hate", "ar_b": "offensive", "xx": "hate"}
+    langs = {"fr_a": "fr", "fr_b": "fr", "ar_a": "ar", "ar_b": "ar", "xx": ""}
+    acc = {(s, t): 0.4 + 0.01 * i for i, (s, t) in enumerate((s, t) for s in sets for t in sets)}
+    cell = lambda s, t, k: {"balanced_accuracy": {"both-k5": acc[s, t] + k}, "f1": {"both-k5": 0.0}}  # noqa: E731
+    matrix = {"sae": {s: {t: cell(s, t, 0) for t in sets} for s in sets},
+              "control": {s: {t: cell(s, t, -0.1) for t in sets} for s in sets},
+              "lexical": {s: {t: {"balanced_accuracy": acc[s, t] - 0.2, "f1": 0.0} for t in sets} for s in sets},
+              "definitions": defs, "languages": langs}
+    got = by_language_and_definition(matrix)
+    expect = {"same definition, same language": [("fr_a", "fr_b"), ("fr_b", "fr_a")],
+              "same definition, other language": [("fr_a", "ar_a"), ("ar_a", "fr_a"), ("fr_b", "ar_a"), ("ar_a", "fr_b")],
+              "different definition, same language": [("ar_a", "ar_b"), ("ar_b", "ar_a")],
+              "different definition, other language": [("fr_a", "ar_b"), ("ar_b", "fr_a"), ("fr_b", "ar_b"), ("ar_b", "fr_b")]}
+    assert list(got) == list(expect)
+    for group, pairs in expect.items():
+        assert got[group]["pairs"] == len(pairs)
+        assert got[group]["sae"]["both-k5"] == pytest.approx(np.mean([acc[p] for p in pairs]))
+        assert got[group]["control"]["both-k5"] == pytest.approx(np.mean([acc[p] for p in pairs]) - 0.1)
+        assert got[group]["lexical"] == pytest.approx(np.mean([acc[p] for p in pairs]) - 0.2)
+    full = {**matrix, "by_definition": by_definition(matrix), "by_language_and_definition": got}
+    table = format_transfer(full, rules=("both-k5",))
+    assert "by language and label definition" in table and "different definition, same language (2 pairs)" in table
+    section = by_definition_table(full, "both-k5")
+    assert section.count("<table") == 2 and section.count("<tr>") == 3 + 5
+    assert f"{got['same definition, other language']['sae']['both-k5']:.4g}" in section
+    one_each = {**matrix, "languages": {"fr_a": "fr", "ar_b": "ar"}}
+    assert by_language_and_definition(one_each) == {}
 
 
 # ---------------------------------------------------------------- the command line

@@ -217,7 +217,10 @@ def transfer_matrix(sides: dict[str, tuple[EncodedSet, EncodedSet]], cfg: BenchC
     out["sizes"] = {t: {side: {"texts": len(enc.data), "positive": int(np.count_nonzero(enc.data.labels == 1))}
                         for side, enc in zip(("mine", "held_out"), sides[t], strict=True)} for t in langs}
     out["definitions"] = {t: sides[t][1].data.definition for t in langs}
+    out["languages"] = {t: sides[t][1].data.language for t in langs}
     out["by_definition"] = by_definition(out)
+    if split := by_language_and_definition(out):
+        out["by_language_and_definition"] = split
     return out
 
 
@@ -227,21 +230,38 @@ def by_definition(matrix: dict) -> dict:
     the bag of words: whether a rule transfers follows the labels as much as the languages. Sets of unknown
     definition take part in neither."""
     known = {t: d for t, d in matrix["definitions"].items() if d}
-    out = {}
-    for group, same in (("same", True), ("different", False)):
-        pairs = [(s, t) for s in known for t in known if s != t and (known[s] == known[t]) == same]
-        row: dict = {"pairs": len(pairs)}
-        if pairs:
-            for name in ("sae", "control"):
-                if name in matrix:
-                    rules = matrix[name][pairs[0][0]][pairs[0][1]]["balanced_accuracy"]
-                    row[name] = {r: float(np.mean([matrix[name][s][t]["balanced_accuracy"][r] for s, t in pairs]))
-                                 for r in rules}
-            for name in ("probe", "lexical"):
-                if name in matrix:
-                    row[name] = float(np.mean([matrix[name][s][t]["balanced_accuracy"] for s, t in pairs]))
-        out[group] = row
-    return out
+    return {group: _pair_means(matrix, [(s, t) for s in known for t in known if s != t and (known[s] == known[t]) == same])
+            for group, same in (("same", True), ("different", False))}
+
+
+def by_language_and_definition(matrix: dict) -> dict:
+    """by_definition's pairs split again by whether the two sets share their language: {"same definition, other
+    language": ..., ...}. Only where some pair shares a language (two sets of one language in the matrix), since that
+    is what separates a rule's language from its labels; else {}. Sets of unknown language or definition take part
+    in none."""
+    languages = matrix.get("languages", {})
+    known = {t: (d, languages.get(t)) for t, d in matrix["definitions"].items() if d and languages.get(t)}
+    pairs = [(s, t) for s in known for t in known if s != t]
+    if not any(known[s][1] == known[t][1] for s, t in pairs):
+        return {}
+    return {f"{d} definition, {lang} language": _pair_means(matrix, [
+        (s, t) for s, t in pairs if (known[s][0] == known[t][0]) == same_d and (known[s][1] == known[t][1]) == same_l])
+        for d, same_d in (("same", True), ("different", False)) for lang, same_l in (("same", True), ("other", False))}
+
+
+def _pair_means(matrix: dict, pairs: list[tuple[str, str]]) -> dict:
+    """The pairs' count and mean balanced accuracy per rule (SAE, control) and per baseline (probe, bag of words)."""
+    row: dict = {"pairs": len(pairs)}
+    if pairs:
+        for name in ("sae", "control"):
+            if name in matrix:
+                rules = matrix[name][pairs[0][0]][pairs[0][1]]["balanced_accuracy"]
+                row[name] = {r: float(np.mean([matrix[name][s][t]["balanced_accuracy"][r] for s, t in pairs]))
+                             for r in rules}
+        for name in ("probe", "lexical"):
+            if name in matrix:
+                row[name] = float(np.mean([matrix[name][s][t]["balanced_accuracy"] for s, t in pairs]))
+    return row
 
 
 def _two(s: dict) -> dict:
@@ -309,13 +329,18 @@ def format_transfer(matrix: dict, rules: tuple[str, ...] = ("layer-k5", "sparse-
                 lines.append(f"{base[:5] + ' ' + short[s]:>8} " + " ".join(f"{matrix[base][s][t][metric]:>13.3f}" for t in langs))
         if "always positive" in matrix:
             lines.append(f"{'always +':>8} " + " ".join(f"{matrix['always positive'][t][metric]:>13.3f}" for t in langs))
-    groups = matrix.get("by_definition", {})
-    if any(g.get("pairs") for g in groups.values()):
-        lines.append(f"balanced accuracy of transfer pairs by label definition ({label_definitions(matrix)})")
+    for title, groups in pair_groups(matrix):
+        lines.append(f"balanced accuracy of transfer pairs by {title} ({label_definitions(matrix)})")
         for group, g in groups.items():
-            if not g.get("pairs"):
-                continue
             cells = [f"{r} {g['sae'][r]:.3f} / {g.get('control', {}).get(r, math.nan):.3f}" for r in rules if r in g.get("sae", {})]
             base = [f"{name} {g[name]:.3f}" for name in ("probe", "lexical") if name in g]
-            lines.append(f"  {group} definition ({g['pairs']} pairs), SAE / control: " + "; ".join(cells + base))
+            lines.append(f"  {group} ({g['pairs']} pairs), SAE / control: " + "; ".join(cells + base))
     return "\n".join(lines)
+
+
+def pair_groups(matrix: dict) -> list[tuple[str, dict]]:
+    """The transfer matrix's pair means to show, each as (what groups them, {row label: pair means}), groups
+    without pairs left out: by label definition, then by language and definition where the matrix has both."""
+    shown = [("label definition", {f"{g} definition": v for g, v in matrix.get("by_definition", {}).items()}),
+             ("language and label definition", matrix.get("by_language_and_definition", {}))]
+    return [(title, kept) for title, groups in shown if (kept := {g: v for g, v in groups.items() if v.get("pairs")})]

@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 
 from saescope.api.rules import generic_name
-from saescope.apps.toxicity.evaluate import label_definitions
+from saescope.apps.toxicity.evaluate import label_definitions, pair_groups
 from saescope.core.data.rows import iter_rows
 from saescope.core.files import atomic_write_bytes, read_json
 from saescope.core.render import html_table
@@ -57,16 +57,17 @@ def _results(result: dict) -> str:
 
 def by_definition_table(transfer: dict, rule: str) -> str:
     """The transfer pairs' mean balanced accuracy where mining and scored sets share their label definition and where
-    they differ (`by_definition`), or "" when the matrix has no such groups."""
-    groups = {g: v for g, v in transfer.get("by_definition", {}).items() if v.get("pairs")}
-    if not groups:
-        return ""
+    they differ (`by_definition`), then split by language where the matrix has two sets of a language
+    (`by_language_and_definition`); "" when the matrix has no such groups."""
     nan = float("nan")
-    rows = [[f"{g} definition", v["pairs"], v.get("sae", {}).get(rule, nan), v.get("control", {}).get(rule, nan),
-             v.get("probe", nan), v.get("lexical", nan)] for g, v in groups.items()]
-    return (f"<p>Transfer pairs (mined on one set, scored on another) by label definition "
-            f"({html.escape(label_definitions(transfer))}): mean balanced accuracy.</p>"
-            + html_table(["pairs", "n", f"SAE {rule}", "control", "residual probe", "bag of words"], rows))
+    out = []
+    for title, groups in pair_groups(transfer):
+        rows = [[g, v["pairs"], v.get("sae", {}).get(rule, nan), v.get("control", {}).get(rule, nan),
+                 v.get("probe", nan), v.get("lexical", nan)] for g, v in groups.items()]
+        out.append(f"<p>Transfer pairs (mined on one set, scored on another) by {title} "
+                   f"({html.escape(label_definitions(transfer))}): mean balanced accuracy.</p>"
+                   + html_table(["pairs", "n", f"SAE {rule}", "control", "residual probe", "bag of words"], rows))
+    return "\n".join(out)
 
 
 def _decisions(audit: list[dict]) -> str:
