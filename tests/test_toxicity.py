@@ -668,6 +668,15 @@ def test_mine_classify_eval_through_the_library(tox_env):
     assert ev.path == root / "eval.json" and got["sets"]["sae"]["rules"].keys() == ev.result["sets"]["sae"]["rules"].keys()
     assert "by template" in got["split"] and "lexical" in got["baselines"]
     assert set(got["curve"]["sae"]) == {"0.5", "1.0"} and got["curve"]["sae"]["0.5"]["f1"]["layer-k1"]["draws"] == 2
+    assert ev.section == root / "report-section.html" and "Toxicity rules" in ev.section.read_text()
+    # an evaluation under another name in the rules' folder gets its own section, which the run's report globs;
+    # the main section (eval.json's) stays as it was
+    main = ev.section.read_bytes()
+    other = run_rules_eval(RulesEvalConfig(rules=str(root / "rules.json"), fractions=[1.0], draws=1,
+                                           json=str(root / "eval-again.json")))
+    assert other.section == root / "report-section-eval-again.html" and (root / "report-section.html").read_bytes() == main
+    assert "eval-again.json" in other.section.read_text() and "balanced accuracy" in other.section.read_text()
+    assert f"report section: {other.section}" in other.text()
 
 
 def test_cli_prints_what_the_library_returns(tox_env):

@@ -102,6 +102,14 @@ def _decisions(audit: list[dict]) -> str:
     return "\n".join(out)
 
 
+def write_eval_section(result: Path) -> Path:
+    """report-section-STEM.html beside an evaluation written under another name than eval.json (`toxicity eval --json
+    RULES_FOLDER/STEM.json`, e.g. a transfer matrix over other sets), so that the run's report shows it too."""
+    out = result.with_name(f"report-section-{result.stem}.html")
+    atomic_write_bytes(out, (f"<h2>Toxicity rules: {html.escape(result.name)}</h2>\n" + _results(read_json(result))).encode())
+    return out
+
+
 def write_section(folder: Path) -> Path:
     """FOLDER/report-section.html from FOLDER/eval.json and FOLDER/audit.jsonl, whichever exist."""
     parts = ["<h2>Toxicity rules</h2>"]

@@ -27,7 +27,7 @@ from saescope.apps.toxicity.evaluate import (
     mine_each,
     transfer_matrix,
 )
-from saescope.apps.toxicity.render import write_section
+from saescope.apps.toxicity.render import write_eval_section, write_section
 from saescope.core.data.benchmarks import SharedDataOption
 from saescope.core.data.labelled import (
     LABEL_HELP,
@@ -381,7 +381,9 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
         warnings.warn(warned, stacklevel=2)
     out = cfg.output()
     atomic_write_json(out, result)
-    section = write_section(out.parent) if out.parent == Path(cfg.rules).parent else None
+    section = None
+    if out.parent.resolve() == Path(cfg.rules).parent.resolve():  # the run's report reads the rules' folder
+        section = write_section(out.parent) if out.name == "eval.json" else write_eval_section(out)
     return RulesEvalResult(out, result, section)
 
 
