@@ -184,3 +184,38 @@ def page(browser):
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
     assert not outside, f"the page fetched from the network: {outside}"
+
+
+def tiny_model(arch: str):
+    """Tiny random models of the architectures whose blocks take different extra arguments: Llama (SmolLM2),
+    Qwen3, Qwen3-MoE (routing), Gemma-3 (sliding-window and global layers, two rotary tables, scaled embeddings),
+    GPT-2 (blocks that return tuples, learned positions); and two whose positions differ even for equal inputs:
+    gpt-oss (attention sinks) and Qwen3-Next (recurrent linear-attention layers)."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64)
+    if arch == "llama":
+        return t.LlamaForCausalLM(t.LlamaConfig(intermediate_size=64, **common))
+    if arch == "qwen3":
+        return t.Qwen3ForCausalLM(t.Qwen3Config(intermediate_size=64, head_dim=8, **common))
+    if arch == "qwen3_moe":
+        return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                                                      num_experts_per_tok=2, head_dim=8, **common))
+    if arch == "gemma3":
+        cfg = t.Gemma3TextConfig(intermediate_size=64, head_dim=8, sliding_window=4, **common)
+        cfg.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        return t.Gemma3ForCausalLM(cfg)
+    if arch == "gpt_oss":  # attention sinks, raised so that they weigh: a position's output depends on its prefix length
+        model = t.GptOssForCausalLM(t.GptOssConfig(intermediate_size=64, head_dim=8, num_local_experts=4,
+                                                   num_experts_per_tok=2, **common))
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.self_attn.sinks.fill_(2.0)
+        return model
+    if arch == "qwen3_next":  # linear-attention (recurrent) layers 0-2, full attention at layer 3
+        return t.Qwen3NextForCausalLM(t.Qwen3NextConfig(
+            intermediate_size=64, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, **common))
+    return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64))

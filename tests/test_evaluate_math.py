@@ -20,9 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_saes
-from saescope.api.evaluate import DENSE_THRESHOLD, evaluate_sets
-from saescope.core.models import load_model
+import saescope.api.evaluate as evaluate_module
+from conftest import random_saes, tiny_model
+from saescope.api.evaluate import DENSE_THRESHOLD, constant_logits, evaluate_sets
+from saescope.core.models import forward_from, load_model
 from saescope.core.sae import SAEConfig, TopKSAE
 
 LAYERS = [0, 2]
@@ -263,6 +264,41 @@ def test_known_values_exact_zero_and_mean_reconstructions(lm, data):
         assert r.fvu == pytest.approx(1.0, rel=1e-5)
         assert r.ce_clean == z.ce_clean and r.ce_zero == z.ce_zero
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "gemma3", "gpt2", "gpt_oss", "qwen3_next"])
+def test_an_ablation_by_a_constant_runs_on_few_positions_only_where_every_position_computes_the_same(arch):
+    """constant_logits: where attention averages equal values and the MLPs act per token, the logits of an input equal
+    at every position are the full pass's at every position; with attention sinks (gpt-oss) or recurrent layers
+    (Qwen3-Next's layers 0-2) after the layer the full pass differs by position and the check says so (None), so the
+    evaluation runs the full pass there; after the last such block the check lets the few positions run again."""
+    model = tiny_model(arch).eval()
+    d = model.config.hidden_size if arch != "gpt2" else 32
+    gen = torch.Generator().manual_seed(5)
+    for n in range(4):
+        vector = torch.randn(d, generator=gen)
+        got = constant_logits(model, n, vector)
+        full = forward_from(model, n, vector.expand(2, 24, d).contiguous())
+        # what the blocks after layer n are: sinks in every gpt-oss block, recurrence in Qwen3-Next's layers 0-2
+        position_free = {"gpt_oss": n == 3, "qwen3_next": n >= 2}.get(arch, True)
+        if position_free:
+            assert got is not None and torch.allclose(full, got.expand_as(full), atol=1e-5), (arch, n)
+        else:
+            assert got is None and float((full - full[:, :1]).abs().max()) > 1e-4, (arch, n)
+
+
+def test_the_full_ablation_passes_give_the_one_position_figures(lm, data, monkeypatch):
+    """Where the check refuses the one-position pass, evaluate_sets runs the zero and mean ablations in full: the same
+    figures (to rounding) as the one-position pass gives on a model that allows it."""
+    sets = {"sae": random_saes(D, LAYERS, k=4, seed=3)}
+    fast = evaluate_sets(lm, sets, data=data, outlier_factor=1.0, **RUN)["sae"]
+    monkeypatch.setattr(evaluate_module, "constant_logits", lambda *_: None)
+    full = evaluate_sets(lm, sets, data=data, outlier_factor=1.0, **RUN)["sae"]
+    for a, b in zip(fast, full, strict=True):
+        for f in ("ce_zero", "ce_mean", "ce_recovered", "ce_recovered_mean"):
+            assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-5), f
+        assert (a.ce_clean, a.ce_sae, a.fvu) == (b.ce_clean, b.ce_sae, b.fvu)
+        assert torch.allclose(a.per_sequence["ce_mean"], b.per_sequence["ce_mean"], rtol=1e-5)
 
 
 def test_n_tokens_below_one_batch_runs_only_the_sequences_it_asks_for(lm, data):

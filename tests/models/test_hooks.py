@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import tiny_model
 from saescope.core.errors import SaescopeError
 from saescope.core.models import capture, decoder_layers, forward_from, layer_hooks, load_model
 
@@ -50,32 +51,9 @@ def test_bad_layers_and_models(tiny_qwen3, tmp_path):
         load_model("no-such-org/no-such-model-anywhere")
 
 
-def _tiny(arch: str):
-    """Tiny random models of the architectures whose blocks take different extra arguments: Llama (SmolLM2),
-    Qwen3, Qwen3-MoE (routing), Gemma-3 (sliding-window and global layers, two rotary tables, scaled embeddings),
-    GPT-2 (blocks that return tuples, learned positions)."""
-    import transformers as t
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64)
-    if arch == "llama":
-        return t.LlamaForCausalLM(t.LlamaConfig(intermediate_size=64, **common))
-    if arch == "qwen3":
-        return t.Qwen3ForCausalLM(t.Qwen3Config(intermediate_size=64, head_dim=8, **common))
-    if arch == "qwen3_moe":
-        return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=4,
-                                                      num_experts_per_tok=2, head_dim=8, **common))
-    if arch == "gemma3":
-        cfg = t.Gemma3TextConfig(intermediate_size=64, head_dim=8, sliding_window=4, **common)
-        cfg.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-        return t.Gemma3ForCausalLM(cfg)
-    return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64))
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "gemma3", "gpt2"])
 def test_forward_from_a_layer_equals_the_full_forward_with_that_output(arch):
-    model = _tiny(arch).eval()
+    model = tiny_model(arch).eval()
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # a padded row: the model's own mask must apply to the resumed layers too

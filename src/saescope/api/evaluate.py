@@ -115,6 +115,14 @@ class CleanTarget:
             rows = slice(start, start + _CHUNK)
             yield rows, flat[rows]
 
+    def ce_everywhere(self, logits: Tensor, per_sequence: list[Tensor] | None = None) -> float:
+        """Summed next-token CE when every position predicts from the same `logits` (vocab,): an ablation by a
+        constant (constant_logits); `per_sequence` as in ce_and_kl."""
+        token_ce = -F.log_softmax(logits.float(), -1).double()[self.targets]
+        if per_sequence is not None:
+            per_sequence.append(self._by_sequence(token_ce))
+        return float(token_ce.sum())
+
     def ce_and_kl(self, logits: Tensor, *, with_kl: bool = True, per_sequence: list[Tensor] | None = None
                   ) -> tuple[float, float]:
         """Summed next-token CE of `logits` (same ids) and, with_kl, the summed KL(clean || logits); `per_sequence`,
@@ -131,6 +139,21 @@ class CleanTarget:
         if per_sequence is not None:
             per_sequence.append(self._by_sequence(token_ce))
         return ce, (self.neg_entropy - cross) if with_kl else 0.0
+
+
+CONSTANT_POSITIONS = 16  # positions of the probe that checks an ablation by a constant is the same at each position
+
+
+def constant_logits(model: torch.nn.Module, layer: int, vector: Tensor) -> Tensor | None:
+    """The logits (vocab,) when decoder block `layer` outputs `vector` at every position, from CONSTANT_POSITIONS
+    positions; None where they differ by position (beyond 1e-5 in log-probability). With equal inputs, attention
+    averages equal values and the MLPs act per position, so every position computes the same thing and the zero and
+    mean ablations need not run the whole batch; attention sinks or recurrent layers break that, and the check sees it
+    (the caller then runs the full pass)."""
+    probe = vector.reshape(1, 1, -1).expand(1, CONSTANT_POSITIONS, -1).contiguous()
+    logits = forward_from(model, layer, probe)[0].float()
+    logp = F.log_softmax(logits, -1)
+    return logits[0] if float((logp - logp[:1]).abs().max()) <= 1e-5 else None
 
 
 @torch.no_grad()
@@ -154,7 +177,9 @@ def evaluate_sets(
 ) -> dict[str, list[LayerEval]]:
     """Several SAE sets for the same layers (e.g. trained and control) on the same tokens: the clean and
     ablated forward passes are shared, only the spliced one is run per set. One clean pass per batch keeps every
-    layer's output; each spliced or ablated pass resumes from its layer (saescope.core.models.forward_from)."""
+    layer's output; each spliced or ablated pass resumes from its layer (saescope.core.models.forward_from), and the
+    zero and mean ablations, the same vector at every position, run on a few positions where the model computes
+    the same at each (constant_logits), else on the whole batch."""
     layers = _ready(lm, sets)
     model, device = lm.model, lm.device
     acc = {(s, n): {"sse": 0.0, "x_sum": 0.0, "x2_sum": 0.0, "cnt": 0, "l0": 0.0, "l0_sq": 0.0, "fires": None,
@@ -172,6 +197,7 @@ def evaluate_sets(
     bar = tqdm(total=n_batches * len(layers), desc="eval", unit="layer-batch", dynamic_ncols=True)
     done = 0
     filters = {n: OutlierFilter(outlier_factor) for n in layers}
+    zero_logits: dict[int, Tensor | None] = {}
     for ids in stream:
         if done >= n_batches:
             break
@@ -210,11 +236,14 @@ def evaluate_sets(
                 ce, kl = clean.ce_and_kl(forward_from(model, n, spliced), per_sequence=a["seq_ce"])
                 a["ce_sae"] += ce
                 a["kl"] += kl
-            ce_zero[n] += clean.ce_and_kl(forward_from(model, n, torch.zeros_like(h)), with_kl=False,
-                                          per_sequence=seq[n]["ce_zero"])[0]
-            mean_ablated = (xk if len(xk) else x).mean(0).to(h.dtype).expand(h.shape).contiguous()
-            ce_mean[n] += clean.ce_and_kl(forward_from(model, n, mean_ablated), with_kl=False,
-                                          per_sequence=seq[n]["ce_mean"])[0]
+            if n not in zero_logits:  # the same for every batch
+                zero_logits[n] = constant_logits(model, n, torch.zeros_like(h[0, 0]))
+            mean_vector = (xk if len(xk) else x).mean(0).to(h.dtype)
+            for totals, key, vector, logits in ((ce_zero, "ce_zero", torch.zeros_like(mean_vector), zero_logits[n]),
+                                                (ce_mean, "ce_mean", mean_vector, constant_logits(model, n, mean_vector))):
+                totals[n] += (clean.ce_everywhere(logits, per_sequence=seq[n][key]) if logits is not None else
+                              clean.ce_and_kl(forward_from(model, n, vector.expand(h.shape).contiguous()), with_kl=False,
+                                              per_sequence=seq[n][key])[0])
             bar.update(1)
         done += 1
     bar.close()
