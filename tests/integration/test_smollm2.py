@@ -84,3 +84,24 @@ def test_the_bf16_screen_keeps_the_fp32_latents_on_real_activations():
             torch.testing.assert_close(got_v.double(), exact, rtol=1e-5, atol=1e-4)
             wrong_bf16 += wrong_picks(x, sae, bf16_i)
     assert wrong_bf16 > 0  # else this data could not tell the screen from a plain bf16 encoder
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_eval_runs_the_constant_ablations_on_few_positions_on_smollm2(dtype):
+    """On the real model the zero and mean ablations take the few-position path (rounding does not make the check
+    refuse it, in fp32 or bf16), and that row's log-probabilities are the full pass's at every one of 128 positions."""
+    import torch.nn.functional as F
+
+    from saescope.api.evaluate import constant_logits
+    from saescope.core.activations import sample_activations
+    from saescope.core.models import forward_from, load_model
+
+    lm = load_model(dtype=dtype)
+    acts = sample_activations(lm, [3, 24], n_tokens=512, ctx_len=128)
+    with torch.no_grad():
+        for n, x in acts.items():
+            for vector in (x.mean(0).to(lm.dtype), torch.zeros(lm.d_model, dtype=lm.dtype)):
+                row = constant_logits(lm.model, n, vector)
+                assert row is not None, (dtype, n)
+                full = F.log_softmax(forward_from(lm.model, n, vector.expand(1, 128, -1).contiguous())[0].float(), -1)
+                assert float((full - F.log_softmax(row, -1)).abs().max()) < 1e-3, (dtype, n)
