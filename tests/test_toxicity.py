@@ -464,12 +464,12 @@ def test_text_source_reads_files_sets_and_literals(tmp_path):
 def test_hatecheck_splits_by_template():
     shared_file(SHARED / "toxicity" / "hatecheck_en.csv")
     ds = load_labelled("hatecheck_en")
-    assert len(ds) == 3728 and ds.counts() == (1165, 2563) and ds.language == "english"
+    assert len(ds) == 3728 and ds.counts() == (1165, 2563) and ds.language == "en"
     mine, held = group_split(ds)
     assert not set(mine.groups) & set(held.groups)
     assert 0.2 < len(held) / len(ds) < 0.4
     fr = load_labelled("french")
-    assert fr.name == "mhc_french" and fr.texts[0] == "Je déteste les femmes."
+    assert fr.name == "mhc_french" and fr.texts[0] == "Je déteste les femmes." and fr.language == "fr"
     # a subset of templates keeps whole templates
     mask = group_subset(mine, 0.1, np.random.default_rng(0))
     kept = {g for g, m in zip(mine.groups, mask, strict=True) if m}

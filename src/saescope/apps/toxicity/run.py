@@ -389,5 +389,5 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
 
 def _side_name(data: LabelledSet) -> str:
     """A set's row and column name in the transfer matrix: its Multilingual HateCheck language, or its name."""
-    return data.name.removeprefix("mhc_") if data.name.startswith("mhc_") else (data.language if data.name == "hatecheck_en"
-                                                                                 else data.name)
+    return data.name.removeprefix("mhc_") if data.name.startswith("mhc_") else ("english" if data.name == "hatecheck_en"
+                                                                                else data.name)

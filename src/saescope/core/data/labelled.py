@@ -33,6 +33,10 @@ from saescope.core.schema import Config, config_field, escape
 POSITIVE = ("hateful", "toxic", "1", "true", "yes", "positive")
 NEGATIVE = ("non-hateful", "not-hateful", "non_hateful", "clean", "non-toxic", "not-toxic", "0", "false", "no", "negative")
 MHC_LANGUAGES = ("arabic", "dutch", "french", "german", "hindi", "italian", "mandarin", "polish", "portuguese", "spanish")
+# A set's language as an ISO 639-1 code, as the natural sets give theirs: a transfer matrix that holds HateCheck and
+# natural posts of one language must see one language, not "english" and "en".
+MHC_CODES = {"arabic": "ar", "dutch": "nl", "french": "fr", "german": "de", "hindi": "hi", "italian": "it", "mandarin": "zh",
+             "polish": "pl", "portuguese": "pt", "spanish": "es"}
 # The natural posts of ../shared/data/toxicity/natural (SOURCES.md): name -> (language, what the positive class is).
 # The definitions differ: "offensive" counts profanity and insults, "hate" hate speech only (its negatives may hold
 # slurs), "toxic" rude or disrespectful text; mixing sets of different definitions warns.
@@ -107,11 +111,11 @@ def parse_label(value: object, origin: str) -> int | None:
 def _builtin_path(name: str, shared_data: str | Path | None) -> tuple[Path, str]:
     root = shared_data_dir(shared_data) / "toxicity"
     if name == "hatecheck_en":
-        return root / "hatecheck_en.csv", "english"
+        return root / "hatecheck_en.csv", "en"
     if name in NATURAL:
         return root / "natural" / f"{name}.jsonl", NATURAL[name][0]
     lang = name.removeprefix("mhc_")
-    return root / "multilingual_hatecheck" / f"{lang}.csv", lang
+    return root / "multilingual_hatecheck" / f"{lang}.csv", MHC_CODES[lang]
 
 
 def builtin_name(source: str) -> str | None:
