@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import SHARED, assert_one_line_error, random_saes, run_cli, save_saes, shared_file
 
 from saescope.api.hits import FeatureHits, TextActivations, encode_labelled, scores
-from saescope.api.rules import RuleSet, make_ruleset, mine_rules, sparse_logistic
+from saescope.api.rules import RuleSet, make_ruleset, mine_rules, rules_dtype, sparse_logistic
 from saescope.api.scope import Scope
 from saescope.apps.toxicity import RuleClassifier, lexical_baseline
 from saescope.apps.toxicity.evaluate import (
@@ -315,12 +315,24 @@ def test_sparse_rules_round_trip_and_bad_weights_are_refused(tmp_path):
     table, labels = _and_table()
     data = LabelledSet("and", [f"t{i}" for i in range(len(labels))], labels, [f"g{i}" for i in range(len(labels))],
                        [""] * len(labels))
-    rules = make_ruleset(hits_of({4: table}), data, random_saes(8, [4], d_sae=8, k=2), model="m", sae="mem", ks=(2,))
+    rules = make_ruleset(hits_of({4: table}), data, random_saes(8, [4], d_sae=8, k=2), model="m", sae="mem", ks=(2,),
+                         model_dtype="bf16")
     rules.save(tmp_path / "rules.json")
     back = RuleSet.load(tmp_path / "rules.json")
     assert back.rule("sparse4-k2") == rules.rule("sparse4-k2") and back.default == "sparse4-k2"
     obj = json.loads((tmp_path / "rules.json").read_text())
-    assert obj["version"] == 6
+    assert obj["version"] == 7 and obj["model_dtype"] == back.model_dtype == "bf16"
+    # the dtype the rules were mined in is what eval and classify apply them in, unless told otherwise
+    assert (rules_dtype(None, back), rules_dtype("fp32", back), rules_dtype("auto", back)) == ("bf16", "fp32", "auto")
+    for bad in ("int8", 16):
+        (tmp_path / "bad.json").write_text(json.dumps(obj | {"model_dtype": bad}))
+        with pytest.raises(SaescopeError, match="model_dtype"):
+            RuleSet.load(tmp_path / "bad.json")
+    # a version 6 file (before the dtype was recorded) loads, and is applied in fp32, the commands' old default
+    v6 = {k: v for k, v in obj.items() if k != "model_dtype"} | {"version": 6}
+    (tmp_path / "v6.json").write_text(json.dumps(v6))
+    old6 = RuleSet.load(tmp_path / "v6.json")
+    assert old6.model_dtype is None and rules_dtype(None, old6) == "fp32" and old6.rules == back.rules
     for bad in ([1.0], [float("nan"), 1.0], ["x", 1.0]):
         broken = json.loads((tmp_path / "rules.json").read_text())
         next(r for r in broken["rules"] if r["kind"] == "sparse")["weights"] = bad
@@ -855,6 +867,12 @@ def test_mine_with_a_control_keeps_the_encoding_that_eval_reads_back(tiny_qwen3,
     (tmp_path / "aside.npz").rename(kept)
     evaluate(other_dir)
     assert len(calls) == 2  # another control: its encoding is not the kept one
+    assert mined.rules.model_dtype == cached["model_dtype"] == "fp32"
+    # rules mined in bf16 are evaluated in bf16 when no dtype is asked for, reading back their kept encoding
+    run_mine(MineConfig(sae=str(sae_dir), data="en_olid", per_class=30, rule_k=[1, 2], out=str(rules),
+                        control=str(control_dir), model_dtype="bf16"))
+    assert RuleSet.load(rules).model_dtype == "bf16"
+    assert evaluate(control_dir)["model_dtype"] == "bf16" and len(calls) == 1
 
 
 def test_an_encoding_is_read_back_only_under_its_key(tmp_path):

@@ -54,8 +54,10 @@ from saescope.core.schema import Field, InputError, check_record
 FORMAT = "saescope-toxicity-rules"
 # 2: the SAE path is relative to the rules file's folder; the SAEs' widths are recorded. 3: sparse rules (weights, bias).
 # 4: weighted rules (weights, bias, scales). 5: mean rules (the same, over mean activations). 6: rules over both
-# statistics ("reads": the statistic of each term)
-VERSION = 6
+# statistics ("reads": the statistic of each term). 7: the LM's dtype at mining (model_dtype, where the miner knew it:
+# `toxicity mine` always), which `eval` and `classify` default to: a rule's scales were read off activations in it
+VERSION = 7
+RULE_DTYPES = ("fp32", "bf16", "fp16")
 DEFAULT_KS = (1, 2, 5, 10)
 RULE_KINDS = ("layer", "multi", "sparse", "weighted", "mean", "both")
 WEIGHTED_KINDS = ("sparse", "weighted", "mean", "both")  # rules with a weight per term and a bias
@@ -327,6 +329,7 @@ class RuleSet:
     choice: dict
     control: bool = False
     d_sae: dict[int, int] = field(default_factory=dict)  # each rule layer's SAE width (files of version 1 lack it)
+    model_dtype: str | None = None  # the LM's dtype at mining (None: not known, as in files before version 7)
 
     def rule(self, name: str | None = None) -> Rule:
         name = name or self.default
@@ -360,6 +363,7 @@ class RuleSet:
     def to_json(self, path: Path | None = None) -> dict:
         """The rules file's record; with `path` (where it is written), the SAE path relative to its folder."""
         return {"format": FORMAT, "version": VERSION, "model": self.model,
+                **({"model_dtype": self.model_dtype} if self.model_dtype else {}),
                 "sae": record_path(self.sae, path) if path is not None else self.sae, "control": self.control,
                 "threshold": self.threshold, "first_token": "left out",
                 "fingerprints": {str(n): fp for n, fp in sorted(self.fingerprints.items())},
@@ -385,7 +389,9 @@ class RuleSet:
         check_record(obj, {"version": Field(int, min=1, max=VERSION), "model": Field(str), "sae": Field(str),
                            "threshold": Field(float, min=0), "fingerprints": Field(dict), "mining": Field(dict),
                            "choice": Field(dict), "default": Field(str), "rules": Field(list), "control": Field(bool),
-                           "d_sae": Field(dict, required=obj.get("version", 1) >= 2)}, origin)
+                           "d_sae": Field(dict, required=obj.get("version", 1) >= 2),
+                           "model_dtype": Field(str, required=False, check=lambda v: None if v in RULE_DTYPES
+                                                else f"must be one of {', '.join(RULE_DTYPES)}")}, origin)
         check_record(obj["choice"], {"layer_best_delta": Field(dict), "chosen_layer": Field(int, min=0),
                                      "mining_f1": Field(dict), "mining_balanced_accuracy": Field(dict),
                                      "default_by": Field(str, required=False),
@@ -436,9 +442,15 @@ class RuleSet:
                               tuple(r["reads"]) if kind == "both" else ()))
         sae = resolve_record_path(obj["sae"], Path(path)) if obj["version"] >= 2 else obj["sae"]
         out = cls(rules, obj["default"], float(obj["threshold"]), obj["model"], sae, fingerprints, obj["mining"],
-                  obj["choice"], obj["control"], d_sae)
+                  obj["choice"], obj["control"], d_sae, obj.get("model_dtype"))
         out.rule()  # the default must name one of the rules
         return out
+
+
+def rules_dtype(asked: str | None, rules: RuleSet) -> str:
+    """The LM dtype to apply `rules` in: the one asked for, else the one they were mined in, else fp32 (files before
+    the dtype was recorded, mined with the commands' fp32 default unless told otherwise)."""
+    return asked or rules.model_dtype or "fp32"
 
 
 def _finite_numbers(values: list, n: int) -> bool:
@@ -476,8 +488,10 @@ def cross_validated(hits: FeatureHits, labels: np.ndarray, ks: Sequence[int] = D
 
 def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, SAE], *, model: str, sae: str,
                  ks: Sequence[int] = DEFAULT_KS, threshold: float = 0.0, multi_layer: bool = True, sparse: bool = True,
-                 mining: dict | None = None, control: bool = False, folds: int = DEFAULT_FOLDS) -> RuleSet:
-    """Mine rules on `hits` of `data` and tie them to the SAEs and the data they came from. The default rule is the one
+                 mining: dict | None = None, control: bool = False, folds: int = DEFAULT_FOLDS,
+                 model_dtype: str | None = None) -> RuleSet:
+    """Mine rules on `hits` of `data` and tie them to the SAEs, the data and the LM dtype (`model_dtype`, the resolved
+    name: fp32, bf16) they came from. The default rule is the one
     of best balanced accuracy in `folds`-fold cross-validation on the mining texts (on the mining texts themselves
     where they are too few to fold, or folds is 0 or 1)."""
     rules, choice = mine_rules(hits, data.labels, ks, multi_layer=multi_layer, sparse=sparse, origin=data.name)
@@ -499,7 +513,7 @@ def make_ruleset(hits: FeatureHits, data: LabelledSet, saes: dict[int, SAE], *, 
               "seed": 0, "data_hash": data.content_hash(), **(mining or {})}
     layers = sorted({f.layer for r in rules for f in r.features})
     return RuleSet(rules, default, threshold, model, sae, {n: fingerprint(saes[n]) for n in layers}, record, choice, control,
-                   {n: saes[n].cfg.d_sae for n in layers})
+                   {n: saes[n].cfg.d_sae for n in layers}, model_dtype)
 
 
 def check_ks(text: str) -> list[int]:

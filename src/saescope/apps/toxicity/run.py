@@ -14,8 +14,8 @@ import numpy as np
 
 from saescope.api.controls import ControlOption
 from saescope.api.hits import encode_labelled, load_encoded, save_encoded, scores
-from saescope.api.rules import DEFAULT_FOLDS, DEFAULT_KS, RuleSet, cross_validated, generic_name, make_ruleset
-from saescope.api.scope import SAE_HELP, ModelDtypeOption, SAEOptions, Scope
+from saescope.api.rules import DEFAULT_FOLDS, DEFAULT_KS, RuleSet, cross_validated, generic_name, make_ruleset, rules_dtype
+from saescope.api.scope import MODEL_DTYPES, SAE_HELP, SAEOptions, Scope
 from saescope.api.store import FeatureStore
 from saescope.apps.toxicity.classify import AuditLog, RuleClassifier
 from saescope.apps.toxicity.evaluate import (
@@ -150,7 +150,7 @@ def run_mine(cfg: MineConfig) -> MineResult:
               "split": cfg.split, "fraction": cfg.fraction, "seed": cfg.seed, "data_hash": data.content_hash(),
               "per_class": cfg.per_class or None, "split_rule": split_rule(data) if cfg.split == "mine" else "none"}
     rules = make_ruleset(enc.hits["sae"], side, scope.saes, model=scope.lm.name, sae=str(cfg.sae), ks=sorted(set(cfg.rule_k)),
-                         threshold=cfg.threshold, mining=source, folds=cfg.folds)
+                         threshold=cfg.threshold, mining=source, folds=cfg.folds, model_dtype=DTYPE_NAMES[scope.lm.dtype])
     if control is not None and cfg.folds > 1:
         cv = cross_validated(enc.hits["control"], side.labels, sorted(set(cfg.rule_k)), folds=cfg.folds)
         if cv is not None:
@@ -184,11 +184,16 @@ def rules_saes(rules: RuleSet, sae: str | None, layers: list[int], origin: str) 
     return saes, spec
 
 
+RULES_DTYPE_HELP = ("the LM's dtype: fp32, bf16 or auto (default: the one the rules were mined in, which their scales and "
+                    "thresholds were read in; fp32 for rules files that do not record it)")
+
+
 @dataclass(kw_only=True)
-class ClassifyConfig(ModelDtypeOption, SharedDataOption):
+class ClassifyConfig(SharedDataOption):
     """`saescope toxicity classify`: apply a rule to texts; one audit record per decision."""
 
     rules: str = config_field(REQUIRED, "the rules file (saescope toxicity mine)")
+    model_dtype: str | None = config_field(None, RULES_DTYPE_HELP, choices=MODEL_DTYPES)
     texts: str = config_field(REQUIRED, "a text, a file (one text per row), or a built-in labelled set")
     text_column: str | None = config_field(None, "for files: the text column (default: text)")
     label_column: str | None = config_field(None, "for files with labels: print precision/recall/F1 too")
@@ -242,7 +247,7 @@ def run_classify(cfg: ClassifyConfig) -> ClassifyResult:
                          literal=True, param="texts", shared_data=cfg.shared_data)
     labels = source.labelled.labels.tolist() if source.labelled is not None else None
     saes, sae = rules_saes(rules, cfg.sae, rule.layers, cfg.rules)
-    scope = Scope(load_model(rules.model, dtype=cfg.model_dtype), saes)
+    scope = Scope(load_model(rules.model, dtype=rules_dtype(cfg.model_dtype, rules)), saes)
     store_path = Path(cfg.store) if cfg.store else RunDir.of_sae(sae).features
     store = FeatureStore(store_path) if (cfg.store or (store_path / "store.json").is_file()) else None
     if store is not None:
@@ -268,11 +273,12 @@ def run_classify(cfg: ClassifyConfig) -> ClassifyResult:
 
 
 @dataclass(kw_only=True)
-class RulesEvalConfig(ModelDtypeOption, LabelledColumns, ControlOption, SharedDataOption):
+class RulesEvalConfig(LabelledColumns, ControlOption, SharedDataOption):
     """`saescope toxicity eval`: F1 per language and functionality, beside the control, a residual probe and a lexical
     baseline; F1 against mining fraction; the transfer matrix."""
 
     rules: str = config_field(REQUIRED, "the rules file (saescope toxicity mine, with split mine)")
+    model_dtype: str | None = config_field(None, RULES_DTYPE_HELP, choices=MODEL_DTYPES)
     data: str | None = config_field(None, "labelled texts to evaluate on (default: the rules' mining data); " + LABEL_HELP)
     also: list[str] = config_field([], "another labelled set to score the same rules on (its held-out side), beside the "
                                    "same controls and baselines (no curve); repeat it", repeat=True)
@@ -337,7 +343,7 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
                                 group_column=cols.get("group"), shared_data=cfg.shared_data)
     if mining_data.content_hash() != rules.mining["data_hash"]:
         raise SaescopeError(f"the mining data {source} has changed since the rules were mined (its hash differs)")
-    scope = Scope(load_model(rules.model, dtype=cfg.model_dtype), saes)
+    scope = Scope(load_model(rules.model, dtype=rules_dtype(cfg.model_dtype, rules)), saes)
     control = cfg.load_control(scope.saes)
 
     def encode(ds: LabelledSet):
@@ -364,7 +370,8 @@ def run_rules_eval(cfg: RulesEvalConfig) -> RulesEvalResult:
                            mined=mined)
         result.setdefault("also", {})[other.name] = {**scored, "split": f"held out: {split_rule(other)}"}
     warned = check_definitions(loaded)
-    result.update(rules=str(cfg.rules), sae=sae, control_path=cfg.control, model=scope.lm.name)
+    result.update(rules=str(cfg.rules), sae=sae, control_path=cfg.control, model=scope.lm.name,
+                  model_dtype=DTYPE_NAMES[scope.lm.dtype])
     if langs:
         sides = {_side_name(mining_data): (mine_enc, held_enc)}
         for lang in langs:
