@@ -184,8 +184,8 @@ def rules_saes(rules: RuleSet, sae: str | None, layers: list[int], origin: str) 
     return saes, spec
 
 
-RULES_DTYPE_HELP = ("the LM's dtype: fp32, bf16 or auto (default: the one the rules were mined in, which their scales and "
-                    "thresholds were read in; fp32 for rules files that do not record it)")
+RULES_DTYPE_HELP = ("the LM's dtype: fp32, bf16 or auto (default: the one the rules were mined in, in which their scales "
+                    "were read; fp32 for rules files that do not record it)")
 
 
 @dataclass(kw_only=True)
