@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from saescope.core.data.labelled import MHC_CODES, NATURAL
+from saescope.core.data.labelled import builtin_definition, builtin_language, builtin_name
 
 EUROPEAN = ("de", "es", "fr", "it", "nl", "pl", "pt", "ru")
 FAR = ("ar", "zh", "hi", "am", "ja", "ko")
@@ -40,11 +40,11 @@ def _mean(values: list[float]) -> float | None:
 def direction(matrix: dict, rule: str) -> dict:
     """Per English source: per target, each method's transfer and in-language figure; the group means."""
     # matrices written before `languages` was recorded: the built-in sets' own
-    languages = matrix.get("languages") or {s: NATURAL[s][0] if s in NATURAL else MHC_CODES.get(s, "en" if s == "english" else "")
+    languages = matrix.get("languages") or {s: builtin_language(builtin_name(s)) if builtin_name(s) else ""
                                            for s in matrix["sae"]}
     sources = [s for s, lang in languages.items() if lang == "en"]
     targets = [t for t, lang in languages.items() if lang in EUROPEAN + FAR]
-    definitions = matrix.get("definitions") or {s: NATURAL[s][1] if s in NATURAL else "hate" for s in matrix["sae"]}
+    definitions = matrix.get("definitions") or {s: builtin_definition(builtin_name(s) or s) for s in matrix["sae"]}
     out: dict = {"rule": rule, "definitions": definitions, "languages": languages, "sources": {}}
     for source in sources:
         rows = {t: {"language": languages[t],

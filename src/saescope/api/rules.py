@@ -48,6 +48,7 @@ from saescope.core.data.labelled import LabelledSet
 from saescope.core.errors import SaescopeError
 from saescope.core.files import atomic_write_json, read_json, record_path, resolve_record_path
 from saescope.core.io import fingerprint
+from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import SAE
 from saescope.core.schema import Field, InputError, check_record
 
@@ -57,7 +58,7 @@ FORMAT = "saescope-toxicity-rules"
 # statistics ("reads": the statistic of each term). 7: the LM's dtype at mining (model_dtype, where the miner knew it:
 # `toxicity mine` always), which `eval` and `classify` default to: a rule's scales were read off activations in it
 VERSION = 7
-RULE_DTYPES = ("fp32", "bf16", "fp16")
+RULE_DTYPES = tuple(DTYPE_NAMES.values())  # the names the model loader gives its dtypes
 DEFAULT_KS = (1, 2, 5, 10)
 RULE_KINDS = ("layer", "multi", "sparse", "weighted", "mean", "both")
 WEIGHTED_KINDS = ("sparse", "weighted", "mean", "both")  # rules with a weight per term and a bias

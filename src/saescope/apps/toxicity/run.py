@@ -51,7 +51,7 @@ from saescope.core.layers import LayersOption
 from saescope.core.models import load_model
 from saescope.core.models.load import DTYPE_NAMES
 from saescope.core.sae import SAE
-from saescope.core.schema import REQUIRED, config_field, escape
+from saescope.core.schema import REQUIRED, Config, config_field, escape
 
 SPLITS = ("mine", "all")
 
@@ -184,16 +184,20 @@ def rules_saes(rules: RuleSet, sae: str | None, layers: list[int], origin: str) 
     return saes, spec
 
 
-RULES_DTYPE_HELP = ("the LM's dtype: fp32, bf16 or auto (default: the one the rules were mined in, in which their scales "
-                    "were read; fp32 for rules files that do not record it)")
+@dataclass(kw_only=True)
+class RulesDtypeOption(Config):
+    """`--model-dtype` of the commands that apply a rules file: by default the dtype the rules were mined in."""
+
+    model_dtype: str | None = config_field(None, "the LM's dtype: fp32, bf16 or auto (default: the one the rules were "
+                                           "mined in, in which their scales were read; fp32 for rules files that do not "
+                                           "record it)", choices=MODEL_DTYPES)
 
 
 @dataclass(kw_only=True)
-class ClassifyConfig(SharedDataOption):
+class ClassifyConfig(RulesDtypeOption, SharedDataOption):
     """`saescope toxicity classify`: apply a rule to texts; one audit record per decision."""
 
     rules: str = config_field(REQUIRED, "the rules file (saescope toxicity mine)")
-    model_dtype: str | None = config_field(None, RULES_DTYPE_HELP, choices=MODEL_DTYPES)
     texts: str = config_field(REQUIRED, "a text, a file (one text per row), or a built-in labelled set")
     text_column: str | None = config_field(None, "for files: the text column (default: text)")
     label_column: str | None = config_field(None, "for files with labels: print precision/recall/F1 too")
@@ -273,12 +277,11 @@ def run_classify(cfg: ClassifyConfig) -> ClassifyResult:
 
 
 @dataclass(kw_only=True)
-class RulesEvalConfig(LabelledColumns, ControlOption, SharedDataOption):
+class RulesEvalConfig(RulesDtypeOption, LabelledColumns, ControlOption, SharedDataOption):
     """`saescope toxicity eval`: F1 per language and functionality, beside the control, a residual probe and a lexical
     baseline; F1 against mining fraction; the transfer matrix."""
 
     rules: str = config_field(REQUIRED, "the rules file (saescope toxicity mine, with split mine)")
-    model_dtype: str | None = config_field(None, RULES_DTYPE_HELP, choices=MODEL_DTYPES)
     data: str | None = config_field(None, "labelled texts to evaluate on (default: the rules' mining data); " + LABEL_HELP)
     also: list[str] = config_field([], "another labelled set to score the same rules on (its held-out side), beside the "
                                    "same controls and baselines (no curve); repeat it", repeat=True)

@@ -32,11 +32,11 @@ from saescope.core.schema import Config, config_field, escape
 
 POSITIVE = ("hateful", "toxic", "1", "true", "yes", "positive")
 NEGATIVE = ("non-hateful", "not-hateful", "non_hateful", "clean", "non-toxic", "not-toxic", "0", "false", "no", "negative")
-MHC_LANGUAGES = ("arabic", "dutch", "french", "german", "hindi", "italian", "mandarin", "polish", "portuguese", "spanish")
-# A set's language as an ISO 639-1 code, as the natural sets give theirs: a transfer matrix that holds HateCheck and
-# natural posts of one language must see one language, not "english" and "en".
+# The Multilingual HateCheck languages and each one's ISO 639-1 code, as the natural sets give theirs: a transfer matrix
+# that holds HateCheck and natural posts of one language must see one language, not "english" and "en".
 MHC_CODES = {"arabic": "ar", "dutch": "nl", "french": "fr", "german": "de", "hindi": "hi", "italian": "it", "mandarin": "zh",
              "polish": "pl", "portuguese": "pt", "spanish": "es"}
+MHC_LANGUAGES = tuple(MHC_CODES)
 # The natural posts of ../shared/data/toxicity/natural (SOURCES.md): name -> (language, what the positive class is).
 # The definitions differ: "offensive" counts profanity and insults, "hate" hate speech only (its negatives may hold
 # slurs), "toxic" rude or disrespectful text; mixing sets of different definitions warns.
@@ -80,10 +80,7 @@ class LabelledSet:
     @property
     def definition(self) -> str:
         """What the positive class is ("offensive", "hate", "toxic"), for the built-in sets; "" when unknown."""
-        base = Path(self.name.split("[")[0]).stem  # a side ("en_olid[mine]") or the file itself (".../en_olid.jsonl")
-        if base in NATURAL:
-            return NATURAL[base][1]
-        return "hate" if base in BUILTIN else ""
+        return builtin_definition(Path(self.name.split("[")[0]).stem)  # a side ("en_olid[mine]") or a file's stem
 
     def counts(self) -> tuple[int, int]:
         """(negatives, positives)."""
@@ -108,14 +105,29 @@ def parse_label(value: object, origin: str) -> int | None:
     return None
 
 
+def builtin_language(name: str) -> str:
+    """The ISO 639-1 code of built-in set `name` (as builtin_name gives it)."""
+    if name == "hatecheck_en":
+        return "en"
+    return NATURAL[name][0] if name in NATURAL else MHC_CODES[name.removeprefix("mhc_")]
+
+
+def builtin_definition(name: str) -> str:
+    """What built-in set `name` labels positive ("offensive", "hate", "toxic"); "" for any other name."""
+    if name in NATURAL:
+        return NATURAL[name][1]
+    return "hate" if name in BUILTIN else ""
+
+
 def _builtin_path(name: str, shared_data: str | Path | None) -> tuple[Path, str]:
     root = shared_data_dir(shared_data) / "toxicity"
     if name == "hatecheck_en":
-        return root / "hatecheck_en.csv", "en"
-    if name in NATURAL:
-        return root / "natural" / f"{name}.jsonl", NATURAL[name][0]
-    lang = name.removeprefix("mhc_")
-    return root / "multilingual_hatecheck" / f"{lang}.csv", MHC_CODES[lang]
+        path = root / "hatecheck_en.csv"
+    elif name in NATURAL:
+        path = root / "natural" / f"{name}.jsonl"
+    else:
+        path = root / "multilingual_hatecheck" / f"{name.removeprefix('mhc_')}.csv"
+    return path, builtin_language(name)
 
 
 def builtin_name(source: str) -> str | None:
